@@ -1,0 +1,30 @@
+# popek: two commands on a fresh Debian 12 host, as root: `make demo`, `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export POPEK_CACHE ?= $(CURDIR)/.cache/popek
+
+.PHONY: setup demo test test-unit test-integration bench lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/integration tests/security -q
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q
+
+bench: setup
+	$(PY) bench/boot.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

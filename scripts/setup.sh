@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything popek needs on a Debian 12 host, as root.  Idempotent:
+# a second run installs and downloads nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils
+  python3-venv util-linux procps iproute2 socat
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# apt-get download (image builds) needs package lists.
+if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
+  apt-get update -q
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.popek-installed
+want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip==24.3.1
+  .venv/bin/pip install -q -c requirements.lock -e '.[dev]'
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready"

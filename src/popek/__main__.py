@@ -1,0 +1,5 @@
+"""``python -m popek`` runs the CLI."""
+
+from popek.cli.main import main
+
+main()

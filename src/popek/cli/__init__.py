@@ -1,0 +1,1 @@
+"""The ``popek`` command line (Typer)."""

@@ -1,0 +1,286 @@
+"""The ``popek`` command line.
+
+Heavy modules (rich, the QMP library) are imported inside the commands that
+need them, so that ``popek launch`` adds as little as possible to a boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from popek.errors import PopekError
+
+if TYPE_CHECKING:
+    from popek.core.instances import Instances
+
+app = typer.Typer(
+    name="popek", no_args_is_help=True, pretty_exceptions_enable=False,
+    help="popek: virtual machines, containers and sandboxes, secure by default.",
+)
+image_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and delete images.")
+app.add_typer(image_app, name="image")
+
+FORMATS = ("table", "json")
+
+
+def _instances() -> Instances:
+    from popek.core.instances import Instances
+
+    return Instances()
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r}; allowed: {', '.join(FORMATS)}", param_hint="--format")
+
+
+@contextmanager
+def _progress(initial: str) -> Iterator[Callable[[str], None]]:
+    """Show progress of a long step: a spinner on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status(initial) as status:
+            yield lambda msg: status.update(msg)
+    else:
+        def plain(msg: str) -> None:
+            print(f"popek: {msg}", file=sys.stderr, flush=True)
+
+        yield plain
+
+
+def _size(text: str, what: str) -> int:
+    from popek.units import parse_size
+
+    return parse_size(text, what)
+
+
+def _print_table(columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns, show_lines=False)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+# -- instances ----------------------------------------------------------------
+@app.command()
+def launch(
+    image: str = typer.Argument(..., help="Image to launch (see popek image list)."),
+    name: str = typer.Argument(..., help="Instance name: a-z, 0-9 and '-', 1-63 characters."),
+    vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual CPUs."),
+    memory: str = typer.Option("512MiB", "--memory", help="Memory, e.g. 512MiB or 2GiB."),
+    accel: str = typer.Option("auto", "--accel", help="auto (detect), kvm or tcg."),
+    timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
+) -> None:
+    """Create an instance from IMAGE and start it."""
+    mem = _size(memory, "memory size")
+    with _progress(f"launching {name}") as progress:
+        inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
+                                   ready_timeout=timeout, progress=progress)
+    accel_used = inst.runtime.details.get("accel") if inst.runtime else "?"
+    print(f"Instance {name} is running ({accel_used}, {vcpus} vCPU, {memory}).")
+
+
+@app.command("list")
+def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """List instances."""
+    _check_format(fmt)
+    from popek.units import format_size
+
+    insts = _instances().all()
+    if fmt == "json":
+        print(json.dumps([{
+            "name": i.name, "state": i.state.value, "reason": i.reason, "engine": i.spec.engine,
+            "image": i.spec.image, "vcpus": i.spec.vcpus, "memory": i.spec.memory,
+            "pid": i.runtime.pid if i.runtime else None,
+        } for i in insts], indent=2))
+        return
+    _print_table(["NAME", "STATE", "ENGINE", "IMAGE", "VCPUS", "MEMORY", "REASON"], [
+        [i.name, i.state.value, i.spec.engine, i.spec.image, str(i.spec.vcpus),
+         format_size(i.spec.memory), i.reason] for i in insts])
+
+
+@app.command()
+def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """Show the details of an instance."""
+    _check_format(fmt)
+    data = _instances().info(name)
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return
+    from popek.units import format_size
+
+    history = data.pop("history")
+    data["memory"] = format_size(data["memory"])
+    _print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
+    _print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
+
+
+@app.command()
+def start(name: str, timeout: float = typer.Option(180.0, "--timeout")) -> None:
+    """Start a stopped instance."""
+    with _progress(f"starting {name}") as progress:
+        _instances().start(name, ready_timeout=timeout, progress=progress)
+    print(f"Instance {name} is running.")
+
+
+@app.command()
+def stop(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="Power off at once, no ACPI shutdown."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds before forcing."),
+) -> None:
+    """Stop an instance: ACPI shutdown first, forced after --timeout seconds."""
+    with _progress(f"stopping {name}"):
+        how = _instances().stop(name, force=force, timeout=timeout)
+    print(f"Instance {name} stopped ({how}).")
+
+
+@app.command()
+def restart(
+    name: str,
+    force: bool = typer.Option(False, "--force"),
+    timeout: float = typer.Option(30.0, "--timeout"),
+) -> None:
+    """Stop an instance and start it again."""
+    with _progress(f"restarting {name}") as progress:
+        _instances().restart(name, force=force, timeout=timeout, progress=progress)
+    print(f"Instance {name} restarted.")
+
+
+@app.command()
+def pause(name: str) -> None:
+    """Freeze a running instance."""
+    _instances().pause(name)
+    print(f"Instance {name} paused.")
+
+
+@app.command()
+def resume(name: str) -> None:
+    """Resume a paused instance."""
+    _instances().resume(name)
+    print(f"Instance {name} resumed.")
+
+
+@app.command()
+def console(
+    name: str,
+    log: bool = typer.Option(False, "--log", help="Print what the console wrote, then exit."),
+) -> None:
+    """Attach to an instance's console (detach with Ctrl-]), or print its log."""
+    insts = _instances()
+    if log:
+        sys.stdout.buffer.write(insts.console_log(name))
+        sys.stdout.flush()
+        return
+    print(f"Attached to {name}'s console; press Ctrl-] to detach.", file=sys.stderr)
+    insts.console(name)
+    print("\nDetached.", file=sys.stderr)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def exec(
+    name: str,
+    command: list[str] = typer.Argument(..., help="Command and arguments, after --."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the command."),
+    no_stdin: bool = typer.Option(False, "--no-stdin", "-n", help="Do not forward stdin."),
+) -> None:
+    """Run a command inside an instance: its stdout, stderr and exit code pass through."""
+    stdin = b""
+    if not no_stdin and not sys.stdin.isatty():
+        stdin = sys.stdin.buffer.read()
+    result = _instances().exec(name, command, stdin, timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def delete(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="Stop the instance first if it runs."),
+) -> None:
+    """Delete an instance and everything it left on the host."""
+    _instances().delete(name, force=force)
+    print(f"Instance {name} deleted.")
+
+
+# -- images -------------------------------------------------------------------
+@image_app.command("build")
+def image_build(
+    name: str = typer.Argument(..., help="Builder to run: minimal."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an existing image."),
+) -> None:
+    """Build an image from Debian packages."""
+    from popek.images import ImageStore
+
+    with _progress(f"building image {name}") as progress:
+        image = ImageStore().build(name, progress=progress, force=force)
+    print(f"Image {image.name} {image.manifest.version} built at {image.path}.")
+
+
+@image_app.command("list")
+def image_list(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """List images."""
+    _check_format(fmt)
+    from popek.images import ImageStore
+    from popek.units import format_size
+
+    images = ImageStore().list()
+    rows: list[dict[str, Any]] = [{"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
+             "kernel": i.manifest.kernel_version,
+             "size": sum(f.size for f in i.manifest.files.values())} for i in images]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    _print_table(["NAME", "VERSION", "CREATED", "KERNEL", "SIZE"],
+                 [[r["name"], r["version"], r["created"], r["kernel"], format_size(r["size"])]
+                  for r in rows])
+
+
+@image_app.command("info")
+def image_info(name: str) -> None:
+    """Show an image's manifest."""
+    from popek.images import ImageStore
+
+    print(ImageStore().get(name).manifest.to_json())
+
+
+@image_app.command("delete")
+def image_delete(name: str) -> None:
+    """Delete an image (refused while instances use it)."""
+    from popek.images import ImageStore
+
+    users = _instances().image_in_use(name)
+    if users:
+        raise PopekError(f"image {name!r} is used by instance(s) {', '.join(users)}; "
+                         "delete them first")
+    ImageStore().delete(name)
+    print(f"Image {name} deleted.")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the ``popek`` console script."""
+    if os.geteuid() != 0 and "--help" not in sys.argv:
+        print("popek: warning: not running as root; instances need root to drop to their "
+              "own uid", file=sys.stderr)
+    try:
+        return app(args=argv)
+    except PopekError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,451 @@
+"""Instance operations: launch, start, stop, pause, resume, exec, delete, reconcile.
+
+Every mutating operation follows the same pattern: check the transition,
+write the intent (``starting``, ``stopping``, ``deleting``) with the pid of
+the popek process that owns it, act through the engine, then write the
+outcome.  :meth:`Instances.reconcile` runs whenever an :class:`Instances` is
+created and settles what reality says: an engine process that died, an
+intent whose owner died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from popek import paths, proc
+from popek.core.host import check_resources
+from popek.core.lifecycle import ACTIVE, State, transition
+from popek.core.model import (
+    DEFAULT_PROJECT,
+    Instance,
+    InstanceSpec,
+    instance_key,
+    instances_prefix,
+    validate_name,
+)
+from popek.core.store import Compare, Delete, Put, SQLiteStore
+from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
+from popek.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    PopekError,
+    StateError,
+    StoreError,
+)
+from popek.images import Image, ImageStore
+
+#: unprivileged uids (and gids) given to engine processes, one per instance
+VMM_UID_BASE = 900_000_000
+VMM_UID_COUNT = 65536
+UID_PREFIX = "/popek/uids/"
+HISTORY = 20
+
+Progress = Callable[[str], None]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The popek process that owns an intent (pid and start time)."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def me(cls) -> Owner:
+        """Return the owner record of the current process."""
+        pid = os.getpid()
+        return cls(pid, proc.start_time(pid) or 0)
+
+    def alive(self) -> bool:
+        """Return whether the owning process still runs."""
+        return proc.alive(self.pid, self.start_time)
+
+
+class Instances:
+    """The instance service over one state store and one image store."""
+
+    def __init__(self, store: SQLiteStore | None = None, images: ImageStore | None = None,
+                 reconcile: bool = True) -> None:
+        """Open the stores (defaults under ``POPEK_HOME``) and reconcile."""
+        self.store = store or SQLiteStore(paths.state_db())
+        self.images = images or ImageStore()
+        if reconcile:
+            self.reconcile()
+
+    # -- records -------------------------------------------------------------
+    def _load(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int]:
+        kv = self.store.get(instance_key(project, name))
+        if kv is None:
+            names = [i.name for i in self.all(project)]
+            known = ", ".join(names) if names else "none"
+            raise NotFound(f"instance {name!r} not found; existing instances: {known}")
+        return Instance.from_json(kv.value), kv.mod_revision
+
+    def _save(self, inst: Instance, revision: int, event: str) -> int:
+        inst.history = [*inst.history, {"time": _now(), "event": event}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", revision)],
+                             [Put(inst.key, inst.to_json())])
+        if not res.succeeded:
+            raise StoreError(f"instance {inst.name!r} was changed by another operation "
+                             "at the same time; look at popek info and retry")
+        return res.revision
+
+    def _intent(self, name: str, operation: str) -> tuple[Instance, int]:
+        """Check and record the intent of ``operation`` on ``name``; return it with its revision."""
+        inst, rev = self._load(name)
+        inst.state = transition(name, inst.state, operation)
+        inst.reason = ""
+        owner = Owner.me()
+        inst_owner = {"pid": owner.pid, "start_time": owner.start_time}
+        inst.history = [*inst.history, {"time": _now(), "event": f"{operation} requested",
+                                        "owner": str(inst_owner["pid"])}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", rev)],
+                             [Put(inst.key, inst.to_json()), Put(self._owner_key(inst),
+                                                                 _owner_bytes(owner))])
+        if not res.succeeded:
+            raise StoreError(f"instance {name!r} was changed by another operation at the same "
+                             "time; look at popek info and retry")
+        return inst, res.revision
+
+    def _owner_key(self, inst: Instance) -> str:
+        return f"/popek/owners/{inst.project}/{inst.name}"
+
+    def _finish(self, inst: Instance, rev: int, state: State, event: str,
+                reason: str = "") -> None:
+        inst.state = state
+        inst.reason = reason
+        inst.history = [*inst.history, {"time": _now(), "event": event}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", rev)],
+                             [Put(inst.key, inst.to_json()), Delete(self._owner_key(inst))])
+        if not res.succeeded:
+            raise StoreError(f"instance {inst.name!r} was changed by another operation "
+                             "at the same time; look at popek info and retry")
+
+    def get(self, name: str) -> Instance:
+        """Return the record of instance ``name``; raise :class:`NotFound`."""
+        return self._load(name)[0]
+
+    def all(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
+        """Return every instance (of ``project``), sorted by name."""
+        return [Instance.from_json(kv.value) for kv in self.store.range(instances_prefix(project))]
+
+    # -- helpers -------------------------------------------------------------
+    def workdir(self, inst: Instance) -> Path:
+        """Return the instance directory of ``inst``."""
+        return paths.instances_dir() / inst.project / inst.name
+
+    def _engine(self, inst: Instance) -> Engine:
+        return get_engine(inst.spec.engine)
+
+    def _launch_spec(self, inst: Instance, image: Image | None = None) -> LaunchSpec:
+        if image is None:
+            image = self.images.get(inst.spec.image)
+        cmdline = f"{image.manifest.cmdline} popek.hostname={inst.name}"
+        return LaunchSpec(
+            name=inst.name, workdir=self.workdir(inst), vcpus=inst.spec.vcpus,
+            memory=inst.spec.memory, uid=inst.uid, gid=inst.uid,
+            kernel=image.file("kernel"), initrd=image.file("initrd"), cmdline=cmdline,
+            accel=inst.spec.accel,
+        )
+
+    def _allocate_uid(self, inst_key: str) -> int:
+        used = {int(kv.key[len(UID_PREFIX):]) for kv in self.store.range(UID_PREFIX)}
+        for uid in range(VMM_UID_BASE, VMM_UID_BASE + VMM_UID_COUNT):
+            if uid not in used:
+                return uid
+        raise PopekError(f"no free unprivileged uid left in the range {VMM_UID_BASE}+"
+                         f"{VMM_UID_COUNT}; delete unused instances")
+
+    def _uid_key(self, uid: int) -> str:
+        return f"{UID_PREFIX}{uid}"
+
+    # -- operations ----------------------------------------------------------
+    def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
+               accel: str = "auto", engine: str = "qemu", ready_timeout: float = 180.0,
+               progress: Progress = _noop) -> Instance:
+        """Create instance ``name`` from ``image_name`` and start it.
+
+        Validates everything before anything is created; when the start fails,
+        the record, the uid and the instance directory are removed again.
+        Raises :class:`InvalidInput`, :class:`NotFound`, :class:`AlreadyExists`,
+        :class:`popek.errors.ResourceError`, :class:`popek.errors.IntegrityError`
+        or :class:`popek.errors.EngineError`.
+        """
+        validate_name(name)
+        check_resources(vcpus, memory)
+        eng = get_engine(engine)
+        eng.preflight(accel)
+        key = instance_key(DEFAULT_PROJECT, name)
+        if self.store.get(key) is not None:
+            raise AlreadyExists(f"instance {name!r} already exists; pick another name "
+                                "or delete it first")
+        image = self.images.get(image_name)
+        progress(f"verifying image {image_name}")
+        image.verify()
+        owner = Owner.me()
+        for _ in range(10):
+            uid = self._allocate_uid(key)
+            inst = Instance(name=name, spec=InstanceSpec(image_name, engine, vcpus, memory, accel),
+                            state=State.STARTING, uid=uid, created=_now(),
+                            image_version=image.manifest.version,
+                            history=[{"time": _now(), "event": "launch requested",
+                                      "owner": str(owner.pid)}])
+            res = self.store.txn(
+                [Compare(key, "version", "==", 0), Compare(self._uid_key(uid), "version", "==", 0)],
+                [Put(key, inst.to_json()), Put(self._uid_key(uid), key.encode()),
+                 Put(self._owner_key(inst), _owner_bytes(owner))],
+            )
+            if res.succeeded:
+                break
+            if self.store.get(key) is not None:
+                raise AlreadyExists(f"instance {name!r} already exists; pick another name "
+                                    "or delete it first")
+        else:
+            raise StoreError("could not allocate a uid for the instance; retry")
+        spec = self._launch_spec(inst, image)
+        progress(f"booting {name}")
+        try:
+            runtime = eng.start(spec, ready_timeout)
+        except BaseException:
+            self._purge(inst)
+            raise
+        inst.runtime = runtime
+        self._finish(inst, res.revision, State.RUNNING, "started")
+        return inst
+
+    def start(self, name: str, ready_timeout: float = 180.0,
+              progress: Progress = _noop) -> Instance:
+        """Start a stopped instance and wait until its guest is ready."""
+        inst, rev = self._intent(name, "start")
+        try:
+            image = self.images.get(inst.spec.image)
+            progress(f"verifying image {inst.spec.image}")
+            image.verify()
+            progress(f"booting {name}")
+            inst.runtime = self._engine(inst).start(self._launch_spec(inst, image), ready_timeout)
+        except BaseException as exc:
+            self._finish(inst, rev, State.STOPPED, "start failed", f"start failed: {exc}")
+            raise
+        self._finish(inst, rev, State.RUNNING, "started")
+        return inst
+
+    def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> str:
+        """Stop ``name``: ACPI power button, then force after ``timeout`` s.
+
+        Returns ``graceful`` or ``forced``.
+        """
+        if timeout < 0:
+            raise InvalidInput(f"invalid timeout {timeout}: must be 0 or more seconds")
+        inst, rev = self._intent(name, "stop")
+        assert inst.runtime is not None
+        try:
+            how = self._engine(inst).stop(self._spec_for_running(inst), inst.runtime, force,
+                                          timeout)
+        except BaseException:
+            live = self._engine(inst).liveness(self._spec_for_running(inst), inst.runtime)
+            if live.alive:
+                self._finish(inst, rev, State.RUNNING, "stop failed")
+            else:
+                self._finish(inst, rev, State.STOPPED, "stopped", live.reason)
+            raise
+        inst.runtime = None
+        self._finish(inst, rev, State.STOPPED, f"stopped ({how})", f"stopped on request ({how})")
+        return how
+
+    def restart(self, name: str, force: bool = False, timeout: float = 30.0,
+                ready_timeout: float = 180.0, progress: Progress = _noop) -> Instance:
+        """Stop ``name`` (if it runs) and start it again."""
+        if self.get(name).state in (State.RUNNING, State.PAUSED):
+            progress(f"stopping {name}")
+            self.stop(name, force, timeout)
+        return self.start(name, ready_timeout, progress)
+
+    def pause(self, name: str) -> None:
+        """Freeze a running instance."""
+        self._simple(name, "pause", Capability.PAUSE)
+
+    def resume(self, name: str) -> None:
+        """Unfreeze a paused instance."""
+        self._simple(name, "resume", Capability.PAUSE)
+
+    def _simple(self, name: str, operation: str, capability: Capability) -> None:
+        inst, rev = self._load(name)
+        new_state = transition(name, inst.state, operation)
+        eng = self._engine(inst)
+        require(eng, capability)
+        assert inst.runtime is not None
+        getattr(eng, operation)(self._spec_for_running(inst), inst.runtime)
+        inst.state = new_state
+        self._save(inst, rev, operation)
+
+    def _spec_for_running(self, inst: Instance) -> LaunchSpec:
+        """A LaunchSpec for an instance whose image may have gone since it started."""
+        try:
+            return self._launch_spec(inst)
+        except PopekError:
+            return LaunchSpec(inst.name, self.workdir(inst), inst.spec.vcpus, inst.spec.memory,
+                              inst.uid, inst.uid, self.workdir(inst), self.workdir(inst), "",
+                              inst.spec.accel)
+
+    def exec(self, name: str, argv: list[str], stdin: bytes = b"",
+             timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` inside running instance ``name``; return its exit code and output."""
+        if not argv:
+            raise InvalidInput("no command given: use popek exec NAME -- COMMAND [ARGS...]")
+        inst = self.get(name)
+        eng = self._engine(inst)
+        require(eng, Capability.EXEC)
+        if inst.state != State.RUNNING:
+            raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
+        return eng.exec(self._spec_for_running(inst), argv, stdin, timeout)
+
+    def console(self, name: str, escape: bytes = b"\x1d") -> None:
+        """Attach the caller's terminal to the console of running instance ``name``."""
+        inst = self.get(name)
+        eng = self._engine(inst)
+        require(eng, Capability.CONSOLE)
+        if inst.state not in (State.RUNNING, State.PAUSED):
+            raise StateError(name, "attach a console to", inst.state.value,
+                             (State.PAUSED.value, State.RUNNING.value))
+        eng.console(self._spec_for_running(inst), escape)
+
+    def console_log(self, name: str) -> bytes:
+        """Return what instance ``name`` wrote on its console since it last started."""
+        inst = self.get(name)
+        return self._engine(inst).console_log(self._spec_for_running(inst))
+
+    def info(self, name: str) -> dict[str, Any]:
+        """Return the record of ``name`` with live engine details when it runs."""
+        inst = self.get(name)
+        data: dict[str, Any] = {
+            "name": inst.name, "project": inst.project, "state": inst.state.value,
+            "reason": inst.reason, "engine": inst.spec.engine, "image": inst.spec.image,
+            "image_version": inst.image_version, "vcpus": inst.spec.vcpus,
+            "memory": inst.spec.memory, "accel_requested": inst.spec.accel,
+            "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
+            "history": inst.history,
+        }
+        if inst.runtime is not None and inst.state in (State.RUNNING, State.PAUSED):
+            data["pid"] = inst.runtime.pid
+            data["accel"] = inst.runtime.details.get("accel")
+            try:
+                data.update(self._engine(inst).status(self._spec_for_running(inst), inst.runtime))
+            except PopekError as exc:
+                data["engine_error"] = str(exc)
+        return data
+
+    def delete(self, name: str, force: bool = False) -> None:
+        """Delete ``name``: its record, uid, directory and files.
+
+        A running or paused instance is refused unless ``force``, which stops it first.
+        """
+        inst = self.get(name)
+        if force and inst.state in ACTIVE:
+            self.stop(name, force=True, timeout=0)
+        inst, _ = self._intent(name, "delete")
+        self._purge(inst)
+
+    def _purge(self, inst: Instance) -> None:
+        """Remove everything an instance left: engine leftovers, directory, uid, record."""
+        spec = self._spec_for_running(inst)
+        with contextlib.suppress(PopekError):
+            self._engine(inst).cleanup(spec)
+        shutil.rmtree(self.workdir(inst), ignore_errors=True)
+        self.store.txn([], [Delete(inst.key), Delete(self._uid_key(inst.uid)),
+                            Delete(self._owner_key(inst))])
+
+    # -- reconcile -----------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Settle records with reality; return a line per change made.
+
+        An engine process that died marks its instance ``stopped`` with the
+        reason; an intent whose popek process died is completed or rolled back.
+        """
+        changes: list[str] = []
+        for kv in self.store.range(instances_prefix(None)):
+            inst = Instance.from_json(kv.value)
+            if inst.state not in ACTIVE and inst.state != State.DELETING:
+                continue
+            owner_kv = self.store.get(self._owner_key(inst))
+            if owner_kv is not None and _owner_from(owner_kv.value).alive():
+                continue  # an operation is in progress in another popek process
+            change = self._reconcile_one(inst, kv.mod_revision)
+            if change:
+                changes.append(change)
+        return changes
+
+    def _reconcile_one(self, inst: Instance, rev: int) -> str:
+        eng = self._engine(inst)
+        spec = self._spec_for_running(inst)
+        if inst.state == State.DELETING:
+            if inst.runtime:
+                proc.kill(inst.runtime.pid, inst.runtime.start_time)
+            self._purge(inst)
+            return f"{inst.name}: finished an interrupted delete"
+        if inst.runtime is None:
+            eng.cleanup(spec)
+            try:
+                self._finish(inst, rev, State.STOPPED, "start interrupted",
+                             "the start was interrupted (popek exited before the guest was ready)")
+            except StoreError:
+                return ""
+            return f"{inst.name}: interrupted start rolled back"
+        live = eng.liveness(spec, inst.runtime)
+        if live.alive:
+            if inst.state in (State.STARTING, State.STOPPING):
+                state = State.RUNNING
+                try:
+                    self._finish(inst, rev, state, f"{inst.state.value} interrupted")
+                except StoreError:
+                    return ""
+                return f"{inst.name}: interrupted operation settled as running"
+            return ""
+        reason = "stopped on request" if inst.state == State.STOPPING else live.reason
+        eng.cleanup(spec)
+        inst.runtime = None
+        try:
+            self._finish(inst, rev, State.STOPPED, "engine exited", reason)
+        except StoreError:
+            return ""
+        return f"{inst.name}: stopped ({reason})"
+
+    def image_in_use(self, image: str) -> list[str]:
+        """Return the names of instances that use ``image``."""
+        return [i.name for i in self.all(None) if i.spec.image == image]
+
+
+def _owner_bytes(owner: Owner) -> bytes:
+    return f"{owner.pid} {owner.start_time}".encode()
+
+
+def _owner_from(data: bytes) -> Owner:
+    pid, started = data.decode().split()
+    return Owner(int(pid), int(started))
+
+
+def wait_stopped(instances: Instances, name: str, timeout: float) -> bool:
+    """Poll until ``name`` is stopped (after reconcile) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        instances.reconcile()
+        if instances.get(name).state == State.STOPPED:
+            return True
+        time.sleep(0.1)
+    return False

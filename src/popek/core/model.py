@@ -1,0 +1,85 @@
+"""The instance record kept in the state store, and validation of user input."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from popek.core.lifecycle import State
+from popek.engines.base import Runtime
+from popek.errors import InvalidInput, StoreError
+
+NAME_RULE = ("1 to 63 characters: lower-case letters a-z, digits 0-9 and '-', "
+             "starting with a letter and not ending with '-'")
+_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+MIN_MEMORY = 64 << 20
+DEFAULT_PROJECT = "default"
+
+
+def validate_name(name: str, what: str = "instance name") -> str:
+    """Return ``name`` when it is a valid name (a DNS label); raise :class:`InvalidInput`."""
+    if not _NAME.match(name):
+        raise InvalidInput(f"invalid {what} {name!r}: use {NAME_RULE}")
+    return name
+
+
+@dataclass
+class InstanceSpec:
+    """What the user asked for: image, engine and resources."""
+
+    image: str
+    engine: str = "qemu"
+    vcpus: int = 1
+    memory: int = 512 << 20
+    accel: str = "auto"
+
+
+@dataclass
+class Instance:
+    """One instance as recorded in the state store."""
+
+    name: str
+    spec: InstanceSpec
+    state: State
+    uid: int
+    created: str
+    project: str = DEFAULT_PROJECT
+    reason: str = ""
+    image_version: str = ""
+    runtime: Runtime | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """The store key of this instance."""
+        return instance_key(self.project, self.name)
+
+    def to_json(self) -> bytes:
+        """Serialise for the store."""
+        d = asdict(self)
+        d["state"] = self.state.value
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Instance:
+        """Read a record written by :meth:`to_json`; raise :class:`StoreError` when broken."""
+        try:
+            d: dict[str, Any] = json.loads(data)
+            d["spec"] = InstanceSpec(**d["spec"])
+            d["state"] = State(d["state"])
+            d["runtime"] = Runtime(**d["runtime"]) if d.get("runtime") else None
+            return cls(**d)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"broken instance record in the state store: {exc}") from exc
+
+
+def instance_key(project: str, name: str) -> str:
+    """Return the store key of instance ``name`` in ``project``."""
+    return f"/popek/instances/{project}/{name}"
+
+
+def instances_prefix(project: str | None = None) -> str:
+    """Return the store prefix of every instance (of one project, if given)."""
+    return f"/popek/instances/{project}/" if project else "/popek/instances/"

@@ -1,0 +1,29 @@
+"""Engines: one package per way of running an instance, behind one protocol."""
+
+from __future__ import annotations
+
+from popek.engines.base import (
+    Capability,
+    Engine,
+    ExecResult,
+    LaunchSpec,
+    Liveness,
+    Runtime,
+    require,
+)
+from popek.errors import InvalidInput
+
+ENGINES = ("qemu",)
+
+
+def get_engine(name: str) -> Engine:
+    """Return the engine called ``name``; raise :class:`InvalidInput` for an unknown one."""
+    if name == "qemu":
+        from popek.engines.qemu import QemuEngine
+
+        return QemuEngine()
+    raise InvalidInput(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "Capability", "Engine", "ExecResult", "LaunchSpec", "Liveness", "Runtime",
+           "get_engine", "require"]

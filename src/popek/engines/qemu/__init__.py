@@ -1,0 +1,5 @@
+"""The QEMU engine (KVM where a real KVM answers, TCG otherwise)."""
+
+from popek.engines.qemu.engine import QemuEngine
+
+__all__ = ["QemuEngine"]

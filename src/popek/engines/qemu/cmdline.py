@@ -1,0 +1,108 @@
+"""Building the QEMU command line from a :class:`LaunchSpec`.
+
+Every instance gets the same hardened shape: no default devices, no user
+configuration files, the seccomp sandbox with every optional deny enabled, no
+display, no host channels (no shared folders, clipboard, USB or PCI
+pass-through), and only virtio devices.  The machine type is ``q35``: it has
+PCI Express hot-plug, which live attach of NICs and disks and CPU/memory
+hot-plug need; ``microvm`` boots faster but has none of that (see
+docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from popek.engines.base import LaunchSpec
+from popek.errors import EngineError
+
+QEMU_BINARY = "qemu-system-x86_64"
+AGENT_PORT = "org.popek.agent.0"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The files of one instance directory that QEMU creates or uses."""
+
+    workdir: Path
+
+    @property
+    def qmp(self) -> Path:
+        """QMP control socket."""
+        return self.workdir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        """Serial console socket."""
+        return self.workdir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        """Everything the guest wrote on its serial console since it started."""
+        return self.workdir / "console.log"
+
+    @property
+    def agent(self) -> Path:
+        """Guest agent channel (virtio-serial) socket."""
+        return self.workdir / "agent.sock"
+
+    @property
+    def stderr(self) -> Path:
+        """QEMU's own messages."""
+        return self.workdir / "qemu.log"
+
+    @property
+    def argv(self) -> Path:
+        """The exact command line of the last start, as JSON (for audits and measurements)."""
+        return self.workdir / "qemu.argv.json"
+
+    def sockets(self) -> list[Path]:
+        """Return every socket path QEMU serves."""
+        return [self.qmp, self.console, self.agent]
+
+
+def find_qemu() -> str:
+    """Return the path of the QEMU binary; raise :class:`EngineError` when it is missing."""
+    path = shutil.which(QEMU_BINARY)
+    if path is None:
+        raise EngineError(f"{QEMU_BINARY} not found in PATH; install the Debian package "
+                          "qemu-system-x86 (make demo does it)")
+    return path
+
+
+def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
+    """Return the full QEMU argv for ``spec`` with accelerator ``accel`` (``kvm``/``tcg``)."""
+    p = Paths(spec.workdir)
+    mib = spec.memory >> 20
+    argv = [
+        qemu,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-machine", f"q35,accel={accel}",
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(spec.vcpus),
+        "-m", f"{mib}M",
+        "-nodefaults", "-no-user-config", "-nic", "none",
+        "-display", "none", "-vga", "none",
+        "-sandbox", SANDBOX,
+        "-msg", "timestamp=on",
+        "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+        "-chardev",
+        f"socket,id=console,path={p.console},server=on,wait=off,logfile={p.console_log}",
+        "-serial", "chardev:console",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent,path={p.agent},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+        "-qmp", f"unix:{p.qmp},server=on,wait=off",
+    ]
+    if QBOOT.exists():
+        argv += ["-bios", str(QBOOT)]
+    return argv

@@ -1,0 +1,222 @@
+"""The QEMU engine: virtual machines under KVM or TCG with virtio devices."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from popek import proc
+from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
+from popek.engines.qemu import accel as accel_mod
+from popek.engines.qemu import console, process, qmp
+from popek.engines.qemu.agent import AgentClient
+from popek.engines.qemu.cmdline import Paths, build_argv, find_qemu
+from popek.errors import EngineError
+
+READY_LINE = b"popek-guest: ready"
+SHUTDOWN_LINE = b"popek-guest: shutdown"
+POWER_DOWN = b"reboot: Power down"
+PANIC = b"Kernel panic"
+KVM_GROUP_DEV = Path("/dev/kvm")
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def exit_reason(paths: Paths) -> str:
+    """Explain why QEMU is gone, from what the guest and QEMU last wrote."""
+    try:
+        log = paths.console_log.read_bytes()
+    except OSError:
+        log = b""
+    if PANIC in log:
+        return "the guest kernel panicked (see popek console --log)"
+    if POWER_DOWN in log or SHUTDOWN_LINE in log:
+        return "the guest powered off"
+    detail = _tail(paths.stderr)
+    reason = "QEMU exited unexpectedly (killed or crashed)"
+    return f"{reason}: {detail}" if detail else reason
+
+
+def _check_reachable(path: Path, uid: int) -> None:
+    """Fail early when the unprivileged QEMU uid cannot traverse to or read ``path``."""
+    for parent in list(path.parents)[::-1]:
+        st = parent.stat()
+        if st.st_uid != uid and not st.st_mode & stat.S_IXOTH:
+            raise EngineError(f"QEMU runs as uid {uid} and cannot traverse {parent} "
+                              f"(mode {stat.filemode(st.st_mode)}): put POPEK_HOME under "
+                              "directories that others may traverse (o+x)")
+
+
+class QemuEngine:
+    """Runs each instance as one unprivileged, sandboxed, detached QEMU process."""
+
+    name: ClassVar[str] = "qemu"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({
+        Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.GRACEFUL_STOP,
+    })
+
+    # -- start -------------------------------------------------------------
+    def preflight(self, accel: str) -> None:
+        """Check that QEMU is installed and ``accel`` can be used, before anything is created."""
+        find_qemu()
+        accel_mod.choose(accel)
+
+    def _prepare(self, spec: LaunchSpec, p: Paths) -> None:
+        spec.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(spec.workdir, spec.uid, spec.gid)
+        os.chmod(spec.workdir, 0o700)
+        for f in (spec.kernel, spec.initrd):
+            _check_reachable(f, spec.uid)
+            if not f.stat().st_mode & stat.S_IROTH:
+                raise EngineError(f"QEMU runs as uid {spec.uid} and cannot read {f}")
+        _check_reachable(spec.workdir, spec.uid)
+        self.cleanup(spec)
+        for f in (p.console_log, p.stderr):
+            f.unlink(missing_ok=True)
+
+    def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
+        """Start QEMU detached as the instance uid and wait for the guest's ready line.
+
+        Raises :class:`EngineError` when QEMU is missing, exits early, or the
+        guest is not ready within ``ready_timeout`` seconds (QEMU is then killed).
+        """
+        qemu = find_qemu()
+        accel = accel_mod.choose(spec.accel)
+        p = Paths(spec.workdir)
+        self._prepare(spec, p)
+        pidfile = spec.workdir / "qemu.pid"
+        argv = [*build_argv(spec, accel, qemu), "-pidfile", str(pidfile)]
+        p.argv.write_text(json.dumps(argv))
+        groups = [KVM_GROUP_DEV.stat().st_gid] if accel == "kvm" else []
+        process.spawn_detached(argv, spec.uid, spec.gid, groups, p.stderr, spec.workdir)
+        if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
+                                  10.0):
+            raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
+        pid = int(pidfile.read_text().strip())
+        started = proc.start_time(pid)
+        if started is None:
+            raise EngineError(f"QEMU exited at once: {_tail(p.stderr) or 'no message'}")
+        runtime = Runtime(pid, started, {"accel": accel})
+        try:
+            self._wait_ready(p, runtime, ready_timeout)
+        except BaseException:
+            proc.kill(pid, started)
+            self.cleanup(spec)
+            raise
+        return runtime
+
+    def _wait_ready(self, p: Paths, runtime: Runtime, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        seen = b""
+        offset = 0
+        while True:
+            try:
+                with open(p.console_log, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            offset += len(chunk)
+            seen = seen[-64:] + chunk
+            if READY_LINE in seen:
+                return
+            if not proc.alive(runtime.pid, runtime.start_time):
+                raise EngineError(f"the instance stopped while booting: {exit_reason(p)}")
+            if time.monotonic() > deadline:
+                raise EngineError(f"the guest did not report ready within {timeout:.0f}s "
+                                  "(see popek console --log)")
+            time.sleep(0.01)
+
+    # -- stop, pause, resume ----------------------------------------------
+    def stop(self, spec: LaunchSpec, runtime: Runtime, force: bool, timeout: float) -> str:
+        """Press the ACPI power button and wait ``timeout`` s; then quit QEMU by force.
+
+        Returns ``graceful`` or ``forced``.
+        """
+        p = Paths(spec.workdir)
+        gone = lambda: not proc.alive(runtime.pid, runtime.start_time)  # noqa: E731
+        if not force:
+            try:
+                status = qmp.execute(p.qmp, "query-status")
+                if status.get("status") == "paused":
+                    qmp.execute(p.qmp, "cont")
+                qmp.execute(p.qmp, "system_powerdown")
+            except EngineError:
+                pass
+            if proc.wait_until(gone, timeout, 0.05):
+                self.cleanup(spec)
+                return "graceful"
+        with contextlib.suppress(EngineError):
+            qmp.execute(p.qmp, "quit", timeout=2.0)
+        if not proc.wait_until(gone, 2.0, 0.02):
+            proc.kill(runtime.pid, runtime.start_time)
+        self.cleanup(spec)
+        return "forced"
+
+    def pause(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Stop the vCPUs (QMP ``stop``); the guest clock stops with them."""
+        qmp.execute(Paths(spec.workdir).qmp, "stop")
+
+    def resume(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Restart the vCPUs (QMP ``cont``)."""
+        qmp.execute(Paths(spec.workdir).qmp, "cont")
+
+    # -- observation -------------------------------------------------------
+    def liveness(self, spec: LaunchSpec, runtime: Runtime) -> Liveness:
+        """Tell whether QEMU runs; when not, why (from the console and QEMU logs)."""
+        if proc.alive(runtime.pid, runtime.start_time):
+            return Liveness(True)
+        return Liveness(False, exit_reason(Paths(spec.workdir)))
+
+    def status(self, spec: LaunchSpec, runtime: Runtime) -> dict[str, Any]:
+        """Return QEMU's run state and the chosen accelerator."""
+        st = qmp.execute(Paths(spec.workdir).qmp, "query-status")
+        return {"vm_status": st.get("status"), "accel": runtime.details.get("accel"),
+                "pid": runtime.pid}
+
+    def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
+        """Run ``argv`` in the guest through the agent channel."""
+        return AgentClient(Paths(spec.workdir).agent, timeout).exec(argv, stdin)
+
+    def console(self, spec: LaunchSpec, escape: bytes) -> None:
+        """Attach the caller's terminal to the serial console."""
+        console.attach(Paths(spec.workdir).console, escape)
+
+    def console_log(self, spec: LaunchSpec) -> bytes:
+        """Return what the guest wrote on its serial console since it started."""
+        try:
+            return Paths(spec.workdir).console_log.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def cleanup(self, spec: LaunchSpec) -> None:
+        """Kill a stray QEMU of this instance directory, remove its sockets and pid file.
+
+        A stray is a QEMU whose start was interrupted before popek recorded it.
+        """
+        p = Paths(spec.workdir)
+        pidfile = spec.workdir / "qemu.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            pass
+        else:
+            started = proc.start_time(pid)
+            if started is not None and str(p.qmp).encode() in cmdline:
+                proc.kill(pid, started)
+        for sock in p.sockets():
+            sock.unlink(missing_ok=True)
+            sock.with_suffix(".lock").unlink(missing_ok=True)
+        (spec.workdir / "qemu.pid").unlink(missing_ok=True)

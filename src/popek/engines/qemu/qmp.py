@@ -1,0 +1,69 @@
+"""Talking to QEMU over QMP with QEMU's own ``qemu.qmp`` library.
+
+QEMU's QMP socket serves one client at a time, so every conversation holds an
+exclusive lock file in the instance directory.  Each call opens a short
+session: popek keeps no connection (and no process) per instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from popek.errors import EngineError
+
+# qemu.qmp logs every disconnect at WARNING; popek reports errors itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
+                   timeout: float) -> list[object]:
+    qmp = QMPClient("popek")
+    try:
+        await asyncio.wait_for(qmp.connect(str(sock)), timeout)
+        results = []
+        for cmd, args in commands:
+            results.append(await asyncio.wait_for(qmp.execute(cmd, args), timeout))
+        return results
+    finally:
+        await qmp.disconnect()
+
+
+def execute(sock: Path, cmd: str, args: Mapping[str, object] | None = None,
+            timeout: float = 10.0) -> Any:
+    """Run one QMP command on the QEMU listening at ``sock`` and return its result.
+
+    Raises :class:`EngineError` when QEMU cannot be reached or refuses the command.
+    """
+    return execute_many(sock, [(cmd, args)], timeout)[0]
+
+
+def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
+                 timeout: float = 10.0) -> list[Any]:
+    """Run several QMP commands in one session; return their results in order."""
+    try:
+        with _locked(sock.with_suffix(".lock")):
+            return asyncio.run(_session(sock, commands, timeout))
+    except ExecuteError as exc:
+        raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
+    except (ConnectError, OSError, TimeoutError) as exc:
+        raise EngineError(f"cannot reach QEMU's control socket {sock}: {exc}") from exc
+    except QMPError as exc:
+        raise EngineError(f"QMP error on {sock}: {exc}") from exc

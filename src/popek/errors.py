@@ -1,0 +1,81 @@
+"""The exception hierarchy of popek, rooted in :class:`PopekError`.
+
+Every error carries a message meant for a human operator: it says what was
+wrong and, where it applies, what is allowed.  Front ends (CLI, API) print the
+message and exit non-zero; they never show a traceback for a ``PopekError``.
+"""
+
+from __future__ import annotations
+
+
+class PopekError(Exception):
+    """Root of every error popek raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(PopekError):
+    """A value given by the user (name, size, count, option) is not acceptable."""
+
+    exit_code = 2
+
+
+class NotFound(PopekError):
+    """A named object (instance, image, ...) does not exist."""
+
+
+class AlreadyExists(PopekError):
+    """A named object already exists."""
+
+
+class StateError(PopekError):
+    """An operation was asked for in a state that does not allow it.
+
+    Carries the current state and the states the operation requires.
+    """
+
+    def __init__(self, target: str, operation: str, state: str, required: tuple[str, ...]) -> None:
+        allowed = ", ".join(required) if required else "none"
+        super().__init__(
+            f"cannot {operation} {target}: it is {state}; "
+            f"{operation} needs it to be one of: {allowed}"
+        )
+        self.target = target
+        self.operation = operation
+        self.state = state
+        self.required = required
+
+
+class ResourceError(PopekError):
+    """The host cannot provide what was asked for (CPUs, memory, ...)."""
+
+
+class EngineError(PopekError):
+    """An engine (QEMU, ...) failed or is missing."""
+
+
+class CapabilityError(EngineError):
+    """The engine of an instance does not have a capability an operation needs."""
+
+
+class ImageError(PopekError):
+    """An image is broken, missing files, or cannot be built."""
+
+
+class IntegrityError(ImageError):
+    """A file no longer matches the hash or size recorded for it."""
+
+
+class StoreError(PopekError):
+    """The state store failed (corrupt database, failed transaction, ...)."""
+
+
+class AgentError(EngineError):
+    """The guest agent did not answer or answered something unexpected."""

@@ -1,0 +1,169 @@
+"""The image store: one directory per image under ``images_dir()``.
+
+Builds happen in a hidden temporary directory next to the final one and are
+published with an atomic rename, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from popek import paths
+from popek.errors import AlreadyExists, ImageError, InvalidInput, NotFound
+from popek.images import minimal
+from popek.images.builder import BuildContext, Builder, BuildResult, Progress, quiet
+from popek.images.image import Image, hash_file
+from popek.images.manifest import MANIFEST_NAME, NAME_RULE, Manifest, valid_name
+
+BUILDERS: dict[str, Builder] = {"minimal": minimal.build}
+LOCK_NAME = ".lock"
+
+
+class ImageStore:
+    """Images stored under ``root``; builders download into ``cache``."""
+
+    def __init__(self, root: Path | None = None, cache: Path | None = None) -> None:
+        self.root = root if root is not None else paths.images_dir()
+        self.cache = cache if cache is not None else paths.cache_dir()
+
+    def _names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if valid_name(p.name) and p.is_dir())
+
+    def list(self) -> list[Image]:
+        """Return the images with a valid manifest, sorted by name (``get`` reports broken ones)."""
+        images = []
+        for name in self._names():
+            try:
+                images.append(self.get(name))
+            except ImageError:
+                continue
+        return images
+
+    def get(self, name: str) -> Image:
+        """Return the image ``name``.
+
+        Raises :class:`NotFound` if there is none, :class:`ImageError` if its
+        manifest is missing or broken.  Does not hash the files: see
+        :meth:`Image.verify`.
+        """
+        self._check_name(name)
+        path = self.root / name
+        if not path.is_dir():
+            available = ", ".join(self._names()) or "none"
+            raise NotFound(f"image '{name}' not found; available: {available}")
+        try:
+            text = (path / MANIFEST_NAME).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ImageError(
+                f"image '{name}' is broken: {MANIFEST_NAME} is missing; delete and rebuild it"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageError(f"image '{name}': cannot read {MANIFEST_NAME}: {exc}") from exc
+        try:
+            manifest = Manifest.from_json(text)
+        except ImageError as exc:
+            raise ImageError(f"image '{name}' is broken: {exc}") from exc
+        if manifest.name != name:
+            raise ImageError(
+                f"image '{name}' is broken: its manifest names it '{manifest.name}'"
+            )
+        return Image(name=name, path=path.absolute(), manifest=manifest)
+
+    def delete(self, name: str) -> None:
+        """Delete the image ``name`` (broken or not); :class:`NotFound` if there is none."""
+        self._check_name(name)
+        path = self.root / name
+        if not path.is_dir():
+            available = ", ".join(self._names()) or "none"
+            raise NotFound(f"image '{name}' not found; available: {available}")
+        with self._lock():
+            self._discard(path)
+
+    def build(self, name: str, progress: Progress | None = None, force: bool = False) -> Image:
+        """Build image ``name`` with the builder of that name and return it.
+
+        Raises :class:`InvalidInput` for an unknown builder,
+        :class:`AlreadyExists` if the image exists and ``force`` is false,
+        :class:`ImageError` if the build fails (nothing is left behind).
+        """
+        builder = BUILDERS.get(name)
+        if builder is None:
+            raise InvalidInput(
+                f"unknown image builder {name!r}; available: {', '.join(sorted(BUILDERS))}"
+            )
+        report = progress or quiet
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            final = self.root / name
+            if final.exists() and not force:
+                raise AlreadyExists(
+                    f"image '{name}' already exists; delete it first or use --force"
+                )
+            work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=self.root))
+            try:
+                result = builder(BuildContext(out=work, cache=self.cache, progress=report))
+                report("hashing files and writing the manifest")
+                manifest = self._seal(work, name, result)
+                Image(name=name, path=work, manifest=manifest).verify()
+                if final.exists():
+                    self._discard(final)
+                os.rename(work, final)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+        report(f"image '{name}' built: {final}")
+        return self.get(name)
+
+    @staticmethod
+    def _seal(work: Path, name: str, result: BuildResult) -> Manifest:
+        files = {}
+        for path in sorted(work.iterdir()):
+            if not path.is_file() or path.is_symlink():
+                raise ImageError(f"builder left {path.name!r}, which is not a regular file")
+            path.chmod(0o644)
+            files[path.name] = hash_file(path)
+        manifest = Manifest(
+            name=name,
+            version=result.version,
+            created=datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            kernel=result.kernel,
+            initrd=result.initrd,
+            cmdline=result.cmdline,
+            files=files,
+            kernel_version=result.kernel_version,
+            arch=result.arch,
+        )
+        (work / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        (work / MANIFEST_NAME).chmod(0o644)
+        work.chmod(0o755)
+        return manifest
+
+    def _discard(self, path: Path) -> None:
+        """Move ``path`` aside atomically, then remove it."""
+        trash = Path(tempfile.mkdtemp(prefix=f".delete-{path.name}-", dir=self.root))
+        os.rename(path, trash / path.name)
+        shutil.rmtree(trash)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK_NAME).open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not isinstance(name, str) or not valid_name(name):
+            raise InvalidInput(f"image name {name!r} is not valid: {NAME_RULE}")

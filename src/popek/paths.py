@@ -1,0 +1,39 @@
+"""Where popek keeps its files.
+
+``POPEK_HOME`` (default ``/var/lib/popek``) holds the state database, images
+and instance directories.  ``POPEK_CACHE`` (default ``$POPEK_HOME/cache``)
+holds downloads that may be reused (Debian packages for image builds).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HOME = "/var/lib/popek"
+
+
+def home() -> Path:
+    """Return the popek home directory (``$POPEK_HOME`` or ``/var/lib/popek``)."""
+    return Path(os.environ.get("POPEK_HOME", DEFAULT_HOME))
+
+
+def images_dir() -> Path:
+    """Return the directory that holds one sub-directory per image."""
+    return home() / "images"
+
+
+def instances_dir() -> Path:
+    """Return the directory that holds one sub-directory per instance."""
+    return home() / "instances"
+
+
+def cache_dir() -> Path:
+    """Return the download cache (``$POPEK_CACHE`` or ``$POPEK_HOME/cache``)."""
+    env = os.environ.get("POPEK_CACHE")
+    return Path(env) if env else home() / "cache"
+
+
+def state_db() -> Path:
+    """Return the path of the SQLite state database."""
+    return home() / "state.db"

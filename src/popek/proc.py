@@ -1,0 +1,59 @@
+"""Watching processes that are not our children: liveness by pid and start time.
+
+A pid alone can be reused; the start time (``/proc/PID/stat`` field 22) makes
+the pair unique for the life of the host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from popek.errors import EngineError
+
+
+def start_time(pid: int) -> int | None:
+    """Return the start time (clock ticks after boot) of ``pid``, or ``None`` if it is gone.
+
+    A zombie counts as gone.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    """Return whether the process ``pid`` that started at ``started`` still runs."""
+    return pid > 0 and start_time(pid) == started
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``check`` until it is true or ``timeout`` seconds pass; return the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def kill(pid: int, started: int, timeout: float = 5.0) -> None:
+    """SIGKILL the process if it is still the one that started at ``started``; wait for it."""
+    if not alive(pid, started):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not wait_until(lambda: not alive(pid, started), timeout):
+        raise EngineError(f"process {pid} did not die after SIGKILL within {timeout:.0f}s")

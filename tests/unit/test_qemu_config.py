@@ -1,0 +1,64 @@
+"""QEMU command line and accelerator choice (no QEMU is started here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from popek.engines.base import LaunchSpec
+from popek.engines.qemu import accel
+from popek.engines.qemu.cmdline import SANDBOX, build_argv
+from popek.errors import InvalidInput
+
+
+def _spec(tmp_path: Path) -> LaunchSpec:
+    return LaunchSpec("vm1", tmp_path, 2, 256 << 20, 900000000, 900000000,
+                      tmp_path / "k", tmp_path / "i", "console=ttyS0")
+
+
+def test_argv_is_hardened(tmp_path: Path) -> None:
+    argv = build_argv(_spec(tmp_path), "tcg", "/usr/bin/qemu-system-x86_64")
+    joined = " ".join(argv)
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+    for flag in ("-nodefaults", "-no-user-config"):
+        assert flag in argv
+    assert "accel=tcg" in joined and "-smp 2" in joined and "-m 256M" in joined
+    # no host channels: no shared folders, USB, host devices, spice, vnc
+    for forbidden in ("virtfs", "virtio-9p", "vhost-user-fs", "usb", "vfio", "spice", "vnc",
+                      "-daemonize", "-runas"):
+        assert forbidden not in joined
+
+
+def _fake_sys(tmp_path: Path, module: str) -> Path:
+    (tmp_path / "sys" / module).mkdir(parents=True)
+    return tmp_path / "sys"
+
+
+def test_software_kvm_is_not_used(tmp_path: Path) -> None:
+    # kvm_pvm (software-backed) must give tcg even though /dev/kvm answers
+    assert accel.detect(Path("/dev/kvm"), _fake_sys(tmp_path, "kvm_pvm")) == "tcg"
+
+
+def test_hardware_kvm_is_used_when_it_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    # Mocked: this machine has no hardware KVM; the ioctl probe is replaced.
+    monkeypatch.setattr(accel, "kvm_answers", lambda dev=None: True)
+    assert accel.detect(Path("/dev/kvm"), _fake_sys(tmp_path, "kvm_intel")) == "kvm"
+    monkeypatch.setattr(accel, "kvm_answers", lambda dev=None: False)
+    assert accel.detect(Path("/dev/kvm"), tmp_path / "sys") == "tcg"
+
+
+def test_no_kvm_module_means_tcg(tmp_path: Path) -> None:
+    assert accel.detect(tmp_path / "nokvm", tmp_path) == "tcg"
+
+
+def test_this_host_chooses_tcg() -> None:
+    if not Path("/sys/module/kvm_pvm").exists():
+        pytest.skip("this host does not have the software-backed KVM")
+    assert accel.choose("auto") == "tcg"
+
+
+def test_invalid_accel() -> None:
+    with pytest.raises(InvalidInput, match="allowed: auto, kvm, tcg"):
+        accel.choose("xen")
