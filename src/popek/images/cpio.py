@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -28,17 +28,23 @@ class Node:
     minor: int
 
 
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
 def _pad(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
 class _Writer:
-    def __init__(self, out: BinaryIO, mtime: int) -> None:
+    def __init__(self, out: _Sink, mtime: int) -> None:
         self.out = out
         self.mtime = mtime
         self.ino = 0
 
-    def entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         self.ino += 1
         nlink = 2 if stat.S_ISDIR(mode) else 1
         encoded = name.encode() + b"\0"
@@ -75,7 +81,7 @@ def write_initramfs(root: Path, out: Path, nodes: tuple[Node, ...] = (), mtime: 
             entries[rel] = (stat.S_IFREG | perm, path.read_bytes(), (0, 0))
     for node in nodes:
         entries[node.path.strip("/")] = (node.mode, b"", (node.major, node.minor))
-    with out.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+    with out.open("wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
         writer = _Writer(gz, mtime)
         for name in sorted(entries, key=lambda n: n.split("/")):
             mode, data, rdev = entries[name]

@@ -24,7 +24,16 @@ FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 NAME_RULE = "1-63 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
 
-_STR_FIELDS = ("name", "version", "created", "kernel", "initrd", "cmdline", "kernel_version", "arch")
+_STR_FIELDS = (
+    "name",
+    "version",
+    "created",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "kernel_version",
+    "arch",
+)
 _ALL_FIELDS = frozenset((*_STR_FIELDS, "files", "format"))
 
 
@@ -108,7 +117,9 @@ class Manifest:
         if unknown:
             raise ImageError(f"manifest has unknown field(s): {', '.join(unknown)}")
         if "format" in doc and (type(doc["format"]) is not int or doc["format"] != FORMAT):
-            raise ImageError(f"manifest format {doc['format']!r} is not supported (expected {FORMAT})")
+            raise ImageError(
+                f"manifest format {doc['format']!r} is not supported (expected {FORMAT})"
+            )
         raw_files = doc["files"]
         if not isinstance(raw_files, dict):
             raise ImageError("manifest field 'files' must be an object")

@@ -110,7 +110,9 @@ def _install_guest_files(root: Path) -> None:
 def build(ctx: BuildContext) -> BuildResult:
     """Build the minimal image into ``ctx.out`` (``vmlinuz`` and ``initrd.img``)."""
     if platform.machine() != "x86_64":
-        raise ImageError(f"the minimal image is built for x86_64; this host is {platform.machine()}")
+        raise ImageError(
+            f"the minimal image is built for x86_64; this host is {platform.machine()}"
+        )
     cache = debs.DebCache(ctx.cache / "debs", ctx.progress)
     meta = cache.fetch(KERNEL_META)
     kernel_pkg = kernel_package(meta)

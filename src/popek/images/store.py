@@ -73,9 +73,7 @@ class ImageStore:
         except ImageError as exc:
             raise ImageError(f"image '{name}' is broken: {exc}") from exc
         if manifest.name != name:
-            raise ImageError(
-                f"image '{name}' is broken: its manifest names it '{manifest.name}'"
-            )
+            raise ImageError(f"image '{name}' is broken: its manifest names it '{manifest.name}'")
         return Image(name=name, path=path.absolute(), manifest=manifest)
 
     def delete(self, name: str) -> None:

@@ -63,7 +63,7 @@ def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | No
             return asyncio.run(_session(sock, commands, timeout))
     except ExecuteError as exc:
         raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
-    except (ConnectError, OSError, TimeoutError) as exc:
+    except (ConnectError, OSError, TimeoutError, EOFError) as exc:
         raise EngineError(f"cannot reach QEMU's control socket {sock}: {exc}") from exc
     except QMPError as exc:
         raise EngineError(f"QMP error on {sock}: {exc}") from exc

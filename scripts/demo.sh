@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The end-to-end tour that `make demo` runs: build the default image, launch a
+# VM, run commands inside it, pause and resume it, stop it gracefully, delete it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+popek() { .venv/bin/popek "$@"; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+NAME=${DEMO_NAME:-demo}
+step "image: build the minimal guest from Debian packages (cached after the first run)"
+popek image list --format json | grep -q '"name": "minimal"' || popek image build minimal
+popek image list
+popek list --format json | grep -q "\"name\": \"$NAME\"" && popek delete --force "$NAME"
+
+step "launch a VM (2 vCPUs, 256MiB)"
+popek launch minimal "$NAME" --vcpus 2 --memory 256MiB
+popek list
+
+step "run commands inside it"
+popek exec "$NAME" -- uname -a
+popek exec "$NAME" -- sh -c 'echo "vCPUs: $(nproc)"; grep MemTotal /proc/meminfo'
+
+step "pause and resume"
+popek pause "$NAME"
+popek list
+popek resume "$NAME"
+popek exec "$NAME" -- cat /proc/uptime
+
+step "stop it gracefully (ACPI power button), then look at its console"
+popek stop "$NAME"
+popek console --log "$NAME" | tail -n 4
+popek info "$NAME"
+
+step "delete it"
+popek delete "$NAME"
+popek list
+printf '\nDemo complete.\n'

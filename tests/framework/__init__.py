@@ -1,0 +1,64 @@
+"""Helpers shared by the integration and security suites: running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+POPEK = [sys.executable, "-m", "popek"]
+
+
+def popek(*args: str, check: bool = True, stdin: bytes | None = None,
+          env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``popek`` CLI; fail the test with its output when ``check`` and it fails."""
+    proc = subprocess.run([*POPEK, *args], input=stdin.decode() if stdin is not None else "",
+                          capture_output=True, text=True, env=env or os.environ.copy(),
+                          timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"popek {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def popek_json(*args: str) -> Any:
+    """Run a popek command with ``--format json`` and return the parsed output."""
+    return json.loads(popek(*args, "--format", "json").stdout)
+
+
+def instance(name: str) -> dict[str, Any]:
+    """Return the ``popek list`` entry of ``name``."""
+    for entry in popek_json("list"):
+        if entry["name"] == name:
+            return dict(entry)
+    raise AssertionError(f"instance {name} not in popek list")
+
+
+def qemu_pids() -> list[int]:
+    """Return the pids of every QEMU process on this host."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("qemu-system"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Return pids whose command line contains ``text``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
