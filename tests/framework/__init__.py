@@ -14,7 +14,8 @@ POPEK = [sys.executable, "-m", "popek"]
 
 
 def popek(*args: str, check: bool = True, stdin: bytes | None = None,
-          env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+          env: dict[str, str] | None = None,
+          timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real ``popek`` CLI; fail the test with its output when ``check`` and it fails."""
     proc = subprocess.run([*POPEK, *args], input=stdin.decode() if stdin is not None else "",
                           capture_output=True, text=True, env=env or os.environ.copy(),

@@ -239,9 +239,10 @@ def image_list(fmt: str = typer.Option("table", "--format", help="table or json.
     from popek.units import format_size
 
     images = ImageStore().list()
-    rows: list[dict[str, Any]] = [{"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
-             "kernel": i.manifest.kernel_version,
-             "size": sum(f.size for f in i.manifest.files.values())} for i in images]
+    rows: list[dict[str, Any]] = [
+        {"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
+         "kernel": i.manifest.kernel_version,
+         "size": sum(f.size for f in i.manifest.files.values())} for i in images]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return

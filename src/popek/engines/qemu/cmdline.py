@@ -21,7 +21,6 @@ from popek.errors import EngineError
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT = "org.popek.agent.0"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
 @dataclass(frozen=True)
@@ -103,6 +102,4 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
         "-device", "virtio-rng-pci,rng=rng0",
         "-qmp", f"unix:{p.qmp},server=on,wait=off",
     ]
-    if QBOOT.exists():
-        argv += ["-bios", str(QBOOT)]
     return argv
