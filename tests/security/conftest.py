@@ -1,0 +1,11 @@
+"""Every test here runs real engines as root: marked ``security``."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/security/" in str(item.path):
+            item.add_marker(pytest.mark.security)
