@@ -6,7 +6,10 @@ through exec, pause/resume, graceful stop and start, to kill -9 and delete.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
+import select
 import signal
 import time
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from framework import instance, popek, popek_json, processes_mentioning
+from framework import POPEK, instance, popek, popek_json, processes_mentioning
 
 VM = "lifecycle"
 VCPUS = 2
@@ -124,6 +127,49 @@ def test_restart(vm: str) -> None:
     popek("restart", vm, "--timeout", "60")
     info = popek_json("info", vm)
     assert info["state"] == "running" and info["pid"] != old_pid
+
+
+def test_interactive_console_and_detach(vm: str) -> None:
+    """Drive ``popek console`` through a pseudo-terminal: type a command, read it, Ctrl-]."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a real terminal
+        os.execv(POPEK[0], [*POPEK, "console", vm])
+    out = b""
+    try:
+        deadline = time.monotonic() + 30
+        step = 0  # 0: wait for attach, 1: wait for a prompt, 2: command sent
+        while time.monotonic() < deadline and b"console-works-42" not in out:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                out += os.read(fd, 4096)
+            if step == 0 and b"Ctrl-]" in out:
+                time.sleep(1)  # let the CLI put the terminal in raw mode
+                os.write(fd, b"\r")
+                step, mark = 1, len(out)
+            elif step == 1 and b"# " in out[mark:]:
+                os.write(fd, b"echo console-works-$((40+2))\r")
+                step = 2
+        assert b"console-works-42" in out, out[-500:]
+        os.write(fd, b"\x1d")  # Ctrl-]
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert instance(vm)["state"] == "running"
+
+
+def test_guest_poweroff_shows_stopped_with_reason(vm: str) -> None:
+    popek("exec", vm, "--timeout", "5", "--", "sh", "-c", "poweroff &", check=False)
+    deadline = time.monotonic() + 60
+    while instance(vm)["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    entry = instance(vm)
+    assert entry["state"] == "stopped"
+    assert entry["reason"] == "the guest powered off"
+    popek("start", vm)
 
 
 def test_kill9_of_qemu_shows_stopped_with_reason(vm: str) -> None:
