@@ -13,6 +13,8 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest tests/unit -q
 	$(PY) -m pytest tests/integration tests/security -q
 
