@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from popek.cli.sandbox import app as sandbox_app
 from popek.errors import PopekError
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 image_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and delete images.")
 app.add_typer(image_app, name="image")
+app.add_typer(sandbox_app, name="sandbox")
 
 FORMATS = ("table", "json")
 
@@ -277,11 +279,21 @@ def main(argv: list[str] | None = None) -> Any:
     if os.geteuid() != 0 and "--help" not in sys.argv:
         print("popek: warning: not running as root; instances need root to drop to their "
               "own uid", file=sys.stderr)
+    code = 0
     try:
-        return app(args=argv)
+        app(args=argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
     except PopekError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    # Every store write is committed and every file closed by now: skip the
+    # interpreter's teardown (tens of milliseconds) so commands return at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

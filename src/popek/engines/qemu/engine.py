@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 from popek import proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
-from popek.engines.qemu import console, process, qmp
-from popek.engines.qemu.agent import AgentClient
+from popek.engines.qemu import process, qmp
 from popek.engines.qemu.cmdline import Paths, build_argv, find_qemu
 from popek.errors import EngineError
 
@@ -187,11 +186,15 @@ class QemuEngine:
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the guest through the agent channel."""
+        from popek.engines.qemu.agent import AgentClient
+
         return AgentClient(Paths(spec.workdir).agent, timeout).exec(argv, stdin)
 
     def console(self, spec: LaunchSpec, escape: bytes) -> None:
         """Attach the caller's terminal to the serial console."""
-        console.attach(Paths(spec.workdir).console, escape)
+        from popek.engines.qemu.console import attach
+
+        attach(Paths(spec.workdir).console, escape)
 
     def console_log(self, spec: LaunchSpec) -> bytes:
         """Return what the guest wrote on its serial console since it started."""

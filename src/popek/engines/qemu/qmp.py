@@ -7,7 +7,6 @@ session: popek keeps no connection (and no process) per instance.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 from collections.abc import Iterator, Mapping
@@ -15,12 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
-
 from popek.errors import EngineError
 
 # qemu.qmp logs every disconnect at WARNING; popek reports errors itself.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+# qemu.qmp (and asyncio under it) is imported on first use: commands that do
+# not speak QMP, such as launch, do not pay for it.
 
 
 @contextmanager
@@ -35,6 +34,10 @@ def _locked(path: Path) -> Iterator[None]:
 
 async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
                    timeout: float) -> list[object]:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
     qmp = QMPClient("popek")
     try:
         await asyncio.wait_for(qmp.connect(str(sock)), timeout)
@@ -58,6 +61,10 @@ def execute(sock: Path, cmd: str, args: Mapping[str, object] | None = None,
 def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
                  timeout: float = 10.0) -> list[Any]:
     """Run several QMP commands in one session; return their results in order."""
+    import asyncio
+
+    from qemu.qmp import ConnectError, ExecuteError, QMPError
+
     try:
         with _locked(sock.with_suffix(".lock")):
             return asyncio.run(_session(sock, commands, timeout))
