@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +15,7 @@ from popek.engines.qemu import accel as accel_mod
 from popek.engines.qemu import process, qmp
 from popek.engines.qemu.cmdline import Paths, build_argv, find_qemu
 from popek.errors import EngineError
+from popek.watch import wait_for_line
 
 READY_LINE = b"popek-guest: ready"
 SHUTDOWN_LINE = b"popek-guest: shutdown"
@@ -116,26 +116,13 @@ class QemuEngine:
         return runtime
 
     def _wait_ready(self, p: Paths, runtime: Runtime, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        seen = b""
-        offset = 0
-        while True:
-            try:
-                with open(p.console_log, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            offset += len(chunk)
-            seen = seen[-64:] + chunk
-            if READY_LINE in seen:
-                return
+        """Sleep on inotify until the console log shows the ready line (no busy polling)."""
+        if not wait_for_line(p.console_log, READY_LINE, timeout,
+                             lambda: proc.alive(runtime.pid, runtime.start_time)):
             if not proc.alive(runtime.pid, runtime.start_time):
                 raise EngineError(f"the instance stopped while booting: {exit_reason(p)}")
-            if time.monotonic() > deadline:
-                raise EngineError(f"the guest did not report ready within {timeout:.0f}s "
-                                  "(see popek console --log)")
-            time.sleep(0.01)
+            raise EngineError(f"the guest did not report ready within {timeout:.0f}s "
+                              "(see popek console --log)")
 
     # -- stop, pause, resume ----------------------------------------------
     def stop(self, spec: LaunchSpec, runtime: Runtime, force: bool, timeout: float) -> str:
