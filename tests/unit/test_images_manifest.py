@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from popek.errors import AlreadyExists, ImageError, IntegrityError, InvalidInput, NotFound
 from popek.images import FileEntry, Image, ImageStore, Manifest
+from popek.images.process import Process
 
 KERNEL = b"kernel bytes " * 1000
 INITRD = b"initrd bytes " * 3000
@@ -60,6 +61,60 @@ def test_round_trip() -> None:
     assert Manifest.from_json(m.to_json()) == m
 
 
+ROOTFS = b"rootfs tar " * 2000
+
+
+def test_round_trip_container_and_both() -> None:
+    ct = make_manifest(
+        kernel="", initrd="", kernel_version="", cmdline="", rootfs="rootfs.tar",
+        files={"rootfs.tar": entry(ROOTFS)},
+        process=Process(entrypoint=("/bin/sh",), cmd=("-c", "x"), env=("A=1",), working_dir="/"),
+    )  # fmt: skip
+    assert Manifest.from_json(ct.to_json()) == ct
+    doc = json.loads(ct.to_json())
+    assert doc["format"] == 2 and doc["kernel"] == "" and doc["rootfs"] == "rootfs.tar"
+    assert doc["process"] == {
+        "entrypoint": ["/bin/sh"], "cmd": ["-c", "x"], "env": ["A=1"], "working_dir": "/",
+    }  # fmt: skip
+    both = make_manifest(
+        rootfs="rootfs.tar",
+        files={"vmlinuz": entry(KERNEL), "initrd.img": entry(INITRD), "rootfs.tar": entry(ROOTFS)},
+    )
+    assert Manifest.from_json(both.to_json()) == both
+    assert "process" not in json.loads(both.to_json())
+
+
+def test_format_1_still_read() -> None:
+    doc = good_doc()
+    doc["format"] = 1
+    del doc["rootfs"]
+    old = Manifest.from_json(json.dumps(doc))
+    assert old == make_manifest()
+    assert old.rootfs == "" and old.process is None
+    del doc["format"]  # the earliest manifests had no format field
+    assert Manifest.from_json(json.dumps(doc)) == make_manifest()
+    doc.update(format=1, rootfs="")
+    with pytest.raises(ImageError, match="unknown field"):
+        Manifest.from_json(json.dumps(doc))
+
+
+def test_kinds_of_container_image(tmp_path: Path) -> None:
+    path = tmp_path / "ct"
+    path.mkdir()
+    (path / "rootfs.tar").write_bytes(ROOTFS)
+    m = make_manifest(
+        "ct", kernel="", initrd="", kernel_version="", rootfs="rootfs.tar",
+        files={"rootfs.tar": entry(ROOTFS)},
+    )  # fmt: skip
+    (path / "manifest.json").write_text(m.to_json())
+    img = load(tmp_path, "ct")
+    img.verify()
+    assert img.kinds() == ["container"]
+    assert img.file("rootfs") == (path / "rootfs.tar").absolute()
+    with pytest.raises(ImageError, match="image 'ct' has no kernel file .it is a container image"):
+        img.file("kernel")
+
+
 def test_to_json_is_stable() -> None:
     assert make_manifest().to_json() == make_manifest().to_json()
 
@@ -96,7 +151,18 @@ def test_round_trip_any_content(
         (lambda d: d.update(created="2026-11-26T12:00:00"), "must be in UTC"),
         (lambda d: d.update(files=[]), "'files' must be an object"),
         (lambda d: d.update(kernel="bzImage"), "kernel 'bzImage' is not listed"),
-        (lambda d: d.update(format=2), "format 2 is not supported"),
+        (lambda d: d.update(format=3), "format 3 is not supported"),
+        (lambda d: d.update(format="2"), "format '2' is not supported"),
+        (lambda d: d.pop("rootfs"), "lacks field(s): rootfs"),
+        (lambda d: d.update(kernel=""), "both a kernel and an initrd, or neither"),
+        (lambda d: d.update(kernel="", initrd=""), "neither a kernel and initrd (VM) nor a rootfs"),
+        (lambda d: d.update(rootfs="rootfs.tar"), "rootfs 'rootfs.tar' is not listed"),
+        (lambda d: d.update(kernel_version=""), "'kernel_version' is empty"),
+        (lambda d: d.update(process=[]), "'process' must be an object"),
+        (lambda d: d.update(process={"cmd": "sh"}), "'process.cmd' must be a list"),
+        (lambda d: d.update(process={"env": ["NOEQUALS"]}), "not NAME=VALUE"),
+        (lambda d: d.update(process={"working_dir": "rel"}), "not an absolute path"),
+        (lambda d: d.update(process={"user": "x"}), "unknown field(s): user"),
         (lambda d: d["files"].update({"../etc/passwd": d["files"]["vmlinuz"]}), "not valid"),
         (lambda d: d["files"].update({"manifest.json": d["files"]["vmlinuz"]}), "not valid"),
         (lambda d: d["files"]["vmlinuz"].update(sha256="abc"), "is not 64 lowercase hex"),
@@ -138,8 +204,16 @@ def test_verify_accepts_intact_image(tmp_path: Path) -> None:
     img.verify()
     assert img.file("kernel") == (tmp_path / "minimal" / "vmlinuz").absolute()
     assert img.file("initrd") == (tmp_path / "minimal" / "initrd.img").absolute()
-    with pytest.raises(InvalidInput, match="unknown image file role"):
+    assert img.kinds() == ["vm"]
+    assert (img.has("kernel"), img.has("initrd"), img.has("rootfs")) == (True, True, False)
+    with pytest.raises(ImageError, match="image 'minimal' has no rootfs file"):
         img.file("rootfs")
+    with pytest.raises(ImageError, match="has no rootfs file"):
+        img.extract_rootfs(tmp_path / "x", 0, 0)
+    with pytest.raises(InvalidInput, match="unknown image file role"):
+        img.file("disk")
+    with pytest.raises(InvalidInput, match="unknown image file role"):
+        img.has("disk")
 
 
 def test_verify_detects_flipped_byte(tmp_path: Path) -> None:
@@ -240,8 +314,8 @@ def test_store_rejects_bad_names(tmp_path: Path, name: str) -> None:
 
 def test_build_unknown_builder(tmp_path: Path) -> None:
     store = ImageStore(root=tmp_path, cache=tmp_path / "cache")
-    with pytest.raises(InvalidInput, match="unknown image builder 'debian'; available: minimal"):
-        store.build("debian")
+    with pytest.raises(InvalidInput, match="unknown image builder 'nope'; available: debian, min"):
+        store.build("nope")
 
 
 def test_build_existing_image(tmp_path: Path) -> None:

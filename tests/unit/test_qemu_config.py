@@ -10,11 +10,16 @@ from popek.engines.base import LaunchSpec
 from popek.engines.qemu import accel
 from popek.engines.qemu.cmdline import SANDBOX, build_argv
 from popek.errors import InvalidInput
+from popek.images import ImageStore
 
 
 def _spec(tmp_path: Path) -> LaunchSpec:
-    return LaunchSpec("vm1", tmp_path, 2, 256 << 20, 900000000, 900000000,
-                      tmp_path / "k", tmp_path / "i", "console=ttyS0")
+    from unit.test_images_manifest import make_image_dir
+
+    make_image_dir(tmp_path / "images")
+    image = ImageStore(root=tmp_path / "images", cache=tmp_path / "cache").get("minimal")
+    return LaunchSpec("vm1", tmp_path, 2, 256 << 20, 900000000, 900000000, image,
+                      "console=ttyS0")
 
 
 def test_argv_is_hardened(tmp_path: Path) -> None:
@@ -24,6 +29,7 @@ def test_argv_is_hardened(tmp_path: Path) -> None:
     for flag in ("-nodefaults", "-no-user-config"):
         assert flag in argv
     assert "accel=tcg" in joined and "-smp 2" in joined and "-m 256M" in joined
+    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "images" / "minimal" / "vmlinuz")
     # no host channels: no shared folders, USB, host devices, spice, vnc
     for forbidden in ("virtfs", "virtio-9p", "vhost-user-fs", "usb", "vfio", "spice", "vnc",
                       "-daemonize", "-runas"):

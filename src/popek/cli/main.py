@@ -81,16 +81,25 @@ def launch(
     name: str = typer.Argument(..., help="Instance name: a-z, 0-9 and '-', 1-63 characters."),
     vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual CPUs."),
     memory: str = typer.Option("512MiB", "--memory", help="Memory, e.g. 512MiB or 2GiB."),
-    accel: str = typer.Option("auto", "--accel", help="auto (detect), kvm or tcg."),
+    accel: str = typer.Option("auto", "--accel", help="VMs: auto (detect), kvm or tcg."),
+    container: bool = typer.Option(False, "--container", help="A system container, not a VM."),
+    runtime: str = typer.Option("auto", "--runtime",
+                                help="Containers: auto, runc or crun (auto: crun on cgroup v2)."),
+    pids: int = typer.Option(1024, "--pids", help="Containers: most processes at once."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
 ) -> None:
-    """Create an instance from IMAGE and start it."""
+    """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     mem = _size(memory, "memory size")
+    engine = "container" if container else "qemu"
     with _progress(f"launching {name}") as progress:
         inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
+                                   engine=engine, runtime=runtime,
+                                   limits={"pids": pids} if container else {},
                                    ready_timeout=timeout, progress=progress)
-    accel_used = inst.runtime.details.get("accel") if inst.runtime else "?"
-    print(f"Instance {name} is running ({accel_used}, {vcpus} vCPU, {memory}).")
+    details = inst.runtime.details if inst.runtime else {}
+    how = details.get("accel") or details.get("runtime") or "?"
+    kind = "container" if container else "VM"
+    print(f"Instance {name} is running ({kind}, {how}, {vcpus} vCPU, {memory}).")
 
 
 @app.command("list")
@@ -196,12 +205,22 @@ def exec(
     command: list[str] = typer.Argument(..., help="Command and arguments, after --."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the command."),
     no_stdin: bool = typer.Option(False, "--no-stdin", "-n", help="Do not forward stdin."),
+    no_tty: bool = typer.Option(False, "--no-tty", "-T", help="Never allocate a terminal."),
 ) -> None:
-    """Run a command inside an instance: its stdout, stderr and exit code pass through."""
+    """Run a command inside an instance: its stdout, stderr and exit code pass through.
+
+    Containers run it on this terminal (interactive with a TTY when stdin and
+    stdout are terminals); VMs return its whole output through the guest agent.
+    """
+    insts = _instances()
+    tty = sys.stdin.isatty() and sys.stdout.isatty() and not no_tty
+    code = insts.exec_stream(name, command, tty) if not no_stdin else None
+    if code is not None:
+        raise typer.Exit(code)
     stdin = b""
     if not no_stdin and not sys.stdin.isatty():
         stdin = sys.stdin.buffer.read()
-    result = _instances().exec(name, command, stdin, timeout)
+    result = insts.exec(name, command, stdin, timeout)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
@@ -217,6 +236,32 @@ def delete(
     """Delete an instance and everything it left on the host."""
     _instances().delete(name, force=force)
     print(f"Instance {name} deleted.")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Show and change instance settings.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("set")
+def config_set(
+    name: str,
+    key: str = typer.Argument(..., help="limits.memory, limits.cpu or limits.pids."),
+    value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
+) -> None:
+    """Change a limit; a running container gets it at once."""
+    _instances().config_set(name, key, value)
+    print(f"Instance {name}: {key} = {value}.")
+
+
+@config_app.command("show")
+def config_show(name: str) -> None:
+    """Show an instance's limits."""
+    from popek.units import format_size
+
+    inst = _instances().get(name)
+    print(json.dumps({"limits.memory": format_size(inst.spec.memory),
+                      "limits.cpu": inst.spec.vcpus,
+                      **{f"limits.{k}": v for k, v in inst.spec.limits.items()}}, indent=2))
 
 
 # -- images -------------------------------------------------------------------

@@ -42,10 +42,14 @@ from popek.errors import (
     StoreError,
 )
 from popek.images import Image, ImageStore
+from popek.units import parse_size
 
 #: unprivileged uids (and gids) given to engine processes, one per instance
 VMM_UID_BASE = 900_000_000
 VMM_UID_COUNT = 65536
+#: containers: one range of 65536 ids (a user namespace) each, from here up
+CONTAINER_UID_BASE = 1_000_000_000
+CONTAINER_RANGES = 40_000
 UID_PREFIX = "/popek/uids/"
 HISTORY = 20
 
@@ -154,31 +158,40 @@ class Instances:
     def _engine(self, inst: Instance) -> Engine:
         return get_engine(inst.spec.engine)
 
-    def _launch_spec(self, inst: Instance, image: Image | None = None) -> LaunchSpec:
-        if image is None:
+    def _launch_spec(self, inst: Instance, image: Image | None = None,
+                     lookup: bool = True) -> LaunchSpec:
+        if image is None and lookup:
             image = self.images.get(inst.spec.image)
-        cmdline = f"{image.manifest.cmdline} popek.hostname={inst.name}"
+        cmdline = f"{image.manifest.cmdline} popek.hostname={inst.name}" if image else ""
         return LaunchSpec(
             name=inst.name, workdir=self.workdir(inst), vcpus=inst.spec.vcpus,
-            memory=inst.spec.memory, uid=inst.uid, gid=inst.uid,
-            kernel=image.file("kernel"), initrd=image.file("initrd"), cmdline=cmdline,
-            accel=inst.spec.accel,
+            memory=inst.spec.memory, uid=inst.uid, gid=inst.uid, image=image,
+            cmdline=cmdline, accel=inst.spec.accel, runtime=inst.spec.runtime,
+            project=inst.project, limits=dict(inst.spec.limits),
         )
 
-    def _allocate_uid(self, inst_key: str) -> int:
+    def _allocate_uid(self, id_range: int) -> int:
+        """Return the first id of a free range of ``id_range`` host uids.
+
+        VMs (one id) come from :data:`VMM_UID_BASE`; containers (a 65536-id
+        user namespace range each) from :data:`CONTAINER_UID_BASE`.
+        """
         used = {int(kv.key[len(UID_PREFIX):]) for kv in self.store.range(UID_PREFIX)}
-        for uid in range(VMM_UID_BASE, VMM_UID_BASE + VMM_UID_COUNT):
+        base, count = ((VMM_UID_BASE, VMM_UID_COUNT) if id_range == 1
+                       else (CONTAINER_UID_BASE, CONTAINER_RANGES))
+        for i in range(count):
+            uid = base + i * id_range
             if uid not in used:
                 return uid
-        raise PopekError(f"no free unprivileged uid left in the range {VMM_UID_BASE}+"
-                         f"{VMM_UID_COUNT}; delete unused instances")
+        raise PopekError(f"no free range of {id_range} host uids left; delete unused instances")
 
     def _uid_key(self, uid: int) -> str:
         return f"{UID_PREFIX}{uid}"
 
     # -- operations ----------------------------------------------------------
     def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
-               accel: str = "auto", engine: str = "qemu", ready_timeout: float = 180.0,
+               accel: str = "auto", engine: str = "qemu", runtime: str = "auto",
+               limits: dict[str, int] | None = None, ready_timeout: float = 180.0,
                progress: Progress = _noop) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
 
@@ -190,19 +203,23 @@ class Instances:
         """
         validate_name(name)
         check_resources(vcpus, memory)
+        limits = check_limits(limits or {})
         eng = get_engine(engine)
-        eng.preflight(accel)
         key = instance_key(DEFAULT_PROJECT, name)
         if self.store.get(key) is not None:
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
         image = self.images.get(image_name)
-        progress(f"verifying image {image_name}")
-        image.verify()
+        spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits)
+        probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
+        eng.preflight(self._launch_spec(probe, image))
+        if eng.name == "qemu":
+            progress(f"verifying image {image_name}")
+            image.verify()  # containers verify the root filesystem as they extract it
         owner = Owner.me()
         for _ in range(10):
-            uid = self._allocate_uid(key)
-            inst = Instance(name=name, spec=InstanceSpec(image_name, engine, vcpus, memory, accel),
+            uid = self._allocate_uid(eng.id_range)
+            inst = Instance(name=name, spec=spec_in,
                             state=State.STARTING, uid=uid, created=_now(),
                             image_version=image.manifest.version,
                             history=[{"time": _now(), "event": "launch requested",
@@ -220,13 +237,15 @@ class Instances:
         else:
             raise StoreError("could not allocate a uid for the instance; retry")
         spec = self._launch_spec(inst, image)
-        progress(f"booting {name}")
         try:
-            runtime = eng.start(spec, ready_timeout)
+            progress(f"creating {name}")
+            eng.create(spec)
+            progress(f"booting {name}")
+            started = eng.start(spec, ready_timeout)
         except BaseException:
             self._purge(inst)
             raise
-        inst.runtime = runtime
+        inst.runtime = started
         self._finish(inst, res.revision, State.RUNNING, "started")
         return inst
 
@@ -236,8 +255,9 @@ class Instances:
         inst, rev = self._intent(name, "start")
         try:
             image = self.images.get(inst.spec.image)
-            progress(f"verifying image {inst.spec.image}")
-            image.verify()
+            if inst.spec.engine == "qemu":
+                progress(f"verifying image {inst.spec.image}")
+                image.verify()
             progress(f"booting {name}")
             inst.runtime = self._engine(inst).start(self._launch_spec(inst, image), ready_timeout)
         except BaseException as exc:
@@ -300,9 +320,7 @@ class Instances:
         try:
             return self._launch_spec(inst)
         except PopekError:
-            return LaunchSpec(inst.name, self.workdir(inst), inst.spec.vcpus, inst.spec.memory,
-                              inst.uid, inst.uid, self.workdir(inst), self.workdir(inst), "",
-                              inst.spec.accel)
+            return self._launch_spec(inst, lookup=False)
 
     def exec(self, name: str, argv: list[str], stdin: bytes = b"",
              timeout: float = 60.0) -> ExecResult:
@@ -315,6 +333,56 @@ class Instances:
         if inst.state != State.RUNNING:
             raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
         return eng.exec(self._spec_for_running(inst), argv, stdin, timeout)
+
+    def exec_stream(self, name: str, argv: list[str], tty: bool) -> int | None:
+        """Run ``argv`` in ``name`` on the caller's stdio; ``None`` if the engine cannot stream.
+
+        Callers fall back to :meth:`exec` (whole output) when this returns ``None``.
+        """
+        if not argv:
+            raise InvalidInput("no command given: use popek exec NAME -- COMMAND [ARGS...]")
+        inst = self.get(name)
+        eng = self._engine(inst)
+        require(eng, Capability.EXEC)
+        if inst.state != State.RUNNING:
+            raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
+        if Capability.EXEC_STREAM not in eng.capabilities:
+            return None
+        return eng.exec_stream(self._spec_for_running(inst), argv, tty)
+
+    def config_set(self, name: str, key: str, value: str) -> Instance:
+        """Set ``limits.memory``, ``limits.cpu`` or ``limits.pids`` of ``name``.
+
+        A running instance gets the new limit at once when its engine can
+        resize; otherwise the change is refused while it runs.  Invalid keys
+        and out-of-range values raise :class:`InvalidInput` and change nothing.
+        """
+        inst, rev = self._load(name)
+        spec = inst.spec
+        if key == "limits.memory":
+            spec.memory = parse_size(value, "limits.memory")
+            check_resources(spec.vcpus, spec.memory)
+        elif key == "limits.cpu":
+            try:
+                spec.vcpus = int(value)
+            except ValueError as exc:
+                raise InvalidInput(f"invalid limits.cpu {value!r}: expected a whole number of "
+                                   "CPUs, from 1 to this host's count") from exc
+            check_resources(spec.vcpus, spec.memory)
+        elif key == "limits.pids":
+            spec.limits = check_limits({**spec.limits, "pids": _int(value, "limits.pids")})
+        else:
+            raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")
+        if inst.state in (State.RUNNING, State.PAUSED):
+            eng = self._engine(inst)
+            require(eng, Capability.RESIZE)
+            assert inst.runtime is not None
+            eng.resize(self._spec_for_running(inst), inst.runtime)
+        elif inst.state != State.STOPPED:
+            raise StateError(name, "change the configuration of", inst.state.value,
+                             (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
+        self._save(inst, rev, f"config {key}={value}")
+        return inst
 
     def console(self, name: str, escape: bytes = b"\x1d") -> None:
         """Attach the caller's terminal to the console of running instance ``name``."""
@@ -344,7 +412,7 @@ class Instances:
         }
         if inst.runtime is not None and inst.state in (State.RUNNING, State.PAUSED):
             data["pid"] = inst.runtime.pid
-            data["accel"] = inst.runtime.details.get("accel")
+            data.update(inst.runtime.details)
             try:
                 data.update(self._engine(inst).status(self._spec_for_running(inst), inst.runtime))
             except PopekError as exc:
@@ -366,7 +434,9 @@ class Instances:
         """Remove everything an instance left: engine leftovers, directory, uid, record."""
         spec = self._spec_for_running(inst)
         with contextlib.suppress(PopekError):
-            self._engine(inst).cleanup(spec)
+            eng = self._engine(inst)
+            eng.cleanup(spec)
+            eng.destroy(spec)
         shutil.rmtree(self.workdir(inst), ignore_errors=True)
         self.store.txn([], [Delete(inst.key), Delete(self._uid_key(inst.uid)),
                             Delete(self._owner_key(inst))])
@@ -429,6 +499,27 @@ class Instances:
     def image_in_use(self, image: str) -> list[str]:
         """Return the names of instances that use ``image``."""
         return [i.name for i in self.all(None) if i.spec.image == image]
+
+
+CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids")
+MAX_PIDS = 1 << 22
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid {what} {value!r}: expected a whole number") from exc
+
+
+def check_limits(limits: dict[str, int]) -> dict[str, int]:
+    """Validate extra limits (today ``pids``: 16 to 4194304); return them."""
+    for key, value in limits.items():
+        if key != "pids":
+            raise InvalidInput(f"unknown limit {key!r}; allowed: pids")
+        if not 16 <= value <= MAX_PIDS:
+            raise InvalidInput(f"invalid limits.pids {value}: must be from 16 to {MAX_PIDS}")
+    return limits
 
 
 def _owner_bytes(owner: Owner) -> bytes:

@@ -34,6 +34,8 @@ class InstanceSpec:
     vcpus: int = 1
     memory: int = 512 << 20
     accel: str = "auto"
+    runtime: str = "auto"
+    limits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

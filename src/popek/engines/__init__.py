@@ -13,7 +13,7 @@ from popek.engines.base import (
 )
 from popek.errors import InvalidInput
 
-ENGINES = ("qemu",)
+ENGINES = ("qemu", "container")
 
 
 def get_engine(name: str) -> Engine:
@@ -22,6 +22,10 @@ def get_engine(name: str) -> Engine:
         from popek.engines.qemu import QemuEngine
 
         return QemuEngine()
+    if name == "container":
+        from popek.engines.container import ContainerEngine
+
+        return ContainerEngine()
     raise InvalidInput(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 

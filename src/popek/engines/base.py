@@ -7,12 +7,16 @@ Callers never branch on the engine type.  They call the protocol, and ask
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from popek.errors import CapabilityError
+
+if TYPE_CHECKING:
+    from popek.images import Image
 
 
 class Capability(StrEnum):
@@ -21,6 +25,7 @@ class Capability(StrEnum):
     PAUSE = "pause"
     CONSOLE = "console"
     EXEC = "exec"
+    EXEC_STREAM = "exec-stream"
     GRACEFUL_STOP = "graceful-stop"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
@@ -33,8 +38,10 @@ class Capability(StrEnum):
 class LaunchSpec:
     """Everything an engine needs to run one instance.
 
-    ``kernel``/``initrd``/``cmdline`` come from the (verified) image; the rest
-    from the user's request, already validated by ``core``.
+    ``image`` is the (verified) image, ``None`` when it was deleted since the
+    instance started (stop and delete still work then).  ``uid``/``gid`` is
+    the first host id of the instance's range of ``Engine.id_range`` ids.
+    The rest comes from the user's request, already validated by ``core``.
     """
 
     name: str
@@ -43,10 +50,12 @@ class LaunchSpec:
     memory: int
     uid: int
     gid: int
-    kernel: Path
-    initrd: Path
-    cmdline: str
+    image: Image | None
+    cmdline: str = ""
     accel: str = "auto"
+    runtime: str = "auto"
+    project: str = "default"
+    limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,9 +89,15 @@ class Engine(Protocol):
 
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[Capability]]
+    #: how many consecutive host uids (and gids) one instance needs
+    id_range: ClassVar[int]
 
-    def preflight(self, accel: str) -> None:
-        """Check the engine can run here (binary present, accelerator usable)."""
+    def preflight(self, spec: LaunchSpec) -> None:
+        """Check the engine can run ``spec`` here (binary, accelerator, image contents)."""
+        ...
+
+    def create(self, spec: LaunchSpec) -> None:
+        """Prepare the instance directory once, at launch (e.g. extract a root filesystem)."""
         ...
 
     def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
@@ -113,6 +128,20 @@ class Engine(Protocol):
         """Run ``argv`` inside the instance and return its exit code and output."""
         ...
 
+    def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
+        """Run ``argv`` on the caller's own stdio (a terminal if ``tty``); return its exit code.
+
+        Only engines with :attr:`Capability.EXEC_STREAM`.
+        """
+        ...
+
+    def resize(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Apply ``spec``'s CPU, memory and pids limits to the running instance.
+
+        Only engines with :attr:`Capability.RESIZE`.
+        """
+        ...
+
     def console(self, spec: LaunchSpec, escape: bytes) -> None:
         """Attach the caller's terminal to the instance console until ``escape``."""
         ...
@@ -123,6 +152,10 @@ class Engine(Protocol):
 
     def cleanup(self, spec: LaunchSpec) -> None:
         """Remove runtime leftovers (stray processes, sockets, pid files) of a stopped instance."""
+        ...
+
+    def destroy(self, spec: LaunchSpec) -> None:
+        """Remove what :meth:`create` made (on delete, after :meth:`cleanup`)."""
         ...
 
 

@@ -1,17 +1,53 @@
-"""An image on disk: a directory with ``manifest.json`` and the files it lists."""
+"""An image on disk: a directory with ``manifest.json`` and the files it lists.
+
+An image is a VM image when it has a kernel and an initrd, a container image
+when it has a root filesystem tar; it may be both.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from popek.errors import IntegrityError, InvalidInput
+from popek.errors import ImageError, IntegrityError, InvalidInput
+from popek.images.extract import Extractor
 from popek.images.manifest import MANIFEST_NAME, FileEntry, Manifest
+from popek.images.tarread import TarStream
 
 CHUNK = 1 << 20
-ROLES = ("kernel", "initrd")
+ROLES = ("kernel", "initrd", "rootfs")
+HINT = "rebuild or re-import the image"
+
+
+class _HashingReader:
+    """A read-only stream that hashes every byte it hands out, up to ``limit`` bytes."""
+
+    def __init__(self, raw: IO[bytes], limit: int) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _TooLong
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) whatever the tar reader left after the end-of-archive marker."""
+        while self.read(CHUNK):
+            pass
+
+
+class _TooLong(Exception):
+    """The stream is longer than the manifest says."""
 
 
 def hash_file(path: Path) -> FileEntry:
@@ -33,22 +69,111 @@ class Image:
     path: Path
     manifest: Manifest
 
-    def file(self, role: str) -> Path:
-        """Return the absolute path of the file with ``role`` ("kernel" or "initrd").
+    def has(self, role: str) -> bool:
+        """Return whether the image has a file with ``role`` ("kernel", "initrd", "rootfs").
 
         Raises :class:`InvalidInput` for an unknown role.
         """
         if role not in ROLES:
             raise InvalidInput(f"unknown image file role {role!r}; allowed: {', '.join(ROLES)}")
+        return bool(getattr(self.manifest, role))
+
+    def kinds(self) -> list[str]:
+        """Return what the image can run as: "vm" (kernel + initrd), "container" (rootfs)."""
+        found = []
+        if self.has("kernel") and self.has("initrd"):
+            found.append("vm")
+        if self.has("rootfs"):
+            found.append("container")
+        return found
+
+    def file(self, role: str) -> Path:
+        """Return the absolute path of the file with ``role`` ("kernel", "initrd", "rootfs").
+
+        Raises :class:`InvalidInput` for an unknown role, :class:`ImageError` if
+        the image has no such file (a container-only image has no kernel).
+        """
+        if not self.has(role):
+            kinds = " and ".join(self.kinds()) or "no"
+            raise ImageError(f"image '{self.name}' has no {role} file (it is a {kinds} image)")
         fname: str = getattr(self.manifest, role)
         return (self.path / fname).absolute()
+
+    def extract_rootfs(self, dest: Path, uid_shift: int, gid_shift: int) -> None:
+        """Extract the root filesystem into the new directory ``dest``, verified as it streams.
+
+        The tar is read once; its size and SHA-256 are computed on the very
+        bytes that are extracted and compared with the manifest at the end.
+        Owners are shifted by ``uid_shift``/``gid_shift`` (when running as
+        root; otherwise files belong to the caller).  Device nodes and fifos
+        are skipped.  On any failure ``dest`` is removed entirely.
+
+        Raises :class:`ImageError` for a missing rootfs, an existing ``dest``
+        or an unsafe member (named in the message), :class:`IntegrityError`
+        if the tar does not match the manifest.
+        """
+        path = self.file("rootfs")
+        fname = self.manifest.rootfs
+        want = self.manifest.files[fname]
+        ext = Extractor(dest, uid_shift, gid_shift, chown=os.geteuid() == 0)
+        try:
+            raw = path.open("rb")
+        except OSError as exc:
+            raise IntegrityError(
+                f"image '{self.name}': cannot read '{fname}': {exc}; {HINT}"
+            ) from exc
+        with raw:
+            reader = _HashingReader(raw, want.size)
+            ext.start()
+            try:
+                try:
+                    ext.run(TarStream(reader))
+                    reader.drain()
+                except ImageError as exc:
+                    self._check_stream(reader, want, exc)
+                    raise ImageError(f"image '{self.name}': {fname}: {exc}") from exc
+                self._check_stream(reader, want, None)
+                ext.finish()
+            except _TooLong:
+                ext.abort()
+                raise IntegrityError(
+                    f"image '{self.name}': file '{fname}' has more than {want.size} bytes but "
+                    f"the manifest records {want.size}; {HINT}"
+                ) from None
+            except BaseException:
+                ext.abort()
+                raise
+
+    def _check_stream(
+        self, reader: _HashingReader, want: FileEntry, cause: BaseException | None
+    ) -> None:
+        """Raise :class:`IntegrityError` if the streamed bytes differ from ``want``."""
+        if cause is not None:
+            try:
+                reader.drain()
+            except _TooLong:
+                raise
+            except OSError:
+                return
+        fname = self.manifest.rootfs
+        if reader.size != want.size:
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' has {reader.size} bytes but the "
+                f"manifest records {want.size}; {HINT}"
+            ) from cause
+        got = reader.digest.hexdigest()
+        if got != want.sha256:
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' has sha256 {got} but the manifest "
+                f"records {want.sha256}; {HINT}"
+            ) from cause
 
     def verify(self) -> None:
         """Check every file against the manifest (size, then SHA-256).
 
         Raises :class:`IntegrityError` for a missing, changed or unlisted file.
         """
-        hint = "rebuild or re-import the image"
+        hint = HINT
         for fname, want in sorted(self.manifest.files.items()):
             path = self.path / fname
             try:

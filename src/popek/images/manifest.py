@@ -1,9 +1,14 @@
 """The manifest of an image: what it contains and how to boot it.
 
 A manifest is stored as ``manifest.json`` in the image directory.  It names
-the kernel and initrd, the default kernel command line, and the size and
-SHA-256 of every other file of the image, so that an image can be verified
-before anything runs it.
+the kernel and initrd (for VMs) and/or the root filesystem tar (for
+containers), the default kernel command line, optionally the default process
+of a container, and the size and SHA-256 of every file of the image, so
+that an image can be verified before anything runs it.
+
+Format 1 (VM images only) is still read; new manifests are written as format
+2, which adds ``rootfs`` and the optional ``process`` and lets ``kernel`` and
+``initrd`` be "" in an image that has none.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from popek.errors import ImageError
+from popek.images.process import Process
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
@@ -33,8 +40,14 @@ _STR_FIELDS = (
     "cmdline",
     "kernel_version",
     "arch",
+    "rootfs",
 )
-_ALL_FIELDS = frozenset((*_STR_FIELDS, "files", "format"))
+_ALL_FIELDS = frozenset((*_STR_FIELDS, "files", "format", "process"))
+# Fields a manifest of each format must have ("rootfs" came with format 2).
+_REQUIRED = {
+    1: frozenset({*_STR_FIELDS, "files"} - {"rootfs"}),
+    2: frozenset({*_STR_FIELDS, "files"}),
+}
 
 
 def valid_name(name: str) -> bool:
@@ -69,6 +82,8 @@ class Manifest:
     files: dict[str, FileEntry]
     kernel_version: str
     arch: str
+    rootfs: str = ""
+    process: Process | None = None
 
     def __post_init__(self) -> None:
         for key in _STR_FIELDS:
@@ -76,9 +91,13 @@ class Manifest:
                 raise ImageError(f"manifest field '{key}' must be a string")
         if not valid_name(self.name):
             raise ImageError(f"manifest name {self.name!r} is not valid: {NAME_RULE}")
-        for key in ("version", "kernel_version", "arch"):
+        for key in ("version", "arch"):
             if not getattr(self, key).strip():
                 raise ImageError(f"manifest field '{key}' is empty")
+        if self.kernel and not self.kernel_version.strip():
+            raise ImageError("manifest field 'kernel_version' is empty")
+        if self.process is not None and not isinstance(self.process, Process):
+            raise ImageError("manifest field 'process' is not a process record")
         _check_created(self.created)
         if not isinstance(self.files, dict):
             raise ImageError("manifest field 'files' must be an object")
@@ -86,8 +105,16 @@ class Manifest:
             _check_file_name(fname)
             if not isinstance(entry, FileEntry):
                 raise ImageError(f"manifest entry for file '{fname}' is not a file entry")
-        for role in ("kernel", "initrd"):
+        if bool(self.kernel) != bool(self.initrd):
+            raise ImageError("manifest must name both a kernel and an initrd, or neither")
+        if not self.kernel and not self.rootfs:
+            raise ImageError(
+                "manifest names neither a kernel and initrd (VM) nor a rootfs (container)"
+            )
+        for role in ("kernel", "initrd", "rootfs"):
             fname = getattr(self, role)
+            if not fname:
+                continue
             _check_file_name(fname)
             if fname not in self.files:
                 raise ImageError(f"manifest {role} '{fname}' is not listed in 'files'")
@@ -96,6 +123,8 @@ class Manifest:
         """Return the manifest as stable, indented JSON (keys sorted)."""
         doc: dict[str, Any] = {key: getattr(self, key) for key in _STR_FIELDS}
         doc["format"] = FORMAT
+        if self.process is not None:
+            doc["process"] = self.process.to_doc()
         doc["files"] = {
             fname: {"sha256": e.sha256, "size": e.size} for fname, e in sorted(self.files.items())
         }
@@ -110,16 +139,18 @@ class Manifest:
             raise ImageError(f"manifest is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise ImageError("manifest must be a JSON object")
-        missing = sorted({*_STR_FIELDS, "files"} - doc.keys())
+        fmt = doc.get("format", 1)
+        if type(fmt) is not int or fmt not in READABLE_FORMATS:
+            expected = ", ".join(str(f) for f in READABLE_FORMATS)
+            raise ImageError(f"manifest format {fmt!r} is not supported (expected {expected})")
+        missing = sorted(_REQUIRED[fmt] - doc.keys())
         if missing:
             raise ImageError(f"manifest lacks field(s): {', '.join(missing)}")
         unknown = sorted(doc.keys() - _ALL_FIELDS)
+        if fmt == 1:
+            unknown = sorted({*unknown, *({"rootfs", "process"} & doc.keys())})
         if unknown:
             raise ImageError(f"manifest has unknown field(s): {', '.join(unknown)}")
-        if "format" in doc and (type(doc["format"]) is not int or doc["format"] != FORMAT):
-            raise ImageError(
-                f"manifest format {doc['format']!r} is not supported (expected {FORMAT})"
-            )
         raw_files = doc["files"]
         if not isinstance(raw_files, dict):
             raise ImageError("manifest field 'files' must be an object")
@@ -133,8 +164,17 @@ class Manifest:
                 files[fname] = FileEntry(sha256=raw["sha256"], size=raw["size"])
             except ImageError as exc:
                 raise ImageError(f"manifest entry for file {fname!r}: {exc}") from exc
-        values = {key: doc[key] for key in _STR_FIELDS}
-        return cls(files=files, **values)
+        values = {key: doc[key] for key in _STR_FIELDS if key in doc}
+        process = None
+        if doc.get("process") is not None:
+            try:
+                process = Process.from_doc(doc["process"])
+            except ImageError as exc:
+                text = str(exc)
+                raise ImageError(
+                    text if text.startswith("manifest") else f"manifest {text}"
+                ) from exc
+        return cls(files=files, process=process, **values)
 
 
 def _check_file_name(fname: object) -> None:

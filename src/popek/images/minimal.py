@@ -1,13 +1,22 @@
-"""The "minimal" image: Debian's cloud kernel and a busybox initramfs.
+"""The "minimal" image: Debian's cloud kernel and a busybox initramfs for VMs,
+and a busybox root filesystem tar for containers.
 
 The initramfs runs busybox init, loads the virtio modules, starts DHCP,
 acpid (power button -> clean poweroff) and the popek guest agent, and prints
 ``popek-guest: ready`` on the serial console once the agent is serving.
+
+``rootfs.tar`` holds the same busybox-static with its applet links,
+``/etc/passwd`` and ``/etc/group`` (root, nobody), ``/etc/hostname``, empty
+``/dev /proc /sys /tmp /run /root`` and the container init configuration of
+:mod:`popek.images.container_init` (busybox init as ``/sbin/init``).  It is
+reproducible: sorted members, owner 0:0, every time stamp set to
+``$SOURCE_DATE_EPOCH`` (0 when unset).
 The guest-side scripts live in the ``guest/`` directory of this package.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import stat
@@ -17,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from popek.errors import ImageError
-from popek.images import cpio, debs, kmods
+from popek.images import container_init, cpio, debs, kmods, tarwrite
 from popek.images.builder import BuildContext, BuildResult
 
 KERNEL_META = "linux-image-cloud-amd64"
@@ -25,6 +34,17 @@ BUSYBOX = "busybox-static"
 CMDLINE = "console=ttyS0 panic=-1 quiet"
 KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
+ROOTFS_FILE = "rootfs.tar"
+ROOTFS_DIRS = {
+    "dev": 0o755,
+    "proc": 0o555,
+    "sys": 0o555,
+    "tmp": 0o1777,
+    "run": 0o755,
+    "root": 0o700,
+}
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\nnobody:x:65534:\n"
 MODULES = [
     "virtio_pci",
     "virtio_blk",
@@ -75,7 +95,7 @@ def _kernel_version(staging: Path) -> str:
     return kernels[0].name.removeprefix("vmlinuz-")
 
 
-def _install_busybox(bb_root: Path, root: Path) -> None:
+def _install_busybox(bb_root: Path, root: Path, init_link: bool = True) -> None:
     src = bb_root / "bin" / "busybox"
     if not src.is_file():
         raise ImageError(f"{BUSYBOX} package has no bin/busybox")
@@ -91,7 +111,8 @@ def _install_busybox(bb_root: Path, root: Path) -> None:
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/bin/busybox")
-    (root / "init").symlink_to("/bin/busybox")
+    if init_link:
+        (root / "init").symlink_to("/bin/busybox")
 
 
 def _install_guest_files(root: Path) -> None:
@@ -107,8 +128,36 @@ def _install_guest_files(root: Path) -> None:
     (root / "etc/hostname").write_text("popek\n")
 
 
+def source_date_epoch() -> int:
+    """Return ``$SOURCE_DATE_EPOCH`` (the time stamp of reproducible output), 0 if unset."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not raw.isdigit():
+        raise ImageError(f"SOURCE_DATE_EPOCH {raw!r} is not a non-negative integer")
+    return int(raw)
+
+
+def build_rootfs(bb_root: Path, root: Path, out: Path) -> None:
+    """Assemble the container root filesystem in ``root`` and pack it into ``out``."""
+    root.mkdir()
+    _install_busybox(bb_root, root, init_link=False)
+    for d in (*ROOTFS_DIRS, "etc/init.d"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for name, text in (("passwd", PASSWD), ("group", GROUP), ("hostname", "popek\n")):
+        (root / "etc" / name).write_text(text)
+        (root / "etc" / name).chmod(0o644)
+    container_init.install(root, link_init=False)  # busybox already links sbin/init
+    if (root / container_init.INIT).readlink() != Path(container_init.BUSYBOX):
+        raise ImageError(f"busybox did not provide /{container_init.INIT}")
+    # Modes do not depend on the umask of the build.
+    for dirpath, _, _ in os.walk(root):
+        Path(dirpath).chmod(0o755)
+    for d, mode in ROOTFS_DIRS.items():
+        (root / d).chmod(mode)
+    tarwrite.pack_tree(root, out, mtime=source_date_epoch(), owner=(0, 0))
+
+
 def build(ctx: BuildContext) -> BuildResult:
-    """Build the minimal image into ``ctx.out`` (``vmlinuz`` and ``initrd.img``)."""
+    """Build the minimal image into ``ctx.out`` (``vmlinuz``, ``initrd.img``, ``rootfs.tar``)."""
     if platform.machine() != "x86_64":
         raise ImageError(
             f"the minimal image is built for x86_64; this host is {platform.machine()}"
@@ -137,6 +186,8 @@ def build(ctx: BuildContext) -> BuildResult:
         _install_guest_files(root)
         ctx.progress("packing initramfs")
         cpio.write_initramfs(root, ctx.out / INITRD_FILE, NODES)
+        ctx.progress("packing the container root filesystem")
+        build_rootfs(bbroot, staging / "rootfs", ctx.out / ROOTFS_FILE)
     return BuildResult(
         version=debs.deb_field(kernel_deb, "Version"),
         kernel=KERNEL_FILE,
@@ -144,4 +195,5 @@ def build(ctx: BuildContext) -> BuildResult:
         cmdline=CMDLINE,
         kernel_version=kver,
         arch="x86_64",
+        rootfs=ROOTFS_FILE,
     )

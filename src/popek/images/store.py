@@ -17,12 +17,13 @@ from pathlib import Path
 
 from popek import paths
 from popek.errors import AlreadyExists, ImageError, InvalidInput, NotFound
-from popek.images import minimal
+from popek.images import debian, minimal
 from popek.images.builder import BuildContext, Builder, BuildResult, Progress, quiet
 from popek.images.image import Image, hash_file
+from popek.images.importer import importer
 from popek.images.manifest import MANIFEST_NAME, NAME_RULE, Manifest, valid_name
 
-BUILDERS: dict[str, Builder] = {"minimal": minimal.build}
+BUILDERS: dict[str, Builder] = {"minimal": minimal.build, "debian": debian.build}
 LOCK_NAME = ".lock"
 
 
@@ -98,6 +99,27 @@ class ImageStore:
             raise InvalidInput(
                 f"unknown image builder {name!r}; available: {', '.join(sorted(BUILDERS))}"
             )
+        return self._publish(name, builder, progress, force, "built")
+
+    def import_file(
+        self, path: Path, name: str, progress: Progress | None = None, force: bool = False
+    ) -> Image:
+        """Import ``path`` as the container image ``name`` and return it.
+
+        ``path`` is a root filesystem tarball (.tar, .tar.gz/.tgz, .tar.xz,
+        .tar.zst) or an OCI image layout (a directory or a tar of one).
+        Raises :class:`InvalidInput` for a bad name or a missing source,
+        :class:`AlreadyExists` if the image exists and ``force`` is false,
+        :class:`ImageError` if the source is unreadable, unsafe or does not
+        match its digests (nothing is left behind).
+        """
+        self._check_name(name)
+        return self._publish(name, importer(Path(path)), progress, force, "imported")
+
+    def _publish(
+        self, name: str, builder: Builder, progress: Progress | None, force: bool, done: str
+    ) -> Image:
+        """Run ``builder`` in a temporary directory, seal, verify and rename it into place."""
         report = progress or quiet
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock():
@@ -118,7 +140,7 @@ class ImageStore:
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
-        report(f"image '{name}' built: {final}")
+        report(f"image '{name}' {done}: {final}")
         return self.get(name)
 
     @staticmethod
@@ -139,6 +161,8 @@ class ImageStore:
             files=files,
             kernel_version=result.kernel_version,
             arch=result.arch,
+            rootfs=result.rootfs,
+            process=result.process,
         )
         (work / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         (work / MANIFEST_NAME).chmod(0o644)

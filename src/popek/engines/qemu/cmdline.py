@@ -77,6 +77,8 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
     """Return the full QEMU argv for ``spec`` with accelerator ``accel`` (``kvm``/``tcg``)."""
     p = Paths(spec.workdir)
     mib = spec.memory >> 20
+    if spec.image is None:
+        raise EngineError(f"the image of {spec.name} no longer exists")
     argv = [
         qemu,
         "-name", f"guest={spec.name},debug-threads=on",
@@ -89,8 +91,8 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
         "-sandbox", SANDBOX,
         "-msg", "timestamp=on",
         "-no-reboot",
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
+        "-kernel", str(spec.image.file("kernel")),
+        "-initrd", str(spec.image.file("initrd")),
         "-append", spec.cmdline,
         "-chardev",
         f"socket,id=console,path={p.console},server=on,wait=off,logfile={p.console_log}",

@@ -14,7 +14,7 @@ from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Run
 from popek.engines.qemu import accel as accel_mod
 from popek.engines.qemu import process, qmp
 from popek.engines.qemu.cmdline import Paths, build_argv, find_qemu
-from popek.errors import EngineError
+from popek.errors import CapabilityError, EngineError
 from popek.watch import wait_for_line
 
 READY_LINE = b"popek-guest: ready"
@@ -47,6 +47,13 @@ def exit_reason(paths: Paths) -> str:
     return f"{reason}: {detail}" if detail else reason
 
 
+def spec_file(spec: LaunchSpec, role: str) -> Path:
+    """The image file ``role`` (kernel, initrd) of ``spec``; an error when the image is gone."""
+    if spec.image is None:
+        raise EngineError(f"the image of {spec.name} no longer exists")
+    return spec.image.file(role)
+
+
 def _check_reachable(path: Path, uid: int) -> None:
     """Fail early when the unprivileged QEMU uid cannot traverse to or read ``path``."""
     for parent in list(path.parents)[::-1]:
@@ -61,21 +68,31 @@ class QemuEngine:
     """Runs each instance as one unprivileged, sandboxed, detached QEMU process."""
 
     name: ClassVar[str] = "qemu"
+    id_range: ClassVar[int] = 1
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.GRACEFUL_STOP,
     })
 
     # -- start -------------------------------------------------------------
-    def preflight(self, accel: str) -> None:
-        """Check that QEMU is installed and ``accel`` can be used, before anything is created."""
+    def preflight(self, spec: LaunchSpec) -> None:
+        """Check QEMU is installed, the accelerator usable and the image bootable."""
         find_qemu()
-        accel_mod.choose(accel)
+        accel_mod.choose(spec.accel)
+        if spec.image is not None and not (spec.image.has("kernel") and spec.image.has("initrd")):
+            raise EngineError(f"image {spec.image.name!r} has no kernel and initrd to boot a VM; "
+                              "launch it with --container")
+
+    def create(self, spec: LaunchSpec) -> None:
+        """Nothing to prepare: the kernel and initrd are read from the image at each start."""
+
+    def destroy(self, spec: LaunchSpec) -> None:
+        """Nothing beyond the instance directory, which core removes."""
 
     def _prepare(self, spec: LaunchSpec, p: Paths) -> None:
         spec.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(spec.workdir, spec.uid, spec.gid)
         os.chmod(spec.workdir, 0o700)
-        for f in (spec.kernel, spec.initrd):
+        for f in (spec_file(spec, "kernel"), spec_file(spec, "initrd")):
             _check_reachable(f, spec.uid)
             if not f.stat().st_mode & stat.S_IROTH:
                 raise EngineError(f"QEMU runs as uid {spec.uid} and cannot read {f}")
@@ -170,6 +187,14 @@ class QemuEngine:
         st = qmp.execute(Paths(spec.workdir).qmp, "query-status")
         return {"vm_status": st.get("status"), "accel": runtime.details.get("accel"),
                 "pid": runtime.pid}
+
+    def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
+        """Not offered: the guest agent answers with whole outputs (see :meth:`exec`)."""
+        raise CapabilityError("the qemu engine cannot stream exec; its output is returned whole")
+
+    def resize(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Not offered yet for VMs: change CPUs and memory while the VM is stopped."""
+        raise CapabilityError("the qemu engine cannot resize a running VM yet; stop it first")
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the guest through the agent channel."""

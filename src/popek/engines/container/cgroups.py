@@ -1,0 +1,88 @@
+"""Reading a container's cgroup usage on cgroup v1 (and hybrid) and v2 hosts.
+
+The OCI runtime creates the cgroups and applies limits; popek only reads
+usage here.  The layout is detected once: a pure v2 host has ``cgroup2``
+mounted at /sys/fs/cgroup; a v1 or hybrid host has one hierarchy per
+controller under /sys/fs/cgroup/<controller>.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+CGROUP2_MAGIC = 0x63677270
+
+
+def is_v2(root: Path = ROOT) -> bool:
+    """Return whether ``root`` is a pure cgroup v2 (unified) mount."""
+    try:
+        return (root / "cgroup.controllers").exists() and not (root / "memory").is_dir()
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Current resource usage of one container."""
+
+    memory: int | None
+    memory_limit: int | None
+    pids: int | None
+    pids_limit: int | None
+    cpu_seconds: float | None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _limit(value: int | None) -> int | None:
+    # v1 reports "no limit" as a huge page-aligned number
+    return None if value is None or value >= (1 << 62) else value
+
+
+def usage(cgroups_path: str, root: Path = ROOT) -> Usage:
+    """Read usage and limits of the cgroup at ``cgroups_path`` (as given to the runtime)."""
+    rel = cgroups_path.lstrip("/")
+    if is_v2(root):
+        d = root / rel
+        cpu = None
+        try:
+            for line in (d / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    cpu = int(line.split()[1]) / 1e6
+        except OSError:
+            pass
+        return Usage(_read_int(d / "memory.current"), _limit(_read_int(d / "memory.max")),
+                     _read_int(d / "pids.current"), _limit(_read_int(d / "pids.max")), cpu)
+    cpuacct = _read_int(root / "cpuacct" / rel / "cpuacct.usage")
+    return Usage(
+        _read_int(root / "memory" / rel / "memory.usage_in_bytes"),
+        _limit(_read_int(root / "memory" / rel / "memory.limit_in_bytes")),
+        _read_int(root / "pids" / rel / "pids.current"),
+        _limit(_read_int(root / "pids" / rel / "pids.max")),
+        cpuacct / 1e9 if cpuacct is not None else None,
+    )
+
+
+def remove(cgroups_path: str, root: Path = ROOT) -> None:
+    """Remove the (empty) cgroup directories of a deleted container, on v1 or v2."""
+    rel = cgroups_path.lstrip("/")
+    dirs = [root / rel] if is_v2(root) else [p / rel for p in root.iterdir() if p.is_dir()]
+    for d in dirs:
+        if d.is_dir():
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

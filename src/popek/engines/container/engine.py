@@ -1,0 +1,243 @@
+"""The container engine: system containers on an OCI runtime (runc or crun).
+
+Each container lives in its instance directory::
+
+    <workdir>/bundle/config.json   the OCI runtime spec (engines/container/spec.py)
+    <workdir>/bundle/rootfs/       the image's root filesystem, uid-shifted
+    <workdir>/console.log          what the container's init wrote (stdout/stderr)
+    <workdir>/init.pid             the init's pid, written by the runtime
+
+The runtime's ``run --detach`` exits once init runs: no popek or runtime
+process stays behind (no conmon-like monitor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from popek import paths, proc
+from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
+from popek.engines.container import cgroups, runtime
+from popek.engines.container.spec import ID_RANGE, Limits, build_spec
+from popek.errors import EngineError
+
+READY_LINE = b"popek-guest: ready"
+SHUTDOWN_LINE = b"popek-guest: shutdown"
+DEFAULT_PIDS = 1024
+DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "TERM=xterm", "HOME=/root", "container=popek"]
+
+
+def container_id(spec: LaunchSpec) -> str:
+    """The runtime's id of the container of ``spec``."""
+    return f"popek-{spec.project}-{spec.name}"
+
+
+def cgroups_path(spec: LaunchSpec) -> str:
+    """The cgroup path (relative to each hierarchy) of the container of ``spec``."""
+    return f"/popek/{spec.project}-{spec.name}"
+
+
+def limits_of(spec: LaunchSpec) -> Limits:
+    """The cgroup limits of ``spec``: its memory, CPUs and pids."""
+    return Limits(memory=spec.memory, cpus=float(spec.vcpus),
+                  pids=int(spec.limits.get("pids", DEFAULT_PIDS)))
+
+
+class ContainerEngine:
+    """Runs system containers with an OCI runtime, unprivileged through a user namespace."""
+
+    name: ClassVar[str] = "container"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({
+        Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
+        Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS,
+    })
+    id_range: ClassVar[int] = ID_RANGE
+
+    def _rt(self, spec: LaunchSpec) -> runtime.OciRuntime:
+        return runtime.OciRuntime(runtime.choose(spec.runtime), paths.home() / "oci")
+
+    def preflight(self, spec: LaunchSpec) -> None:
+        """Check the runtime exists and the image has a root filesystem."""
+        runtime.choose(spec.runtime)
+        if spec.image is None or not spec.image.has("rootfs"):
+            name = spec.image.name if spec.image else "?"
+            raise EngineError(f"image {name!r} has no container root filesystem; "
+                              "rebuild it (popek image build) or import one")
+
+    def create(self, spec: LaunchSpec) -> None:
+        """Extract the verified, uid-shifted root filesystem into the bundle."""
+        assert spec.image is not None
+        bundle = spec.workdir / "bundle"
+        bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # the container's root (the first id of its range) must traverse to its rootfs;
+        # nobody else may
+        for d in (spec.workdir, bundle):
+            os.chown(d, spec.uid, spec.gid)
+            os.chmod(d, 0o700)
+        spec.image.extract_rootfs(bundle / "rootfs", spec.uid, spec.gid)
+
+    def _write_config(self, spec: LaunchSpec) -> Path:
+        bundle = spec.workdir / "bundle"
+        process = spec.image.manifest.process if spec.image is not None else None
+        args = list(process.args) if process and process.args else ["/sbin/init"]
+        env = [*DEFAULT_ENV, f"POPEK_HOSTNAME={spec.name}", *(process.env if process else ())]
+        cwd = process.working_dir if process and process.working_dir else "/"
+        config = build_spec(hostname=spec.name, args=args, env=env, cwd=cwd, host_uid=spec.uid,
+                            host_gid=spec.gid, limits=limits_of(spec),
+                            cgroups_path=cgroups_path(spec))
+        path = bundle / "config.json"
+        path.write_text(json.dumps(config, indent=1))
+        return path
+
+    def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
+        """Start the container detached; wait until its init runs (and says ready, if it can).
+
+        Raises :class:`EngineError` when the runtime fails or init dies.
+        """
+        rt = self._rt(spec)
+        cid = container_id(spec)
+        self.cleanup(spec)
+        self._write_config(spec)
+        pidfile = spec.workdir / "init.pid"
+        log_path = spec.workdir / "console.log"
+        with open(log_path, "wb") as log:
+            rt.run_detached(cid, spec.workdir / "bundle", pidfile, log)
+        pid = int(pidfile.read_text().strip())
+        started = proc.start_time(pid)
+        if started is None:
+            raise EngineError(f"the container's init exited at once: {_tail(log_path)}")
+        result = Runtime(pid, started, {"runtime": rt.name, "id": cid})
+        deadline = time.monotonic() + ready_timeout
+        # an image with its own process (OCI import) has no popek init to say ready:
+        # there, "running" means its first process runs
+        wants_ready = spec.image is not None and spec.image.manifest.process is None
+        while wants_ready and READY_LINE not in log_path.read_bytes():
+            if not proc.alive(pid, started):
+                self.cleanup(spec)
+                raise EngineError(f"the container stopped while starting: {_tail(log_path)}")
+            if time.monotonic() > deadline:
+                self._kill(spec, pid, started)
+                raise EngineError(f"the container did not report ready within "
+                                  f"{ready_timeout:.0f}s (see popek console --log)")
+            time.sleep(0.005)
+        return result
+
+    def _kill(self, spec: LaunchSpec, pid: int, started: int) -> None:
+        proc.kill(pid, started)
+        self.cleanup(spec)
+
+    def stop(self, spec: LaunchSpec, rtime: Runtime, force: bool, timeout: float) -> str:
+        """SIGTERM init (unless ``force``), SIGKILL after ``timeout``; return how it stopped."""
+        rt = self._rt(spec)
+        cid = container_id(spec)
+        gone = lambda: not proc.alive(rtime.pid, rtime.start_time)  # noqa: E731
+        how = "forced"
+        if not force:
+            state = rt.state(cid)
+            if state and state.get("status") == "paused":
+                rt.call("resume", cid)
+            with contextlib.suppress(EngineError):
+                rt.call("kill", cid, "TERM")
+            if proc.wait_until(gone, timeout, 0.02):
+                how = "graceful"
+        if how == "forced":
+            try:
+                rt.call("kill", cid, "KILL")
+            except EngineError:
+                proc.kill(rtime.pid, rtime.start_time)
+            if not proc.wait_until(gone, 5.0, 0.01):
+                raise EngineError(f"container {spec.name} did not die after SIGKILL")
+        self.cleanup(spec)
+        return how
+
+    def pause(self, spec: LaunchSpec, rtime: Runtime) -> None:
+        """Freeze every process of the container (cgroup freezer)."""
+        self._rt(spec).call("pause", container_id(spec))
+
+    def resume(self, spec: LaunchSpec, rtime: Runtime) -> None:
+        """Thaw a frozen container."""
+        self._rt(spec).call("resume", container_id(spec))
+
+    def liveness(self, spec: LaunchSpec, rtime: Runtime) -> Liveness:
+        """Tell whether init runs; when not, why."""
+        if proc.alive(rtime.pid, rtime.start_time):
+            return Liveness(True)
+        log = spec.workdir / "console.log"
+        data = log.read_bytes() if log.exists() else b""
+        if SHUTDOWN_LINE in data:
+            return Liveness(False, "the container shut down")
+        return Liveness(False, "the container's init exited unexpectedly (killed or crashed)")
+
+    def status(self, spec: LaunchSpec, rtime: Runtime) -> dict[str, Any]:
+        """Return the runtime's state and the cgroup usage against the limits."""
+        state = self._rt(spec).state(container_id(spec)) or {}
+        u = cgroups.usage(cgroups_path(spec))
+        return {"container_status": state.get("status"), "runtime": rtime.details.get("runtime"),
+                "pid": rtime.pid, "usage": {
+                    "memory": u.memory, "memory_limit": u.memory_limit,
+                    "pids": u.pids, "pids_limit": u.pids_limit, "cpu_seconds": u.cpu_seconds}}
+
+    def resize(self, spec: LaunchSpec, rtime: Runtime) -> None:
+        """Apply ``spec``'s limits to the running container at once (``update``)."""
+        lim = limits_of(spec)
+        self._rt(spec).call(
+            "update", "--memory", str(lim.memory), "--memory-swap", str(lim.memory),
+            "--pids-limit", str(lim.pids), "--cpu-quota", str(int(lim.cpus * 100_000)),
+            "--cpu-period", "100000", container_id(spec))
+
+    def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
+        """Run ``argv`` in the container and capture its output."""
+        cmd = self._rt(spec).exec_argv(container_id(spec), argv, False, DEFAULT_ENV)
+        try:
+            p = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise EngineError(f"the command did not finish within {timeout:.0f}s") from exc
+        return ExecResult(p.returncode, p.stdout, p.stderr)
+
+    def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
+        """Run ``argv`` in the container on the caller's stdio (a terminal if ``tty``)."""
+        cmd = self._rt(spec).exec_argv(container_id(spec), argv, tty, DEFAULT_ENV)
+        return subprocess.run(cmd, check=False, stdin=sys.stdin, stdout=sys.stdout,
+                              stderr=sys.stderr).returncode
+
+    def console(self, spec: LaunchSpec, escape: bytes) -> None:
+        """Open a login shell in the container on the caller's terminal (exit to detach)."""
+        self.exec_stream(spec, ["/bin/sh", "-l"], os.isatty(0))
+
+    def console_log(self, spec: LaunchSpec) -> bytes:
+        """Return what the container's init wrote since it last started."""
+        log = spec.workdir / "console.log"
+        return log.read_bytes() if log.exists() else b""
+
+    def cleanup(self, spec: LaunchSpec) -> None:
+        """Delete the runtime's record of the container (killing strays) and its cgroups."""
+        rt = self._rt(spec)
+        cid = container_id(spec)
+        if rt.state(cid) is not None:
+            with contextlib.suppress(EngineError):
+                rt.call("delete", "--force", cid)
+        cgroups.remove(cgroups_path(spec))
+        (spec.workdir / "init.pid").unlink(missing_ok=True)
+
+    def destroy(self, spec: LaunchSpec) -> None:
+        """Remove the container's root filesystem (on delete)."""
+        shutil.rmtree(spec.workdir / "bundle", ignore_errors=True)
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no message"
+    return " | ".join(lines[-3:]) or "no message"
+
+
