@@ -63,3 +63,23 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def container_cgroup(name: str, controller: str) -> Path:
+    """Return the host cgroup directory of container ``name`` for ``controller``."""
+    root = Path("/sys/fs/cgroup")
+    rel = f"popek/default-{name}"
+    if (root / "cgroup.controllers").exists() and not (root / "memory").is_dir():
+        return root / rel
+    return root / controller / rel
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    """Poll ``check()`` until true; fail the test naming ``what`` after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)

@@ -88,9 +88,10 @@ def test_manifest_and_files(image: Image, store: ImageStore) -> None:
     assert (m.name, m.kernel, m.initrd, m.arch) == ("minimal", "vmlinuz", "initrd.img", "x86_64")
     assert m.cmdline == "console=ttyS0 panic=-1 quiet"
     assert m.kernel_version.endswith("-cloud-amd64")
-    assert set(m.files) == {"vmlinuz", "initrd.img"}
+    assert m.rootfs == "rootfs.tar" and image.kinds() == ["vm", "container"]
+    assert set(m.files) == {"vmlinuz", "initrd.img", "rootfs.tar"}
     listing = sorted(p.name for p in image.path.iterdir())
-    assert listing == ["initrd.img", "manifest.json", "vmlinuz"]
+    assert listing == ["initrd.img", "manifest.json", "rootfs.tar", "vmlinuz"]
     for fname, want in m.files.items():
         data = (image.path / fname).read_bytes()
         assert (hashlib.sha256(data).hexdigest(), len(data)) == (want.sha256, want.size)

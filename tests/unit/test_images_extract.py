@@ -123,9 +123,7 @@ def test_extracts_modes_links_times_and_shifted_owners(tmp_path: Path) -> None:
         ([member("s", tarfile.SYMTYPE, linkname="x"), member("s", tarfile.DIRTYPE)], "twice"),
     ],
 )
-def test_unsafe_members_are_refused(
-    tmp_path: Path, entries: list[tuple], message: str
-) -> None:
+def test_unsafe_members_are_refused(tmp_path: Path, entries: list[tuple], message: str) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     img = make_image(tmp_path, make_tar(entries))
@@ -195,3 +193,16 @@ def test_long_names_and_pax(tmp_path: Path) -> None:
     img.extract_rootfs(tmp_path / "rootfs", 0, 0)
     assert (tmp_path / "rootfs" / long).read_bytes() == b"long"
     assert (tmp_path / "rootfs/ü-name").read_bytes() == b"u"
+
+
+def test_without_root_owners_are_the_callers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import popek.images.image as image_mod
+
+    monkeypatch.setattr(image_mod.os, "geteuid", lambda: 1000)
+    img = make_image(tmp_path, make_tar(GOOD))
+    img.extract_rootfs(tmp_path / "rootfs", SHIFT, SHIFT)
+    st = (tmp_path / "rootfs/home/user/notes").stat()
+    assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())  # no chown attempted
+    assert (tmp_path / "rootfs/bin/busybox").stat().st_mode & 0o7777 == 0o4755

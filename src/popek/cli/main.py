@@ -86,6 +86,8 @@ def launch(
     runtime: str = typer.Option("auto", "--runtime",
                                 help="Containers: auto, runc or crun (auto: crun on cgroup v2)."),
     pids: int = typer.Option(1024, "--pids", help="Containers: most processes at once."),
+    mount: list[str] = typer.Option([], "--mount",
+                                    help="Containers: share a host directory, SRC:DST[:ro]."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
@@ -95,6 +97,7 @@ def launch(
         inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
                                    engine=engine, runtime=runtime,
                                    limits={"pids": pids} if container else {},
+                                   mounts=mount,
                                    ready_timeout=timeout, progress=progress)
     details = inst.runtime.details if inst.runtime else {}
     how = details.get("accel") or details.get("runtime") or "?"

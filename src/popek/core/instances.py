@@ -29,6 +29,7 @@ from popek.core.model import (
     InstanceSpec,
     instance_key,
     instances_prefix,
+    parse_mount,
     validate_name,
 )
 from popek.core.store import Compare, Delete, Put, SQLiteStore
@@ -168,6 +169,7 @@ class Instances:
             memory=inst.spec.memory, uid=inst.uid, gid=inst.uid, image=image,
             cmdline=cmdline, accel=inst.spec.accel, runtime=inst.spec.runtime,
             project=inst.project, limits=dict(inst.spec.limits),
+            mounts=tuple(parse_mount(m) for m in inst.spec.mounts) if lookup else (),
         )
 
     def _allocate_uid(self, id_range: int) -> int:
@@ -191,7 +193,8 @@ class Instances:
     # -- operations ----------------------------------------------------------
     def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
                accel: str = "auto", engine: str = "qemu", runtime: str = "auto",
-               limits: dict[str, int] | None = None, ready_timeout: float = 180.0,
+               limits: dict[str, int] | None = None, mounts: list[str] | None = None,
+               ready_timeout: float = 180.0,
                progress: Progress = _noop) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
 
@@ -204,13 +207,18 @@ class Instances:
         validate_name(name)
         check_resources(vcpus, memory)
         limits = check_limits(limits or {})
+        mounts = list(mounts or [])
+        for m in mounts:
+            parse_mount(m)
         eng = get_engine(engine)
+        if mounts and eng.name != "container":
+            raise InvalidInput("--mount is for containers; VMs get no shared folders")
         key = instance_key(DEFAULT_PROJECT, name)
         if self.store.get(key) is not None:
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
         image = self.images.get(image_name)
-        spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits)
+        spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts)
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
         if eng.name == "qemu":

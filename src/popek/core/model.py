@@ -36,6 +36,7 @@ class InstanceSpec:
     accel: str = "auto"
     runtime: str = "auto"
     limits: dict[str, int] = field(default_factory=dict)
+    mounts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +76,35 @@ class Instance:
             return cls(**d)
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"broken instance record in the state store: {exc}") from exc
+
+
+FORBIDDEN_MOUNT_SOURCES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/root", "/run", "/var/lib")
+
+
+def parse_mount(text: str) -> tuple[str, str, bool]:
+    """Parse ``SRC:DST[:ro]`` (a host directory shared into a container).
+
+    Raises :class:`InvalidInput` unless SRC is an existing absolute directory
+    outside the host's system trees and DST an absolute path.
+    """
+    import os
+
+    parts = text.split(":")
+    ro = len(parts) == 3 and parts[2] == "ro"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not ro):
+        raise InvalidInput(f"invalid mount {text!r}: use SRC:DST or SRC:DST:ro")
+    src, dst = os.path.normpath(parts[0]), os.path.normpath(parts[1])
+    if not os.path.isabs(parts[0]) or not os.path.isabs(parts[1]):
+        raise InvalidInput(f"invalid mount {text!r}: SRC and DST must be absolute paths")
+    real = os.path.realpath(src)
+    if not os.path.isdir(real):
+        raise InvalidInput(f"invalid mount {text!r}: {src} is not an existing directory")
+    if real == "/" or any(real == f or real.startswith(f + "/") for f in FORBIDDEN_MOUNT_SOURCES):
+        raise InvalidInput(f"invalid mount {text!r}: sharing {real} is not allowed; share a "
+                           f"directory outside / itself and {', '.join(FORBIDDEN_MOUNT_SOURCES)}")
+    if dst == "/":
+        raise InvalidInput(f"invalid mount {text!r}: DST cannot be /")
+    return real, dst, ro
 
 
 def instance_key(project: str, name: str) -> str:

@@ -56,6 +56,8 @@ class LaunchSpec:
     runtime: str = "auto"
     project: str = "default"
     limits: Mapping[str, int] = field(default_factory=dict)
+    #: host directories shared into the instance: (source, destination, read-only)
+    mounts: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass

@@ -93,7 +93,7 @@ class ContainerEngine:
         cwd = process.working_dir if process and process.working_dir else "/"
         config = build_spec(hostname=spec.name, args=args, env=env, cwd=cwd, host_uid=spec.uid,
                             host_gid=spec.gid, limits=limits_of(spec),
-                            cgroups_path=cgroups_path(spec))
+                            cgroups_path=cgroups_path(spec), binds=spec.mounts)
         path = bundle / "config.json"
         path.write_text(json.dumps(config, indent=1))
         return path

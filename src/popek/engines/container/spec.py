@@ -72,8 +72,8 @@ def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, An
 
 
 def build_spec(*, hostname: str, args: list[str], env: list[str], cwd: str, host_uid: int,
-               host_gid: int, limits: Limits, cgroups_path: str,
-               rootfs: str = "rootfs") -> dict[str, Any]:
+               host_gid: int, limits: Limits, cgroups_path: str, rootfs: str = "rootfs",
+               binds: tuple[tuple[str, str, bool], ...] = ()) -> dict[str, Any]:
     """Return the full OCI runtime spec of a container.
 
     ``host_uid``/``host_gid`` is the first host id of the container's
@@ -117,6 +117,8 @@ def build_spec(*, hostname: str, args: list[str], env: list[str], cwd: str, host
                    ["nosuid", "noexec", "nodev", "relatime", "ro"]),
             _mount("/run", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=755", "size=65536k"]),
             _mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777", "size=262144k"]),
+            *(_mount(dst, "bind", src, ["rbind", "nosuid", "nodev", "ro" if ro else "rw"])
+              for src, dst, ro in binds),
         ],
         "linux": {
             "uidMappings": [{"containerID": 0, "hostID": host_uid, "size": ID_RANGE}],
