@@ -270,7 +270,7 @@ def config_show(name: str) -> None:
 # -- images -------------------------------------------------------------------
 @image_app.command("build")
 def image_build(
-    name: str = typer.Argument(..., help="Builder to run: minimal."),
+    name: str = typer.Argument(..., help="Builder to run: minimal (VM + container) or debian."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing image."),
 ) -> None:
     """Build an image from Debian packages."""
@@ -279,6 +279,23 @@ def image_build(
     with _progress(f"building image {name}") as progress:
         image = ImageStore().build(name, progress=progress, force=force)
     print(f"Image {image.name} {image.manifest.version} built at {image.path}.")
+
+
+@image_app.command("import")
+def image_import(
+    file: str = typer.Argument(..., help="A rootfs tarball (.tar[.gz|.xz|.zst]) or an OCI "
+                                          "image layout (directory or .tar)."),
+    name: str = typer.Argument(..., help="Name of the new image."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing image."),
+) -> None:
+    """Import a root filesystem or an OCI image as a container image."""
+    from pathlib import Path
+
+    from popek.images import ImageStore
+
+    with _progress(f"importing {file}") as progress:
+        image = ImageStore().import_file(Path(file), name, progress=progress, force=force)
+    print(f"Image {image.name} imported at {image.path} ({', '.join(image.kinds())}).")
 
 
 @image_app.command("list")
@@ -291,14 +308,14 @@ def image_list(fmt: str = typer.Option("table", "--format", help="table or json.
     images = ImageStore().list()
     rows: list[dict[str, Any]] = [
         {"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
-         "kernel": i.manifest.kernel_version,
+         "kernel": i.manifest.kernel_version, "kinds": i.kinds(),
          "size": sum(f.size for f in i.manifest.files.values())} for i in images]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
-    _print_table(["NAME", "VERSION", "CREATED", "KERNEL", "SIZE"],
-                 [[r["name"], r["version"], r["created"], r["kernel"], format_size(r["size"])]
-                  for r in rows])
+    _print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE"],
+                 [[r["name"], ",".join(r["kinds"]), r["version"], r["created"], r["kernel"],
+                   format_size(r["size"])] for r in rows])
 
 
 @image_app.command("info")
