@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils
   python3-venv util-linux procps iproute2 socat
+  runc crun bubblewrap debootstrap
+  gcc libc6-dev   # the security tests build a static attack tool
 )
 
 missing=()
