@@ -68,6 +68,10 @@ class TestLaunchRefused:
             _fails(verb, "ghost", match="instance 'ghost' not found")
         _fails("exec", "ghost", "--", "true", match="instance 'ghost' not found")
 
+    def test_vm_gets_no_shared_folder(self) -> None:
+        _fails("launch", "minimal", "vm1", "--mount", "/var/tmp:/mnt",
+               match="the qemu engine cannot share host directories")
+
     def test_bad_format(self) -> None:
         _fails("list", "--format", "xml", match="allowed: table, json")
 

@@ -211,8 +211,8 @@ class Instances:
         for m in mounts:
             parse_mount(m)
         eng = get_engine(engine)
-        if mounts and eng.name != "container":
-            raise InvalidInput("--mount is for containers; VMs get no shared folders")
+        if mounts:
+            require(eng, Capability.HOST_MOUNTS)
         key = instance_key(DEFAULT_PROJECT, name)
         if self.store.get(key) is not None:
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
@@ -221,9 +221,6 @@ class Instances:
         spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts)
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
-        if eng.name == "qemu":
-            progress(f"verifying image {image_name}")
-            image.verify()  # containers verify the root filesystem as they extract it
         owner = Owner.me()
         for _ in range(10):
             uid = self._allocate_uid(eng.id_range)
@@ -263,9 +260,6 @@ class Instances:
         inst, rev = self._intent(name, "start")
         try:
             image = self.images.get(inst.spec.image)
-            if inst.spec.engine == "qemu":
-                progress(f"verifying image {inst.spec.image}")
-                image.verify()
             progress(f"booting {name}")
             inst.runtime = self._engine(inst).start(self._launch_spec(inst, image), ready_timeout)
         except BaseException as exc:
@@ -330,9 +324,8 @@ class Instances:
         except PopekError:
             return self._launch_spec(inst, lookup=False)
 
-    def exec(self, name: str, argv: list[str], stdin: bytes = b"",
-             timeout: float = 60.0) -> ExecResult:
-        """Run ``argv`` inside running instance ``name``; return its exit code and output."""
+    def _exec_target(self, name: str, argv: list[str]) -> tuple[Instance, Engine]:
+        """Check an exec request; return the running instance and its engine."""
         if not argv:
             raise InvalidInput("no command given: use popek exec NAME -- COMMAND [ARGS...]")
         inst = self.get(name)
@@ -340,6 +333,12 @@ class Instances:
         require(eng, Capability.EXEC)
         if inst.state != State.RUNNING:
             raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
+        return inst, eng
+
+    def exec(self, name: str, argv: list[str], stdin: bytes = b"",
+             timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` inside running instance ``name``; return its exit code and output."""
+        inst, eng = self._exec_target(name, argv)
         return eng.exec(self._spec_for_running(inst), argv, stdin, timeout)
 
     def exec_stream(self, name: str, argv: list[str], tty: bool) -> int | None:
@@ -347,13 +346,7 @@ class Instances:
 
         Callers fall back to :meth:`exec` (whole output) when this returns ``None``.
         """
-        if not argv:
-            raise InvalidInput("no command given: use popek exec NAME -- COMMAND [ARGS...]")
-        inst = self.get(name)
-        eng = self._engine(inst)
-        require(eng, Capability.EXEC)
-        if inst.state != State.RUNNING:
-            raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
+        inst, eng = self._exec_target(name, argv)
         if Capability.EXEC_STREAM not in eng.capabilities:
             return None
         return eng.exec_stream(self._spec_for_running(inst), argv, tty)

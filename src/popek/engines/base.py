@@ -26,6 +26,7 @@ class Capability(StrEnum):
     CONSOLE = "console"
     EXEC = "exec"
     EXEC_STREAM = "exec-stream"
+    HOST_MOUNTS = "share host directories"
     GRACEFUL_STOP = "graceful-stop"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
@@ -103,7 +104,11 @@ class Engine(Protocol):
         ...
 
     def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
-        """Start the instance detached from the caller and wait until it is ready."""
+        """Start the instance detached from the caller and wait until it is ready.
+
+        Every engine verifies the image files it reads against the manifest
+        before (or, streaming, while) it uses them, and refuses on a mismatch.
+        """
         ...
 
     def stop(self, spec: LaunchSpec, runtime: Runtime, force: bool, timeout: float) -> str:

@@ -58,7 +58,7 @@ class ContainerEngine:
     name: ClassVar[str] = "container"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
-        Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS,
+        Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS, Capability.HOST_MOUNTS,
     })
     id_range: ClassVar[int] = ID_RANGE
 

@@ -109,6 +109,9 @@ class QemuEngine:
         """
         qemu = find_qemu()
         accel = accel_mod.choose(spec.accel)
+        if spec.image is None:
+            raise EngineError(f"the image of {spec.name} no longer exists")
+        spec.image.verify()  # every file, against the manifest, before QEMU reads it
         p = Paths(spec.workdir)
         self._prepare(spec, p)
         pidfile = spec.workdir / "qemu.pid"
