@@ -18,23 +18,29 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = REPO / ".venv" / "bin"
-POPEK = str(VENV_BIN / "popek")
-PYTHON = str(VENV_BIN / "python")
-CACHE = REPO / ".cache" / "popek"
-RESULTS = REPO / "bench" / "results"
+from common import (
+    CACHE,
+    POPEK,
+    PYTHON,
+    RESULTS,
+    BenchError,
+    _median,
+    _mkdir_public,
+    _ms,
+    _summary,
+    time_cmd,
+)
+
 IMAGE = "minimal"
 VCPUS = "1"
 MEMORY = "256MiB"
@@ -43,10 +49,6 @@ TARGET_MS = 150.0
 RAW_POLL_S = 0.005
 BOOT_TIMEOUT_S = 180.0
 PROJECT = "default"
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
 
 
 @dataclass
@@ -89,30 +91,6 @@ class Bench:
 
 
 # -- small helpers -------------------------------------------------------------
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 2)
-
-
-def _median(xs: Sequence[float]) -> float | None:
-    return round(statistics.median(xs), 2) if xs else None
-
-
-def _summary(xs: Sequence[float]) -> dict[str, float | int | None]:
-    if not xs:
-        return {"n": 0, "median": None, "min": None, "max": None, "stdev": None}
-    return {
-        "n": len(xs), "median": _median(xs), "min": round(min(xs), 2), "max": round(max(xs), 2),
-        "stdev": round(statistics.stdev(xs), 2) if len(xs) > 1 else None,
-    }
-
-
-def _mkdir_public(prefix: str) -> Path:
-    """A fresh directory under /var/tmp that unprivileged uids may traverse (0755)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    d.chmod(0o755)
-    return d
-
-
 def _rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -331,17 +309,6 @@ def raw_boot(env: Env, argv_template: list[str], template_dir: Path) -> RawRun:
         shutil.rmtree(d, ignore_errors=True)
         env.raw_dirs.remove(d)
     return RawRun(total_ms=_ms(t1 - t0), qemu_rss_kib=rss)
-
-
-def time_cmd(argv: list[str], env: dict[str, str], n: int) -> list[float]:
-    """Median-ready samples (ms) of running ``argv`` to completion ``n`` times."""
-    samples: list[float] = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=True)
-        samples.append(_ms(time.perf_counter() - t0))
-    return samples
 
 
 def importtime_top(env: dict[str, str], top: int = 12) -> list[dict[str, Any]]:

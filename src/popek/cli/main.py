@@ -136,6 +136,16 @@ def info(name: str, fmt: str = typer.Option("table", "--format", help="table or 
 
     history = data.pop("history")
     data["memory"] = format_size(data["memory"])
+    usage = data.pop("usage", None)
+    if usage:
+        def _of(used: Any, limit: Any, fmt: Callable[[Any], str] = str) -> str:
+            return f"{fmt(used) if used is not None else '?'} of " + (
+                fmt(limit) if limit is not None else "no limit")
+
+        mib = lambda n: f"{n / (1 << 20):.1f}MiB"  # noqa: E731
+        data["memory used"] = _of(usage["memory"], usage["memory_limit"], mib)
+        data["processes"] = _of(usage["pids"], usage["pids_limit"])
+        data["cpu time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
     _print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
     _print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
 

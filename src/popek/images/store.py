@@ -17,13 +17,26 @@ from pathlib import Path
 
 from popek import paths
 from popek.errors import AlreadyExists, ImageError, InvalidInput, NotFound
-from popek.images import debian, minimal
 from popek.images.builder import BuildContext, Builder, BuildResult, Progress, quiet
 from popek.images.image import Image, hash_file
-from popek.images.importer import importer
 from popek.images.manifest import MANIFEST_NAME, NAME_RULE, Manifest, valid_name
 
-BUILDERS: dict[str, Builder] = {"minimal": minimal.build, "debian": debian.build}
+#: builder name -> the builder, or "module:function" imported on first use (builders pull
+#: in modules that commands such as launch never need)
+BUILDERS: dict[str, Builder | str] = {
+    "minimal": "popek.images.minimal:build",
+    "debian": "popek.images.debian:build",
+}
+
+
+def _resolve(builder: Builder | str) -> Builder:
+    if isinstance(builder, str):
+        import importlib
+
+        module, func = builder.split(":")
+        resolved: Builder = getattr(importlib.import_module(module), func)
+        return resolved
+    return builder
 LOCK_NAME = ".lock"
 
 
@@ -99,7 +112,7 @@ class ImageStore:
             raise InvalidInput(
                 f"unknown image builder {name!r}; available: {', '.join(sorted(BUILDERS))}"
             )
-        return self._publish(name, builder, progress, force, "built")
+        return self._publish(name, _resolve(builder), progress, force, "built")
 
     def import_file(
         self, path: Path, name: str, progress: Progress | None = None, force: bool = False
@@ -113,6 +126,8 @@ class ImageStore:
         :class:`ImageError` if the source is unreadable, unsafe or does not
         match its digests (nothing is left behind).
         """
+        from popek.images.importer import importer
+
         self._check_name(name)
         return self._publish(name, importer(Path(path)), progress, force, "imported")
 

@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmarks in bench/ (boot.py, containers.py).
+
+Paths of the repository and its venv, the error type, rounding and summary
+statistics, public temp directories and timing a command to completion.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO / ".venv" / "bin"
+POPEK = str(VENV_BIN / "popek")
+PYTHON = str(VENV_BIN / "python")
+CACHE = REPO / ".cache" / "popek"
+RESULTS = REPO / "bench" / "results"
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark failed; the message says which and why."""
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 2)
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return round(statistics.median(xs), 2) if xs else None
+
+
+def _summary(xs: Sequence[float]) -> dict[str, float | int | None]:
+    if not xs:
+        return {"n": 0, "median": None, "min": None, "max": None, "stdev": None}
+    return {
+        "n": len(xs), "median": _median(xs), "min": round(min(xs), 2), "max": round(max(xs), 2),
+        "stdev": round(statistics.stdev(xs), 2) if len(xs) > 1 else None,
+    }
+
+
+def _mkdir_public(prefix: str) -> Path:
+    """A fresh directory under /var/tmp that unprivileged uids may traverse (0755)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def time_cmd(argv: list[str], env: dict[str, str], n: int) -> list[float]:
+    """Median-ready samples (ms) of running ``argv`` to completion ``n`` times."""
+    samples: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=True)
+        samples.append(_ms(time.perf_counter() - t0))
+    return samples
