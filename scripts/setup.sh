@@ -8,6 +8,7 @@ DEB_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils
   python3-venv util-linux procps iproute2 socat
   runc crun bubblewrap debootstrap
+  nftables dnsmasq-base iperf3 tcpdump
   gcc libc6-dev   # the security tests build a static attack tool
 )
 

@@ -1,0 +1,80 @@
+"""Records of virtual networks and their ports, as kept in the state store.
+
+A :class:`Network` is one Linux bridge with one IPv4 subnet (the host holds
+the gateway address on the bridge), DHCP/DNS by a dnsmasq of its own, and
+optional NAT to the host's uplink.  A :class:`Port` is one instance's
+attachment to a network: a tap device (VMs) or a veth pair (containers),
+with the MAC and addresses the port is allowed to use.  Port security rules
+are generated from these records alone (``network/nft.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+PortKind = Literal["tap", "veth"]
+
+
+@dataclass
+class Network:
+    """One isolated virtual network."""
+
+    name: str
+    subnet: str            # e.g. "10.77.0.0/24"
+    gateway: str           # first usable address, held by the host on the bridge
+    bridge: str            # host bridge device name, e.g. "pk-<id>" (<= 15 chars)
+    nat: bool = False
+    port_isolation: bool = False
+    ipv6_subnet: str = ""  # optional, e.g. "fd42:77::/64"
+    created: str = ""
+
+    def to_json(self) -> bytes:
+        """Serialise for the store."""
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Network:
+        """Read a record written by :meth:`to_json`."""
+        d: dict[str, Any] = json.loads(data)
+        return cls(**d)
+
+
+@dataclass
+class Port:
+    """One instance's port on one network."""
+
+    network: str           # network name
+    instance: str          # "<project>/<name>"
+    kind: PortKind
+    host_ifname: str       # tap name, or host end of the veth pair (<= 15 chars)
+    mac: str               # "52:54:00:xx:xx:xx" (VMs) / "02:xx:..." (containers)
+    ipv4: str              # the leased address (no prefix)
+    ipv6: list[str] = field(default_factory=list)  # allowed IPv6 sources (link-local + global)
+    guest_ifname: str = "eth0"
+
+    def to_json(self) -> bytes:
+        """Serialise for the store."""
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Port:
+        """Read a record written by :meth:`to_json`."""
+        d: dict[str, Any] = json.loads(data)
+        return cls(**d)
+
+
+def network_key(name: str) -> str:
+    """Store key of network ``name``."""
+    return f"/popek/networks/{name}"
+
+
+def port_key(network: str, host_ifname: str) -> str:
+    """Store key of one port."""
+    return f"/popek/ports/{network}/{host_ifname}"
+
+
+def lease_key(network: str, ipv4: str) -> str:
+    """Store key of one IPv4 lease (value: the instance that holds it)."""
+    return f"/popek/leases/{network}/{ipv4}"
