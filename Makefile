@@ -22,7 +22,9 @@ test-unit: setup
 	$(PY) -m pytest tests/unit -q
 
 bench: setup
+	@bash scripts/setup-bench.sh
 	$(PY) bench/boot.py
+	$(PY) bench/containers.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

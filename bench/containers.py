@@ -57,6 +57,9 @@ PROJECT = "default"
 PODMAN_IMAGE = "localhost/popek-bench-minimal"
 PODMAN_ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 ID_RANGE = 65536
+#: created by podman (its default store's blob cache) and LXC outside our scratch directory
+SIDE_PATHS = (Path("/var/lib/containers"), Path("/run/containers"), Path("/run/libpod"))
+SIDE_CGROUPS = ("libpod_parent", "lxc.pivot")
 SANDBOX_UID = 65534  # popek runs bwrap as nobody when it runs as root
 SANDBOX_CMD = ["/bin/true"]
 
@@ -339,6 +342,10 @@ class Env:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.memfds: list[int] = []
         self.argv: dict[str, list[str]] = {}
+        # host paths podman and LXC create on first use; removed again if this run made them
+        self.new_paths = [p for p in SIDE_PATHS if not p.exists()]
+        self.new_cgroups = [n for n in SIDE_CGROUPS if not any(
+            (h / n).exists() for h in Path("/sys/fs/cgroup").iterdir())]
 
     def popek(self, *args: str, timeout: float = 300.0) -> str:
         """Run the popek CLI; raise :class:`BenchError` when it fails."""
@@ -392,17 +399,26 @@ class Env:
                 os.close(fd)
         # cgroups of the raw runc containers (runc removes the leaves, not our parent)
         for hier in Path("/sys/fs/cgroup").iterdir():
-            d = hier / self.cg_parent
-            if d.is_dir():
-                for leaf in d.iterdir():
-                    if leaf.is_dir():
-                        with contextlib.suppress(OSError):
-                            os.rmdir(leaf)
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+            _rmdir_tree(hier / self.cg_parent)
         _umount_under(self.scratch)
+        for path in self.new_paths:
+            shutil.rmtree(path, ignore_errors=True)
+        for hier in Path("/sys/fs/cgroup").iterdir():
+            for name in self.new_cgroups:
+                _rmdir_tree(hier / name)
         for d in (self.scratch, self.home):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _rmdir_tree(d: Path) -> None:
+    """Remove an empty cgroup directory tree (rmdir only: a busy cgroup stays)."""
+    if not d.is_dir():
+        return
+    for sub in d.iterdir():
+        if sub.is_dir():
+            _rmdir_tree(sub)
+    with contextlib.suppress(OSError):
+        os.rmdir(d)
 
 
 def _umount_under(root: Path) -> None:
@@ -572,9 +588,21 @@ def raw_podman(env: Env, tpl: Template, name: str, userns: bool) -> Sample:
     if code != 0:
         raise BenchError(f"podman run {name} exited {code}: "
                          f"{(env.scratch / f'podman-{name}.out').read_text()[-300:]}")
-    _run([*env.podman(), "rm", "--force", "--time", "0", name], "podman rm")
+    _podman_rm(env, name)
     env.podman_names.discard(name)
     return Sample(key, 0, _ms(t_ready - t0), _ms(t_exit - t0))
+
+
+def _podman_rm(env: Env, name: str, tries: int = 10) -> None:
+    """``podman rm -f``, retried: its shm mount is sometimes still busy right after the kill."""
+    for attempt in range(tries):
+        try:
+            _run([*env.podman(), "rm", "--force", "--time", "0", name], "podman rm")
+            return
+        except BenchError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.3)
 
 
 def lxc_config(env: Env, tpl: Template, name: str, rootfs: Path) -> str:
@@ -857,6 +885,7 @@ def _breakdown(res: Results) -> dict[str, Any]:
 
     start = g("ContainerEngine.start")
     derived = {
+        "traced launch() total (untraced: see popek_lib starter_exit_ms)": g("launch_ms"),
         "start: runtime cleanup before run (runc state, cgroup rmdir)":
             g("ContainerEngine.cleanup"),
         "start: config.json (spec + seccomp + json)": g("ContainerEngine._write_config"),

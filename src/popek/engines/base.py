@@ -17,6 +17,7 @@ from popek.errors import CapabilityError
 
 if TYPE_CHECKING:
     from popek.images import Image
+    from popek.network.model import Network, Port
 
 
 class Capability(StrEnum):
@@ -27,6 +28,7 @@ class Capability(StrEnum):
     EXEC = "exec"
     EXEC_STREAM = "exec-stream"
     HOST_MOUNTS = "share host directories"
+    NETWORK_HOTPLUG = "attach or detach networks while running"
     GRACEFUL_STOP = "graceful-stop"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
@@ -59,6 +61,10 @@ class LaunchSpec:
     limits: Mapping[str, int] = field(default_factory=dict)
     #: host directories shared into the instance: (source, destination, read-only)
     mounts: tuple[tuple[str, str, bool], ...] = ()
+    #: the instance's network ports (devices already created on the host by popek.network)
+    ports: tuple[Port, ...] = ()
+    #: the networks those ports are on, by name
+    networks: Mapping[str, Network] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +100,8 @@ class Engine(Protocol):
     capabilities: ClassVar[frozenset[Capability]]
     #: how many consecutive host uids (and gids) one instance needs
     id_range: ClassVar[int]
+    #: the host device a network port of this engine is: "tap" or "veth"
+    port_kind: ClassVar[str]
 
     def preflight(self, spec: LaunchSpec) -> None:
         """Check the engine can run ``spec`` here (binary, accelerator, image contents)."""
@@ -147,6 +155,14 @@ class Engine(Protocol):
 
         Only engines with :attr:`Capability.RESIZE`.
         """
+        ...
+
+    def attach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port) -> None:
+        """Plug ``port`` into the running instance (Capability.NETWORK_HOTPLUG)."""
+        ...
+
+    def detach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port) -> None:
+        """Unplug ``port`` from the running instance (Capability.NETWORK_HOTPLUG)."""
         ...
 
     def console(self, spec: LaunchSpec, escape: bytes) -> None:

@@ -69,6 +69,7 @@ GUEST_FILES = {
     "popek-console": ("sbin/popek-console", True),
     "acpi-power": ("etc/acpi/PWRF/00000080", True),
     "udhcpc.script": ("etc/udhcpc.script", True),
+    "popek-hotplug": ("sbin/popek-hotplug", True),
     "profile": ("etc/profile", False),
 }
 NODES = (

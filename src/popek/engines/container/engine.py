@@ -21,13 +21,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import paths, proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
-from popek.engines.container import cgroups, runtime
+from popek.engines.container import cgroups, netplumb, runtime
 from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
+
+if TYPE_CHECKING:
+    from popek.network.model import Port
 
 READY_LINE = b"popek-guest: ready"
 SHUTDOWN_LINE = b"popek-guest: shutdown"
@@ -59,8 +62,10 @@ class ContainerEngine:
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS, Capability.HOST_MOUNTS,
+        Capability.NETWORK_HOTPLUG,
     })
     id_range: ClassVar[int] = ID_RANGE
+    port_kind: ClassVar[str] = "veth"
 
     def _rt(self, spec: LaunchSpec) -> runtime.OciRuntime:
         return runtime.OciRuntime(runtime.choose(spec.runtime), paths.home() / "oci")
@@ -116,6 +121,12 @@ class ContainerEngine:
         if started is None:
             raise EngineError(f"the container's init exited at once: {_tail(log_path)}")
         result = Runtime(pid, started, {"runtime": rt.name, "id": cid})
+        try:
+            for i, port in enumerate(spec.ports):
+                netplumb.plumb(port, spec.networks[port.network], pid, f"eth{i}")
+        except BaseException:
+            self._kill(spec, pid, started)
+            raise
         deadline = time.monotonic() + ready_timeout
         # an image with its own process (OCI import) has no popek init to say ready:
         # there, "running" means its first process runs
@@ -193,6 +204,15 @@ class ContainerEngine:
             "update", "--memory", str(lim.memory), "--memory-swap", str(lim.memory),
             "--pids-limit", str(lim.pids), "--cpu-quota", str(int(lim.cpus * 100_000)),
             "--cpu-period", "100000", container_id(spec))
+
+    def attach_port(self, spec: LaunchSpec, rtime: Runtime, port: Port) -> None:
+        """Move the port's veth end into the running container as the next ethN."""
+        netplumb.plumb(port, spec.networks[port.network], rtime.pid,
+                       netplumb.next_ifname(rtime.pid))
+
+    def detach_port(self, spec: LaunchSpec, rtime: Runtime, port: Port) -> None:
+        """Remove the port's interface from the running container."""
+        netplumb.unplumb(port.mac, rtime.pid)
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the container and capture its output."""

@@ -14,9 +14,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from popek.engines.base import LaunchSpec
 from popek.errors import EngineError
+
+if TYPE_CHECKING:
+    from popek.network.model import Port
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT = "org.popek.agent.0"
@@ -64,6 +68,34 @@ class Paths:
         return [self.qmp, self.console, self.agent]
 
 
+ROOT_PORTS = 8
+
+
+def root_port(index: int) -> str:
+    """QEMU id of the ``index``-th PCIe root port."""
+    return f"rp{index}"
+
+
+def nic_id(port: Port) -> str:
+    """QEMU device id of the NIC of ``port``."""
+    return f"nic-{port.host_ifname}"
+
+
+def netdev_id(port: Port) -> str:
+    """QEMU netdev id of ``port``."""
+    return f"net-{port.host_ifname}"
+
+
+def netdev_arg(port: Port) -> str:
+    """``-netdev`` value: the persistent tap (owned by the instance uid) popek created."""
+    return f"tap,id={netdev_id(port)},ifname={port.host_ifname},script=no,downscript=no,vhost=off"
+
+
+def nic_arg(port: Port, bus: str) -> str:
+    """``-device`` value of the virtio-net NIC of ``port`` on root port ``bus``."""
+    return f"virtio-net-pci,netdev={netdev_id(port)},mac={port.mac},id={nic_id(port)},bus={bus}"
+
+
 def find_qemu() -> str:
     """Return the path of the QEMU binary; raise :class:`EngineError` when it is missing."""
     path = shutil.which(QEMU_BINARY)
@@ -104,4 +136,11 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
         "-device", "virtio-rng-pci,rng=rng0",
         "-qmp", f"unix:{p.qmp},server=on,wait=off",
     ]
+    # PCI Express root ports: one per NIC, so that every NIC, present at boot or
+    # plugged in later, can be unplugged again (devices on pcie.0 cannot)
+    for i in range(ROOT_PORTS):
+        argv += ["-device", f"pcie-root-port,id={root_port(i)},chassis={i + 1},slot={i + 1},"
+                            f"bus=pcie.0"]
+    for i, port in enumerate(spec.ports):
+        argv += ["-netdev", netdev_arg(port), "-device", nic_arg(port, root_port(i))]
     return argv

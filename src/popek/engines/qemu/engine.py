@@ -7,15 +7,26 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
 from popek.engines.qemu import process, qmp
-from popek.engines.qemu.cmdline import Paths, build_argv, find_qemu
+from popek.engines.qemu.cmdline import (
+    ROOT_PORTS,
+    Paths,
+    build_argv,
+    find_qemu,
+    netdev_id,
+    nic_id,
+    root_port,
+)
 from popek.errors import CapabilityError, EngineError
 from popek.watch import wait_for_line
+
+if TYPE_CHECKING:
+    from popek.network.model import Port
 
 READY_LINE = b"popek-guest: ready"
 SHUTDOWN_LINE = b"popek-guest: shutdown"
@@ -69,8 +80,10 @@ class QemuEngine:
 
     name: ClassVar[str] = "qemu"
     id_range: ClassVar[int] = 1
+    port_kind: ClassVar[str] = "tap"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.GRACEFUL_STOP,
+        Capability.NETWORK_HOTPLUG,
     })
 
     # -- start -------------------------------------------------------------
@@ -126,7 +139,8 @@ class QemuEngine:
         started = proc.start_time(pid)
         if started is None:
             raise EngineError(f"QEMU exited at once: {_tail(p.stderr) or 'no message'}")
-        runtime = Runtime(pid, started, {"accel": accel})
+        nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
+        runtime = Runtime(pid, started, {"accel": accel, "nics": nics})
         try:
             self._wait_ready(p, runtime, ready_timeout)
         except BaseException:
@@ -190,6 +204,42 @@ class QemuEngine:
         st = qmp.execute(Paths(spec.workdir).qmp, "query-status")
         return {"vm_status": st.get("status"), "accel": runtime.details.get("accel"),
                 "pid": runtime.pid}
+
+    def attach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port) -> None:
+        """Hot-plug a virtio-net NIC on the port's tap into a free PCIe root port."""
+        nics: dict[str, str] = runtime.details.setdefault("nics", {})
+        free = [root_port(i) for i in range(ROOT_PORTS) if root_port(i) not in nics.values()]
+        if not free:
+            raise EngineError(f"{spec.name} has no free PCIe slot left ({ROOT_PORTS} NICs at most)")
+        sock = Paths(spec.workdir).qmp
+        qmp.execute(sock, "netdev_add", {"type": "tap", "id": netdev_id(port),
+                                         "ifname": port.host_ifname, "script": "no",
+                                         "downscript": "no", "vhost": False})
+        try:
+            qmp.execute(sock, "device_add", {"driver": "virtio-net-pci",
+                                             "netdev": netdev_id(port), "mac": port.mac,
+                                             "id": nic_id(port), "bus": free[0]})
+        except EngineError:
+            with contextlib.suppress(EngineError):
+                qmp.execute(sock, "netdev_del", {"id": netdev_id(port)})
+            raise
+        nics[port.host_ifname] = free[0]
+
+    def detach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port,
+                    timeout: float = 30.0) -> None:
+        """Ask the guest to release the NIC (PCIe hot-unplug), then remove its tap backend."""
+        sock = Paths(spec.workdir).qmp
+        qmp.execute(sock, "device_del", {"id": nic_id(port)})
+
+        def gone() -> bool:
+            peripherals = qmp.execute(sock, "qom-list", {"path": "/machine/peripheral"})
+            return nic_id(port) not in {p["name"] for p in peripherals}
+
+        if not proc.wait_until(gone, timeout, 0.2):
+            raise EngineError(f"the guest of {spec.name} did not release its NIC on "
+                              f"{port.network} within {timeout:.0f}s")
+        qmp.execute(sock, "netdev_del", {"id": netdev_id(port)})
+        runtime.details.get("nics", {}).pop(port.host_ifname, None)
 
     def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
         """Not offered: the guest agent answers with whole outputs (see :meth:`exec`)."""
