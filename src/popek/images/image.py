@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from popek.errors import ImageError, IntegrityError, InvalidInput
-from popek.images.extract import Extractor
 from popek.images.manifest import MANIFEST_NAME, FileEntry, Manifest
-from popek.images.tarread import TarStream
 
 CHUNK = 1 << 20
 ROLES = ("kernel", "initrd", "rootfs")
@@ -115,6 +113,9 @@ class Image:
         path = self.file("rootfs")
         fname = self.manifest.rootfs
         want = self.manifest.files[fname]
+        from popek.images.extract import Extractor  # only containers need the tar machinery
+        from popek.images.tarread import TarStream
+
         ext = Extractor(dest, uid_shift, gid_shift, chown=os.geteuid() == 0)
         try:
             raw = path.open("rb")
