@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from popek.cli.common import check_format, print_table
+from popek.cli.network import app as network_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.errors import PopekError
 
@@ -28,19 +30,12 @@ app = typer.Typer(
 image_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and delete images.")
 app.add_typer(image_app, name="image")
 app.add_typer(sandbox_app, name="sandbox")
-
-FORMATS = ("table", "json")
-
+app.add_typer(network_app, name="network")
 
 def _instances() -> Instances:
     from popek.core.instances import Instances
 
     return Instances()
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"{fmt!r}; allowed: {', '.join(FORMATS)}", param_hint="--format")
 
 
 @contextmanager
@@ -64,16 +59,6 @@ def _size(text: str, what: str) -> int:
     return parse_size(text, what)
 
 
-def _print_table(columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns, show_lines=False)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-
-
 # -- instances ----------------------------------------------------------------
 @app.command()
 def launch(
@@ -88,6 +73,8 @@ def launch(
     pids: int = typer.Option(1024, "--pids", help="Containers: most processes at once."),
     mount: list[str] = typer.Option([], "--mount",
                                     help="Containers: share a host directory, SRC:DST[:ro]."),
+    network: list[str] = typer.Option([], "--network",
+                                      help="Attach to this popek network (repeatable)."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
@@ -97,7 +84,7 @@ def launch(
         inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
                                    engine=engine, runtime=runtime,
                                    limits={"pids": pids} if container else {},
-                                   mounts=mount,
+                                   mounts=mount, networks=network,
                                    ready_timeout=timeout, progress=progress)
     details = inst.runtime.details if inst.runtime else {}
     how = details.get("accel") or details.get("runtime") or "?"
@@ -108,7 +95,7 @@ def launch(
 @app.command("list")
 def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """List instances."""
-    _check_format(fmt)
+    check_format(fmt)
     from popek.units import format_size
 
     insts = _instances().all()
@@ -119,7 +106,7 @@ def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -
             "pid": i.runtime.pid if i.runtime else None,
         } for i in insts], indent=2))
         return
-    _print_table(["NAME", "STATE", "ENGINE", "IMAGE", "VCPUS", "MEMORY", "REASON"], [
+    print_table(["NAME", "STATE", "ENGINE", "IMAGE", "VCPUS", "MEMORY", "REASON"], [
         [i.name, i.state.value, i.spec.engine, i.spec.image, str(i.spec.vcpus),
          format_size(i.spec.memory), i.reason] for i in insts])
 
@@ -127,7 +114,7 @@ def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -
 @app.command()
 def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """Show the details of an instance."""
-    _check_format(fmt)
+    check_format(fmt)
     data = _instances().info(name)
     if fmt == "json":
         print(json.dumps(data, indent=2))
@@ -146,8 +133,8 @@ def info(name: str, fmt: str = typer.Option("table", "--format", help="table or 
         data["memory used"] = _of(usage["memory"], usage["memory_limit"], mib)
         data["processes"] = _of(usage["pids"], usage["pids_limit"])
         data["cpu time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
-    _print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
-    _print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
+    print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
+    print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
 
 
 @app.command()
@@ -311,7 +298,7 @@ def image_import(
 @image_app.command("list")
 def image_list(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """List images."""
-    _check_format(fmt)
+    check_format(fmt)
     from popek.images import ImageStore
     from popek.units import format_size
 
@@ -323,7 +310,7 @@ def image_list(fmt: str = typer.Option("table", "--format", help="table or json.
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
-    _print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE"],
+    print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE"],
                  [[r["name"], ",".join(r["kinds"]), r["version"], r["created"], r["kernel"],
                    format_size(r["size"])] for r in rows])
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from popek import paths, proc
 from popek.core.host import check_resources
@@ -43,7 +43,11 @@ from popek.errors import (
     StoreError,
 )
 from popek.images import Image, ImageStore
+from popek.network.model import Network, Port, network_key
 from popek.units import parse_size
+
+if TYPE_CHECKING:
+    from popek.network import Networks
 
 #: unprivileged uids (and gids) given to engine processes, one per instance
 VMM_UID_BASE = 900_000_000
@@ -53,6 +57,7 @@ CONTAINER_UID_BASE = 1_000_000_000
 CONTAINER_RANGES = 40_000
 UID_PREFIX = "/popek/uids/"
 HISTORY = 20
+PORT_PREFIX = "/popek/ports/"
 
 Progress = Callable[[str], None]
 
@@ -170,7 +175,94 @@ class Instances:
             cmdline=cmdline, accel=inst.spec.accel, runtime=inst.spec.runtime,
             project=inst.project, limits=dict(inst.spec.limits),
             mounts=tuple(parse_mount(m) for m in inst.spec.mounts) if lookup else (),
+            ports=tuple(ports := self._ports(inst)),
+            networks=self._networks_of(ports),
         )
+
+    # -- networks --------------------------------------------------------------
+    def _ports(self, inst: Instance) -> list[Port]:
+        """The instance's network ports, from the store (no netlink, no import of the service)."""
+        owner = f"{inst.project}/{inst.name}"
+        ports = [Port.from_json(kv.value) for kv in self.store.range(PORT_PREFIX)]
+        return [p for p in ports if p.instance == owner]
+
+    def _networks_of(self, ports: list[Port]) -> dict[str, Network]:
+        nets: dict[str, Network] = {}
+        for port in ports:
+            kv = self.store.get(network_key(port.network))
+            if kv is not None:
+                nets[port.network] = Network.from_json(kv.value)
+        return nets
+
+    def _network_service(self) -> Networks:
+        from popek.network import Networks
+
+        return Networks(self.store)
+
+    def attach(self, name: str, network: str) -> Port:
+        """Give ``name`` a port on ``network``; plug it in at once if the instance runs.
+
+        Raises :class:`NotFound` for a missing network, :class:`AlreadyExists`
+        when already attached, :class:`popek.errors.CapabilityError` when a
+        running instance's engine cannot hot-plug.
+        """
+        inst, rev = self._load(name)
+        eng = self._engine(inst)
+        if any(p.network == network for p in self._ports(inst)):
+            raise AlreadyExists(f"instance {name!r} is already attached to network {network!r}")
+        running = inst.state in (State.RUNNING, State.PAUSED)
+        if running:
+            require(eng, Capability.NETWORK_HOTPLUG)
+        elif inst.state != State.STOPPED:
+            raise StateError(name, "attach a network to", inst.state.value,
+                             (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
+        nets = self._network_service()
+        port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid)
+        if running:
+            assert inst.runtime is not None
+            try:
+                eng.attach_port(self._spec_for_running(inst), inst.runtime, port)
+            except BaseException:
+                nets.delete_port(port)
+                raise
+        self._save(inst, rev, f"attached to network {network}")
+        return port
+
+    def detach(self, name: str, network: str) -> None:
+        """Remove ``name``'s port on ``network`` (unplugging it first if the instance runs)."""
+        inst, rev = self._load(name)
+        ports = [p for p in self._ports(inst) if p.network == network]
+        if not ports:
+            raise NotFound(f"instance {name!r} is not attached to network {network!r}")
+        eng = self._engine(inst)
+        if inst.state in (State.RUNNING, State.PAUSED):
+            require(eng, Capability.NETWORK_HOTPLUG)
+            assert inst.runtime is not None
+            eng.detach_port(self._spec_for_running(inst), inst.runtime, ports[0])
+        self._network_service().delete_port(ports[0])
+        self._save(inst, rev, f"detached from network {network}")
+
+    def _create_ports(self, inst: Instance, eng: Engine, networks: list[str]) -> None:
+        if not networks:
+            return
+        nets = self._network_service()
+        for net in networks:
+            nets.create_port(net, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid)
+
+    def _ensure_port_devices(self, inst: Instance) -> None:
+        """Recreate host devices of ports that vanished (a container's veth dies with it)."""
+        ports = self._ports(inst)
+        if ports:
+            nets = self._network_service()
+            for port in ports:
+                nets.ensure_port_device(port)
+
+    def _delete_ports(self, inst: Instance) -> None:
+        ports = self._ports(inst)
+        if ports:
+            nets = self._network_service()
+            for port in ports:
+                nets.delete_port(port)
 
     def _allocate_uid(self, id_range: int) -> int:
         """Return the first id of a free range of ``id_range`` host uids.
@@ -194,7 +286,7 @@ class Instances:
     def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
                accel: str = "auto", engine: str = "qemu", runtime: str = "auto",
                limits: dict[str, int] | None = None, mounts: list[str] | None = None,
-               ready_timeout: float = 180.0,
+               networks: list[str] | None = None, ready_timeout: float = 180.0,
                progress: Progress = _noop) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
 
@@ -241,8 +333,11 @@ class Instances:
                                     "or delete it first")
         else:
             raise StoreError("could not allocate a uid for the instance; retry")
-        spec = self._launch_spec(inst, image)
         try:
+            for net in networks or []:
+                self._network_service().get(net)  # a missing network fails before anything
+            self._create_ports(inst, eng, list(networks or []))
+            spec = self._launch_spec(inst, image)
             progress(f"creating {name}")
             eng.create(spec)
             progress(f"booting {name}")
@@ -261,6 +356,7 @@ class Instances:
         try:
             image = self.images.get(inst.spec.image)
             progress(f"booting {name}")
+            self._ensure_port_devices(inst)
             inst.runtime = self._engine(inst).start(self._launch_spec(inst, image), ready_timeout)
         except BaseException as exc:
             self._finish(inst, rev, State.STOPPED, "start failed", f"start failed: {exc}")
@@ -438,6 +534,7 @@ class Instances:
             eng = self._engine(inst)
             eng.cleanup(spec)
             eng.destroy(spec)
+        self._delete_ports(inst)
         shutil.rmtree(self.workdir(inst), ignore_errors=True)
         self.store.txn([], [Delete(inst.key), Delete(self._uid_key(inst.uid)),
                             Delete(self._owner_key(inst))])

@@ -29,6 +29,10 @@ class Network:
     port_isolation: bool = False
     ipv6_subnet: str = ""  # optional, e.g. "fd42:77::/64"
     created: str = ""
+    state: str = "ready"   # "creating" / "ready" / "deleting" (intent before action)
+    owner: str = ""        # "PID STARTTIME" of the popek process whose intent is in progress
+    dnsmasq_pid: int = 0   # the network's dnsmasq, with its start time (popek.proc)
+    dnsmasq_start: int = 0
 
     def to_json(self) -> bytes:
         """Serialise for the store."""
@@ -53,6 +57,12 @@ class Port:
     ipv4: str              # the leased address (no prefix)
     ipv6: list[str] = field(default_factory=list)  # allowed IPv6 sources (link-local + global)
     guest_ifname: str = "eth0"
+    uid: int = -1          # tap: owner uid (the unprivileged VMM); -1 for veth
+    peer_ifname: str = ""  # veth: the container end, until the engine moves it
+    neigh_suppress: bool = False
+    state: str = "ready"   # "creating" / "ready" / "deleting" (intent before action)
+    owner: str = ""        # "PID STARTTIME" of the popek process whose intent is in progress
+    created: str = ""
 
     def to_json(self) -> bytes:
         """Serialise for the store."""
@@ -78,3 +88,8 @@ def port_key(network: str, host_ifname: str) -> str:
 def lease_key(network: str, ipv4: str) -> str:
     """Store key of one IPv4 lease (value: the instance that holds it)."""
     return f"/popek/leases/{network}/{ipv4}"
+
+
+def mac_key(mac: str) -> str:
+    """Store key that reserves one MAC address (value: the port key that uses it)."""
+    return f"/popek/macs/{mac}"

@@ -1,0 +1,130 @@
+"""``popek network``: create, list, inspect and delete virtual networks.
+
+Registered by :mod:`popek.cli.main` as ``app.add_typer(network_app, name="network")``
+(``from popek.cli.network import app as network_app``).  The network service
+(and through it pyroute2) is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from popek.cli.common import check_format, print_table
+
+if TYPE_CHECKING:
+    from popek.network import Networks
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Create, list, inspect and delete virtual networks.")
+
+def _networks() -> Networks:
+    from popek.network import Networks
+
+    return Networks()
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@app.command()
+def create(
+    name: str = typer.Argument(..., help="Network name: a-z, 0-9 and '-', 1-63 characters."),
+    subnet: str | None = typer.Option(None, "--subnet",
+                                      help="Private IPv4 CIDR, /8 to /29 (default: a free /24 "
+                                           "in 10.200-250.x.0)."),
+    nat: bool = typer.Option(False, "--nat", help="Let instances reach outside through NAT."),
+    port_isolation: bool = typer.Option(False, "--port-isolation",
+                                        help="Instances on it cannot reach each other."),
+) -> None:
+    """Create a network: a bridge, DHCP/DNS, and port security rules."""
+    net = _networks().create(name, subnet=subnet, nat=nat, port_isolation=port_isolation)
+    print(f"Network {net.name} created ({net.subnet}, gateway {net.gateway}, "
+          f"bridge {net.bridge}).")
+
+
+@app.command("list")
+def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """List networks."""
+    check_format(fmt)
+    svc = _networks()
+    nets = svc.list()
+    counts: dict[str, int] = {}
+    for port in svc.ports():
+        counts[port.network] = counts.get(port.network, 0) + 1
+    if fmt == "json":
+        print(json.dumps([{
+            "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
+            "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
+            "ports": counts.get(n.name, 0),
+        } for n in nets], indent=2))
+        return
+    print_table(["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT", "ISOLATION", "PORTS", "STATE"], [
+        [n.name, n.subnet, n.gateway, n.bridge, _yes(n.nat), _yes(n.port_isolation),
+         str(counts.get(n.name, 0)), n.state] for n in nets])
+
+
+@app.command()
+def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """Show a network: its record, bridge, dnsmasq, ports and leases."""
+    check_format(fmt)
+    data: dict[str, Any] = _networks().info(name)
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return
+    ports = data.pop("ports")
+    data.pop("leases")
+    dhcp = data.pop("dhcp_leases", [])
+    data.pop("devices", None)
+    bridge = data.pop("bridge")
+    dns = data.pop("dnsmasq", {})
+    if isinstance(bridge, dict):
+        data["bridge"] = (f"{bridge['name']} ({'up' if bridge.get('up') else 'down'}, "
+                          f"{', '.join(bridge.get('addresses', [])) or 'no address'})"
+                          if bridge.get("exists") else f"{bridge['name']} (missing)")
+    if dns:
+        data["dnsmasq"] = f"pid {dns['pid']} ({'running' if dns['alive'] else 'not running'})"
+    print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
+    print_table(["PORT", "INSTANCE", "KIND", "MAC", "IPV4", "STATE"],
+                 [[p["host_ifname"], p["instance"], p["kind"], p["mac"], p["ipv4"], p["state"]]
+                  for p in ports])
+    if dhcp:
+        print_table(["DHCP LEASE", "MAC", "HOSTNAME"],
+                     [[d["ipv4"], d["mac"], d["hostname"]] for d in dhcp])
+
+
+@app.command()
+def delete(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="Delete its ports too (detaches them)."),
+) -> None:
+    """Delete a network and everything it left on the host."""
+    _networks().delete(name, force=force)
+    print(f"Network {name} deleted.")
+
+
+@app.command()
+def attach(
+    name: str = typer.Argument(..., help="The network."),
+    instance: str = typer.Argument(..., help="The instance to attach (running or stopped)."),
+) -> None:
+    """Give an instance a port on a network; a running instance gets it at once."""
+    from popek.core.instances import Instances
+
+    port = Instances().attach(instance, name)
+    print(f"Instance {instance} attached to {name}: {port.ipv4} ({port.mac}).")
+
+
+@app.command()
+def detach(
+    name: str = typer.Argument(..., help="The network."),
+    instance: str = typer.Argument(..., help="The instance to detach."),
+) -> None:
+    """Remove an instance's port on a network (unplugged first if it runs)."""
+    from popek.core.instances import Instances
+
+    Instances().detach(instance, name)
+    print(f"Instance {instance} detached from {name}.")
