@@ -407,8 +407,8 @@ def _port_rules(b: _Batch, port: Port) -> None:
                _m(_payload("ip6", "length"), 32),
                _m(_raw("th", 64, 128), _hex(addr, 128)),
                _m(_raw("th", 192, 64), _hex(_lla(_OPT_TLLA, macn), 64)), _ACCEPT)
-    b.rule(ch, *nd, _m(_payload("icmpv6", "type"), _ND_NA), _COUNTER, _DROP,
-           comment="na-spoof")
+    b.rule(ch, _m(ether_type, "ip6"), _m(_meta("l4proto"), "ipv6-icmp"),
+           _m(_payload("icmpv6", "type"), _ND_NA), _COUNTER, _DROP, comment="na-spoof")
     for nd_type, base_len in ((_ND_NS, 24), (_ND_RS, 8)):
         b.rule(ch, *nd, _m(_payload("icmpv6", "type"), nd_type),
                _m(_payload("ip6", "length"), base_len + 8),

@@ -12,6 +12,7 @@ docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,9 +87,9 @@ def netdev_id(port: Port) -> str:
     return f"net-{port.host_ifname}"
 
 
-def netdev_arg(port: Port) -> str:
-    """``-netdev`` value: the persistent tap (owned by the instance uid) popek created."""
-    return f"tap,id={netdev_id(port)},ifname={port.host_ifname},script=no,downscript=no,vhost=off"
+def netdev_arg(port: Port, fd: int) -> str:
+    """``-netdev`` value: the tap popek opened for QEMU, inherited as file descriptor ``fd``."""
+    return f"tap,id={netdev_id(port)},fd={fd},vhost=off"
 
 
 def nic_arg(port: Port, bus: str) -> str:
@@ -105,8 +106,12 @@ def find_qemu() -> str:
     return path
 
 
-def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
-    """Return the full QEMU argv for ``spec`` with accelerator ``accel`` (``kvm``/``tcg``)."""
+def build_argv(spec: LaunchSpec, accel: str, qemu: str,
+               tap_fds: Sequence[int] = ()) -> list[str]:
+    """Return the full QEMU argv for ``spec`` with accelerator ``accel`` (``kvm``/``tcg``).
+
+    ``tap_fds`` are the open tap descriptors of ``spec.ports``, in order.
+    """
     p = Paths(spec.workdir)
     mib = spec.memory >> 20
     if spec.image is None:
@@ -141,6 +146,6 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str) -> list[str]:
     for i in range(ROOT_PORTS):
         argv += ["-device", f"pcie-root-port,id={root_port(i)},chassis={i + 1},slot={i + 1},"
                             f"bus=pcie.0"]
-    for i, port in enumerate(spec.ports):
-        argv += ["-netdev", netdev_arg(port), "-device", nic_arg(port, root_port(i))]
+    for i, (port, fd) in enumerate(zip(spec.ports, tap_fds, strict=True)):
+        argv += ["-netdev", netdev_arg(port, fd), "-device", nic_arg(port, root_port(i))]
     return argv

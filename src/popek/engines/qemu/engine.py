@@ -22,6 +22,7 @@ from popek.engines.qemu.cmdline import (
     nic_id,
     root_port,
 )
+from popek.engines.qemu.tap import open_tap
 from popek.errors import CapabilityError, EngineError
 from popek.watch import wait_for_line
 
@@ -128,10 +129,18 @@ class QemuEngine:
         p = Paths(spec.workdir)
         self._prepare(spec, p)
         pidfile = spec.workdir / "qemu.pid"
-        argv = [*build_argv(spec, accel, qemu), "-pidfile", str(pidfile)]
-        p.argv.write_text(json.dumps(argv))
-        groups = [KVM_GROUP_DEV.stat().st_gid] if accel == "kvm" else []
-        process.spawn_detached(argv, spec.uid, spec.gid, groups, p.stderr, spec.workdir)
+        tap_fds: list[int] = []
+        try:
+            for port in spec.ports:
+                tap_fds.append(open_tap(port.host_ifname))
+            argv = [*build_argv(spec, accel, qemu, tap_fds), "-pidfile", str(pidfile)]
+            p.argv.write_text(json.dumps(argv))
+            groups = [KVM_GROUP_DEV.stat().st_gid] if accel == "kvm" else []
+            process.spawn_detached(argv, spec.uid, spec.gid, groups, p.stderr, spec.workdir,
+                                   tuple(tap_fds))
+        finally:
+            for fd in tap_fds:
+                os.close(fd)
         if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
                                   10.0):
             raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
@@ -212,9 +221,13 @@ class QemuEngine:
         if not free:
             raise EngineError(f"{spec.name} has no free PCIe slot left ({ROOT_PORTS} NICs at most)")
         sock = Paths(spec.workdir).qmp
-        qmp.execute(sock, "netdev_add", {"type": "tap", "id": netdev_id(port),
-                                         "ifname": port.host_ifname, "script": "no",
-                                         "downscript": "no", "vhost": False})
+        fd = open_tap(port.host_ifname)
+        try:
+            qmp.execute_with_fd(sock, fd, netdev_id(port), [
+                ("netdev_add", {"type": "tap", "id": netdev_id(port), "fd": netdev_id(port),
+                                "vhost": False})])
+        finally:
+            os.close(fd)
         try:
             qmp.execute(sock, "device_add", {"driver": "virtio-net-pci",
                                              "netdev": netdev_id(port), "mac": port.mac,

@@ -22,7 +22,7 @@ SETSID = "setsid"
 
 
 def spawn_detached(argv: list[str], uid: int, gid: int, groups: list[int],
-                   stderr_path: Path, cwd: Path) -> None:
+                   stderr_path: Path, cwd: Path, pass_fds: tuple[int, ...] = ()) -> None:
     """Run ``argv`` as ``uid``/``gid`` in a new session, detached from the caller.
 
     Raises :class:`EngineError` when the launcher itself fails.
@@ -34,7 +34,7 @@ def spawn_detached(argv: list[str], uid: int, gid: int, groups: list[int],
                 [SETSID, "--fork", *argv],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=cwd,
                 user=uid, group=gid, extra_groups=groups, umask=0o077,
-                start_new_session=True, check=False, timeout=10,
+                start_new_session=True, check=False, timeout=10, pass_fds=pass_fds,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise EngineError(f"cannot start {argv[0]}: {exc}") from exc

@@ -33,7 +33,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
-                   timeout: float) -> list[object]:
+                   timeout: float, fd: tuple[int, str] | None = None) -> list[object]:
     import asyncio
 
     from qemu.qmp import QMPClient
@@ -41,6 +41,9 @@ async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | 
     qmp = QMPClient("popek")
     try:
         await asyncio.wait_for(qmp.connect(str(sock)), timeout)
+        if fd is not None:  # hand QEMU a file descriptor under a name (SCM_RIGHTS + getfd)
+            qmp.send_fd_scm(fd[0])
+            await asyncio.wait_for(qmp.execute("getfd", {"fdname": fd[1]}), timeout)
         results = []
         for cmd, args in commands:
             results.append(await asyncio.wait_for(qmp.execute(cmd, args), timeout))
@@ -58,8 +61,15 @@ def execute(sock: Path, cmd: str, args: Mapping[str, object] | None = None,
     return execute_many(sock, [(cmd, args)], timeout)[0]
 
 
+def execute_with_fd(sock: Path, fd: int, fdname: str,
+                    commands: list[tuple[str, Mapping[str, object] | None]],
+                    timeout: float = 10.0) -> list[Any]:
+    """Pass ``fd`` to QEMU as ``fdname``, then run ``commands`` in the same session."""
+    return execute_many(sock, commands, timeout, (fd, fdname))
+
+
 def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
-                 timeout: float = 10.0) -> list[Any]:
+                 timeout: float = 10.0, fd: tuple[int, str] | None = None) -> list[Any]:
     """Run several QMP commands in one session; return their results in order."""
     import asyncio
 
@@ -67,7 +77,7 @@ def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | No
 
     try:
         with _locked(sock.with_suffix(".lock")):
-            return asyncio.run(_session(sock, commands, timeout))
+            return asyncio.run(_session(sock, commands, timeout, fd))
     except ExecuteError as exc:
         raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
     except (ConnectError, OSError, TimeoutError, EOFError) as exc:
