@@ -105,7 +105,7 @@ def test_arp_spoof_gateway(lab: dict[str, Any]) -> None:
 
 def test_arp_spoof_other_guest(lab: dict[str, Any]) -> None:
     gw, victim_ip = _gateway(lab), lab["ports"][VICTIM]["ipv4"]
-    bridge = lab["net"]["bridge"]
+    bridge = lab["net"]["bridge"]["name"]
     sh(VICTIM, f"ping -c 1 -W 2 {gw}")
     before = _host_neigh(bridge, victim_ip)
     assert before == lab["ports"][VICTIM]["mac"]
@@ -137,7 +137,7 @@ def test_promiscuous_guest_sees_no_unicast(lab: dict[str, Any]) -> None:
     peer_ip = lab["ports"][PEER]["ipv4"]
     sh(ATTACKER, "ip link set eth0 promisc on")
     rx = "cat /sys/class/net/eth0/statistics/rx_bytes"
-    popek("exec", PEER, "--", "sh", "-c", "nc -l -p 5001 > /dev/null &")
+    popek("exec", PEER, "--", "sh", "-c", "nc -l -p 5001 >/dev/null 2>&1 </dev/null &")
     time.sleep(0.5)
     before = int(sh(ATTACKER, rx).stdout)
     sent = sh(VICTIM, f"dd if=/dev/zero bs=1024 count=2048 2>/dev/null | nc -w 5 {peer_ip} 5001",
