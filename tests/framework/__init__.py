@@ -83,3 +83,15 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.1)
+
+
+def tcp_reach(name: str, ip: str, port: int) -> bool:
+    """Whether instance ``name`` can open a TCP connection to ``ip:port``.
+
+    Uses busybox nc (containers have no CAP_NET_RAW for ping): exit 0 when the
+    peer closed, 143 when ``timeout`` ended a connection that stayed open.
+    """
+    proc = popek("exec", name, "--", "sh", "-c",
+                 f"timeout 4 nc -w 2 {ip} {port} </dev/null >/dev/null 2>&1; echo rc=$?",
+                 check=False)
+    return proc.stdout.strip() in ("rc=0", "rc=143")

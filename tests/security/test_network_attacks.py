@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from framework import popek, popek_json
+from framework import popek, popek_json, tcp_reach
 
 NET_A, NET_B = "seca", "secb"
 ATTACKER, VICTIM, PEER, OTHER = "mallory", "victim", "peer", "faraway"
@@ -166,4 +166,9 @@ def test_other_network_unreachable(lab: dict[str, Any]) -> None:
     other_ip = lab["other"]["ipv4"]
     assert sh(VICTIM, f"ping -c 2 -W 1 {other_ip}").returncode != 0
     victim_ip = lab["ports"][VICTIM]["ipv4"]
-    assert sh(OTHER, f"ping -c 2 -W 1 {victim_ip}").returncode != 0
+    other_gw = popek_json("network", "info", NET_B)["gateway"]
+    assert tcp_reach(OTHER, other_gw, 53)  # its own network works
+    sh(VICTIM, "nc -l -p 7001 > /tmp/got 2>/dev/null </dev/null &")
+    time.sleep(0.5)
+    assert not tcp_reach(OTHER, victim_ip, 7001)
+    assert sh(VICTIM, "cat /tmp/got").stdout == ""

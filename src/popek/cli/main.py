@@ -74,7 +74,8 @@ def launch(
     mount: list[str] = typer.Option([], "--mount",
                                     help="Containers: share a host directory, SRC:DST[:ro]."),
     network: list[str] = typer.Option([], "--network",
-                                      help="Attach to this popek network (repeatable)."),
+                                      help="Attach to popek network NAME, or NAME=IP for a "
+                                           "static address (repeatable)."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
@@ -122,6 +123,9 @@ def info(name: str, fmt: str = typer.Option("table", "--format", help="table or 
     from popek.units import format_size
 
     history = data.pop("history")
+    ports = data.pop("ports", [])
+    for p in ports:
+        data[f"network {p['network']}"] = f"{p['ipv4']} {p['mac']} ({p['host_device']})"
     data["memory"] = format_size(data["memory"])
     usage = data.pop("usage", None)
     if usage:

@@ -110,11 +110,12 @@ def delete(
 def attach(
     name: str = typer.Argument(..., help="The network."),
     instance: str = typer.Argument(..., help="The instance to attach (running or stopped)."),
+    ip: str = typer.Option(None, "--ip", help="A static IPv4 address on the network."),
 ) -> None:
     """Give an instance a port on a network; a running instance gets it at once."""
     from popek.core.instances import Instances
 
-    port = Instances().attach(instance, name)
+    port = Instances().attach(instance, name, ipv4=ip)
     print(f"Instance {instance} attached to {name}: {port.ipv4} ({port.mac}).")
 
 

@@ -199,7 +199,7 @@ class Instances:
 
         return Networks(self.store)
 
-    def attach(self, name: str, network: str) -> Port:
+    def attach(self, name: str, network: str, ipv4: str | None = None) -> Port:
         """Give ``name`` a port on ``network``; plug it in at once if the instance runs.
 
         Raises :class:`NotFound` for a missing network, :class:`AlreadyExists`
@@ -217,7 +217,8 @@ class Instances:
             raise StateError(name, "attach a network to", inst.state.value,
                              (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
         nets = self._network_service()
-        port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid)
+        port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid,
+                                ipv4=ipv4)
         if running:
             assert inst.runtime is not None
             try:
@@ -246,8 +247,9 @@ class Instances:
         if not networks:
             return
         nets = self._network_service()
-        for net in networks:
-            nets.create_port(net, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid)
+        for net, ipv4 in (split_network(n) for n in networks):
+            nets.create_port(net, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid,
+                             ipv4=ipv4)
 
     def _ensure_port_devices(self, inst: Instance) -> None:
         """Recreate host devices of ports that vanished (a container's veth dies with it)."""
@@ -335,7 +337,7 @@ class Instances:
             raise StoreError("could not allocate a uid for the instance; retry")
         try:
             for net in networks or []:
-                self._network_service().get(net)  # a missing network fails before anything
+                self._network_service().get(split_network(net)[0])  # missing: fail first
             self._create_ports(inst, eng, list(networks or []))
             spec = self._launch_spec(inst, image)
             progress(f"creating {name}")
@@ -506,6 +508,8 @@ class Instances:
             "memory": inst.spec.memory, "accel_requested": inst.spec.accel,
             "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
             "history": inst.history,
+            "ports": [{"network": p.network, "mac": p.mac, "ipv4": p.ipv4, "ipv6": p.ipv6,
+                       "host_device": p.host_ifname, "kind": p.kind} for p in self._ports(inst)],
         }
         if inst.runtime is not None and inst.state in (State.RUNNING, State.PAUSED):
             data["pid"] = inst.runtime.pid
@@ -600,6 +604,12 @@ class Instances:
 
 
 CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids")
+
+
+def split_network(text: str) -> tuple[str, str | None]:
+    """Split ``NAME`` or ``NAME=IPV4`` (a static address on that network)."""
+    name, _, ipv4 = text.partition("=")
+    return name, ipv4 or None
 MAX_PIDS = 1 << 22
 
 

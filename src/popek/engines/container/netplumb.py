@@ -17,7 +17,7 @@ from popek.network.model import Network, Port
 
 def peer_name(port: Port) -> str:
     """Name of the container end of the veth pair while it is still on the host."""
-    return f"{port.host_ifname}p"
+    return port.peer_ifname or f"{port.host_ifname}p"
 
 
 def plumb(port: Port, network: Network, pid: int, ifname: str) -> None:

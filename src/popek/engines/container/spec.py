@@ -128,6 +128,8 @@ def build_spec(*, hostname: str, args: list[str], env: list[str], cwd: str, host
             "resources": limits.resources(),
             "cgroupsPath": cgroups_path,
             "seccomp": oci_profile(),
+            # ICMP echo through datagram sockets (ping without CAP_NET_RAW); namespaced
+            "sysctl": {"net.ipv4.ping_group_range": f"0 {ID_RANGE - 1}"},
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },

@@ -1,0 +1,114 @@
+"""Instances on popek networks through the real CLI: launch --network, live attach/detach."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from framework import popek, popek_json, tcp_reach
+
+NET, NET2 = "lan", "lan2"
+VM, CT = "netvm", "netct"
+
+
+def sh(name: str, script: str) -> subprocess.CompletedProcess[str]:
+    return popek("exec", name, "--", "sh", "-c", script, check=False)
+
+
+def _addrs(name: str) -> str:
+    return sh(name, "ip -4 addr").stdout
+
+
+def _eventually(check: object, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="module")
+def lab(minimal_image: str) -> Iterator[dict[str, str]]:
+    popek("network", "create", NET, "--subnet", "10.213.7.0/24")
+    popek("network", "create", NET2)
+    try:
+        popek("launch", minimal_image, VM, "--memory", "192MiB", "--network", NET)
+        popek("launch", minimal_image, CT, "--container", "--network", f"{NET}=10.213.7.50")
+        yield {"gateway": "10.213.7.1"}
+    finally:
+        for name in (VM, CT):
+            popek("delete", "--force", name, check=False)
+        for net in (NET, NET2):
+            popek("network", "delete", "--force", net, check=False)
+
+
+def test_ports_are_recorded_and_shown(lab: dict[str, str]) -> None:
+    ct_ports = popek_json("info", CT)["ports"]
+    assert [(p["network"], p["ipv4"], p["kind"]) for p in ct_ports] == [
+        (NET, "10.213.7.50", "veth")]
+    vm_port = popek_json("info", VM)["ports"][0]
+    assert vm_port["kind"] == "tap" and vm_port["mac"].startswith("52:54:00:")
+    assert _eventually(lambda: vm_port["ipv4"] in _addrs(VM))  # by DHCP from dnsmasq
+    assert "10.213.7.50/24" in _addrs(CT)  # configured by popek in the netns
+
+
+def test_vm_and_container_talk_and_reach_the_gateway(lab: dict[str, str]) -> None:
+    vm_ip = popek_json("info", VM)["ports"][0]["ipv4"]
+    assert sh(VM, "ping -c 2 -W 2 10.213.7.50").returncode == 0
+    sh(VM, "nc -l -p 7000 > /tmp/got 2>/dev/null </dev/null &")
+    time.sleep(0.5)
+    sh(CT, f"echo hello-from-container | nc -w 3 {vm_ip} 7000")
+    assert _eventually(lambda: "hello-from-container" in sh(VM, "cat /tmp/got").stdout, 10)
+    assert tcp_reach(CT, lab["gateway"], 53)  # DNS on the gateway
+
+
+def test_container_cannot_change_its_own_address(lab: dict[str, str]) -> None:
+    proc = sh(CT, "ip addr add 10.213.7.99/24 dev eth0 || "
+                  "ip link set eth0 address 02:00:00:00:00:09")
+    assert proc.returncode != 0  # no CAP_NET_ADMIN in the container
+
+
+def test_live_attach_and_detach(lab: dict[str, str]) -> None:
+    for name in (VM, CT):
+        popek("network", "attach", NET2, name)
+        ip = next(p["ipv4"] for p in popek_json("info", name)["ports"] if p["network"] == NET2)
+        assert _eventually(lambda name=name, ip=ip: ip in _addrs(name)), _addrs(name)
+        gw = popek_json("network", "info", NET2)["gateway"]
+        assert tcp_reach(name, gw, 53)
+        popek("network", "detach", NET2, name)
+        assert ip not in _addrs(name)
+        assert [p["network"] for p in popek_json("info", name)["ports"]] == [NET]
+    assert popek_json("network", "info", NET2)["ports"] == []
+
+
+def test_container_keeps_its_address_across_restart(lab: dict[str, str]) -> None:
+    popek("restart", CT)
+    assert "10.213.7.50/24" in _addrs(CT)
+    assert tcp_reach(CT, lab["gateway"], 53)
+
+
+def test_bad_network_input_changes_nothing(lab: dict[str, str], minimal_image: str) -> None:
+    proc = popek("launch", minimal_image, "nonet", "--container", "--network", "missing",
+                 check=False)
+    assert proc.returncode != 0 and "missing" in proc.stderr
+    assert "nonet" not in [e["name"] for e in popek_json("list")]
+    taken = popek("launch", minimal_image, "dupip", "--container", "--network",
+                  f"{NET}=10.213.7.50", check=False)
+    assert taken.returncode != 0 and "10.213.7.50" in taken.stderr
+    assert "dupip" not in [e["name"] for e in popek_json("list")]
+    again = popek("network", "attach", NET, CT, check=False)
+    assert again.returncode != 0 and "already attached" in again.stderr
+    busy = popek("network", "delete", NET, check=False)
+    assert busy.returncode != 0
+    assert len(popek_json("network", "info", NET)["ports"]) == 2
+
+
+def test_delete_releases_port_and_lease(lab: dict[str, str], minimal_image: str) -> None:
+    popek("delete", "--force", CT)
+    info = popek_json("network", "info", NET)
+    assert "10.213.7.50" not in info["leases"]
+    assert all(not p["instance"].endswith("/" + CT) for p in info["ports"])
