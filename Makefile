@@ -25,6 +25,8 @@ bench: setup
 	@bash scripts/setup-bench.sh
 	$(PY) bench/boot.py
 	$(PY) bench/containers.py
+	$(PY) bench/netrules.py
+	$(PY) bench/network.py --rules-json bench/results/netrules-latest.json
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

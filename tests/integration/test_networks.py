@@ -219,4 +219,6 @@ def test_delete_leaves_nothing(home: Path) -> None:
     nft = shutil.which("nft") or "/usr/sbin/nft"
     tables = subprocess.run([nft, "-j", "list", "tables"], capture_output=True, text=True,
                             check=True).stdout
-    assert '"name": "popek"' not in tables
+    from popek.network.nft import table_name
+
+    assert f'"name": "{table_name()}"' not in tables

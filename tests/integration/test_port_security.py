@@ -660,7 +660,8 @@ def test_failed_apply_changes_nothing(topo: Topology) -> None:
     before = {i["chain"]["name"] for i in nft.current(netns=topo.host)["nftables"]
               if "chain" in i}
     broken = nft.build_ruleset(topo.networks, topo.ports[:2])
-    broken.append({"add": {"rule": {"family": "bridge", "table": "popek", "chain": "missing",
+    broken.append({"add": {"rule": {"family": "bridge", "table": nft.table_name(),
+                                    "chain": "missing",
                                     "expr": [{"drop": None}]}}})
     with pytest.raises(nft.NftError, match="apply failed"):
         nft.apply(broken, netns=topo.host)

@@ -59,13 +59,13 @@ def test_replaces_only_popeks_tables_in_one_batch() -> None:
     assert "metainfo" in rs[0]
     for family in ("bridge", "inet"):
         verbs = [next(iter(c)) for c in rs if "table" in next(iter(c.values()), {})
-                 and c[next(iter(c))]["table"] == {"family": family, "name": "popek"}]
+                 and c[next(iter(c))]["table"] == {"family": family, "name": nft.table_name()}]
         # add (so delete cannot fail) + delete + add, in that order
         assert verbs == ["add", "delete", "add"]
     names = {(o["family"], o.get("table", o.get("name")))
              for c in rs for o in c.values() if isinstance(o, dict)
              for o in o.values() if isinstance(o, dict) and "family" in o}
-    assert names <= {("bridge", "popek"), ("inet", "popek")}
+    assert names <= {("bridge", nft.table_name()), ("inet", nft.table_name())}
 
 
 def test_every_port_has_its_chain_and_vmap_entry() -> None:
@@ -207,7 +207,7 @@ def test_small_ruleset_passes_nft_check() -> None:
 @needs_nft
 def test_broken_ruleset_is_reported_with_nft_message() -> None:
     rs = nft.build_ruleset(*small())
-    rs.append({"add": {"rule": {"family": "bridge", "table": "popek", "chain": "nope",
+    rs.append({"add": {"rule": {"family": "bridge", "table": nft.table_name(), "chain": "nope",
                                 "expr": [{"drop": None}]}}})
     with pytest.raises(nft.NftError, match="check failed"):
         nft.check(rs)
@@ -252,3 +252,16 @@ def test_random_port_sets_always_pass_nft_check(rec: tuple[list[Network], list[P
     chains = {c["name"] for c in cmds(rs, "add", "chain", "bridge")}
     assert {nft.port_chain(p.host_ifname) for p in ports} <= chains
     nft.check(rs)
+
+
+def test_each_home_has_its_own_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPEK_HOME", "/var/lib/popek")
+    assert nft.table_name() == "popek"
+    monkeypatch.setenv("POPEK_HOME", "/var/tmp/other-home")
+    other = nft.table_name()
+    assert other.startswith("popek-") and other != "popek"
+    rs = nft.build_ruleset(*small())
+    names = {(o["family"], o.get("table", o.get("name")))
+             for c in rs for o in c.values() if isinstance(o, dict)
+             for o in o.values() if isinstance(o, dict) and "family" in o}
+    assert names == {("bridge", other), ("inet", other)}

@@ -37,6 +37,7 @@ that attacks it.
 from __future__ import annotations
 
 import gc
+import hashlib
 import ipaddress
 import json
 import re
@@ -68,7 +69,19 @@ __all__ = [
 ]
 
 TABLE = "popek"
-"""Name of both popek tables (``bridge popek`` and ``inet popek``)."""
+"""Name of both popek tables of the default ``POPEK_HOME`` (``bridge popek``, ``inet popek``)."""
+
+
+def table_name() -> str:
+    """The name of this ``POPEK_HOME``'s tables: ``popek`` for the default home, else
+    ``popek-<hash>``, so that several homes on one host (test suites, say) never
+    replace each other's rules.  Each table matches only its own bridges and ports."""
+    from popek import paths
+
+    home = paths.home().resolve()
+    if str(home) == paths.DEFAULT_HOME:
+        return TABLE
+    return f"{TABLE}-{hashlib.sha256(str(home).encode()).hexdigest()[:8]}"
 
 PORT_CHAIN_PREFIX = "port-"
 """Per-port chains are named ``port-<host_ifname>``."""
@@ -306,6 +319,7 @@ class _Batch:
 
     def __init__(self, family: str) -> None:
         self.family = family
+        self._name = table_name()  # computed once per batch: thousands of rules use it
         self._table: list[dict[str, Any]] = []
         self._chains: list[dict[str, Any]] = []
         self._sets: list[dict[str, Any]] = []
@@ -319,21 +333,21 @@ class _Batch:
         return self._table + self._chains + self._sets + self._maps + self._rules
 
     def table(self) -> None:
-        t = {"family": self.family, "name": TABLE}
+        t = {"family": self.family, "name": self._name}
         # add + delete + add: replaces the table whether or not it existed.
         self._table = [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}},
                        {"add": {"table": dict(t)}}]
 
     def chain(self, name: str, hook: str | None = None, prio: int = 0,
               ctype: str = "filter") -> None:
-        c: dict[str, Any] = {"family": self.family, "table": TABLE, "name": name}
+        c: dict[str, Any] = {"family": self.family, "table": self._name, "name": name}
         if hook:
             c.update(type=ctype, hook=hook, prio=prio, policy="accept")
         self._chains.append({"add": {"chain": c}})
 
     def set(self, name: str, stype: str | list[str], elems: list[Any],
             map_to: str | None = None) -> None:
-        s: dict[str, Any] = {"family": self.family, "table": TABLE, "name": name,
+        s: dict[str, Any] = {"family": self.family, "table": self._name, "name": name,
                              "type": stype}
         if map_to:
             s["map"] = map_to
@@ -345,7 +359,7 @@ class _Batch:
             self._sets.append({"add": {"set": s}})
 
     def rule(self, chain: str, *expr: Expr, comment: str | None = None) -> None:
-        r: dict[str, Any] = {"family": self.family, "table": TABLE, "chain": chain,
+        r: dict[str, Any] = {"family": self.family, "table": self._name, "chain": chain,
                              "expr": list(expr)}
         if comment:
             r["comment"] = comment
@@ -678,15 +692,15 @@ def current(family: str = "bridge", *, netns: str | None = None) -> dict[str, An
     """
     if family not in ("bridge", "inet"):
         raise RulesetInputError(f"family {family!r}: popek tables are 'bridge' or 'inet'")
-    proc = _run_nft("list", ["-j", "list", "table", family, TABLE], None, netns)
+    proc = _run_nft("list", ["-j", "list", "table", family, table_name()], None, netns)
     if proc.returncode != 0:
         if "No such file or directory" in proc.stderr:
-            raise NftTableMissing(f"nftables table {family} {TABLE} does not exist")
-        raise NftError(f"list table {family} {TABLE}", proc.returncode, proc.stderr)
+            raise NftTableMissing(f"nftables table {family} {table_name()} does not exist")
+        raise NftError(f"list table {family} {table_name()}", proc.returncode, proc.stderr)
     try:
         data: dict[str, Any] = json.loads(proc.stdout)
     except json.JSONDecodeError as exc:
-        raise NftError(f"list table {family} {TABLE}", proc.returncode,
+        raise NftError(f"list table {family} {table_name()}", proc.returncode,
                        f"output is not JSON: {exc}") from exc
     return data
 
@@ -701,7 +715,7 @@ def remove_all(*, netns: str | None = None) -> None:
     """
     cmds: list[dict[str, Any]] = [{"metainfo": {"json_schema_version": 1}}]
     for family in ("bridge", "inet"):
-        t = {"family": family, "name": TABLE}
+        t = {"family": family, "name": table_name()}
         cmds += [{"add": {"table": dict(t)}}, {"delete": {"table": dict(t)}}]
     proc = _run_nft("remove", ["-j", "-f", "-"], to_json(cmds), netns)
     if proc.returncode != 0:
