@@ -272,9 +272,20 @@ def _sysctl(ns: str, key: str) -> str:
         return "absent"
 
 
+def popek_tables(ns: str) -> list[tuple[str, str]]:
+    """popek's tables in ``ns``: ``popek`` or ``popek-<hash of POPEK_HOME>``, bridge and inet."""
+    out = _run([*_ns(ns), "nft", "-j", "list", "tables"], f"nft list tables in {ns}")
+    return [(i["table"]["family"], i["table"]["name"])
+            for i in json.loads(out).get("nftables", []) if "table" in i
+            and re.fullmatch(r"popek(-[0-9a-f]+)?", i["table"]["name"])]
+
+
 def rules_in_place(info: dict[str, Any]) -> bool:
     """Whether both containers' host veths are in popek's verdict map ``port_chains``."""
-    out = _run([*_ns(NS_POPEK), "nft", "-j", "list", "map", "bridge", "popek", "port_chains"],
+    bridge = [name for fam, name in popek_tables(NS_POPEK) if fam == "bridge"]
+    if len(bridge) != 1:
+        return False
+    out = _run([*_ns(NS_POPEK), "nft", "-j", "list", "map", "bridge", bridge[0], "port_chains"],
                "nft list map port_chains")
     text = json.dumps(json.loads(out))
     return all(f'"{info[n]["host_device"]}"' in text for n in NAMES)
@@ -355,8 +366,8 @@ def measure_without_tables(env: Env, side: Side, rnd: int, args: argparse.Namesp
     """Delete popek's two tables in NS_POPEK, measure, let popek reload them (reconcile)."""
     nft = [*_ns(NS_POPEK), "nft"]
     try:
-        for family in ("bridge", "inet"):
-            _run([*nft, "delete", "table", family, "popek"], f"nft delete table {family}")
+        for family, name in popek_tables(NS_POPEK):
+            _run([*nft, "delete", "table", family, name], f"nft delete table {family} {name}")
         left = _nft_summary(NS_POPEK)["tables"]
         if left:
             raise BenchError(f"tables left in {NS_POPEK}: {left}")
@@ -509,7 +520,11 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("popek / baseline")
     ax2.set_title("throughput ratio per round")
     ax2.legend(fontsize=8)
-    box(ax3, "ping_ms", "ms", "busybox ping RTT, every packet", per_packet=True)
+    box(ax3, "ping_ms", "ms", "busybox ping RTT, every packet (rare outliers off-scale)",
+        per_packet=True)
+    pings = sorted(x for s in samples for x in s["ping_ms"])
+    if len(pings) > 10:  # one multi-ms outlier would flatten every box
+        ax3.set_ylim(0, 1.3 * pings[int(0.99 * (len(pings) - 1))])
     rules = rep["rules"]["full"] or {}
     xs = [r["ports"] for r in rules.values()]
     for key, label in (("total_ms", "build + apply"), ("apply_ms", "apply (nft)"),
