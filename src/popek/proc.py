@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from popek.errors import EngineError
 
@@ -57,3 +60,29 @@ def kill(pid: int, started: int, timeout: float = 5.0) -> None:
         return
     if not wait_until(lambda: not alive(pid, started), timeout):
         raise EngineError(f"process {pid} did not die after SIGKILL within {timeout:.0f}s")
+
+
+def run(argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` without its polling: wait in the kernel, kill after ``timeout``.
+
+    ``subprocess.run(timeout=...)`` waits for the child by sleeping in growing
+    steps (up to 50 ms), which adds tens of milliseconds to every short
+    command; here the wait blocks and a timer kills the child if it overruns.
+    Raises ``subprocess.TimeoutExpired`` when the timer fired.
+    """
+    fired = threading.Event()
+    with subprocess.Popen(argv, **kwargs) as p:
+
+        def overrun() -> None:
+            fired.set()
+            p.kill()
+
+        timer = threading.Timer(timeout, overrun)
+        timer.start()
+        try:
+            out, err = p.communicate()
+        finally:
+            timer.cancel()
+        if fired.is_set():
+            raise subprocess.TimeoutExpired(argv, timeout, out, err)
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 from popek.engines.container.cgroups import is_v2
 from popek.errors import EngineError, InvalidInput
+from popek.proc import run
 
 RUNTIMES = ("auto", "runc", "crun")
 PACKAGES = {"runc": "runc", "crun": "crun"}
@@ -56,24 +57,24 @@ class OciRuntime:
         """Run a runtime command; return its stdout or raise :class:`EngineError`."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            proc = subprocess.run(self._argv(*args), capture_output=True, text=True,
-                                  timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+            proc = run(self._argv(*args), timeout, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise EngineError(f"{self.name} {args[0]} failed: {exc}") from exc
         if proc.returncode != 0:
             msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
             raise EngineError(f"{self.name} {args[0]} failed: {msg}")
-        return proc.stdout
+        return str(proc.stdout)
 
     def run_detached(self, cid: str, bundle: Path, pidfile: Path, log: IO[bytes]) -> None:
         """Create and start container ``cid`` from ``bundle``; its init writes to ``log``."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         err_path = bundle / "runtime.err"
         with open(err_path, "wb") as err:
-            proc = subprocess.run(
+            proc = run(
                 self._argv("run", "--detach", "--pid-file", str(pidfile), "--bundle",
                            str(bundle), cid),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=err, check=False, timeout=60,
+                60.0, stdin=subprocess.DEVNULL, stdout=log, stderr=err,
             )
         if proc.returncode != 0:
             text = err_path.read_text(errors="replace").strip().splitlines()

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from popek.errors import EngineError
+from popek.proc import run
 
 SETSID = "setsid"
 
@@ -30,11 +31,11 @@ def spawn_detached(argv: list[str], uid: int, gid: int, groups: list[int],
     with open(stderr_path, "ab") as err:
         os.fchown(err.fileno(), uid, gid)
         try:
-            proc = subprocess.run(
-                [SETSID, "--fork", *argv],
+            proc = run(
+                [SETSID, "--fork", *argv], 10.0,
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=cwd,
                 user=uid, group=gid, extra_groups=groups, umask=0o077,
-                start_new_session=True, check=False, timeout=10, pass_fds=pass_fds,
+                start_new_session=True, pass_fds=pass_fds,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise EngineError(f"cannot start {argv[0]}: {exc}") from exc
