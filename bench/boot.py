@@ -409,8 +409,15 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
     mp, mr = _median(pk), _median(raw)
     added_medians = round(mp - mr, 2) if mp is not None and mr is not None else None
     added_paired = _median(diffs)
+    own = [r.pre_spawn_ms + r.ready_to_exit_ms for r in b.popek
+           if r.pre_spawn_ms is not None and r.ready_to_exit_ms is not None]
+    own_median = _median(own)
+    # TCG boots vary by a second or more between runs, so the end-to-end A/B difference
+    # alone cannot resolve 150 ms: the target also needs popek's own measured time
+    # (before QEMU is spawned + after the ready line) to stay within it.
     met = (added_medians is not None and added_paired is not None
-           and added_medians <= TARGET_MS and added_paired <= TARGET_MS)
+           and added_medians <= TARGET_MS and added_paired <= TARGET_MS
+           and own_median is not None and own_median <= TARGET_MS)
     accel = next((a.split("accel=")[1].split(",")[0] for a in b.argv if "accel=" in a), "?")
     resident = [len(r.resident_python) for r in b.popek]
     pre = [r.pre_spawn_ms for r in b.popek if r.pre_spawn_ms is not None]
@@ -428,7 +435,7 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
         "added_ms": {"median_popek_minus_median_raw": added_medians,
                      "median_of_pair_differences": added_paired,
                      "pair_differences": diffs},
-        "target_ms": TARGET_MS, "target_met": met,
+        "target_ms": TARGET_MS, "target_met": met, "popek_own_time_median_ms": own_median,
         "memory": {
             "resident_python_processes_per_instance": max(resident) if resident else None,
             "resident_python_found": sorted({p for r in b.popek for p in r.resident_python}),
@@ -512,7 +519,8 @@ def print_summary(rep: dict[str, Any]) -> None:
         f"{'raw QEMU to ready (ms)':34}{br['median']:>10}{br['min']:>10}{br['max']:>10}",
         f"ratio popek/raw: {rep['ratio_popek_over_raw']}",
         f"added ms: median-median {rep['added_ms']['median_popek_minus_median_raw']}, "
-        f"median of pairs {rep['added_ms']['median_of_pair_differences']} "
+        f"median of pairs {rep['added_ms']['median_of_pair_differences']}; popek's own time "
+        f"{rep['popek_own_time_median_ms']} "
         f"(target <= {TARGET_MS:.0f}: {'MET' if rep['target_met'] else 'NOT MET'})",
         f"resident popek Python processes per instance: "
         f"{mem['resident_python_processes_per_instance']}  (QEMU parent: "
