@@ -34,4 +34,18 @@ popek info "$NAME"
 step "delete it"
 popek delete "$NAME"
 popek list
+
+step "a system container on an isolated network (port security always on), limits changed live"
+NET=${DEMO_NET:-demonet}
+popek network list --format json | grep -q "\"name\": \"$NET\"" && popek network delete --force "$NET"
+popek network create "$NET"
+popek launch minimal "$NAME-ct" --container --memory 128MiB --network "$NET"
+popek exec "$NAME-ct" -- sh -c 'id; ip -4 addr show eth0 | grep inet'
+popek config set "$NAME-ct" limits.memory 96MiB
+popek info "$NAME-ct" | grep -E "memory used|processes|network"
+popek delete --force "$NAME-ct"
+popek network delete "$NET"
+
+step "an application sandbox: no network, no secrets"
+popek sandbox run -- sh -c 'echo "in the sandbox as $(id -u)"; ls /root 2>&1 | head -1'
 printf '\nDemo complete.\n'
