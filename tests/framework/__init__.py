@@ -95,3 +95,16 @@ def tcp_reach(name: str, ip: str, port: int) -> bool:
                  f"timeout 4 nc -w 2 {ip} {port} </dev/null >/dev/null 2>&1; echo rc=$?",
                  check=False)
     return proc.stdout.strip() in ("rc=0", "rc=143")
+
+
+def require_root_and_tools(*tools: str) -> None:
+    """Skip the calling test module unless it runs as root and every tool is installed."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root", allow_module_level=True)
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}", allow_module_level=True)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from framework import require_root_and_tools
 from popek.images import Image, ImageStore
 
 pytestmark = pytest.mark.integration
@@ -33,15 +33,7 @@ SHUTDOWN = "popek-guest: shutdown"
 TOOLS = (QEMU, "apt-get", "dpkg-deb", "depmod", "modprobe")
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    return f"missing tools: {', '.join(missing)}" if missing else None
-
-
-if (_reason := _skip_reason()) is not None:
-    pytest.skip(_reason, allow_module_level=True)
+require_root_and_tools(*TOOLS)
 
 
 @pytest.fixture(scope="module")

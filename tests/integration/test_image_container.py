@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from framework import require_root_and_tools
 from popek.images import Image, ImageStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,15 +33,7 @@ SHIFT = 1_000_000
 TOOLS = ("runc", "apt-get", "dpkg-deb", "debootstrap", "unshare")
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    return f"missing tools: {', '.join(missing)}" if missing else None
-
-
-if (_reason := _skip_reason()) is not None:
-    pytest.skip(_reason, allow_module_level=True)
+require_root_and_tools(*TOOLS)
 
 
 @pytest.fixture(scope="module")
