@@ -11,15 +11,8 @@ cd "$(dirname "$0")/.."
 # catatonit (those are for rootless use, --network slirp4netns and --init).
 DEB_PACKAGES=(runc podman lxc bubblewrap util-linux)
 
-missing=()
-for p in "${DEB_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "setup-bench: installing Debian packages: ${missing[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+. "$(dirname "$0")/lib/debs.sh"
+install_debs setup-bench "${DEB_PACKAGES[@]}"
 for tool in runc podman lxc-start lxc-stop bwrap prlimit; do
   command -v "$tool" >/dev/null || { echo "setup-bench: $tool missing after install" >&2; exit 1; }
 done

@@ -12,15 +12,8 @@ DEB_PACKAGES=(
   gcc libc6-dev   # the security tests build a static attack tool
 )
 
-missing=()
-for p in "${DEB_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "setup: installing Debian packages: ${missing[*]}"
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+. scripts/lib/debs.sh
+install_debs setup "${DEB_PACKAGES[@]}"
 # apt-get download (image builds) needs package lists.
 if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
   apt-get update -q

@@ -21,9 +21,9 @@ import fcntl
 import ipaddress
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from popek import paths, proc
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError, StoreError
@@ -68,6 +68,9 @@ def _owner_alive(owner: str) -> bool:
     return proc.alive(pid, started)
 
 
+R = TypeVar("R")
+
+
 class Networks:
     """The network service over one state store and the host."""
 
@@ -97,23 +100,22 @@ class Networks:
             os.close(fd)
 
     # -- records ---------------------------------------------------------------
-    def _all_networks(self) -> builtins.list[tuple[Network, int]]:
-        out: builtins.list[Any] = []
-        for kv in self.store.range(NETWORKS_PREFIX):
+    def _records(self, prefix: str, parse: Callable[[bytes], R],
+                 what: str) -> builtins.list[tuple[R, int]]:
+        """Every record under ``prefix`` with its mod revision; a broken one is an error."""
+        out: builtins.list[tuple[R, int]] = []
+        for kv in self.store.range(prefix):
             try:
-                out.append((Network.from_json(kv.value), kv.mod_revision))
+                out.append((parse(kv.value), kv.mod_revision))
             except (ValueError, TypeError) as exc:
-                raise StoreError(f"broken network record {kv.key}: {exc}") from exc
+                raise StoreError(f"broken {what} record {kv.key}: {exc}") from exc
         return out
 
+    def _all_networks(self) -> builtins.list[tuple[Network, int]]:
+        return self._records(NETWORKS_PREFIX, Network.from_json, "network")
+
     def _all_ports(self) -> builtins.list[tuple[Port, int]]:
-        out: builtins.list[Any] = []
-        for kv in self.store.range(PORTS_PREFIX):
-            try:
-                out.append((Port.from_json(kv.value), kv.mod_revision))
-            except (ValueError, TypeError) as exc:
-                raise StoreError(f"broken port record {kv.key}: {exc}") from exc
-        return out
+        return self._records(PORTS_PREFIX, Port.from_json, "port")
 
     def list(self) -> builtins.list[Network]:
         """Return every network, sorted by name."""
