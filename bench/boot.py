@@ -38,6 +38,7 @@ from common import (
     _mkdir_public,
     _ms,
     _summary,
+    python_floor,
     time_cmd,
 )
 
@@ -84,6 +85,7 @@ class Bench:
     raw: list[RawRun] = field(default_factory=list)
     list_ms: list[float] = field(default_factory=list)
     python_bare_ms: list[float] = field(default_factory=list)
+    python_floor: dict[str, Any] = field(default_factory=dict)
     import_cli_ms: list[float] = field(default_factory=list)
     importtime_top: list[dict[str, Any]] = field(default_factory=list)
     profile_top: list[dict[str, Any]] = field(default_factory=list)
@@ -451,6 +453,7 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
             "popek_list_ms": _summary(b.list_ms),
             "python_bare_start_ms": _summary(b.python_bare_ms),
             "python_import_popek_cli_main_ms": _summary(b.import_cli_ms),
+            "python_floor_ms": b.python_floor,
             "launch_cli_cpu_ms_median": {
                 "user": _median([r.cli_user_ms for r in b.popek]),
                 "sys": _median([r.cli_sys_ms for r in b.popek])},
@@ -531,6 +534,8 @@ def print_summary(rep: dict[str, Any]) -> None:
         f"popek list (no instances): median {rep['cli']['popek_list_ms']['median']} ms; "
         f"bare python {rep['cli']['python_bare_start_ms']['median']} ms; "
         f"import popek.cli.main {rep['cli']['python_import_popek_cli_main_ms']['median']} ms",
+        "Python floor on this host (medians, ms): " + "; ".join(
+            f"{k} {v['median']}" for k, v in rep["cli"]["python_floor_ms"].items()),
         "popek launch breakdown (medians, ms):",
     ]
     for k, v in br_k:
@@ -564,6 +569,7 @@ def run(runs: int, list_runs: int, profile: bool) -> dict[str, Any]:
         b.python_bare_ms = time_cmd([PYTHON, "-c", "pass"], env.env, list_runs)
         b.import_cli_ms = time_cmd([PYTHON, "-c", "import popek.cli.main"], env.env, list_runs)
         b.importtime_top = importtime_top(env.env)
+        b.python_floor = python_floor(env.env, list_runs)
         # warm-up pair (not recorded): page cache, first-run effects
         warm = popek_launch(env, "bwarm")
         b.argv = json.loads((env.home / "argv.json").read_text())

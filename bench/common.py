@@ -58,3 +58,24 @@ def time_cmd(argv: list[str], env: dict[str, str], n: int) -> list[float]:
                        stderr=subprocess.DEVNULL, check=True)
         samples.append(_ms(time.perf_counter() - t0))
     return samples
+
+
+# What any Python process that launches an instance must import before it does
+# anything of popek's: the store, hashing, records, child processes, paths.
+LAUNCH_STDLIB = "sqlite3, json, hashlib, subprocess, dataclasses, pathlib, enum"
+FLOOR_STEPS = {
+    "python -c pass": "pass",
+    f"import {LAUNCH_STDLIB}": f"import {LAUNCH_STDLIB}",
+    "import typer (the mandated CLI framework)": "import typer",
+    "import popek.cli.main": "import popek.cli.main",
+}
+
+
+def python_floor(env: dict[str, str], n: int) -> dict[str, dict[str, float | int | None]]:
+    """The fixed cost of a Python CLI on this host: interpreter, stdlib, Typer, popek's CLI.
+
+    Any ``popek`` command pays these before its own work; the report shows them
+    next to popek's added time so a reader sees which part popek's code controls.
+    """
+    return {label: _summary(time_cmd([PYTHON, "-c", stmt], env, n))
+            for label, stmt in FLOOR_STEPS.items()}

@@ -43,6 +43,7 @@ from common import (
     _mkdir_public,
     _ms,
     _summary,
+    python_floor,
     time_cmd,
 )
 
@@ -99,6 +100,7 @@ class Results:
     orders: list[list[str]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     python_bare_ms: list[float] = field(default_factory=list)
+    python_floor: dict[str, Any] = field(default_factory=dict)
     import_cli_ms: list[float] = field(default_factory=list)
     helper_start: dict[str, float] = field(default_factory=dict)
     instances_ctor_ms: list[float] = field(default_factory=list)
@@ -916,6 +918,7 @@ def _breakdown(res: Results) -> dict[str, Any]:
             "imports_only": round(imp - bare, 2) if imp is not None and bare is not None
             else None,
             "Instances() (open store, reconcile)": _median(res.instances_ctor_ms),
+            "python_floor": res.python_floor,
             "cli_ready_line_to_exit": _median(
                 [s.exit_ms - s.ready_ms for s in res.samples
                  if s.contestant == "popek_cli" and s.exit_ms is not None]),
@@ -1132,6 +1135,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         ensure_image(env)
         res.python_bare_ms = time_cmd([PYTHON, "-c", "pass"], env.env, 10)
         res.import_cli_ms = time_cmd([PYTHON, "-c", "import popek.cli.main"], env.env, 10)
+        res.python_floor = python_floor(env.env, 10)
         env.helper = Helper(env.env)
         res.helper_start = {k: float(v) for k, v in env.helper.start.items() if k != "ok"}
         if do_ctr:

@@ -32,4 +32,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -c requirements.lock -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+# Byte-compile popek's sources: the editable install leaves them as .py, and
+# where PYTHONDONTWRITEBYTECODE is set every command would compile them again
+# (about 50 ms of each launch here). compileall only redoes changed files.
+.venv/bin/python -m compileall -q src >/dev/null
 echo "setup: ready"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import select
 import time
@@ -22,7 +21,9 @@ IN_CREATE = 0x00000100
 IN_CLOEXEC = 0o2000000
 IN_NONBLOCK = 0o4000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The symbols of the running process (libc among them); ctypes.util.find_library
+# would run ldconfig and import tempfile for the same answer.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class FileWatch:

@@ -29,7 +29,9 @@ def test_argv_is_hardened(tmp_path: Path) -> None:
     for flag in ("-nodefaults", "-no-user-config"):
         assert flag in argv
     assert "accel=tcg" in joined and "-smp 2" in joined and "-m 256M" in joined
-    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "images" / "minimal" / "vmlinuz")
+    # QEMU boots from the verified copies in the instance directory, never the image files
+    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "kernel.verified")
+    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "initrd.verified")
     # no host channels: no shared folders, USB, host devices, spice, vnc
     for forbidden in ("virtfs", "virtio-9p", "vhost-user-fs", "usb", "vfio", "spice", "vnc",
                       "-daemonize", "-runas"):

@@ -18,6 +18,7 @@ import typer
 from popek.cli.common import check_format, print_table
 from popek.cli.network import app as network_app
 from popek.cli.sandbox import app as sandbox_app
+from popek.cli.trust import attest, audit_app, image_sign, policy_app, sign_built, trust_app
 from popek.errors import PopekError
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ image_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and del
 app.add_typer(image_app, name="image")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(network_app, name="network")
+app.add_typer(trust_app, name="trust")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
+app.command("attest")(attest)
+image_app.command("sign")(image_sign)
 
 def _instances() -> Instances:
     from popek.core.instances import Instances
@@ -77,6 +83,8 @@ def launch(
                                       help="Attach to popek network NAME, or NAME=IP for a "
                                            "static address (repeatable)."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
+    label: str = typer.Option("default", "--label",
+                              help="Access control label (see popek policy show)."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     mem = _size(memory, "memory size")
@@ -86,7 +94,7 @@ def launch(
                                    engine=engine, runtime=runtime,
                                    limits={"pids": pids} if container else {},
                                    mounts=mount, networks=network,
-                                   ready_timeout=timeout, progress=progress)
+                                   ready_timeout=timeout, progress=progress, label=label)
     details = inst.runtime.details if inst.runtime else {}
     how = details.get("accel") or details.get("runtime") or "?"
     kind = "container" if container else "VM"
@@ -249,7 +257,8 @@ app.add_typer(config_app, name="config")
 @config_app.command("set")
 def config_set(
     name: str,
-    key: str = typer.Argument(..., help="limits.memory, limits.cpu or limits.pids."),
+    key: str = typer.Argument(..., help="limits.memory, limits.cpu, limits.pids or label "
+                                        "(only while stopped)."),
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
@@ -264,7 +273,7 @@ def config_show(name: str) -> None:
 
     inst = _instances().get(name)
     print(json.dumps({"limits.memory": format_size(inst.spec.memory),
-                      "limits.cpu": inst.spec.vcpus,
+                      "limits.cpu": inst.spec.vcpus, "label": inst.spec.label,
                       **{f"limits.{k}": v for k, v in inst.spec.limits.items()}}, indent=2))
 
 
@@ -273,13 +282,17 @@ def config_show(name: str) -> None:
 def image_build(
     name: str = typer.Argument(..., help="Builder to run: minimal (VM + container) or debian."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing image."),
+    sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign the new image."),
+    key: str = typer.Option("", "--key", help="Image key to sign with (default: this "
+                                              "host's image key)."),
 ) -> None:
-    """Build an image from Debian packages."""
+    """Build an image from Debian packages (and sign it)."""
     from popek.images import ImageStore
 
     with _progress(f"building image {name}") as progress:
         image = ImageStore().build(name, progress=progress, force=force)
-    print(f"Image {image.name} {image.manifest.version} built at {image.path}.")
+    signed = sign_built(image.name, key) if sign else "not signed"
+    print(f"Image {image.name} {image.manifest.version} built at {image.path}, {signed}.")
 
 
 @image_app.command("import")
@@ -288,15 +301,21 @@ def image_import(
                                           "image layout (directory or .tar)."),
     name: str = typer.Argument(..., help="Name of the new image."),
     force: bool = typer.Option(False, "--force", help="Replace an existing image."),
+    sign: bool = typer.Option(True, "--sign/--no-sign",
+                              help="Sign the imported image: you vouch for its content."),
+    key: str = typer.Option("", "--key", help="Image key to sign with (default: this "
+                                              "host's image key)."),
 ) -> None:
-    """Import a root filesystem or an OCI image as a container image."""
+    """Import a root filesystem or an OCI image as a container image (and sign it)."""
     from pathlib import Path
 
     from popek.images import ImageStore
 
     with _progress(f"importing {file}") as progress:
         image = ImageStore().import_file(Path(file), name, progress=progress, force=force)
-    print(f"Image {image.name} imported at {image.path} ({', '.join(image.kinds())}).")
+    signed = sign_built(image.name, key) if sign else "not signed"
+    print(f"Image {image.name} imported at {image.path} ({', '.join(image.kinds())}), "
+          f"{signed}.")
 
 
 @image_app.command("list")
@@ -340,24 +359,47 @@ def image_delete(name: str) -> None:
     print(f"Image {name} deleted.")
 
 
+def _audit(args: list[str], code: int, error: str) -> None:
+    """Append the command to the audit log unless it is read-only (see cli.auditing)."""
+    from popek.cli.auditing import describe
+
+    what = describe(typer.main.get_command(app), args)
+    if what is None:
+        return
+    try:
+        from popek import paths
+        from popek.core.store import SQLiteStore
+        from popek.trust.audit import AuditLog
+        from popek.trust.keys import TrustStore
+
+        result = "ok" if code == 0 else (f"error: {error}" if error else f"exit {code}")
+        AuditLog(TrustStore(SQLiteStore(paths.state_db()))).append(
+            what[0], what[1], {"argv": args}, result[:500])
+    except (OSError, PopekError) as exc:
+        print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``popek`` console script."""
     if os.geteuid() != 0 and "--help" not in sys.argv:
         print("popek: warning: not running as root; instances need root to drop to their "
               "own uid", file=sys.stderr)
-    code = 0
+    code, error = 0, ""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv)
+        app(args=args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
+            error = str(exc.code)
     except PopekError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        code = exc.exit_code
+        code, error = exc.exit_code, f"{type(exc).__name__}: {exc}"
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
-        code = 130
+        code, error = 130, "interrupted"
+    _audit(args, code, error)
     # Every store write is committed and every file closed by now: skip the
     # interpreter's teardown (tens of milliseconds) so commands return at once.
     sys.stdout.flush()

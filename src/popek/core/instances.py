@@ -15,18 +15,21 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from popek import paths, proc
+from popek.core.guard import Guard
 from popek.core.host import check_resources
 from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import (
+    DEFAULT_LABEL,
     DEFAULT_PROJECT,
     Instance,
     InstanceSpec,
+    check_label,
     instance_key,
     instances_prefix,
     parse_mount,
@@ -96,6 +99,7 @@ class Instances:
         """Open the stores (defaults under ``POPEK_HOME``) and reconcile."""
         self.store = store or SQLiteStore(paths.state_db())
         self.images = images or ImageStore()
+        self.guard = Guard(self.store)
         if reconcile:
             self.reconcile()
 
@@ -217,6 +221,8 @@ class Instances:
             raise StateError(name, "attach a network to", inst.state.value,
                              (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
         nets = self._network_service()
+        nets.get(network)  # a missing network is NotFound before any decision
+        self._check_network(inst.spec.label, network)
         port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid,
                                 ipv4=ipv4)
         if running:
@@ -285,11 +291,31 @@ class Instances:
         return f"{UID_PREFIX}{uid}"
 
     # -- operations ----------------------------------------------------------
+    # -- access control ------------------------------------------------------------
+    def _check_run(self, inst: Instance, networks: list[str]) -> None:
+        """The policy checks of a start: run beside the others, host channels, networks."""
+        label = inst.spec.label
+        running = [i.spec.label for i in self.all(None)
+                   if i.state in ACTIVE and i.name != inst.name]
+        self.guard.check(label, "run", "host", running=running)
+        for m in inst.spec.mounts:
+            self.guard.check(label, "channel", f"host-mount:{parse_mount(m)[0]}")
+        for net in networks:
+            self._check_network(label, split_network(net)[0], inst)
+
+    def _check_network(self, label: str, network: str, inst: Instance | None = None) -> None:
+        me = f"{inst.project}/{inst.name}" if inst else ""
+        owners = {p.instance for p in (Port.from_json(kv.value)
+                                       for kv in self.store.range(PORT_PREFIX))
+                  if p.network == network and p.instance != me}
+        sharers = [i.spec.label for i in self.all(None) if f"{i.project}/{i.name}" in owners]
+        self.guard.check(label, "network", network, sharers=sharers)
+
     def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
                accel: str = "auto", engine: str = "qemu", runtime: str = "auto",
                limits: dict[str, int] | None = None, mounts: list[str] | None = None,
                networks: list[str] | None = None, ready_timeout: float = 180.0,
-               progress: Progress = _noop) -> Instance:
+               progress: Progress = _noop, label: str = DEFAULT_LABEL) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
 
         Validates everything before anything is created; when the start fails,
@@ -299,6 +325,7 @@ class Instances:
         or :class:`popek.errors.EngineError`.
         """
         validate_name(name)
+        check_label(label)
         check_resources(vcpus, memory)
         limits = check_limits(limits or {})
         mounts = list(mounts or [])
@@ -312,9 +339,14 @@ class Instances:
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
         image = self.images.get(image_name)
-        spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts)
+        spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts,
+                               label)
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
+        for net in networks or []:
+            self._network_service().get(split_network(net)[0])  # missing: fail first
+        verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
+        self._check_run(probe, networks or [])
         owner = Owner.me()
         for _ in range(10):
             uid = self._allocate_uid(eng.id_range)
@@ -336,10 +368,9 @@ class Instances:
         else:
             raise StoreError("could not allocate a uid for the instance; retry")
         try:
-            for net in networks or []:
-                self._network_service().get(split_network(net)[0])  # missing: fail first
             self._create_ports(inst, eng, list(networks or []))
-            spec = self._launch_spec(inst, image)
+            measure, measured = self.guard.measurer(self.workdir(inst), verdict)
+            spec = replace(self._launch_spec(inst, image), measure=measure)
             progress(f"creating {name}")
             eng.create(spec)
             progress(f"booting {name}")
@@ -347,6 +378,8 @@ class Instances:
         except BaseException:
             self._purge(inst)
             raise
+        started.details["image_trust"] = verdict.to_doc()
+        started.details["measurement"] = measured[-1].value if measured else ""
         inst.runtime = started
         self._finish(inst, res.revision, State.RUNNING, "started")
         return inst
@@ -357,9 +390,15 @@ class Instances:
         inst, rev = self._intent(name, "start")
         try:
             image = self.images.get(inst.spec.image)
+            verdict = self.guard.image(image, inst.spec.image, inst.project)
+            self._check_run(inst, [p.network for p in self._ports(inst)])
             progress(f"booting {name}")
             self._ensure_port_devices(inst)
-            inst.runtime = self._engine(inst).start(self._launch_spec(inst, image), ready_timeout)
+            measure, measured = self.guard.measurer(self.workdir(inst), verdict)
+            spec = replace(self._launch_spec(inst, image), measure=measure)
+            inst.runtime = self._engine(inst).start(spec, ready_timeout)
+            inst.runtime.details["image_trust"] = verdict.to_doc()
+            inst.runtime.details["measurement"] = measured[-1].value if measured else ""
         except BaseException as exc:
             self._finish(inst, rev, State.STOPPED, "start failed", f"start failed: {exc}")
             raise
@@ -470,6 +509,13 @@ class Instances:
             check_resources(spec.vcpus, spec.memory)
         elif key == "limits.pids":
             spec.limits = check_limits({**spec.limits, "pids": _int(value, "limits.pids")})
+        elif key == "label":
+            if inst.state != State.STOPPED:
+                raise StateError(name, "change the label of", inst.state.value,
+                                 (State.STOPPED.value,))
+            spec.label = check_label(value)
+            self._save(inst, rev, f"config {key}={value}")
+            return inst
         else:
             raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")
         if inst.state in (State.RUNNING, State.PAUSED):
@@ -504,7 +550,8 @@ class Instances:
         data: dict[str, Any] = {
             "name": inst.name, "project": inst.project, "state": inst.state.value,
             "reason": inst.reason, "engine": inst.spec.engine, "image": inst.spec.image,
-            "image_version": inst.image_version, "vcpus": inst.spec.vcpus,
+            "image_version": inst.image_version, "label": inst.spec.label,
+            "vcpus": inst.spec.vcpus,
             "memory": inst.spec.memory, "accel_requested": inst.spec.accel,
             "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
             "history": inst.history,
@@ -603,7 +650,7 @@ class Instances:
         return [i.name for i in self.all(None) if i.spec.image == image]
 
 
-CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids")
+CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "label")
 
 
 def split_network(text: str) -> tuple[str, str | None]:

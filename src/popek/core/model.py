@@ -16,6 +16,16 @@ NAME_RULE = ("1 to 63 characters: lower-case letters a-z, digits 0-9 and '-', "
 _NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 MIN_MEMORY = 64 << 20
 DEFAULT_PROJECT = "default"
+DEFAULT_LABEL = "default"
+LABEL_RULE = "1-63 characters from a-z, 0-9, '-' and '_', starting with a letter"
+_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+def check_label(label: str) -> str:
+    """Return ``label`` when it is a valid access control label; raise :class:`InvalidInput`."""
+    if not isinstance(label, str) or not _LABEL.match(label):
+        raise InvalidInput(f"invalid label {label!r}: use {LABEL_RULE}")
+    return label
 
 
 def validate_name(name: str, what: str = "instance name") -> str:
@@ -37,6 +47,7 @@ class InstanceSpec:
     runtime: str = "auto"
     limits: dict[str, int] = field(default_factory=dict)
     mounts: list[str] = field(default_factory=list)
+    label: str = DEFAULT_LABEL
 
 
 @dataclass

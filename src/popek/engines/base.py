@@ -7,7 +7,7 @@ Callers never branch on the engine type.  They call the protocol, and ask
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -65,6 +65,9 @@ class LaunchSpec:
     ports: tuple[Port, ...] = ()
     #: the networks those ports are on, by name
     networks: Mapping[str, Network] = field(default_factory=dict)
+    #: called by ``start`` with the engine binary and its effective configuration
+    #: (QEMU argv, OCI config.json) just before it runs them: the launch measurement
+    measure: Callable[[str, bytes], None] | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from popek.errors import ImageError, IntegrityError, InvalidInput
 from popek.images.manifest import MANIFEST_NAME, FileEntry, Manifest
 
 CHUNK = 1 << 20
+SIG_NAME = "manifest.sig"  # written by popek.trust.imagesig
 ROLES = ("kernel", "initrd", "rootfs")
 HINT = "rebuild or re-import the image"
 
@@ -146,7 +147,8 @@ class Image:
                 raise
 
     def _check_stream(
-        self, reader: _HashingReader, want: FileEntry, cause: BaseException | None
+        self, reader: _HashingReader, want: FileEntry, cause: BaseException | None,
+        fname: str = "",
     ) -> None:
         """Raise :class:`IntegrityError` if the streamed bytes differ from ``want``."""
         if cause is not None:
@@ -156,7 +158,7 @@ class Image:
                 raise
             except OSError:
                 return
-        fname = self.manifest.rootfs
+        fname = fname or self.manifest.rootfs
         if reader.size != want.size:
             raise IntegrityError(
                 f"image '{self.name}': file '{fname}' has {reader.size} bytes but the "
@@ -168,6 +170,38 @@ class Image:
                 f"image '{self.name}': file '{fname}' has sha256 {got} but the manifest "
                 f"records {want.sha256}; {HINT}"
             ) from cause
+
+    def copy_verified(self, role: str, dest: Path) -> None:
+        """Copy the file ``role`` to the new file ``dest`` (mode 0444), hashing what is copied.
+
+        The size and SHA-256 are computed on the very bytes written to
+        ``dest``, which is what the engine then reads: swapping or editing the
+        image file after this check changes nothing for the instance.
+        Raises :class:`IntegrityError` (and leaves no ``dest``) on a mismatch.
+        """
+        src = self.file(role)
+        fname: str = getattr(self.manifest, role)
+        want = self.manifest.files[fname]
+        try:
+            raw = src.open("rb")
+        except OSError as exc:
+            raise IntegrityError(f"image '{self.name}': cannot read '{fname}': {exc}; "
+                                 f"{HINT}") from exc
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        try:
+            with raw, os.fdopen(fd, "wb") as out:
+                reader = _HashingReader(raw, want.size)
+                try:
+                    while chunk := reader.read(CHUNK):
+                        out.write(chunk)
+                except _TooLong:
+                    raise IntegrityError(
+                        f"image '{self.name}': file '{fname}' has more than {want.size} bytes "
+                        f"but the manifest records {want.size}; {HINT}") from None
+                self._check_stream(reader, want, None, fname)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     def verify(self) -> None:
         """Check every file against the manifest (size, then SHA-256).
@@ -201,7 +235,7 @@ class Image:
         extra = sorted(
             p.name
             for p in self.path.iterdir()
-            if p.name != MANIFEST_NAME and p.name not in self.manifest.files
+            if p.name not in (MANIFEST_NAME, SIG_NAME) and p.name not in self.manifest.files
         )
         if extra:
             raise IntegrityError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -143,7 +142,7 @@ class ImageStore:
                 raise AlreadyExists(
                     f"image '{name}' already exists; delete it first or use --force"
                 )
-            work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=self.root))
+            work = Path(_mkdtemp(prefix=f".build-{name}-", dir=self.root))
             try:
                 result = builder(BuildContext(out=work, cache=self.cache, progress=report))
                 report("hashing files and writing the manifest")
@@ -186,7 +185,7 @@ class ImageStore:
 
     def _discard(self, path: Path) -> None:
         """Move ``path`` aside atomically, then remove it."""
-        trash = Path(tempfile.mkdtemp(prefix=f".delete-{path.name}-", dir=self.root))
+        trash = Path(_mkdtemp(prefix=f".delete-{path.name}-", dir=self.root))
         os.rename(path, trash / path.name)
         shutil.rmtree(trash)
 
@@ -204,3 +203,10 @@ class ImageStore:
     def _check_name(name: str) -> None:
         if not isinstance(name, str) or not valid_name(name):
             raise InvalidInput(f"image name {name!r} is not valid: {NAME_RULE}")
+
+
+def _mkdtemp(prefix: str, dir: Path) -> str:
+    import tempfile  # with random under it: not needed by launch
+
+    return tempfile.mkdtemp(prefix=prefix, dir=dir)
+

@@ -111,7 +111,9 @@ class ContainerEngine:
         rt = self._rt(spec)
         cid = container_id(spec)
         self.cleanup(spec)
-        self._write_config(spec)
+        config = self._write_config(spec)
+        if spec.measure is not None:
+            spec.measure(rt.binary(), config.read_bytes())
         pidfile = spec.workdir / "init.pid"
         log_path = spec.workdir / "console.log"
         with open(log_path, "wb") as log:

@@ -50,6 +50,10 @@ class OciRuntime:
         self.name = name
         self.root = state_root / name
 
+    def binary(self) -> str:
+        """The path of the runtime binary that runs (what the launch measurement hashes)."""
+        return shutil.which(self.name) or self.name
+
     def _argv(self, *args: str) -> list[str]:
         return [self.name, "--root", str(self.root), *args]
 
@@ -83,6 +87,10 @@ class OciRuntime:
 
     def state(self, cid: str) -> dict[str, Any] | None:
         """Return the runtime's JSON state of ``cid``, or ``None`` if it does not know it."""
+        if not (self.root / cid).exists():
+            # runc and crun both keep a container's state in ROOT/ID: without
+            # it the runtime does not know the container (and a call costs ms).
+            return None
         try:
             out = self.call("state", cid)
         except EngineError:

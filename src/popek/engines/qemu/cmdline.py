@@ -34,6 +34,10 @@ class Paths:
 
     workdir: Path
 
+    def boot_file(self, role: str) -> Path:
+        """The verified copy of the image's ``role`` file (kernel, initrd) QEMU boots from."""
+        return self.workdir / f"{role}.verified"
+
     @property
     def qmp(self) -> Path:
         """QMP control socket."""
@@ -128,8 +132,8 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
         "-sandbox", SANDBOX,
         "-msg", "timestamp=on",
         "-no-reboot",
-        "-kernel", str(spec.image.file("kernel")),
-        "-initrd", str(spec.image.file("initrd")),
+        "-kernel", str(p.boot_file("kernel")),
+        "-initrd", str(p.boot_file("initrd")),
         "-append", spec.cmdline,
         "-chardev",
         f"socket,id=console,path={p.console},server=on,wait=off,logfile={p.console_log}",

@@ -59,11 +59,9 @@ def exit_reason(paths: Paths) -> str:
     return f"{reason}: {detail}" if detail else reason
 
 
-def spec_file(spec: LaunchSpec, role: str) -> Path:
-    """The image file ``role`` (kernel, initrd) of ``spec``; an error when the image is gone."""
-    if spec.image is None:
-        raise EngineError(f"the image of {spec.name} no longer exists")
-    return spec.image.file(role)
+def _remove_boot_files(p: Paths) -> None:
+    for role in ("kernel", "initrd"):
+        p.boot_file(role).unlink(missing_ok=True)
 
 
 def _check_reachable(path: Path, uid: int) -> None:
@@ -106,14 +104,16 @@ class QemuEngine:
         spec.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(spec.workdir, spec.uid, spec.gid)
         os.chmod(spec.workdir, 0o700)
-        for f in (spec_file(spec, "kernel"), spec_file(spec, "initrd")):
-            _check_reachable(f, spec.uid)
-            if not f.stat().st_mode & stat.S_IROTH:
-                raise EngineError(f"QEMU runs as uid {spec.uid} and cannot read {f}")
         _check_reachable(spec.workdir, spec.uid)
         self.cleanup(spec)
         for f in (p.console_log, p.stderr):
             f.unlink(missing_ok=True)
+        if spec.image is None:
+            raise EngineError(f"the image of {spec.name} no longer exists")
+        for role in ("kernel", "initrd"):
+            # QEMU boots from a root-owned copy whose hash is computed on the
+            # very bytes written: nothing can be swapped between check and use.
+            spec.image.copy_verified(role, p.boot_file(role))
 
     def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
         """Start QEMU detached as the instance uid and wait for the guest's ready line.
@@ -123,9 +123,6 @@ class QemuEngine:
         """
         qemu = find_qemu()
         accel = accel_mod.choose(spec.accel)
-        if spec.image is None:
-            raise EngineError(f"the image of {spec.name} no longer exists")
-        spec.image.verify()  # every file, against the manifest, before QEMU reads it
         p = Paths(spec.workdir)
         self._prepare(spec, p)
         pidfile = spec.workdir / "qemu.pid"
@@ -135,6 +132,8 @@ class QemuEngine:
                 tap_fds.append(open_tap(port.host_ifname))
             argv = [*build_argv(spec, accel, qemu, tap_fds), "-pidfile", str(pidfile)]
             p.argv.write_text(json.dumps(argv))
+            if spec.measure is not None:
+                spec.measure(qemu, p.argv.read_bytes())
             groups = [KVM_GROUP_DEV.stat().st_gid] if accel == "kvm" else []
             process.spawn_detached(argv, spec.uid, spec.gid, groups, p.stderr, spec.workdir,
                                    tuple(tap_fds))
@@ -156,6 +155,9 @@ class QemuEngine:
             proc.kill(pid, started)
             self.cleanup(spec)
             raise
+        finally:
+            # QEMU read both at machine creation and keeps them for resets.
+            _remove_boot_files(p)
         return runtime
 
     def _wait_ready(self, p: Paths, runtime: Runtime, timeout: float) -> None:
@@ -301,3 +303,4 @@ class QemuEngine:
             sock.unlink(missing_ok=True)
             sock.with_suffix(".lock").unlink(missing_ok=True)
         (spec.workdir / "qemu.pid").unlink(missing_ok=True)
+        _remove_boot_files(p)

@@ -8,7 +8,6 @@ session: popek keeps no connection (and no process) per instance.
 from __future__ import annotations
 
 import fcntl
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +15,6 @@ from typing import Any
 
 from popek.errors import EngineError
 
-# qemu.qmp logs every disconnect at WARNING; popek reports errors itself.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 # qemu.qmp (and asyncio under it) is imported on first use: commands that do
 # not speak QMP, such as launch, do not pay for it.
 
@@ -35,8 +32,12 @@ def _locked(path: Path) -> Iterator[None]:
 async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
                    timeout: float, fd: tuple[int, str] | None = None) -> list[object]:
     import asyncio
+    import logging
 
     from qemu.qmp import QMPClient
+
+    # qemu.qmp logs every disconnect at WARNING; popek reports errors itself.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
     qmp = QMPClient("popek")
     try:

@@ -1,0 +1,273 @@
+"""``popek trust``, ``popek policy``, ``popek audit`` and ``popek attest``.
+
+Registered by :mod:`popek.cli.main`.  The trust package (and through it the
+cryptography library) is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from popek.cli.common import check_format, print_table
+from popek.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from popek.trust.keys import TrustStore
+
+trust_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Signing keys this host trusts, and the signature policy.")
+policy_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="The mandatory access control policy between instances.")
+audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="The tamper-evident audit log.")
+
+
+def _trust() -> TrustStore:
+    from popek import paths
+    from popek.core.store import SQLiteStore
+    from popek.trust.keys import TrustStore
+
+    return TrustStore(SQLiteStore(paths.state_db()))
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {what} {path!r}: {exc}") from exc
+
+
+def _json_file(path: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(_read(path, what))
+    except ValueError as exc:
+        raise InvalidInput(f"{what} {path!r} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{what} {path!r} must hold a JSON object")
+    return doc
+
+
+# -- trust ----------------------------------------------------------------------
+@trust_app.command()
+def keygen(
+    name: str = typer.Argument(..., help="Key name: a-z, 0-9, '.', '_', '-'."),
+    role: str = typer.Option(..., "--role", help="image, policy, audit or attestation."),
+    days: int = typer.Option(3650, "--days", help="Days the key is valid."),
+) -> None:
+    """Make an Ed25519 key pair; its public key is trusted for ROLE at once."""
+    from popek.trust.keys import private_key_path
+
+    key = _trust().keygen(name, role, days)
+    print(f"Key {key.name} ({key.role}) id {key.id}; private key {private_key_path(name)}.")
+
+
+@trust_app.command()
+def add(
+    file: str = typer.Argument(..., help="Public key: PEM, or base64 of the 32 raw bytes "
+                                         "('-' reads stdin)."),
+    name: str = typer.Option(..., "--name", help="Name to know the key by."),
+    role: str = typer.Option(..., "--role", help="image, policy, audit or attestation."),
+    days: int = typer.Option(3650, "--days", help="Days the key is trusted."),
+) -> None:
+    """Trust a public key made elsewhere."""
+    from popek.trust.keys import public_raw_from_text
+
+    key = _trust().add(name, role, public_raw_from_text(_read(file, "public key")), days)
+    print(f"Key {key.name} ({key.role}) id {key.id} is trusted until {key.not_after}.")
+
+
+@trust_app.command("list")
+def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+    """List the keys of the trust store, revoked ones included."""
+    check_format(fmt)
+    keys = _trust().all()
+    if fmt == "json":
+        print(json.dumps([k.__dict__ for k in keys], indent=2))
+        return
+    print_table(["NAME", "ROLE", "ID", "VALID UNTIL", "REVOKED"],
+                [[k.name, k.role, k.id[:16], k.not_after, k.revoked or "-"] for k in keys])
+
+
+@trust_app.command()
+def export(name: str) -> None:
+    """Print the public key NAME as PEM (to trust it on another host)."""
+    from popek.trust.keys import public_pem
+
+    print(public_pem(_trust().by_name(name).raw()), end="")
+
+
+@trust_app.command()
+def remove(name: str) -> None:
+    """Stop trusting the key NAME (what it signed is refused from now on)."""
+    key = _trust().remove(name)
+    print(f"Key {key.name} ({key.id[:16]}) removed from the trust store.")
+
+
+@trust_app.command()
+def revoke(name: str, reason: str = typer.Option("", "--reason", help="Why.")) -> None:
+    """Revoke the key NAME for good: its signatures are refused, it cannot be re-added."""
+    key = _trust().revoke(name, reason)
+    print(f"Key {key.name} ({key.id[:16]}) revoked on {key.revoked}.")
+
+
+@trust_app.command("allow-unsigned")
+def allow_unsigned(
+    project: str = typer.Option("default", "--project", help="Project to relax."),
+    off: bool = typer.Option(False, "--off", help="Require signed images again."),
+) -> None:
+    """Let PROJECT launch unsigned images (audited); --off requires signatures again."""
+    from popek.trust.audit import actor
+    from popek.trust.imagesig import set_allow_unsigned
+
+    set_allow_unsigned(_trust(), project, not off, actor())
+    print(f"Project {project}: unsigned images are "
+          f"{'refused' if off else 'ALLOWED (signatures are still checked when present)'}.")
+
+
+# -- image sign (registered on the image group by main) -------------------------------
+def image_sign(
+    image: str = typer.Argument(..., help="Image to sign."),
+    key: str = typer.Option("", "--key", help="Private key name (default: this host's "
+                                              "image key, made on first use)."),
+    days: int = typer.Option(365, "--days", help="Days the signature is valid."),
+) -> None:
+    """Sign IMAGE's manifest with an image key."""
+    from popek.images import ImageStore
+    from popek.trust.imagesig import sign_image
+
+    trust = _trust()
+    v = sign_image(trust, ImageStore().get(image), key or trust.host_key("image"), days)
+    print(f"Image {image} signed by {v.signer} (serial {v.serial}).")
+
+
+def sign_built(name: str, key: str) -> str:
+    """Sign a just built or imported image; return a sentence for the user."""
+    from popek.images import ImageStore
+    from popek.trust.imagesig import sign_image
+
+    trust = _trust()
+    v = sign_image(trust, ImageStore().get(name), key or trust.host_key("image"))
+    return f"signed by {v.signer} (serial {v.serial})"
+
+
+# -- policy -------------------------------------------------------------------------
+@policy_app.command()
+def show() -> None:
+    """Print the policy in force, its version and signer."""
+    from popek.trust.policy import DEFAULT_POLICY, PolicyStore, check_signed
+
+    trust = _trust()
+    info = PolicyStore(trust).info()
+    pol = check_signed(trust)
+    print(f"# version {info['version']} ({info['source']}), mode {pol.mode}"
+          + (f", applied {info['applied']}, signed by {info['signer']}" if info["applied"]
+             else ""))
+    print(pol.text if info["applied"] else DEFAULT_POLICY, end="")
+
+
+@policy_app.command()
+def apply(
+    file: str = typer.Argument(..., help="Policy TOML ('-' reads stdin)."),
+    key: str = typer.Option("", "--key", help="Policy key name (default: this host's)."),
+) -> None:
+    """Check, sign and install a policy in one step (its version must increase)."""
+    from popek.trust.policy import PolicyStore
+
+    pol = PolicyStore(_trust()).apply(_read(file, "policy"), key or None)
+    print(f"Policy version {pol.version} ({pol.mode}) is in force.")
+
+
+@policy_app.command()
+def check(file: str = typer.Argument(..., help="Policy TOML to check ('-' reads stdin).")) -> None:
+    """Check a policy file without applying it; print what it declares."""
+    from popek.trust.policy import parse
+
+    pol = parse(_read(file, "policy"))
+    print(f"Policy version {pol.version} ({pol.mode}) is valid: labels "
+          f"{', '.join(sorted(pol.labels))}; {len(pol.conflicts)} conflict set(s), "
+          f"{len(pol.shares)} share rule(s).")
+
+
+# -- audit --------------------------------------------------------------------------
+@audit_app.command("log")
+def audit_log(
+    since: str = typer.Option("", "--since", help="Only records at or after this ISO time."),
+    target: str = typer.Option("", "--target", help="Only records about this target."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Show the audit log."""
+    check_format(fmt)
+    from popek.trust.audit import AuditLog
+    from popek.trust.keys import parse_time
+
+    after = parse_time(since, "--since") if since else None
+    recs = [r for r in AuditLog(_trust()).records()
+            if (not target or r.get("target") == target)
+            and (after is None or parse_time(str(r.get("time")), "time") >= after)]
+    if fmt == "json":
+        print(json.dumps(recs, indent=2))
+        return
+    print_table(["SEQ", "TIME", "ACTOR", "OPERATION", "TARGET", "RESULT"],
+                [[str(r.get("seq")), str(r.get("time")), str(r.get("actor")), str(r.get("op")),
+                  str(r.get("target")), str(r.get("result"))[:80]] for r in recs])
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the whole chain, the signed checkpoints and the stored head."""
+    from popek.trust.audit import AuditLog
+
+    problems = AuditLog(_trust()).verify()
+    if problems:
+        for p in problems:
+            print(f"TAMPERED: {p}")
+        raise typer.Exit(5)
+    print("Audit log intact.")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign the current head of the chain now."""
+    from popek.trust.audit import AuditLog
+
+    cp = AuditLog(_trust()).checkpoint()
+    print("The log is empty." if cp is None else f"Checkpoint at seq {cp['seq']} signed.")
+
+
+# -- attest ---------------------------------------------------------------------------
+def attest(
+    name: str = typer.Argument(..., help="Instance to attest; or 'verify' to check a quote."),
+    quote_file: str = typer.Argument("", help="With 'verify': the quote file ('-': stdin)."),
+    nonce: str = typer.Option(..., "--nonce", help="The verifier's fresh nonce, hex."),
+    expect: str = typer.Option("", "--expect", help="With 'verify': the expected measurement "
+                                                    "(a measurement or quote JSON file)."),
+    key_file: str = typer.Option("", "--key-file", help="With 'verify': the host's "
+                                                        "attestation public key, when it is "
+                                                        "not in this host's trust store."),
+) -> None:
+    """Quote instance NAME's launch measurement over NONCE; or verify a quote."""
+    from popek.trust import measure as ms
+
+    trust = _trust()
+    if name == "verify" and quote_file:
+        if not expect:
+            raise InvalidInput("attest verify needs --expect FILE (the expected measurement)")
+        from popek.trust.keys import public_raw_from_text
+
+        raw = public_raw_from_text(_read(key_file, "key file")) if key_file else None
+        body = ms.verify_quote(trust, _json_file(quote_file, "quote"), nonce,
+                               _json_file(expect, "expect file"), raw)
+        print(f"Quote verified: instance {body['instance']} on {body['host']}, "
+              f"measurement {body['measurement']}.")
+        return
+    from popek.core.instances import Instances
+
+    insts = Instances()
+    inst = insts.get(name)
+    m = ms.read(insts.workdir(inst))
+    print(json.dumps(ms.quote(trust, f"{inst.project}/{inst.name}", m, nonce), indent=1))
