@@ -108,3 +108,42 @@ def require_root_and_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"missing tools: {', '.join(missing)}", allow_module_level=True)
+
+
+class Home:
+    """A private POPEK_HOME with its own trust store, policy and audit log.
+
+    Trust tests change host-wide state (keys, the policy in force, the audit
+    log); they run in a home of their own so the rest of the session is not
+    touched.  ``images`` are copied from the session home, unsigned: each
+    test module signs them with keys of its own home.
+    """
+
+    def __init__(self, session_home: Path, images: tuple[str, ...] = ("minimal",)) -> None:
+        import shutil
+        import tempfile
+
+        self.path = Path(tempfile.mkdtemp(prefix="popek-trust-", dir="/var/tmp"))
+        self.path.chmod(0o755)
+        for name in images:
+            dst = self.path / "images" / name
+            shutil.copytree(session_home / "images" / name, dst)
+            (dst / "manifest.sig").unlink(missing_ok=True)
+        self.env = {**os.environ, "POPEK_HOME": str(self.path)}
+
+    def popek(self, *args: str, check: bool = True,
+              stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the CLI in this home."""
+        return popek(*args, check=check, stdin=stdin, env=self.env)
+
+    def instances(self) -> list[str]:
+        """Names of the instances of this home."""
+        return [i["name"] for i in json.loads(self.popek("list", "--format", "json").stdout)]
+
+    def close(self) -> None:
+        """Delete every instance and the home."""
+        import shutil
+
+        for name in self.instances():
+            self.popek("delete", "--force", name, check=False)
+        shutil.rmtree(self.path, ignore_errors=True)

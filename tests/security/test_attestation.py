@@ -1,0 +1,128 @@
+"""Measured launch and attestation: a changed launch or a replayed quote is caught.
+
+The threat (survey, section V): a modified VMM configuration or policy, or an
+old answer replayed to a verifier.  The launch measurement chains the QEMU
+binary, popek's version, the signed image, QEMU's full argv and the policy;
+a quote signs it with the verifier's nonce.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framework import Home
+
+VM = "attested"
+
+
+@pytest.fixture(scope="module")
+def home(popek_home: Path, minimal_image: str) -> Iterator[Home]:
+    h = Home(popek_home)
+    h.popek("image", "sign", "minimal")
+    h.popek("launch", "minimal", VM, "--memory", "256MiB")
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def golden(home: Home) -> Path:
+    """A quote of the known-good launch, kept as the expected measurement."""
+    nonce = secrets.token_hex(16)
+    path = home.path / "golden.json"
+    path.write_text(home.popek("attest", VM, "--nonce", nonce).stdout)
+    return path
+
+
+def _quote(home: Home, nonce: str) -> Path:
+    path = home.path / f"quote-{nonce[:8]}.json"
+    path.write_text(home.popek("attest", VM, "--nonce", nonce).stdout)
+    return path
+
+
+def _verify(home: Home, quote: Path, nonce: str, expect: Path,
+            *extra: str) -> tuple[int, str]:
+    proc = home.popek("attest", "verify", str(quote), "--nonce", nonce, "--expect", str(expect),
+                      *extra, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_fresh_quote_verifies(home: Home, golden: Path) -> None:
+    nonce = secrets.token_hex(32)
+    rc, out = _verify(home, _quote(home, nonce), nonce, golden)
+    assert rc == 0 and "Quote verified" in out, out
+
+
+def test_replayed_quote_rejected(home: Home, golden: Path) -> None:
+    old_nonce = secrets.token_hex(16)
+    old = _quote(home, old_nonce)
+    rc, out = _verify(home, old, secrets.token_hex(16), golden)  # the verifier's new nonce
+    assert rc != 0 and "another nonce" in out
+
+
+def test_forged_quote_rejected(home: Home, golden: Path) -> None:
+    nonce = secrets.token_hex(16)
+    q = _quote(home, nonce)
+    doc = json.loads(q.read_text())
+    doc["quote"]["events"][3]["sha256"] = "0" * 64  # hide a changed argv
+    q.write_text(json.dumps(doc))
+    rc, out = _verify(home, q, nonce, golden)
+    assert rc != 0 and "does not match" in out
+
+
+def test_remote_verifier_with_exported_key(home: Home, golden: Path, popek_home: Path) -> None:
+    """A verifier on another host trusts only the exported attestation public key."""
+    key = home.path / "attestation.pem"
+    key.write_text(home.popek("trust", "export", "host-attestation").stdout)
+    other = Home(popek_home, images=())
+    try:
+        nonce = secrets.token_hex(16)
+        q = _quote(home, nonce)
+        proc = other.popek("attest", "verify", str(q), "--nonce", nonce, "--expect", str(golden),
+                           check=False)
+        assert proc.returncode != 0 and "not trusted" in proc.stderr
+        proc = other.popek("attest", "verify", str(q), "--nonce", nonce, "--expect", str(golden),
+                           "--key-file", str(key))
+        assert "Quote verified" in proc.stdout
+    finally:
+        other.close()
+
+
+def test_restart_measures_the_same(home: Home, golden: Path) -> None:
+    home.popek("restart", VM)
+    nonce = secrets.token_hex(16)
+    rc, out = _verify(home, _quote(home, nonce), nonce, golden)
+    assert rc == 0, out
+
+
+def test_changed_qemu_argv_changes_measurement(home: Home, golden: Path) -> None:
+    home.popek("stop", VM)
+    home.popek("config", "set", VM, "limits.memory", "320MiB")
+    home.popek("start", VM)
+    try:
+        nonce = secrets.token_hex(16)
+        rc, out = _verify(home, _quote(home, nonce), nonce, golden)
+        assert rc != 0 and "changed: config" in out, out
+    finally:
+        home.popek("stop", VM)
+        home.popek("config", "set", VM, "limits.memory", "256MiB")
+        home.popek("start", VM)
+
+
+def test_changed_policy_changes_measurement(home: Home, golden: Path) -> None:
+    home.popek("policy", "apply", "-", stdin=b'version = 7\nlabels = ["default"]\n'
+                                             b'[[share]]\nkind = "network"\n'
+                                             b'labels = ["default"]\n')
+    home.popek("restart", VM)
+    nonce = secrets.token_hex(16)
+    rc, out = _verify(home, _quote(home, nonce), nonce, golden)
+    assert rc != 0 and "changed: policy" in out, out
+
+
+def test_bad_nonce_is_bad_input(home: Home) -> None:
+    proc = home.popek("attest", VM, "--nonce", "xyz", check=False)
+    assert proc.returncode == 2 and "hex" in proc.stderr
