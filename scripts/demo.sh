@@ -9,6 +9,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 NAME=${DEMO_NAME:-demo}
 step "image: build the minimal guest from Debian packages (cached after the first run)"
 popek image list --format json | grep -q '"name": "minimal"' || popek image build minimal
+# popek signs what it builds; an image built by an older popek is signed here
+popek image list --format json | grep -A12 '"name": "minimal"' | grep -q '"signer"' \
+  || popek image sign minimal
 popek image list
 popek list --format json | grep -q "\"name\": \"$NAME\"" && popek delete --force "$NAME"
 
@@ -25,6 +28,17 @@ popek pause "$NAME"
 popek list
 popek resume "$NAME"
 popek exec "$NAME" -- cat /proc/uptime
+
+step "trust: a signed image, a measured launch, an attestation quote, an audit trail"
+popek trust list
+popek info "$NAME" | grep -E "label|image_trust|measurement"
+NONCE=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+QUOTE=$(mktemp)
+popek attest "$NAME" --nonce "$NONCE" > "$QUOTE"
+popek attest verify "$QUOTE" --nonce "$NONCE" --expect "$QUOTE"
+rm -f "$QUOTE"
+popek audit log | tail -n 8
+popek audit verify
 
 step "stop it gracefully (ACPI power button), then look at its console"
 popek stop "$NAME"

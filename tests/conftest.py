@@ -38,3 +38,28 @@ def minimal_image(popek_home: Path) -> str:
     """The minimal image, built once per session from the cached Debian packages."""
     popek("image", "build", "minimal", timeout=900)
     return "minimal"
+
+
+CHANNEL_POLICY = """\
+version = 1
+labels = ["default", "shares"]
+
+[[share]]
+kind = "network"
+labels = ["default", "shares"]
+
+[[share]]
+kind = "volume"
+labels = ["default"]
+
+[[share]]
+kind = "channel"
+labels = ["shares"]
+"""
+
+
+@pytest.fixture(scope="session")
+def channel_label(popek_home: Path) -> str:
+    """A label the session's policy lets use host channels (``--mount``); none by default."""
+    popek("policy", "apply", "-", stdin=CHANNEL_POLICY.encode())
+    return "shares"

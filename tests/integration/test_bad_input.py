@@ -86,6 +86,9 @@ def test_image_hash_mismatch_refuses_launch(popek_home: Path, minimal_image: str
     data[len(data) // 2] ^= 0xFF
     kernel.write_bytes(bytes(data))
     env = dict(os.environ, POPEK_HOME=str(other))
+    # the copy's signature is by the session's key: sign it with this home's own key, so
+    # that the signature holds and the flipped byte is what the launch trips on
+    popek("image", "sign", "minimal", env=env)
     err = _fails("launch", "minimal", "vm1", match="sha256", env=env)
     assert "vmlinuz" in err
     assert not (other / "instances" / "default" / "vm1").exists()

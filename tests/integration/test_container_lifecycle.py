@@ -177,6 +177,9 @@ def test_broken_rootfs_refused_and_nothing_left(popek_home: Path, minimal_image:
     data[len(data) // 3] ^= 0x01
     tar.write_bytes(bytes(data))
     env = dict(os.environ, POPEK_HOME=str(other))
+    # the copy's signature is by the session's key: sign it with this home's own key, so
+    # that the signature holds and the flipped byte is what the launch trips on
+    popek("image", "sign", "minimal", env=env)
     proc = popek("launch", "minimal", "bad", "--container", check=False, env=env)
     assert proc.returncode != 0 and "rootfs.tar" in proc.stderr and "sha256" in proc.stderr
     assert not (other / "instances" / "default" / "bad").exists()

@@ -36,9 +36,10 @@ def share() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ct(minimal_image: str, share: Path) -> Iterator[dict[str, object]]:
+def ct(minimal_image: str, share: Path, channel_label: str) -> Iterator[dict[str, object]]:
+    # sharing a host directory is a host channel: the policy must grant it to the label
     popek("launch", minimal_image, CT, "--container", "--memory", "64MiB", "--pids", "64",
-          "--mount", f"{share}:/share")
+          "--mount", f"{share}:/share", "--label", channel_label)
     yield popek_json("info", CT)
     popek("delete", "--force", CT, check=False)
 

@@ -50,6 +50,8 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
                 value: Any = ctx.params[p.name]
                 target = " ".join(value) if isinstance(value, list | tuple) else str(value)
                 break
+        if not target and isinstance(ctx.params.get("project"), str):
+            target = f"project {ctx.params['project']}"
     except click.ClickException:
         pass
     kind = "session" if op in SESSIONS else "instance" if len(path) == 1 else ""

@@ -135,6 +135,9 @@ def info(name: str, fmt: str = typer.Option("table", "--format", help="table or 
     for p in ports:
         data[f"network {p['network']}"] = f"{p['ipv4']} {p['mac']} ({p['host_device']})"
     data["memory"] = format_size(data["memory"])
+    trust = data.pop("image_trust", None)
+    if trust:
+        data["image_trust"] = trust["note"]
     usage = data.pop("usage", None)
     if usage:
         def _of(used: Any, limit: Any, fmt: Callable[[Any], str] = str) -> str:
@@ -329,13 +332,26 @@ def image_list(fmt: str = typer.Option("table", "--format", help="table or json.
     rows: list[dict[str, Any]] = [
         {"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
          "kernel": i.manifest.kernel_version, "kinds": i.kinds(),
-         "size": sum(f.size for f in i.manifest.files.values())} for i in images]
+         "size": sum(f.size for f in i.manifest.files.values()),
+         "signature": _signature_summary(i.path)} for i in images]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
         return
-    print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE"],
+    print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE", "SIGNED"],
                  [[r["name"], ",".join(r["kinds"]), r["version"], r["created"], r["kernel"],
-                   format_size(r["size"])] for r in rows])
+                   format_size(r["size"]),
+                   (f"key {r['signature']['signer'][:16]}, serial {r['signature']['serial']}"
+                    if r["signature"] else "no")] for r in rows])
+
+
+def _signature_summary(path: Any) -> dict[str, Any] | None:
+    """Who signed an image, as its manifest.sig says (checked at each start, not here)."""
+    try:
+        st = json.loads((path / "manifest.sig").read_text())["statement"]
+        return {"signer": str(st["signer"]), "serial": int(st["serial"]),
+                "expires": str(st["expires"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @image_app.command("info")
@@ -359,11 +375,11 @@ def image_delete(name: str) -> None:
     print(f"Image {name} deleted.")
 
 
-def _audit(args: list[str], code: int, error: str) -> None:
+def _audit(command: Any, args: list[str], code: int, error: str) -> None:
     """Append the command to the audit log unless it is read-only (see cli.auditing)."""
     from popek.cli.auditing import describe
 
-    what = describe(typer.main.get_command(app), args)
+    what = describe(command, args)
     if what is None:
         return
     try:
@@ -386,8 +402,10 @@ def main(argv: list[str] | None = None) -> Any:
               "own uid", file=sys.stderr)
     code, error = 0, ""
     args = list(sys.argv[1:] if argv is None else argv)
+    # what app() does (pretty exceptions are off), keeping the command tree for the audit
+    command = typer.main.get_command(app)
     try:
-        app(args=args)
+        command(args=args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
@@ -399,7 +417,7 @@ def main(argv: list[str] | None = None) -> Any:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         code, error = 130, "interrupted"
-    _audit(args, code, error)
+    _audit(command, args, code, error)
     # Every store write is committed and every file closed by now: skip the
     # interpreter's teardown (tens of milliseconds) so commands return at once.
     sys.stdout.flush()

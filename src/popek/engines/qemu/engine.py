@@ -104,7 +104,6 @@ class QemuEngine:
         spec.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(spec.workdir, spec.uid, spec.gid)
         os.chmod(spec.workdir, 0o700)
-        _check_reachable(spec.workdir, spec.uid)
         self.cleanup(spec)
         for f in (p.console_log, p.stderr):
             f.unlink(missing_ok=True)
@@ -114,6 +113,7 @@ class QemuEngine:
             # QEMU boots from a root-owned copy whose hash is computed on the
             # very bytes written: nothing can be swapped between check and use.
             spec.image.copy_verified(role, p.boot_file(role))
+        _check_reachable(spec.workdir, spec.uid)
 
     def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
         """Start QEMU detached as the instance uid and wait for the guest's ready line.
