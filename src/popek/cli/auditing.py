@@ -38,7 +38,9 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
     if not path or isinstance(cmd, click.Group) or "--help" in args:
         return None
     op = ".".join(path)
-    if op in READ_ONLY or (op == "console" and "--log" in args):
+    if op in READ_ONLY or (op == "console" and "--log" in args) or (
+            op == "attest" and args[:1] == ["verify"] and len(args) > 1
+            and not args[1].startswith("-")):  # checking a quote changes nothing
         return None
     target = ""
     try:

@@ -35,6 +35,7 @@ from popek import paths
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now
 
 HEAD_KEY = "/popek/audit/head"
+ALARM_KEY = "/popek/audit/alarm"  # set once when an append finds the tail tampered with
 CHECKPOINT_EVERY = 32
 GENESIS = "0" * 64
 _FIELDS = ("seq", "time", "actor", "op", "target", "params", "result", "prev")
@@ -107,11 +108,16 @@ class AuditLog:
         with os.fdopen(fd, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             last = _last_line(f)
-            if last:
-                prev_rec = json.loads(last)
-                seq, prev = int(prev_rec["seq"]) + 1, str(prev_rec["hash"])
-            else:
-                seq, prev = 1, GENESIS
+            try:
+                prev_rec = json.loads(last) if last else None
+                seq, prev = ((int(prev_rec["seq"]) + 1, str(prev_rec["hash"])) if prev_rec
+                             else (1, GENESIS))
+            except (ValueError, KeyError, TypeError):
+                prev_rec, seq, prev = None, 0, "unreadable"
+            self._check_head(prev_rec)
+            if seq == 0:  # the last line is garbage: chain on from the stored head
+                head = self._head() or {"seq": 0, "hash": GENESIS}
+                seq, prev = int(head["seq"]) + 1, str(head["hash"])
             rec: dict[str, Any] = {"seq": seq, "time": iso(now()), "actor": actor(), "op": op,
                                    "target": target, "params": params_digest(params),
                                    "result": result, "prev": prev}
@@ -123,6 +129,25 @@ class AuditLog:
             if seq % CHECKPOINT_EVERY == 0:
                 self._checkpoint(seq, rec["hash"])
         return rec
+
+    def _head(self) -> dict[str, Any] | None:
+        kv = self.trust.store.get(HEAD_KEY)
+        return dict(json.loads(kv.value)) if kv else None
+
+    def _check_head(self, last: dict[str, Any] | None) -> None:
+        """Before chaining on: the last record must be the one popek wrote last.
+
+        Otherwise the tail was cut or rewritten; appending would move the
+        stored head onto the forgery and hide it, so the finding is kept in
+        the store for :meth:`verify` to report for good.
+        """
+        head = self._head()
+        if head is None or self.trust.store.get(ALARM_KEY) is not None:
+            return
+        if last is None or last.get("seq") != head["seq"] or last.get("hash") != head["hash"]:
+            found = (f"seq {last.get('seq')}" if last else "no record")
+            self.trust.store.put(ALARM_KEY, canonical({
+                "time": iso(now()), "expected_seq": head["seq"], "found": found}))
 
     def checkpoint(self) -> dict[str, Any] | None:
         """Sign the current head now; ``None`` when the log is empty."""
@@ -196,6 +221,12 @@ class AuditLog:
             expect_seq, prev = (seq if isinstance(seq, int) else expect_seq) + 1, rec["hash"]
         last_seq = expect_seq - 1
         problems += self._verify_checkpoints(hashes, last_seq)
+        alarm = self.trust.store.get(ALARM_KEY)
+        if alarm is not None:
+            a = json.loads(alarm.value)
+            problems.append(f"on {a['time']} popek found the log's end at {a['found']} where it "
+                            f"had written seq {a['expected_seq']}: the tail was cut or rewritten "
+                            "before later records were appended")
         kv = self.trust.store.get(HEAD_KEY)
         if kv is not None:
             head = json.loads(kv.value)

@@ -227,8 +227,15 @@ class TrustStore:
         return rec
 
     def remove(self, name: str) -> TrustedKey:
-        """Stop trusting the key ``name`` (its signatures become untrusted)."""
+        """Stop trusting the key ``name`` (its signatures become untrusted).
+
+        A revoked key stays in the store as the record of its revocation
+        (so it can never be added again): removing it is refused.
+        """
         key = self.by_name(name)
+        if key.revoked:
+            raise TrustError(f"key {name!r} is revoked; its record stays so that it can never "
+                             "be trusted again (it is already refused everywhere)")
         self.store.delete(PREFIX + key.id)
         return key
 
@@ -263,11 +270,22 @@ class TrustStore:
         return rec
 
     def host_key(self, role: str) -> str:
-        """The name of this host's own key for ``role``, made on first use."""
-        name = HOST_KEYS[role]
-        if not private_key_path(name).exists():
-            self.keygen(name, role)
-        return name
+        """The name of this host's own key for ``role``, made on first use.
+
+        When that key was revoked or removed, a new one is made under the next
+        free name (``host-image-2``, ...).
+        """
+        base = HOST_KEYS[role]
+        for n in range(1, 1000):
+            name = base if n == 1 else f"{base}-{n}"
+            if not private_key_path(name).exists():
+                self.keygen(name, role)
+                return name
+            usable = [k for k in self.all() if k.name == name and k.role == role
+                      and not k.revoked]
+            if usable:
+                return name
+        raise TrustError(f"no usable host key for role {role!r}")
 
     # -- signing and checking ------------------------------------------------
     def sign(self, name: str, role: str, payload: bytes) -> tuple[str, str]:

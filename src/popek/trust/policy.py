@@ -30,10 +30,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from popek.core.model import check_label
+from popek.core.store import Put
 from popek.errors import InvalidInput, PopekError
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now
 
 POLICY_KEY = "/popek/policy/current"
+FLOOR_KEY = "/popek/policy/version"  # highest version applied; never decreases
 MODES = ("enforcing", "permissive")
 SHARE_KINDS = ("network", "volume", "channel")
 ACTIONS = ("run", "network", "volume", "channel")
@@ -111,6 +113,9 @@ def parse(text: str) -> Policy:
     if mode not in MODES:
         raise InvalidInput(f"policy: mode {mode!r} is not one of {', '.join(MODES)}")
     labels = _labels(doc.get("labels"), "'labels'")
+    for table in ("conflict", "share"):
+        if not isinstance(doc.get(table, []), list):
+            raise InvalidInput(f"policy: '{table}' must be an array of tables ([[{table}]])")
     conflicts = []
     for i, c in enumerate(doc.get("conflict", []), 1):
         if not isinstance(c, dict) or set(c) - {"name", "labels"}:
@@ -148,17 +153,26 @@ class PolicyStore:
         does not increase.
         """
         pol = parse(text)
-        kv = self.trust.store.get(POLICY_KEY)
-        # the stored version even when that policy fails its check: never go back
-        in_force = int(json.loads(kv.value)["version"]) if kv else 0
+        # the highest version ever applied, even when the stored policy is broken: never go back
+        in_force = self._floor() or 0
         if pol.version <= in_force:
             raise InvalidInput(f"policy version {pol.version} must be greater than the version "
                                f"in force ({in_force})")
         body = {"version": pol.version, "text": text, "applied": iso(now())}
         kid, sig = self.trust.sign(key or self.trust.host_key("policy"), "policy",
                                    canonical(body))
-        self.trust.store.put(POLICY_KEY, canonical({**body, "signer": kid, "signature": sig}))
+        self.trust.store.txn([], [
+            Put(POLICY_KEY, canonical({**body, "signer": kid, "signature": sig})),
+            Put(FLOOR_KEY, str(pol.version).encode())])
         return pol
+
+    def _floor(self) -> int | None:
+        """The highest version applied (``None`` before the first apply)."""
+        kv = self.trust.store.get(FLOOR_KEY)
+        try:
+            return int(kv.value) if kv else None
+        except ValueError:
+            return None
 
     def current(self) -> Policy:
         """The policy in force, its signature checked; the default when none was applied.
@@ -168,17 +182,32 @@ class PolicyStore:
         kv = self.trust.store.get(POLICY_KEY)
         if kv is None:
             return parse(DEFAULT_POLICY)
-        doc = json.loads(kv.value)
-        body = {"version": doc["version"], "text": doc["text"], "applied": doc["applied"]}
-        self.trust.verify(doc["signer"], "policy", canonical(body), doc["signature"])
-        return parse(doc["text"])
+        try:
+            doc = json.loads(kv.value)
+            body = {"version": doc["version"], "text": doc["text"], "applied": doc["applied"]}
+            signer, sig = str(doc["signer"]), str(doc["signature"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TrustError(f"the stored policy record is malformed ({exc})") from None
+        self.trust.verify(signer, "policy", canonical(body), sig)
+        floor = self._floor()
+        if floor is not None and body["version"] != floor:
+            raise TrustError(f"the stored policy has version {body['version']} but version "
+                             f"{floor} was applied last: an older policy was put back")
+        try:
+            return parse(str(doc["text"]))
+        except InvalidInput as exc:
+            raise TrustError(f"the stored policy does not parse: {exc}") from None
 
     def info(self) -> dict[str, object]:
         """What ``popek policy show`` prints besides the text."""
         kv = self.trust.store.get(POLICY_KEY)
         if kv is None:
             return {"version": 0, "applied": "", "signer": "", "source": "built-in default"}
-        doc = json.loads(kv.value)
+        try:
+            doc = json.loads(kv.value)
+            doc["signer"] = str(doc["signer"])
+        except (ValueError, KeyError, TypeError):
+            return {"version": "?", "applied": "", "signer": "", "source": "malformed record"}
         key = self.trust.by_id(doc["signer"])
         return {"version": doc["version"], "applied": doc["applied"],
                 "signer": key.name if key else doc["signer"][:16], "source": "applied"}
