@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/containers.py
 	$(PY) bench/netrules.py
 	$(PY) bench/network.py --rules-json bench/results/netrules-latest.json
+	$(PY) bench/trust.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

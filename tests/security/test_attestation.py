@@ -92,6 +92,45 @@ def test_remote_verifier_with_exported_key(home: Home, golden: Path, popek_home:
         other.close()
 
 
+def _guest_check(home: Home, quote_from: str | None = None, expected: str | None = None,
+                 pubkey: str | None = None, reuse: Path | None = None) -> tuple[int, str]:
+    """The guest makes a nonce, the host quotes it, the guest checks the quote itself."""
+    nonce = home.popek("exec", VM, "--", "popek-verify", "nonce").stdout.strip()
+    quote = reuse or _quote(home, nonce)
+    keys = json.loads(home.popek("trust", "list", "--format", "json").stdout)
+    pub = pubkey or next(k["public"] for k in keys if k["role"] == "attestation")
+    want = expected or json.loads(quote.read_text())["quote"]["measurement"]
+    proc = home.popek("exec", VM, "--", "popek-verify", "check", pub, want,
+                      stdin=quote.read_bytes(), check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_guest_verifies_its_host(home: Home, golden: Path) -> None:
+    expected = json.loads(golden.read_text())["quote"]["measurement"]
+    rc, out = _guest_check(home, expected=expected)
+    assert rc == 0 and "quote verified" in out, out
+
+
+def test_guest_rejects_a_replayed_quote(home: Home, golden: Path) -> None:
+    rc, out = _guest_check(home)
+    assert rc == 0, out
+    old = sorted(home.path.glob("quote-*.json"), key=lambda p: p.stat().st_mtime)[-1]
+    rc, out = _guest_check(home, reuse=old)  # answers the guest's previous nonce
+    assert rc != 0 and "another nonce" in out, out
+
+
+def test_guest_rejects_a_quote_by_another_key(home: Home) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    rc, out = _guest_check(home, pubkey=base64.b64encode(other).decode())
+    assert rc != 0 and "signature does not match" in out, out
+
+
 def test_restart_measures_the_same(home: Home, golden: Path) -> None:
     home.popek("restart", VM)
     nonce = secrets.token_hex(16)
@@ -107,6 +146,10 @@ def test_changed_qemu_argv_changes_measurement(home: Home, golden: Path) -> None
         nonce = secrets.token_hex(16)
         rc, out = _verify(home, _quote(home, nonce), nonce, golden)
         assert rc != 0 and "changed: config" in out, out
+        # and the guest's own verifier, expecting the known-good launch, refuses it
+        expected = json.loads(golden.read_text())["quote"]["measurement"]
+        rc, out = _guest_check(home, expected=expected)
+        assert rc != 0 and "not the expected one" in out, out
     finally:
         home.popek("stop", VM)
         home.popek("config", "set", VM, "limits.memory", "256MiB")

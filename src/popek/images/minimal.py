@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from popek.errors import ImageError
-from popek.images import container_init, cpio, debs, kmods, tarwrite
+from popek.images import container_init, cpio, debs, kmods, tarwrite, verifier
 from popek.images.builder import BuildContext, BuildResult
 
 KERNEL_META = "linux-image-cloud-amd64"
@@ -137,10 +137,12 @@ def source_date_epoch() -> int:
     return int(raw)
 
 
-def build_rootfs(bb_root: Path, root: Path, out: Path) -> None:
+def build_rootfs(bb_root: Path, root: Path, out: Path, verify_bin: Path | None = None) -> None:
     """Assemble the container root filesystem in ``root`` and pack it into ``out``."""
     root.mkdir()
     _install_busybox(bb_root, root, init_link=False)
+    if verify_bin is not None:
+        verifier.install(verify_bin, root)
     for d in (*ROOTFS_DIRS, "etc/init.d"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for name, text in (("passwd", PASSWD), ("group", GROUP), ("hostname", "popek\n")):
@@ -185,10 +187,13 @@ def build(ctx: BuildContext) -> BuildResult:
         kmods.install(kroot, modules, root, kver)
         _install_busybox(bbroot, root)
         _install_guest_files(root)
+        ctx.progress("building the guest attestation verifier")
+        verify_bin = verifier.build(cache, staging)
+        verifier.install(verify_bin, root)
         ctx.progress("packing initramfs")
         cpio.write_initramfs(root, ctx.out / INITRD_FILE, NODES)
         ctx.progress("packing the container root filesystem")
-        build_rootfs(bbroot, staging / "rootfs", ctx.out / ROOTFS_FILE)
+        build_rootfs(bbroot, staging / "rootfs", ctx.out / ROOTFS_FILE, verify_bin)
     return BuildResult(
         version=debs.deb_field(kernel_deb, "Version"),
         kernel=KERNEL_FILE,
