@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/netrules.py
 	$(PY) bench/network.py --rules-json bench/results/netrules-latest.json
 	$(PY) bench/trust.py
+	$(PY) bench/neighbours.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

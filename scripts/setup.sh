@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils
+  swtpm           # the virtual TPM of each VM (launch measurement in PCR 15)
   python3-venv util-linux procps iproute2 socat
   runc crun bubblewrap debootstrap
   nftables dnsmasq-base iperf3 tcpdump
-  gcc libc6-dev   # the security tests build a static attack tool
+  gcc libc6-dev   # the guest verifier and the security tests' attack tool are built static
 )
 
 . scripts/lib/debs.sh

@@ -4,6 +4,7 @@ of the suites that run real engines: a private POPEK_HOME and the minimal image.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -30,6 +31,10 @@ def popek_home() -> Iterator[Path]:
     yield home
     for inst in (home / "instances" / "default").glob("*") if (home / "instances").exists() else []:
         popek("delete", "--force", inst.name, check=False)
+    # networks a failed fixture left (their bridges and dnsmasq would outlive the home)
+    nets = popek("network", "list", "--format", "json", check=False)
+    for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:
+        popek("network", "delete", "--force", net["name"], check=False)
     shutil.rmtree(home, ignore_errors=True)
 
 

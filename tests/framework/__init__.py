@@ -141,9 +141,12 @@ class Home:
         return [i["name"] for i in json.loads(self.popek("list", "--format", "json").stdout)]
 
     def close(self) -> None:
-        """Delete every instance and the home."""
+        """Delete every instance and network, then the home."""
         import shutil
 
         for name in self.instances():
             self.popek("delete", "--force", name, check=False)
+        nets = self.popek("network", "list", "--format", "json", check=False)
+        for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:
+            self.popek("network", "delete", "--force", net["name"], check=False)
         shutil.rmtree(self.path, ignore_errors=True)

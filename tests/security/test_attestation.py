@@ -131,6 +131,33 @@ def test_guest_rejects_a_quote_by_another_key(home: Home) -> None:
     assert rc != 0 and "signature does not match" in out, out
 
 
+def test_guest_has_its_launch_in_the_vtpm(home: Home) -> None:
+    """PCR 15 of the guest's virtual TPM holds the launch measurement, extended once."""
+    import hashlib
+
+    pcr = home.popek("exec", VM, "--", "cat", "/sys/class/tpm/tpm0/pcr-sha256/15").stdout
+    measurement = json.loads(home.popek("info", VM, "--format", "json").stdout)["measurement"]
+    want = hashlib.sha256(bytes(32) + bytes.fromhex(measurement)).hexdigest()
+    assert pcr.strip().lower() == want
+
+
+def test_guest_rejects_a_quote_about_another_launch(home: Home) -> None:
+    """A host that answers the guest's nonce with another instance's (signed) quote is caught."""
+    home.popek("launch", "minimal", "decoy", "--memory", "256MiB")
+    try:
+        nonce = home.popek("exec", VM, "--", "popek-verify", "nonce").stdout.strip()
+        quote = home.path / "decoy-quote.json"
+        quote.write_text(home.popek("attest", "decoy", "--nonce", nonce).stdout)
+        keys = json.loads(home.popek("trust", "list", "--format", "json").stdout)
+        pub = next(k["public"] for k in keys if k["role"] == "attestation")
+        claimed = json.loads(quote.read_text())["quote"]["measurement"]
+        proc = home.popek("exec", VM, "--", "popek-verify", "check", pub, claimed,
+                          stdin=quote.read_bytes(), check=False)
+        assert proc.returncode != 0 and "PCR 15 does not hold" in proc.stderr + proc.stdout
+    finally:
+        home.popek("delete", "--force", "decoy")
+
+
 def test_restart_measures_the_same(home: Home, golden: Path) -> None:
     home.popek("restart", VM)
     nonce = secrets.token_hex(16)

@@ -88,6 +88,22 @@ def test_conflicting_labels_cannot_run_together(home: Home, enforcing: None) -> 
     _denied(home.popek("start", "a1", check=False), "conflicts with running label 'bank-b'")
 
 
+def test_racing_conflicting_launches_never_both_run(home: Home, enforcing: None) -> None:
+    """Two conflicting launches at the same moment: one runs, the other is denied."""
+    import subprocess as sp
+
+    from framework import POPEK
+
+    procs = [sp.Popen([*POPEK, "launch", "minimal", name, *CTR, "--label", label],
+                      env=home.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+             for name, label in (("race-a", "bank-a"), ("race-b", "bank-b"))]
+    codes = sorted(p.wait(timeout=120) for p in procs)
+    errors = "".join(p.stderr.read() for p in procs if p.stderr)
+    assert codes == [0, 4], errors
+    assert "conflicts with running label" in errors
+    assert len([n for n in home.instances() if n.startswith("race-")]) == 1
+
+
 def test_forbidden_network_share_refused(home: Home, enforcing: None) -> None:
     home.popek("launch", "minimal", "w1", *CTR, "--label", "web", "--network", "macnet")
     home.popek("launch", "minimal", "d1", *CTR, "--label", "db", "--network", "macnet")

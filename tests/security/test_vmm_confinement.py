@@ -84,8 +84,9 @@ def test_no_host_channels_are_exposed(vm: dict[str, object]) -> None:
     non_chipset = {(v, d) for (v, d) in ids if v not in (0x1AF4, 0x8086)}
     assert non_chipset <= {(0x1B36, 0x000C)}, non_chipset
     chardevs = {c["label"] for c in qmp.execute(_qmp_sock(vm), "query-chardev")}
-    assert chardevs <= {"console", "agent", "compat_monitor0"} | {c for c in chardevs
-                                                                   if c.startswith("qmp")}
+    # chrtpm: QEMU's link to the instance's own swtpm (the virtual TPM), nothing of the host's
+    assert chardevs <= {"console", "agent", "chrtpm", "compat_monitor0"} | {
+        c for c in chardevs if c.startswith("qmp")}
 
 
 def test_monitor_cannot_spawn_host_commands(vm: dict[str, object]) -> None:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import stat
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from popek.core.store import SQLiteStore
 from popek.trust import audit
 from popek.trust.audit import (
     GENESIS,
@@ -28,14 +25,6 @@ from popek.trust.audit import (
 from popek.trust.keys import TrustStore, canonical
 
 EVERY = 4  # checkpoint interval for most tests (the default, 32, is tested on its own)
-
-
-@pytest.fixture
-def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
-    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    store = SQLiteStore(tmp_path / "state.db")
-    yield TrustStore(store)
-    store.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,10 @@ from unit.test_images_manifest import make_image_dir, make_manifest
 
 
 @pytest.fixture
-def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
-    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    store = SQLiteStore(tmp_path / "state.db")
-    t = TrustStore(store)
-    t.keygen("signer", "image")
-    yield t
-    store.close()
+def trust(trust: TrustStore) -> TrustStore:
+    """The shared trust store with an image key named ``signer``."""
+    trust.keygen("signer", "image")
+    return trust
 
 
 @pytest.fixture

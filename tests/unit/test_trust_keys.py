@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import stat
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from popek.core.store import SQLiteStore
 from popek.errors import AlreadyExists, InvalidInput, NotFound
 from popek.trust import keys
 from popek.trust.keys import (
@@ -34,14 +32,6 @@ from popek.trust.keys import (
     public_pem,
     public_raw_from_text,
 )
-
-
-@pytest.fixture
-def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
-    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    store = SQLiteStore(tmp_path / "state.db")
-    yield TrustStore(store)
-    store.close()
 
 
 def raw_of(priv: Ed25519PrivateKey) -> bytes:

@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,6 @@ from popek.trust.measure import (
 
 NONCE = "ab" * 32
 POLICY = 'version = 1\nlabels = ["default"]\n'
-
-
-@pytest.fixture
-def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
-    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    store = SQLiteStore(tmp_path / "state.db")
-    yield TrustStore(store)
-    store.close()
 
 
 @pytest.fixture

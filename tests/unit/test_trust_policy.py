@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from popek.core.store import SQLiteStore
 from popek.errors import InvalidInput, PopekError
 from popek.trust.keys import TrustError, TrustStore, canonical
 from popek.trust.policy import (
@@ -25,15 +22,6 @@ from popek.trust.policy import (
     decide,
     parse,
 )
-
-
-@pytest.fixture
-def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
-    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    store = SQLiteStore(tmp_path / "state.db")
-    yield TrustStore(store)
-    store.close()
-
 
 BANKS = """\
 version = 3

@@ -85,14 +85,21 @@ def launch(
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
     label: str = typer.Option("default", "--label",
                               help="Access control label (see popek policy show)."),
+    net_rate: str = typer.Option("", "--net-rate",
+                                 help="Limit each network port, both ways, e.g. 100Mbit."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     mem = _size(memory, "memory size")
     engine = "container" if container else "qemu"
+    limits: dict[str, int] = {"pids": pids} if container else {}
+    if net_rate:
+        from popek.network.shaping import parse_rate
+
+        limits["net"] = parse_rate(net_rate)
     with _progress(f"launching {name}") as progress:
         inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
                                    engine=engine, runtime=runtime,
-                                   limits={"pids": pids} if container else {},
+                                   limits=limits,
                                    mounts=mount, networks=network,
                                    ready_timeout=timeout, progress=progress, label=label)
     details = inst.runtime.details if inst.runtime else {}
@@ -260,8 +267,9 @@ app.add_typer(config_app, name="config")
 @config_app.command("set")
 def config_set(
     name: str,
-    key: str = typer.Argument(..., help="limits.memory, limits.cpu, limits.pids or label "
-                                        "(only while stopped)."),
+    key: str = typer.Argument(..., help="limits.memory, limits.cpu, limits.pids, limits.net "
+                                        "(e.g. 100Mbit, or none) or label (only while "
+                                        "stopped)."),
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
@@ -272,12 +280,16 @@ def config_set(
 @config_app.command("show")
 def config_show(name: str) -> None:
     """Show an instance's limits."""
+    from popek.network.shaping import format_rate
     from popek.units import format_size
 
     inst = _instances().get(name)
+    extra: dict[str, Any] = {f"limits.{k}": v for k, v in inst.spec.limits.items()}
+    if "limits.net" in extra:
+        extra["limits.net"] = format_rate(int(extra["limits.net"]))
     print(json.dumps({"limits.memory": format_size(inst.spec.memory),
-                      "limits.cpu": inst.spec.vcpus, "label": inst.spec.label,
-                      **{f"limits.{k}": v for k, v in inst.spec.limits.items()}}, indent=2))
+                      "limits.cpu": inst.spec.vcpus, "label": inst.spec.label, **extra},
+                     indent=2))
 
 
 # -- images -------------------------------------------------------------------

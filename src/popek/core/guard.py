@@ -72,18 +72,19 @@ class Guard:
         return d
 
     def measurer(self, workdir: Path, verdict: Verdict
-                 ) -> tuple[Callable[[str, bytes], None], list[Measurement]]:
+                 ) -> tuple[Callable[[str, bytes], str], list[Measurement]]:
         """A callback for ``LaunchSpec.measure`` and the list it appends the measurement to."""
         from popek.trust import measure as ms
         from popek.trust.policy import check_signed
 
         box: list[Measurement] = []
 
-        def cb(binary: str, config: bytes) -> None:
+        def cb(binary: str, config: bytes) -> str:
             pol = check_signed(self.trust)
             m = ms.measure(self.trust, binary, config, verdict.statement_sha256, pol.text,
                            pol.version)
             ms.write(workdir, m)
             box.append(m)
+            return m.value
 
         return cb, box

@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -229,6 +229,7 @@ class Instances:
             assert inst.runtime is not None
             try:
                 eng.attach_port(self._spec_for_running(inst), inst.runtime, port)
+                self._shape(inst, [port])
             except BaseException:
                 nets.delete_port(port)
                 raise
@@ -291,6 +292,25 @@ class Instances:
         return f"{UID_PREFIX}{uid}"
 
     # -- operations ----------------------------------------------------------
+    def _place(self, inst: Instance) -> tuple[int, ...]:
+        """The host CPUs for ``inst``: the least used by the other active instances."""
+        from popek.core import placement
+
+        busy = [i.runtime.details.get("cpus", []) for i in self.all(None)
+                if i.state in ACTIVE and i.runtime is not None and i.name != inst.name]
+        return placement.choose(inst.spec.vcpus, busy)
+
+    def _shape(self, inst: Instance, ports: list[Port] | None = None) -> None:
+        """Apply ``limits.net`` (or no limit) to the host side of the instance's ports."""
+        from popek.network import shaping
+
+        rate = inst.spec.limits.get("net")
+        for port in ports if ports is not None else self._ports(inst):
+            guest = None
+            if port.kind == "veth" and inst.runtime is not None:  # its end in the container
+                guest = (inst.runtime.pid, shaping.guest_ifname(inst.runtime.pid, port.mac))
+            shaping.apply(port.host_ifname, rate, guest)
+
     # -- access control ------------------------------------------------------------
     def _check_run(self, inst: Instance, networks: list[str]) -> None:
         """The policy checks of a start: run beside the others, host channels, networks."""
@@ -346,7 +366,36 @@ class Instances:
         for net in networks or []:
             self._network_service().get(split_network(net)[0])  # missing: fail first
         verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
-        self._check_run(probe, networks or [])
+        with _decision_lock():  # the decision holds until our record is there for the next one
+            self._check_run(probe, networks or [])
+            inst, revision = self._create_record(name, key, spec_in, eng, image)
+        try:
+            self._create_ports(inst, eng, list(networks or []))
+            measure, measured = self.guard.measurer(self.workdir(inst), verdict)
+            spec = replace(self._launch_spec(inst, image), measure=measure,
+                           cpus=self._place(inst))
+            progress(f"creating {name}")
+            eng.create(spec)
+            progress(f"booting {name}")
+            started = eng.start(spec, ready_timeout)
+        except BaseException:
+            self._purge(inst)
+            raise
+        started.details["image_trust"] = verdict.to_doc()
+        started.details["measurement"] = measured[-1].value if measured else ""
+        started.details["cpus"] = list(spec.cpus)
+        inst.runtime = started
+        try:
+            self._shape(inst)
+        except BaseException:
+            self._purge(inst)
+            raise
+        self._finish(inst, revision, State.RUNNING, "started")
+        return inst
+
+    def _create_record(self, name: str, key: str, spec_in: InstanceSpec, eng: Engine,
+                       image: Image) -> tuple[Instance, int]:
+        """Write the new instance (state starting) with its own uid, in one transaction."""
         owner = Owner.me()
         for _ in range(10):
             uid = self._allocate_uid(eng.id_range)
@@ -361,28 +410,11 @@ class Instances:
                  Put(self._owner_key(inst), _owner_bytes(owner))],
             )
             if res.succeeded:
-                break
+                return inst, res.revision
             if self.store.get(key) is not None:
                 raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                     "or delete it first")
-        else:
-            raise StoreError("could not allocate a uid for the instance; retry")
-        try:
-            self._create_ports(inst, eng, list(networks or []))
-            measure, measured = self.guard.measurer(self.workdir(inst), verdict)
-            spec = replace(self._launch_spec(inst, image), measure=measure)
-            progress(f"creating {name}")
-            eng.create(spec)
-            progress(f"booting {name}")
-            started = eng.start(spec, ready_timeout)
-        except BaseException:
-            self._purge(inst)
-            raise
-        started.details["image_trust"] = verdict.to_doc()
-        started.details["measurement"] = measured[-1].value if measured else ""
-        inst.runtime = started
-        self._finish(inst, res.revision, State.RUNNING, "started")
-        return inst
+        raise StoreError("could not allocate a uid for the instance; retry")
 
     def start(self, name: str, ready_timeout: float = 180.0,
               progress: Progress = _noop) -> Instance:
@@ -391,14 +423,18 @@ class Instances:
         try:
             image = self.images.get(inst.spec.image)
             verdict = self.guard.image(image, inst.spec.image, inst.project)
-            self._check_run(inst, [p.network for p in self._ports(inst)])
+            with _decision_lock():  # our intent (starting) is recorded: decide after it
+                self._check_run(inst, [p.network for p in self._ports(inst)])
             progress(f"booting {name}")
             self._ensure_port_devices(inst)
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
-            spec = replace(self._launch_spec(inst, image), measure=measure)
+            spec = replace(self._launch_spec(inst, image), measure=measure,
+                           cpus=self._place(inst))
             inst.runtime = self._engine(inst).start(spec, ready_timeout)
+            inst.runtime.details["cpus"] = list(spec.cpus)
             inst.runtime.details["image_trust"] = verdict.to_doc()
             inst.runtime.details["measurement"] = measured[-1].value if measured else ""
+            self._shape(inst)
         except BaseException as exc:
             self._finish(inst, rev, State.STOPPED, "start failed", f"start failed: {exc}")
             raise
@@ -456,10 +492,11 @@ class Instances:
 
     def _spec_for_running(self, inst: Instance) -> LaunchSpec:
         """A LaunchSpec for an instance whose image may have gone since it started."""
+        cpus = tuple(inst.runtime.details.get("cpus", [])) if inst.runtime else ()
         try:
-            return self._launch_spec(inst)
+            return replace(self._launch_spec(inst), cpus=cpus)
         except PopekError:
-            return self._launch_spec(inst, lookup=False)
+            return replace(self._launch_spec(inst, lookup=False), cpus=cpus)
 
     def _exec_target(self, name: str, argv: list[str]) -> tuple[Instance, Engine]:
         """Check an exec request; return the running instance and its engine."""
@@ -509,6 +546,19 @@ class Instances:
             check_resources(spec.vcpus, spec.memory)
         elif key == "limits.pids":
             spec.limits = check_limits({**spec.limits, "pids": _int(value, "limits.pids")})
+        elif key == "limits.net":
+            from popek.network.shaping import parse_rate
+
+            limits = dict(spec.limits)
+            if value.lower() in ("none", "0", "off"):
+                limits.pop("net", None)
+            else:
+                limits["net"] = parse_rate(value)
+            spec.limits = check_limits(limits)
+            if inst.state in (State.RUNNING, State.PAUSED):
+                self._shape(inst)
+            self._save(inst, rev, f"config {key}={value}")
+            return inst
         elif key == "label":
             if inst.state != State.STOPPED:
                 raise StateError(name, "change the label of", inst.state.value,
@@ -522,6 +572,8 @@ class Instances:
             eng = self._engine(inst)
             require(eng, Capability.RESIZE)
             assert inst.runtime is not None
+            if key == "limits.cpu":  # more or fewer vCPUs: placed again
+                inst.runtime.details["cpus"] = list(self._place(inst))
             eng.resize(self._spec_for_running(inst), inst.runtime)
         elif inst.state != State.STOPPED:
             raise StateError(name, "change the configuration of", inst.state.value,
@@ -650,7 +702,7 @@ class Instances:
         return [i.name for i in self.all(None) if i.spec.image == image]
 
 
-CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "label")
+CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "label")
 
 
 def split_network(text: str) -> tuple[str, str | None]:
@@ -668,11 +720,15 @@ def _int(value: str, what: str) -> int:
 
 
 def check_limits(limits: dict[str, int]) -> dict[str, int]:
-    """Validate extra limits (today ``pids``: 16 to 4194304); return them."""
+    """Validate extra limits (``pids``: 16 to 4194304; ``net``: bit/s); return them."""
+    from popek.network.shaping import check_rate
+
     for key, value in limits.items():
-        if key != "pids":
-            raise InvalidInput(f"unknown limit {key!r}; allowed: pids")
-        if not 16 <= value <= MAX_PIDS:
+        if key == "net":
+            check_rate(value)
+        elif key != "pids":
+            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net")
+        elif not 16 <= value <= MAX_PIDS:
             raise InvalidInput(f"invalid limits.pids {value}: must be from 16 to {MAX_PIDS}")
     return limits
 
@@ -695,3 +751,17 @@ def wait_stopped(instances: Instances, name: str, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@contextlib.contextmanager
+def _decision_lock() -> Iterator[None]:
+    """One access control decision at a time on this host (for launch and start).
+
+    A launch holds it from its check until its record (state starting) is
+    written; a start writes its intent first.  So two instances whose labels
+    conflict can never both pass the check, however their commands interleave.
+    """
+    path = paths.home() / ".decisions.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with proc.flocked(path):
+        yield

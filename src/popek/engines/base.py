@@ -66,8 +66,11 @@ class LaunchSpec:
     #: the networks those ports are on, by name
     networks: Mapping[str, Network] = field(default_factory=dict)
     #: called by ``start`` with the engine binary and its effective configuration
-    #: (QEMU argv, OCI config.json) just before it runs them: the launch measurement
-    measure: Callable[[str, bytes], None] | None = None
+    #: (QEMU argv, OCI config.json) just before it runs them: the launch measurement,
+    #: returned as hex (a VM hands it to its guest's virtual TPM)
+    measure: Callable[[str, bytes], str] | None = None
+    #: host CPUs the instance is pinned to (empty: all of them); see core.placement
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass

@@ -57,8 +57,9 @@ MODULES = [
     "button",
     "ext4",
     "af_packet",
+    "qemu_fw_cfg",
 ]
-OPTIONAL_MODULES = frozenset({"af_packet", "button"})
+OPTIONAL_MODULES = frozenset({"af_packet", "button", "qemu_fw_cfg"})
 DIRS = ("dev", "proc", "sys", "run", "tmp", "root", "mnt", "var/log", "etc/popek", "etc/init.d")
 # guest/ file -> (path in the initramfs, executable)
 GUEST_FILES = {

@@ -13,16 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path("/sys/fs/cgroup")
+from popek.engines.cgroupfs import ROOT, is_v2
+
 CGROUP2_MAGIC = 0x63677270
-
-
-def is_v2(root: Path = ROOT) -> bool:
-    """Return whether ``root`` is a pure cgroup v2 (unified) mount."""
-    try:
-        return (root / "cgroup.controllers").exists() and not (root / "memory").is_dir()
-    except OSError:
-        return False
+__all__ = ["ROOT", "Usage", "is_v2", "remove", "usage"]
 
 
 @dataclass(frozen=True)

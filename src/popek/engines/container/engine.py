@@ -52,7 +52,8 @@ def cgroups_path(spec: LaunchSpec) -> str:
 def limits_of(spec: LaunchSpec) -> Limits:
     """The cgroup limits of ``spec``: its memory, CPUs and pids."""
     return Limits(memory=spec.memory, cpus=float(spec.vcpus),
-                  pids=int(spec.limits.get("pids", DEFAULT_PIDS)))
+                  pids=int(spec.limits.get("pids", DEFAULT_PIDS)),
+                  cpuset=",".join(str(c) for c in spec.cpus))
 
 
 class ContainerEngine:
@@ -202,10 +203,11 @@ class ContainerEngine:
     def resize(self, spec: LaunchSpec, rtime: Runtime) -> None:
         """Apply ``spec``'s limits to the running container at once (``update``)."""
         lim = limits_of(spec)
+        cpuset = lim.cpuset or ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         self._rt(spec).call(
             "update", "--memory", str(lim.memory), "--memory-swap", str(lim.memory),
             "--pids-limit", str(lim.pids), "--cpu-quota", str(int(lim.cpus * 100_000)),
-            "--cpu-period", "100000", container_id(spec))
+            "--cpu-period", "100000", "--cpuset-cpus", cpuset, container_id(spec))
 
     def attach_port(self, spec: LaunchSpec, rtime: Runtime, port: Port) -> None:
         """Move the port's veth end into the running container as the next ethN."""

@@ -46,12 +46,14 @@ class Limits:
     cpus: float
     pids: int
     io_weight: int = 100
+    cpuset: str = ""  # host CPUs to run on, "0,2"; empty: all
 
     def resources(self) -> dict[str, Any]:
         """Return the OCI ``linux.resources`` object for these limits."""
         return {
             "memory": {"limit": self.memory, "swap": self.memory},
-            "cpu": {"quota": int(self.cpus * CPU_PERIOD), "period": CPU_PERIOD},
+            "cpu": {"quota": int(self.cpus * CPU_PERIOD), "period": CPU_PERIOD,
+                    **({"cpus": self.cpuset} if self.cpuset else {})},
             "pids": {"limit": self.pids},
             "blockIO": {"weight": self.io_weight},
             "devices": [{"allow": False, "access": "rwm"}] + [

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from popek.engines.base import LaunchSpec
+from popek.engines.qemu import vtpm
 from popek.errors import EngineError
 
 if TYPE_CHECKING:
@@ -144,6 +145,8 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
         "-qmp", f"unix:{p.qmp},server=on,wait=off",
+        # a TPM 2.0 (swtpm) and the launch measurement for the guest's PCR 15
+        *vtpm.qemu_args(spec.workdir),
     ]
     # PCI Express root ports: one per NIC, so that every NIC, present at boot or
     # plugged in later, can be unplugged again (devices on pcie.0 cannot)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import proc
+from popek.engines import cgroupfs
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
-from popek.engines.qemu import process, qmp
+from popek.engines.qemu import jail, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
     Paths,
@@ -59,19 +59,17 @@ def exit_reason(paths: Paths) -> str:
     return f"{reason}: {detail}" if detail else reason
 
 
+def _names(pid: int, path: Path) -> bool:
+    """Whether the command line of ``pid`` contains ``path``."""
+    try:
+        return str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _remove_boot_files(p: Paths) -> None:
     for role in ("kernel", "initrd"):
         p.boot_file(role).unlink(missing_ok=True)
-
-
-def _check_reachable(path: Path, uid: int) -> None:
-    """Fail early when the unprivileged QEMU uid cannot traverse to or read ``path``."""
-    for parent in list(path.parents)[::-1]:
-        st = parent.stat()
-        if st.st_uid != uid and not st.st_mode & stat.S_IXOTH:
-            raise EngineError(f"QEMU runs as uid {uid} and cannot traverse {parent} "
-                              f"(mode {stat.filemode(st.st_mode)}): put POPEK_HOME under "
-                              "directories that others may traverse (o+x)")
 
 
 class QemuEngine:
@@ -113,17 +111,20 @@ class QemuEngine:
             # QEMU boots from a root-owned copy whose hash is computed on the
             # very bytes written: nothing can be swapped between check and use.
             spec.image.copy_verified(role, p.boot_file(role))
-        _check_reachable(spec.workdir, spec.uid)
 
     def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
-        """Start QEMU detached as the instance uid and wait for the guest's ready line.
+        """Start QEMU jailed and detached as the instance uid; wait for the guest's ready line.
 
+        QEMU runs in a mount namespace of its own that holds only what it
+        needs, inside a cgroup with the instance's limits (see ``jail.py``).
         Raises :class:`EngineError` when QEMU is missing, exits early, or the
         guest is not ready within ``ready_timeout`` seconds (QEMU is then killed).
         """
         qemu = find_qemu()
         accel = accel_mod.choose(spec.accel)
         p = Paths(spec.workdir)
+        plan = jail.mount_plan(spec.workdir, accel == "kvm", qemu)
+        jail.prepare_host()
         self._prepare(spec, p)
         pidfile = spec.workdir / "qemu.pid"
         tap_fds: list[int] = []
@@ -132,23 +133,31 @@ class QemuEngine:
                 tap_fds.append(open_tap(port.host_ifname))
             argv = [*build_argv(spec, accel, qemu, tap_fds), "-pidfile", str(pidfile)]
             p.argv.write_text(json.dumps(argv))
-            if spec.measure is not None:
-                spec.measure(qemu, p.argv.read_bytes())
-            groups = [KVM_GROUP_DEV.stat().st_gid] if accel == "kvm" else []
-            process.spawn_detached(argv, spec.uid, spec.gid, groups, p.stderr, spec.workdir,
-                                   tuple(tap_fds))
+            value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
+            vtpm.write_measurement(spec.workdir, value)
+            vtpm.start(spec.workdir, spec.uid, spec.gid)
+            kvm_gid = KVM_GROUP_DEV.stat().st_gid if accel == "kvm" else 0
+            groups = [kvm_gid] if kvm_gid != 0 else []  # never root's group
+            cgroup = jail.cgroup_path(spec)
+            process.spawn_jailed(argv, spec.uid, spec.gid, groups, p.stderr,
+                                 jail.fstab(plan, jail.jail_root()), cgroup,
+                                 jail.limits(spec, accel), tuple(tap_fds), cpus=spec.cpus)
+            if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
+                                   10.0):
+                raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
+            pid = int(pidfile.read_text().strip())
+            started = proc.start_time(pid)
+            if started is None:
+                raise EngineError(f"QEMU exited at once: {_tail(p.stderr) or 'no message'}")
+        except BaseException:
+            with contextlib.suppress(EngineError):
+                self.cleanup(spec)  # a launcher or QEMU half way, and the cgroup
+            raise
         finally:
             for fd in tap_fds:
                 os.close(fd)
-        if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
-                                  10.0):
-            raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
-        pid = int(pidfile.read_text().strip())
-        started = proc.start_time(pid)
-        if started is None:
-            raise EngineError(f"QEMU exited at once: {_tail(p.stderr) or 'no message'}")
         nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
-        runtime = Runtime(pid, started, {"accel": accel, "nics": nics})
+        runtime = Runtime(pid, started, {"accel": accel, "nics": nics, "cgroup": cgroup})
         try:
             self._wait_ready(p, runtime, ready_timeout)
         except BaseException:
@@ -284,9 +293,10 @@ class QemuEngine:
             return b""
 
     def cleanup(self, spec: LaunchSpec) -> None:
-        """Kill a stray QEMU of this instance directory, remove its sockets and pid file.
+        """Kill a stray QEMU of this instance, remove its cgroup, sockets and pid file.
 
-        A stray is a QEMU whose start was interrupted before popek recorded it.
+        A stray is a QEMU whose start was interrupted before popek recorded it:
+        whatever still runs in the instance's cgroup (QEMU, or its launcher).
         """
         p = Paths(spec.workdir)
         pidfile = spec.workdir / "qemu.pid"
@@ -299,8 +309,15 @@ class QemuEngine:
             started = proc.start_time(pid)
             if started is not None and str(p.qmp).encode() in cmdline:
                 proc.kill(pid, started)
+        cgroup = jail.cgroup_path(spec)
+        # cgroup names are host-wide: kill only what names this instance's directory
+        # (QEMU, or its launcher), never an instance of the same name in another POPEK_HOME
+        cgroupfs.kill(cgroup, only=lambda pid: _names(pid, p.qmp))
+        with contextlib.suppress(EngineError):  # a leftover is removed at the next cleanup
+            cgroupfs.remove(cgroup)
         for sock in p.sockets():
             sock.unlink(missing_ok=True)
             sock.with_suffix(".lock").unlink(missing_ok=True)
         (spec.workdir / "qemu.pid").unlink(missing_ok=True)
         _remove_boot_files(p)
+        vtpm.stop(spec.workdir)

@@ -7,26 +7,15 @@ session: popek keeps no connection (and no process) per instance.
 
 from __future__ import annotations
 
-import fcntl
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from popek.errors import EngineError
+from popek.proc import flocked
 
 # qemu.qmp (and asyncio under it) is imported on first use: commands that do
 # not speak QMP, such as launch, do not pay for it.
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 async def _session(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
@@ -77,7 +66,7 @@ def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | No
     from qemu.qmp import ConnectError, ExecuteError, QMPError
 
     try:
-        with _locked(sock.with_suffix(".lock")):
+        with flocked(sock.with_suffix(".lock")):
             return asyncio.run(_session(sock, commands, timeout, fd))
     except ExecuteError as exc:
         raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
