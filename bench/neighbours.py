@@ -3,10 +3,10 @@
 For containers and VMs: a neighbour instance measures its own throughput
 (shell loop iterations per second; for containers also fsynced disk writes
 in MB/s) alone, then while an attacker instance spins all its vCPUs, fills
-its memory, or floods the disk.  Each phase takes the best of several
-samples: this host's noise (other tenants, TCG) only ever slows a sample
-down, while what an attacker takes away slows every sample.  Reported per
-engine and attack: the ratio loaded/baseline.  The claim (issue 5): at
+its memory, or floods the disk.  The samples come in pairs, the attacker
+frozen (``popek pause``) for the baseline half and running for the other,
+so that the slow drifts of this shared host hit both halves alike; the
+ratio is the median of the pairs' ratios.  The claim (issue 5): at
 least 0.8.
 
 The probes and attacks here are also what
@@ -80,12 +80,35 @@ class Probe:
         """The throughput an attack of this kind would hurt."""
         return self.disk() if attack == "disk" else self.cpu()
 
+    def once(self, attack: str) -> float:
+        """One sample of that throughput."""
+        if attack == "disk":
+            return DISK_MIB * (1 << 20) / self._span(DISK_SCRIPT)
+        return self.n / self._cpu_seconds()
 
-def under_attack(run: Runner, probe: Probe, attacker: str, attack: str) -> float:
-    """Start ``attack`` in ``attacker``, let it ramp up, measure the neighbour."""
+
+def paired_ratio(run: Runner, probe: Probe, attacker: str, attack: str,
+                 freeze: Callable[[bool], None]) -> tuple[float, float, float]:
+    """Start ``attack`` in ``attacker``; return (ratio, baseline, loaded), medians of pairs.
+
+    Each pair measures the neighbour with the attacker frozen (its baseline),
+    then with it running: both halves see the host in the same moment, so
+    the slow drifts of this shared machine cancel out.  ``freeze(True)``
+    pauses the attacker, ``freeze(False)`` resumes it.
+    """
     run(attacker, ATTACKS[attack])
     time.sleep(RAMP_S)
-    return probe.measure(attack)
+    base, loaded = [], []
+    for _ in range(probe.samples):
+        freeze(True)
+        try:
+            base.append(probe.once(attack))
+        finally:
+            freeze(False)
+        time.sleep(RAMP_S / 2)
+        loaded.append(probe.once(attack))
+    ratios = sorted(lo / b for lo, b in zip(loaded, base, strict=True))
+    return ratios[len(ratios) // 2], sorted(base)[len(base) // 2], sorted(loaded)[len(loaded) // 2]
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -122,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             popek("launch", "minimal", at, *extra)
             probe = Probe(run, nb, args.samples)
             for attack in attacks:
-                base = probe.measure(attack)
-                loaded = under_attack(run, probe, at, attack)
+                ratio, base, loaded = paired_ratio(
+                    run, probe, at, attack,
+                    lambda frozen, at=at: popek("pause" if frozen else "resume", at))
                 popek("restart", "--force", "--timeout", "1", at)
-                ratio = loaded / base
                 results.setdefault(engine, {})[attack] = {
                     "baseline": round(base, 1), "under_attack": round(loaded, 1),
                     "ratio": round(ratio, 3), "unit": "bytes/s" if attack == "disk"
