@@ -187,8 +187,11 @@ class Instances:
     def _ports(self, inst: Instance) -> list[Port]:
         """The instance's network ports, from the store (no netlink, no import of the service)."""
         owner = f"{inst.project}/{inst.name}"
-        ports = [Port.from_json(kv.value) for kv in self.store.range(PORT_PREFIX)]
-        return [p for p in ports if p.instance == owner]
+        return [p for p in self._all_ports() if p.instance == owner]
+
+    def _all_ports(self) -> list[Port]:
+        """Every port record of the host, from the store."""
+        return [Port.from_json(kv.value) for kv in self.store.range(PORT_PREFIX)]
 
     def _networks_of(self, ports: list[Port]) -> dict[str, Network]:
         nets: dict[str, Network] = {}
@@ -315,20 +318,21 @@ class Instances:
     def _check_run(self, inst: Instance, networks: list[str]) -> None:
         """The policy checks of a start: run beside the others, host channels, networks."""
         label = inst.spec.label
-        running = [i.spec.label for i in self.all(None)
-                   if i.state in ACTIVE and i.name != inst.name]
+        others = [i for i in self.all(None) if i.name != inst.name]  # read once for every check
+        running = [i.spec.label for i in others if i.state in ACTIVE]
         self.guard.check(label, "run", "host", running=running)
         for m in inst.spec.mounts:
             self.guard.check(label, "channel", f"host-mount:{parse_mount(m)[0]}")
         for net in networks:
-            self._check_network(label, split_network(net)[0], inst)
+            self._check_network(label, split_network(net)[0], inst, others)
 
-    def _check_network(self, label: str, network: str, inst: Instance | None = None) -> None:
+    def _check_network(self, label: str, network: str, inst: Instance | None = None,
+                       others: list[Instance] | None = None) -> None:
         me = f"{inst.project}/{inst.name}" if inst else ""
-        owners = {p.instance for p in (Port.from_json(kv.value)
-                                       for kv in self.store.range(PORT_PREFIX))
+        owners = {p.instance for p in self._all_ports()
                   if p.network == network and p.instance != me}
-        sharers = [i.spec.label for i in self.all(None) if f"{i.project}/{i.name}" in owners]
+        candidates = self.all(None) if others is None else others
+        sharers = [i.spec.label for i in candidates if f"{i.project}/{i.name}" in owners]
         self.guard.check(label, "network", network, sharers=sharers)
 
     def launch(self, image_name: str, name: str, vcpus: int = 1, memory: int = 512 << 20,
