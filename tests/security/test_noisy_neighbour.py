@@ -6,16 +6,23 @@ cgroup limits (CPU quota = its vCPUs, memory without swap, pids, I/O
 weight) and every VM a fixed number of vCPU threads, fixed guest memory and
 a cgroup of its own.  Each test measures a neighbour's throughput alone,
 with the attacker frozen and running in turn, and requires at least 80 % of
-the baseline (the median of paired samples).  VMs have no disk yet (they boot
+the baseline (the median of paired samples).  Under the CPU attack it first
+checks that the two run only on their own, separate CPUs, then measures what
+plain shell loops pinned to the attacker's CPUs leave the neighbour: where
+the host's CPUs are coupled below the kernel (SMT siblings, a hypervisor's
+shared core: the CI host measured 0.57), the requirement is 85 % of that
+floor instead of 80 % of the baseline.  VMs have no disk yet (they boot
 from an initrd), so the disk flood applies to containers only.  The probes
 and attacks are those of ``bench/neighbours.py``, which explains the choice.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +30,11 @@ from framework import REPO, popek
 from popek.engines.cgroupfs import is_v2
 
 sys.path.insert(0, str(REPO / "bench"))
-from neighbours import ENGINE_ATTACKS, THRESHOLD, Probe, paired_ratio
+from neighbours import ENGINE_ATTACKS, THRESHOLD, Probe, host_floor, paired_ratio
+
+#: under a CPU attack, the neighbour must keep this share of what a plain pinned
+#: host process leaves it, when the host's CPUs are coupled below the kernel
+FLOOR_SHARE = 0.85
 
 
 def _sh(name: str, script: str) -> str:
@@ -49,15 +60,22 @@ def test_neighbour_keeps_its_throughput(pair: tuple[str, str, str], attack: str)
     if attack not in ENGINE_ATTACKS[kind]:
         pytest.skip("VMs have no disk yet: they boot from an initrd held in guest memory")
     if kind == "vm" and attack == "cpu" and (os.cpu_count() or 1) <= 2:
-        # measured here: 0.65-0.89; a plain host process spinning on the attacker's CPU
-        # alone holds the neighbour VM to 0.78 (the two CPUs share a core and its caches)
-        pytest.skip("on a 2-CPU host the neighbour's CPU is the attacker's sibling: no "
-                    "placement can keep 80 %; bench/neighbours.py reports the figure")
+        # measured here: 0.65-0.89, while a host shell loop pinned to the attacker's CPU
+        # leaves the neighbour VM at 1.0: under TCG both emulators stream every guest
+        # instruction through the caches and memory bus the two CPUs share, which
+        # pinning does not partition
+        pytest.skip("on a 2-CPU TCG host two emulating guests contend below the kernel's "
+                    "reach; bench/neighbours.py reports the figure")
     if attack == "disk" and not is_v2():
         # measured 0.75-0.94 on this v1 host: bench/neighbours.py reports it every run
         pytest.skip("cgroup v1 cannot charge buffered writeback to the writer's cgroup, so "
                     "no I/O weight or throttle holds a page-cache flood back; needs cgroup v2")
     probe = Probe(_sh, neighbour)
+    threshold, floor = THRESHOLD, None
+    if attack == "cpu":
+        cpus = _confined_cpus(neighbour, attacker)
+        floor = host_floor(probe, cpus)
+        threshold = min(THRESHOLD, FLOOR_SHARE * floor)
     try:
         ratio, baseline, loaded = paired_ratio(
             _sh, probe, attacker, attack,
@@ -65,6 +83,32 @@ def test_neighbour_keeps_its_throughput(pair: tuple[str, str, str], attack: str)
     finally:
         popek("restart", "--force", "--timeout", "1", attacker)
     print(f"{kind} {attack}: neighbour at {ratio:.2f} of its baseline "
-          f"({loaded:.0f} vs {baseline:.0f})")
-    assert ratio >= THRESHOLD, (f"{kind} neighbour fell to {ratio:.0%} of its baseline under "
-                                f"the {attack} attack")
+          f"({loaded:.0f} vs {baseline:.0f}); host floor {floor}")
+    assert ratio >= threshold, (
+        f"{kind} neighbour fell to {ratio:.0%} of its baseline under the {attack} attack "
+        f"(required {threshold:.0%}; a plain host process pinned to the attacker's CPUs "
+        f"leaves it {floor if floor is not None else 1:.0%})")
+
+
+def _confined_cpus(neighbour: str, attacker: str) -> list[int]:
+    """The attacker's CPUs, after checking both instances run only where placed, apart."""
+    placed = {}
+    for name in (neighbour, attacker):
+        info = json.loads(popek("info", name, "--format", "json").stdout)
+        placed[name] = set(info["cpus"])
+        status = Path(f"/proc/{info['pid']}/status").read_text()
+        allowed = status.split("Cpus_allowed_list:")[1].split()[0]
+        assert _cpu_set(allowed) == placed[name], (
+            f"{name} runs on CPUs {allowed}, not on those placed for it: {sorted(placed[name])}")
+    assert placed[attacker] and not placed[attacker] & placed[neighbour], (
+        f"attacker and neighbour share CPUs: {placed}")
+    return sorted(placed[attacker])
+
+
+def _cpu_set(text: str) -> set[int]:
+    """``"0-2,5"`` -> ``{0, 1, 2, 5}``."""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
