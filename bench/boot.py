@@ -243,8 +243,9 @@ def popek_launch(env: Env, name: str) -> PopekRun:
     pre = _mtime_ms_after(argv_file, t0_wall)
     ready = _mtime_ms_after(console_log, t0_wall)
     qpid = int(pidfile.read_text().strip())
-    if not (env.home / "argv.json").exists():
-        shutil.copy(argv_file, env.home / "argv.json")  # keep a copy before delete
+    if not (env.home / "argv.json").exists():  # keep copies before delete
+        shutil.copy(argv_file, env.home / "argv.json")
+        shutil.copy(wd / "measurement.bin", env.home / "measurement.bin")
     run = PopekRun(
         name=name, total_ms=_ms(t1 - t0), cli_maxrss_kib=usage.ru_maxrss,
         cli_user_ms=_ms(usage.ru_utime), cli_sys_ms=_ms(usage.ru_stime),
@@ -259,26 +260,54 @@ def popek_launch(env: Env, name: str) -> PopekRun:
     return run
 
 
-def raw_argv(popek_argv: list[str], popek_workdir: Path, new_dir: Path) -> list[str]:
-    """The argv popek used, with its instance directory moved to ``new_dir``, no -pidfile."""
+def raw_argv(popek_argv: list[str], popek_workdir: Path, new_dir: Path,
+             image_dir: Path) -> list[str]:
+    """The argv popek used, moved to ``new_dir``: the image's own boot files, no -pidfile.
+
+    popek boots from verified copies (``kernel.verified``, ``initrd.verified``)
+    that it writes while hashing them and deletes once QEMU has read them;
+    by hand one points QEMU at the image's files.
+    """
+    manifest = json.loads((image_dir / "manifest.json").read_text())
+    files = {f"{popek_workdir}/{role}.verified": str(image_dir / manifest[role])
+             for role in ("kernel", "initrd")}
     out: list[str] = []
     it = iter(popek_argv)
     for arg in it:
         if arg == "-pidfile":
             next(it, None)
             continue
-        out.append(arg.replace(str(popek_workdir), str(new_dir)))
+        out.append(files.get(arg) or arg.replace(str(popek_workdir), str(new_dir)))
     return out
 
 
+def raw_swtpm(d: Path) -> None:
+    """Start the same swtpm popek starts, by hand in ``d``; return once its socket exists."""
+    (d / "tpm").mkdir()
+    subprocess.run(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={d / 'tpm'}", "--ctrl",
+                    f"type=unixio,path={d / 'swtpm.sock'}", "--flags", "startup-clear",
+                    "--terminate", "--daemon", "--pid", f"file={d / 'swtpm.pid'}"],
+                   check=True, stdin=subprocess.DEVNULL)
+    while not (d / "swtpm.sock").exists():
+        time.sleep(0.001)
+
+
 def raw_boot(env: Env, argv_template: list[str], template_dir: Path) -> RawRun:
-    """Start QEMU with popek's argv by hand; time Popen to the ready line on the console."""
+    """Start swtpm and QEMU with popek's argv by hand; time it to the ready line on the console.
+
+    The launch measurement popek gives the guest (``measurement.bin``) is
+    copied in before the clock starts: a by-hand QEMU has nothing to compute.
+    """
     d = _mkdir_public("popek-bench-raw-")
     env.raw_dirs.append(d)
-    argv = raw_argv(argv_template, template_dir, d)
+    argv = raw_argv(argv_template, template_dir, d, env.home / "images" / IMAGE)
+    (d / "measurement.bin").write_bytes((env.home / "measurement.bin").read_bytes())
+    tpm = "swtpm.sock" in " ".join(argv)
     console_log = d / "console.log"
     with open(d / "qemu.log", "wb") as err:
         t0 = time.perf_counter()
+        if tpm:
+            raw_swtpm(d)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 cwd=d, start_new_session=True)
     env.raw_procs.append(proc)
@@ -308,6 +337,8 @@ def raw_boot(env: Env, argv_template: list[str], template_dir: Path) -> RawRun:
         proc.kill()
         proc.wait(timeout=30)
         env.raw_procs.remove(proc)
+        with contextlib.suppress(OSError, ValueError):  # --terminate: it follows QEMU out
+            os.kill(int((d / "swtpm.pid").read_text()), signal.SIGKILL)
         shutil.rmtree(d, ignore_errors=True)
         env.raw_dirs.remove(d)
     return RawRun(total_ms=_ms(t1 - t0), qemu_rss_kib=rss)

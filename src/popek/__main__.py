@@ -1,5 +1,5 @@
 """``python -m popek`` runs the CLI."""
 
-from popek.cli.main import main
+from popek.cli.entry import main
 
 main()

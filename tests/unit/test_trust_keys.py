@@ -369,3 +369,31 @@ def test_other_public_keys_are_refused_with_the_accepted_forms() -> None:
                  "not base64 at all!", "", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"]:
         with pytest.raises(InvalidInput, match="give a PEM public key or the base64"):
             public_raw_from_text(text)
+
+
+def test_a_checked_signature_is_remembered_but_the_key_is_checked_every_time(
+        trust: TrustStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from popek.trust.keys import VERIFIED_PREFIX
+
+    trust.keygen("k", "image")
+    kid, sig = trust.sign("k", "image", b"statement")
+    trust.verify(kid, "image", b"statement", sig)
+    assert len(trust.store.range(VERIFIED_PREFIX)) == 1
+
+    def no_crypto(raw: bytes) -> None:
+        raise AssertionError("the Ed25519 check ran again")
+
+    monkeypatch.setattr(ed25519.Ed25519PublicKey, "from_public_bytes", no_crypto)
+    assert trust.verify(kid, "image", b"statement", sig).name == "k"  # remembered
+    with pytest.raises(AssertionError, match="ran again"):  # another payload: checked afresh
+        trust.verify(kid, "image", b"statement2", sig)
+    monkeypatch.undo()
+    with pytest.raises(TrustError, match="does not match"):
+        trust.verify(kid, "image", b"statement2", sig)
+    with pytest.raises(TrustError, match="not 'policy'"):  # the role is still checked
+        trust.verify(kid, "policy", b"statement", sig)
+    trust.revoke("k")
+    with pytest.raises(TrustError, match="revoked"):  # so is revocation
+        trust.verify(kid, "image", b"statement", sig)

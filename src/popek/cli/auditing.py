@@ -9,9 +9,11 @@ parameters the digest of the whole command line.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
-import click
+if TYPE_CHECKING:
+    import click
 
 READ_ONLY = frozenset({
     "list", "info", "config.show",
@@ -26,8 +28,36 @@ READ_ONLY = frozenset({
 SESSIONS = frozenset({"console", "exec", "attest"})
 
 
+def operation(path: list[str], args: list[str]) -> str | None:
+    """The audited operation of the command ``path`` given ``args``, or ``None`` (read-only)."""
+    op = ".".join(path)
+    if not path or "--help" in args or op in READ_ONLY or (
+            op == "console" and "--log" in args) or (
+            op == "attest" and args[:1] == ["verify"] and len(args) > 1
+            and not args[1].startswith("-")):  # checking a quote changes nothing
+        return None
+    kind = "session" if op in SESSIONS else "instance" if len(path) == 1 else ""
+    return f"{kind}.{op}" if kind else op
+
+
+def target_of(arguments: list[str], params: dict[str, Any]) -> str:
+    """The object of a command: its ``name`` argument, else its first one, else the project.
+
+    ``arguments`` are the command's positional parameter names in order,
+    ``params`` their parsed values.
+    """
+    for p in sorted(arguments, key=lambda p: p != "name"):
+        value = params.get(p)
+        if value:
+            return " ".join(value) if isinstance(value, list | tuple) else str(value)
+    project = params.get("project")
+    return f"project {project}" if isinstance(project, str) else ""
+
+
 def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
     """Return (operation, target) for ``argv``, or ``None`` when it is not audited."""
+    import click
+
     cmd, path, args = root, [], list(argv)
     while isinstance(cmd, click.Group) and args and not args[0].startswith("-"):
         sub = cmd.get_command(click.Context(cmd), args[0])
@@ -35,26 +65,32 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
             return None
         path.append(args.pop(0))
         cmd = sub
-    if not path or isinstance(cmd, click.Group) or "--help" in args:
+    if isinstance(cmd, click.Group):
         return None
-    op = ".".join(path)
-    if op in READ_ONLY or (op == "console" and "--log" in args) or (
-            op == "attest" and args[:1] == ["verify"] and len(args) > 1
-            and not args[1].startswith("-")):  # checking a quote changes nothing
+    op = operation(path, args)
+    if op is None:
         return None
     target = ""
     try:
         ctx = cmd.make_context(path[-1], args, resilient_parsing=True)
-        # the instance (or object) name when the command has one, else its first argument
-        params = sorted(cmd.params, key=lambda p: p.name != "name")
-        for p in params:
-            if isinstance(p, click.Argument) and p.name and ctx.params.get(p.name):
-                value: Any = ctx.params[p.name]
-                target = " ".join(value) if isinstance(value, list | tuple) else str(value)
-                break
-        if not target and isinstance(ctx.params.get("project"), str):
-            target = f"project {ctx.params['project']}"
+        target = target_of([p.name for p in cmd.params
+                            if isinstance(p, click.Argument) and p.name], ctx.params)
     except click.ClickException:
         pass
-    kind = "session" if op in SESSIONS else "instance" if len(path) == 1 else ""
-    return (f"{kind}.{op}" if kind else op), target
+    return op, target
+
+
+def record(op: str, target: str, args: list[str], code: int, error: str) -> None:
+    """Append one command's record to the audit log (a warning if it cannot be written)."""
+    from popek import paths
+    from popek.core.store import SQLiteStore
+    from popek.errors import PopekError
+    from popek.trust.audit import AuditLog
+    from popek.trust.keys import TrustStore
+
+    try:
+        result = "ok" if code == 0 else (f"error: {error}" if error else f"exit {code}")
+        AuditLog(TrustStore(SQLiteStore(paths.state_db()))).append(
+            op, target, {"argv": args}, result[:500])
+    except (OSError, PopekError) as exc:
+        print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)

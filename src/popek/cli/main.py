@@ -7,22 +7,17 @@ need them, so that ``popek launch`` adds as little as possible to a boot.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import typer
 
+from popek.cli import ops
 from popek.cli.common import check_format, print_table
 from popek.cli.network import app as network_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, sign_built, trust_app
 from popek.errors import PopekError
-
-if TYPE_CHECKING:
-    from popek.core.instances import Instances
 
 app = typer.Typer(
     name="popek", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,34 +33,14 @@ app.add_typer(audit_app, name="audit")
 app.command("attest")(attest)
 image_app.command("sign")(image_sign)
 
-def _instances() -> Instances:
-    from popek.core.instances import Instances
-
-    return Instances()
-
-
-@contextmanager
-def _progress(initial: str) -> Iterator[Callable[[str], None]]:
-    """Show progress of a long step: a spinner on a terminal, plain lines otherwise."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-
-        with Console(stderr=True).status(initial) as status:
-            yield lambda msg: status.update(msg)
-    else:
-        def plain(msg: str) -> None:
-            print(f"popek: {msg}", file=sys.stderr, flush=True)
-
-        yield plain
-
-
-def _size(text: str, what: str) -> int:
-    from popek.units import parse_size
-
-    return parse_size(text, what)
+_instances = ops.instances
+_progress = ops.progress
+_size = ops.size
 
 
 # -- instances ----------------------------------------------------------------
+# The bodies live in cli.ops, which cli.fastpath also runs: each command passes
+# exactly its parameters on (tests/unit/test_cli_fastpath.py holds them equal).
 @app.command()
 def launch(
     image: str = typer.Argument(..., help="Image to launch (see popek image list)."),
@@ -89,82 +64,27 @@ def launch(
                                  help="Limit each network port, both ways, e.g. 100Mbit."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
-    mem = _size(memory, "memory size")
-    engine = "container" if container else "qemu"
-    limits: dict[str, int] = {"pids": pids} if container else {}
-    if net_rate:
-        from popek.network.shaping import parse_rate
-
-        limits["net"] = parse_rate(net_rate)
-    with _progress(f"launching {name}") as progress:
-        inst = _instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
-                                   engine=engine, runtime=runtime,
-                                   limits=limits,
-                                   mounts=mount, networks=network,
-                                   ready_timeout=timeout, progress=progress, label=label)
-    details = inst.runtime.details if inst.runtime else {}
-    how = details.get("accel") or details.get("runtime") or "?"
-    kind = "container" if container else "VM"
-    print(f"Instance {name} is running ({kind}, {how}, {vcpus} vCPU, {memory}).")
+    ops.launch(**locals())
 
 
 @app.command("list")
 def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """List instances."""
     check_format(fmt)
-    from popek.units import format_size
-
-    insts = _instances().all()
-    if fmt == "json":
-        print(json.dumps([{
-            "name": i.name, "state": i.state.value, "reason": i.reason, "engine": i.spec.engine,
-            "image": i.spec.image, "vcpus": i.spec.vcpus, "memory": i.spec.memory,
-            "pid": i.runtime.pid if i.runtime else None,
-        } for i in insts], indent=2))
-        return
-    print_table(["NAME", "STATE", "ENGINE", "IMAGE", "VCPUS", "MEMORY", "REASON"], [
-        [i.name, i.state.value, i.spec.engine, i.spec.image, str(i.spec.vcpus),
-         format_size(i.spec.memory), i.reason] for i in insts])
+    ops.list_(**locals())
 
 
 @app.command()
 def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """Show the details of an instance."""
     check_format(fmt)
-    data = _instances().info(name)
-    if fmt == "json":
-        print(json.dumps(data, indent=2))
-        return
-    from popek.units import format_size
-
-    history = data.pop("history")
-    ports = data.pop("ports", [])
-    for p in ports:
-        data[f"network {p['network']}"] = f"{p['ipv4']} {p['mac']} ({p['host_device']})"
-    data["memory"] = format_size(data["memory"])
-    trust = data.pop("image_trust", None)
-    if trust:
-        data["image_trust"] = trust["note"]
-    usage = data.pop("usage", None)
-    if usage:
-        def _of(used: Any, limit: Any, fmt: Callable[[Any], str] = str) -> str:
-            return f"{fmt(used) if used is not None else '?'} of " + (
-                fmt(limit) if limit is not None else "no limit")
-
-        mib = lambda n: f"{n / (1 << 20):.1f}MiB"  # noqa: E731
-        data["memory used"] = _of(usage["memory"], usage["memory_limit"], mib)
-        data["processes"] = _of(usage["pids"], usage["pids_limit"])
-        data["cpu time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
-    print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
-    print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
+    ops.info(**locals())
 
 
 @app.command()
 def start(name: str, timeout: float = typer.Option(180.0, "--timeout")) -> None:
     """Start a stopped instance."""
-    with _progress(f"starting {name}") as progress:
-        _instances().start(name, ready_timeout=timeout, progress=progress)
-    print(f"Instance {name} is running.")
+    ops.start(**locals())
 
 
 @app.command()
@@ -174,9 +94,7 @@ def stop(
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds before forcing."),
 ) -> None:
     """Stop an instance: ACPI shutdown first, forced after --timeout seconds."""
-    with _progress(f"stopping {name}"):
-        how = _instances().stop(name, force=force, timeout=timeout)
-    print(f"Instance {name} stopped ({how}).")
+    ops.stop(**locals())
 
 
 @app.command()
@@ -186,23 +104,19 @@ def restart(
     timeout: float = typer.Option(30.0, "--timeout"),
 ) -> None:
     """Stop an instance and start it again."""
-    with _progress(f"restarting {name}") as progress:
-        _instances().restart(name, force=force, timeout=timeout, progress=progress)
-    print(f"Instance {name} restarted.")
+    ops.restart(**locals())
 
 
 @app.command()
 def pause(name: str) -> None:
     """Freeze a running instance."""
-    _instances().pause(name)
-    print(f"Instance {name} paused.")
+    ops.pause(**locals())
 
 
 @app.command()
 def resume(name: str) -> None:
     """Resume a paused instance."""
-    _instances().resume(name)
-    print(f"Instance {name} resumed.")
+    ops.resume(**locals())
 
 
 @app.command()
@@ -234,20 +148,7 @@ def exec(
     Containers run it on this terminal (interactive with a TTY when stdin and
     stdout are terminals); VMs return its whole output through the guest agent.
     """
-    insts = _instances()
-    tty = sys.stdin.isatty() and sys.stdout.isatty() and not no_tty
-    code = insts.exec_stream(name, command, tty) if not no_stdin else None
-    if code is not None:
-        raise typer.Exit(code)
-    stdin = b""
-    if not no_stdin and not sys.stdin.isatty():
-        stdin = sys.stdin.buffer.read()
-    result = insts.exec(name, command, stdin, timeout)
-    sys.stdout.buffer.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr)
-    sys.stderr.flush()
-    raise typer.Exit(result.exit_code)
+    raise typer.Exit(ops.exec_(**locals()))
 
 
 @app.command()
@@ -256,8 +157,7 @@ def delete(
     force: bool = typer.Option(False, "--force", help="Stop the instance first if it runs."),
 ) -> None:
     """Delete an instance and everything it left on the host."""
-    _instances().delete(name, force=force)
-    print(f"Instance {name} deleted.")
+    ops.delete(**locals())
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Show and change instance settings.")
@@ -389,49 +289,20 @@ def image_delete(name: str) -> None:
 
 def _audit(command: Any, args: list[str], code: int, error: str) -> None:
     """Append the command to the audit log unless it is read-only (see cli.auditing)."""
-    from popek.cli.auditing import describe
+    from popek.cli.auditing import describe, record
 
     what = describe(command, args)
-    if what is None:
-        return
-    try:
-        from popek import paths
-        from popek.core.store import SQLiteStore
-        from popek.trust.audit import AuditLog
-        from popek.trust.keys import TrustStore
-
-        result = "ok" if code == 0 else (f"error: {error}" if error else f"exit {code}")
-        AuditLog(TrustStore(SQLiteStore(paths.state_db()))).append(
-            what[0], what[1], {"argv": args}, result[:500])
-    except (OSError, PopekError) as exc:
-        print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
+    if what is not None:
+        record(what[0], what[1], args, code, error)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Entry point of the ``popek`` console script."""
-    if os.geteuid() != 0 and "--help" not in sys.argv:
-        print("popek: warning: not running as root; instances need root to drop to their "
-              "own uid", file=sys.stderr)
-    code, error = 0, ""
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run ``popek ARGV...`` through Typer (the console script tries cli.fastpath first)."""
+    from popek.cli.entry import finish, warn_unless_root
+
     args = list(sys.argv[1:] if argv is None else argv)
+    warn_unless_root(args)
     # what app() does (pretty exceptions are off), keeping the command tree for the audit
     command = typer.main.get_command(app)
-    try:
-        command(args=args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
-            print(exc.code, file=sys.stderr)
-            error = str(exc.code)
-    except PopekError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        code, error = exc.exit_code, f"{type(exc).__name__}: {exc}"
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        code, error = 130, "interrupted"
-    _audit(command, args, code, error)
-    # Every store write is committed and every file closed by now: skip the
-    # interpreter's teardown (tens of milliseconds) so commands return at once.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    finish(lambda: command(args=args),
+           lambda code, error: _audit(command, args, code, error))

@@ -27,9 +27,6 @@ Decisions on the edge cases:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import difflib
 import errno
 import os
 import struct
@@ -219,6 +216,8 @@ def check_names(names: Iterable[str], what: str = "seccomp_extra") -> tuple[str,
     result: list[str] = []
     for name in names:
         if name not in SYSCALLS_X86_64:
+            import difflib
+
             near = difflib.get_close_matches(str(name), SYSCALLS_X86_64, n=3)
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise InvalidInput(
@@ -307,10 +306,6 @@ def bpf_program(extra: Iterable[str] = ()) -> bytes:
     return b"".join(prog)
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 
 
@@ -321,6 +316,12 @@ def install(program: bytes) -> None:
     thread created afterwards and to every child; it cannot be removed.
     Raises :class:`EngineError` if the kernel refuses it.
     """
+    import ctypes  # only the processes that install a filter need it
+    import ctypes.util
+
+    class _SockFprog(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buf = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))

@@ -45,6 +45,8 @@ PURPOSES = {
 KEY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 KEY_NAME_RULE = "1-63 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
 PREFIX = "/popek/trust/keys/"
+#: signatures already checked: sha256 of (purpose, key, signature, payload) -> "1"
+VERIFIED_PREFIX = "/popek/trust/verified/"
 DEFAULT_DAYS = 3650
 # Keys popek makes for itself on first use, one per role.
 HOST_KEYS = {role: f"host-{role}" for role in ROLES}
@@ -333,17 +335,34 @@ class TrustStore:
         return key
 
     def verify(self, kid: str, role: str, payload: bytes, sig_b64: str) -> TrustedKey:
-        """Check the key (see :meth:`check_key`) and its signature over ``payload``."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        """Check the key (see :meth:`check_key`) and its signature over ``payload``.
 
+        The key is checked every time (trusted, role, revocation, validity).
+        The Ed25519 check itself is remembered: a signature that verified
+        once is recorded in the state store under the SHA-256 of what it
+        binds (purpose, key, signature, payload), so the next start with the
+        same image or policy needs no cryptography (importing the library
+        alone costs tens of ms).  The record is as trusted as the trust store
+        beside it: whoever can write one can also add a key.
+        """
         key = self.check_key(kid, role)
         try:
             sig = base64.b64decode(sig_b64, validate=True)
+        except ValueError:
+            sig = b""
+        memo = VERIFIED_PREFIX + hashlib.sha256(b"\0".join(
+            (PURPOSES[role], key.raw(), sig)) + b"\0" + payload).hexdigest()
+        if sig and self.store.get(memo) is not None:
+            return key
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
             Ed25519PublicKey.from_public_bytes(key.raw()).verify(sig, PURPOSES[role] + payload)
         except (InvalidSignature, ValueError):
             raise TrustError(f"the {role} signature by key {key.name!r} ({kid[:16]}) does not "
                              "match what it signs") from None
+        self.store.put(memo, b"1")
         return key
 
 

@@ -29,7 +29,6 @@ import base64
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,7 @@ def check_nonce(nonce: str) -> str:
 
 def quote(trust: TrustStore, instance: str, m: Measurement, nonce: str) -> dict[str, Any]:
     """A signed quote over ``nonce`` and the measurement of ``instance``."""
-    body = {"instance": instance, "host": socket.gethostname(), "time": iso(now()),
+    body = {"instance": instance, "host": os.uname().nodename, "time": iso(now()),
             "nonce": check_nonce(nonce), "events": m.events, "measurement": m.value}
     payload = canonical(body)
     kid, sig = trust.sign(trust.host_key("attestation"), "attestation", payload)

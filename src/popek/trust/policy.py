@@ -25,7 +25,6 @@ decision is then a denial.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -98,6 +97,8 @@ def _labels(value: object, where: str) -> frozenset[str]:
 
 def parse(text: str) -> Policy:
     """Parse and validate a policy document; :class:`InvalidInput` says what is wrong."""
+    import tomllib  # only applying or checking a policy parses TOML
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -1,0 +1,79 @@
+"""The ``popek`` console script: the fast path for instance verbs, Typer for the rest.
+
+:func:`main` tries :mod:`popek.cli.fastpath` first; when it declines a
+command line, the Typer application of :mod:`popek.cli.main` handles it.
+Both end in :func:`finish`: a ``PopekError`` is printed as one line and
+exits with its code, the command is audited (see :mod:`popek.cli.auditing`),
+and the process exits without the interpreter's teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+def warn_unless_root(args: list[str]) -> None:
+    """Say that instances need root, unless asking for help."""
+    if os.geteuid() != 0 and "--help" not in args:
+        print("popek: warning: not running as root; instances need root to drop to their "
+              "own uid", file=sys.stderr)
+
+
+def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) -> NoReturn:
+    """Run ``call``, report its error if it fails, audit it, exit with its code."""
+    from popek.errors import PopekError
+
+    code, error = 0, ""
+    try:
+        code = call() or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+            error = str(exc.code)
+    except PopekError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        code, error = exc.exit_code, f"{type(exc).__name__}: {exc}"
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        code, error = 130, "interrupted"
+    audit(code, error)
+    # Every store write is committed and every file closed by now: skip the
+    # interpreter's teardown (tens of milliseconds) so commands return at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of the ``popek`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args:
+        from popek.cli import fastpath
+
+        values = fastpath.parse(args[0], args[1:])
+        if values is not None:
+            warn_unless_root(args)
+            _fast(args, values)
+    from popek.cli.main import main as typer_main
+
+    typer_main(args)
+
+
+def _fast(args: list[str], values: dict[str, object]) -> NoReturn:
+    from popek.cli import auditing, ops
+    from popek.cli._fasttable import TABLE
+
+    spec = TABLE[args[0]]
+    func = getattr(ops, spec["func"])
+
+    def audit(code: int, error: str) -> None:
+        op = auditing.operation([args[0]], args[1:])
+        if op is not None:
+            arguments = [p["name"] for p in spec["params"] if p["kind"] == "argument"]
+            auditing.record(op, auditing.target_of(arguments, values), args, code, error)
+
+    finish(lambda: func(**values), audit)

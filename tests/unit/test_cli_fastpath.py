@@ -1,0 +1,113 @@
+"""The fast path parses the instance verbs exactly as Typer does, or leaves them to it (no root)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import click
+import pytest
+import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from popek.cli import fastgen, fastpath, ops
+from popek.cli._fasttable import TABLE
+from popek.cli.main import app
+
+
+@pytest.fixture(scope="module")
+def root() -> click.Group:
+    cmd = typer.main.get_command(app)
+    assert isinstance(cmd, click.Group)
+    return cmd
+
+
+def test_the_table_matches_the_typer_commands() -> None:
+    assert fastgen.render() == fastgen.TARGET.read_text(), (
+        "src/popek/cli/_fasttable.py is stale: run python -m popek.cli.fastgen")
+
+
+@pytest.mark.parametrize("verb", sorted(TABLE))
+def test_each_fast_function_takes_its_commands_parameters(root: click.Group, verb: str) -> None:
+    cmd = root.get_command(click.Context(root), verb)
+    assert cmd is not None
+    func = getattr(ops, TABLE[verb]["func"])
+    assert list(inspect.signature(func).parameters) == [
+        p.name for p in cmd.params if p.name != "help"]
+
+
+def _click(root: click.Group, verb: str, args: list[str]) -> dict[str, Any] | None:
+    cmd = root.get_command(click.Context(root), verb)
+    assert cmd is not None
+    try:
+        ctx = cmd.make_context(verb, list(args))
+    except (click.ClickException, click.exceptions.Exit):
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items()}
+
+
+@pytest.mark.parametrize(("verb", "args", "want"), [
+    ("launch", ["minimal", "web1"], {"image": "minimal", "name": "web1", "vcpus": 1,
+                                     "memory": "512MiB", "container": False, "mount": [],
+                                     "network": []}),
+    ("launch", ["--vcpus=2", "minimal", "--container", "web1", "--network", "a",
+                "--network", "b=10.0.0.5"],
+     {"vcpus": 2, "container": True, "network": ["a", "b=10.0.0.5"], "name": "web1"}),
+    ("exec", ["c1", "-n", "--timeout", "5", "--", "sh", "-c", "echo --timeout"],
+     {"name": "c1", "no_stdin": True, "timeout": 5.0, "command": ["sh", "-c", "echo --timeout"]}),
+    ("list", ["--format", "json"], {"fmt": "json"}),
+    ("stop", ["vm1", "--force", "--timeout", "2.5"], {"force": True, "timeout": 2.5}),
+])
+def test_common_command_lines_take_the_fast_path(root: click.Group, verb: str,
+                                                 args: list[str], want: dict[str, Any]) -> None:
+    got = fastpath.parse(verb, args)
+    assert got is not None
+    assert {k: got[k] for k in want} == want
+    assert got == _click(root, verb, args)
+
+
+@pytest.mark.parametrize(("verb", "args"), [
+    ("launch", ["--help"]), ("launch", ["minimal"]), ("launch", ["minimal", "a", "b"]),
+    ("launch", ["minimal", "a", "--vcpus", "two"]), ("launch", ["minimal", "a", "--vcpus"]),
+    ("launch", ["minimal", "a", "--container=yes"]), ("launch", ["minimal", "a", "--cpus", "2"]),
+    ("exec", ["c1", "ls", "-la"]), ("exec", ["c1", "-nT", "--", "ls"]), ("exec", ["c1"]),
+    ("list", ["--format", "xml"]), ("info", ["a", "-x"]), ("nope", ["a"]),
+])
+def test_anything_unusual_is_left_to_typer(verb: str, args: list[str]) -> None:
+    assert fastpath.parse(verb, args) is None
+
+
+def _tokens(verb: str) -> st.SearchStrategy[str]:
+    opts = [o for p in TABLE[verb]["params"] if p["kind"] == "option"
+            for o in p["opts"] + p["secondary"]] or ["--force"]  # unknown to pause/resume
+    values = ["1", "2.5", "-1", "x", "json", "table", "", "--", "-", "a=b", "--help", "-nT"]
+    return st.one_of(st.sampled_from(opts), st.sampled_from(values),
+                     st.sampled_from(opts).map(lambda o: f"{o}=3"),
+                     st.text("abc-=", max_size=4))
+
+
+@pytest.mark.parametrize("verb", sorted(TABLE))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_where_the_fast_path_answers_click_agrees(root: click.Group, verb: str,
+                                                  data: st.DataObject) -> None:
+    args = data.draw(st.lists(_tokens(verb), max_size=7))
+    got = fastpath.parse(verb, args)
+    if got is not None:
+        assert got == _click(root, verb, args), args
+
+
+@pytest.mark.parametrize("argv", [
+    ["launch", "minimal", "web1", "--container"], ["exec", "c1", "--", "ls"],
+    ["list"], ["info", "vm1", "--format", "json"], ["stop", "vm1", "--force"], ["delete", "x"],
+])
+def test_the_fast_path_audits_as_typer_does(root: click.Group, argv: list[str]) -> None:
+    from popek.cli.auditing import describe, operation, target_of
+
+    values = fastpath.parse(argv[0], argv[1:])
+    assert values is not None
+    op = operation(argv[:1], argv[1:])
+    arguments = [p["name"] for p in TABLE[argv[0]]["params"] if p["kind"] == "argument"]
+    fast = None if op is None else (op, target_of(arguments, values))
+    assert fast == describe(root, argv)
