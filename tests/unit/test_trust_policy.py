@@ -422,3 +422,10 @@ def test_apply_round_trips_any_version(trust: TrustStore, v: int) -> None:
         return
     assert ps.apply(policy_text(v)).version == v
     assert check_signed(trust).version == v
+
+
+def test_the_built_in_default_policy_is_its_text_parsed() -> None:
+    from popek.trust.policy import DEFAULT, DEFAULT_POLICY
+
+    assert parse(DEFAULT_POLICY) == DEFAULT
+    assert DEFAULT.text == DEFAULT_POLICY
