@@ -28,18 +28,25 @@ def test_the_table_matches_the_typer_commands() -> None:
         "src/popek/cli/_fasttable.py is stale: run python -m popek.cli.fastgen")
 
 
+def _command(root: click.Group, verb: str) -> click.Command:
+    cmd: click.Command | None = root
+    for word in verb.split():
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.get_command(click.Context(cmd), word)
+    assert cmd is not None
+    return cmd
+
+
 @pytest.mark.parametrize("verb", sorted(TABLE))
 def test_each_fast_function_takes_its_commands_parameters(root: click.Group, verb: str) -> None:
-    cmd = root.get_command(click.Context(root), verb)
-    assert cmd is not None
+    cmd = _command(root, verb)
     func = getattr(ops, TABLE[verb]["func"])
     assert list(inspect.signature(func).parameters) == [
         p.name for p in cmd.params if p.name != "help"]
 
 
 def _click(root: click.Group, verb: str, args: list[str]) -> dict[str, Any] | None:
-    cmd = root.get_command(click.Context(root), verb)
-    assert cmd is not None
+    cmd = _command(root, verb)
     try:
         ctx = cmd.make_context(verb, list(args))
     except (click.ClickException, click.exceptions.Exit):
@@ -58,6 +65,8 @@ def _click(root: click.Group, verb: str, args: list[str]) -> dict[str, Any] | No
      {"name": "c1", "no_stdin": True, "timeout": 5.0, "command": ["sh", "-c", "echo --timeout"]}),
     ("list", ["--format", "json"], {"fmt": "json"}),
     ("stop", ["vm1", "--force", "--timeout", "2.5"], {"force": True, "timeout": 2.5}),
+    ("sandbox run", ["-p", "net", "--ro", "/srv", "--", "ls", "-l"],
+     {"profile": "net", "ro": ["/srv"], "rw": [], "memory": None, "command": ["ls", "-l"]}),
 ])
 def test_common_command_lines_take_the_fast_path(root: click.Group, verb: str,
                                                  args: list[str], want: dict[str, Any]) -> None:
@@ -73,6 +82,7 @@ def test_common_command_lines_take_the_fast_path(root: click.Group, verb: str,
     ("launch", ["minimal", "a", "--container=yes"]), ("launch", ["minimal", "a", "--cpus", "2"]),
     ("exec", ["c1", "ls", "-la"]), ("exec", ["c1", "-nT", "--", "ls"]), ("exec", ["c1"]),
     ("list", ["--format", "xml"]), ("info", ["a", "-x"]), ("nope", ["a"]),
+    ("sandbox run", ["--help"]), ("sandbox run", ["-p"]),
 ])
 def test_anything_unusual_is_left_to_typer(verb: str, args: list[str]) -> None:
     assert fastpath.parse(verb, args) is None
@@ -101,13 +111,27 @@ def test_where_the_fast_path_answers_click_agrees(root: click.Group, verb: str,
 @pytest.mark.parametrize("argv", [
     ["launch", "minimal", "web1", "--container"], ["exec", "c1", "--", "ls"],
     ["list"], ["info", "vm1", "--format", "json"], ["stop", "vm1", "--force"], ["delete", "x"],
+    ["sandbox", "run", "--net", "--", "curl", "x"],
 ])
 def test_the_fast_path_audits_as_typer_does(root: click.Group, argv: list[str]) -> None:
     from popek.cli.auditing import describe, operation, target_of
 
-    values = fastpath.parse(argv[0], argv[1:])
+    found = fastpath.command(argv)
+    assert found is not None
+    verb, rest = found
+    values = fastpath.parse(verb, rest)
     assert values is not None
-    op = operation(argv[:1], argv[1:])
-    arguments = [p["name"] for p in TABLE[argv[0]]["params"] if p["kind"] == "argument"]
+    op = operation(verb.split(), rest)
+    arguments = [p["name"] for p in TABLE[verb]["params"] if p["kind"] == "argument"]
     fast = None if op is None else (op, target_of(arguments, values))
     assert fast == describe(root, argv)
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["sandbox", "run", "--", "ls"], ("sandbox run", ["--", "ls"])),
+    (["launch", "a", "b"], ("launch", ["a", "b"])), (["sandbox", "profiles"], None),
+    (["sandbox"], None), ([], None), (["image", "list"], None),
+])
+def test_commands_of_one_or_two_words_are_found(argv: list[str],
+                                                want: tuple[str, list[str]] | None) -> None:
+    assert fastpath.command(argv) == want

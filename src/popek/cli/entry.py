@@ -51,27 +51,29 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``popek`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args:
-        from popek.cli import fastpath
+    from popek.cli import fastpath
 
-        values = fastpath.parse(args[0], args[1:])
+    found = fastpath.command(args)
+    if found is not None:
+        values = fastpath.parse(*found)
         if values is not None:
             warn_unless_root(args)
-            _fast(args, values)
+            _fast(args, found[0], values)
     from popek.cli.main import main as typer_main
 
     typer_main(args)
 
 
-def _fast(args: list[str], values: dict[str, object]) -> NoReturn:
+def _fast(args: list[str], verb: str, values: dict[str, object]) -> NoReturn:
     from popek.cli import auditing, ops
     from popek.cli._fasttable import TABLE
 
-    spec = TABLE[args[0]]
+    spec = TABLE[verb]
     func = getattr(ops, spec["func"])
+    path = verb.split()
 
     def audit(code: int, error: str) -> None:
-        op = auditing.operation([args[0]], args[1:])
+        op = auditing.operation(path, args[len(path):])
         if op is not None:
             arguments = [p["name"] for p in spec["params"] if p["kind"] == "argument"]
             auditing.record(op, auditing.target_of(arguments, values), args, code, error)

@@ -20,7 +20,7 @@ from popek.cli.main import app
 #: the commands cli.fastpath runs, and their functions in cli.ops
 FAST = {"launch": "launch", "list": "list_", "info": "info", "start": "start", "stop": "stop",
         "restart": "restart", "pause": "pause", "resume": "resume", "exec": "exec_",
-        "delete": "delete"}
+        "delete": "delete", "sandbox run": "sandbox_run"}
 TYPES = {click.types.StringParamType: "str", click.types.IntParamType: "int",
          click.types.FloatParamType: "float", click.types.BoolParamType: "bool"}
 #: parameters whose values the Typer command checks itself (check_format)
@@ -53,7 +53,10 @@ def table() -> dict[str, dict[str, Any]]:
     assert isinstance(root, click.Group)
     out = {}
     for verb, func in FAST.items():
-        cmd = root.get_command(click.Context(root), verb)
+        cmd: click.Command | None = root
+        for word in verb.split():
+            assert isinstance(cmd, click.Group), verb
+            cmd = cmd.get_command(click.Context(cmd), word)
         assert cmd is not None, verb
         params = [_param(p) for p in cmd.params if p.name != "help"]
         out[verb] = {"func": func, "params": params}

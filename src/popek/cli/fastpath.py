@@ -2,7 +2,7 @@
 
 Importing Typer and Click costs over 100 ms on this class of machine, more
 than popek's whole own work in a launch.  For the instance verbs (launch,
-start, stop, exec...), this module parses the command line against
+start, stop, exec...) and ``sandbox run``, this module parses the command line against
 :data:`popek.cli._fasttable.TABLE`, a description of the very same Typer
 commands generated from them (``python -m popek.cli.fastgen``; a unit test
 fails when it is stale), and runs the same functions of :mod:`popek.cli.ops`.
@@ -23,6 +23,15 @@ from typing import Any
 from popek.cli._fasttable import TABLE
 
 CONVERT: dict[str, type] = {"str": str, "int": int, "float": float}
+
+
+def command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """Split ``argv`` into a command of :data:`TABLE` (one or two words) and its arguments."""
+    for words in (2, 1):
+        key = " ".join(argv[:words])
+        if len(argv) >= words and key in TABLE:
+            return key, argv[words:]
+    return None
 
 
 def parse(verb: str, args: list[str]) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""What the instance commands do, apart from how their arguments are parsed.
+"""What the instance commands and ``sandbox run`` do, apart from how their arguments are parsed.
 
 ``popek.cli.main`` declares these commands with Typer (help, completion,
 usage errors); ``popek.cli.fastpath`` runs the same functions for a command
@@ -185,3 +185,23 @@ def delete(name: str, force: bool) -> None:
     """Delete an instance and everything it left on the host."""
     instances().delete(name, force=force)
     print(f"Instance {name} deleted.")
+
+
+def sandbox_run(command: list[str], profile: str, net: bool, ro: list[str] | None,
+                rw: list[str] | None, memory: str | None, timeout: float | None) -> int:
+    """Run ``command`` in a sandbox with its stdio passed through; return its exit code."""
+    import os
+
+    from popek.engines.sandbox import RunOptions, check_bind_path
+    from popek.engines.sandbox import run as run_sandbox
+    from popek.errors import InvalidInput
+
+    if timeout is not None and timeout <= 0:
+        raise InvalidInput(f"--timeout {timeout:g}: allowed: a number of seconds > 0")
+    options = RunOptions(
+        network=net,
+        ro=tuple(check_bind_path(p, "--ro") for p in ro or []),
+        rw=tuple(check_bind_path(p, "--rw") for p in rw or []),
+        memory=None if memory is None else size(memory, "--memory size"), timeout=timeout,
+        env={k: os.environ[k] for k in ("TERM", "LANG") if k in os.environ})
+    return run_sandbox(profile, options, command)

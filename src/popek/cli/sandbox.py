@@ -7,12 +7,9 @@ The sandbox engine is imported inside the commands.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
-
-from popek.errors import InvalidInput
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run one application in a sandbox with a minimal view of the host.")
@@ -32,23 +29,9 @@ def run(
                                          help="Kill the application after S seconds (exit 124)."),
 ) -> None:
     """Run COMMAND sandboxed; its stdin, stdout, stderr and exit code pass through."""
-    from popek.engines.sandbox import RunOptions, check_bind_path
-    from popek.engines.sandbox import run as run_sandbox
+    from popek.cli import ops  # the body is shared with cli.fastpath
 
-    if timeout is not None and timeout <= 0:
-        raise InvalidInput(f"--timeout {timeout:g}: allowed: a number of seconds > 0")
-    size = None
-    if memory is not None:
-        from popek.units import parse_size
-
-        size = parse_size(memory, "--memory size")
-    options = RunOptions(
-        network=net,
-        ro=tuple(check_bind_path(p, "--ro") for p in ro or []),
-        rw=tuple(check_bind_path(p, "--rw") for p in rw or []),
-        memory=size, timeout=timeout,
-        env={k: os.environ[k] for k in ("TERM", "LANG") if k in os.environ})
-    raise typer.Exit(run_sandbox(profile, options, command))
+    raise typer.Exit(ops.sandbox_run(**locals()))
 
 
 @app.command()
