@@ -60,14 +60,14 @@ def test_neighbour_keeps_its_throughput(pair: tuple[str, str, str], attack: str)
     if attack not in ENGINE_ATTACKS[kind]:
         pytest.skip("VMs have no disk yet: they boot from an initrd held in guest memory")
     if kind == "vm" and attack == "cpu" and (os.cpu_count() or 1) <= 2:
-        # measured here: 0.65-0.89, while a host shell loop pinned to the attacker's CPU
-        # leaves the neighbour VM at 1.0: under TCG both emulators stream every guest
-        # instruction through the caches and memory bus the two CPUs share, which
-        # pinning does not partition
+        # measured here: 0.65-1.0 from run to run, while a host shell loop pinned to the
+        # attacker's CPU leaves the neighbour VM at 1.0: under TCG both emulators stream
+        # every guest instruction through the caches and memory bus the two CPUs share,
+        # which pinning does not partition
         pytest.skip("on a 2-CPU TCG host two emulating guests contend below the kernel's "
                     "reach; bench/neighbours.py reports the figure")
     if attack == "disk" and not is_v2():
-        # measured 0.75-0.94 on this v1 host: bench/neighbours.py reports it every run
+        # measured 0.41-0.94 on this v1 host: bench/neighbours.py reports it every run
         pytest.skip("cgroup v1 cannot charge buffered writeback to the writer's cgroup, so "
                     "no I/O weight or throttle holds a page-cache flood back; needs cgroup v2")
     probe = Probe(_sh, neighbour)
