@@ -179,18 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, script: str) -> str:
         return popek("exec", name, "--", "sh", "-c", script)
 
-    def freeze(name: str, frozen: bool) -> None:
-        # cgroup v1's freezer gives up on tasks asleep in I/O ("unable to freeze") while
-        # the disk flood runs: try again, the flood sleeps between its writes
-        for attempt in range(10):
-            try:
-                popek("pause" if frozen else "resume", name)
-                return
-            except RuntimeError:
-                if attempt == 9:
-                    raise
-                time.sleep(0.2)
-
     results: dict[str, Any] = {}
     try:
         popek("image", "build", "minimal")
@@ -208,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "json"))["cpus"])
                 ratio, base, loaded = paired_ratio(
                     run, probe, at, attack,
-                    lambda frozen, at=at: freeze(at, frozen))
+                    lambda frozen, at=at: popek("pause" if frozen else "resume", at))
                 popek("restart", "--force", "--timeout", "1", at)
                 results.setdefault(engine, {})[attack] = {
                     "baseline": round(base, 1), "under_attack": round(loaded, 1),

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 READY_LINE = b"popek-guest: ready"
 SHUTDOWN_LINE = b"popek-guest: shutdown"
 DEFAULT_PIDS = 1024
+FREEZE_BUDGET_S = 10.0
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "TERM=xterm", "HOME=/root", "container=popek"]
 
@@ -174,8 +175,30 @@ class ContainerEngine:
         return how
 
     def pause(self, spec: LaunchSpec, rtime: Runtime) -> None:
-        """Freeze every process of the container (cgroup freezer)."""
-        self._rt(spec).call("pause", container_id(spec))
+        """Freeze every process of the container (cgroup freezer).
+
+        cgroup v1's freezer gives up while a task sleeps in I/O (runc: "unable
+        to freeze"; measured here under a disk flood, about one pause in ten),
+        and the runtime then thaws the container again.  A flood sleeps between
+        its writes, so the pause is tried again for up to
+        :data:`FREEZE_BUDGET_S` before the error is reported, with its cause.
+        """
+        rt, cid = self._rt(spec), container_id(spec)
+        deadline = time.monotonic() + FREEZE_BUDGET_S
+        while True:
+            try:
+                rt.call("pause", cid)
+                return
+            except EngineError as exc:
+                if "unable to freeze" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise EngineError(
+                        f"container {spec.name} could not be frozen within "
+                        f"{FREEZE_BUDGET_S:.0f}s: its processes stay asleep in I/O, which "
+                        "the cgroup v1 freezer cannot stop; try again when its I/O calms "
+                        "down") from exc
+                time.sleep(0.1)
 
     def resume(self, spec: LaunchSpec, rtime: Runtime) -> None:
         """Thaw a frozen container."""
