@@ -7,10 +7,11 @@ its memory, or floods the disk.  The samples come in pairs, the attacker
 frozen (``popek pause``) for the baseline half and running for the other,
 so that the slow drifts of this shared host hit both halves alike; the
 ratio is the median of the pairs' ratios.  The claim (issue 5): at
-least 0.8.  For the CPU attack the run also reports the host floor: the
-ratio left by plain shell loops pinned to the attacker's CPUs, below 1.0
-where the CPUs are coupled beneath the kernel (SMT siblings, a hypervisor's
-shared core).
+least 0.8.  For the CPU and memory attacks, which both keep the attacker's
+CPUs busy, the run also reports the host floor: the ratio left by plain
+shell loops pinned to the attacker's CPUs, below 1.0 where the CPUs are
+coupled beneath the kernel (SMT siblings, a hypervisor's shared core, a
+clock that boosts one CPU while the other idles).
 
 The probes and attacks here are also what
 ``tests/security/test_noisy_neighbour.py`` uses.
@@ -48,6 +49,9 @@ ATTACKS = {
     "disk": "(while :; do dd if=/dev/zero of=/flood bs=1M count=128 conv=fsync; "
             "rm -f /flood; done) </dev/null >/dev/null 2>&1 &",
 }
+#: attacks that keep the attacker's CPUs busy: the neighbour is measured against the
+#: floor that plain busy loops on those CPUs leave it (see host_floor)
+BUSY_ATTACKS = ("cpu", "memory")
 # VMs boot from an initrd held in guest memory: they have no disk to flood yet.
 ENGINE_ATTACKS = {"container": ("cpu", "memory", "disk"), "vm": ("cpu", "memory")}
 RAMP_S = 2.0
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = Probe(run, nb, args.samples)
             for attack in attacks:
                 floor = None
-                if attack == "cpu":  # what a plain pinned process leaves the neighbour
+                if attack in BUSY_ATTACKS:  # what a plain pinned process leaves the neighbour
                     floor = host_floor(probe, json.loads(popek("info", at, "--format",
                                                                "json"))["cpus"])
                 ratio, base, loaded = paired_ratio(
