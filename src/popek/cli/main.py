@@ -33,11 +33,6 @@ app.add_typer(audit_app, name="audit")
 app.command("attest")(attest)
 image_app.command("sign")(image_sign)
 
-_instances = ops.instances
-_progress = ops.progress
-_size = ops.size
-
-
 # -- instances ----------------------------------------------------------------
 # The bodies live in cli.ops, which cli.fastpath also runs: each command passes
 # exactly its parameters on (tests/unit/test_cli_fastpath.py holds them equal).
@@ -125,7 +120,7 @@ def console(
     log: bool = typer.Option(False, "--log", help="Print what the console wrote, then exit."),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
-    insts = _instances()
+    insts = ops.instances()
     if log:
         sys.stdout.buffer.write(insts.console_log(name))
         sys.stdout.flush()
@@ -173,7 +168,7 @@ def config_set(
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
-    _instances().config_set(name, key, value)
+    ops.instances().config_set(name, key, value)
     print(f"Instance {name}: {key} = {value}.")
 
 
@@ -183,7 +178,7 @@ def config_show(name: str) -> None:
     from popek.network.shaping import format_rate
     from popek.units import format_size
 
-    inst = _instances().get(name)
+    inst = ops.instances().get(name)
     extra: dict[str, Any] = {f"limits.{k}": v for k, v in inst.spec.limits.items()}
     if "limits.net" in extra:
         extra["limits.net"] = format_rate(int(extra["limits.net"]))
@@ -204,7 +199,7 @@ def image_build(
     """Build an image from Debian packages (and sign it)."""
     from popek.images import ImageStore
 
-    with _progress(f"building image {name}") as progress:
+    with ops.progress(f"building image {name}") as progress:
         image = ImageStore().build(name, progress=progress, force=force)
     signed = sign_built(image.name, key) if sign else "not signed"
     print(f"Image {image.name} {image.manifest.version} built at {image.path}, {signed}.")
@@ -226,7 +221,7 @@ def image_import(
 
     from popek.images import ImageStore
 
-    with _progress(f"importing {file}") as progress:
+    with ops.progress(f"importing {file}") as progress:
         image = ImageStore().import_file(Path(file), name, progress=progress, force=force)
     signed = sign_built(image.name, key) if sign else "not signed"
     print(f"Image {image.name} imported at {image.path} ({', '.join(image.kinds())}), "
@@ -279,7 +274,7 @@ def image_delete(name: str) -> None:
     """Delete an image (refused while instances use it)."""
     from popek.images import ImageStore
 
-    users = _instances().image_in_use(name)
+    users = ops.instances().image_in_use(name)
     if users:
         raise PopekError(f"image {name!r} is used by instance(s) {', '.join(users)}; "
                          "delete them first")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from popek.cli.common import check_format
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run one application in a sandbox with a minimal view of the host.")
 
@@ -37,8 +39,7 @@ def run(
 @app.command()
 def profiles(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
     """List the sandbox profiles (installs the shipped ones on first use)."""
-    if fmt not in ("table", "json"):
-        raise typer.BadParameter(f"{fmt!r}; allowed: table, json", param_hint="--format")
+    check_format(fmt)
     from popek.engines.sandbox import load, names, profiles_dir
     from popek.errors import PopekError
     from popek.units import format_size
