@@ -81,21 +81,8 @@ class Probe:
     def _cpu_seconds(self) -> float:
         return self._span(CPU_SCRIPT.format(n=self.n))
 
-    def cpu(self) -> float:
-        """Loop iterations per second: the best of the samples."""
-        return max(self.n / self._cpu_seconds() for _ in range(self.samples))
-
-    def disk(self) -> float:
-        """Bytes per second written with fsync: the best of the samples."""
-        return max(DISK_MIB * (1 << 20) / self._span(DISK_SCRIPT)
-                   for _ in range(self.samples))
-
-    def measure(self, attack: str) -> float:
-        """The throughput an attack of this kind would hurt."""
-        return self.disk() if attack == "disk" else self.cpu()
-
     def once(self, attack: str) -> float:
-        """One sample of that throughput."""
+        """One sample of the throughput an attack of this kind would hurt."""
         if attack == "disk":
             return DISK_MIB * (1 << 20) / self._span(DISK_SCRIPT)
         return self.n / self._cpu_seconds()
