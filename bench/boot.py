@@ -30,6 +30,7 @@ from typing import Any
 
 from common import (
     CACHE,
+    COLD,
     POPEK,
     PYTHON,
     RESULTS,
@@ -38,7 +39,9 @@ from common import (
     _mkdir_public,
     _ms,
     _summary,
+    command_server,
     python_floor,
+    rss_kib,
     time_cmd,
 )
 
@@ -82,7 +85,9 @@ class Bench:
     """Everything measured in one run of this script."""
 
     popek: list[PopekRun] = field(default_factory=list)
+    popek_cold: list[PopekRun] = field(default_factory=list)
     raw: list[RawRun] = field(default_factory=list)
+    server: dict[str, Any] = field(default_factory=dict)
     list_ms: list[float] = field(default_factory=list)
     python_bare_ms: list[float] = field(default_factory=list)
     python_floor: dict[str, Any] = field(default_factory=dict)
@@ -93,16 +98,6 @@ class Bench:
 
 
 # -- small helpers -------------------------------------------------------------
-def _rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -221,15 +216,19 @@ def ensure_image(env: Env) -> None:
         env.popek("image", "build", IMAGE, timeout=900)
 
 
-def popek_launch(env: Env, name: str) -> PopekRun:
-    """Time ``popek launch`` from spawn to exit; measure memory while it runs; delete it."""
+def popek_launch(env: Env, name: str, cold: bool = False) -> PopekRun:
+    """Time ``popek launch`` from spawn to exit; measure memory while it runs; delete it.
+
+    ``cold``: without the warm command server (``POPEK_CLI_SERVER=off``).
+    """
     wd = env.workdir(name)
     with tempfile.TemporaryFile() as out:
         env.instances.add(name)
         t0_wall = time.time_ns()
         t0 = time.perf_counter()
         proc = subprocess.Popen([POPEK, "launch", IMAGE, name, "--vcpus", VCPUS,
-                                 "--memory", MEMORY], env=env.env, stdin=subprocess.DEVNULL,
+                                 "--memory", MEMORY], env={**env.env, **COLD} if cold else env.env,
+                                stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out)
         _, status, usage = os.wait4(proc.pid, 0)
         t1 = time.perf_counter()
@@ -252,7 +251,7 @@ def popek_launch(env: Env, name: str) -> PopekRun:
         pre_spawn_ms=pre,
         spawn_to_ready_ms=round(ready - pre, 2) if ready is not None and pre is not None else None,
         ready_to_exit_ms=round((t1_wall - t0_wall) / 1e6 - ready, 2) if ready is not None else None,
-        qemu_rss_kib=_rss_kib(qpid), resident_python=resident_python(env.home),
+        qemu_rss_kib=rss_kib(qpid), resident_python=resident_python(env.home),
         qemu_parent=_parent_of(qpid),
     )
     env.popek("delete", "--force", name, timeout=60)
@@ -332,7 +331,7 @@ def raw_boot(env: Env, argv_template: list[str], template_dir: Path) -> RawRun:
             if time.perf_counter() > deadline:
                 raise BenchError("raw QEMU: no ready line within the timeout")
             time.sleep(RAW_POLL_S)
-        rss = _rss_kib(proc.pid)
+        rss = rss_kib(proc.pid)
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -434,6 +433,12 @@ def host_info(accel: str) -> dict[str, Any]:
     }
 
 
+def _own(runs: list[PopekRun]) -> list[float]:
+    """popek's own time per run: before QEMU is spawned, plus after the ready line."""
+    return [r.pre_spawn_ms + r.ready_to_exit_ms for r in runs
+            if r.pre_spawn_ms is not None and r.ready_to_exit_ms is not None]
+
+
 def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
     """Medians, ratio, added time, memory and breakdown, as one JSON-able dict."""
     pk = [r.total_ms for r in b.popek]
@@ -442,9 +447,7 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
     mp, mr = _median(pk), _median(raw)
     added_medians = round(mp - mr, 2) if mp is not None and mr is not None else None
     added_paired = _median(diffs)
-    own = [r.pre_spawn_ms + r.ready_to_exit_ms for r in b.popek
-           if r.pre_spawn_ms is not None and r.ready_to_exit_ms is not None]
-    own_median = _median(own)
+    own_median = _median(_own(b.popek))
     # TCG boots vary by a second or more between runs, so the end-to-end A/B difference
     # alone cannot resolve 150 ms: the target also needs popek's own measured time
     # (before QEMU is spawned + after the ready line) to stay within it.
@@ -469,6 +472,16 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
                      "median_of_pair_differences": added_paired,
                      "pair_differences": diffs},
         "target_ms": TARGET_MS, "target_met": met, "popek_own_time_median_ms": own_median,
+        "cold": {
+            "what": "popek launch with POPEK_CLI_SERVER=off: interpreter start and imports in "
+                    "the command's own process (one run after each pair)",
+            "boot_ms": _summary([r.total_ms for r in b.popek_cold]),
+            "popek_own_time_ms": _summary(_own(b.popek_cold)),
+            "target_met": _median(_own(b.popek_cold)) is not None
+                          and (_median(_own(b.popek_cold)) or 0) <= TARGET_MS,
+        },
+        "command_server": {**b.server, "what": "one per host, not per instance: forks for each "
+                                               "command, exits after 10 idle minutes"},
         "memory": {
             "resident_python_processes_per_instance": max(resident) if resident else None,
             "resident_python_found": sorted({p for r in b.popek for p in r.resident_python}),
@@ -556,6 +569,10 @@ def print_summary(rep: dict[str, Any]) -> None:
         f"median of pairs {rep['added_ms']['median_of_pair_differences']}; popek's own time "
         f"{rep['popek_own_time_median_ms']} "
         f"(target <= {TARGET_MS:.0f}: {'MET' if rep['target_met'] else 'NOT MET'})",
+        f"cold (POPEK_CLI_SERVER=off): popek's own time "
+        f"{rep['cold']['popek_own_time_ms']['median']} ms "
+        f"(target {'MET' if rep['cold']['target_met'] else 'NOT MET'}); command server "
+        f"pid {rep['command_server'].get('pid')}, RSS {rep['command_server'].get('rss_kib')} KiB",
         f"resident popek Python processes per instance: "
         f"{mem['resident_python_processes_per_instance']}  (QEMU parent: "
         f"{', '.join(mem['qemu_parent_examples'])})",
@@ -595,6 +612,7 @@ def run(runs: int, list_runs: int, profile: bool) -> dict[str, Any]:
     loadavg_start = list(os.getloadavg())
     with _env() as env:
         ensure_image(env)
+        command_server(env.env)
         # fixed Python cost, measured with no instance
         b.list_ms = time_cmd([POPEK, "list"], env.env, list_runs)
         b.python_bare_ms = time_cmd([PYTHON, "-c", "pass"], env.env, list_runs)
@@ -609,8 +627,11 @@ def run(runs: int, list_runs: int, profile: bool) -> dict[str, Any]:
         for i in range(1, runs + 1):
             b.popek.append(popek_launch(env, f"b{i}"))
             b.raw.append(raw_boot(env, b.argv, template_dir))
+            b.popek_cold.append(popek_launch(env, f"c{i}", cold=True))
             print(f"pair {i}/{runs}: popek {b.popek[-1].total_ms:.0f} ms, "
-                  f"raw {b.raw[-1].total_ms:.0f} ms", flush=True)
+                  f"raw {b.raw[-1].total_ms:.0f} ms (cold popek "
+                  f"{b.popek_cold[-1].total_ms:.0f} ms)", flush=True)
+        b.server = command_server(env.env)
         if profile:
             try:
                 b.profile_top = profile_launch(env, "bprof")

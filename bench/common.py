@@ -65,6 +65,40 @@ def time_cmd(argv: list[str], env: dict[str, str], n: int) -> list[float]:
     return samples
 
 
+COLD = {"POPEK_CLI_SERVER": "off"}
+
+
+def command_server(env: dict[str, str], wait_s: float = 20.0) -> dict[str, int | None]:
+    """Start popek's warm command server (any root command does) and return its pid and RSS.
+
+    The ``popek_cli`` contestants run through it, as every root ``popek`` command
+    does by default; ``*_cold`` contestants set ``POPEK_CLI_SERVER=off``.
+    """
+    subprocess.run([POPEK, "list"], env=env, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        res = subprocess.run([POPEK, "command-server", "status"], env=env, capture_output=True,
+                             text=True, check=False)
+        if res.returncode == 0:
+            pid = int(res.stdout.split("pid ")[1].rstrip(".\n"))
+            return {"pid": pid, "rss_kib": rss_kib(pid)}
+        if time.monotonic() > deadline:
+            raise BenchError(f"the command server did not start: {res.stdout}{res.stderr}")
+        time.sleep(0.1)
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident memory of ``pid`` in KiB, ``None`` when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 # What any Python process that launches an instance must import before it does
 # anything of popek's: the store, hashing, records, child processes, paths.
 LAUNCH_STDLIB = "sqlite3, json, hashlib, subprocess, dataclasses, pathlib, enum"

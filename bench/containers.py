@@ -64,10 +64,14 @@ SIDE_CGROUPS = ("libpod_parent", "lxc.pivot")
 SANDBOX_UID = 65534  # popek runs bwrap as nobody when it runs as root
 SANDBOX_CMD = ["/bin/true"]
 
-CONTESTANTS = ("popek_cli", "popek_lib", "runc", "podman", "podman_userns", "lxc")
-SANDBOX_CONTESTANTS = ("popek_cli", "popek_lib", "bwrap")
+CONTESTANTS = ("popek_cli", "popek_cli_cold", "popek_lib", "runc", "podman", "podman_userns",
+               "lxc")
+SANDBOX_CONTESTANTS = ("popek_cli", "popek_cli_cold", "popek_lib", "bwrap")
+POPEKS = ("popek_cli", "popek_cli_cold", "popek_lib")
 DESCRIPTIONS = {
-    "popek_cli": f"popek launch {IMAGE} NAME --container --memory {MEMORY} (a new CLI process)",
+    "popek_cli": f"popek launch {IMAGE} NAME --container --memory {MEMORY} (a new CLI process, "
+                 "run by the warm command server)",
+    "popek_cli_cold": "the same with POPEK_CLI_SERVER=off: the whole command in the new process",
     "popek_lib": "Instances().launch(..., engine='container') in a long-lived Python process",
     "runc": "runc run --detach on a copy of popek's bundle (same config.json and rootfs)",
     "podman": "podman run -d (runc, rootful, its own defaults: no user namespace)",
@@ -75,7 +79,8 @@ DESCRIPTIONS = {
     "lxc": "lxc-start -F, LXC's common.conf + userns.conf, popek's uid map, same rootfs",
 }
 SANDBOX_DESCRIPTIONS = {
-    "popek_cli": "popek sandbox run -- /bin/true (a new CLI process)",
+    "popek_cli": "popek sandbox run -- /bin/true (a new CLI process, warm command server)",
+    "popek_cli_cold": "the same with POPEK_CLI_SERVER=off",
     "popek_lib": "popek.engines.sandbox.run('default', RunOptions(), ['/bin/true']) in-process",
     "bwrap": "the prlimit + bwrap argv popek builds, run by hand as nobody with the same fds",
 }
@@ -443,14 +448,18 @@ def ensure_image(env: Env) -> None:
         env.popek("image", "build", IMAGE, timeout=900)
 
 
-def popek_cli(env: Env, name: str) -> Sample:
-    """``popek launch --container``: spawn to ready line, and spawn to CLI exit; delete."""
+def popek_cli(env: Env, name: str, cold: bool = False) -> Sample:
+    """``popek launch --container``: spawn to ready line, and spawn to CLI exit; delete.
+
+    ``cold``: without the command server (``POPEK_CLI_SERVER=off``).
+    """
     log = env.workdir(name) / "console.log"
     env.instances.add(name)
+    run_env = {**env.env, "POPEK_CLI_SERVER": "off"} if cold else env.env
     with open(env.scratch / f"{name}.cli.log", "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen([POPEK, "launch", IMAGE, name, "--container", "--memory", MEMORY],
-                                env=env.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                                env=run_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     env.procs.append(proc)
     try:
         t_ready = wait_ready(log, lambda: proc.poll() is None, f"popek launch {name}")
@@ -464,7 +473,8 @@ def popek_cli(env: Env, name: str) -> Sample:
     if code != 0:
         raise BenchError(f"popek launch {name} exited {code}: "
                          f"{(env.scratch / f'{name}.cli.log').read_text()[-500:]}")
-    sample = Sample("popek_cli", 0, _ms(t_ready - t0), _ms(t_exit - t0))
+    sample = Sample("popek_cli_cold" if cold else "popek_cli", 0, _ms(t_ready - t0),
+                    _ms(t_exit - t0))
     env.popek("delete", "--force", name, timeout=60)
     env.instances.discard(name)
     return sample
@@ -705,16 +715,17 @@ def sandbox_raw(raw: RawSandbox) -> Sample:
     return Sample("bwrap", 0, _ms(t1 - t0), _ms(t1 - t0))
 
 
-def sandbox_cli(env: Env) -> Sample:
-    """``popek sandbox run -- /bin/true``: spawn to exit."""
+def sandbox_cli(env: Env, cold: bool = False) -> Sample:
+    """``popek sandbox run -- /bin/true``: spawn to exit (``cold``: no command server)."""
+    run_env = {**env.env, "POPEK_CLI_SERVER": "off"} if cold else env.env
     t0 = time.perf_counter()
-    res = subprocess.run([POPEK, "sandbox", "run", "--", *SANDBOX_CMD], env=env.env,
+    res = subprocess.run([POPEK, "sandbox", "run", "--", *SANDBOX_CMD], env=run_env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, check=False, timeout=60)
     t1 = time.perf_counter()
     if res.returncode != 0:
         raise BenchError(f"popek sandbox run exited {res.returncode}: {res.stderr[-300:]!r}")
-    return Sample("popek_cli", 0, _ms(t1 - t0), _ms(t1 - t0))
+    return Sample("popek_cli_cold" if cold else "popek_cli", 0, _ms(t1 - t0), _ms(t1 - t0))
 
 
 def sandbox_lib(env: Env) -> Sample:
@@ -768,8 +779,8 @@ def run_containers(env: Env, res: Results, runs: int, trace_runs: int) -> None:
         podman_import(env)
 
     def one(c: str, name: str) -> Sample:
-        if c == "popek_cli":
-            return popek_cli(env, name)
+        if c in ("popek_cli", "popek_cli_cold"):
+            return popek_cli(env, name, cold=c == "popek_cli_cold")
         if c == "popek_lib":
             sample, rep = popek_lib(env, name)
             res.runtime = rep.get("runtime", res.runtime)
@@ -807,8 +818,8 @@ def run_sandbox(env: Env, res: Results, runs: int) -> None:
     res.argv["bwrap"] = raw.argv
 
     def one(c: str) -> Sample:
-        if c == "popek_cli":
-            return sandbox_cli(env)
+        if c in ("popek_cli", "popek_cli_cold"):
+            return sandbox_cli(env, cold=c == "popek_cli_cold")
         if c == "popek_lib":
             return sandbox_lib(env)
         return sandbox_raw(raw)
@@ -934,8 +945,8 @@ def analyse(res: Results, runs: int, loadavg_start: list[float]) -> dict[str, An
     """The containers report as one JSON-able dict."""
     s = res.samples
     present = [c for c in CONTESTANTS if _by(s, c)]
-    added = {c: _added(s, c, "runc") for c in ("popek_cli", "popek_lib") if c in present}
-    vs_podman = {f"{c}_vs_{p}": _added(s, c, p) for c in ("popek_cli", "popek_lib")
+    added = {c: _added(s, c, "runc") for c in POPEKS if c in present}
+    vs_podman = {f"{c}_vs_{p}": _added(s, c, p) for c in POPEKS
                  for p in ("podman", "podman_userns") if c in present and p in present}
     targets: dict[str, Any] = {}
     for c, a in added.items():
@@ -978,7 +989,7 @@ def analyse(res: Results, runs: int, loadavg_start: list[float]) -> dict[str, An
 def analyse_sandbox(res: Results, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
     """The sandbox report as one JSON-able dict."""
     s = res.sandbox
-    added = {c: _added(s, c, "bwrap") for c in ("popek_cli", "popek_lib")}
+    added = {c: _added(s, c, "bwrap") for c in POPEKS}
     host = host_info()
     host["loadavg_start"] = loadavg_start
     return {

@@ -37,4 +37,8 @@ fi
 # where PYTHONDONTWRITEBYTECODE is set every command would compile them again
 # (about 50 ms of each launch here). compileall only redoes changed files.
 .venv/bin/python -m compileall -q src >/dev/null
+# The popek command itself: pip's console script imports site and re (about
+# 20 ms here); this launcher starts Python with -S and imports site only when
+# the command does not go to the warm command server (popek/cli/client.py).
+.venv/bin/python -m popek.cli.client .venv/bin/popek
 echo "setup: ready"

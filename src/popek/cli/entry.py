@@ -9,10 +9,17 @@ and the process exits without the interpreter's teardown.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: called with the exit code just before the process exits (the command
+#: server's child reports the code to its client here)
+ON_EXIT: list[Callable[[int], None]] = []
 
 
 def warn_unless_root(args: list[str]) -> None:
@@ -43,8 +50,16 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
     audit(code, error)
     # Every store write is committed and every file closed by now: skip the
     # interpreter's teardown (tens of milliseconds) so commands return at once.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """Flush stdio, run the ``ON_EXIT`` hooks and exit at once with ``code``."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a closed pipe: the code must still get out
+            stream.flush()
+    for hook in ON_EXIT:
+        hook(code)
     os._exit(code)
 
 

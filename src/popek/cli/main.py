@@ -187,6 +187,35 @@ def config_show(name: str) -> None:
                      indent=2))
 
 
+server_app = typer.Typer(no_args_is_help=True,
+                         help="The warm command server that runs popek commands (see "
+                              "docs/ARCHITECTURE.md).")
+app.add_typer(server_app, name="command-server")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether a command server runs, and its pid."""
+    from popek.cli import cmdserver
+
+    answer = cmdserver.control("status")
+    if answer is None:
+        print("No command server runs (the next root command starts one).")
+        raise typer.Exit(3)
+    print(f"The command server runs as pid {answer[1:]}.")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the command server (commands run in their own process until one starts)."""
+    from popek.cli import cmdserver
+
+    if cmdserver.stop():
+        print("Command server stopped.")
+    else:
+        print("No command server runs.")
+
+
 # -- images -------------------------------------------------------------------
 @image_app.command("build")
 def image_build(

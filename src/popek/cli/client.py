@@ -1,0 +1,178 @@
+"""The ``popek`` command's front: hand the command to a warm command server, or run it here.
+
+A new Python process pays for its interpreter and for importing popek before
+any work starts: about 150 ms of a 250 ms container launch on a slow host.
+:mod:`popek.cli.cmdserver` keeps one interpreter with popek imported and forks
+it for each command (Mercurial's ``chg`` does the same for ``hg``).  This
+module is the client side, kept to built-in modules so that it costs little
+more than the interpreter's start:
+
+* it connects to the server's socket, passes its own stdin, stdout and stderr
+  (``SCM_RIGHTS``), its argv, working directory and environment, and forwards
+  SIGINT, SIGTERM, SIGHUP and SIGQUIT to the forked child;
+* the child runs exactly the code an in-process command runs, writing to the
+  client's own descriptors, and reports its exit code, which the client exits
+  with;
+* when there is no server (or it is stale, or refuses), the command runs in
+  this process as before, and, for root, a server is started for the next
+  command.  It exits on its own after ``IDLE_S`` without a command.
+
+``POPEK_CLI_SERVER=off`` turns all of it off.  Interactive commands (``console``
+without ``--log``, ``exec`` on a terminal) and ``command-server`` itself always run
+in-process: they need the terminal's signals and job control.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]  # signal itself imports enum: 6 ms
+import _socket
+import os
+import sys
+
+RUN_DIR = "/run/popek"
+SOCKET = RUN_DIR + "/cli.sock"
+MAGIC = b"popek-cmd/1"
+ENV_SWITCH = "POPEK_CLI_SERVER"
+FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+LOCAL_COMMANDS = ("command-server",)
+
+
+def main() -> None:
+    """Entry point of the ``popek`` launcher: remote when possible, else in-process."""
+    args = sys.argv[1:]
+    switch = os.environ.get(ENV_SWITCH, "on")
+    if switch != "off" and os.geteuid() == 0 and remote_allowed(args):
+        code = run_remote(args)
+        if code is not None:
+            os._exit(code)
+        spawn_server()
+    run_local(args)
+
+
+def remote_allowed(args: list[str]) -> bool:
+    """Say whether ``args`` may run in the command server (not interactive commands)."""
+    words = [a for a in args if not a.startswith("-")]
+    if not words or words[0] in LOCAL_COMMANDS or "--help" in args:
+        return False
+    if words[0] == "console":
+        return "--log" in args
+    if words[0] == "exec":  # a terminal session when stdin and stdout are terminals
+        head = args[:args.index("--")] if "--" in args else args
+        no_tty = any(a == "--no-tty" or (a[:1] == "-" and a[1:2] != "-" and "T" in a)
+                     for a in head)
+        return no_tty or not (os.isatty(0) and os.isatty(1))
+    return True
+
+
+def run_local(args: list[str]) -> None:
+    """Run the command in this process (the launcher may have skipped ``site``)."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+    from popek.cli.entry import main as entry_main
+
+    entry_main(args)
+
+
+def encode(args: list[str]) -> bytes:
+    """The request: magic, working directory, argc, argv, then ``KEY=VALUE`` pairs."""
+    env = [k + b"=" + v for k, v in os.environb.items()]
+    fields = [MAGIC, os.getcwdb(), str(len(args)).encode(), *map(os.fsencode, args), *env]
+    return b"\0".join(fields)
+
+
+def run_remote(args: list[str], path: str = SOCKET) -> int | None:
+    """Run ``args`` in the command server; ``None`` when there is none to take it."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        fds = (0, 1, 2)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+        sock.sendmsg([encode(args)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+        sock.shutdown(_socket.SHUT_WR)
+        return _await(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _await(sock: _socket.socket) -> int | None:
+    """Read the child's pid, forward signals to it, return its exit code."""
+    buffer = b""
+    child = 0
+    forwarded = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal forwarded
+        forwarded = signum
+        if child:
+            os.kill(child, signum)
+
+    while True:
+        try:
+            chunk = sock.recv(256)
+        except OSError:
+            if not child:
+                raise
+            chunk = b""  # once the command started it must never run a second time here
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            kind, value = line[:1], line[1:]
+            if kind == b"P" and not child:
+                child = int(value)
+                for signum in FORWARDED:
+                    _signal.signal(signum, forward)
+            elif kind == b"X":
+                return int(value)
+            elif not child:  # stale or refused before it started: run it here
+                return None
+    if not child:
+        return None
+    # the child ended without a code: killed by a signal we forwarded, or by another
+    print("popek: the command ended without an exit code", file=sys.stderr)
+    return 128 + forwarded if forwarded else 1
+
+
+def spawn_server() -> None:
+    """Start a command server in its own session for the next command (best effort)."""
+    if os.environ.get(ENV_SWITCH, "on") != "on" or os.geteuid() != 0:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)]
+            env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
+            os.posix_spawn(sys.executable, [sys.executable, "-I", "-m", "popek.cli.cmdserver"],
+                           env, file_actions=actions, setsid=True)
+        finally:
+            os.close(null)
+    except OSError:
+        pass
+
+
+def launcher(python: str, source: str) -> str:
+    """The text of a ``popek`` launcher that starts the interpreter without ``site``.
+
+    ``site`` (and the ``re`` import of pip's console-script wrapper) costs about
+    20 ms here; the launcher puts popek's own directory on ``sys.path`` and
+    imports ``site`` only when the command runs in-process.
+    """
+    return (f"#!{python} -S\n"
+            f"import sys\n"
+            f"sys.path.insert(0, {source!r})\n"
+            f"from popek.cli.client import main\n"
+            f"main()\n")
+
+
+if __name__ == "__main__":  # python -m popek.cli.client LAUNCHER: write the launcher
+    target = sys.argv[1]
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(target + ".new", "w") as out:
+        out.write(launcher(sys.executable, package))
+    os.chmod(target + ".new", 0o755)
+    os.replace(target + ".new", target)

@@ -1,0 +1,311 @@
+"""The command server: one warm interpreter, forked for each ``popek`` command.
+
+Started by :mod:`popek.cli.client` (``python -I -m popek.cli.cmdserver``) when a
+root command finds none.  It imports all of popek once, then serves a
+root-only Unix socket (``/run/popek/cli.sock``, directory mode 0700, peer
+uid checked with ``SO_PEERCRED``) in a single thread:
+
+1. a client sends its argv, working directory, environment and, as
+   ``SCM_RIGHTS``, its stdin, stdout and stderr;
+2. the server forks; the child takes those descriptors as 0, 1 and 2, the
+   client's directory and environment, sends ``P<pid>`` and runs
+   :func:`popek.cli.entry.main`, the same code an in-process command runs;
+   its exit code goes back as ``X<code>``;
+3. the server reaps the child and waits for the next client.
+
+It holds no state of its own: no store connection, no thread, nothing the
+child could inherit but imported modules (the child reseeds ``random``).
+It answers ``S`` (stale) and exits when popek's sources changed since it
+started, so an upgrade never runs old code; it exits after ``IDLE_S`` seconds
+without a command.  ``popek command-server status|stop`` reports or stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import pkgutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import popek
+from popek.cli import client
+from popek.errors import PopekError
+
+IDLE_S = 600.0
+TICK_S = 1.0
+MAX_REQUEST = 1 << 20
+#: never imported ahead: entry points and this server itself
+SKIP = ("popek.__main__", "popek.cli.fastgen", "popek.cli.cmdserver", "popek.cli.client")
+#: what popek imports inside functions, so that only the commands needing it pay
+LAZY = ("rich.console", "rich.table", "rich.status", "click", "qemu.qmp", "asyncio", "pyroute2",
+        "pyroute2.netlink.exceptions", "cryptography.exceptions",
+        "cryptography.hazmat.primitives.serialization",
+        "cryptography.hazmat.primitives.asymmetric.ed25519", "tomllib", "tempfile", "ctypes",
+        "ctypes.util", "difflib", "logging", "grp", "site")
+
+
+class Request:
+    """One command from a client: argv, working directory, environment."""
+
+    def __init__(self, args: list[str], cwd: bytes, env: dict[bytes, bytes]) -> None:
+        self.args, self.cwd, self.env = args, cwd, env
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        """Parse what :func:`popek.cli.client.encode` wrote; ``ValueError`` when malformed."""
+        fields = data.split(b"\0")
+        if len(fields) < 3 or fields[0] != client.MAGIC:
+            raise ValueError("not a popek command request")
+        argc = int(fields[2])
+        if not 0 <= argc <= len(fields) - 3:
+            raise ValueError("argument count out of range")
+        args = [os.fsdecode(a) for a in fields[3:3 + argc]]
+        env = dict(kv.split(b"=", 1) for kv in fields[3 + argc:] if b"=" in kv)
+        return cls(args, fields[1], env)
+
+
+def preload() -> None:
+    """Import every popek module once, so that no command pays for it."""
+    for info in pkgutil.walk_packages(popek.__path__, "popek."):
+        if info.name not in SKIP:
+            importlib.import_module(info.name)
+    for name in LAZY:
+        importlib.import_module(name)
+
+
+def sources() -> list[str]:
+    """The files of every popek module this interpreter has loaded."""
+    files = (getattr(m, "__file__", None) for name, m in list(sys.modules.items())
+             if name == "popek" or name.startswith("popek."))
+    return sorted(f for f in files if f)
+
+
+def fingerprint(files: list[str]) -> tuple[int, ...]:
+    """Modification times of ``files`` (-1 for a file gone): they change on an upgrade."""
+    stamps = []
+    for path in files:
+        try:
+            stamps.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return tuple(stamps)
+
+
+def serve(path: str = client.SOCKET, idle: float = IDLE_S) -> None:
+    """Serve commands on ``path`` until idle for ``idle`` seconds or stopped."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(path), 0o700)
+    lock = os.open(os.path.join(os.path.dirname(path), "cli.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another server runs, or is starting
+    os.chdir("/")
+    preload()
+    if threading.active_count() != 1:
+        raise PopekError("command server: an import started a thread; forking would be unsafe")
+    files = sources()
+    known = fingerprint(files)
+    with Listener(path) as sock:
+        last = time.monotonic()
+        while True:
+            _reap()
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                if time.monotonic() - last > idle:
+                    return
+                continue
+            last = time.monotonic()
+            with conn:
+                if not _handle(conn, sock, lambda: fingerprint(files) == known):
+                    return
+
+
+class Listener:
+    """A listening Unix socket at a path, removed again when the server ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.node = (0, 0)
+
+    def __enter__(self) -> socket.socket:
+        old = os.umask(0o177)
+        try:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            self.sock.bind(self.path)
+            self.node = _node(self.path)
+        finally:
+            os.umask(old)
+        self.sock.listen(64)
+        self.sock.settimeout(TICK_S)
+        return self.sock
+
+    def __exit__(self, *_exc: object) -> None:
+        # only remove the path if it is still ours (a newer server may have replaced it)
+        try:
+            if _node(self.path) == self.node:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _node(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _handle(conn: socket.socket, listener: socket.socket, fresh: Callable[[], bool]) -> bool:
+    """Serve one connection; ``False`` when the server should stop."""
+    conn.settimeout(5.0)
+    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                              struct.calcsize("3i")))[1]
+    if uid != os.geteuid():
+        conn.sendall(b"Erefused: not the server's user\n")
+        return True
+    try:
+        data, fds = _receive(conn)
+    except (OSError, ValueError):
+        return True
+    try:
+        if data == client.MAGIC + b"\0status":
+            conn.sendall(f"K{os.getpid()}\n".encode())
+            return True
+        if data == client.MAGIC + b"\0stop":
+            conn.sendall(b"K\n")
+            return False
+        if not fresh():
+            conn.sendall(b"Sstale: popek changed since the server started\n")
+            return False
+        try:
+            request = Request.decode(data)
+        except ValueError as exc:
+            conn.sendall(f"E{exc}\n".encode())
+            return True
+        if len(fds) != 3:
+            conn.sendall(b"Eexpected stdin, stdout and stderr\n")
+            return True
+        if os.fork() == 0:
+            _child(conn, listener, fds, request)
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """Read a whole request and the descriptors passed with it."""
+    fds: list[int] = []
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk, ancillary, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(16))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        if not chunk:
+            return b"".join(chunks), fds
+        size += len(chunk)
+        if size > MAX_REQUEST:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("request too large")
+        chunks.append(chunk)
+
+
+def _child(conn: socket.socket, listener: socket.socket, fds: list[int],
+           request: Request) -> None:
+    """In the forked child: become the client's command, run it, report its code."""
+    from popek.cli import entry
+
+    code = 1
+    try:
+        listener.close()
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        _reopen_stdio()
+        os.chdir(request.cwd)
+        os.environb.clear()
+        os.environb.update(request.env)
+        sys.argv = ["popek", *request.args]
+        if "random" in sys.modules:
+            sys.modules["random"].seed()
+        conn.settimeout(None)
+        conn.sendall(f"P{os.getpid()}\n".encode())
+        entry.ON_EXIT.append(lambda c: _report(conn, c))
+        entry.main(request.args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        print(f"popek: command server: {type(exc).__name__}: {exc}", file=sys.stderr)
+    entry.leave(code)
+
+
+def _report(conn: socket.socket, code: int) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(f"X{code}\n".encode())
+
+
+def _reopen_stdio() -> None:
+    """New ``sys.std*`` objects over descriptors 0-2, buffered as Python's start-up does."""
+    encoding, errors = sys.stdout.encoding, sys.stdout.errors
+    sys.stdin = open(0, encoding=encoding, errors=errors, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding=encoding, errors=errors, closefd=False,  # noqa: SIM115
+                      buffering=1 if os.isatty(1) else -1)
+    sys.stderr = open(2, "w", encoding=encoding, errors="backslashreplace",  # noqa: SIM115
+                      closefd=False, buffering=1)
+
+
+def control(action: str, path: str = client.SOCKET) -> str | None:
+    """Send ``status`` or ``stop`` to the server; its answer, or ``None`` if none runs."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5.0)
+            sock.connect(path)
+            sock.sendall(client.MAGIC + b"\0" + action.encode())
+            sock.shutdown(socket.SHUT_WR)
+            answer = sock.makefile("rb").readline()
+    except OSError:
+        return None
+    return answer.decode().strip() or None
+
+
+def stop(path: str = client.SOCKET, wait_s: float = 5.0) -> bool:
+    """Stop the server and wait until its socket is gone; ``False`` if none ran."""
+    if control("stop", path) is None:
+        return False
+    deadline = time.monotonic() + wait_s
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,1 @@
+"""Trust: image signatures, the trust store, measured launch, access control and the audit log."""

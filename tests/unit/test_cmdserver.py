@@ -1,0 +1,284 @@
+"""The warm command server and its client (popek/cli/cmdserver.py, popek/cli/client.py).
+
+A real server runs in a subprocess on a private socket; real clients connect to
+it from other processes and run real popek commands against a private
+POPEK_HOME (``list`` and ``info`` need no engine and no root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popek.cli import client, cmdserver
+
+SERVER = """
+import sys, types
+from popek.cli import cmdserver
+probe = types.ModuleType("popek._probe")
+probe.__file__ = sys.argv[2]
+sys.modules["popek._probe"] = probe  # a loaded 'source' the test can touch
+cmdserver.serve(sys.argv[1], idle=float(sys.argv[3]))
+"""
+CLIENT = """
+import sys
+from popek.cli import client
+code = client.run_remote(sys.argv[2:], sys.argv[1])
+sys.exit(99 if code is None else code)
+"""
+NOT_TAKEN = 99
+
+
+class Server:
+    """A command server in a subprocess, on a socket under ``tmp``."""
+
+    def __init__(self, tmp: Path, idle: float = 60.0) -> None:
+        self.socket = str(tmp / "run" / "cli.sock")
+        self.probe = tmp / "probe.py"
+        self.probe.write_text("")
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, self.socket,
+                                      str(self.probe), str(idle)])
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None, "the command server exited at start"
+            assert time.monotonic() < deadline, "the command server did not start"
+            time.sleep(0.02)
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``popek ARGS`` through the server, from a new client process."""
+        return subprocess.run([sys.executable, "-c", CLIENT, self.socket, *args],
+                              capture_output=True, text=True, env=env, cwd=cwd, timeout=60,
+                              check=False)
+
+    def close(self) -> None:
+        cmdserver.stop(self.socket)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("cmdserver"))
+    yield srv
+    srv.close()
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "POPEK_HOME": str(home), **extra}
+
+
+def test_a_command_runs_in_a_child_with_the_clients_stdio_and_environment(
+        server: Server, tmp_path: Path) -> None:
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    out = server.run("list", "--format", "json", env=_env(home_a))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+    # the client's POPEK_HOME, not the server's, decided where the state went
+    assert (home_a / "state.db").exists() and not home_b.exists()
+
+
+def test_errors_and_exit_codes_pass_through_as_in_process(server: Server, tmp_path: Path) -> None:
+    remote = server.run("info", "nosuch", env=_env(tmp_path))
+    local = subprocess.run([sys.executable, "-m", "popek", "info", "nosuch"], capture_output=True,
+                           text=True, env=_env(tmp_path), check=False)
+    assert remote.returncode == local.returncode != 0
+    assert "instance 'nosuch' not found" in remote.stderr
+    assert remote.stderr.strip().splitlines()[-1] == local.stderr.strip().splitlines()[-1]
+    usage = server.run("launch", "--vcpus", "x", env=_env(tmp_path))
+    assert usage.returncode == 2 and "--vcpus" in usage.stderr
+
+
+def test_the_child_works_in_the_clients_directory(server: Server, tmp_path: Path) -> None:
+    # a relative POPEK_HOME is resolved against the client's working directory
+    out = server.run("list", env=_env(Path("relhome")), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "relhome" / "state.db").exists()
+
+
+def _exchange(path: str, args: list[str], env_home: Path) -> list[str]:
+    """Speak the protocol by hand: the lines the server sends back."""
+    import socket
+
+    with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        request = client.encode(args).replace(
+            os.environb.get(b"POPEK_HOME", b"\0nohome"), os.fsencode(env_home))
+        fds = bytes(memoryview(bytearray(b"".join(
+            n.to_bytes(4, sys.byteorder) for n in [null.fileno()] * 3))))
+        sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        sock.shutdown(socket.SHUT_WR)
+        return sock.makefile("rb").read().decode().split()
+
+
+def test_each_command_is_a_fresh_fork(server: Server, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path))
+    children = set()
+    for _ in range(3):
+        lines = _exchange(server.socket, ["list"], tmp_path)
+        assert lines[0].startswith("P") and lines[-1] == "X0", lines
+        children.add(int(lines[0][1:]))
+    assert len(children) == 3 and server.proc.pid not in children
+    assert cmdserver.control("status", server.socket) == f"K{server.proc.pid}"
+
+
+def test_a_client_of_another_user_is_refused(server: Server, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another user")
+    run_dir = Path(server.socket).parent
+    mode = run_dir.stat().st_mode
+    run_dir.chmod(0o755)
+    os.chmod(server.socket, 0o777)  # even with the socket open to all, the uid check holds
+    try:
+        pid = os.fork()
+        if pid == 0:  # the client, as nobody
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                code = client.run_remote(["list"], server.socket)
+                os._exit(NOT_TAKEN if code is None else code)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.chmod(server.socket, 0o600)
+        run_dir.chmod(mode)
+    assert os.waitstatus_to_exitcode(status) == NOT_TAKEN
+
+
+def test_the_socket_and_its_directory_are_private(server: Server) -> None:
+    assert Path(server.socket).stat().st_mode & 0o777 == 0o600
+    assert Path(server.socket).parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_changed_source_makes_the_server_step_down(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    try:
+        assert srv.run("list", env=_env(tmp_path / "h")).returncode == 0
+        stamp = srv.probe.stat().st_mtime_ns + 5_000_000_000
+        os.utime(srv.probe, ns=(stamp, stamp))
+        # the stale server does not run the command: the client runs it itself
+        assert srv.run("list", env=_env(tmp_path / "h")).returncode == NOT_TAKEN
+        srv.proc.wait(timeout=10)
+        assert not os.path.exists(srv.socket)
+    finally:
+        srv.close()
+
+
+def test_an_idle_server_exits_and_removes_its_socket(tmp_path: Path) -> None:
+    srv = Server(tmp_path, idle=0.5)
+    try:
+        assert srv.proc.wait(timeout=15) == 0
+        assert not os.path.exists(srv.socket)
+    finally:
+        srv.close()
+
+
+def test_a_second_server_on_the_same_directory_steps_aside(server: Server) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import sys; from popek.cli import cmdserver; "
+                           "cmdserver.serve(sys.argv[1])", server.socket], timeout=30,
+                          check=False)
+    assert proc.returncode == 0
+    assert cmdserver.control("status", server.socket) == f"K{server.proc.pid}"
+
+
+def test_a_signal_to_the_client_reaches_the_command(tmp_path: Path) -> None:
+    # a stand-in server whose 'command' sleeps until it gets the forwarded SIGTERM
+    sock_path = str(tmp_path / "fake.sock")
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path])
+    try:
+        while not os.path.exists(sock_path):
+            time.sleep(0.02)
+        cli = subprocess.Popen([sys.executable, "-c", CLIENT, sock_path, "list"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        cli.send_signal(signal.SIGTERM)
+        _, err = cli.communicate(timeout=10)
+        assert cli.returncode == 128 + signal.SIGTERM, err
+        assert fake.wait(timeout=10) == 0  # its child died of exactly that SIGTERM
+    finally:
+        fake.kill()
+
+
+#: stands for the server: answers with a child that sleeps until the forwarded SIGTERM
+FAKE_SERVER = """
+import os, signal, socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
+conn, _ = s.accept()
+conn.recvmsg(1 << 20, 64)
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+conn.sendall(f"P{child}\\n".encode())
+_, status = os.waitpid(child, 0)
+conn.close()
+sys.exit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM else 1)
+"""
+
+
+@pytest.mark.parametrize(("args", "tty", "allowed"), [
+    (["launch", "minimal", "a", "--container"], False, True),
+    (["list"], True, True),
+    (["console", "a"], True, False),
+    (["console", "a", "--log"], True, True),
+    (["exec", "a", "--", "ls", "-t"], True, False),
+    (["exec", "a", "--", "ls", "-t"], False, True),
+    (["exec", "-T", "a", "--", "sh"], True, True),
+    (["exec", "--no-tty", "a", "--", "sh"], True, True),
+    (["command-server", "stop"], False, False),
+    (["launch", "--help"], False, False),
+    ([], False, False),
+])
+def test_interactive_commands_stay_in_process(monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                              tty: bool, allowed: bool) -> None:
+    monkeypatch.setattr(client.os, "isatty", lambda fd: tty)
+    assert client.remote_allowed(args) is allowed
+
+
+def test_requests_round_trip_and_malformed_ones_are_refused() -> None:
+    data = client.encode(["launch", "x y", "--memory", "1GiB"])
+    request = cmdserver.Request.decode(data)
+    assert request.args == ["launch", "x y", "--memory", "1GiB"]
+    assert request.cwd == os.getcwdb()
+    assert request.env[b"PATH"] == os.environb[b"PATH"]
+    for bad in (b"", b"other/1\0/\x000", client.MAGIC + b"\0/\x005\0a"):
+        with pytest.raises(ValueError):
+            cmdserver.Request.decode(bad)
+
+
+def test_the_fingerprint_sees_a_changed_or_removed_file(tmp_path: Path) -> None:
+    files = [str(tmp_path / "a.py"), str(tmp_path / "b.py")]
+    for f in files:
+        Path(f).write_text("")
+    before = cmdserver.fingerprint(files)
+    assert cmdserver.fingerprint(files) == before
+    os.utime(files[0], ns=(1, 1))
+    assert cmdserver.fingerprint(files) != before
+    os.unlink(files[1])
+    assert cmdserver.fingerprint(files)[1] == -1
+
+
+def test_the_launcher_runs_without_site_and_in_process_when_switched_off(tmp_path: Path) -> None:
+    launcher = tmp_path / "popek"
+    subprocess.run([sys.executable, "-m", "popek.cli.client", str(launcher)], check=True)
+    text = launcher.read_text()
+    assert text.startswith(f"#!{sys.executable} -S\n")
+    out = subprocess.run([str(launcher), "list", "--format", "json"], capture_output=True,
+                         text=True, env=_env(tmp_path / "home", POPEK_CLI_SERVER="off"),
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
