@@ -37,8 +37,9 @@ fi
 # where PYTHONDONTWRITEBYTECODE is set every command would compile them again
 # (about 50 ms of each launch here). compileall only redoes changed files.
 .venv/bin/python -m compileall -q src >/dev/null
-# The popek command itself: pip's console script imports site and re (about
-# 20 ms here); this launcher starts Python with -S and imports site only when
-# the command does not go to the warm command server (popek/cli/client.py).
+# The popek command itself: pip's console script starts Python with site and
+# re (about 40 ms here); the native client (popek/cli/client.c) hands the
+# command to the warm command server, or runs the Python client, which runs
+# it in-process (popek/cli/client.py, docs/ARCHITECTURE.md).
 .venv/bin/python -m popek.cli.client .venv/bin/popek
 echo "setup: ready"

@@ -226,7 +226,7 @@ if child == 0:
 conn.sendall(f"P{child}\\n".encode())
 _, status = os.waitpid(child, 0)
 conn.close()
-sys.exit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM else 1)
+sys.exit(0 if os.WIFSIGNALED(status) else 1)
 """
 
 
@@ -243,10 +243,9 @@ sys.exit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM e
     (["launch", "--help"], False, False),
     ([], False, False),
 ])
-def test_interactive_commands_stay_in_process(monkeypatch: pytest.MonkeyPatch, args: list[str],
-                                              tty: bool, allowed: bool) -> None:
-    monkeypatch.setattr(client.os, "isatty", lambda fd: tty)
-    assert client.remote_allowed(args) is allowed
+def test_interactive_commands_stay_in_process(args: list[str], tty: bool,
+                                              allowed: bool) -> None:
+    assert client.remote_allowed(args, tty) is allowed
 
 
 def test_requests_round_trip_and_malformed_ones_are_refused() -> None:
@@ -274,11 +273,128 @@ def test_the_fingerprint_sees_a_changed_or_removed_file(tmp_path: Path) -> None:
 
 def test_the_launcher_runs_without_site_and_in_process_when_switched_off(tmp_path: Path) -> None:
     launcher = tmp_path / "popek"
-    subprocess.run([sys.executable, "-m", "popek.cli.client", str(launcher)], check=True)
-    text = launcher.read_text()
-    assert text.startswith(f"#!{sys.executable} -S\n")
+    package = str(Path(client.__file__).resolve().parents[2])
+    launcher.write_text(client.launcher(sys.executable, package))
+    launcher.chmod(0o755)
+    assert launcher.read_text().startswith(f"#!{sys.executable} -S\n")
     out = subprocess.run([str(launcher), "list", "--format", "json"], capture_output=True,
                          text=True, env=_env(tmp_path / "home", POPEK_CLI_SERVER="off"),
                          check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def test_a_killed_server_leaves_no_spare_accepting(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not (spares := _children(srv.proc.pid)):
+            assert time.monotonic() < deadline, "no spare was forked"
+            time.sleep(0.02)
+        srv.proc.kill()
+        srv.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() and
+                  (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")
+                  for p in spares):
+            assert time.monotonic() < deadline, "the spare outlived its server"
+            time.sleep(0.02)
+        # nobody accepts on the socket left behind: the client runs the command itself
+        assert srv.run("list", env=_env(tmp_path / "h")).returncode == NOT_TAKEN
+    finally:
+        srv.close()
+
+
+def test_concurrent_clients_are_all_served(server: Server, tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT, server.socket, "list", "--format",
+                               "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(tmp_path / f"h{i}")) for i in range(5)]
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert json.loads(out) == []
+        assert (tmp_path / f"h{i}" / "state.db").exists()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The native client (client.c), built as setup builds it."""
+    target = tmp_path_factory.mktemp("native") / "popek"
+    kind = client.install(str(target))
+    if kind != "native":
+        pytest.skip("no C compiler: the Python launcher stands in for the native client")
+    return target
+
+
+def test_the_native_client_runs_commands_in_the_server(server: Server, native: Path,
+                                                       tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the clients use the server only for root")
+    env = _env(tmp_path / "h", POPEK_CLI_SOCKET=server.socket)
+    out = subprocess.run([str(native), "list", "--format", "json"], capture_output=True,
+                         text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+    err = subprocess.run([str(native), "info", "nosuch"], capture_output=True, text=True,
+                         env=env, check=False)
+    assert err.returncode == 1 and "instance 'nosuch' not found" in err.stderr
+    # it went through the server: the server's spare made the store, not a local process
+    assert (tmp_path / "h" / "state.db").exists()
+
+
+def test_the_native_client_falls_back_to_python(native: Path, tmp_path: Path) -> None:
+    for extra in ({"POPEK_CLI_SOCKET": str(tmp_path / "none.sock"), "POPEK_CLI_SERVER": "off"},
+                  {"POPEK_CLI_SERVER": "off"}):
+        out = subprocess.run([str(native), "list", "--format", "json"], capture_output=True,
+                             text=True, env=_env(tmp_path / "h", **extra), check=False)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == []
+
+
+def test_the_native_client_forwards_signals(native: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the clients use the server only for root")
+    sock_path = str(tmp_path / "fake.sock")
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path])
+    try:
+        while not os.path.exists(sock_path):
+            time.sleep(0.02)
+        cli = subprocess.Popen([str(native), "list"], env=_env(tmp_path,
+                               POPEK_CLI_SOCKET=sock_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=10)
+        assert cli.returncode == 128 + signal.SIGINT, err
+    finally:
+        fake.kill()
+
+
+def test_the_server_sends_interactive_commands_back(server: Server, tmp_path: Path) -> None:
+    import socket
+
+    primary, secondary = os.openpty()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(server.socket)
+            fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (secondary,) * 3)
+            sock.sendmsg([client.encode(["exec", "c1", "--", "sh"])],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sock.shutdown(socket.SHUT_WR)
+            answer = sock.makefile("rb").read().decode()
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert answer.startswith("L"), answer

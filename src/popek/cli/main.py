@@ -307,7 +307,10 @@ def image_delete(name: str) -> None:
     if users:
         raise PopekError(f"image {name!r} is used by instance(s) {', '.join(users)}; "
                          "delete them first")
+    from popek.engines.container import rootfs
+
     ImageStore().delete(name)
+    rootfs.prune()  # the image's container base, unless a container still uses it
     print(f"Image {name} deleted.")
 
 

@@ -3,7 +3,9 @@
 Each container lives in its instance directory::
 
     <workdir>/bundle/config.json   the OCI runtime spec (engines/container/spec.py)
-    <workdir>/bundle/rootfs/       the image's root filesystem, uid-shifted
+    <workdir>/bundle/rootfs/       an overlay: the image's shared base, id-mapped to the
+                                   container's uid range, under its own upper layer
+                                   (engines/container/rootfs.py)
     <workdir>/console.log          what the container's init wrote (stdout/stderr)
     <workdir>/init.pid             the init's pid, written by the runtime
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import paths, proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
-from popek.engines.container import cgroups, netplumb, runtime
+from popek.engines.container import cgroups, netplumb, rootfs, runtime
 from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
 
@@ -81,7 +82,7 @@ class ContainerEngine:
                               "rebuild it (popek image build) or import one")
 
     def create(self, spec: LaunchSpec) -> None:
-        """Extract the verified, uid-shifted root filesystem into the bundle."""
+        """Make the container's layers over the image's verified base (made on first use)."""
         assert spec.image is not None
         bundle = spec.workdir / "bundle"
         bundle.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -90,7 +91,7 @@ class ContainerEngine:
         for d in (spec.workdir, bundle):
             os.chown(d, spec.uid, spec.gid)
             os.chmod(d, 0o700)
-        spec.image.extract_rootfs(bundle / "rootfs", spec.uid, spec.gid)
+        rootfs.prepare(spec, self.id_range)
 
     def _write_config(self, spec: LaunchSpec) -> Path:
         bundle = spec.workdir / "bundle"
@@ -113,6 +114,7 @@ class ContainerEngine:
         rt = self._rt(spec)
         cid = container_id(spec)
         self.cleanup(spec)
+        rootfs.mount(spec, self.id_range)
         config = self._write_config(spec)
         if spec.measure is not None:
             spec.measure(rt.binary(), config.read_bytes())
@@ -266,7 +268,8 @@ class ContainerEngine:
         return log.read_bytes() if log.exists() else b""
 
     def cleanup(self, spec: LaunchSpec) -> None:
-        """Delete the runtime's record of the container (killing strays) and its cgroups."""
+        """Delete the runtime's record of the container (killing strays), its cgroups and
+        the mount of its root filesystem."""
         rt = self._rt(spec)
         cid = container_id(spec)
         if rt.state(cid) is not None:
@@ -274,10 +277,11 @@ class ContainerEngine:
                 rt.call("delete", "--force", cid)
         cgroups.remove(cgroups_path(spec))
         (spec.workdir / "init.pid").unlink(missing_ok=True)
+        rootfs.unmount(spec)
 
     def destroy(self, spec: LaunchSpec) -> None:
-        """Remove the container's root filesystem (on delete)."""
-        shutil.rmtree(spec.workdir / "bundle", ignore_errors=True)
+        """Remove the container's layers (on delete), and its base if nothing else uses it."""
+        rootfs.remove(spec)
 
 
 def _tail(path: Path) -> str:
