@@ -62,4 +62,7 @@ popek network delete "$NET"
 
 step "an application sandbox: no network, no secrets"
 popek sandbox run -- sh -c 'echo "in the sandbox as $(id -u)"; ls /root 2>&1 | head -1'
+step "the warm command server that ran these commands (it would exit after 10 idle minutes)"
+popek command-server status || true
+popek command-server stop
 printf '\nDemo complete.\n'

@@ -202,6 +202,9 @@ def test_broken_rootfs_refused_and_nothing_left(popek_home: Path, minimal_image:
     proc = popek("launch", "minimal", "bad", "--container", check=False, env=env)
     assert proc.returncode != 0 and "rootfs.tar" in proc.stderr and "sha256" in proc.stderr
     assert not (other / "instances" / "default" / "bad").exists()
+    # no base was made from the bad tar, not even half of one
+    bases = other / "rootfs-bases"
+    assert not bases.exists() or list(bases.iterdir()) == []
     assert popek("list", "--format", "json", env=env).stdout.strip() == "[]"
 
 

@@ -1,0 +1,103 @@
+"""The `popek` command as users run it: the native client, through the warm command server.
+
+A real command server (on a private socket) and the native client built as
+setup builds it drive a real container; the same commands run in-process
+(``python -m popek``) give the same answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framework import popek, popek_json, wait_for
+from popek.cli import client, cmdserver
+
+CT = "cmdsrv"
+
+
+class Front:
+    """The native client and a command server of its own."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.socket = str(tmp / "run" / "cli.sock")
+        self.binary = tmp / "popek"
+        if client.install(str(self.binary)) != "native":
+            pytest.skip("no C compiler: the native client cannot be built here")
+        self.env = {**os.environ, "POPEK_CLI_SOCKET": self.socket}
+        self.server = subprocess.Popen([sys.executable, "-m", "popek.cli.cmdserver"],
+                                       env=self.env, cwd="/")
+        wait_for(lambda: os.path.exists(self.socket), 30, "the command server to listen")
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
+                              env=self.env, stdin=subprocess.DEVNULL, timeout=120, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"popek {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def close(self) -> None:
+        cmdserver.stop(self.socket)
+        self.server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def front(minimal_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    tmp = tmp_path_factory.mktemp("front")
+    tmp.chmod(0o755)
+    f = Front(tmp)
+    try:
+        yield f
+    finally:
+        popek("delete", "--force", CT, check=False)
+        f.close()
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def test_a_container_lives_through_the_server_as_through_the_cli(front: Front) -> None:
+    out = front.run("launch", "minimal", CT, "--container", "--memory", "64MiB")
+    assert f"Instance {CT} is running" in out.stdout
+    remote = front.run("info", CT, "--format", "json").stdout
+    assert remote == popek("info", CT, "--format", "json").stdout
+    proc = front.run("exec", CT, "--", "sh", "-c", "echo out; echo err >&2; exit 7", check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, "out\n", "err\n")
+    # the container's init does not hang below the server: instances are their own
+    init = popek_json("info", CT)["pid"]
+    assert front.server.pid not in _ancestors(init)
+    assert front.run("launch", "minimal", CT, "--container", check=False).returncode != 0
+    front.run("stop", CT)
+    assert popek_json("info", CT)["state"] == "stopped"
+
+
+def test_ctrl_c_reaches_the_command(front: Front) -> None:
+    front.run("start", CT)
+    cli = subprocess.Popen([str(front.binary), "exec", CT, "--", "sleep", "60"],
+                           env=front.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=20)
+    assert cli.returncode == 130 and "Interrupted" in err, err
+    assert time.monotonic() - t0 < 10
+
+
+def test_delete_through_the_server_leaves_nothing(front: Front) -> None:
+    info = popek_json("info", CT)
+    front.run("delete", "--force", CT)
+    assert not Path(info["workdir"]).exists()
+    assert popek_json("list") == []
