@@ -11,8 +11,9 @@
  * with POPEK_CLI_SERVER=off, it executes the Python client, which decides
  * and falls back (and starts a server).  The protocol is client.py's.
  *
- * Built with -DPOPEK_PYTHON="..." -DPOPEK_SRC="..." (the venv's interpreter
- * and the directory holding the popek package).
+ * Built with -DPOPEK_PYTHON="..." -DPOPEK_SRC="..." -DPOPEK_SOCKET="..." (the
+ * venv's interpreter, the directory holding the popek package, and this
+ * installation's server socket) by `python -m popek.cli.client TARGET`.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,7 +33,9 @@
 #error "build with -DPOPEK_SRC=\"/path/containing/popek\""
 #endif
 
-#define SOCKET_PATH "/run/popek/cli.sock"
+#ifndef POPEK_SOCKET
+#error "build with -DPOPEK_SOCKET=\"/run/popek/cli-....sock\" (client.py's SOCKET)"
+#endif
 #define MAGIC "popek-cmd/1"
 
 extern char **environ;
@@ -135,7 +138,7 @@ int main(int argc, char **argv) {
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     const char *path = getenv("POPEK_CLI_SOCKET");
-    strncpy(addr.sun_path, path && *path ? path : SOCKET_PATH, sizeof addr.sun_path - 1);
+    strncpy(addr.sun_path, path && *path ? path : POPEK_SOCKET, sizeof addr.sun_path - 1);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0 ||
         send_request(sock, argc, argv) != 0)
         python(argc, argv);

@@ -18,9 +18,11 @@ more than the interpreter's start:
   command.  It exits on its own after ``IDLE_S`` without a command.
 
 ``POPEK_CLI_SERVER=off`` turns all of it off; ``POPEK_CLI_SOCKET`` names
-another socket than ``/run/popek/cli.sock``.  Interactive commands (``console``
-without ``--log``, ``exec`` on a terminal) and ``command-server`` itself always run
-in-process: they need the terminal's signals and job control.
+another socket than this installation's (``/run/popek/cli-<crc32 of its
+directory>.sock``: two installations on one host never run each other's
+code).  Interactive commands (``console`` without ``--log``, ``exec`` on a
+terminal) and ``command-server`` itself always run in-process: they need the
+terminal's signals and job control.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ import _signal  # type: ignore[import-not-found]  # signal itself imports enum: 
 import _socket
 import os
 import sys
+import zlib
 
 RUN_DIR = "/run/popek"
-SOCKET = RUN_DIR + "/cli.sock"
+#: this installation's directory: the one that holds the popek package
+PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: one server per installation: a server runs the code of the popek it was started from
+SOCKET = f"{RUN_DIR}/cli-{zlib.crc32(os.fsencode(PACKAGE)):08x}.sock"
 MAGIC = b"popek-cmd/1"
 ENV_SWITCH = "POPEK_CLI_SERVER"
 ENV_SOCKET = "POPEK_CLI_SOCKET"
@@ -87,7 +93,7 @@ def run_local(args: list[str]) -> None:
 
 
 def socket_path() -> str:
-    """The server's socket: ``$POPEK_CLI_SOCKET``, or ``/run/popek/cli.sock``."""
+    """The server's socket: ``$POPEK_CLI_SOCKET``, or this installation's in ``/run/popek``."""
     return os.environ.get(ENV_SOCKET) or SOCKET
 
 
@@ -195,12 +201,13 @@ def install(target: str) -> str:
     """
     import subprocess
 
-    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    package = PACKAGE
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.c")
     new = target + ".new"
     try:
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror",
                         f'-DPOPEK_PYTHON="{sys.executable}"', f'-DPOPEK_SRC="{package}"',
+                        f'-DPOPEK_SOCKET="{SOCKET}"',
                         "-o", new, source], check=True, capture_output=True)
         kind = "native"
     except (OSError, subprocess.CalledProcessError):

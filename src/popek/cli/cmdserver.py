@@ -2,8 +2,8 @@
 
 Started by :mod:`popek.cli.client` (``python -I -m popek.cli.cmdserver``) when a
 root command finds none.  It imports all of popek once, then serves a
-root-only Unix socket (``/run/popek/cli.sock``, directory mode 0700, peer
-uid checked with ``SO_PEERCRED``) in a single thread:
+root-only Unix socket (``/run/popek/cli-<installation>.sock``, directory
+mode 0700, peer uid checked with ``SO_PEERCRED``) in a single thread:
 
 1. the server keeps one forked *spare* blocked in ``accept`` (and killed by
    the kernel should the server die: ``PR_SET_PDEATHSIG``);
@@ -116,8 +116,7 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S) -> None:
     """
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     os.chmod(os.path.dirname(path), 0o700)
-    lock = os.open(os.path.join(os.path.dirname(path), "cli.lock"),
-                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -203,35 +203,38 @@ class Image:
             dest.unlink(missing_ok=True)
             raise
 
+    def verify_file(self, fname: str) -> None:
+        """Check the file ``fname`` against the manifest (size, then SHA-256).
+
+        Raises :class:`IntegrityError` for a missing or changed file.
+        """
+        want = self.manifest.files[fname]
+        path = self.path / fname
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' is missing; {HINT}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' is not a regular file; {HINT}")
+        if st.st_size != want.size:
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' has {st.st_size} bytes but the "
+                f"manifest records {want.size}; {HINT}")
+        got = hash_file(path)
+        if got != want:
+            raise IntegrityError(
+                f"image '{self.name}': file '{fname}' has sha256 {got.sha256} but the "
+                f"manifest records {want.sha256}; {HINT}")
+
     def verify(self) -> None:
         """Check every file against the manifest (size, then SHA-256).
 
         Raises :class:`IntegrityError` for a missing, changed or unlisted file.
         """
-        hint = HINT
-        for fname, want in sorted(self.manifest.files.items()):
-            path = self.path / fname
-            try:
-                st = path.lstat()
-            except FileNotFoundError:
-                raise IntegrityError(
-                    f"image '{self.name}': file '{fname}' is missing; {hint}"
-                ) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(
-                    f"image '{self.name}': file '{fname}' is not a regular file; {hint}"
-                )
-            if st.st_size != want.size:
-                raise IntegrityError(
-                    f"image '{self.name}': file '{fname}' has {st.st_size} bytes but the "
-                    f"manifest records {want.size}; {hint}"
-                )
-            got = hash_file(path)
-            if got != want:
-                raise IntegrityError(
-                    f"image '{self.name}': file '{fname}' has sha256 {got.sha256} but the "
-                    f"manifest records {want.sha256}; {hint}"
-                )
+        for fname in sorted(self.manifest.files):
+            self.verify_file(fname)
         extra = sorted(
             p.name
             for p in self.path.iterdir()
@@ -240,5 +243,5 @@ class Image:
         if extra:
             raise IntegrityError(
                 f"image '{self.name}': file(s) not listed in the manifest: "
-                f"{', '.join(repr(x) for x in extra)}; {hint}"
+                f"{', '.join(repr(x) for x in extra)}; {HINT}"
             )

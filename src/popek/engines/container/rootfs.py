@@ -4,6 +4,7 @@
 
     $POPEK_HOME/rootfs-bases/<sha256>/  the image's rootfs tar, verified and extracted
                                         once; owners as in the tar; never written
+    $POPEK_HOME/rootfs-bases/<sha256>.seen  the tars last hashed into it (stat, below)
     <workdir>/bundle/base               the sha256 (of the tar) this container is made from
     <workdir>/bundle/lower              the base, id-mapped to the container's range,
                                         read-only, without devices
@@ -74,20 +75,65 @@ def prepare(spec: LaunchSpec, id_range: int) -> None:
 
 
 def ensure_base(image: Image, sha: str) -> Path:
-    """The extracted base ``sha`` of ``image``, extracting (and verifying) it if needed."""
+    """The extracted base ``sha`` of ``image``, extracting (and verifying) it if needed.
+
+    When the base exists, the image's tar is still checked, cheaply: its
+    size, times and inode as they were when it was last hashed are kept
+    beside the base (``<sha>.seen``); any write to the tar changes its ctime,
+    which no one can set back, and the tar is then hashed again in full.  So
+    a tar changed on disk is refused (``IntegrityError``) as it was when each
+    launch extracted it, though the launch would only use the base.
+    """
     final = bases_dir() / sha
-    if final.is_dir():
+    tar = image.file("rootfs")
+    if final.is_dir() and _seen(sha, tar):
         return final
     bases_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked():
+        before = _signature(tar)  # taken before hashing: a later write shows as a change
         if final.is_dir():
+            if not _seen(sha, tar):
+                image.verify_file(image.manifest.rootfs)
+                _remember(sha, tar, before)
             return final
         tmp = bases_dir() / f".new-{sha[:16]}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         image.extract_rootfs(tmp, 0, 0)  # removes tmp itself when it fails
         os.rename(tmp, final)
+        _remember(sha, tar, before)
         _prune_locked()
     return final
+
+
+def _signature(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _seen_file(sha: str) -> Path:
+    return bases_dir() / f"{sha}.seen"
+
+
+def _seen(sha: str, tar: Path) -> bool:
+    """Whether ``tar`` is unchanged since it was last hashed into (or against) base ``sha``."""
+    try:
+        seen = json.loads(_seen_file(sha).read_text())
+        return bool(seen.get(str(tar)) == _signature(tar))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember(sha: str, tar: Path, signature: list[int]) -> None:
+    try:
+        seen = json.loads(_seen_file(sha).read_text())
+        if not isinstance(seen, dict):
+            seen = {}
+    except (OSError, ValueError):
+        seen = {}
+    seen[str(tar)] = signature
+    tmp = _seen_file(sha).with_suffix(".seen.new")
+    tmp.write_text(json.dumps(seen))
+    os.replace(tmp, _seen_file(sha))
 
 
 def mount(spec: LaunchSpec, id_range: int) -> None:
@@ -144,9 +190,13 @@ def _prune_locked() -> list[str]:
     keep = set(_used_by_containers()) | set(_used_by_images())
     gone = []
     for d in bases_dir().iterdir():
-        # a .new-* left by an extraction that died (extractions hold the lock too)
-        if d.name not in keep:
-            shutil.rmtree(d, ignore_errors=True)
+        # also a .new-* left by an extraction that died (extractions hold the lock too)
+        sha = d.name.split(".")[0]
+        if sha not in keep:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
             gone.append(d.name)
     return gone
 
