@@ -21,8 +21,15 @@ import pytest
 from popek.cli import client, cmdserver
 
 SERVER = """
-import sys, types
-from popek.cli import cmdserver
+import sys, time, types
+from popek.cli import cmdserver, entry
+real_main = entry.main
+def main(args):  # a command that takes a while, without an engine: '_sleep SECONDS'
+    if args[:1] == ["_sleep"]:
+        time.sleep(float(args[1]))
+        entry.leave(0)
+    real_main(args)
+entry.main = main
 probe = types.ModuleType("popek._probe")
 probe.__file__ = sys.argv[2]
 sys.modules["popek._probe"] = probe  # a loaded 'source' the test can touch
@@ -253,8 +260,14 @@ def test_requests_round_trip_and_malformed_ones_are_refused() -> None:
     request = cmdserver.Request.decode(data)
     assert request.args == ["launch", "x y", "--memory", "1GiB"]
     assert request.cwd == os.getcwdb()
+    mask = os.umask(0o027)
+    try:
+        assert cmdserver.Request.decode(client.encode([])).umask == 0o027
+    finally:
+        os.umask(mask)
     assert request.env[b"PATH"] == os.environb[b"PATH"]
-    for bad in (b"", b"other/1\0/\x000", client.MAGIC + b"\0/\x005\0a"):
+    for bad in (b"", b"other/1\0/\x0022\x000", client.MAGIC + b"\0/\x0022\x005\0a",
+                client.MAGIC + b"\0/\x001777\x000", client.MAGIC + b"\0/\x009\x000"):
         with pytest.raises(ValueError):
             cmdserver.Request.decode(bad)
 
@@ -398,3 +411,28 @@ def test_the_server_sends_interactive_commands_back(server: Server, tmp_path: Pa
         os.close(primary)
         os.close(secondary)
     assert answer.startswith("L"), answer
+
+
+def test_a_running_command_outlives_the_servers_stop(tmp_path: Path) -> None:
+    srv = Server(tmp_path)
+    try:
+        cli = subprocess.Popen([sys.executable, "-c", CLIENT, srv.socket, "_sleep", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        assert cmdserver.stop(srv.socket)
+        srv.proc.wait(timeout=10)
+        _, err = cli.communicate(timeout=20)
+        assert cli.returncode == 0, err
+    finally:
+        srv.close()
+
+
+def test_a_signal_reaches_a_command_of_the_real_server(server: Server) -> None:
+    cli = subprocess.Popen([sys.executable, "-c", CLIENT, server.socket, "_sleep", "30"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert cli.returncode == 1 and "KeyboardInterrupt" in err, err

@@ -3,7 +3,7 @@
  *
  * It does what popek/cli/client.py does, without an interpreter to start
  * (about 20 ms of a command on a slow host): hand argv, the working
- * directory, the environment and stdin/stdout/stderr (SCM_RIGHTS) to the warm
+ * directory, the umask, the environment and stdin/stdout/stderr (SCM_RIGHTS) to the warm
  * command server (popek/cli/cmdserver.py), forward SIGINT, SIGTERM, SIGHUP
  * and SIGQUIT to the command's process, and exit with its code.  It holds no
  * policy of its own: whenever the server is absent, stale, or says a command
@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -91,13 +92,16 @@ static int add(char **buf, size_t *len, size_t *cap, const char *s, int first) {
 
 /* Send the request; 0 when sent, -1 when there is no server to take it. */
 static int send_request(int sock, int argc, char **argv) {
-    char *buf = NULL, cwd[4096], count[16];
+    char *buf = NULL, cwd[4096], count[16], mask[8];
     size_t len = 0, cap = 0;
     if (!getcwd(cwd, sizeof cwd))
         return -1;
+    mode_t old = umask(077);
+    umask(old);
+    snprintf(mask, sizeof mask, "%o", (unsigned)old);
     snprintf(count, sizeof count, "%d", argc - 1);
     int bad = add(&buf, &len, &cap, MAGIC, 1) || add(&buf, &len, &cap, cwd, 0) ||
-              add(&buf, &len, &cap, count, 0);
+              add(&buf, &len, &cap, mask, 0) || add(&buf, &len, &cap, count, 0);
     for (int i = 1; !bad && i < argc; i++)
         bad = add(&buf, &len, &cap, argv[i], 0);
     for (char **e = environ; !bad && *e; e++)

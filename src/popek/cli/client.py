@@ -8,7 +8,7 @@ module is the client side, kept to built-in modules so that it costs little
 more than the interpreter's start:
 
 * it connects to the server's socket, passes its own stdin, stdout and stderr
-  (``SCM_RIGHTS``), its argv, working directory and environment, and forwards
+  (``SCM_RIGHTS``), its argv, working directory, umask and environment, and forwards
   SIGINT, SIGTERM, SIGHUP and SIGQUIT to the forked child;
 * the child runs exactly the code an in-process command runs, writing to the
   client's own descriptors, and reports its exit code, which the client exits
@@ -98,9 +98,12 @@ def socket_path() -> str:
 
 
 def encode(args: list[str]) -> bytes:
-    """The request: magic, working directory, argc, argv, then ``KEY=VALUE`` pairs."""
+    """The request: magic, working directory, umask (octal), argc, argv, ``KEY=VALUE``s."""
     env = [k + b"=" + v for k, v in os.environb.items()]
-    fields = [MAGIC, os.getcwdb(), str(len(args)).encode(), *map(os.fsencode, args), *env]
+    mask = os.umask(0o077)
+    os.umask(mask)
+    fields = [MAGIC, os.getcwdb(), b"%o" % mask, str(len(args)).encode(),
+              *map(os.fsencode, args), *env]
     return b"\0".join(fields)
 
 

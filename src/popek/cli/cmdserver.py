@@ -8,7 +8,7 @@ mode 0700, peer uid checked with ``SO_PEERCRED``) in a single thread:
 1. the server keeps one forked *spare* blocked in ``accept`` (and killed by
    the kernel should the server die: ``PR_SET_PDEATHSIG``);
 2. a client sends its argv, working directory, environment and, as
-   ``SCM_RIGHTS``, its stdin, stdout and stderr;
+   ``SCM_RIGHTS``, its stdin, stdout and stderr, and its umask;
 3. the spare that accepted it tells the server, which forks the next spare,
    takes those descriptors as 0, 1 and 2, the client's directory and
    environment, sends ``P<pid>`` and runs :func:`popek.cli.entry.main`, the
@@ -61,23 +61,26 @@ LAZY = ("rich.console", "rich.table", "rich.status", "click", "qemu.qmp", "async
 
 
 class Request:
-    """One command from a client: argv, working directory, environment."""
+    """One command from a client: argv, working directory, umask, environment."""
 
-    def __init__(self, args: list[str], cwd: bytes, env: dict[bytes, bytes]) -> None:
-        self.args, self.cwd, self.env = args, cwd, env
+    def __init__(self, args: list[str], cwd: bytes, umask: int, env: dict[bytes, bytes]) -> None:
+        self.args, self.cwd, self.umask, self.env = args, cwd, umask, env
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
         """Parse what :func:`popek.cli.client.encode` wrote; ``ValueError`` when malformed."""
         fields = data.split(b"\0")
-        if len(fields) < 3 or fields[0] != client.MAGIC:
+        if len(fields) < 4 or fields[0] != client.MAGIC:
             raise ValueError("not a popek command request")
-        argc = int(fields[2])
-        if not 0 <= argc <= len(fields) - 3:
+        umask = int(fields[2], 8)
+        if not 0 <= umask <= 0o777:
+            raise ValueError("umask out of range")
+        argc = int(fields[3])
+        if not 0 <= argc <= len(fields) - 4:
             raise ValueError("argument count out of range")
-        args = [os.fsdecode(a) for a in fields[3:3 + argc]]
-        env = dict(kv.split(b"=", 1) for kv in fields[3 + argc:] if b"=" in kv)
-        return cls(args, fields[1], env)
+        args = [os.fsdecode(a) for a in fields[4:4 + argc]]
+        env = dict(kv.split(b"=", 1) for kv in fields[4 + argc:] if b"=" in kv)
+        return cls(args, fields[1], umask, env)
 
 
 def preload() -> None:
@@ -215,6 +218,8 @@ def _spare(sock: socket.socket, notify: int, server: int, fresh: Callable[[], bo
                 break
             except InterruptedError:
                 continue
+        # a command must outlive the server (a stop, an idle exit) as any command does
+        _parent_death_signal(0)
         os.write(notify, b"a")  # the server forks the next spare meanwhile
         sock.close()
         with conn:
@@ -226,12 +231,16 @@ def _spare(sock: socket.socket, notify: int, server: int, fresh: Callable[[], bo
 
 
 def _die_with(server: int) -> None:
-    """Have the kernel kill this process when the server dies (no orphan left accepting)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """Have the kernel kill this spare when the server dies (no orphan left accepting)."""
+    _parent_death_signal(signal.SIGKILL)
     if os.getppid() != server:  # it died before the request took effect
         os._exit(0)
+
+
+def _parent_death_signal(signum: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
 
 
 def _handle(conn: socket.socket, fresh: Callable[[], bool]) -> bool:
@@ -312,6 +321,7 @@ def _command(conn: socket.socket, fds: list[int], request: Request) -> NoReturn:
             os.close(fd)
         _reopen_stdio()
         os.chdir(request.cwd)
+        os.umask(request.umask)
         os.environb.clear()
         os.environb.update(request.env)
         sys.argv = ["popek", *request.args]
