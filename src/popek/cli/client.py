@@ -165,8 +165,6 @@ def _await(sock: _socket.socket) -> int | None:
 
 def spawn_server() -> None:
     """Start a command server in its own session for the next command (best effort)."""
-    if os.environ.get(ENV_SWITCH, "on") != "on" or os.geteuid() != 0:
-        return
     try:
         null = os.open(os.devnull, os.O_RDWR)
         try:
@@ -204,18 +202,17 @@ def install(target: str) -> str:
     """
     import subprocess
 
-    package = PACKAGE
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.c")
     new = target + ".new"
     try:
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror",
-                        f'-DPOPEK_PYTHON="{sys.executable}"', f'-DPOPEK_SRC="{package}"',
+                        f'-DPOPEK_PYTHON="{sys.executable}"', f'-DPOPEK_SRC="{PACKAGE}"',
                         f'-DPOPEK_SOCKET="{SOCKET}"',
                         "-o", new, source], check=True, capture_output=True)
         kind = "native"
     except (OSError, subprocess.CalledProcessError):
         with open(new, "w") as out:
-            out.write(launcher(sys.executable, package))
+            out.write(launcher(sys.executable, PACKAGE))
         os.chmod(new, 0o755)
         kind = "python"
     os.replace(new, target)

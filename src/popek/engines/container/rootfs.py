@@ -210,13 +210,11 @@ def _used_by_containers() -> Iterator[str]:
 
 
 def _used_by_images() -> Iterator[str]:
-    root = paths.images_dir()
-    if root.is_dir():
-        for f in root.glob("*/manifest.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                m = json.loads(f.read_text())
-                if m.get("rootfs"):
-                    yield str(m["files"][m["rootfs"]]["sha256"])
+    from popek.images import ImageStore
+
+    for image in ImageStore().list():
+        if image.has("rootfs"):
+            yield base_id(image)
 
 
 @contextlib.contextmanager
