@@ -57,7 +57,7 @@ LAZY = ("rich.console", "rich.table", "rich.status", "click", "qemu.qmp", "async
         "pyroute2.netlink.exceptions", "cryptography.exceptions",
         "cryptography.hazmat.primitives.serialization",
         "cryptography.hazmat.primitives.asymmetric.ed25519", "tomllib", "tempfile", "ctypes",
-        "ctypes.util", "difflib", "logging", "grp", "site")
+        "ctypes.util", "difflib", "logging", "grp")
 
 
 class Request:
