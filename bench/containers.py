@@ -35,6 +35,7 @@ from typing import Any
 
 from common import (
     CACHE,
+    COLD,
     POPEK,
     PYTHON,
     RESULTS,
@@ -455,7 +456,7 @@ def popek_cli(env: Env, name: str, cold: bool = False) -> Sample:
     """
     log = env.workdir(name) / "console.log"
     env.instances.add(name)
-    run_env = {**env.env, "POPEK_CLI_SERVER": "off"} if cold else env.env
+    run_env = {**env.env, **COLD} if cold else env.env
     with open(env.scratch / f"{name}.cli.log", "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen([POPEK, "launch", IMAGE, name, "--container", "--memory", MEMORY],
@@ -717,7 +718,7 @@ def sandbox_raw(raw: RawSandbox) -> Sample:
 
 def sandbox_cli(env: Env, cold: bool = False) -> Sample:
     """``popek sandbox run -- /bin/true``: spawn to exit (``cold``: no command server)."""
-    run_env = {**env.env, "POPEK_CLI_SERVER": "off"} if cold else env.env
+    run_env = {**env.env, **COLD} if cold else env.env
     t0 = time.perf_counter()
     res = subprocess.run([POPEK, "sandbox", "run", "--", *SANDBOX_CMD], env=run_env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -114,22 +114,25 @@ def _seen_file(sha: str) -> Path:
     return bases_dir() / f"{sha}.seen"
 
 
+def _load_seen(sha: str) -> dict[str, list[int]]:
+    """The tars last hashed into (or against) base ``sha``, with their signatures."""
+    try:
+        seen = json.loads(_seen_file(sha).read_text())
+    except (OSError, ValueError):
+        return {}
+    return seen if isinstance(seen, dict) else {}
+
+
 def _seen(sha: str, tar: Path) -> bool:
     """Whether ``tar`` is unchanged since it was last hashed into (or against) base ``sha``."""
     try:
-        seen = json.loads(_seen_file(sha).read_text())
-        return bool(seen.get(str(tar)) == _signature(tar))
-    except (OSError, ValueError, AttributeError):
+        return _load_seen(sha).get(str(tar)) == _signature(tar)
+    except OSError:
         return False
 
 
 def _remember(sha: str, tar: Path, signature: list[int]) -> None:
-    try:
-        seen = json.loads(_seen_file(sha).read_text())
-        if not isinstance(seen, dict):
-            seen = {}
-    except (OSError, ValueError):
-        seen = {}
+    seen = _load_seen(sha)
     seen[str(tar)] = signature
     tmp = _seen_file(sha).with_suffix(".seen.new")
     tmp.write_text(json.dumps(seen))
