@@ -15,11 +15,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest tests/unit -q
-	$(PY) -m pytest tests/integration tests/security -q
+	$(PY) -m pytest tests/unit -q -rs
+	$(PY) -m pytest tests/integration tests/security -q -rs
 
 test-unit: setup
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -rs
 
 bench: setup
 	@bash scripts/setup-bench.sh

@@ -16,7 +16,45 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from framework import REPO, popek
+from framework import REPO, is_host_skip, popek
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _refuse_security_skip(report: pytest.TestReport | pytest.CollectReport, where: str) -> None:
+    """Turn a skip in tests/security into a failure unless a host property excuses it."""
+    if "/security/" not in where or not report.skipped:
+        return
+    reason = _skip_reason(report)
+    if is_host_skip(reason):
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"a security test skipped for a reason that is not a documented "
+                       f"host property (docs/THREAT_MODEL.md): {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """No silent skip of a security promise: see _refuse_security_skip."""
+    outcome = yield
+    report = outcome.get_result()
+    _refuse_security_skip(report, str(item.path))
+    if report.skipped and isinstance(report.longrepr, tuple):
+        # -rs names the test that skipped, not framework.host_skip's own line
+        path, lineno, _ = item.location
+        report.longrepr = (path, (lineno or 0) + 1, report.longrepr[2])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same for a whole security module skipped while it is collected."""
+    outcome = yield
+    _refuse_security_skip(outcome.get_result(), str(collector.path))
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,14 @@ CPUs are coupled below the kernel (SMT siblings, a hypervisor's shared core,
 a clock that boosts one CPU while the other idles: the CI host measured
 0.57, and this one swings between 350k and 620k loop iterations/s with the
 other CPU idle or busy), the requirement is 85 % of that floor instead of
-80 % of the baseline.  VMs have no disk yet (they boot
-from an initrd), so the disk flood applies to containers only.  The probes
-and attacks are those of ``bench/neighbours.py``, which explains the choice.
+80 % of the baseline.  That bar never drops below MIN_SHARE, whatever
+the floor measured in the run: a noisy host must not lower its own bar
+without end.  VMs have no disk yet (they boot from an initrd), so the disk
+flood is generated for containers only (no VM disk case exists to skip).  The
+cases a host cannot measure skip through ``host_skip`` naming the host
+property (CPU count, cgroup version), as docs/THREAT_MODEL.md documents;
+any other skip fails the run.  The probes and attacks are those of
+``bench/neighbours.py``, which explains the choice.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from framework import REPO, popek
+from framework import REPO, host_skip, popek
 from popek.engines.cgroupfs import is_v2
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -45,13 +50,26 @@ from neighbours import (
 #: under a CPU or memory attack, the neighbour must keep this share of what plain
 #: pinned host loops leave it, when the host's CPUs are coupled below the kernel
 FLOOR_SHARE = 0.85
+#: the fixed lower bound of the pass mark: the lowest floor measured on a host
+#: popek's suite runs on is 0.57 (the CI host), 85 % of which is 0.48; a
+#: neighbour left less than this fails whatever the floor measured in the run
+MIN_SHARE = 0.45
+#: every (engine, attack) case there is: VMs have no disk to flood yet
+CASES = [(kind, attack) for kind, attacks in ENGINE_ATTACKS.items() for attack in attacks]
+
+
+def pass_mark(floor: float | None) -> float:
+    """The share of its baseline the neighbour must keep, given the host's floor."""
+    if floor is None:
+        return THRESHOLD
+    return max(MIN_SHARE, min(THRESHOLD, FLOOR_SHARE * floor))
 
 
 def _sh(name: str, script: str) -> str:
     return popek("exec", name, "--", "sh", "-c", script, timeout=120).stdout
 
 
-@pytest.fixture(scope="module", params=["container", "vm"])
+@pytest.fixture(scope="module")
 def pair(request: pytest.FixtureRequest, minimal_image: str) -> Iterator[tuple[str, str, str]]:
     kind = str(request.param)
     extra = ["--container", "--memory", "128MiB"] if kind == "container" else \
@@ -64,28 +82,28 @@ def pair(request: pytest.FixtureRequest, minimal_image: str) -> Iterator[tuple[s
         popek("delete", "--force", name, check=False)
 
 
-@pytest.mark.parametrize("attack", ["cpu", "memory", "disk"])
+@pytest.mark.parametrize(("pair", "attack"), CASES, indirect=["pair"],
+                         ids=[f"{k}-{a}" for k, a in CASES])
 def test_neighbour_keeps_its_throughput(pair: tuple[str, str, str], attack: str) -> None:
     kind, neighbour, attacker = pair
-    if attack not in ENGINE_ATTACKS[kind]:
-        pytest.skip("VMs have no disk yet: they boot from an initrd held in guest memory")
     if kind == "vm" and attack == "cpu" and (os.cpu_count() or 1) <= 2:
         # measured here: 0.65-1.0 from run to run, while a host shell loop pinned to the
         # attacker's CPU leaves the neighbour VM at 1.0: under TCG both emulators stream
         # every guest instruction through the caches and memory bus the two CPUs share,
         # which pinning does not partition
-        pytest.skip("on a 2-CPU TCG host two emulating guests contend below the kernel's "
-                    "reach; bench/neighbours.py reports the figure")
+        host_skip("cpu-count", "on a 2-CPU TCG host two emulating guests contend below the "
+                  "kernel's reach; bench/neighbours.py reports the figure")
     if attack == "disk" and not is_v2():
         # measured 0.41-0.94 on this v1 host: bench/neighbours.py reports it every run
-        pytest.skip("cgroup v1 cannot charge buffered writeback to the writer's cgroup, so "
-                    "no I/O weight or throttle holds a page-cache flood back; needs cgroup v2")
+        host_skip("cgroup-version", "cgroup v1 cannot charge buffered writeback to the "
+                  "writer's cgroup, so no I/O weight or throttle holds a page-cache flood "
+                  "back; needs cgroup v2")
     probe = Probe(_sh, neighbour)
     threshold, floor = THRESHOLD, None
     if attack in BUSY_ATTACKS:
         cpus = _confined_cpus(neighbour, attacker)
         floor = host_floor(probe, cpus)
-        threshold = min(THRESHOLD, FLOOR_SHARE * floor)
+        threshold = pass_mark(floor)
     try:
         ratio, baseline, loaded = paired_ratio(
             _sh, probe, attacker, attack,
