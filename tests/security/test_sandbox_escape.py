@@ -9,19 +9,21 @@ inside and shows that the host does not give way.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from framework import POPEK, popek
+from framework import POPEK, popek, wait_for
 
 PY = "/usr/bin/python3"
 EPERM = "Operation not permitted"
@@ -110,6 +112,7 @@ def test_connect_to_host_without_net(popek_home: Path) -> None:
     server.listen(4)
     port = server.getsockname()[1]
     hits: list[bytes] = []
+    arrived = threading.Event()
 
     def accept() -> None:
         while True:
@@ -119,6 +122,7 @@ def test_connect_to_host_without_net(popek_home: Path) -> None:
                 return
             hits.append(conn.recv(64))
             conn.close()
+            arrived.set()
 
     threading.Thread(target=accept, daemon=True).start()
     probe = (f"import socket; s = socket.create_connection(('127.0.0.1', {port}), timeout=5); "
@@ -132,9 +136,7 @@ def test_connect_to_host_without_net(popek_home: Path) -> None:
         # with --net the same connection works: the test above is not a broken probe
         code, _, err = sandbox("--net", "--", PY, "-c", probe)
         assert code == 0, err
-        deadline = time.monotonic() + 5
-        while not hits and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert arrived.wait(5), "the connection never reached the server"
         assert hits == [b"hello-from-sandbox"]
     finally:
         server.close()
@@ -145,31 +147,104 @@ def test_nested_user_namespace(popek_home: Path) -> None:
     assert code != 0 and EPERM in err
 
 
-@pytest.mark.parametrize(("name", "call"), [
-    ("mount", "sc('mount', b'none', b'/tmp', b'tmpfs', 0, 0)"),
-    ("keyctl", "sc('keyctl', 0, -4, 0)"),            # KEYCTL_GET_KEYRING_ID of the user ring
-    ("add_key", "sc('add_key', b'user', b'k', b'v', 1, -4)"),
-    ("clone_newuser", "sc('clone', 0x10000000 | 17, 0, 0, 0, 0)"),
-    ("setns", "sc('setns', 0, 0)"),
-    ("bpf", "sc('bpf', 0, 0, 0)"),
-    ("ptrace", "sc('ptrace', 16, 1, 0, 0)"),          # PTRACE_ATTACH to pid 1 (bwrap)
-    ("open_by_handle_at", "sc('open_by_handle_at', 3, 0, 0)"),  # the "shocker" escape
-    ("io_uring_setup", "sc('io_uring_setup', 1, 0)"),
-    ("syslog", "sc('syslog', 3, 0, 0)"),
-])
-def test_denied_syscall(popek_home: Path, name: str, call: str) -> None:
-    script = ("import ctypes, os, sys; from ctypes import get_errno\n"
-              "libc = ctypes.CDLL(None, use_errno=True)\n"
-              "NR = {'mount': 165, 'keyctl': 250, 'add_key': 248, 'clone': 56, 'setns': 308,\n"
-              "      'bpf': 321, 'ptrace': 101, 'open_by_handle_at': 304,\n"
-              "      'io_uring_setup': 425, 'syslog': 103}\n"
-              "def sc(n, *a):\n"
-              "    r = libc.syscall(NR[n], *a)\n"
-              "    if r == 0 and n == 'clone': os._exit(0)\n"
-              "    return 'ok' if r >= 0 else os.strerror(get_errno())\n"
-              f"print({call})\n")
-    code, out, err = sandbox("--", PY, "-c", script)
-    assert (code, out.strip()) == (0, EPERM), err
+#: Each denied call as a probe that a plain unprivileged process (``nobody``, no
+#: capability) is allowed to make, or that the kernel refuses for another reason
+#: than privilege, so that ``EPERM`` can only be the seccomp filter's verdict.
+#: The comment gives what the kernel answers without the filter (Linux 6.18).
+PROBES: dict[str, str] = {
+    # the path lookup comes before the privilege check: ENOENT
+    "mount": "sc('mount', None, b'/nonexistent-popek', None, 0, None)",
+    # KEYCTL_GET_KEYRING_ID of the user's own keyring: ok for anyone
+    "keyctl": "sc('keyctl', 0, -4, 0)",
+    "add_key": "sc('add_key', b'user', b'k', b'v', 1, -4)",  # ok for anyone
+    # a new user namespace: ENOSPC (bwrap --disable-userns sets the sandbox's limit to 0)
+    "clone_newuser": "sc('clone', 0x10000000 | 17, 0, 0, 0, 0)",
+    "unshare_newuser": "sc('unshare', 0x10000000)",  # the same through unshare: ENOSPC
+    "setns": "sc('setns', 0, 0)",  # stdin is no namespace: EINVAL
+    "bpf": "sc('bpf', 999, None, 0)",  # an unknown command: EINVAL
+    "ptrace": "sc('ptrace', 0, 0, 0, 0)",  # PTRACE_TRACEME: ok for anyone
+    # the "shocker" escape; the handle is read before the privilege check: EFAULT
+    "open_by_handle_at": "sc('open_by_handle_at', -1, None, 0)",
+    "io_uring_setup": "sc('io_uring_setup', 1, None)",  # EFAULT for the missing params
+    # SYSLOG_ACTION_SIZE_BUFFER: ok for anyone while kernel.dmesg_restrict is 0
+    "syslog": "sc('syslog', 10, None, 0)",
+}
+
+PROBE_SCRIPT = (
+    "import ctypes, errno, json, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "NR = {'mount': 165, 'keyctl': 250, 'add_key': 248, 'clone': 56, 'setns': 308,\n"
+    "      'bpf': 321, 'ptrace': 101, 'open_by_handle_at': 304, 'unshare': 272,\n"
+    "      'io_uring_setup': 425, 'syslog': 103}\n"
+    "def sc(n, *a):\n"
+    "    r = libc.syscall(NR[n], *a)\n"
+    "    if r == 0 and n == 'clone': os._exit(0)\n"
+    "    return 'ok' if r >= 0 else errno.errorcode[ctypes.get_errno()]\n"
+    "status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n"
+    "out = {k: status[k].strip() for k in ('Uid', 'CapEff', 'NoNewPrivs', 'Seccomp')}\n"
+    + "".join(f"out[{name!r}] = {call}\n" for name, call in PROBES.items())
+    + "print(json.dumps(out))\n")
+
+#: ``popek sandbox run`` with the seccomp filter switched off: the runner
+#: unchanged, but given a filter that allows every call in place of popek's
+#: (bwrap, namespaces, uid, capabilities, no_new_privs all stay as they are)
+UNFILTERED = (
+    "import sys\n"
+    "from popek.engines import seccomp\n"
+    "seccomp.bpf_program = lambda extra=(): seccomp._ret(seccomp.SECCOMP_RET_ALLOW)\n"
+    "from popek.engines.sandbox import profile, runner\n"
+    "sys.exit(runner.run('default', profile.RunOptions(), sys.argv[1:]))\n")
+
+
+@pytest.fixture(scope="module")
+def probes(popek_home: Path) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """Run the probes in a sandbox and, as the control, in one without the filter.
+
+    kernel.dmesg_restrict is 0 while they run (an unprivileged process may then
+    ask the kernel log's size), and restored after.
+    """
+    restrict = Path("/proc/sys/kernel/dmesg_restrict")
+    before = restrict.read_text()
+    restrict.write_text("0")
+    try:
+        code, out, err = sandbox("--", PY, "-c", PROBE_SCRIPT)
+        assert code == 0, err
+        control = subprocess.run([sys.executable, "-c", UNFILTERED, PY, "-c", PROBE_SCRIPT],
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert control.returncode == 0, control.stderr
+    finally:
+        restrict.write_text(before)
+    yield json.loads(out), json.loads(control.stdout)
+
+
+def test_probes_run_confined(probes: tuple[dict[str, str], dict[str, str]]) -> None:
+    """Both runs are the same sandbox (uid, capabilities, no_new_privs); only the filter differs.
+
+    ``Seccomp: 2`` (filter mode) inside both: the control's filter allows everything.
+    """
+    filtered, control = probes
+    for run in (filtered, control):
+        assert run["Uid"].split() == ["1000"] * 4
+        assert int(run["CapEff"], 16) == 0
+        assert run["NoNewPrivs"] == "1"
+        assert run["Seccomp"] == "2"
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_denied_syscall(probes: tuple[dict[str, str], dict[str, str]], name: str) -> None:
+    """The seccomp filter refuses the call with EPERM before the kernel looks at it.
+
+    The control is the same sandbox with an allow-all filter in place of
+    popek's: there the same call succeeds or gets another errno from the
+    kernel (ENOENT, EINVAL, EFAULT, ENOSPC), so neither ``nobody``'s rights nor
+    the missing capabilities explain the EPERM.  Disable the control (drop the
+    name from ``seccomp.DENIED`` or ``ARG_RULES``) and the sandboxed call gets
+    the control's answer: this test fails.
+    """
+    filtered, control = probes
+    assert filtered[name] == "EPERM", f"{name}: {filtered[name]} (without the filter: " \
+                                      f"{control[name]})"
+    assert control[name] != "EPERM", f"{name}: the probe is refused even without the filter"
 
 
 def test_see_host_processes(popek_home: Path) -> None:
@@ -184,10 +259,8 @@ def test_sandbox_holds_no_host_privilege(popek_home: Path) -> None:
     marker = str(4000 + secrets.randbelow(1000))
     proc = subprocess.Popen([*POPEK, "sandbox", "run", "--", "sleep", marker])
     try:
-        deadline = time.monotonic() + 10
-        while not (pids := pids_of("sleep", marker)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert pids, "the sandboxed sleep never started"
+        wait_for(lambda: pids_of("sleep", marker), 10, "the sandboxed sleep to start")
+        pids = pids_of("sleep", marker)
         status = dict(line.split(":", 1) for line in
                       Path(f"/proc/{pids[0]}/status").read_text().splitlines())
         assert status["Uid"].split() == ["65534"] * 4  # nobody on the host, not root
@@ -202,13 +275,13 @@ def test_sandbox_holds_no_host_privilege(popek_home: Path) -> None:
 def test_sandbox_outliving_its_parent(popek_home: Path) -> None:
     marker = str(5000 + secrets.randbelow(1000))
     proc = subprocess.Popen([*POPEK, "sandbox", "run", "--", "sleep", marker])
-    deadline = time.monotonic() + 10
-    while not (pids := pids_of("sleep", marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pids, "the sandboxed sleep never started"
-    os.kill(proc.pid, signal.SIGKILL)  # the popek CLI dies without cleaning up
-    proc.wait()
-    deadline = time.monotonic() + 5
-    while pids_of("sleep", marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: pids_of("sleep", marker), 10, "the sandboxed sleep to start")
+    pidfd = os.pidfd_open(pids_of("sleep", marker)[0])
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the popek CLI dies without cleaning up
+        proc.wait()
+        # a pidfd becomes readable when its process exits: wait for that event
+        assert select.select([pidfd], [], [], 5)[0] == [pidfd], "the sandbox outlived popek"
+    finally:
+        os.close(pidfd)
     assert pids_of("sleep", marker) == []
