@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from framework import instance, popek, popek_json
+from framework import instance, popek, popek_json, require_root_and_tools, wait_for
 from popek.engines.qemu import qmp
 from popek.errors import EngineError
 
+require_root_and_tools("qemu-system-x86_64")
+
 VM = "confined"
+SPAWNING = "confined-spawning"
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +93,126 @@ def test_no_host_channels_are_exposed(vm: dict[str, object]) -> None:
         c for c in chardevs if c.startswith("qmp")}
 
 
+#: x86_64 numbers of the calls that start a process: clone, fork, vfork, execve,
+#: execveat, clone3 (QEMU's ``spawn=deny`` set)
+SPAWN_SYSCALLS = {56, 57, 58, 59, 322, 435}
+
+#: ``popek launch`` in this process with QEMU's ``spawn=deny`` off, every other
+#: option of its sandbox and of the jail unchanged: the control switched off
+SPAWN_ALLOWED = (
+    "import sys\n"
+    "from popek.engines.qemu import cmdline\n"
+    "cmdline.SANDBOX = cmdline.SANDBOX.replace(',spawn=deny', '')\n"
+    "assert 'spawn' not in cmdline.SANDBOX\n"
+    "from popek.cli.entry import main\n"
+    "main(sys.argv[1:])\n")
+
+
+class Kmsg:
+    """The kernel log from now on (``/dev/kmsg``), where seccomp kills are audited."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        self.records: list[str] = []
+
+    def read(self) -> list[str]:
+        """Return every record logged since this object was made."""
+        while True:
+            try:
+                self.records.append(os.read(self.fd, 8192).decode(errors="replace"))
+            except BlockingIOError:
+                return self.records
+            except BrokenPipeError:  # records overwritten before they were read
+                continue
+
+    def close(self) -> None:
+        """Stop reading the log."""
+        os.close(self.fd)
+
+
+def _seccomp_kill(records: list[str], pid: int) -> dict[str, str] | None:
+    """The audit record (type 1326) of a seccomp kill of ``pid``, as its key=value fields."""
+    for record in records:
+        text = record.split(";", 1)[-1]
+        if "type=1326" not in text:
+            continue
+        fields = dict(f.split("=", 1) for f in text.split() if "=" in f)
+        if fields.get("pid") == str(pid):
+            return fields
+    return None
+
+
+def _spawn_probe(info: dict[str, object], marker: Path) -> None:
+    """Ask the QEMU of ``info`` to run ``touch MARKER`` (migration to an ``exec:`` URI)."""
+    with contextlib.suppress(EngineError):  # QEMU may die before it answers
+        qmp.execute(_qmp_sock(info), "migrate", {"uri": f"exec:touch {marker}"})
+
+
 def test_monitor_cannot_spawn_host_commands(vm: dict[str, object]) -> None:
-    """Ask QEMU to run a host command (exec: migration): seccomp kills QEMU, nothing runs."""
-    marker = Path(f"/var/tmp/popek-pwned-{os.getpid()}")
+    """Ask QEMU to run a host command (exec: migration): seccomp kills QEMU, nothing runs.
+
+    The command would touch a marker in the instance directory, which the jail
+    binds writable at its own path for QEMU's uid: the one place a spawned
+    command could write.  The kernel's audit record of the kill names QEMU's
+    pid, SIGSYS and the process-creating call it tried, so the spawn was
+    really attempted.  The control (``test_spawn_runs_without_spawn_deny``)
+    launches a QEMU without ``spawn=deny``: there the same QMP command creates
+    the marker.  With the control off in popek (``cmdline.SANDBOX`` without
+    ``spawn=deny``) QEMU survives, the marker appears and this test fails.
+    """
+    marker = Path(str(vm["workdir"])) / f"popek-pwned-{os.getpid()}"
     marker.unlink(missing_ok=True)
     pid = int(str(vm["pid"]))
-    with contextlib.suppress(EngineError):  # QEMU may die before it answers
-        qmp.execute(_qmp_sock(vm), "migrate", {"uri": f"exec:touch {marker}"})
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), "QEMU survived a forbidden spawn"
+    pidfd = os.pidfd_open(pid)
+    log = Kmsg()
+    try:
+        _spawn_probe(vm, marker)
+        # a pidfd becomes readable when the process exits: wait for that event
+        assert select.select([pidfd], [], [], 10)[0] == [pidfd], "QEMU survived a forbidden spawn"
+        wait_for(lambda: _seccomp_kill(log.read(), pid), 10, "the audit record of the kill")
+        kill = _seccomp_kill(log.read(), pid)
+    finally:
+        log.close()
+        os.close(pidfd)
+    assert kill is not None
+    assert kill["sig"] == "31"  # SIGSYS: seccomp's SECCOMP_RET_KILL_PROCESS
+    assert int(kill["syscall"]) in SPAWN_SYSCALLS, kill
+    assert kill["uid"] == str(vm["uid"])
     assert not marker.exists()
     entry = instance(VM)
     assert entry["state"] == "stopped"
     assert "unexpectedly" in entry["reason"]
+
+
+@pytest.fixture
+def spawning_vm(minimal_image: str) -> Iterator[dict[str, object]]:
+    """A VM whose QEMU runs without ``spawn=deny`` (in its jail, as its uid, as usual)."""
+    env = {**os.environ, "POPEK_CLI_SERVER": "off"}
+    proc = subprocess.run([sys.executable, "-c", SPAWN_ALLOWED, "launch", minimal_image,
+                           SPAWNING, "--memory", "256MiB"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        info = popek_json("info", SPAWNING)
+        argv = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+        sandbox = argv[argv.index(b"-sandbox") + 1].decode()
+        assert "spawn" not in sandbox and "elevateprivileges=deny" in sandbox, sandbox
+        yield info
+    finally:
+        popek("delete", "--force", SPAWNING, check=False)
+
+
+def test_spawn_runs_without_spawn_deny(spawning_vm: dict[str, object]) -> None:
+    """The positive control: with ``spawn=deny`` off, the same QMP command runs ``touch``.
+
+    The marker appears in the instance directory, owned by QEMU's uid: the
+    probe reaches a place the jail leaves writable, so only the seccomp
+    sandbox stops it in ``test_monitor_cannot_spawn_host_commands``.
+    """
+    marker = Path(str(spawning_vm["workdir"])) / f"popek-pwned-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    _spawn_probe(spawning_vm, marker)
+    wait_for(marker.exists, 30, "the spawned touch to create the marker")
+    assert marker.stat().st_uid == spawning_vm["uid"]
+    assert instance(SPAWNING)["state"] == "running"
