@@ -16,10 +16,12 @@ it never skips.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +42,7 @@ require_root_and_tools("gcc", "unshare")
 
 CT = "attacker"
 NEIGHBOUR = "neighbour"
+UNFILTERED_CT = "attacker-unfiltered"
 ATTACKS = Path(__file__).parent / "attacks" / "escape.c"
 
 
@@ -69,13 +72,42 @@ def neighbour(minimal_image: str) -> Iterator[str]:
     popek("delete", "--force", NEIGHBOUR, check=False)
 
 
+#: ``popek launch`` in this process with the container's seccomp filter switched
+#: off (an allow-all profile in place of popek's deny list): capabilities, user
+#: namespace, masked paths and every other control stay as popek sets them
+UNFILTERED = (
+    "import sys\n"
+    "from popek.engines.container import spec\n"
+    "spec.oci_profile = lambda *a, **k: {'defaultAction': 'SCMP_ACT_ALLOW'}\n"
+    "from popek.cli.entry import main\n"
+    "main(sys.argv[1:])\n")
+
+
+@pytest.fixture(scope="module")
+def unfiltered(minimal_image: str, share: Path, channel_label: str) -> Iterator[str]:
+    """A container like ``attacker`` whose seccomp filter allows every call: the control off."""
+    env = {**os.environ, "POPEK_CLI_SERVER": "off"}
+    proc = subprocess.run([sys.executable, "-c", UNFILTERED, "launch", minimal_image,
+                           UNFILTERED_CT, "--container", "--memory", "64MiB", "--pids", "64",
+                           "--mount", f"{share}:/share", "--label", channel_label],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        config = json.loads((Path(str(popek_json("info", UNFILTERED_CT)["workdir"]))
+                             / "bundle" / "config.json").read_text())
+        assert config["linux"]["seccomp"] == {"defaultAction": "SCMP_ACT_ALLOW"}
+        yield UNFILTERED_CT
+    finally:
+        popek("delete", "--force", UNFILTERED_CT, check=False)
+
+
 def sh(name: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return popek("exec", name, "--", "sh", "-c", script, check=False, timeout=timeout)
 
 
-def attack(*args: str) -> str:
-    """Run the attack tool in the container; return its report (``call = result``)."""
-    return sh(CT, "/share/escape " + " ".join(args)).stdout.strip()
+def attack(*args: str, name: str = CT) -> str:
+    """Run the attack tool in container ``name``; return its report (``call = result``)."""
+    return sh(name, "/share/escape " + " ".join(args)).stdout.strip()
 
 
 def host(*args: str, share: Path, ns: str = "") -> str:
@@ -120,21 +152,26 @@ def test_host_processes_not_visible(ct: dict[str, object]) -> None:
     assert sh(CT, f"kill -0 {os.getpid()}").returncode != 0
 
 
-def test_mount_fails(ct: dict[str, object], share: Path) -> None:
+def test_mount_fails(ct: dict[str, object], unfiltered: str, share: Path) -> None:
     """Mount a tmpfs, and remount the read-only /sys writable: EPERM, from mount(2) itself.
 
-    Positive control: the same two calls of the tool, as root on the host in a
-    throwaway mount namespace, succeed (the /sys there is first made read-only,
-    then the tool makes it writable again, as mountinfo shows).  With the
-    container's controls off (no seccomp ``mount`` rule and CAP_SYS_ADMIN in its
-    user namespace, as a ``--privileged`` runtime gives) the container's calls
-    would print ``= ok`` too and this test fails on the exact-result checks.
+    Two controls refuse it: the seccomp filter (its verdict alone is shown by
+    ``test_seccomp_is_the_reason``) and the capability set (no CAP_SYS_ADMIN),
+    which alone still refuses it in the container without the filter, as this
+    test checks.  Positive control: the same two calls of the tool, as root on
+    the host in a throwaway mount namespace, succeed (the /sys there is first
+    made read-only, then the tool makes it writable again).  With both controls
+    off (no filter and CAP_SYS_ADMIN, as a ``--privileged`` runtime gives) the
+    container's calls print ``= ok`` and this test fails.
     """
     assert attack("mount-tmpfs", "/tmp") == 'mount("none", "/tmp", "tmpfs", 0, NULL) = EPERM'
     assert attack("remount-rw", "/sys") == (
         'mount(NULL, "/sys", NULL, MS_REMOUNT|MS_BIND, NULL) = EPERM')
     sys_options = sh(CT, "grep ' /sys ' /proc/mounts").stdout.split()[3].split(",")
     assert "ro" in sys_options  # and it stayed read-only
+    # without the filter the capability set alone still refuses both
+    assert attack("mount-tmpfs", "/tmp", name=unfiltered).endswith(" = EPERM")
+    assert attack("remount-rw", "/sys", name=unfiltered).endswith(" = EPERM")
     # busybox's mount says the same for EPERM and EACCES (the tool above told which)
     for cmd in ("mkdir -p /mnt/x && mount -t tmpfs none /mnt/x", "mount -o remount,rw /sys"):
         proc = sh(CT, cmd)
@@ -159,8 +196,9 @@ def test_module_loading_fails(ct: dict[str, object], share: Path) -> None:
     module support, as this build host's is.  On such a kernel the container's
     ``EPERM`` can only come from popek's seccomp filter, since the kernel never
     gets as far as checking a capability.  With the filter off the container
-    would print ``ENOSYS`` (or, on a modular kernel without CAP_SYS_MODULE,
-    still EPERM from the capability check) and the test fails on this kernel.
+    prints ``ENOSYS`` (``test_seccomp_is_the_reason`` runs it in a container
+    with an allow-all filter) and this test fails; on a modular kernel the
+    missing CAP_SYS_MODULE would still refuse it with EPERM.
     """
     assert attack("init-module") == 'init_module("x", 1, "") = EPERM'
     assert attack("finit-module", "/share/mod.ko") == (
@@ -171,6 +209,41 @@ def test_module_loading_fails(ct: dict[str, object], share: Path) -> None:
     proc = sh(CT, "insmod /share/mod.ko")
     assert proc.returncode != 0
     assert "Operation not permitted" in proc.stderr, proc.stderr
+
+
+MISSING = "/nonexistent-popek"
+
+
+@pytest.mark.parametrize(("args", "call", "without_filter"), [
+    # a kernel without module support answers ENOSYS (a modular one EPERM for lack of
+    # CAP_SYS_MODULE: then the capability check is the control this shows instead)
+    (("init-module",), 'init_module("x", 1, "")', ("ENOSYS",)),
+    (("finit-module", "/share/mod.ko"), 'finit_module(3 "/share/mod.ko", "", 0x0)', ("ENOSYS",)),
+    # on a missing path the kernel's path lookup, which comes before its privilege
+    # check, answers ENOENT: an EPERM there is the filter's
+    (("mount-tmpfs", MISSING), f'mount("none", "{MISSING}", "tmpfs", 0, NULL)', ("ENOENT",)),
+    (("remount-rw", MISSING), f'mount(NULL, "{MISSING}", NULL, MS_REMOUNT|MS_BIND, NULL)',
+     ("ENOENT",)),
+    (("mknod", f"{MISSING}/mem", "c", "1", "1"),
+     f'mknod("{MISSING}/mem", S_IFCHR|0600, makedev(1, 1))', ("ENOENT",)),
+    (("unshare-user",), "unshare(CLONE_NEWUSER)", ("ok",)),
+    (("ptrace-child",), "ptrace(PTRACE_ATTACH, child)", ("ok",)),
+    (("ptrace-pid", "1"), "ptrace(PTRACE_ATTACH, 1)", ("ok",)),
+])
+def test_seccomp_is_the_reason(ct: dict[str, object], unfiltered: str, args: tuple[str, ...],
+                               call: str, without_filter: tuple[str, ...]) -> None:
+    """The EPERM of these calls is the seccomp filter's verdict, not the kernel's.
+
+    The same tool in a container that differs only by an allow-all filter (the
+    control off) gets the kernel's own answer: the call succeeds, the kernel
+    has no such call (``ENOSYS``) or fails its path lookup (``ENOENT``), and
+    nothing but the filter can say EPERM first.  Remove the call from
+    ``seccomp.DENIED`` / ``ARG_RULES`` and ``attacker`` prints that answer too:
+    this test fails.
+    """
+    assert attack(*args) == f"{call} = EPERM"
+    answer = attack(*args, name=unfiltered)
+    assert answer in (f"{call} = {a}" for a in without_filter), answer
 
 
 def test_reboot_fails(ct: dict[str, object]) -> None:
@@ -203,19 +276,24 @@ def test_setting_the_clock_fails(ct: dict[str, object]) -> None:
 
 @pytest.mark.parametrize(("node", "kind", "major", "minor"), [
     ("sda", "b", "8", "0"), ("kvm", "c", "10", "232"), ("mem", "c", "1", "1")])
-def test_mknod_fails(ct: dict[str, object], share: Path, node: str, kind: str, major: str,
-                     minor: str) -> None:
+def test_mknod_fails(ct: dict[str, object], unfiltered: str, share: Path, node: str, kind: str,
+                     major: str, minor: str) -> None:
     """Make a device node for a host disk, /dev/kvm or /dev/mem: mknod(2) returns EPERM.
 
     The same tool makes a FIFO in the container (mknod(2) itself works there)
     and, as root on the host, the very device node (positive control, in a
-    temporary directory removed at once).  With the control off (device nodes
-    allowed in the container: no seccomp ``mknod`` rule and a runtime that
-    grants CAP_MKNOD outside a user namespace) the call prints ``= ok``.
+    temporary directory removed at once).  Two controls refuse the device: the
+    seccomp filter's ``mknod`` rule (its verdict alone: ``test_seccomp_is_the_reason``)
+    and the kernel, which allows device nodes only to CAP_MKNOD in the host's
+    user namespace; the second alone still refuses it in the container without
+    the filter, as checked here.  With both off (a privileged container in the
+    host's user namespace) the call prints ``= ok`` and this test fails.
     """
     mode = "S_IFBLK" if kind == "b" else "S_IFCHR"
     want = f'mknod("/tmp/{node}", {mode}|0600, makedev({major}, {minor}))'
     assert attack("mknod", f"/tmp/{node}", kind, major, minor) == f"{want} = EPERM"
+    assert attack("mknod", f"/tmp/{node}", kind, major, minor, name=unfiltered) == (
+        f"{want} = EPERM")
     assert sh(CT, f"test -e /tmp/{node}").returncode != 0
     proc = sh(CT, f"mknod /tmp/{node} {kind} {major} {minor}")
     assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
