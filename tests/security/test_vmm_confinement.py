@@ -109,7 +109,12 @@ SPAWN_ALLOWED = (
 
 
 class Kmsg:
-    """The kernel log from now on (``/dev/kmsg``), where seccomp kills are audited."""
+    """The kernel log from now on (``/dev/kmsg``), where seccomp kills are audited.
+
+    A seccomp kill is always audited (``kernel.seccomp.actions_logged`` has
+    ``kill_process`` by default); with no audit daemon running, as on the
+    test hosts, the kernel prints the record to this log.
+    """
 
     def __init__(self) -> None:
         self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
