@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from framework.events import read_line, wait_exit, wait_handlers, wait_state
 from popek.cli import client, cmdserver
 
 SERVER = """
@@ -33,6 +34,11 @@ entry.main = main
 probe = types.ModuleType("popek._probe")
 probe.__file__ = sys.argv[2]
 sys.modules["popek._probe"] = probe  # a loaded 'source' the test can touch
+# Watch only the probe: popek's own files may change while the tests run (an editor
+# saving, a checkout, a mutation tester, another job in the same tree), and a real
+# server would then step down in the middle of the module (test_the_sources_... checks
+# what sources() lists).
+cmdserver.sources = lambda: [probe.__file__]
 cmdserver.serve(sys.argv[1], idle=float(sys.argv[3]))
 """
 CLIENT = """
@@ -53,11 +59,9 @@ class Server:
         self.probe.write_text("")
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, self.socket,
                                       str(self.probe), str(idle)])
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            assert self.proc.poll() is None, "the command server exited at start"
-            assert time.monotonic() < deadline, "the command server did not start"
-            time.sleep(0.02)
+        # ready when a spare answers on the socket (it exists before it listens)
+        wait_state(lambda: cmdserver.control("status", self.socket) == f"K{self.proc.pid}",
+                   self.proc.pid, 60, "the command server to answer")
 
     def run(self, *args: str, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -77,7 +81,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("cmdserver"))
+    # never idle for long enough to exit while the module runs, however slow the host
+    srv = Server(tmp_path_factory.mktemp("cmdserver"), idle=3600.0)
     yield srv
     srv.close()
 
@@ -205,13 +210,16 @@ def test_a_second_server_on_the_same_directory_steps_aside(server: Server) -> No
 def test_a_signal_to_the_client_reaches_the_command(tmp_path: Path) -> None:
     # a stand-in server whose 'command' sleeps until it gets the forwarded SIGTERM
     sock_path = str(tmp_path / "fake.sock")
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path])
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        while not os.path.exists(sock_path):
-            time.sleep(0.02)
+        assert fake.stdout is not None
+        assert read_line(fake.stdout, 30, "the stand-in server to listen") == "listening\n"
         cli = subprocess.Popen([sys.executable, "-c", CLIENT, sock_path, "list"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
+        # the client forwards signals once it has the child's pid: before, a signal
+        # would end the client itself (the race a fixed sleep lost on a loaded host)
+        wait_handlers(cli.pid, client.FORWARDED)
         cli.send_signal(signal.SIGTERM)
         _, err = cli.communicate(timeout=10)
         assert cli.returncode == 128 + signal.SIGTERM, err
@@ -224,6 +232,7 @@ def test_a_signal_to_the_client_reaches_the_command(tmp_path: Path) -> None:
 FAKE_SERVER = """
 import os, signal, socket, sys
 s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
+print("listening", flush=True)
 conn, _ = s.accept()
 conn.recvmsg(1 << 20, 64)
 child = os.fork()
@@ -284,6 +293,23 @@ def test_the_fingerprint_sees_a_changed_or_removed_file(tmp_path: Path) -> None:
     assert cmdserver.fingerprint(files)[1] == -1
 
 
+def test_the_sources_are_the_files_of_the_loaded_popek_modules(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import types
+
+    import popek
+
+    extra = types.ModuleType("popek._extra")
+    extra.__file__ = str(tmp_path / "extra.py")
+    monkeypatch.setitem(sys.modules, "popek._extra", extra)
+    monkeypatch.setitem(sys.modules, "popekish", types.ModuleType("popekish"))
+    files = cmdserver.sources()
+    assert {popek.__file__, cmdserver.__file__, extra.__file__} <= set(files)
+    assert files == sorted(files)
+    assert all(f.startswith(str(Path(popek.__file__).parent)) or f == extra.__file__
+               for f in files)
+
+
 def test_the_launcher_runs_without_site_and_in_process_when_switched_off(tmp_path: Path) -> None:
     launcher = tmp_path / "popek"
     package = str(Path(client.__file__).resolve().parents[2])
@@ -312,18 +338,12 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_server_leaves_no_spare_accepting(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     try:
-        deadline = time.monotonic() + 10
-        while not (spares := _children(srv.proc.pid)):
-            assert time.monotonic() < deadline, "no spare was forked"
-            time.sleep(0.02)
+        wait_state(lambda: bool(_children(srv.proc.pid)), srv.proc.pid, 10, "a spare")
+        spares = _children(srv.proc.pid)
         srv.proc.kill()
         srv.proc.wait()
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{p}").exists() and
-                  (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")
-                  for p in spares):
-            assert time.monotonic() < deadline, "the spare outlived its server"
-            time.sleep(0.02)
+        for spare in spares:  # its pidfd turns readable when it exits
+            wait_exit(spare, 10, f"the spare {spare} to die with its server")
         # nobody accepts on the socket left behind: the client runs the command itself
         assert srv.run("list", env=_env(tmp_path / "h")).returncode == NOT_TAKEN
     finally:
@@ -380,14 +400,15 @@ def test_the_native_client_forwards_signals(native: Path, tmp_path: Path) -> Non
     if os.geteuid() != 0:
         pytest.skip("the clients use the server only for root")
     sock_path = str(tmp_path / "fake.sock")
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path])
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, sock_path],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        while not os.path.exists(sock_path):
-            time.sleep(0.02)
+        assert fake.stdout is not None
+        assert read_line(fake.stdout, 30, "the stand-in server to listen") == "listening\n"
         cli = subprocess.Popen([str(native), "list"], env=_env(tmp_path,
                                POPEK_CLI_SOCKET=sock_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-        time.sleep(1.0)
+        wait_handlers(cli.pid, client.FORWARDED)  # it has the child's pid
         cli.send_signal(signal.SIGINT)
         _, err = cli.communicate(timeout=10)
         assert cli.returncode == 128 + signal.SIGINT, err
@@ -416,9 +437,10 @@ def test_the_server_sends_interactive_commands_back(server: Server, tmp_path: Pa
 def test_a_running_command_outlives_the_servers_stop(tmp_path: Path) -> None:
     srv = Server(tmp_path)
     try:
+        # '_sleep 3' is the command under test: one still running when the server stops
         cli = subprocess.Popen([sys.executable, "-c", CLIENT, srv.socket, "_sleep", "3"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(1.0)
+        wait_handlers(cli.pid, client.FORWARDED)  # the command runs: the client has its pid
         assert cmdserver.stop(srv.socket)
         srv.proc.wait(timeout=10)
         _, err = cli.communicate(timeout=20)
@@ -430,9 +452,47 @@ def test_a_running_command_outlives_the_servers_stop(tmp_path: Path) -> None:
 def test_a_signal_reaches_a_command_of_the_real_server(server: Server) -> None:
     cli = subprocess.Popen([sys.executable, "-c", CLIENT, server.socket, "_sleep", "30"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
+    wait_handlers(cli.pid, client.FORWARDED)  # the command runs: the client has its pid
     t0 = time.monotonic()
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=20)
     assert time.monotonic() - t0 < 5
-    assert cli.returncode == 1 and "KeyboardInterrupt" in err, err
+    # the command's own report, not a KeyboardInterrupt of the client
+    assert cli.returncode == 1 and "command server: KeyboardInterrupt" in err, err
+
+
+def test_an_interrupt_just_after_the_pid_still_reports_the_exit_code(tmp_path: Path) -> None:
+    """The client forwards signals as soon as it reads ``P``: the command must report.
+
+    Fails if ``_command`` sends ``P`` before it hooks its exit report (the client
+    then gets no ``X`` and prints "ended without an exit code").
+    """
+    import socket
+
+    ours, theirs = socket.socketpair()
+
+    class Interrupted:  # the forwarded SIGINT lands right after the P line went out
+        def settimeout(self, value: float | None) -> None:
+            theirs.settimeout(value)
+
+        def sendall(self, data: bytes) -> None:
+            theirs.sendall(data)
+            if data.startswith(b"P"):
+                raise KeyboardInterrupt
+
+    pid = os.fork()
+    if pid == 0:  # the command, as the spare becomes it
+        try:
+            ours.close()
+            fds = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+            request = cmdserver.Request(["list"], os.fsencode(tmp_path), 0o022,
+                                        {b"POPEK_HOME": os.fsencode(tmp_path / "h")})
+            cmdserver._command(Interrupted(), fds, request)  # type: ignore[arg-type]
+        finally:
+            os._exit(70)
+    theirs.close()
+    with ours:
+        answer = ours.makefile("rb").read().split()
+    _, status = os.waitpid(pid, 0)
+    assert answer == [f"P{pid}".encode(), b"X1"]
+    assert os.waitstatus_to_exitcode(status) == 1

@@ -328,8 +328,10 @@ def _command(conn: socket.socket, fds: list[int], request: Request) -> NoReturn:
         if "random" in sys.modules:
             sys.modules["random"].seed()
         conn.settimeout(None)
-        conn.sendall(f"P{os.getpid()}\n".encode())
+        # the hook goes first: once the client reads P it forwards signals, and an
+        # interrupt just after P must still report the exit code
         entry.ON_EXIT.append(lambda c: _report(conn, c))
+        conn.sendall(f"P{os.getpid()}\n".encode())
         entry.main(request.args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
