@@ -223,26 +223,32 @@ def test_a_signal_to_the_client_reaches_the_command(tmp_path: Path) -> None:
         cli.send_signal(signal.SIGTERM)
         _, err = cli.communicate(timeout=10)
         assert cli.returncode == 128 + signal.SIGTERM, err
-        assert fake.wait(timeout=10) == 0  # its child died of exactly that SIGTERM
+        assert fake.wait(timeout=10) == signal.SIGTERM  # its child died of exactly that
     finally:
         fake.kill()
 
 
-#: stands for the server: answers with a child that sleeps until the forwarded SIGTERM
+#: stands for the server: answers with a child that waits for the forwarded signal and dies
+#: of it; exits with that signal's number.  The child has the kernel's default action from
+#: the fork on (a Python handler's pending flag is cleared in a fork's child: a signal
+#: that came that early was lost), and dies with the stand-in should the test fail.
 FAKE_SERVER = """
-import os, signal, socket, sys
+import ctypes, os, signal, socket, sys
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_DFL)
 s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
 print("listening", flush=True)
 conn, _ = s.accept()
 conn.recvmsg(1 << 20, 64)
 child = os.fork()
 if child == 0:
-    signal.pause()
-    os._exit(0)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    while True:
+        signal.pause()
 conn.sendall(f"P{child}\\n".encode())
 _, status = os.waitpid(child, 0)
 conn.close()
-sys.exit(0 if os.WIFSIGNALED(status) else 1)
+sys.exit(os.WTERMSIG(status) if os.WIFSIGNALED(status) else 100)
 """
 
 
@@ -412,6 +418,7 @@ def test_the_native_client_forwards_signals(native: Path, tmp_path: Path) -> Non
         cli.send_signal(signal.SIGINT)
         _, err = cli.communicate(timeout=10)
         assert cli.returncode == 128 + signal.SIGINT, err
+        assert fake.wait(timeout=10) == signal.SIGINT  # its child died of exactly that
     finally:
         fake.kill()
 
