@@ -3,10 +3,10 @@
 ``time.sleep(1)`` "so that the other side is ready" is a race that a loaded
 host loses.  These helpers wait for the event itself: a process's exit (a
 pidfd becomes readable), a signal handler installed (the kernel's ``SigCgt``
-mask of the process), a Unix socket accepting connections, a line on a pipe.
-Where the event can only be seen as a state (a handler, a listening socket),
-it is checked again after a short wait on the process's pidfd, so a process
-that dies meanwhile fails the test at once instead of at the deadline.
+mask of the process), a line on a pipe.  Where the event can only be seen as a
+state (a handler, a console line in a file), it is checked again after a short
+wait on the process's pidfd, so a process that dies meanwhile fails the test at
+once instead of at the deadline.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import IO
@@ -36,15 +35,19 @@ def wait_exit(pid: int, timeout: float, what: str) -> None:
         os.close(fd)
 
 
-def wait_state(check: Callable[[], bool], pid: int, timeout: float, what: str) -> None:
-    """Wait until ``check()`` holds while process ``pid`` lives; fail if it exits first."""
+def wait_state(check: Callable[[], bool], pid: int, timeout: float, what: str,
+               interval: float = RECHECK_S) -> None:
+    """Wait until ``check()`` holds while process ``pid`` lives; fail if it exits first.
+
+    ``check`` runs again after at most ``interval`` s, or at once when ``pid`` exits.
+    """
     fd = os.pidfd_open(pid)
     try:
         deadline = time.monotonic() + timeout
         while not check():
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            if select.select([fd], [], [], RECHECK_S)[0] and not check():
+            if select.select([fd], [], [], interval)[0] and not check():
                 raise AssertionError(f"process {pid} exited while waiting for {what}")
     finally:
         os.close(fd)
@@ -69,16 +72,6 @@ def wait_handlers(pid: int, signals: Iterable[int], timeout: float = 30.0) -> No
     names = ", ".join(signal.Signals(s).name for s in sorted(wanted))
     wait_state(lambda: wanted <= caught_signals(pid), pid, timeout,
                f"process {pid} to handle {names}")
-
-
-def accepting(path: str) -> bool:
-    """Whether a Unix stream socket at ``path`` takes connections (a bare connect)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-    return True
 
 
 def read_line(stream: IO[str], timeout: float, what: str) -> str:

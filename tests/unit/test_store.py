@@ -87,6 +87,8 @@ def test_lease_expiry_deletes_keys(tmp_path: Path) -> None:
     s.put("/leased", b"v", lease=lease)
     s.put("/kept", b"v")
     assert s.keepalive(lease)
+    # not synchronisation: the lease's TTL elapsing is the behaviour under test (the store
+    # reads the wall clock; a sleep never returns early, so 0.3 s always passes 0.2 s)
     time.sleep(0.3)
     s.expire_leases()
     assert s.get("/leased") is None
