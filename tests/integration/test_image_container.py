@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from framework import require_root_and_tools
+from framework import require_root_and_tools, wait_for
+from framework.events import wait_exit, wait_state
 from popek.images import Image, ImageStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,12 +279,18 @@ class Container:
         return self.log.read_text(errors="replace").splitlines()
 
     def wait_line(self, line: str, timeout: float) -> float:
+        """Wait for ``line`` in the log while the init lives (its pidfd: no wait past its end)."""
         started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if line in self.lines():
-                return time.monotonic() - started
-            time.sleep(0.02)
-        raise AssertionError(f"no {line!r} within {timeout} s; log: {self.lines()}")
+        try:
+            wait_state(lambda: line in self.lines(), self.init(), timeout, f"log line {line!r}",
+                       interval=0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log: {self.lines()}") from None
+        return time.monotonic() - started
+
+    def init(self) -> int:
+        """The host pid of the container's init (runc run -d wrote it before returning)."""
+        return int((self.bundle / "pid").read_text())
 
     def status(self) -> str:
         res = self.runc("state", self.cid)
@@ -338,9 +345,9 @@ def test_runc_boot_exec_and_clean_stop(
 
         killed = time.monotonic()
         assert ct.runc("kill", cid, "TERM").returncode == 0
-        while ct.status() == "running" and time.monotonic() - killed < 10:
-            time.sleep(0.05)
+        wait_exit(host_pid, 10, f"the init to end on SIGTERM: {ct.lines()}")
         stopped = time.monotonic() - killed
+        wait_for(lambda: ct.status() != "running", 10, "runc to see the init gone")
         print(f"{image_name}: SIGTERM -> stopped {stopped:.2f} s")
         assert ct.status() == "stopped", f"still running 10 s after SIGTERM: {ct.lines()}"
         print(f"{image_name}: log {ct.lines()}")

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from framework import wait_for
 from popek.network import nft
 from popek.network.model import Network, Port
 
@@ -335,11 +336,10 @@ def _build(t: Topology) -> None:
     sh("ip", "-n", t.wan, "link", "set", "eth0", "up")
     # Without popek's rules the wan could answer the guests directly (the control).
     sh("ip", "-n", t.wan, "route", "add", "10.76.0.0/14", "via", "198.51.100.1")
-    deadline = time.monotonic() + 10
     for g in t.guests.values():  # wait for DAD of the link-local addresses
-        while "tentative" in sh("ip", "-n", g.ns, "-6", "addr", "show", "dev", "eth0").stdout:
-            assert time.monotonic() < deadline, f"DAD of {g.name} did not finish"
-            time.sleep(0.1)
+        wait_for(lambda g=g: "tentative" not in sh("ip", "-n", g.ns, "-6", "addr", "show",
+                                                   "dev", "eth0").stdout,
+                 10, f"DAD of {g.name} to finish")
 
 
 @pytest.fixture(scope="module")
@@ -381,6 +381,8 @@ def _refresh_neighbours(t: Topology) -> None:
     sh("ip", "-n", g1.ns, "neigh", "flush", "dev", "eth0")
     sh("ip", "-n", t.host, "neigh", "flush", "dev", "pk-a")
     assert ping(g1.ns, "10.77.0.1")
+    # not synchronisation: the kernel ignores ARP updates to an entry younger than
+    # its locktime (1 s); the control's poisoning needs that time to have passed
     time.sleep(1.2)
 
 
@@ -461,14 +463,25 @@ def test_arp_spoof_gateway(topo: Topology) -> None:
         eth("ff:ff:ff:ff:ff:ff", g3.mac, 0x0806,
             arp(1, g3.mac, "10.77.0.1", "00" * 6, "10.77.0.1")),
     ]
+
+    def dropped() -> int:
+        return topo.counter("bridge", nft.port_chain(g3.port.host_ifname), "arp-spoof")
+
     for protected in (False, True):
         ctx = topo.rules_off() if not protected else _nothing()
         with ctx:
             _refresh_neighbours(topo)
             assert neigh(g1.ns, "eth0")["10.77.0.1"] == br
             assert neigh(topo.host, "pk-a")[g1.ip] == g1.mac
+            spoofs = dropped() if protected else 0  # no counter while the tables are off
             send(g3.ns, *attack)
-            time.sleep(0.3)
+            if protected:  # the event: the rule dropped all three frames
+                wait_for(lambda s=spoofs: dropped() >= s + 3, 10,
+                         "the arp-spoof rule to drop the three frames")
+            else:  # the event: the frames reached and poisoned both tables
+                wait_for(lambda: (neigh(g1.ns, "eth0").get("10.77.0.1"),
+                                  neigh(topo.host, "pk-a").get(g1.ip)) == (g3.mac, g3.mac),
+                         10, "the control's frames to poison both tables")
             victim, gateway = neigh(g1.ns, "eth0"), neigh(topo.host, "pk-a")
         if protected:
             assert victim["10.77.0.1"] == br
@@ -551,10 +564,9 @@ def test_promiscuous_guest_sees_no_foreign_unicast(topo: Topology) -> None:
                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 with in_ns(topo.host):
                     h = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                for _ in range(3):
+                for _ in range(3):  # then collected for a fixed window (spy.frames)
                     s.sendto(marker + b"g1->g2", (g2.ip, 4000))
                     h.sendto(marker + b"gw->g1", (g1.ip, 4000))
-                    time.sleep(0.05)
                 s.close()
                 h.close()
                 frames = spy.frames()
