@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from framework import popek, popek_json, wait_for
+from framework import container_cgroup, popek, popek_json, wait_for
+from framework.events import wait_handlers
 from popek.cli import client, cmdserver
 
 CT = "cmdsrv"
@@ -89,12 +90,24 @@ def test_a_container_lives_through_the_server_as_through_the_cli(front: Front) -
     assert popek_json("info", CT)["state"] == "stopped"
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_ctrl_c_reaches_the_command(front: Front) -> None:
     front.run("start", CT)
     cli = subprocess.Popen([str(front.binary), "exec", CT, "--", "sleep", "60"],
                            env=front.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    # ready when the command runs in the container (popek's exec is in its own code, which
+    # answers Ctrl-C with "Interrupted.") and the client forwards signals (it has the pid)
+    procs = container_cgroup(CT, "pids") / "cgroup.procs"
+    wait_for(lambda: any(_cmdline(int(p)) == b"sleep\x0060\x00"
+                         for p in procs.read_text().split()), 60, "sleep 60 in the container")
+    wait_handlers(cli.pid, client.FORWARDED)
     t0 = time.monotonic()
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=20)

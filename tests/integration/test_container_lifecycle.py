@@ -43,6 +43,16 @@ def _utime(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[11])
 
 
+def _written(ct: str) -> int:
+    """Bytes the container's processes have written so far (``wchar`` of each)."""
+    total = 0
+    for pid in (container_cgroup(ct, "pids") / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):  # a dd that ended meanwhile
+            io = Path(f"/proc/{pid}/io").read_text().split()
+            total += int(io[io.index("wchar:") + 1])
+    return total
+
+
 def test_launch_runs_init_as_an_unprivileged_uid_range(ct: str) -> None:
     info = popek_json("info", ct)
     assert info["state"] == "running" and info["engine"] == "container"
@@ -99,13 +109,13 @@ def test_pause_freezes_every_process(ct: str) -> None:
         refused = popek("exec", ct, "--", "true", check=False)
         assert refused.returncode != 0 and "paused" in refused.stderr
         before = _utime(spinner)
+        # not synchronisation: the window in which a running spinner would have ticked
         time.sleep(1.5)
         assert _utime(spinner) == before  # frozen: not one tick of CPU
     finally:
         popek("resume", ct)
     before = _utime(spinner)
-    time.sleep(1.0)
-    assert _utime(spinner) > before
+    wait_for(lambda: _utime(spinner) > before, 10, "the resumed spinner to use CPU again")
     os.kill(spinner, signal.SIGKILL)
 
 
@@ -116,13 +126,15 @@ def test_pause_holds_while_the_container_floods_its_disk(ct: str) -> None:
              "rm -f /flood; done) </dev/null >/dev/null 2>&1 & echo $!")
     loop = int(popek("exec", ct, "--", "sh", "-c", flood).stdout)
     try:
-        time.sleep(1.0)
         for _ in range(10):
+            # each pause meets the flood writing: wait until it has written more
+            written = _written(ct)
+            wait_for(lambda w=written: _written(ct) > w, 30, "the container to write")
             popek("pause", ct)
             assert instance(ct)["state"] == "paused"
             popek("resume", ct)
-            time.sleep(0.3)
     finally:
+        # clean-up inside the container, not checked: the flood's last dd may still run
         popek("exec", ct, "--", "sh", "-c", f"kill {loop}; sleep 0.5; rm -f /flood",
               check=False)
     assert instance(ct)["state"] == "running"

@@ -11,13 +11,15 @@ import os
 import pty
 import select
 import signal
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from framework import POPEK, instance, popek, popek_json, processes_mentioning
+from framework import POPEK, instance, popek, popek_json, processes_mentioning, wait_for
+from framework.events import wait_exit, wait_state
 
 VM = "lifecycle"
 VCPUS = 2
@@ -93,6 +95,7 @@ def test_pause_stops_the_guest_clock(vm: str) -> None:
     # exec cannot run in a paused guest: refused with the state named
     refused = popek("exec", vm, "--", "true", check=False)
     assert refused.returncode != 0 and "paused" in refused.stderr
+    # not synchronisation: the host's time passing while the guest is paused is the test
     time.sleep(4)
     popek("resume", vm)
     after = _uptime(vm)
@@ -143,7 +146,10 @@ def test_interactive_console_and_detach(vm: str) -> None:
             if ready:
                 out += os.read(fd, 4096)
             if step == 0 and b"Ctrl-]" in out:
-                time.sleep(1)  # let the CLI put the terminal in raw mode
+                # the banner comes first: wait until the CLI made the terminal raw (the
+                # master reads the terminal's modes), else the line discipline eats keys
+                wait_state(lambda: not termios.tcgetattr(fd)[3] & termios.ICANON, pid, 30,
+                           "the console to make the terminal raw")
                 os.write(fd, b"\r")
                 step, mark = 1, len(out)
             elif step == 1 and b"# " in out[mark:]:
@@ -162,10 +168,10 @@ def test_interactive_console_and_detach(vm: str) -> None:
 
 
 def test_guest_poweroff_shows_stopped_with_reason(vm: str) -> None:
+    pid = popek_json("info", vm)["pid"]
     popek("exec", vm, "--timeout", "5", "--", "sh", "-c", "poweroff &", check=False)
-    deadline = time.monotonic() + 60
-    while instance(vm)["state"] != "stopped" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_exit(pid, 60, "QEMU to exit on the guest's poweroff")
+    wait_for(lambda: instance(vm)["state"] == "stopped", 10, "popek to see QEMU gone")
     entry = instance(vm)
     assert entry["state"] == "stopped"
     assert entry["reason"] == "the guest powered off"
@@ -175,7 +181,8 @@ def test_guest_poweroff_shows_stopped_with_reason(vm: str) -> None:
 def test_kill9_of_qemu_shows_stopped_with_reason(vm: str) -> None:
     pid = popek_json("info", vm)["pid"]
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    wait_exit(pid, 10, "QEMU to die of SIGKILL")
+    wait_for(lambda: instance(vm)["state"] == "stopped", 10, "popek to see QEMU gone")
     entry = instance(vm)
     assert entry["state"] == "stopped"
     assert "QEMU exited unexpectedly" in entry["reason"]
