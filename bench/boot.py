@@ -1,10 +1,14 @@
-"""Boot benchmark: ``popek launch`` against the same QEMU started by hand.
+"""Boot benchmark: popek's own time in ``popek launch``, and the same QEMU started by hand.
 
-Checks the claim "popek adds at most 150 ms over raw QEMU, and keeps no
-resident Python process per instance".  Runs A/B pairs (popek, raw, popek,
-raw, ...) in one process tree under a private ``POPEK_HOME``, and writes
-``bench/results/boot-<UTC>.json``, ``boot-latest.json`` and ``boot-latest.png``.
-See bench/README.md.
+Checks the claim "popek's own work in a VM launch is at most 150 ms, and it
+keeps no resident Python process per instance".  popek's own time counts
+everything popek does: from the command's start until the QEMU process
+starts (its start time from ``/proc/PID/stat``), plus from the guest's ready
+line to the command's exit.  The verdict is on that time alone; A/B pairs
+against the same QEMU started by hand (popek, raw, raw, popek, ...) are
+reported as context.  Runs in one process tree under a private
+``POPEK_HOME`` and writes ``bench/results/boot-<UTC>.json``,
+``boot-latest.json`` and ``boot-latest.png``.  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,39 +51,65 @@ from common import (
     rss_kib,
     time_cmd,
 )
+from popek.watch import FileWatch
 
 IMAGE = "minimal"
 VCPUS = "1"
 MEMORY = "256MiB"
 READY = b"popek-guest: ready"
 TARGET_MS = 150.0
-RAW_POLL_S = 0.005
 BOOT_TIMEOUT_S = 180.0
 PROJECT = "default"
+#: CPU time (user + sys) of the ``popek`` process below which the command server ran the
+#: launch: the native client uses about 1 ms; run in-process, a launch uses 100 ms or more
+SERVED_CPU_MS = 20.0
+#: /proc/PID/stat's start time is in clock ticks (USER_HZ, 100 on Linux: 10 ms)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TICK_MS = 1000.0 / CLK_TCK
+#: the marks of one launch, in order, and what happens between each and the next
+MARKS = ("boot_files_written", "argv_written", "measurement_written", "swtpm_socket",
+         "qemu_start", "ready", "exit")
+PHASES = {
+    "start_to_boot_files_written": "client, hand-off to the command server, store, checks, "
+                                   "image signature, kernel and initrd copied while hashed",
+    "boot_files_to_argv_written": "QEMU argv built and written",
+    "argv_to_measurement_written": "launch measurement (QEMU binary, argv, policy)",
+    "measurement_to_swtpm_socket": "vTPM: swtpm started as the instance uid, its socket",
+    "swtpm_socket_to_qemu_start": "cgroup, jail launcher (taskset, unshare, sh, mount, "
+                                  "chroot, setsid's fork of QEMU)",
+    "qemu_start_to_ready": "QEMU and the guest boot (compare with raw), not popek's",
+    "ready_to_exit": "popek notices the line, final transaction, reply, exit",
+}
 
 
 @dataclass
 class PopekRun:
-    """One timed ``popek launch``."""
+    """One timed ``popek launch``; times in ms, marks in ms after the command's start."""
 
     name: str
     total_ms: float
+    own_ms: float | None
+    marks_ms: dict[str, float | None]
+    ready_seen_ms: float | None
+    ready_mtime_ms: float | None
     cli_maxrss_kib: int
     cli_user_ms: float
     cli_sys_ms: float
-    pre_spawn_ms: float | None
-    spawn_to_ready_ms: float | None
-    ready_to_exit_ms: float | None
     qemu_rss_kib: int | None
+    qemu_comm: str
     resident_python: list[str]
     qemu_parent: str
+    loadavg_1m: float
+    served_by_server: bool
 
 
 @dataclass
 class RawRun:
-    """One timed start of the same QEMU argv by hand."""
+    """One timed start of the same swtpm and QEMU argv by hand."""
 
     total_ms: float
+    qemu_start_ms: float | None
+    qemu_start_to_ready_ms: float | None
     qemu_rss_kib: int | None
 
 
@@ -157,11 +188,130 @@ def _parent_of(pid: int) -> str:
     return f"{ppid} ({comm})"
 
 
-def _mtime_ms_after(path: Path, t0_wall_ns: int) -> float | None:
+# -- clocks --------------------------------------------------------------------
+# Every mark is a time on CLOCK_BOOTTIME, the clock of /proc/PID/stat's start time.
+# File mtimes are on the real-time clock: they are moved over by the difference of
+# the two clocks, read back to back at the command's start.
+def _boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+def _real_minus_boot_ns() -> int:
+    b0 = _boottime_ns()
+    real = time.time_ns()
+    b1 = _boottime_ns()
+    return real - (b0 + b1) // 2
+
+
+def proc_start_ns(pid: int) -> int | None:
+    """When ``pid`` was forked, on CLOCK_BOOTTIME: ``/proc/PID/stat`` field 22 (starttime).
+
+    The kernel gives it in clock ticks since boot (``SC_CLK_TCK``, 100 here:
+    10 ms), rounded down; the middle of that tick is returned, so the value
+    is within +-5 ms of the fork.  ``None`` when the process is gone.
+    """
     try:
-        return round((path.stat().st_mtime_ns - t0_wall_ns) / 1e6, 2)
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; fields[0] is field 3
+    return int((ticks + 0.5) * 1e9 / CLK_TCK)
+
+
+def _mtime_boot_ns(path: Path, real_minus_boot: int) -> int | None:
+    try:
+        return path.stat().st_mtime_ns - real_minus_boot
+    except OSError:
+        return None
+
+
+class LaunchWatch(threading.Thread):
+    """Watches an instance directory while it starts: the moment the ready line is there.
+
+    Waits (2 ms stat polls) for the directory, then sleeps on inotify
+    (popek's own :class:`FileWatch`, as popek's wait for the line does) and
+    re-reads ``console.log`` at each change.  Records the CLOCK_BOOTTIME at
+    which it saw the ready line and, when nothing was written after the line,
+    the file's mtime then (the write itself; the kernel's clock for mtimes can
+    be up to one jiffy early, never late).  While the instance starts it also
+    records the mtimes of the verified boot files, which popek removes once
+    the guest is up.
+    """
+
+    def __init__(self, workdir: Path, real_minus_boot: int) -> None:
+        super().__init__(daemon=True)
+        self.workdir = workdir
+        self.real_minus_boot = real_minus_boot
+        self.done = threading.Event()
+        self.stop = threading.Event()
+        self.ready_seen_ns: int | None = None
+        self.ready_mtime_ns: int | None = None
+        self.boot_files_ns: int | None = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self._watch()
+        except Exception as exc:  # reported by the caller, never lost
+            self.error = repr(exc)
+        finally:
+            self.done.set()
+
+    def _boot_files(self) -> None:
+        """Once the argv is written, popek has written the verified kernel and initrd."""
+        if self.boot_files_ns is not None or not (self.workdir / "qemu.argv.json").exists():
+            return
+        marks = [_mtime_boot_ns(self.workdir / f"{role}.verified", self.real_minus_boot)
+                 for role in ("kernel", "initrd")]
+        self.boot_files_ns = max((m for m in marks if m is not None), default=-1)
+
+    def _watch(self) -> None:
+        while not self.workdir.is_dir():
+            if self.stop.wait(0.002):
+                return
+        console = self.workdir / "console.log"
+        offset, seen = 0, b""
+        with FileWatch(console) as watch:
+            while not self.stop.is_set():
+                self._boot_files()
+                try:
+                    with open(console, "rb") as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                except FileNotFoundError:
+                    chunk = b""
+                offset += len(chunk)
+                seen = seen[-2 * len(READY):] + chunk
+                if READY in seen:
+                    self.ready_seen_ns = _boottime_ns()
+                    tail = seen[seen.rindex(READY) + len(READY):]
+                    st = console.stat()
+                    if st.st_size == offset and not tail.strip():
+                        self.ready_mtime_ns = st.st_mtime_ns - self.real_minus_boot
+                    return
+                watch.wait(0.05)
+
+    def ready_ns(self) -> int | None:
+        """The earliest evidence of the ready line: its write's mtime, or when it was seen."""
+        found = [t for t in (self.ready_seen_ns, self.ready_mtime_ns) if t is not None]
+        return min(found) if found else None
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=5)
+        if self.error is not None:
+            raise BenchError(f"watching {self.workdir}: {self.error}")
+
+
+def _after(t_ns: int | None, t0_ns: int) -> float | None:
+    return None if t_ns is None else round((t_ns - t0_ns) / 1e6, 2)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 # -- environment ---------------------------------------------------------------
@@ -219,43 +369,67 @@ def ensure_image(env: Env) -> None:
 
 
 def popek_launch(env: Env, name: str, cold: bool = False) -> PopekRun:
-    """Time ``popek launch`` from spawn to exit; measure memory while it runs; delete it.
+    """Time ``popek launch`` from spawn to exit and mark its steps; measure memory; delete it.
 
-    ``cold``: without the warm command server (``POPEK_CLI_SERVER=off``).
+    popek's own time is (QEMU's start - the command's start) + (the command's
+    exit - the ready line).  QEMU's start is the start time of the pid QEMU
+    wrote to ``qemu.pid``: popek's jail launcher ends in ``setsid --fork
+    qemu ...``, whose child calls setsid() and execs QEMU at once, so that
+    pid's start time is setsid's fork, a fraction of a millisecond before
+    QEMU's first instruction (its dynamic loading and initialisation are
+    counted as QEMU's).  ``cold``: without the warm command server
+    (``POPEK_CLI_SERVER=off``).
     """
     wd = env.workdir(name)
     with tempfile.TemporaryFile() as out:
         env.instances.add(name)
-        t0_wall = time.time_ns()
-        t0 = time.perf_counter()
+        real_minus_boot = _real_minus_boot_ns()
+        watch = LaunchWatch(wd, real_minus_boot)
+        watch.start()
+        t0 = _boottime_ns()
         proc = subprocess.Popen([POPEK, "launch", IMAGE, name, "--vcpus", VCPUS,
                                  "--memory", MEMORY], env={**env.env, **COLD} if cold else env.env,
                                 stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out)
         _, status, usage = os.wait4(proc.pid, 0)
-        t1 = time.perf_counter()
+        t1 = _boottime_ns()
         proc.returncode = os.waitstatus_to_exitcode(status)
-        t1_wall = time.time_ns()
+        watch.finish()
         if proc.returncode != 0:
             out.seek(0)
             raise BenchError(f"popek launch {name} exited {proc.returncode}: "
                              f"{out.read().decode(errors='replace')[-800:]}")
-    argv_file, console_log, pidfile = wd / "qemu.argv.json", wd / "console.log", wd / "qemu.pid"
-    pre = _mtime_ms_after(argv_file, t0_wall)
-    ready = _mtime_ms_after(console_log, t0_wall)
-    qpid = int(pidfile.read_text().strip())
+    argv_file = wd / "qemu.argv.json"
+    qpid = int((wd / "qemu.pid").read_text().strip())
     if not (env.home / "argv.json").exists():  # keep copies before delete
         shutil.copy(argv_file, env.home / "argv.json")
         shutil.copy(wd / "measurement.bin", env.home / "measurement.bin")
+    marks_ns: dict[str, int | None] = {
+        "boot_files_written": watch.boot_files_ns if watch.boot_files_ns != -1 else None,
+        "argv_written": _mtime_boot_ns(argv_file, real_minus_boot),
+        "measurement_written": _mtime_boot_ns(wd / "measurement.bin", real_minus_boot),
+        "swtpm_socket": _mtime_boot_ns(wd / "swtpm.sock", real_minus_boot),
+        "qemu_start": proc_start_ns(qpid),
+        "ready": watch.ready_ns(),
+        "exit": t1,
+    }
+    marks = {k: _after(v, t0) for k, v in marks_ns.items()}
+    q, r = marks["qemu_start"], marks["ready"]
     run = PopekRun(
-        name=name, total_ms=_ms(t1 - t0), cli_maxrss_kib=usage.ru_maxrss,
+        name=name, total_ms=_after(t1, t0) or 0.0,
+        own_ms=round(q + (marks["exit"] or 0.0) - r, 2) if q is not None and r is not None
+        else None,
+        marks_ms=marks, ready_seen_ms=_after(watch.ready_seen_ns, t0),
+        ready_mtime_ms=_after(watch.ready_mtime_ns, t0),
+        cli_maxrss_kib=usage.ru_maxrss,
         cli_user_ms=_ms(usage.ru_utime), cli_sys_ms=_ms(usage.ru_stime),
-        pre_spawn_ms=pre,
-        spawn_to_ready_ms=round(ready - pre, 2) if ready is not None and pre is not None else None,
-        ready_to_exit_ms=round((t1_wall - t0_wall) / 1e6 - ready, 2) if ready is not None else None,
-        qemu_rss_kib=rss_kib(qpid), resident_python=resident_python(env.home),
-        qemu_parent=_parent_of(qpid),
+        qemu_rss_kib=rss_kib(qpid), qemu_comm=_comm(qpid),
+        resident_python=resident_python(env.home), qemu_parent=_parent_of(qpid),
+        loadavg_1m=os.getloadavg()[0],
+        served_by_server=not cold and _ms(usage.ru_utime + usage.ru_stime) < SERVED_CPU_MS,
     )
+    if not run.qemu_comm.startswith("qemu-system"):
+        raise BenchError(f"qemu.pid of {name} names {qpid} ({run.qemu_comm}), not QEMU")
     env.popek("delete", "--force", name, timeout=60)
     env.instances.discard(name)
     return run
@@ -298,51 +472,51 @@ def raw_boot(env: Env, argv_template: list[str], template_dir: Path) -> RawRun:
 
     The launch measurement popek gives the guest (``measurement.bin``) is
     copied in before the clock starts: a by-hand QEMU has nothing to compute.
+    The ready line is found by the same watcher as popek's; QEMU's start by
+    the same ``/proc`` start time (``subprocess.Popen`` forks and execs QEMU).
     """
     d = _mkdir_public("popek-bench-raw-")
     env.raw_dirs.append(d)
     argv = raw_argv(argv_template, template_dir, d, env.home / "images" / IMAGE)
     (d / "measurement.bin").write_bytes((env.home / "measurement.bin").read_bytes())
     tpm = "swtpm.sock" in " ".join(argv)
-    console_log = d / "console.log"
-    with open(d / "qemu.log", "wb") as err:
-        t0 = time.perf_counter()
-        if tpm:
-            raw_swtpm(d)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                cwd=d, start_new_session=True)
-    env.raw_procs.append(proc)
+    watch = LaunchWatch(d, _real_minus_boot_ns())
+    watch.start()
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        deadline = t0 + BOOT_TIMEOUT_S
-        offset, seen = 0, b""
-        while True:
-            try:
-                with open(console_log, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            offset += len(chunk)
-            seen = seen[-64:] + chunk
-            if READY in seen:
-                t1 = time.perf_counter()
-                break
+        with open(d / "qemu.log", "wb") as err:
+            t0 = _boottime_ns()
+            if tpm:
+                raw_swtpm(d)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                    cwd=d, start_new_session=True)
+        env.raw_procs.append(proc)
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while not watch.done.wait(0.05):
             if proc.poll() is not None:
                 raise BenchError(f"raw QEMU exited {proc.returncode}: "
                                  f"{(d / 'qemu.log').read_text(errors='replace')[-500:]}")
-            if time.perf_counter() > deadline:
+            if time.monotonic() > deadline:
                 raise BenchError("raw QEMU: no ready line within the timeout")
-            time.sleep(RAW_POLL_S)
+        watch.finish()
+        ready = watch.ready_ns()
+        if ready is None:
+            raise BenchError("raw QEMU: the watcher stopped without the ready line")
+        qemu_start = proc_start_ns(proc.pid)
         rss = rss_kib(proc.pid)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        env.raw_procs.remove(proc)
+        watch.stop.set()
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
+            env.raw_procs.remove(proc)
         with contextlib.suppress(OSError, ValueError):  # --terminate: it follows QEMU out
             os.kill(int((d / "swtpm.pid").read_text()), signal.SIGKILL)
         shutil.rmtree(d, ignore_errors=True)
         env.raw_dirs.remove(d)
-    return RawRun(total_ms=_ms(t1 - t0), qemu_rss_kib=rss)
+    return RawRun(total_ms=_after(ready, t0) or 0.0, qemu_start_ms=_after(qemu_start, t0),
+                  qemu_start_to_ready_ms=_after(ready, qemu_start) if qemu_start else None,
+                  qemu_rss_kib=rss)
 
 
 def importtime_top(env: dict[str, str], top: int = 12) -> list[dict[str, Any]]:
@@ -445,55 +619,111 @@ def _bootstrap_ci(xs: list[float], rounds: int = 4000) -> tuple[float, float] | 
 
 
 def _own(runs: list[PopekRun]) -> list[float]:
-    """popek's own time per run: before QEMU is spawned, plus after the ready line."""
-    return [r.pre_spawn_ms + r.ready_to_exit_ms for r in runs
-            if r.pre_spawn_ms is not None and r.ready_to_exit_ms is not None]
+    """popek's own time per run: command start to QEMU's start, plus ready line to exit."""
+    return [r.own_ms for r in runs if r.own_ms is not None]
+
+
+def _span(marks: dict[str, float | None], start: str, end: str) -> float | None:
+    """ms from mark ``start`` (``"start"``: the command's start) to mark ``end``."""
+    a = 0.0 if start == "start" else marks.get(start)
+    b = marks.get(end)
+    return None if a is None or b is None else round(b - a, 2)
+
+
+def _phases(runs: list[PopekRun]) -> dict[str, dict[str, Any]]:
+    """Per phase (between two successive marks): summary of the runs where both exist."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, key in enumerate(PHASES):
+        start, end = ("start" if i == 0 else MARKS[i - 1]), MARKS[i]
+        xs = [x for x in (_span(r.marks_ms, start, end) for r in runs) if x is not None]
+        out[key] = {**_summary(xs), "what": PHASES[key]}
+    return out
+
+
+def _own_parts(runs: list[PopekRun]) -> dict[str, dict[str, Any]]:
+    to_q = [x for x in (_span(r.marks_ms, "start", "qemu_start") for r in runs) if x is not None]
+    r2e = [x for x in (_span(r.marks_ms, "ready", "exit") for r in runs) if x is not None]
+    return {"start_to_qemu_start": _summary(to_q), "ready_to_exit": _summary(r2e),
+            "own": _summary(_own(runs))}
 
 
 def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
-    """Medians, ratio, added time, memory and breakdown, as one JSON-able dict."""
+    """popek's own time and the verdict on it; the A/B pairs as context; memory, CLI."""
     pk = [r.total_ms for r in b.popek]
     raw = [r.total_ms for r in b.raw]
     diffs = [round(p - r, 2) for p, r in zip(pk, raw, strict=True)]
     mp, mr = _median(pk), _median(raw)
-    added_medians = round(mp - mr, 2) if mp is not None and mr is not None else None
-    added_paired = _median(diffs)
-    own_median = _median(_own(b.popek))
-    # TCG boots vary by a second or more between runs (pair differences of -1.1 to
-    # +1.8 s were seen, and QEMU pinned or not by hand made no measurable
-    # difference), so the end-to-end A/B difference cannot resolve 150 ms here.
-    # What popek adds is measured directly instead (popek's own time: before
-    # QEMU is spawned + after the ready line), and the A/B pairs must not show,
-    # at 95 % (bootstrap of the median pair difference), more than 150 ms added.
-    ci = _bootstrap_ci(diffs)
-    met = (own_median is not None and own_median <= TARGET_MS
-           and ci is not None and ci[0] <= TARGET_MS)
+    # A warm launch whose command server was gone or stale (popek's sources changed
+    # during the run: the server steps down) ran in the command's own process, like a
+    # cold one: it is counted apart, and the warm figures are those the server ran.
+    warm = [r for r in b.popek if r.served_by_server]
+    fell_back = [r for r in b.popek if not r.served_by_server]
+    own_median = _median(_own(warm))
+    cold_own_median = _median(_own(b.popek_cold))
+    # The verdict is on popek's own time only.  TCG boots scatter by a second or more
+    # between runs, so the A/B pairs cannot resolve 150 ms: they are context (is the
+    # guest boot the same with and without popek?), not a bound.
+    met = own_median is not None and own_median <= TARGET_MS
     accel = next((a.split("accel=")[1].split(",")[0] for a in b.argv if "accel=" in a), "?")
     resident = [len(r.resident_python) for r in b.popek]
-    pre = [r.pre_spawn_ms for r in b.popek if r.pre_spawn_ms is not None]
-    s2r = [r.spawn_to_ready_ms for r in b.popek if r.spawn_to_ready_ms is not None]
-    r2e = [r.ready_to_exit_ms for r in b.popek if r.ready_to_exit_ms is not None]
     host = host_info(accel)
     host["loadavg_start"] = loadavg_start
+    host["clk_tck"] = CLK_TCK
+    host["loadavg_1m_at_launches"] = _summary([r.loadavg_1m for r in [*b.popek, *b.popek_cold]])
+    pk_q2r = [x for x in (_span(r.marks_ms, "qemu_start", "ready") for r in b.popek)
+              if x is not None]
+    raw_q2r = [r.qemu_start_to_ready_ms for r in b.raw if r.qemu_start_to_ready_ms is not None]
+    seen_minus_mtime = [round(r.ready_seen_ms - r.ready_mtime_ms, 2)
+                        for r in [*b.popek, *b.popek_cold]
+                        if r.ready_seen_ms is not None and r.ready_mtime_ms is not None]
     return {
-        "benchmark": "boot", "claim": "popek adds at most 150 ms over raw QEMU, and keeps no "
-                                      "resident Python process per instance",
+        "benchmark": "boot",
+        "claim": "popek's own work in a VM launch is at most 150 ms, and it keeps no "
+                 "resident Python process per instance",
         "time_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "pairs": runs, "image": IMAGE, "vcpus": int(VCPUS), "guest_memory": MEMORY, "host": host,
-        "boot_ms": {"popek": _summary(pk), "raw": _summary(raw)},
-        "ratio_popek_over_raw": round(mp / mr, 4) if mp and mr else None,
-        "added_ms": {"median_popek_minus_median_raw": added_medians,
-                     "median_of_pair_differences": added_paired,
-                     "median_of_pair_differences_95ci": ci,
-                     "pair_differences": diffs},
-        "target_ms": TARGET_MS, "target_met": met, "popek_own_time_median_ms": own_median,
+        "target_ms": TARGET_MS, "target_met": met,
+        "popek_own_time_median_ms": own_median,
+        "popek_own_time_ms": _own_parts(warm),
+        "warm_launches_served_by_server": len(warm),
+        "warm_launches_run_in_process": {
+            "n": len(fell_back), "own_ms": [r.own_ms for r in fell_back],
+            "what": "the command server was gone or stale (popek's sources changed during the "
+                    f"run), so the command ran in its own process: CPU of the popek process "
+                    f">= {SERVED_CPU_MS:.0f} ms (the native client uses about 1 ms); not in "
+                    "the warm figures"},
+        "own_time_definition": (
+            "(QEMU process start - command start) + (command exit - guest ready line). "
+            "QEMU start: /proc/<pid in qemu.pid>/stat field 22, clock ticks since boot "
+            f"(SC_CLK_TCK {CLK_TCK}: {TICK_MS:.0f} ms resolution, the middle of the tick is "
+            "used, +-5 ms); it is the fork by setsid --fork, the launcher's last step, which "
+            "execs QEMU at once. Command start and exit: CLOCK_BOOTTIME around spawn and "
+            "wait4. Ready line: the earlier of the console.log write's mtime and the moment "
+            "an inotify watcher in the benchmark saw it."),
+        "breakdown_popek_ms": _phases(warm),
+        "breakdown_note": "marks from file mtimes (real-time clock moved to CLOCK_BOOTTIME; "
+                          "the kernel's coarse clock, up to one jiffy early) and /proc start "
+                          "times (+-5 ms): a short phase can come out slightly negative",
+        "ready_seen_minus_mtime_ms": _summary(seen_minus_mtime),
+        "context_ab_pairs": {
+            "what": "popek launch (spawn to exit) against swtpm + the same QEMU argv by hand "
+                    "(start to ready line), ABBA order; context only, the verdict is on own "
+                    "time",
+            "boot_ms": {"popek": _summary(pk), "raw": _summary(raw)},
+            "ratio_of_medians_popek_over_raw": round(mp / mr, 4) if mp and mr else None,
+            "median_popek_minus_median_raw_ms": round(mp - mr, 2) if mp and mr else None,
+            "median_of_pair_differences_ms": _median(diffs),
+            "median_of_pair_differences_95ci_ms": _bootstrap_ci(diffs),
+            "pair_differences_ms": diffs,
+            "qemu_start_to_ready_ms": {"popek": _summary(pk_q2r), "raw": _summary(raw_q2r)},
+        },
         "cold": {
             "what": "popek launch with POPEK_CLI_SERVER=off: interpreter start and imports in "
                     "the command's own process (one run after each pair)",
             "boot_ms": _summary([r.total_ms for r in b.popek_cold]),
-            "popek_own_time_ms": _summary(_own(b.popek_cold)),
-            "target_met": _median(_own(b.popek_cold)) is not None
-                          and (_median(_own(b.popek_cold)) or 0) <= TARGET_MS,
+            "popek_own_time_ms": _own_parts(b.popek_cold),
+            "breakdown_ms": _phases(b.popek_cold),
+            "within_target": cold_own_median is not None and cold_own_median <= TARGET_MS,
         },
         "command_server": {**b.server, "what": "one per host, not per instance: forks for each "
                                                "command, exits after 10 idle minutes"},
@@ -517,52 +747,65 @@ def analyse(b: Bench, runs: int, loadavg_start: list[float]) -> dict[str, Any]:
                 "user": _median([r.cli_user_ms for r in b.popek]),
                 "sys": _median([r.cli_sys_ms for r in b.popek])},
         },
-        "breakdown_popek_ms": {
-            "start_to_argv_written (python start, imports, checks, image verify, store)":
-                _summary(pre),
-            "argv_written_to_ready_line (setsid, QEMU, guest boot)": _summary(s2r),
-            "ready_line_to_cli_exit (poll latency, final txn, exit)": _summary(r2e),
-            "popek_own_time (start_to_argv + ready_to_exit, per run)": _summary(
-                [r.pre_spawn_ms + r.ready_to_exit_ms for r in b.popek
-                 if r.pre_spawn_ms is not None and r.ready_to_exit_ms is not None]),
-            "note": "from file mtimes (coarse kernel clock, ~1 jiffy) against time.time() at "
-                    "spawn; raw boot is comparable to argv_written_to_ready_line",
-        },
         "importtime_top_us": b.importtime_top,
         "profile_launch_top": b.profile_top,
-        "samples": {"popek": [asdict(r) for r in b.popek], "raw": [asdict(r) for r in b.raw],
-                    "popek_list_ms": b.list_ms},
+        "samples": {"popek": [asdict(r) for r in b.popek],
+                    "popek_cold": [asdict(r) for r in b.popek_cold],
+                    "raw": [asdict(r) for r in b.raw], "popek_list_ms": b.list_ms},
         "qemu_argv_popek": b.argv,
     }
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Strip + box plot of boot times, and the per-pair differences against the target."""
+    """popek's own time per launch against the target; the A/B boot times as context."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=[3, 2])
+    x = 0
+    ticks: list[tuple[float, str]] = []
+    colours = {"warm": "tab:blue", "cold": "tab:cyan"}
+    served = [r for r in report["samples"]["popek"] if r["served_by_server"]]
+    for label, rows in (("warm", served),
+                        ("cold", report["samples"]["popek_cold"])):
+        first = x
+        for r in rows:
+            m = r["marks_ms"]
+            if m["qemu_start"] is None or m["ready"] is None:
+                continue
+            pre, post = m["qemu_start"], m["exit"] - m["ready"]
+            ax1.bar(x, pre, color=colours[label])
+            ax1.bar(x, post, bottom=pre, color="tab:orange")
+            x += 1
+        ticks.append(((first + x - 1) / 2, f"{label} (popek launch)"))
+        x += 1
+    ax1.axhline(TARGET_MS, color="red", linestyle="--")
+    med = report["popek_own_time_median_ms"]
+    if med is not None:
+        ax1.axhline(med, color="green", linestyle=":")
+    ax1.legend(handles=[
+        Line2D([], [], color="red", linestyle="--", label=f"target {TARGET_MS:.0f} ms"),
+        Line2D([], [], color="green", linestyle=":", label=f"median, warm: {med} ms"),
+        Patch(color="tab:blue", label="start to QEMU start (warm)"),
+        Patch(color="tab:cyan", label="start to QEMU start (cold)"),
+        Patch(color="tab:orange", label="ready line to exit")], fontsize=8)
+    ax1.set_xticks([t for t, _ in ticks], [lbl for _, lbl in ticks])
+    ax1.set_ylabel("popek's own time (ms)")
+    ax1.set_title("popek's own time per launch (QEMU start: 10 ms ticks)", fontsize=10)
+    ctx = report["context_ab_pairs"]
     pk = [r["total_ms"] for r in report["samples"]["popek"]]
     raw = [r["total_ms"] for r in report["samples"]["raw"]]
-    diffs = report["added_ms"]["pair_differences"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
-    ax1.boxplot([pk, raw], tick_labels=["popek launch", "raw QEMU"], widths=0.5)
+    ax2.boxplot([pk, raw], tick_labels=["popek launch", "raw QEMU"], widths=0.5)
     for i, ys in enumerate((pk, raw), start=1):
         xs = [i + 0.08 * ((j % 5) - 2) for j in range(len(ys))]
-        ax1.scatter(xs, ys, s=18, alpha=0.7, zorder=3)
-    ax1.set_ylabel("start to guest ready (ms)")
-    ax1.set_title(f"boot time, {report['pairs']} A/B pairs ({report['host']['accel']})")
-    ax2.axhline(TARGET_MS, color="red", linestyle="--", label=f"target {TARGET_MS:.0f} ms")
-    ax2.axhline(0, color="grey", linewidth=0.8)
-    ax2.plot(range(1, len(diffs) + 1), diffs, "o-", label="popek - raw (pair)")
-    med = report["added_ms"]["median_of_pair_differences"]
-    if med is not None:
-        ax2.axhline(med, color="green", linestyle=":", label=f"median {med:.0f} ms")
-    ax2.set_xlabel("pair")
-    ax2.set_ylabel("added ms")
-    ax2.set_title("popek's added time per pair")
-    ax2.legend(fontsize=8)
+        ax2.scatter(xs, ys, s=18, alpha=0.7, zorder=3)
+    ax2.set_ylabel("start to guest ready (ms)")
+    ax2.set_title(f"context: {report['pairs']} A/B pairs ({report['host']['accel']}), "
+                  f"ratio {ctx['ratio_of_medians_popek_over_raw']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -570,25 +813,39 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def print_summary(rep: dict[str, Any]) -> None:
     """A short human table on stdout."""
-    bp, br = rep["boot_ms"]["popek"], rep["boot_ms"]["raw"]
+    ctx = rep["context_ab_pairs"]
+    bp, br = ctx["boot_ms"]["popek"], ctx["boot_ms"]["raw"]
+    own, cold = rep["popek_own_time_ms"], rep["cold"]["popek_own_time_ms"]
     mem = rep["memory"]
-    br_k = list(rep["breakdown_popek_ms"].items())
     lines = [
         f"boot benchmark: {rep['pairs']} A/B pairs, accel={rep['host']['accel']}, "
         f"nproc={rep['host']['nproc']}, {rep['host']['qemu_version']}",
-        f"{'':34}{'median':>10}{'min':>10}{'max':>10}",
-        f"{'popek launch (ms)':34}{bp['median']:>10}{bp['min']:>10}{bp['max']:>10}",
-        f"{'raw QEMU to ready (ms)':34}{br['median']:>10}{br['min']:>10}{br['max']:>10}",
-        f"ratio popek/raw: {rep['ratio_popek_over_raw']}",
-        f"added ms: median-median {rep['added_ms']['median_popek_minus_median_raw']}, "
-        f"median of pairs {rep['added_ms']['median_of_pair_differences']} (95 % "
-        f"{rep['added_ms']['median_of_pair_differences_95ci']}); popek's own time "
-        f"{rep['popek_own_time_median_ms']} "
-        f"(target <= {TARGET_MS:.0f}: {'MET' if rep['target_met'] else 'NOT MET'})",
-        f"cold (POPEK_CLI_SERVER=off): popek's own time "
-        f"{rep['cold']['popek_own_time_ms']['median']} ms "
-        f"(target {'MET' if rep['cold']['target_met'] else 'NOT MET'}); command server "
-        f"pid {rep['command_server'].get('pid')}, RSS {rep['command_server'].get('rss_kib')} KiB",
+        f"popek's own time (warm): median {own['own']['median']} ms (min {own['own']['min']}, "
+        f"max {own['own']['max']}) = start to QEMU start {own['start_to_qemu_start']['median']}"
+        f" + ready to exit {own['ready_to_exit']['median']}; target <= {TARGET_MS:.0f} ms: "
+        f"{'MET' if rep['target_met'] else 'NOT MET'} (QEMU start +-5 ms: /proc, 10 ms ticks)",
+        f"warm launches the command server ran: {rep['warm_launches_served_by_server']}; "
+        f"run in-process (server gone or stale): {rep['warm_launches_run_in_process']['n']} "
+        f"{rep['warm_launches_run_in_process']['own_ms']}; load (1 min) at launches: median "
+        f"{rep['host']['loadavg_1m_at_launches']['median']}, max "
+        f"{rep['host']['loadavg_1m_at_launches']['max']}",
+        f"popek's own time (cold, POPEK_CLI_SERVER=off): median {cold['own']['median']} ms = "
+        f"{cold['start_to_qemu_start']['median']} + {cold['ready_to_exit']['median']}",
+        "breakdown, warm (medians, ms):",
+        *[f"  {k:32}{v['median']!s:>10}  {v['what']}"
+          for k, v in rep["breakdown_popek_ms"].items()],
+        "breakdown, cold (medians, ms): " + ", ".join(
+            f"{k} {v['median']}" for k, v in rep["cold"]["breakdown_ms"].items()),
+        f"context, A/B pairs:{'':14}{'median':>10}{'min':>10}{'max':>10}",
+        f"{'  popek launch (ms)':34}{bp['median']:>10}{bp['min']:>10}{bp['max']:>10}",
+        f"{'  raw QEMU to ready (ms)':34}{br['median']:>10}{br['min']:>10}{br['max']:>10}",
+        f"  ratio of medians popek/raw {ctx['ratio_of_medians_popek_over_raw']}; median of "
+        f"pair differences {ctx['median_of_pair_differences_ms']} ms (95 % "
+        f"{ctx['median_of_pair_differences_95ci_ms']}); QEMU start to ready: popek "
+        f"{ctx['qemu_start_to_ready_ms']['popek']['median']}, raw "
+        f"{ctx['qemu_start_to_ready_ms']['raw']['median']}",
+        f"command server pid {rep['command_server'].get('pid')}, RSS "
+        f"{rep['command_server'].get('rss_kib')} KiB",
         f"resident popek Python processes per instance: "
         f"{mem['resident_python_processes_per_instance']}  (QEMU parent: "
         f"{', '.join(mem['qemu_parent_examples'])})",
@@ -600,11 +857,7 @@ def print_summary(rep: dict[str, Any]) -> None:
         f"import popek.cli.main {rep['cli']['python_import_popek_cli_main_ms']['median']} ms",
         "Python floor on this host (medians, ms): " + "; ".join(
             f"{k} {v['median']}" for k, v in rep["cli"]["python_floor_ms"].items()),
-        "popek launch breakdown (medians, ms):",
     ]
-    for k, v in br_k:
-        if isinstance(v, dict):
-            lines.append(f"  {k}: {v['median']}")
     print("\n".join(lines))
 
 
@@ -650,9 +903,10 @@ def run(runs: int, list_runs: int, profile: bool) -> dict[str, Any]:
                 b.raw.append(raw_boot(env, b.argv, template_dir))
                 b.popek.append(popek_launch(env, f"b{i}"))
             b.popek_cold.append(popek_launch(env, f"c{i}", cold=True))
-            print(f"pair {i}/{runs}: popek {b.popek[-1].total_ms:.0f} ms, "
-                  f"raw {b.raw[-1].total_ms:.0f} ms (cold popek "
-                  f"{b.popek_cold[-1].total_ms:.0f} ms)", flush=True)
+            print(f"pair {i}/{runs}: popek {b.popek[-1].total_ms:.0f} ms (own "
+                  f"{b.popek[-1].own_ms} ms), raw {b.raw[-1].total_ms:.0f} ms; cold popek "
+                  f"{b.popek_cold[-1].total_ms:.0f} ms (own {b.popek_cold[-1].own_ms} ms); "
+                  f"load {b.popek_cold[-1].loadavg_1m:.1f}", flush=True)
         b.server = command_server(env.env)
         if profile:
             try:
