@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from framework import popek, popek_json, tcp_reach
+from framework import popek, popek_json, tcp_reach, wait_for
 
 NET, NET2 = "lan", "lan2"
 VM, CT = "netvm", "netct"
@@ -22,13 +21,20 @@ def _addrs(name: str) -> str:
     return sh(name, "ip -4 addr").stdout
 
 
-def _eventually(check: object, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.5)
-    return False
+def _eventually(check: Callable[[], bool], timeout: float = 30) -> bool:
+    """Whether the state ``check`` looks at comes about within ``timeout`` s."""
+    try:
+        wait_for(check, timeout, "the state")
+    except AssertionError:
+        return False
+    return True
+
+
+def _listening(name: str, port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in instance ``name`` (/proc/net/tcp, tcp6)."""
+    table = sh(name, "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null").stdout
+    return any(len(f) > 3 and f[1].endswith(f":{port:04X}") and f[3] == "0A"  # LISTEN
+               for f in (line.split() for line in table.splitlines()))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def test_vm_and_container_talk_and_reach_the_gateway(lab: dict[str, str]) -> Non
     vm_ip = popek_json("info", VM)["ports"][0]["ipv4"]
     assert sh(VM, "ping -c 2 -W 2 10.213.7.50").returncode == 0
     sh(VM, "nc -l -p 7000 > /tmp/got 2>/dev/null </dev/null &")
-    time.sleep(0.5)
+    wait_for(lambda: _listening(VM, 7000), 30, "nc to listen in the VM")
     sh(CT, f"echo hello-from-container | nc -w 3 {vm_ip} 7000")
     assert _eventually(lambda: "hello-from-container" in sh(VM, "cat /tmp/got").stdout, 10)
     assert tcp_reach(CT, lab["gateway"], 53)  # DNS on the gateway
