@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from framework import require_root_and_tools
+from framework.events import wait_state
 from popek.images import Image, ImageStore
 
 pytestmark = pytest.mark.integration
@@ -168,13 +169,14 @@ class Guest:
 
     def wait_line(self, line: str, timeout: float) -> float:
         """Wait until ``line`` is a whole console line; return seconds since QEMU start."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if line in self.console_lines():
-                return time.monotonic() - self.started
-            assert self.proc.poll() is None, f"QEMU exited: {self.proc.stdout.read()!r}"  # type: ignore[union-attr]
-            time.sleep(0.05)
-        raise AssertionError(f"no {line!r} within {timeout} s; console: {self.console_lines()}")
+        try:  # a QEMU that exits fails at once (its pidfd), not at the deadline
+            wait_state(lambda: line in self.console_lines(), self.proc.pid, timeout,
+                       f"console line {line!r}", interval=0.05)
+        except AssertionError as exc:
+            qemu = self.proc.stdout.read() if self.proc.poll() is not None else b""  # type: ignore[union-attr]
+            raise AssertionError(f"{exc}; QEMU said {qemu!r}; console: {self.console_lines()}"
+                                 ) from None
+        return time.monotonic() - self.started
 
     def connect(self, name: str) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,10 +283,17 @@ def test_boot_agent_and_clean_poweroff(
     # a client that leaves mid-line, then one that leaves mid-request
     with guest.connect("agent.sock") as s:
         s.sendall(b"EXEC half ZWNobyBoaQ")
+    # Not an assertion's synchronisation: the guest sees the hang-up in its own time and
+    # no host-side event tells when; this gives it the time to take the usual path (the
+    # partial line dropped).  Should it not have, the next client's leading newline ends
+    # the half line instead, and every check below holds either way.
     time.sleep(0.5)
     with guest.connect("agent.sock") as s:
-        s.sendall(b"EXEC gone " + base64.b64encode(b"sleep 1; echo late") + b" -\n")
-        time.sleep(0.3)
+        # the command writes a console line once it runs: the client leaves mid-request
+        command = b"echo gone-started >/dev/console; sleep 1; echo late"
+        s.sendall(b"\nEXEC gone " + base64.b64encode(command) + b" -\n")
+        wait_state(lambda: any("gone-started" in line for line in guest.console_lines()),
+                   guest.proc.pid, 60, "the request to run", interval=0.05)  # after a prompt
     agent = Agent(guest.connect("agent.sock"))  # skips the stale RESULT gone
     assert agent.exec("echo still here") == (0, b"still here\n", b"")
     agent.close()
