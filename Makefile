@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export POPEK_CACHE ?= $(CURDIR)/.cache/popek
 
-.PHONY: setup demo test test-unit test-integration bench lint clean
+.PHONY: setup demo test test-unit test-integration bench lint clean mutants
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,11 @@ bench: setup
 	$(PY) bench/network.py --rules-json bench/results/netrules-latest.json
 	$(PY) bench/trust.py
 	$(PY) bench/neighbours.py
+
+# Mutation testing of the security-critical modules against tests/unit:
+# bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
+mutants: setup
+	$(PY) bench/mutants.py --modules '$(MODULES)'
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
