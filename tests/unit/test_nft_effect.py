@@ -150,17 +150,36 @@ def _setup_script() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[None]:
-    """The switch and guest namespaces with popek's rules loaded; removed even on failure."""
+def namespaces() -> Iterator[None]:
+    """The switch and guest namespaces and their wires; removed even on failure.
+
+    Named after the process that runs the tests, taken here rather than at
+    import: a mutation tester imports this module once and runs the tests in
+    forked children side by side, which would otherwise share the names.
+    """
+    global PREFIX, SWITCH
+    PREFIX = f"nfx-{os.getpid()}"
+    SWITCH = f"{PREFIX}-sw"
     try:
         proc = subprocess.run(["sh", "-ec", _setup_script()], capture_output=True, text=True,
                               check=False)
         assert proc.returncode == 0, proc.stderr
-        nft.apply(nft.build_ruleset([NET_A, NET_B], [g.port for g in GUESTS]), netns=SWITCH)
         yield
     finally:
         for ns in (SWITCH, *(g.ns for g in GUESTS)):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.fixture
+def lab(namespaces: None) -> None:
+    """popek's rules, built and loaded afresh for each test.
+
+    Built in every test rather than once per module, so that each test runs
+    the rule builder itself: a mutation tester that maps mutants to the tests
+    which reached the mutated code (``make mutants``) then runs every effect
+    test against every builder mutant, not only the first test of the module.
+    """
+    nft.apply(nft.build_ruleset([NET_A, NET_B], [g.port for g in GUESTS]), netns=SWITCH)
 
 
 # --------------------------------------------------------------------------- counters
