@@ -651,6 +651,13 @@ def test_arp_spoof_dropped_by_its_rule(wires: dict[str, Wire], sender: str) -> N
     _dropped(wires["g1"], wires["g2"], frame, Counter("bridge", G1.chain, "arp-spoof"))
 
 
+def test_foreign_ethertype_dropped_by_its_rule(wires: dict[str, Wire]) -> None:
+    """A frame of another ether type (0x88b5) is dropped by ``ethertype`` in prerouting
+    and counted by no later rule."""
+    frame = ether(G2.mac, G1.mac, 0x88B5, uuid.uuid4().bytes * 3)
+    _dropped(wires["g1"], wires["g2"], frame, Counter("bridge", "prerouting", "ethertype"))
+
+
 # --------------------------------------------------------------------------- the host
 
 
