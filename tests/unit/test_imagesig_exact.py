@@ -29,13 +29,9 @@ from popek.trust.imagesig import (
 )
 from popek.trust.keys import TrustError, TrustStore, canonical, parse_time, private_key_path
 from unit.test_images_manifest import make_image_dir
-from unit.test_trust_imagesig import forge, load_private, sig_doc, write_sig
+from unit.test_trust_imagesig import forge, load_private, sig_doc, trust, write_sig
 
-
-@pytest.fixture
-def trust(trust: TrustStore) -> TrustStore:
-    trust.keygen("signer", "image")
-    return trust
+__all__ = ["trust"]  # the fixture: the shared trust store with an image key ``signer``
 
 
 @pytest.fixture
