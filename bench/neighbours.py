@@ -9,8 +9,10 @@ so that the slow drifts of this shared host hit both halves alike; the
 ratio is the median of the pairs' ratios.  The claim (issue 5): at
 least 0.8.  For the CPU and memory attacks, which both keep the attacker's
 CPUs busy, the run also reports the host floor: the ratio left by plain
-shell loops pinned to the attacker's CPUs, below 1.0 where the CPUs are
-coupled beneath the kernel (SMT siblings, a hypervisor's shared core, a
+host processes doing the same kind of work (a shell loop; a stream of
+/dev/zero reads larger than the caches) pinned to the attacker's CPUs,
+below 1.0 where the CPUs are coupled beneath the kernel (SMT siblings, a
+hypervisor's shared core, a shared last-level cache and memory bus, a
 clock that boosts one CPU while the other idles).
 
 The probes and attacks here are also what
@@ -50,7 +52,7 @@ ATTACKS = {
             "rm -f /flood; done) </dev/null >/dev/null 2>&1 &",
 }
 #: attacks that keep the attacker's CPUs busy: the neighbour is measured against the
-#: floor that plain busy loops on those CPUs leave it (see host_floor)
+#: floor that plain host loads of the same kind on those CPUs leave it (see host_floor)
 BUSY_ATTACKS = ("cpu", "memory")
 # VMs boot from an initrd held in guest memory: they have no disk to flood yet.
 ENGINE_ATTACKS = {"container": ("cpu", "memory", "disk"), "vm": ("cpu", "memory")}
@@ -124,25 +126,37 @@ def _pairs(probe: Probe, attack: str, freeze: Callable[[bool], None]
     return ratios[len(ratios) // 2], sorted(base)[len(base) // 2], sorted(loaded)[len(loaded) // 2]
 
 
-def host_floor(probe: Probe, cpus: Sequence[int]) -> float:
-    """The neighbour's CPU ratio while plain host processes spin on ``cpus`` alone.
+#: what a plain host process does on each of the attacker's CPUs to measure the floor:
+#: the CPU attack's shell loop, and for the memory attack a stream of 64 MiB reads of
+#: /dev/zero, larger than any last-level cache, so that it loads the caches and the
+#: memory bus the CPUs share the way an emulator filling guest memory does
+HOST_LOADS = {
+    "cpu": ["busybox", "sh", "-c", "while :; do :; done"],
+    "memory": ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M"],
+}
 
-    One spinner per CPU (the shell loop of the CPU attack), each pinned to
-    its CPU: the best any confinement can do for an attacker held to those
-    CPUs.  Below 1.0 the host's CPUs are coupled beneath the kernel (SMT
-    siblings, or a hypervisor running both virtual CPUs on one core); the
-    attack tests cannot ask more than that.
+
+def host_floor(probe: Probe, cpus: Sequence[int], attack: str = "cpu") -> float:
+    """The neighbour's CPU ratio while plain host processes load ``cpus`` alone.
+
+    One process per CPU doing the attack's kind of work (``HOST_LOADS``),
+    each pinned to its CPU: the best any confinement can do for an attacker
+    held to those CPUs.  Below 1.0 the host's CPUs are coupled beneath the
+    kernel (SMT siblings, a hypervisor running both virtual CPUs on one
+    core, a last-level cache and memory bus that a memory stream saturates);
+    the attack tests cannot ask more than that.
     """
-    spinners = [subprocess.Popen(["busybox", "sh", "-c", "while :; do :; done"],
-                                 preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}))
-                for c in cpus]
+    loads = [subprocess.Popen(HOST_LOADS[attack], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda c=c: os.sched_setaffinity(0, {c}))
+             for c in cpus]
     try:
         def freeze(frozen: bool) -> None:
-            for s in spinners:
+            for s in loads:
                 s.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
         return _pairs(probe, "cpu", freeze)[0]
     finally:
-        for s in spinners:
+        for s in loads:
             s.kill()
             s.wait()
 
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 floor = None
                 if attack in BUSY_ATTACKS:  # what a plain pinned process leaves the neighbour
                     floor = host_floor(probe, json.loads(popek("info", at, "--format",
-                                                               "json"))["cpus"])
+                                                               "json"))["cpus"], attack)
                 ratio, base, loaded = paired_ratio(
                     run, probe, at, attack,
                     lambda frozen, at=at: popek("pause" if frozen else "resume", at))
