@@ -177,7 +177,7 @@ def _install_tracing(acc: dict[str, float]) -> list[str]:
     """
     targets = (
         ("popek.images.store", "ImageStore", "get"),
-        ("popek.core.store", "SQLiteStore", "txn"),
+        ("popek.state.store", "SQLiteStore", "txn"),
         ("popek.engines.container.engine", "ContainerEngine", "preflight"),
         ("popek.engines.container.engine", "ContainerEngine", "create"),
         ("popek.images.image", "Image", "extract_rootfs"),
@@ -258,7 +258,7 @@ def helper_main() -> int:
                 send({"ok": True})
             elif op == "instances":
                 t = time.perf_counter()
-                Instances()
+                Instances().reconcile()
                 send({"ok": True, "ms": _ms(time.perf_counter() - t)})
             elif op == "sandbox":
                 code = sandbox_run("default", RunOptions(), SANDBOX_CMD)
@@ -929,7 +929,7 @@ def _breakdown(res: Results) -> dict[str, Any]:
             "import_popek_cli_main (incl. python start)": imp,
             "imports_only": round(imp - bare, 2) if imp is not None and bare is not None
             else None,
-            "Instances() (open store, reconcile)": _median(res.instances_ctor_ms),
+            "Instances() and reconcile()": _median(res.instances_ctor_ms),
             "python_floor": res.python_floor,
             "cli_ready_line_to_exit": _median(
                 [s.exit_ms - s.ready_ms for s in res.samples

@@ -180,7 +180,7 @@ def bench_verification(home: Path, sizes: list[int], runs: int) -> dict[str, Any
 
 def bench_audit(home: Path, n: int, batches: int) -> dict[str, Any]:
     """Appends per second and the time to verify the resulting log."""
-    from popek.core.store import SQLiteStore
+    from popek.state.store import SQLiteStore
     from popek.trust.audit import AuditLog
     from popek.trust.keys import TrustStore
 

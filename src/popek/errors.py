@@ -77,5 +77,23 @@ class StoreError(PopekError):
     """The state store failed (corrupt database, failed transaction, ...)."""
 
 
+class ConflictError(StoreError):
+    """A compare-and-swap lost: another operation changed the record first; retry."""
+
+    exit_code = 5
+
+
+class StoreUnavailable(StoreError):
+    """The state store cannot be reached or written (busy, full disk, no permission)."""
+
+    exit_code = 6
+
+
+class StoreDamaged(StoreUnavailable):
+    """The state store or a log is damaged; its path is in the message, nothing was replaced."""
+
+    exit_code = 7
+
+
 class AgentError(EngineError):
     """The guest agent did not answer or answered something unexpected."""

@@ -136,8 +136,8 @@ def test_key_of_another_role_cannot_sign_images(home: Home, signed: Path) -> Non
 
 def test_expired_signature_refused(home: Home, signed: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from popek.core.store import SQLiteStore
     from popek.images import ImageStore
+    from popek.state.store import SQLiteStore
     from popek.trust import imagesig
     from popek.trust.keys import TrustStore, now
 

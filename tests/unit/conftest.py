@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from popek.core.store import SQLiteStore
+from popek.state.store import SQLiteStore
 from popek.trust.keys import TrustStore
 
 

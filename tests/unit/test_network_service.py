@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from popek.core.store import SQLiteStore
 from popek.errors import AlreadyExists, InvalidInput, NotFound, ResourceError, StateError
 from popek.network import Network, Networks, Port
 from popek.network.host import Reconciled
 from popek.network.ipam import Used
+from popek.state.store import SQLiteStore
 
 
 class FakeHost:
@@ -59,6 +59,9 @@ class FakeHost:
 
     def status(self, net: Network, ports: Sequence[Port]) -> dict[str, Any]:
         return {}
+
+    def shape_port(self, port: Port, rate: int | None, guest_pid: int | None) -> None:
+        self.calls.append(f"shape {port.host_ifname} {rate}")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from popek.core.store import Compare, Delete, Put, SQLiteStore
+from popek.state.store import Compare, Delete, Put, SQLiteStore
 
 
 def test_revisions_and_versions(tmp_path: Path) -> None:

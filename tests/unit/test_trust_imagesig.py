@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from popek.core.store import SQLiteStore
 from popek.errors import InvalidInput, NotFound
 from popek.images import Image, ImageStore
 from popek.images.image import SIG_NAME
+from popek.state.store import SQLiteStore
 from popek.trust import imagesig
 from popek.trust.imagesig import (
     allow_unsigned,

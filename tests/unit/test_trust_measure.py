@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popek import __version__
-from popek.core.store import SQLiteStore
 from popek.errors import InvalidInput
+from popek.state.store import SQLiteStore
 from popek.trust import measure as measure_mod
 from popek.trust.keys import TrustError, TrustStore, canonical, now
 from popek.trust.measure import (

@@ -83,8 +83,8 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
 def record(op: str, target: str, args: list[str], code: int, error: str) -> None:
     """Append one command's record to the audit log (a warning if it cannot be written)."""
     from popek import paths
-    from popek.core.store import SQLiteStore
     from popek.errors import PopekError
+    from popek.state.store import SQLiteStore
     from popek.trust.audit import AuditLog
     from popek.trust.keys import TrustStore
 

@@ -120,7 +120,7 @@ def console(
     log: bool = typer.Option(False, "--log", help="Print what the console wrote, then exit."),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
-    insts = ops.instances()
+    insts = ops.instances(name)
     if log:
         sys.stdout.buffer.write(insts.console_log(name))
         sys.stdout.flush()
@@ -168,7 +168,7 @@ def config_set(
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
-    ops.instances().config_set(name, key, value)
+    ops.instances(name).config_set(name, key, value)
     print(f"Instance {name}: {key} = {value}.")
 
 
@@ -178,7 +178,7 @@ def config_show(name: str) -> None:
     from popek.network.shaping import format_rate
     from popek.units import format_size
 
-    inst = ops.instances().get(name)
+    inst = ops.instances(name).get(name)
     extra: dict[str, Any] = {f"limits.{k}": v for k, v in inst.spec.limits.items()}
     if "limits.net" in extra:
         extra["limits.net"] = format_rate(int(extra["limits.net"]))

@@ -113,9 +113,9 @@ def attach(
     ip: str = typer.Option(None, "--ip", help="A static IPv4 address on the network."),
 ) -> None:
     """Give an instance a port on a network; a running instance gets it at once."""
-    from popek.core.instances import Instances
+    from popek.cli.ops import instances
 
-    port = Instances().attach(instance, name, ipv4=ip)
+    port = instances(instance).attach(instance, name, ipv4=ip)
     print(f"Instance {instance} attached to {name}: {port.ipv4} ({port.mac}).")
 
 
@@ -125,7 +125,7 @@ def detach(
     instance: str = typer.Argument(..., help="The instance to detach."),
 ) -> None:
     """Remove an instance's port on a network (unplugged first if it runs)."""
-    from popek.core.instances import Instances
+    from popek.cli.ops import instances
 
-    Instances().detach(instance, name)
+    instances(instance).detach(instance, name)
     print(f"Instance {instance} detached from {name}.")

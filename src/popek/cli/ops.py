@@ -21,11 +21,17 @@ if TYPE_CHECKING:
     from popek.core.instances import Instances
 
 
-def instances() -> Instances:
-    """The instance manager of this host (``POPEK_HOME``)."""
+def instances(*names: str) -> Instances:
+    """The instance manager of this host (``POPEK_HOME``), with ``names`` reconciled.
+
+    Reconcile is this command's one explicit step: the instances it names,
+    or every instance when it names none (list, launch).
+    """
     from popek.core.instances import Instances
 
-    return Instances()
+    insts = Instances()
+    insts.reconcile(names or None)
+    return insts
 
 
 @contextmanager
@@ -102,7 +108,7 @@ def list_(fmt: str) -> None:
 
 def info(name: str, fmt: str) -> None:
     """Show the details of an instance."""
-    data = instances().info(name)
+    data = instances(name).info(name)
     if fmt == "json":
         print(json.dumps(data, indent=2))
         return
@@ -133,39 +139,39 @@ def info(name: str, fmt: str) -> None:
 def start(name: str, timeout: float) -> None:
     """Start a stopped instance."""
     with progress(f"starting {name}") as step:
-        instances().start(name, ready_timeout=timeout, progress=step)
+        instances(name).start(name, ready_timeout=timeout, progress=step)
     print(f"Instance {name} is running.")
 
 
 def stop(name: str, force: bool, timeout: float) -> None:
     """Stop an instance: ACPI shutdown (SIGTERM) first, forced after ``timeout``."""
     with progress(f"stopping {name}"):
-        how = instances().stop(name, force=force, timeout=timeout)
+        how = instances(name).stop(name, force=force, timeout=timeout)
     print(f"Instance {name} stopped ({how}).")
 
 
 def restart(name: str, force: bool, timeout: float) -> None:
     """Stop an instance and start it again."""
     with progress(f"restarting {name}") as step:
-        instances().restart(name, force=force, timeout=timeout, progress=step)
+        instances(name).restart(name, force=force, timeout=timeout, progress=step)
     print(f"Instance {name} restarted.")
 
 
 def pause(name: str) -> None:
     """Freeze a running instance."""
-    instances().pause(name)
+    instances(name).pause(name)
     print(f"Instance {name} paused.")
 
 
 def resume(name: str) -> None:
     """Resume a paused instance."""
-    instances().resume(name)
+    instances(name).resume(name)
     print(f"Instance {name} resumed.")
 
 
 def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty: bool) -> int:
     """Run ``command`` in an instance with its stdio passed through; return its exit code."""
-    insts = instances()
+    insts = instances(name)
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not no_tty
     code = insts.exec_stream(name, command, tty) if not no_stdin else None
     if code is not None:
@@ -183,7 +189,7 @@ def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty:
 
 def delete(name: str, force: bool) -> None:
     """Delete an instance and everything it left on the host."""
-    instances().delete(name, force=force)
+    instances(name).delete(name, force=force)
     print(f"Instance {name} deleted.")
 
 

@@ -29,7 +29,7 @@ audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 
 def _trust() -> TrustStore:
     from popek import paths
-    from popek.core.store import SQLiteStore
+    from popek.state.store import SQLiteStore
     from popek.trust.keys import TrustStore
 
     return TrustStore(SQLiteStore(paths.state_db()))
@@ -265,9 +265,9 @@ def attest(
         print(f"Quote verified: instance {body['instance']} on {body['host']}, "
               f"measurement {body['measurement']}.")
         return
-    from popek.core.instances import Instances
+    from popek.cli.ops import instances
 
-    insts = Instances()
+    insts = instances(name)
     inst = insts.get(name)
     m = ms.read(insts.workdir(inst))
     print(json.dumps(ms.quote(trust, f"{inst.project}/{inst.name}", m, nonce), indent=1))

@@ -3,6 +3,6 @@
 from popek.core.instances import Instances
 from popek.core.lifecycle import State
 from popek.core.model import Instance, InstanceSpec, validate_name
-from popek.core.store import SQLiteStore
+from popek.state.store import SQLiteStore
 
 __all__ = ["Instance", "InstanceSpec", "Instances", "SQLiteStore", "State", "validate_name"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from popek.core.store import StateStore
     from popek.images import Image
+    from popek.state.store import StateStore
     from popek.trust.audit import AuditLog
     from popek.trust.imagesig import Verdict
     from popek.trust.keys import TrustStore

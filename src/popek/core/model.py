@@ -3,36 +3,26 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from popek.core.lifecycle import State
 from popek.engines.base import Runtime
 from popek.errors import InvalidInput, StoreError
+from popek.names import (
+    DEFAULT_LABEL,
+    DEFAULT_PROJECT,
+    LABEL_RULE,
+    NAME_RULE,
+    check_label,
+    validate_name,
+)
+from popek.state.schema import instance_key, instances_prefix
 
-NAME_RULE = ("1 to 63 characters: lower-case letters a-z, digits 0-9 and '-', "
-             "starting with a letter and not ending with '-'")
-_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 MIN_MEMORY = 64 << 20
-DEFAULT_PROJECT = "default"
-DEFAULT_LABEL = "default"
-LABEL_RULE = "1-63 characters from a-z, 0-9, '-' and '_', starting with a letter"
-_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-
-
-def check_label(label: str) -> str:
-    """Return ``label`` when it is a valid access control label; raise :class:`InvalidInput`."""
-    if not isinstance(label, str) or not _LABEL.match(label):
-        raise InvalidInput(f"invalid label {label!r}: use {LABEL_RULE}")
-    return label
-
-
-def validate_name(name: str, what: str = "instance name") -> str:
-    """Return ``name`` when it is a valid name (a DNS label); raise :class:`InvalidInput`."""
-    if not _NAME.match(name):
-        raise InvalidInput(f"invalid {what} {name!r}: use {NAME_RULE}")
-    return name
+__all__ = ["DEFAULT_LABEL", "DEFAULT_PROJECT", "LABEL_RULE", "MIN_MEMORY", "NAME_RULE",
+           "Instance", "InstanceSpec", "check_label", "instance_key", "instances_prefix",
+           "parse_mount", "validate_name"]
 
 
 @dataclass
@@ -116,13 +106,3 @@ def parse_mount(text: str) -> tuple[str, str, bool]:
     if dst == "/":
         raise InvalidInput(f"invalid mount {text!r}: DST cannot be /")
     return real, dst, ro
-
-
-def instance_key(project: str, name: str) -> str:
-    """Return the store key of instance ``name`` in ``project``."""
-    return f"/popek/instances/{project}/{name}"
-
-
-def instances_prefix(project: str | None = None) -> str:
-    """Return the store prefix of every instance (of one project, if given)."""
-    return f"/popek/instances/{project}/" if project else "/popek/instances/"

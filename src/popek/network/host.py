@@ -88,6 +88,14 @@ class Backend(Protocol):
         """Live state of a network for ``info``: bridge, dnsmasq, leases."""
         ...
 
+    def shape_port(self, port: Port, rate: int | None, guest_pid: int | None) -> None:
+        """Limit ``port`` to ``rate`` bit/s both ways (``None``: no limit).
+
+        ``guest_pid``: a process in the network namespace that holds the
+        port's other end (a container's veth), shaped there too.
+        """
+        ...
+
 
 class HostBackend:
     """The real host: netlink (pyroute2), dnsmasq processes, nftables."""
@@ -298,6 +306,15 @@ class HostBackend:
                     out.changes.append(f"removed stray network directory {d.name}")
 
     # -- info ------------------------------------------------------------------
+    def shape_port(self, port: Port, rate: int | None, guest_pid: int | None) -> None:
+        """Limit ``port`` to ``rate`` bit/s with tc (see :mod:`popek.network.shaping`)."""
+        from popek.network import shaping
+
+        guest = None
+        if guest_pid is not None:
+            guest = (guest_pid, shaping.guest_ifname(guest_pid, port.mac))
+        shaping.apply(port.host_ifname, rate, guest)
+
     def status(self, net: Network, ports: Sequence[Port]) -> dict[str, Any]:
         """Return the live state of ``net``: bridge, addresses, attached ports, dnsmasq, leases."""
         links = self.nl.links()

@@ -14,6 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from popek.state.schema import lease_key, mac_key, network_key, port_key
+
+__all__ = ["Network", "Port", "PortKind", "lease_key", "mac_key", "network_key", "port_key"]
+
 PortKind = Literal["tap", "veth"]
 
 
@@ -73,23 +77,3 @@ class Port:
         """Read a record written by :meth:`to_json`."""
         d: dict[str, Any] = json.loads(data)
         return cls(**d)
-
-
-def network_key(name: str) -> str:
-    """Store key of network ``name``."""
-    return f"/popek/networks/{name}"
-
-
-def port_key(network: str, host_ifname: str) -> str:
-    """Store key of one port."""
-    return f"/popek/ports/{network}/{host_ifname}"
-
-
-def lease_key(network: str, ipv4: str) -> str:
-    """Store key of one IPv4 lease (value: the instance that holds it)."""
-    return f"/popek/leases/{network}/{ipv4}"
-
-
-def mac_key(mac: str) -> str:
-    """Store key that reserves one MAC address (value: the port key that uses it)."""
-    return f"/popek/macs/{mac}"

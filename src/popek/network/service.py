@@ -23,10 +23,18 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from popek import paths, proc
-from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError, StoreError
+from popek.errors import (
+    AlreadyExists,
+    ConflictError,
+    InvalidInput,
+    NotFound,
+    PopekError,
+    StateError,
+    StoreError,
+)
 from popek.network import ipam
 from popek.network.host import Backend, HostBackend, networks_dir
 from popek.network.model import (
@@ -38,15 +46,15 @@ from popek.network.model import (
     network_key,
     port_key,
 )
+from popek.state.schema import (
+    GENERATION_KEY,
+    INSTANCES_PREFIX,
+    LEASES_PREFIX,
+    NETWORKS_PREFIX,
+    PORTS_PREFIX,
+)
+from popek.state.store import Compare, Delete, Put, SQLiteStore, StateStore
 
-if TYPE_CHECKING:
-    from popek.core.store import StateStore
-
-NETWORKS_PREFIX = "/popek/networks/"
-PORTS_PREFIX = "/popek/ports/"
-LEASES_PREFIX = "/popek/leases/"
-#: bumped by every network create/delete: guards subnet and bridge choices (CAS)
-GENERATION_KEY = "/popek/netgen"
 ACTIVE_INSTANCE_STATES = ("starting", "running", "paused", "stopping")
 KINDS = ("tap", "veth")
 
@@ -78,8 +86,6 @@ class Networks:
                  backend: Backend | None = None) -> None:
         """Open the store (default: ``$POPEK_HOME/state.db``) and reconcile the host with it."""
         if store is None:
-            from popek.core.store import SQLiteStore
-
             store = SQLiteStore(paths.state_db())
         self.store: StateStore = store
         self.backend: Backend = backend or HostBackend()
@@ -148,7 +154,7 @@ class Networks:
     def _save(self, key: str, value: bytes, rev: int, what: str) -> int:
         res = self.store.txn([_cmp_rev(key, rev)], [_put(key, value)])
         if not res.succeeded:
-            raise StoreError(f"{what} was changed by another operation at the same time; "
+            raise ConflictError(f"{what} was changed by another operation at the same time; "
                              "look at popek network info and retry")
         return res.revision
 
@@ -203,7 +209,7 @@ class Networks:
                 [_cmp_version(key, 0), _cmp_rev(GENERATION_KEY, gen_rev)],
                 [_put(key, net.to_json()), _put(GENERATION_KEY, key.encode())])
             if not res.succeeded:
-                raise StoreError("networks were changed by another operation at the same "
+                raise ConflictError("networks were changed by another operation at the same "
                                  "time; retry")
             try:
                 net.dnsmasq_pid, net.dnsmasq_start = self.backend.setup_network(net)
@@ -321,7 +327,7 @@ class Networks:
                 [_put(pkey, port.to_json()), _put(lease_key(network, addr), inst.encode()),
                  _put(mac_key(the_mac), pkey.encode())])
             if not res.succeeded:
-                raise StoreError("the address, MAC or port was taken by another operation "
+                raise ConflictError("the address, MAC or port was taken by another operation "
                                  "at the same time; retry")
             try:
                 self.backend.setup_port(net, port)
@@ -373,6 +379,10 @@ class Networks:
             self._dhcp_reload(record.network, restart=True)
             self._apply_rules()
 
+    def shape_port(self, port: Port, rate: int | None, guest_pid: int | None = None) -> None:
+        """Limit ``port`` to ``rate`` bit/s both ways (``None`` lifts the limit)."""
+        self.backend.shape_port(port, rate, guest_pid)
+
     def ensure_port_device(self, port: Port) -> Port:
         """Make sure the host device of ``port`` exists, attached, with its FDB entry.
 
@@ -395,7 +405,7 @@ class Networks:
     # -- reconcile -------------------------------------------------------------
     def _active_instances(self) -> set[str]:
         active = set()
-        for kv in self.store.range("/popek/instances/"):
+        for kv in self.store.range(INSTANCES_PREFIX):
             try:
                 import json
 
@@ -448,33 +458,23 @@ class Networks:
         return changes
 
 
-# -- small store helpers (imported lazily: network never imports core at load time) --
-def _cmp_rev(key: str, rev: int) -> Any:
-    from popek.core.store import Compare
-
+# -- small store helpers -----------------------------------------------------------
+def _cmp_rev(key: str, rev: int) -> Compare:
     return Compare(key, "mod_revision", "==", rev)
 
 
-def _cmp_version(key: str, version: int) -> Any:
-    from popek.core.store import Compare
-
+def _cmp_version(key: str, version: int) -> Compare:
     return Compare(key, "version", "==", version)
 
 
-def _cmp_exists(key: str) -> Any:
+def _cmp_exists(key: str) -> Compare:
     """The network record still exists (a port is never left on a deleted network)."""
-    from popek.core.store import Compare
-
     return Compare(key, "version", ">", 0)
 
 
-def _put(key: str, value: bytes) -> Any:
-    from popek.core.store import Put
-
+def _put(key: str, value: bytes) -> Put:
     return Put(key, value)
 
 
-def _delete(key: str, prefix: bool = False) -> Any:
-    from popek.core.store import Delete
-
+def _delete(key: str, prefix: bool = False) -> Delete:
     return Delete(key, prefix)

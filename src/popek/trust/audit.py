@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from popek import paths
+from popek.state.schema import AUDIT_ALARM_KEY, AUDIT_HEAD_KEY
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now
 
-HEAD_KEY = "/popek/audit/head"
-ALARM_KEY = "/popek/audit/alarm"  # set once when an append finds the tail tampered with
+HEAD_KEY = AUDIT_HEAD_KEY
+ALARM_KEY = AUDIT_ALARM_KEY  # set once when an append finds the tail tampered with
 CHECKPOINT_EVERY = 32
 GENESIS = "0" * 64
 _FIELDS = ("seq", "time", "actor", "op", "target", "params", "result", "prev")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from popek.errors import InvalidInput
 from popek.images.image import SIG_NAME
+from popek.state.schema import PROJECTS_PREFIX, SERIALS_PREFIX
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now, parse_time
 
 if TYPE_CHECKING:
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 
 SIG_FORMAT = 1
-SERIALS = "/popek/trust/serials/"
-PROJECTS = "/popek/trust/projects/"
+SERIALS = SERIALS_PREFIX
+PROJECTS = PROJECTS_PREFIX
 DEFAULT_DAYS = 365
 _STATEMENT_KEYS = frozenset({"name", "version", "created", "expires", "serial", "signer",
                              "cmdline", "files", "manifest_sha256"})

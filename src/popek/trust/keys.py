@@ -29,11 +29,13 @@ from typing import TYPE_CHECKING
 
 from popek import paths
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError
+from popek.state.schema import TRUST_KEYS_PREFIX, VERIFIED_PREFIX
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from popek.core.store import StateStore
+    from popek.state.store import StateStore
+
 
 ROLES = ("image", "policy", "audit", "attestation")
 PURPOSES = {
@@ -44,9 +46,8 @@ PURPOSES = {
 }
 KEY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 KEY_NAME_RULE = "1-63 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-PREFIX = "/popek/trust/keys/"
+PREFIX = TRUST_KEYS_PREFIX
 #: signatures already checked: sha256 of (purpose, key, signature, payload) -> "1"
-VERIFIED_PREFIX = "/popek/trust/verified/"
 DEFAULT_DAYS = 3650
 # Keys popek makes for itself on first use, one per role.
 HOST_KEYS = {role: f"host-{role}" for role in ROLES}

@@ -35,10 +35,11 @@ from typing import Any
 
 from popek import __version__
 from popek.errors import InvalidInput
+from popek.state.schema import BINHASH_PREFIX
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now, parse_time
 
 MEASUREMENT_FILE = "measurement.json"
-BINHASH = "/popek/trust/binhash/"
+BINHASH = BINHASH_PREFIX
 QUOTE_MAX_AGE = 300  # seconds a quote is accepted after it was made
 NONCE_BYTES = (16, 64)
 

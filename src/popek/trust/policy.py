@@ -28,13 +28,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from popek.core.model import check_label
-from popek.core.store import Put
 from popek.errors import InvalidInput, PopekError
+from popek.names import check_label
+from popek.state.schema import POLICY_FLOOR_KEY, POLICY_KEY
+from popek.state.store import Put
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now
 
-POLICY_KEY = "/popek/policy/current"
-FLOOR_KEY = "/popek/policy/version"  # highest version applied; never decreases
+FLOOR_KEY = POLICY_FLOOR_KEY  # highest version applied; never decreases
 MODES = ("enforcing", "permissive")
 SHARE_KINDS = ("network", "volume", "channel")
 ACTIONS = ("run", "network", "volume", "channel")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from popek.errors import StoreError
+from popek.errors import StoreError, StoreUnavailable
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -196,7 +196,7 @@ class SQLiteStore:
                 self._db.execute("PRAGMA journal_mode=WAL")  # persistent: set once
                 self._db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the state store {path}: {exc}") from exc
+            raise StoreUnavailable(f"cannot open the state store {path}: {exc}") from exc
 
     def close(self) -> None:
         """Close the database connection."""
@@ -266,7 +266,7 @@ class SQLiteStore:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path} is busy or broken: {exc}") from exc
+            raise StoreUnavailable(f"state store {self.path} is busy or broken: {exc}") from exc
 
     def _apply(self, op: Op, rev: int) -> tuple[int, KeyValue | None]:
         if isinstance(op, Put):

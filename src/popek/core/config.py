@@ -1,0 +1,86 @@
+"""Instance configuration: the keys ``popek config set`` accepts and their checks.
+
+:func:`apply` changes an instance's spec in memory and says what the change
+needs on a running instance; :class:`popek.core.instances.Instances` writes
+it and, where the engine can, applies it live.  An invalid key or value
+raises :class:`InvalidInput` before anything is changed.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from popek.core.host import check_resources
+from popek.core.lifecycle import State
+from popek.core.model import Instance, check_label
+from popek.errors import InvalidInput, StateError
+from popek.units import parse_size
+
+CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "label")
+MAX_PIDS = 1 << 22
+
+
+class Live(Enum):
+    """What a change needs while the instance runs."""
+
+    RESIZE = "resize"   # the engine applies the new limits (refused without the capability)
+    SHAPE = "shape"     # the host side of the ports is shaped again
+    NONE = "none"       # nothing (only allowed while stopped)
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid {what} {value!r}: expected a whole number") from exc
+
+
+def check_limits(limits: dict[str, int]) -> dict[str, int]:
+    """Validate extra limits (``pids``: 16 to 4194304; ``net``: bit/s); return them."""
+    from popek.network.shaping import check_rate
+
+    for key, value in limits.items():
+        if key == "net":
+            check_rate(value)
+        elif key != "pids":
+            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net")
+        elif not 16 <= value <= MAX_PIDS:
+            raise InvalidInput(f"invalid limits.pids {value}: must be from 16 to {MAX_PIDS}")
+    return limits
+
+
+def apply(inst: Instance, key: str, value: str) -> Live:
+    """Set ``key`` to ``value`` in ``inst``'s spec; return what a running instance needs."""
+    spec = inst.spec
+    if key == "limits.memory":
+        spec.memory = parse_size(value, "limits.memory")
+        check_resources(spec.vcpus, spec.memory)
+        return Live.RESIZE
+    if key == "limits.cpu":
+        try:
+            spec.vcpus = int(value)
+        except ValueError as exc:
+            raise InvalidInput(f"invalid limits.cpu {value!r}: expected a whole number of "
+                               "CPUs, from 1 to this host's count") from exc
+        check_resources(spec.vcpus, spec.memory)
+        return Live.RESIZE
+    if key == "limits.pids":
+        spec.limits = check_limits({**spec.limits, "pids": _int(value, "limits.pids")})
+        return Live.RESIZE
+    if key == "limits.net":
+        from popek.network.shaping import parse_rate
+
+        limits = dict(spec.limits)
+        if value.lower() in ("none", "0", "off"):
+            limits.pop("net", None)
+        else:
+            limits["net"] = parse_rate(value)
+        spec.limits = check_limits(limits)
+        return Live.SHAPE
+    if key == "label":
+        if inst.state != State.STOPPED:
+            raise StateError(inst.name, "change the label of", inst.state.value,
+                             (State.STOPPED.value,))
+        spec.label = check_label(value)
+        return Live.NONE
+    raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")

@@ -1,0 +1,102 @@
+"""Reconcile: settle instance records with what the host says.
+
+An engine process that died marks its instance ``stopped`` with the reason;
+an intent whose popek process died is completed (delete) or rolled back
+(start) or settled by what the engine says (stop, start that got as far as
+a live guest).  It runs as an explicit step, once per command, on the
+instances the command touches (:meth:`Reconciler.run` with names) or on
+every instance when the command reads them all.
+
+Before it changes anything, a reconcile *claims* the record
+(:meth:`popek.core.records.Records.claim`): a compare-and-swap on the
+revision it read.  A launch or stop that finishes in between changes that
+revision, the claim fails, and the finished operation is left alone: a
+stale copy of a record never causes a cleanup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from popek.core.lifecycle import ACTIVE, State
+from popek.core.model import DEFAULT_PROJECT, Instance
+from popek.core.records import Records
+from popek.engines import Engine, LaunchSpec
+from popek.errors import ConflictError
+from popek.state.owners import live_owner
+from popek.state.schema import instance_key
+
+#: the states a reconcile looks at: an active instance, or an intent to delete
+WATCHED = (*ACTIVE, State.DELETING)
+
+
+class Reconciler:
+    """Settles records of instances whose engine process or owning popek process died."""
+
+    def __init__(self, records: Records, engine_for: Callable[[Instance], Engine],
+                 spec_for: Callable[[Instance, bool], LaunchSpec],
+                 purge: Callable[[Instance], None], kill: Callable[[Instance], None]) -> None:
+        """``spec_for(inst, full)`` builds a launch spec (``full=False``: no image, no ports);
+        ``purge`` removes what an instance left; ``kill`` ends its engine process."""
+        self.records, self.engine_for, self.spec_for = records, engine_for, spec_for
+        self.purge, self.kill = purge, kill
+
+    def run(self, names: Iterable[str] | None = None) -> list[str]:
+        """Settle ``names`` (every instance when ``None``); return a line per change made."""
+        if names is None:
+            pairs = self.records.all_with_revisions(None)
+        else:
+            pairs = []
+            for name in names:
+                kv = self.records.store.get(instance_key(DEFAULT_PROJECT, name))
+                if kv is not None:
+                    pairs.append((Instance.from_json(kv.value), kv.mod_revision))
+        changes = []
+        for inst, rev in pairs:
+            change = self.one(inst, rev)
+            if change:
+                changes.append(change)
+        return changes
+
+    def one(self, inst: Instance, rev: int) -> str:
+        """Settle one record read at ``rev``; return what was done ("" for nothing)."""
+        if inst.state not in WATCHED:
+            return ""
+        if live_owner(self.records.owner(inst)) is not None:
+            return ""  # an operation is in progress in another popek process
+        eng = self.engine_for(inst)
+        if inst.state in (State.RUNNING, State.PAUSED) and inst.runtime is not None and \
+                eng.liveness(self.spec_for(inst, False), inst.runtime).alive:
+            return ""  # the common case, decided without reading images or ports
+        if not self.records.claim(inst, rev):
+            return ""  # changed since it was read: whoever changed it settled it
+        try:
+            return self._settle(inst, rev, eng)
+        except ConflictError:
+            return ""
+
+    def _settle(self, inst: Instance, rev: int, eng: Engine) -> str:
+        spec = self.spec_for(inst, True)
+        if inst.state == State.DELETING:
+            if inst.runtime:
+                self.kill(inst)
+            self.purge(inst)
+            return f"{inst.name}: finished an interrupted delete"
+        if inst.runtime is None:
+            eng.cleanup(spec)
+            self.records.finish(inst, rev, State.STOPPED, "start interrupted",
+                                "the start was interrupted (popek exited before the guest "
+                                "was ready)")
+            return f"{inst.name}: interrupted start rolled back"
+        live = eng.liveness(spec, inst.runtime)
+        if live.alive:
+            if inst.state in (State.STARTING, State.STOPPING):
+                self.records.finish(inst, rev, State.RUNNING, f"{inst.state.value} interrupted")
+                return f"{inst.name}: interrupted operation settled as running"
+            self.records.release(inst)
+            return ""
+        reason = "stopped on request" if inst.state == State.STOPPING else live.reason
+        eng.cleanup(spec)
+        inst.runtime = None
+        self.records.finish(inst, rev, State.STOPPED, "engine exited", reason)
+        return f"{inst.name}: stopped ({reason})"

@@ -1,0 +1,159 @@
+"""Instance records and intents in the state store.
+
+Every mutating operation follows one pattern: check the transition, write
+the intent (``starting``, ``stopping``, ``deleting``) together with an owner
+key naming the popek process that carries it out, act, then write the
+outcome and drop the owner key.  Each write is a compare-and-swap on the
+record's ``mod_revision``: a lost compare raises
+:class:`~popek.errors.ConflictError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from popek.core.ids import free_uid
+from popek.core.lifecycle import State, transition
+from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
+from popek.errors import AlreadyExists, ConflictError, NotFound
+from popek.state.owners import Owner, live_owner
+from popek.state.schema import instance_key, instances_prefix, owner_key, uid_key
+from popek.state.store import Compare, Delete, KeyValue, Put, StateStore
+
+#: events kept in an instance's history
+HISTORY = 20
+
+
+def now() -> str:
+    """The current UTC time as recorded in histories."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _conflict(name: str) -> ConflictError:
+    return ConflictError(f"instance {name!r} was changed by another operation at the same "
+                         "time; look at popek info and retry")
+
+
+def owner_of(inst: Instance) -> str:
+    """The owner key of ``inst``'s intents."""
+    return owner_key(inst.project, inst.name)
+
+
+class Records:
+    """Reads and compare-and-swap writes of instance records."""
+
+    def __init__(self, store: StateStore) -> None:
+        """Work on ``store``."""
+        self.store = store
+
+    def load(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int]:
+        """Return instance ``name`` and its revision; raise :class:`NotFound`."""
+        kv = self.store.get(instance_key(project, name))
+        if kv is None:
+            names = [i.name for i in self.all(project)]
+            known = ", ".join(names) if names else "none"
+            raise NotFound(f"instance {name!r} not found; existing instances: {known}")
+        return Instance.from_json(kv.value), kv.mod_revision
+
+    def all(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
+        """Return every instance (of ``project``), sorted by name."""
+        return [Instance.from_json(kv.value) for kv in self.store.range(instances_prefix(project))]
+
+    def all_with_revisions(self, project: str | None = None) -> list[tuple[Instance, int]]:
+        """Every instance (of ``project``) with its record's ``mod_revision``."""
+        return [(Instance.from_json(kv.value), kv.mod_revision)
+                for kv in self.store.range(instances_prefix(project))]
+
+    def exists(self, name: str, project: str = DEFAULT_PROJECT) -> bool:
+        """Whether instance ``name`` has a record."""
+        return self.store.get(instance_key(project, name)) is not None
+
+    def owner(self, inst: Instance) -> KeyValue | None:
+        """The owner key of ``inst``'s intent in progress, if any."""
+        return self.store.get(owner_of(inst))
+
+    def save(self, inst: Instance, revision: int, event: str) -> int:
+        """Write ``inst`` (with ``event`` in its history) if unchanged since ``revision``."""
+        inst.history = [*inst.history, {"time": now(), "event": event}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", revision)],
+                             [Put(inst.key, inst.to_json())])
+        if not res.succeeded:
+            raise _conflict(inst.name)
+        return res.revision
+
+    def intent(self, name: str, operation: str) -> tuple[Instance, int]:
+        """Check and record the intent of ``operation`` on ``name``; return it with its revision."""
+        inst, rev = self.load(name)
+        inst.state = transition(name, inst.state, operation)
+        inst.reason = ""
+        owner = Owner.me()
+        inst.history = [*inst.history, {"time": now(), "event": f"{operation} requested",
+                                        "owner": str(owner.pid)}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", rev)],
+                             [Put(inst.key, inst.to_json()), Put(owner_of(inst),
+                                                                 owner.to_bytes())])
+        if not res.succeeded:
+            raise _conflict(name)
+        return inst, res.revision
+
+    def claim(self, inst: Instance, revision: int) -> bool:
+        """Take over ``inst``'s settled intent for this process, if nobody changed it.
+
+        Succeeds only when the record is still at ``revision`` and its owner
+        key is the one read with it (or none): a reconcile acts on an
+        instance only after this, so a launch that finished in between is
+        never undone.
+        """
+        current = self.store.get(owner_of(inst))
+        holder = live_owner(current)
+        if holder is not None and holder != Owner.me():
+            return False  # another process is settling it (or acting on it) now
+        guard = [Compare(inst.key, "mod_revision", "==", revision)]
+        guard.append(Compare(owner_of(inst), "mod_revision", "==", current.mod_revision)
+                     if current else Compare(owner_of(inst), "version", "==", 0))
+        return self.store.txn(guard, [Put(owner_of(inst), Owner.me().to_bytes())]).succeeded
+
+    def release(self, inst: Instance) -> None:
+        """Drop this process's claim on ``inst`` without changing the record."""
+        key = owner_of(inst)
+        self.store.txn([Compare(key, "value", "==", Owner.me().to_bytes())], [Delete(key)])
+
+    def finish(self, inst: Instance, revision: int, state: State, event: str,
+               reason: str = "") -> int:
+        """Write the outcome of an intent and drop its owner key."""
+        inst.state = state
+        inst.reason = reason
+        inst.history = [*inst.history, {"time": now(), "event": event}][-HISTORY:]
+        res = self.store.txn([Compare(inst.key, "mod_revision", "==", revision)],
+                             [Put(inst.key, inst.to_json()), Delete(owner_of(inst))])
+        if not res.succeeded:
+            raise _conflict(inst.name)
+        return res.revision
+
+    def create(self, name: str, spec: InstanceSpec, id_range: int,
+               image_version: str) -> tuple[Instance, int]:
+        """Write the new instance (state starting) with its own uid range, in one transaction."""
+        owner = Owner.me()
+        key = instance_key(DEFAULT_PROJECT, name)
+        for _ in range(10):
+            uid = free_uid(self.store, id_range)
+            inst = Instance(name=name, spec=spec, state=State.STARTING, uid=uid, created=now(),
+                            image_version=image_version,
+                            history=[{"time": now(), "event": "launch requested",
+                                      "owner": str(owner.pid)}])
+            res = self.store.txn(
+                [Compare(key, "version", "==", 0), Compare(uid_key(uid), "version", "==", 0)],
+                [Put(key, inst.to_json()), Put(uid_key(uid), key.encode()),
+                 Put(owner_of(inst), owner.to_bytes())],
+            )
+            if res.succeeded:
+                return inst, res.revision
+            if self.store.get(key) is not None:
+                raise AlreadyExists(f"instance {name!r} already exists; pick another name "
+                                    "or delete it first")
+        raise ConflictError("could not allocate a uid for the instance; retry")
+
+    def remove(self, inst: Instance) -> None:
+        """Delete the record, its uid reservation and its owner key."""
+        self.store.txn([], [Delete(inst.key), Delete(uid_key(inst.uid)),
+                            Delete(owner_of(inst))])

@@ -1,0 +1,24 @@
+"""The state at the bottom of popek: the store, its key schema, intent owners.
+
+Everything above (core, network, trust) is typed against
+:class:`~popek.state.store.StateStore`, the etcd-like protocol (revisions,
+compare-and-swap transactions, change replay), never against the SQLite
+class that implements it on one host; a cluster puts etcd behind the same
+protocol.  This package imports nothing of popek but the small shared
+helpers (:mod:`popek.errors`, :mod:`popek.paths`, :mod:`popek.proc`).
+"""
+
+from popek.state.store import (
+    Compare,
+    Delete,
+    Event,
+    KeyValue,
+    Op,
+    Put,
+    SQLiteStore,
+    StateStore,
+    TxnResult,
+)
+
+__all__ = ["Compare", "Delete", "Event", "KeyValue", "Op", "Put", "SQLiteStore", "StateStore",
+           "TxnResult"]

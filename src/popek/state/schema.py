@@ -1,0 +1,94 @@
+"""Every key popek keeps in the state store, in one place.
+
+The store is one flat, sorted key space (as etcd's).  Each owner of a
+concern builds its keys only through the functions and prefixes here, so
+that a reader sees the whole layout at once and no two concerns collide:
+
+==================================  =============================================
+``/popek/instances/P/NAME``         instance record (core)
+``/popek/owners/P/NAME``            the popek process that owns an intent (core)
+``/popek/uids/UID``                 host uid range allocated to an instance (core)
+``/popek/networks/NAME``            network record (network)
+``/popek/ports/NET/IFNAME``         port record (network)
+``/popek/leases/NET/IPV4``          IPv4 lease (network)
+``/popek/macs/MAC``                 MAC reservation (network)
+``/popek/netgen``                   generation of network create/delete (network)
+``/popek/trust/keys/NAME``          trust key (trust)
+``/popek/trust/verified/DIGEST``    signature already verified (trust)
+``/popek/trust/serials/...``        highest image serial seen per signer (trust)
+``/popek/trust/projects/P``         image trust settings of a project (trust)
+``/popek/trust/binhash/...``        measured engine binaries (trust)
+``/popek/policy/current``           the access control policy (trust)
+``/popek/policy/version``           the highest policy version applied (trust)
+``/popek/audit/head``               head of the audit chain (trust)
+``/popek/audit/alarm``              set when the audit log was found tampered with
+==================================  =============================================
+"""
+
+from __future__ import annotations
+
+ROOT = "/popek/"
+
+# -- instances (core) ------------------------------------------------------------
+INSTANCES_PREFIX = "/popek/instances/"
+OWNERS_PREFIX = "/popek/owners/"
+UID_PREFIX = "/popek/uids/"
+
+# -- networks ----------------------------------------------------------------------
+NETWORKS_PREFIX = "/popek/networks/"
+PORTS_PREFIX = "/popek/ports/"
+LEASES_PREFIX = "/popek/leases/"
+MACS_PREFIX = "/popek/macs/"
+#: bumped by every network create/delete: guards subnet and bridge choices (CAS)
+GENERATION_KEY = "/popek/netgen"
+
+# -- trust -------------------------------------------------------------------------
+TRUST_KEYS_PREFIX = "/popek/trust/keys/"
+VERIFIED_PREFIX = "/popek/trust/verified/"
+SERIALS_PREFIX = "/popek/trust/serials/"
+PROJECTS_PREFIX = "/popek/trust/projects/"
+BINHASH_PREFIX = "/popek/trust/binhash/"
+POLICY_KEY = "/popek/policy/current"
+POLICY_FLOOR_KEY = "/popek/policy/version"
+AUDIT_HEAD_KEY = "/popek/audit/head"
+AUDIT_ALARM_KEY = "/popek/audit/alarm"
+
+
+def instance_key(project: str, name: str) -> str:
+    """Return the store key of instance ``name`` in ``project``."""
+    return f"{INSTANCES_PREFIX}{project}/{name}"
+
+
+def instances_prefix(project: str | None = None) -> str:
+    """Return the store prefix of every instance (of one project, if given)."""
+    return f"{INSTANCES_PREFIX}{project}/" if project else INSTANCES_PREFIX
+
+
+def owner_key(project: str, name: str) -> str:
+    """Return the key naming the popek process that owns an intent on an instance."""
+    return f"{OWNERS_PREFIX}{project}/{name}"
+
+
+def uid_key(uid: int) -> str:
+    """Return the key that reserves the host uid range starting at ``uid``."""
+    return f"{UID_PREFIX}{uid}"
+
+
+def network_key(name: str) -> str:
+    """Store key of network ``name``."""
+    return f"{NETWORKS_PREFIX}{name}"
+
+
+def port_key(network: str, host_ifname: str) -> str:
+    """Store key of one port."""
+    return f"{PORTS_PREFIX}{network}/{host_ifname}"
+
+
+def lease_key(network: str, ipv4: str) -> str:
+    """Store key of one IPv4 lease (value: the instance that holds it)."""
+    return f"{LEASES_PREFIX}{network}/{ipv4}"
+
+
+def mac_key(mac: str) -> str:
+    """Store key that reserves one MAC address (value: the port key that uses it)."""
+    return f"{MACS_PREFIX}{mac}"
