@@ -15,6 +15,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests/unit -q -rs
 	$(PY) -m pytest tests/integration tests/security -q -rs
 
@@ -38,6 +39,7 @@ mutants: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -330,15 +330,22 @@ def test_reconcile_of_named_instances_touches_no_other(env: Env) -> None:
 
 # -- the race of issue 11 ------------------------------------------------------------
 class RacingStore(SQLiteStore):
-    """A store that runs ``hook`` once, just before the first read of an owner key."""
+    """A store that runs ``hook`` once, just before the first read of owner keys."""
 
     hook: Any = None
 
-    def get(self, key: str) -> KeyValue | None:
+    def _fire(self, key: str) -> None:
         if key.startswith("/popek/owners/") and self.hook is not None:
             hook, self.hook = self.hook, None
             hook()
+
+    def get(self, key: str) -> KeyValue | None:
+        self._fire(key)
         return super().get(key)
+
+    def range(self, prefix: str) -> list[KeyValue]:
+        self._fire(prefix)
+        return super().range(prefix)
 
 
 def test_reconcile_interleaved_with_a_finishing_launch_leaves_it_running(
@@ -405,3 +412,77 @@ def _spec() -> Any:
     from popek.core.model import InstanceSpec
 
     return InstanceSpec("minimal", "fake", 1, 128 << 20)
+
+
+# -- a command's cost does not grow with the instance count ---------------------------
+class CountingStore(SQLiteStore):
+    """A store that counts the reads of whole instance ranges."""
+
+    full_reads = 0
+
+    def range(self, prefix: str) -> list[KeyValue]:
+        if prefix.startswith("/popek/instances/"):
+            self.full_reads += 1
+        return super().range(prefix)
+
+
+def test_launch_and_start_read_no_instance_records_but_their_own(env: Env) -> None:
+    env.store = CountingStore(env.store.path)
+    for i in range(3):
+        launch(env, f"n{i}")
+    insts = env.instances()
+    insts.stop("n1")
+    before = env.store.full_reads
+    launch(env, "last")
+    env.instances().start("n1")
+    assert env.store.full_reads == before, "a launch or start read every instance record"
+    active = {a.name: a for a in env.instances().records.active()}
+    assert set(active) == {"n0", "n1", "n2", "last"}
+    assert active["last"].cpus == tuple(env.instances().get("last").runtime.details["cpus"])
+
+
+def test_the_active_index_follows_every_state_change(env: Env) -> None:
+    insts = launch(env)
+    assert [a.name for a in insts.records.active()] == ["web"]
+    insts.stop("web")
+    assert insts.records.active() == []
+    insts.start("web")
+    env.engine.alive["web"] = False
+    insts.reconcile()
+    assert insts.records.active() == []
+    insts.start("web")
+    insts.delete("web", force=True)
+    assert insts.records.active() == [] and env.store.range("/popek/active/") == []
+
+
+def test_an_index_missing_from_an_older_store_is_built_once(env: Env) -> None:
+    launch(env, "a")
+    launch(env, "b")
+    env.instances().stop("b")
+    env.store.delete("/popek/active/", prefix=True)
+    env.store.delete("/popek/active-index")
+    assert [a.name for a in env.instances().records.active()] == ["a"]
+
+
+POLICY = """version = 2
+mode = "enforcing"
+labels = ["default", "bank-a", "bank-b"]
+
+[[conflict]]
+name = "banks"
+labels = ["bank-a", "bank-b"]
+"""
+
+
+def test_a_denial_caused_by_a_dead_instance_is_settled_and_decided_again(env: Env) -> None:
+    from popek.trust.policy import PolicyDenied, PolicyStore
+
+    PolicyStore(TrustStore(env.store)).apply(POLICY, None)
+    launch(env, "a", label="bank-a")
+    with pytest.raises(PolicyDenied, match="conflicts with running label 'bank-a'"):
+        launch(env, "b", label="bank-b")
+    env.engine.alive["a"] = False  # a died; its record still says running
+    launch(env, "b", label="bank-b")
+    insts = env.instances()
+    assert insts.get("a").state == State.STOPPED
+    assert insts.get("b").state == State.RUNNING

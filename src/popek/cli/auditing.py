@@ -1,10 +1,14 @@
-"""Which ``popek`` commands are written to the audit log, and as what.
+"""The audit of command lines that never reached the core.
 
-Every command is audited except the read-only ones listed in
-:data:`READ_ONLY`, so a new command is audited unless someone decides
-otherwise.  The operation is the command path (``instance.launch``,
-``network.create``, ``trust.revoke``...), the target its first argument, the
-parameters the digest of the whole command line.
+Every request that reaches :meth:`popek.core.service.Core.handle` is audited
+there.  A command that fails before it builds its request (a usage error,
+an unknown option, a size that does not parse) is audited here instead, so
+that every attempt leaves a record: every command except the read-only ones
+listed in :data:`READ_ONLY`, so a new command is audited unless someone
+decides otherwise.  The operation is the command path (``instance.launch``,
+``network.create``, ``trust.revoke``...), the same name the core's request
+uses, the target its first argument, the parameters the digest of the whole
+command line.
 """
 
 from __future__ import annotations

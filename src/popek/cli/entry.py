@@ -88,6 +88,8 @@ def _fast(args: list[str], verb: str, values: dict[str, object]) -> NoReturn:
     path = verb.split()
 
     def audit(code: int, error: str) -> None:
+        if ops.audited():
+            return  # the core audited the request itself
         op = auditing.operation(path, args[len(path):])
         if op is not None:
             arguments = [p["name"] for p in spec["params"] if p["kind"] == "argument"]

@@ -16,8 +16,7 @@ from popek.cli import ops
 from popek.cli.common import check_format, print_table
 from popek.cli.network import app as network_app
 from popek.cli.sandbox import app as sandbox_app
-from popek.cli.trust import attest, audit_app, image_sign, policy_app, sign_built, trust_app
-from popek.errors import PopekError
+from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
 
 app = typer.Typer(
     name="popek", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -120,13 +119,14 @@ def console(
     log: bool = typer.Option(False, "--log", help="Print what the console wrote, then exit."),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
-    insts = ops.instances(name)
     if log:
-        sys.stdout.buffer.write(insts.console_log(name))
+        sys.stdout.buffer.write(ops.instances(name).console_log(name))
         sys.stdout.flush()
         return
+    from popek.core.requests import Console
+
     print(f"Attached to {name}'s console; press Ctrl-] to detach.", file=sys.stderr)
-    insts.console(name)
+    ops.core().handle(Console(name))
     print("\nDetached.", file=sys.stderr)
 
 
@@ -168,7 +168,9 @@ def config_set(
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
-    ops.instances(name).config_set(name, key, value)
+    from popek.core.requests import ConfigSet
+
+    ops.core().handle(ConfigSet(name, key=key, value=value))
     print(f"Instance {name}: {key} = {value}.")
 
 
@@ -226,11 +228,12 @@ def image_build(
                                               "host's image key)."),
 ) -> None:
     """Build an image from Debian packages (and sign it)."""
-    from popek.images import ImageStore
+    from popek.core.requests import ImageBuild
 
     with ops.progress(f"building image {name}") as progress:
-        image = ImageStore().build(name, progress=progress, force=force)
-    signed = sign_built(image.name, key) if sign else "not signed"
+        built = ops.core().handle(ImageBuild(name, force=force, sign=sign, key=key,
+                                             progress=progress))
+    image, signed = built.image, _signed(built.signature)
     print(f"Image {image.name} {image.manifest.version} built at {image.path}, {signed}.")
 
 
@@ -246,13 +249,12 @@ def image_import(
                                               "host's image key)."),
 ) -> None:
     """Import a root filesystem or an OCI image as a container image (and sign it)."""
-    from pathlib import Path
-
-    from popek.images import ImageStore
+    from popek.core.requests import ImageImport
 
     with ops.progress(f"importing {file}") as progress:
-        image = ImageStore().import_file(Path(file), name, progress=progress, force=force)
-    signed = sign_built(image.name, key) if sign else "not signed"
+        built = ops.core().handle(ImageImport(file, name, force=force, sign=sign, key=key,
+                                              progress=progress))
+    image, signed = built.image, _signed(built.signature)
     print(f"Image {image.name} imported at {image.path} ({', '.join(image.kinds())}), "
           f"{signed}.")
 
@@ -301,23 +303,28 @@ def image_info(name: str) -> None:
 @image_app.command("delete")
 def image_delete(name: str) -> None:
     """Delete an image (refused while instances use it)."""
-    from popek.images import ImageStore
+    from popek.core.requests import ImageDelete
 
-    users = ops.instances().image_in_use(name)
-    if users:
-        raise PopekError(f"image {name!r} is used by instance(s) {', '.join(users)}; "
-                         "delete them first")
-    from popek.engines.container import rootfs
-
-    ImageStore().delete(name)
-    rootfs.prune()  # the image's container base, unless a container still uses it
+    ops.core().handle(ImageDelete(name))  # its container base goes too, unless still used
     print(f"Image {name} deleted.")
 
 
+def _signed(signature: Any) -> str:
+    """How a built or imported image was signed, for the user."""
+    if signature is None:
+        return "not signed"
+    return f"signed by {signature.signer} (serial {signature.serial})"
+
+
 def _audit(command: Any, args: list[str], code: int, error: str) -> None:
-    """Append the command to the audit log unless it is read-only (see cli.auditing)."""
+    """Audit a command that never reached the core (a usage error, a bad value).
+
+    A request that reached the core was audited there (see popek.core.service).
+    """
     from popek.cli.auditing import describe, record
 
+    if ops.audited():
+        return
     what = describe(command, args)
     if what is not None:
         record(what[0], what[1], args, code, error)

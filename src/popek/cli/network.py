@@ -41,7 +41,11 @@ def create(
                                         help="Instances on it cannot reach each other."),
 ) -> None:
     """Create a network: a bridge, DHCP/DNS, and port security rules."""
-    net = _networks().create(name, subnet=subnet, nat=nat, port_isolation=port_isolation)
+    from popek.cli.ops import core
+    from popek.core.requests import NetworkCreate
+
+    net = core().handle(NetworkCreate(name, subnet=subnet, nat=nat,
+                                      port_isolation=port_isolation))
     print(f"Network {net.name} created ({net.subnet}, gateway {net.gateway}, "
           f"bridge {net.bridge}).")
 
@@ -102,7 +106,10 @@ def delete(
     force: bool = typer.Option(False, "--force", help="Delete its ports too (detaches them)."),
 ) -> None:
     """Delete a network and everything it left on the host."""
-    _networks().delete(name, force=force)
+    from popek.cli.ops import core
+    from popek.core.requests import NetworkDelete
+
+    core().handle(NetworkDelete(name, force=force))
     print(f"Network {name} deleted.")
 
 
@@ -113,9 +120,10 @@ def attach(
     ip: str = typer.Option(None, "--ip", help="A static IPv4 address on the network."),
 ) -> None:
     """Give an instance a port on a network; a running instance gets it at once."""
-    from popek.cli.ops import instances
+    from popek.cli.ops import core
+    from popek.core.requests import Attach
 
-    port = instances(instance).attach(instance, name, ipv4=ip)
+    port = core().handle(Attach(network=name, instance=instance, ipv4=ip))
     print(f"Instance {instance} attached to {name}: {port.ipv4} ({port.mac}).")
 
 
@@ -125,7 +133,8 @@ def detach(
     instance: str = typer.Argument(..., help="The instance to detach."),
 ) -> None:
     """Remove an instance's port on a network (unplugged first if it runs)."""
-    from popek.cli.ops import instances
+    from popek.cli.ops import core
+    from popek.core.requests import Detach
 
-    instances(instance).detach(instance, name)
+    core().handle(Detach(network=name, instance=instance))
     print(f"Instance {instance} detached from {name}.")

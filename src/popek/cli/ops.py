@@ -19,17 +19,33 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from popek.core.instances import Instances
+    from popek.core.service import Core
+
+#: the cores this command made: the CLI audits on its own only what reached none of them
+CORES: list[Core] = []
+
+
+def core() -> Core:
+    """popek on this host (``POPEK_HOME``): every mutating command runs through it."""
+    from popek.core.service import Core
+
+    made = Core()
+    CORES.append(made)
+    return made
+
+
+def audited() -> bool:
+    """Whether the core audited a request of this command."""
+    return any(c.audited for c in CORES)
 
 
 def instances(*names: str) -> Instances:
-    """The instance manager of this host (``POPEK_HOME``), with ``names`` reconciled.
+    """The instances of this host, for a command that only reads, with ``names`` reconciled.
 
-    Reconcile is this command's one explicit step: the instances it names,
-    or every instance when it names none (list, launch).
+    Reconcile is the command's one explicit step: the instances it names,
+    or every instance when it names none (list).
     """
-    from popek.core.instances import Instances
-
-    insts = Instances()
+    insts = core().instances
     insts.reconcile(names or None)
     return insts
 
@@ -78,11 +94,13 @@ def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container
         from popek.network.shaping import parse_rate
 
         limits["net"] = parse_rate(net_rate)
+    from popek.core.requests import Launch
+
     with progress(f"launching {name}") as step:
-        inst = instances().launch(image, name, vcpus=vcpus, memory=mem, accel=accel,
-                                  engine=engine, runtime=runtime, limits=limits,
-                                  mounts=mount, networks=network,
-                                  ready_timeout=timeout, progress=step, label=label)
+        inst = core().handle(Launch(
+            image=image, name=name, vcpus=vcpus, memory=mem, accel=accel, engine=engine,
+            runtime=runtime, limits=limits, mounts=tuple(mount), networks=tuple(network),
+            label=label, ready_timeout=timeout, progress=step))
     details = inst.runtime.details if inst.runtime else {}
     how = details.get("accel") or details.get("runtime") or "?"
     kind = "container" if container else "VM"
@@ -138,48 +156,60 @@ def info(name: str, fmt: str) -> None:
 
 def start(name: str, timeout: float) -> None:
     """Start a stopped instance."""
+    from popek.core.requests import Start
+
     with progress(f"starting {name}") as step:
-        instances(name).start(name, ready_timeout=timeout, progress=step)
+        core().handle(Start(name, ready_timeout=timeout, progress=step))
     print(f"Instance {name} is running.")
 
 
 def stop(name: str, force: bool, timeout: float) -> None:
     """Stop an instance: ACPI shutdown (SIGTERM) first, forced after ``timeout``."""
+    from popek.core.requests import Stop
+
     with progress(f"stopping {name}"):
-        how = instances(name).stop(name, force=force, timeout=timeout)
+        how = core().handle(Stop(name, force=force, timeout=timeout))
     print(f"Instance {name} stopped ({how}).")
 
 
 def restart(name: str, force: bool, timeout: float) -> None:
     """Stop an instance and start it again."""
+    from popek.core.requests import Restart
+
     with progress(f"restarting {name}") as step:
-        instances(name).restart(name, force=force, timeout=timeout, progress=step)
+        core().handle(Restart(name, force=force, timeout=timeout, progress=step))
     print(f"Instance {name} restarted.")
 
 
 def pause(name: str) -> None:
     """Freeze a running instance."""
-    instances(name).pause(name)
+    from popek.core.requests import Pause
+
+    core().handle(Pause(name))
     print(f"Instance {name} paused.")
 
 
 def resume(name: str) -> None:
     """Resume a paused instance."""
-    instances(name).resume(name)
+    from popek.core.requests import Resume
+
+    core().handle(Resume(name))
     print(f"Instance {name} resumed.")
 
 
 def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty: bool) -> int:
     """Run ``command`` in an instance with its stdio passed through; return its exit code."""
-    insts = instances(name)
+    from popek.core.requests import Exec
+
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not no_tty
-    code = insts.exec_stream(name, command, tty) if not no_stdin else None
-    if code is not None:
-        return code
-    stdin = b""
-    if not no_stdin and not sys.stdin.isatty():
-        stdin = sys.stdin.buffer.read()
-    result = insts.exec(name, command, stdin, timeout)
+
+    def read_stdin() -> bytes:
+        return b"" if no_stdin or sys.stdin.isatty() else sys.stdin.buffer.read()
+
+    result = core().handle(Exec(name, argv=tuple(command), timeout=timeout,
+                                stream=not no_stdin, tty=tty, stdin=read_stdin))
+    if isinstance(result, int):
+        return result
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
@@ -189,25 +219,18 @@ def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty:
 
 def delete(name: str, force: bool) -> None:
     """Delete an instance and everything it left on the host."""
-    instances(name).delete(name, force=force)
+    from popek.core.requests import Delete
+
+    core().handle(Delete(name, force=force))
     print(f"Instance {name} deleted.")
 
 
 def sandbox_run(command: list[str], profile: str, net: bool, ro: list[str] | None,
                 rw: list[str] | None, memory: str | None, timeout: float | None) -> int:
     """Run ``command`` in a sandbox with its stdio passed through; return its exit code."""
-    import os
+    from popek.core.requests import SandboxRun
 
-    from popek.engines.sandbox import RunOptions, check_bind_path
-    from popek.engines.sandbox import run as run_sandbox
-    from popek.errors import InvalidInput
-
-    if timeout is not None and timeout <= 0:
-        raise InvalidInput(f"--timeout {timeout:g}: allowed: a number of seconds > 0")
-    options = RunOptions(
-        network=net,
-        ro=tuple(check_bind_path(p, "--ro") for p in ro or []),
-        rw=tuple(check_bind_path(p, "--rw") for p in rw or []),
-        memory=None if memory is None else size(memory, "--memory size"), timeout=timeout,
-        env={k: os.environ[k] for k in ("TERM", "LANG") if k in os.environ})
-    return run_sandbox(profile, options, command)
+    return core().handle(SandboxRun(
+        command=tuple(command), profile=profile, network=net, ro=tuple(ro or ()),
+        rw=tuple(rw or ()), memory=None if memory is None else size(memory, "--memory size"),
+        timeout=timeout))

@@ -60,9 +60,11 @@ def keygen(
     days: int = typer.Option(3650, "--days", help="Days the key is valid."),
 ) -> None:
     """Make an Ed25519 key pair; its public key is trusted for ROLE at once."""
+    from popek.cli.ops import core
+    from popek.core.requests import KeyGen
     from popek.trust.keys import private_key_path
 
-    key = _trust().keygen(name, role, days)
+    key = core().handle(KeyGen(name, role, days))
     print(f"Key {key.name} ({key.role}) id {key.id}; private key {private_key_path(name)}.")
 
 
@@ -75,9 +77,12 @@ def add(
     days: int = typer.Option(3650, "--days", help="Days the key is trusted."),
 ) -> None:
     """Trust a public key made elsewhere."""
+    from popek.cli.ops import core
+    from popek.core.requests import KeyAdd
     from popek.trust.keys import public_raw_from_text
 
-    key = _trust().add(name, role, public_raw_from_text(_read(file, "public key")), days)
+    raw = public_raw_from_text(_read(file, "public key"))
+    key = core().handle(KeyAdd(name, role, raw, days))
     print(f"Key {key.name} ({key.role}) id {key.id} is trusted until {key.not_after}.")
 
 
@@ -104,14 +109,20 @@ def export(name: str) -> None:
 @trust_app.command()
 def remove(name: str) -> None:
     """Stop trusting the key NAME (what it signed is refused from now on)."""
-    key = _trust().remove(name)
+    from popek.cli.ops import core
+    from popek.core.requests import KeyRemove
+
+    key = core().handle(KeyRemove(name))
     print(f"Key {key.name} ({key.id[:16]}) removed from the trust store.")
 
 
 @trust_app.command()
 def revoke(name: str, reason: str = typer.Option("", "--reason", help="Why.")) -> None:
     """Revoke the key NAME for good: its signatures are refused, it cannot be re-added."""
-    key = _trust().revoke(name, reason)
+    from popek.cli.ops import core
+    from popek.core.requests import KeyRevoke
+
+    key = core().handle(KeyRevoke(name, reason))
     print(f"Key {key.name} ({key.id[:16]}) revoked on {key.revoked}.")
 
 
@@ -121,10 +132,10 @@ def allow_unsigned(
     off: bool = typer.Option(False, "--off", help="Require signed images again."),
 ) -> None:
     """Let PROJECT launch unsigned images (audited); --off requires signatures again."""
-    from popek.trust.audit import actor
-    from popek.trust.imagesig import set_allow_unsigned
+    from popek.cli.ops import core
+    from popek.core.requests import AllowUnsigned
 
-    set_allow_unsigned(_trust(), project, not off, actor())
+    core().handle(AllowUnsigned(project, allow=not off))
     print(f"Project {project}: unsigned images are "
           f"{'refused' if off else 'ALLOWED (signatures are still checked when present)'}.")
 
@@ -137,22 +148,11 @@ def image_sign(
     days: int = typer.Option(365, "--days", help="Days the signature is valid."),
 ) -> None:
     """Sign IMAGE's manifest with an image key."""
-    from popek.images import ImageStore
-    from popek.trust.imagesig import sign_image
+    from popek.cli.ops import core
+    from popek.core.requests import ImageSign
 
-    trust = _trust()
-    v = sign_image(trust, ImageStore().get(image), key or trust.host_key("image"), days)
+    v = core().handle(ImageSign(image, key, days))
     print(f"Image {image} signed by {v.signer} (serial {v.serial}).")
-
-
-def sign_built(name: str, key: str) -> str:
-    """Sign a just built or imported image; return a sentence for the user."""
-    from popek.images import ImageStore
-    from popek.trust.imagesig import sign_image
-
-    trust = _trust()
-    v = sign_image(trust, ImageStore().get(name), key or trust.host_key("image"))
-    return f"signed by {v.signer} (serial {v.serial})"
 
 
 # -- policy -------------------------------------------------------------------------
@@ -176,9 +176,10 @@ def apply(
     key: str = typer.Option("", "--key", help="Policy key name (default: this host's)."),
 ) -> None:
     """Check, sign and install a policy in one step (its version must increase)."""
-    from popek.trust.policy import PolicyStore
+    from popek.cli.ops import core
+    from popek.core.requests import PolicyApply
 
-    pol = PolicyStore(_trust()).apply(_read(file, "policy"), key or None)
+    pol = core().handle(PolicyApply(_read(file, "policy"), source=file, key=key))
     print(f"Policy version {pol.version} ({pol.mode}) is in force.")
 
 
@@ -233,9 +234,10 @@ def audit_verify() -> None:
 @audit_app.command("checkpoint")
 def audit_checkpoint() -> None:
     """Sign the current head of the chain now."""
-    from popek.trust.audit import AuditLog
+    from popek.cli.ops import core
+    from popek.core.requests import AuditCheckpoint
 
-    cp = AuditLog(_trust()).checkpoint()
+    cp = core().handle(AuditCheckpoint())
     print("The log is empty." if cp is None else f"Checkpoint at seq {cp['seq']} signed.")
 
 
@@ -265,9 +267,7 @@ def attest(
         print(f"Quote verified: instance {body['instance']} on {body['host']}, "
               f"measurement {body['measurement']}.")
         return
-    from popek.cli.ops import instances
+    from popek.cli.ops import core
+    from popek.core.requests import Attest
 
-    insts = instances(name)
-    inst = insts.get(name)
-    m = ms.read(insts.workdir(inst))
-    print(json.dumps(ms.quote(trust, f"{inst.project}/{inst.name}", m, nonce), indent=1))
+    print(json.dumps(core().handle(Attest(name, nonce=nonce)), indent=1))

@@ -12,14 +12,15 @@ never both pass however their commands interleave.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from popek import paths, proc
 from popek.core.guard import Guard
-from popek.core.lifecycle import ACTIVE
 from popek.core.model import Instance, parse_mount
 from popek.core.netglue import InstanceNetworks, owner_name, split_network
 from popek.core.records import Records
+from popek.errors import NotFound
+from popek.trust.policy import PolicyDenied
 
 
 class Access:
@@ -29,25 +30,44 @@ class Access:
         """Decide with ``guard`` over the instances of ``records`` and their ports."""
         self.guard, self.records, self.nets = guard, records, nets
 
-    def check_run(self, inst: Instance, networks: list[str]) -> None:
-        """The checks of a start: run beside the others, host channels, networks."""
+    def check_run(self, inst: Instance, networks: list[str],
+                  settle: Callable[[list[str]], object] | None = None) -> None:
+        """The checks of a start: run beside the others, host channels, networks.
+
+        The labels running are read from the active index.  When the policy
+        denies and ``settle`` is given, the other active instances are
+        reconciled (one may have died since its record was written) and the
+        decision is made once more on what is left.
+        """
+        try:
+            self._check_run(inst, networks)
+        except PolicyDenied:
+            if settle is None:
+                raise
+            others = [a.name for a in self.records.active() if a.name != inst.name]
+            if not settle(others):
+                raise
+            self._check_run(inst, networks)
+
+    def _check_run(self, inst: Instance, networks: list[str]) -> None:
         label = inst.spec.label
-        others = [i for i in self.records.all(None) if i.name != inst.name]  # read once
-        running = [i.spec.label for i in others if i.state in ACTIVE]
+        running = [a.label for a in self.records.active() if a.name != inst.name]
         self.guard.check(label, "run", "host", running=running)
         for m in inst.spec.mounts:
             self.guard.check(label, "channel", f"host-mount:{parse_mount(m)[0]}")
         for net in networks:
-            self.check_network(label, split_network(net)[0], inst, others)
+            self.check_network(label, split_network(net)[0], inst)
 
-    def check_network(self, label: str, network: str, inst: Instance | None = None,
-                      others: list[Instance] | None = None) -> None:
+    def check_network(self, label: str, network: str, inst: Instance | None = None) -> None:
         """May ``label`` join ``network`` beside the labels whose ports are on it."""
         me = owner_name(inst) if inst else ""
-        owners = {p.instance for p in self.nets.all_ports()
-                  if p.network == network and p.instance != me}
-        candidates = self.records.all(None) if others is None else others
-        sharers = [i.spec.label for i in candidates if owner_name(i) in owners]
+        owners = sorted({p.instance for p in self.nets.all_ports()
+                         if p.network == network and p.instance != me})
+        sharers = []
+        for owner in owners:
+            project, _, name = owner.partition("/")
+            with contextlib.suppress(NotFound):
+                sharers.append(self.records.load(name, project)[0].spec.label)
         self.guard.check(label, "network", network, sharers=sharers)
 
 

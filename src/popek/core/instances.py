@@ -130,8 +130,7 @@ class Instances:
         """The host CPUs for ``inst``: the least used by the other active instances."""
         from popek.core import placement
 
-        busy = [i.runtime.details.get("cpus", []) for i in self.all(None)
-                if i.state in ACTIVE and i.runtime is not None and i.name != inst.name]
+        busy = [list(a.cpus) for a in self.records.active() if a.name != inst.name]
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------
@@ -218,7 +217,7 @@ class Instances:
             self.nets.service.get(split_network(net)[0])  # missing: fail first
         verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
         with decision_lock():  # the decision holds until our record is there for the next one
-            self.access.check_run(probe, networks or [])
+            self.access.check_run(probe, networks or [], self.reconcile)
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
@@ -253,7 +252,8 @@ class Instances:
             image = self.images.get(inst.spec.image)
             verdict = self.guard.image(image, inst.spec.image, inst.project)
             with decision_lock():  # our intent (starting) is recorded: decide after it
-                self.access.check_run(inst, [p.network for p in self.nets.ports(inst)])
+                self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
+                                      self.reconcile)
             progress(f"booting {name}")
             self.nets.ensure_devices(inst)
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)

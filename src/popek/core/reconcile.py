@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterable
 
 from popek.core.lifecycle import ACTIVE, State
 from popek.core.model import DEFAULT_PROJECT, Instance
-from popek.core.records import Records
+from popek.core.records import Records, owner_of
 from popek.engines import Engine, LaunchSpec
 from popek.errors import ConflictError
 from popek.state.owners import live_owner
-from popek.state.schema import instance_key
+from popek.state.schema import OWNERS_PREFIX, instance_key
+from popek.state.store import KeyValue
 
 #: the states a reconcile looks at: an active instance, or an intent to delete
 WATCHED = (*ACTIVE, State.DELETING)
@@ -43,8 +44,10 @@ class Reconciler:
 
     def run(self, names: Iterable[str] | None = None) -> list[str]:
         """Settle ``names`` (every instance when ``None``); return a line per change made."""
+        owners: dict[str, KeyValue] | None = None
         if names is None:
             pairs = self.records.all_with_revisions(None)
+            owners = {kv.key: kv for kv in self.records.store.range(OWNERS_PREFIX)}
         else:
             pairs = []
             for name in names:
@@ -53,16 +56,20 @@ class Reconciler:
                     pairs.append((Instance.from_json(kv.value), kv.mod_revision))
         changes = []
         for inst, rev in pairs:
-            change = self.one(inst, rev)
+            change = self.one(inst, rev, owners)
             if change:
                 changes.append(change)
         return changes
 
-    def one(self, inst: Instance, rev: int) -> str:
-        """Settle one record read at ``rev``; return what was done ("" for nothing)."""
+    def one(self, inst: Instance, rev: int, owners: dict[str, KeyValue] | None = None) -> str:
+        """Settle one record read at ``rev``; return what was done ("" for nothing).
+
+        ``owners``: every owner key, read once for a reconcile of all instances.
+        """
         if inst.state not in WATCHED:
             return ""
-        if live_owner(self.records.owner(inst)) is not None:
+        owner = owners.get(owner_of(inst)) if owners is not None else self.records.owner(inst)
+        if live_owner(owner) is not None:
             return ""  # an operation is in progress in another popek process
         eng = self.engine_for(inst)
         if inst.state in (State.RUNNING, State.PAUSED) and inst.runtime is not None and \

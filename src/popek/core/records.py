@@ -10,15 +10,25 @@ record's ``mod_revision``: a lost compare raises
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from popek.core.ids import free_uid
-from popek.core.lifecycle import State, transition
+from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
 from popek.errors import AlreadyExists, ConflictError, NotFound
 from popek.state.owners import Owner, live_owner
-from popek.state.schema import instance_key, instances_prefix, owner_key, uid_key
-from popek.state.store import Compare, Delete, KeyValue, Put, StateStore
+from popek.state.schema import (
+    ACTIVE_INDEX_KEY,
+    ACTIVE_PREFIX,
+    active_key,
+    instance_key,
+    instances_prefix,
+    owner_key,
+    uid_key,
+)
+from popek.state.store import Compare, Delete, KeyValue, Op, Put, StateStore
 
 #: events kept in an instance's history
 HISTORY = 20
@@ -37,6 +47,25 @@ def _conflict(name: str) -> ConflictError:
 def owner_of(inst: Instance) -> str:
     """The owner key of ``inst``'s intents."""
     return owner_key(inst.project, inst.name)
+
+
+@dataclass(frozen=True)
+class Active:
+    """An active instance as the active index keeps it: what a launch decides on."""
+
+    name: str
+    project: str
+    label: str
+    cpus: tuple[int, ...]
+
+
+def _index_ops(inst: Instance) -> list[Op]:
+    """The writes that keep ``inst``'s entry of the active index in step with its record."""
+    key = active_key(inst.project, inst.name)
+    if inst.state not in ACTIVE:
+        return [Delete(key)]
+    cpus = inst.runtime.details.get("cpus", []) if inst.runtime else []
+    return [Put(key, json.dumps({"label": inst.spec.label, "cpus": list(cpus)}).encode())]
 
 
 class Records:
@@ -76,7 +105,7 @@ class Records:
         """Write ``inst`` (with ``event`` in its history) if unchanged since ``revision``."""
         inst.history = [*inst.history, {"time": now(), "event": event}][-HISTORY:]
         res = self.store.txn([Compare(inst.key, "mod_revision", "==", revision)],
-                             [Put(inst.key, inst.to_json())])
+                             [Put(inst.key, inst.to_json()), *_index_ops(inst)])
         if not res.succeeded:
             raise _conflict(inst.name)
         return res.revision
@@ -90,8 +119,8 @@ class Records:
         inst.history = [*inst.history, {"time": now(), "event": f"{operation} requested",
                                         "owner": str(owner.pid)}][-HISTORY:]
         res = self.store.txn([Compare(inst.key, "mod_revision", "==", rev)],
-                             [Put(inst.key, inst.to_json()), Put(owner_of(inst),
-                                                                 owner.to_bytes())])
+                             [Put(inst.key, inst.to_json()), *_index_ops(inst),
+                              Put(owner_of(inst), owner.to_bytes())])
         if not res.succeeded:
             raise _conflict(name)
         return inst, res.revision
@@ -125,7 +154,8 @@ class Records:
         inst.reason = reason
         inst.history = [*inst.history, {"time": now(), "event": event}][-HISTORY:]
         res = self.store.txn([Compare(inst.key, "mod_revision", "==", revision)],
-                             [Put(inst.key, inst.to_json()), Delete(owner_of(inst))])
+                             [Put(inst.key, inst.to_json()), *_index_ops(inst),
+                              Delete(owner_of(inst))])
         if not res.succeeded:
             raise _conflict(inst.name)
         return res.revision
@@ -144,7 +174,7 @@ class Records:
             res = self.store.txn(
                 [Compare(key, "version", "==", 0), Compare(uid_key(uid), "version", "==", 0)],
                 [Put(key, inst.to_json()), Put(uid_key(uid), key.encode()),
-                 Put(owner_of(inst), owner.to_bytes())],
+                 *_index_ops(inst), Put(owner_of(inst), owner.to_bytes())],
             )
             if res.succeeded:
                 return inst, res.revision
@@ -156,4 +186,29 @@ class Records:
     def remove(self, inst: Instance) -> None:
         """Delete the record, its uid reservation and its owner key."""
         self.store.txn([], [Delete(inst.key), Delete(uid_key(inst.uid)),
+                            Delete(active_key(inst.project, inst.name)),
                             Delete(owner_of(inst))])
+
+    def active(self) -> list[Active]:
+        """Every active instance (starting, running, paused, stopping), from the index.
+
+        Reads one small key per active instance instead of every record; a
+        store written before the index existed is indexed once, here.
+        """
+        if self.store.get(ACTIVE_INDEX_KEY) is None:
+            self._build_index()
+        out = []
+        for kv in self.store.range(ACTIVE_PREFIX):
+            project, _, name = kv.key[len(ACTIVE_PREFIX):].partition("/")
+            doc = json.loads(kv.value)
+            out.append(Active(name, project, str(doc["label"]),
+                              tuple(int(c) for c in doc["cpus"])))
+        return out
+
+    def _build_index(self) -> None:
+        ops: list[Op] = [Delete(ACTIVE_PREFIX, prefix=True)]
+        for inst in self.all(None):
+            if inst.state in ACTIVE:
+                ops += _index_ops(inst)
+        self.store.txn([Compare(ACTIVE_INDEX_KEY, "version", "==", 0)],
+                       [*ops, Put(ACTIVE_INDEX_KEY, b"1")])

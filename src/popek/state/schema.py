@@ -8,6 +8,8 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/instances/P/NAME``         instance record (core)
 ``/popek/owners/P/NAME``            the popek process that owns an intent (core)
 ``/popek/uids/UID``                 host uid range allocated to an instance (core)
+``/popek/active/P/NAME``            label and CPUs of an active instance (core's index)
+``/popek/active-index``             set once the active index covers every record
 ``/popek/networks/NAME``            network record (network)
 ``/popek/ports/NET/IFNAME``         port record (network)
 ``/popek/leases/NET/IPV4``          IPv4 lease (network)
@@ -33,6 +35,10 @@ ROOT = "/popek/"
 INSTANCES_PREFIX = "/popek/instances/"
 OWNERS_PREFIX = "/popek/owners/"
 UID_PREFIX = "/popek/uids/"
+#: one small key per active instance (label, CPUs), written in the same transaction
+#: as its record, so that a launch decides without reading every record
+ACTIVE_PREFIX = "/popek/active/"
+ACTIVE_INDEX_KEY = "/popek/active-index"
 
 # -- networks ----------------------------------------------------------------------
 NETWORKS_PREFIX = "/popek/networks/"
@@ -67,6 +73,11 @@ def instances_prefix(project: str | None = None) -> str:
 def owner_key(project: str, name: str) -> str:
     """Return the key naming the popek process that owns an intent on an instance."""
     return f"{OWNERS_PREFIX}{project}/{name}"
+
+
+def active_key(project: str, name: str) -> str:
+    """Return the key of an active instance's entry in the active index."""
+    return f"{ACTIVE_PREFIX}{project}/{name}"
 
 
 def uid_key(uid: int) -> str:

@@ -2,6 +2,14 @@
 
 ``run(profile_name, options, cmd)`` is the whole use; profiles are TOML files
 (see ``docs/SANDBOX.md``) under ``$POPEK_HOME/profiles``.
+
+Not an instance engine: a sandbox has no record, no lifecycle, no network
+port and no state to reconcile; it is a foreground process whose stdio and
+exit code are its caller's.  So it does not implement
+:class:`popek.engines.Engine` (whose every method is about a recorded
+instance) and is not returned by :func:`popek.engines.get_engine`; it is a
+service of its own, reached through one request,
+:class:`popek.core.requests.SandboxRun`, which core audits like any other.
 """
 
 from __future__ import annotations

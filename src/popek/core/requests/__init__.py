@@ -1,0 +1,35 @@
+"""Every request popek handles, by domain; run them with :meth:`popek.core.service.Core.handle`."""
+
+from popek.core.requests.images import Built, ImageBuild, ImageDelete, ImageImport, ImageSign
+from popek.core.requests.instances import (
+    Attach,
+    Attest,
+    ConfigSet,
+    Console,
+    Delete,
+    Detach,
+    Exec,
+    Launch,
+    Pause,
+    Restart,
+    Resume,
+    Start,
+    Stop,
+)
+from popek.core.requests.networks import NetworkCreate, NetworkDelete
+from popek.core.requests.sandbox import SandboxRun
+from popek.core.requests.trust import (
+    AllowUnsigned,
+    AuditCheckpoint,
+    KeyAdd,
+    KeyGen,
+    KeyRemove,
+    KeyRevoke,
+    PolicyApply,
+)
+
+__all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "ConfigSet",
+           "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete", "ImageImport",
+           "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
+           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "Restart", "Resume",
+           "SandboxRun", "Start", "Stop"]

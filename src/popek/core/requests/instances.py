@@ -1,0 +1,256 @@
+"""Requests on instances: their lifecycle, configuration, networks and sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from popek.core.model import DEFAULT_LABEL
+from popek.core.service import NOT_AUDITED, Progress, Request, _noop
+
+if TYPE_CHECKING:
+    from popek.core.model import Instance
+    from popek.core.service import Core
+    from popek.engines import ExecResult
+    from popek.network.model import Port
+
+
+R = TypeVar("R")
+
+
+def _no_input() -> bytes:
+    return b""
+
+
+@dataclass(frozen=True)
+class Launch(Request["Instance"]):
+    """Create instance ``name`` from ``image`` and start it."""
+
+    op = "instance.launch"
+    image: str
+    name: str
+    vcpus: int = 1
+    memory: int = 512 << 20
+    accel: str = "auto"
+    engine: str = "qemu"
+    runtime: str = "auto"
+    limits: dict[str, int] = field(default_factory=dict)
+    mounts: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+    label: str = DEFAULT_LABEL
+    ready_timeout: float = 180.0
+    progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+
+    def reconciles(self) -> list[str]:
+        """None up front: the launch decides on the active index, and reconciles the
+        other active instances only when the policy denies (see core.access)."""
+        return []
+
+    def run(self, core: Core) -> Instance:
+        """Launch it (see :meth:`popek.core.instances.Instances.launch`)."""
+        return core.instances.launch(
+            self.image, self.name, vcpus=self.vcpus, memory=self.memory, accel=self.accel,
+            engine=self.engine, runtime=self.runtime, limits=dict(self.limits),
+            mounts=list(self.mounts), networks=list(self.networks),
+            ready_timeout=self.ready_timeout, progress=self.progress, label=self.label)
+
+
+@dataclass(frozen=True)
+class _Named(Request[R]):
+    """A request on one existing instance, reconciled first."""
+
+    name: str
+
+    def reconciles(self) -> list[str]:
+        """The instance it names."""
+        return [self.name]
+
+
+@dataclass(frozen=True)
+class Start(_Named["Instance"]):
+    """Start a stopped instance and wait until its guest is ready."""
+
+    op = "instance.start"
+    ready_timeout: float = 180.0
+    progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+
+    def run(self, core: Core) -> Instance:
+        """Start it."""
+        return core.instances.start(self.name, self.ready_timeout, self.progress)
+
+
+@dataclass(frozen=True)
+class Stop(_Named[str]):
+    """Stop an instance: ACPI shutdown first, forced after ``timeout`` seconds."""
+
+    op = "instance.stop"
+    force: bool = False
+    timeout: float = 30.0
+
+    def run(self, core: Core) -> str:
+        """Stop it; return ``graceful`` or ``forced``."""
+        return core.instances.stop(self.name, self.force, self.timeout)
+
+
+@dataclass(frozen=True)
+class Restart(_Named["Instance"]):
+    """Stop an instance (if it runs) and start it again."""
+
+    op = "instance.restart"
+    force: bool = False
+    timeout: float = 30.0
+    ready_timeout: float = 180.0
+    progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+
+    def run(self, core: Core) -> Instance:
+        """Restart it."""
+        return core.instances.restart(self.name, self.force, self.timeout, self.ready_timeout,
+                                      self.progress)
+
+
+@dataclass(frozen=True)
+class Pause(_Named[None]):
+    """Freeze a running instance."""
+
+    op = "instance.pause"
+
+    def run(self, core: Core) -> None:
+        """Pause it."""
+        core.instances.pause(self.name)
+
+
+@dataclass(frozen=True)
+class Resume(_Named[None]):
+    """Unfreeze a paused instance."""
+
+    op = "instance.resume"
+
+    def run(self, core: Core) -> None:
+        """Resume it."""
+        core.instances.resume(self.name)
+
+
+@dataclass(frozen=True)
+class Delete(_Named[None]):
+    """Delete an instance and everything it left on the host."""
+
+    op = "instance.delete"
+    force: bool = False
+
+    def run(self, core: Core) -> None:
+        """Delete it (``force``: stop it first)."""
+        core.instances.delete(self.name, self.force)
+
+
+@dataclass(frozen=True)
+class ConfigSet(_Named["Instance"]):
+    """Change one setting of an instance (see :mod:`popek.core.config`)."""
+
+    op = "config.set"
+    key: str = ""
+    value: str = ""
+
+    def run(self, core: Core) -> Instance:
+        """Set it; a running instance gets it at once where the engine can."""
+        return core.instances.config_set(self.name, self.key, self.value)
+
+
+@dataclass(frozen=True)
+class Attach(Request["Port"]):
+    """Give ``instance`` a port on ``network`` (plugged in at once if it runs)."""
+
+    op = "network.attach"
+    network: str
+    instance: str
+    ipv4: str | None = None
+
+    def target(self) -> str:
+        """The network (as ``popek network attach NETWORK INSTANCE`` names it)."""
+        return self.network
+
+    def reconciles(self) -> list[str]:
+        """The instance."""
+        return [self.instance]
+
+    def run(self, core: Core) -> Port:
+        """Attach it."""
+        return core.instances.attach(self.instance, self.network, self.ipv4)
+
+
+@dataclass(frozen=True)
+class Detach(Request[None]):
+    """Remove ``instance``'s port on ``network`` (unplugged first if it runs)."""
+
+    op = "network.detach"
+    network: str
+    instance: str
+
+    def target(self) -> str:
+        """The network."""
+        return self.network
+
+    def reconciles(self) -> list[str]:
+        """The instance."""
+        return [self.instance]
+
+    def run(self, core: Core) -> None:
+        """Detach it."""
+        core.instances.detach(self.instance, self.network)
+
+
+# -- sessions with a guest: they change nothing, and are audited -----------------------
+@dataclass(frozen=True)
+class Exec(_Named["ExecResult | int"]):
+    """Run ``argv`` in a running instance.
+
+    With ``stream``, on the caller's stdio where the engine can (a
+    container): the result is the exit code.  Otherwise, or when the engine
+    cannot stream (a VM's guest agent), the whole output comes back as an
+    :class:`ExecResult`; its stdin is ``stdin()`` (read only then).
+    """
+
+    op = "session.exec"
+    session = True
+    argv: tuple[str, ...] = ()
+    timeout: float = 60.0
+    stream: bool = False
+    tty: bool = False
+    stdin: Callable[[], bytes] = field(default=_no_input, metadata=NOT_AUDITED, compare=False)
+
+    def run(self, core: Core) -> ExecResult | int:
+        """Run it through the engine."""
+        if self.stream:
+            code = core.instances.exec_stream(self.name, list(self.argv), self.tty)
+            if code is not None:
+                return code
+        return core.instances.exec(self.name, list(self.argv), self.stdin(), self.timeout)
+
+
+@dataclass(frozen=True)
+class Console(_Named[None]):
+    """Attach the caller's terminal to a running instance's console."""
+
+    op = "session.console"
+    session = True
+
+    def run(self, core: Core) -> None:
+        """Attach until the user detaches."""
+        core.instances.console(self.name)
+
+
+@dataclass(frozen=True)
+class Attest(_Named[dict[str, Any]]):
+    """Quote the instance's launch measurement over the verifier's ``nonce``."""
+
+    op = "session.attest"
+    session = True
+    nonce: str = ""
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Return the signed quote."""
+        from popek.trust import measure as ms
+
+        inst = core.instances.get(self.name)
+        m = ms.read(core.instances.workdir(inst))
+        return ms.quote(core.trust, f"{inst.project}/{inst.name}", m, self.nonce)

@@ -1,0 +1,167 @@
+"""The one service boundary of popek: typed requests, handled and audited in core.
+
+Every mutating operation (instances, images, networks, trust, policy,
+sandboxes) and every session with a guest is a :class:`Request`: a frozen
+dataclass that names its operation (``op``), its target and its parameters,
+and knows how to run against a :class:`Core`.  :meth:`Core.handle` is the
+only way front ends run one: it reconciles what the request touches, runs
+it, and appends one audit record, whether the request was allowed, denied
+or failed.  So the CLI, a program that imports popek and the REST server
+leave the same record for the same request::
+
+    from popek.core.requests import Launch, Stop
+    from popek.core.service import Core
+
+    core = Core()
+    core.handle(Launch(image="minimal", name="web", memory=256 << 20))
+    core.handle(Stop(name="web"))
+
+The record's ``params`` is the digest of the request's fields, those marked
+``audit=False`` left out (progress callbacks, the bytes of a command's
+stdin); ``result`` is ``ok``, ``denied: ...`` (the policy or a trust check
+refused), or ``error: TYPE: message``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from popek import paths
+from popek.errors import PopekError
+from popek.state.store import SQLiteStore, StateStore
+
+if TYPE_CHECKING:
+    from popek.core.instances import Instances
+    from popek.images import ImageStore
+    from popek.network import Networks
+    from popek.trust.audit import AuditLog
+    from popek.trust.keys import TrustStore
+
+R = TypeVar("R")
+Progress = Callable[[str], None]
+
+
+#: the metadata of a request field left out of the audit record's parameters
+NOT_AUDITED = {"audit": False}
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Request(Generic[R]):
+    """One operation asked of popek; subclasses set ``op`` and implement :meth:`run`."""
+
+    #: the audited operation, e.g. ``instance.launch``, ``network.create``
+    op: ClassVar[str] = ""
+    #: the request changes nothing and is a session with a guest (still audited)
+    session: ClassVar[bool] = False
+
+    def target(self) -> str:
+        """The object of the request (an instance, image, network, key...)."""
+        return str(getattr(self, "name", ""))
+
+    def params(self) -> dict[str, Any]:
+        """The request's audited fields."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("audit", True):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def reconciles(self) -> Iterable[str] | None:
+        """The instances to reconcile before running: ``[]`` none, ``None`` every one."""
+        return []
+
+    def run(self, core: Core) -> R:
+        """Carry the request out (called by :meth:`Core.handle` only)."""
+        raise NotImplementedError
+
+
+def result_of(exc: BaseException | None) -> str:
+    """The audit record's ``result`` for a request that raised ``exc`` (``None``: ok)."""
+    if exc is None:
+        return "ok"
+    from popek.trust.keys import TrustError
+    from popek.trust.policy import PolicyDenied
+
+    if isinstance(exc, PolicyDenied | TrustError):
+        return f"denied: {exc}"[:500]
+    if isinstance(exc, KeyboardInterrupt):
+        return "error: interrupted"
+    return f"error: {type(exc).__name__}: {exc}"[:500]
+
+
+class Core:
+    """popek on one host: the stores, and the handler of every request."""
+
+    def __init__(self, store: StateStore | None = None, instances: Instances | None = None,
+                 images: ImageStore | None = None) -> None:
+        """Open the state store under ``POPEK_HOME`` (or use the given parts)."""
+        self.store: StateStore = store or SQLiteStore(paths.state_db())
+        self._instances = instances
+        self._images = images
+        #: audit records this core appended (front ends check it: see cli.entry)
+        self.audited = 0
+
+    @cached_property
+    def instances(self) -> Instances:
+        """The instance service (no reconcile until a request asks for it)."""
+        if self._instances is not None:
+            return self._instances
+        from popek.core.instances import Instances
+
+        return Instances(self.store, self._images)
+
+    @cached_property
+    def images(self) -> ImageStore:
+        """The image store of this host."""
+        return self.instances.images
+
+    @cached_property
+    def trust(self) -> TrustStore:
+        """The trust store (keys, signatures) over the state store."""
+        return self.instances.guard.trust
+
+    @cached_property
+    def networks(self) -> Networks:
+        """The network service (built once; it reconciles the host network)."""
+        return self.instances.nets.service
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        """The audit log of this host."""
+        return self.instances.guard.audit
+
+    def handle(self, request: Request[R]) -> R:
+        """Reconcile what ``request`` touches, run it, audit it; return its result.
+
+        Raises what the request raised, after the failure was audited.
+        """
+        error: BaseException | None = None
+        try:
+            names = request.reconciles()
+            if names is None or list(names):
+                self.instances.reconcile(None if names is None else list(names))
+            return request.run(self)
+        except (PopekError, KeyboardInterrupt) as exc:
+            error = exc
+            raise
+        except Exception as exc:  # an internal fault is audited as such, then raised
+            error = exc
+            raise
+        finally:
+            self._record(request, error)
+
+    def _record(self, request: Request[Any], error: BaseException | None) -> None:
+        try:
+            self.audit.append(request.op, request.target(), request.params(), result_of(error))
+            self.audited += 1
+        except (OSError, PopekError) as exc:
+            print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)

@@ -1,0 +1,127 @@
+"""One service boundary: every request is audited in core, the same from every front end.
+
+The same request through the ``popek`` command line (a real subprocess, no
+command server) and through the library (``Core().handle``) in two fresh
+homes leaves records equal in operation, target, parameters and result.  A
+library caller who changes state leaves a record (before issue 11 it left
+none); allowed, denied and failed requests alike.  No root: trust requests
+need none, instance requests run on the fake engine of test_core_instances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popek.core.requests import AllowUnsigned, ConfigSet, KeyGen, Launch, PolicyApply, Stop
+from popek.core.service import Core
+from popek.errors import InvalidInput, NotFound
+from popek.trust.audit import AuditLog
+from popek.trust.policy import PolicyDenied
+from unit.test_core_instances import Env
+
+SAME = ("op", "target", "params", "result", "actor")
+POLICY = """version = {version}
+mode = "enforcing"
+labels = ["default", "web", "bank-a", "bank-b"]
+
+[[conflict]]
+name = "banks"
+labels = ["bank-a", "bank-b"]
+"""
+
+
+def records(home: Path) -> list[dict[str, Any]]:
+    log = home / "audit" / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "POPEK_HOME": str(home), "POPEK_CLI_SERVER": "off"}
+    return subprocess.run([sys.executable, "-m", "popek", *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def homes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    cli_home, lib_home = tmp_path / "cli", tmp_path / "lib"
+    monkeypatch.setenv("POPEK_HOME", str(lib_home))
+    yield cli_home, lib_home
+
+
+def mutating(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of requests (not the policy decisions they caused)."""
+    return [{k: r[k] for k in SAME} for r in recs if r["op"] != "policy.check"]
+
+
+@pytest.mark.parametrize(("argv", "request_", "stdin"), [
+    (["trust", "keygen", "k1", "--role", "image", "--days", "30"],
+     KeyGen("k1", "image", 30), ""),
+    (["trust", "keygen", "BAD!", "--role", "image"], KeyGen("BAD!", "image", 3650), ""),
+    (["trust", "allow-unsigned", "--project", "lab"], AllowUnsigned("lab", True), ""),
+    (["policy", "apply", "-"], PolicyApply(POLICY.format(version=3), source="-"),
+     POLICY.format(version=3)),
+])
+def test_cli_and_library_leave_the_same_record(homes: tuple[Path, Path], argv: list[str],
+                                               request_: Any, stdin: str) -> None:
+    cli_home, lib_home = homes
+    proc = cli(cli_home, *argv, stdin=stdin)
+    core = Core()
+    try:
+        core.handle(request_)
+        lib_error = ""
+    except (InvalidInput, NotFound) as exc:
+        lib_error = str(exc)
+    assert (proc.returncode != 0) == bool(lib_error), proc.stderr
+    if lib_error:
+        assert lib_error in proc.stderr
+    from_cli, from_lib = mutating(records(cli_home)), mutating(records(lib_home))
+    assert from_cli, f"the command left no record: {proc.stderr}"
+    assert from_cli == from_lib
+
+
+def test_a_library_caller_that_changes_state_is_audited(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    env = Env(tmp_path)
+    core = Core(env.store, env.instances())
+    core.handle(Launch("minimal", "web", memory=128 << 20, engine="fake"))
+    before = len(records(tmp_path / "home"))
+    core.handle(ConfigSet("web", key="limits.memory", value="256MiB"))
+    after = records(tmp_path / "home")
+    assert len(after) == before + 1
+    assert {k: after[-1][k] for k in ("op", "target", "result")} == {
+        "op": "config.set", "target": "web", "result": "ok"}
+
+
+def test_failed_and_denied_requests_are_audited_as_such(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    env = Env(tmp_path)
+    core = Core(env.store, env.instances())
+    with pytest.raises(NotFound):
+        core.handle(Stop("ghost"))
+    core.handle(PolicyApply(POLICY.format(version=2)))
+    core.handle(Launch("minimal", "a", memory=128 << 20, engine="fake", label="bank-a"))
+    with pytest.raises(PolicyDenied):
+        core.handle(Launch("minimal", "b", memory=128 << 20, engine="fake", label="bank-b"))
+    recs = [r for r in records(tmp_path / "home") if r["op"] != "policy.check"]
+    results = {(r["op"], r["target"]): r["result"] for r in recs}
+    assert results[("instance.stop", "ghost")].startswith("error: NotFound: instance 'ghost'")
+    assert results[("instance.launch", "a")] == "ok"
+    assert results[("instance.launch", "b")].startswith("denied: access control policy")
+    assert AuditLog(core.trust).verify() == []
+
+
+def test_params_leave_out_callbacks_and_stdin() -> None:
+    req = Launch("minimal", "web", networks=("lan",), progress=print)
+    params = req.params()
+    assert "progress" not in params and params["networks"] == ["lan"]
+    assert params["name"] == "web" and params["memory"] == 512 << 20
