@@ -486,3 +486,20 @@ def test_a_denial_caused_by_a_dead_instance_is_settled_and_decided_again(env: En
     insts = env.instances()
     assert insts.get("a").state == State.STOPPED
     assert insts.get("b").state == State.RUNNING
+
+
+def test_list_reconciles_every_instance_reading_each_record_once(env: Env) -> None:
+    env.store = CountingStore(env.store.path)
+    launch(env, "a")
+    launch(env, "b")
+    launch(env, "c")
+    force_state(env, "c", State.DELETING)
+    set_owner(env, "c", DEAD)
+    env.engine.alive["a"] = False
+    insts = env.instances()
+    before = env.store.full_reads
+    listed = {i.name: i for i in insts.settled()}
+    assert env.store.full_reads == before + 1
+    assert set(listed) == {"a", "b"}, "the interrupted delete of c was finished"
+    assert (listed["a"].state, listed["a"].reason) == (State.STOPPED, "the fake process exited")
+    assert listed["b"].state == State.RUNNING

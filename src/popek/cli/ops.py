@@ -73,14 +73,10 @@ def size(text: str, what: str) -> int:
 
 
 def print_table(columns: list[str], rows: list[list[str]]) -> None:
-    """Print ``rows`` as a Rich table (Rich is imported only here, on use)."""
-    from rich.console import Console
-    from rich.table import Table
+    """Print ``rows``: boxed on a terminal, plain columns for scripts (see cli.table)."""
+    from popek.cli.table import print_table as _print
 
-    table = Table(*columns, show_lines=False)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    _print(columns, rows)
 
 
 def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container: bool,
@@ -111,7 +107,7 @@ def list_(fmt: str) -> None:
     """List instances as a table or JSON."""
     from popek.units import format_size
 
-    insts = instances().all()
+    insts = core().instances.settled()
     if fmt == "json":
         print(json.dumps([{
             "name": i.name, "state": i.state.value, "reason": i.reason, "engine": i.spec.engine,

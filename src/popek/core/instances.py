@@ -81,6 +81,10 @@ class Instances:
         """Return every instance (of ``project``), sorted by name."""
         return self.records.all(project)
 
+    def settled(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
+        """Every instance (of ``project``), reconciled first, each record read once."""
+        return self.reconciler.settled_all(project)
+
     def reconcile(self, names: Iterable[str] | None = None) -> list[str]:
         """Settle records with reality (``names`` only, or all); return a line per change."""
         return self.reconciler.run(names)

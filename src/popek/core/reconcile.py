@@ -54,12 +54,27 @@ class Reconciler:
                 kv = self.records.store.get(instance_key(DEFAULT_PROJECT, name))
                 if kv is not None:
                     pairs.append((Instance.from_json(kv.value), kv.mod_revision))
-        changes = []
+        return [change for inst, rev in pairs if (change := self.one(inst, rev, owners))]
+
+    def settled_all(self, project: str | None) -> list[Instance]:
+        """Every instance (of ``project``) after a reconcile, reading the records once.
+
+        A record that reconcile left alone is returned as read; the few it
+        changed (or that changed meanwhile) are read again.
+        """
+        pairs = self.records.all_with_revisions(project)
+        owners = {kv.key: kv for kv in self.records.store.range(OWNERS_PREFIX)}
+        out = []
         for inst, rev in pairs:
-            change = self.one(inst, rev, owners)
-            if change:
-                changes.append(change)
-        return changes
+            before = (inst.state, inst.reason, inst.runtime is None)
+            if self.one(inst, rev, owners) or before != (inst.state, inst.reason,
+                                                          inst.runtime is None):
+                kv = self.records.store.get(inst.key)
+                if kv is None:
+                    continue  # an interrupted delete was finished
+                inst = Instance.from_json(kv.value)
+            out.append(inst)
+        return out
 
     def one(self, inst: Instance, rev: int, owners: dict[str, KeyValue] | None = None) -> str:
         """Settle one record read at ``rev``; return what was done ("" for nothing).
