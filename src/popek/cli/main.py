@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import typer
 
 from popek.cli import ops
+from popek.cli.admin import app as admin_app
 from popek.cli.common import check_format, print_table
 from popek.cli.network import app as network_app
 from popek.cli.sandbox import app as sandbox_app
@@ -29,6 +30,7 @@ app.add_typer(network_app, name="network")
 app.add_typer(trust_app, name="trust")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(admin_app, name="admin")
 app.command("attest")(attest)
 image_app.command("sign")(image_sign)
 

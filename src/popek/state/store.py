@@ -13,18 +13,37 @@ The database is in WAL mode and every write transaction is ``BEGIN
 IMMEDIATE``, so several popek processes (CLI invocations, the API server) can
 share one store safely.  A cluster replaces this class by an etcd-backed one
 with the same interface (see :class:`StateStore`).
+
+Durability: a process that wrote calls :func:`checkpoint_open_stores` before it
+exits (every ``popek`` command does, in :func:`popek.cli.entry.finish`), which
+copies the write-ahead log into ``state.db`` and truncates it, so a command
+that reported success has its changes in the database file itself; losing or
+garbling ``state.db-wal`` / ``-shm`` afterwards loses nothing.  Damage is
+found when the store is opened (the header, the page count against the file's
+size, the schema and the revision row) and on every query: it is
+:class:`~popek.errors.StoreDamaged` (exit 7) naming the file, which is never
+replaced.  Every other ``sqlite3`` error is :class:`~popek.errors.StoreUnavailable`.
+The store's files are made mode 0600 (and popek's home 0711) when opened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import sqlite3
+import stat
+import struct
+import sys
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
-from popek.errors import StoreError, StoreUnavailable
+from popek import paths
+from popek.errors import StoreDamaged, StoreError, StoreUnavailable
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -182,30 +201,328 @@ def _prefix_end(prefix: str) -> str:
     return prefix + "\U0010ffff"
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: primary SQLite result codes that mean the file is not (any more) a sound database
+_DAMAGE_CODES = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
+_HEADER = b"SQLite format 3\x00"
+#: every store opened by this process (see :func:`checkpoint_open_stores`)
+_OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+#: the files this process committed a write to since it last checkpointed them
+_WRITTEN: set[Path] = set()
+FILE_MODE = 0o600
+#: popek's home: root only, but traversable, because unprivileged instance uids
+#: reach their own directories below it (swtpm, QEMU's instance directory)
+HOME_MODE = 0o711
+
+
+def damaged(path: Path, what: str) -> StoreDamaged:
+    """The error for a damaged store file: one line naming it and what to do."""
+    return StoreDamaged(
+        f"the state store {path} is damaged ({what}); popek left it as it is: restore a "
+        "backup with 'popek admin restore FILE', or move it away to start an empty store")
+
+
+def _translate(path: Path, exc: sqlite3.Error) -> StoreUnavailable:
+    """The :class:`PopekError` for an ``sqlite3`` error on the store at ``path``."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    if (code is not None and code & 0xFF in _DAMAGE_CODES) or any(
+            m in text for m in ("malformed", "not a database", "corrupt")):
+        return damaged(path, text)
+    return StoreUnavailable(f"the state store {path} cannot be used: {text} "
+                            "(busy, full disk or no permission?)")
+
+
+def _guard(method: Callable[Concatenate[SQLiteStore, _P], _R],
+           ) -> Callable[Concatenate[SQLiteStore, _P], _R]:
+    """Turn every ``sqlite3.Error`` out of ``method`` into a :class:`StoreUnavailable`."""
+    def guarded(self: SQLiteStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+    functools.update_wrapper(guarded, method)
+    return guarded
+
+
+def check_header(path: Path) -> None:
+    """Raise :class:`StoreDamaged` unless ``path`` starts like a whole SQLite database.
+
+    Reads the 100-byte header only: the magic string, a valid page size, and
+    a file at least as long as the page count the header records (a cut file).
+    An empty file is damaged too: popek never leaves one (see :func:`_create`).
+    """
+    problem = header_problem(path)
+    if problem:
+        raise damaged(path, problem)
+
+
+def header_problem(path: Path) -> str:
+    """What :func:`check_header` finds wrong with ``path``, or ``""``."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+        size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return "the file is empty"
+    if len(header) < 100 or not header.startswith(_HEADER):
+        return "file is not a database: its header is not SQLite's"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"its header gives an impossible page size {page_size}"
+    change, pages, valid_for = (struct.unpack(">I", header[o:o + 4])[0] for o in (24, 28, 92))
+    if size % page_size:
+        return f"its size {size} is not a whole number of {page_size}-byte pages"
+    if change == valid_for and size < pages * page_size:
+        return f"it is cut short: {size} bytes of the {pages * page_size} its header records"
+    return ""
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Take away the permission bits beyond ``mode`` from ``path`` (if it exists and is ours)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & ~mode and st.st_uid == os.geteuid():
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+
+
+def secure_files(path: Path) -> None:
+    """Make the store at ``path`` and its ``-wal``/``-shm`` files mode 0600.
+
+    popek's own store (:func:`popek.paths.state_db`) also gets its home
+    directory down to 0711: nobody else may list or write it, while the
+    unprivileged uids of instances can still reach their directories below it.
+    """
+    for suffix in ("", "-wal", "-shm"):
+        _tighten(path.with_name(path.name + suffix), FILE_MODE)
+    if path == paths.state_db():
+        _tighten(path.parent, HOME_MODE)
+
+
+def _create(path: Path, timeout: float) -> None:
+    """Create an initialised store at ``path`` unless one exists (mode 0600, never empty).
+
+    The store is built beside ``path`` and linked into place, so no other
+    process ever sees it half made, and an existing file is never replaced.
+    """
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+    try:
+        db = sqlite3.connect(str(tmp), timeout=timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: set once
+            db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+        finally:
+            db.close()  # the last connection: SQLite checkpoints and removes the WAL
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.link(tmp, path)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp.with_name(tmp.name + suffix))
+
+
+def integrity_problem(path: Path) -> str:
+    """Check a closed store file thoroughly; return what is wrong with it, or ``""``.
+
+    Runs the header check, ``PRAGMA integrity_check`` (every page: tens of
+    milliseconds per 10 MiB, which is why opening a store does not) and
+    checks that it is a popek store of this schema version.  Reads only.
+    """
+    try:
+        problem = header_problem(path)
+        if problem:
+            return problem
+        db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True,
+                             isolation_level=None)
+        try:
+            result = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
+            if result != ["ok"]:
+                return "integrity check: " + "; ".join(map(str, result[:3]))
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                return f"schema version {version}, this popek knows {SCHEMA_VERSION}"
+            if db.execute("SELECT value FROM meta WHERE name='revision'").fetchone() is None:
+                return "it has no revision"
+        finally:
+            db.close()
+    except (sqlite3.Error, OSError) as exc:
+        return str(exc)
+    return ""
+
+
+def checkpoint_open_stores() -> None:
+    """Move every change this process committed from the WAL into the database file.
+
+    For each store file written since the last call, runs ``PRAGMA
+    wal_checkpoint(TRUNCATE)`` (on an open store of that file, or on a
+    connection of its own when they are all closed): SQLite syncs the WAL,
+    copies its pages into the file, syncs the file and empties the WAL.
+    Afterwards deleting or garbling ``-wal``/``-shm`` loses none of those
+    changes.  Call it before a process that wrote exits without closing its
+    stores (``os._exit``); ``popek`` commands do in
+    :func:`popek.cli.entry.finish`.  Raises :class:`StoreUnavailable` (the
+    changes are committed, but only in the WAL) or :class:`StoreDamaged`.
+    """
+    for path in sorted(_WRITTEN):
+        store = next((s for s in list(_OPEN) if s.path == path and s.is_open), None)
+        if store is not None:
+            store.checkpoint()
+            continue
+        if not path.exists():  # moved away or restored over: nothing of ours is left to copy
+            _WRITTEN.discard(path)
+            continue
+        try:
+            db = sqlite3.connect(path.absolute().as_uri() + "?mode=rw", uri=True, timeout=30.0,
+                                 isolation_level=None)
+            try:
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise _translate(path, exc) from exc
+        if busy:
+            raise _not_checkpointed(path)
+        _WRITTEN.discard(path)
+
+
+def _not_checkpointed(path: Path) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the state store {path} could not be checkpointed: another process kept it busy; "
+        f"the changes are committed but only in {path.name}-wal until the next command")
+
+
+def close_stores_of(path: Path) -> None:
+    """Close every store of this process that is open on ``path``."""
+    for store in [s for s in list(_OPEN) if s.path == path]:
+        store.close()
+
+
+def checkpoint_at_exit(code: int) -> int:
+    """Run :func:`checkpoint_open_stores` as a command ends; return the exit code to use.
+
+    A failure is printed as one ``Error:`` line; a command that had
+    succeeded then exits with the error's code (its changes are committed,
+    but not yet safe from the loss of the WAL), a failed one keeps its code.
+    """
+    try:
+        checkpoint_open_stores()
+    except StoreError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return code or exc.exit_code
+    return code
+
+
 class SQLiteStore:
     """A :class:`StateStore` in one SQLite file (WAL mode)."""
 
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        """Open (and create if needed) the store at ``path``."""
+        """Open (and create if needed) the store at ``path``.
+
+        Raises :class:`StoreDamaged` when the file is not a whole popek store
+        (it is left as it is) and :class:`StoreUnavailable` when it cannot be
+        opened (permissions, a full disk, a lock held for ``timeout`` seconds).
+        """
         self.path = path
+        self.is_open = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=HOME_MODE)
+            _create(path, timeout)
+            check_header(path)
             self._db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+            self.is_open = True
             self._db.execute("PRAGMA synchronous=NORMAL")
-            if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(f"the state store {path} has schema version {version}, "
+                                       f"made by a newer popek; this one knows {SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise damaged(path, f"it has tables but no popek schema version ({version})")
                 self._db.execute("PRAGMA journal_mode=WAL")  # persistent: set once
                 self._db.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+            self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()
+            secure_files(path)
         except sqlite3.Error as exc:
+            self.close()
+            raise _translate(path, exc) from exc
+        except OSError as exc:
+            self.close()
             raise StoreUnavailable(f"cannot open the state store {path}: {exc}") from exc
+        except StoreError:
+            self.close()
+            raise
+        _OPEN.add(self)
 
     def close(self) -> None:
-        """Close the database connection."""
-        self._db.close()
+        """Close the database connection, first copying what it wrote into the file.
+
+        The copy is SQLite's ``PASSIVE`` checkpoint: it never waits; when
+        another process keeps it from finishing, :func:`checkpoint_open_stores`
+        finishes it (the file stays on its list).
+        """
+        if self.is_open:
+            if self.path in _WRITTEN:
+                with contextlib.suppress(sqlite3.Error):
+                    busy, log, done = self._db.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not busy and log == done:
+                        _WRITTEN.discard(self.path)
+            self.is_open = False
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+
+    @_guard
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file, sync it and empty the WAL.
+
+        Raises :class:`StoreUnavailable` when another process kept the store
+        busy for the whole timeout (the changes stay committed, in the WAL).
+        """
+        busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise _not_checkpointed(self.path)
+        _WRITTEN.discard(self.path)
+
+    @_guard
+    def copy_to(self, target: Path) -> int:
+        """Write a consistent copy of the store into the new file ``target``; return its revision.
+
+        Uses SQLite's online backup API (other processes may go on writing;
+        the copy is one committed state), then checks the copy with ``PRAGMA
+        integrity_check``: a damaged store raises :class:`StoreDamaged`.
+        """
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        copy = sqlite3.connect(str(target), isolation_level=None)
+        try:
+            self._db.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        finally:
+            copy.close()
+        problem = integrity_problem(target)
+        if problem:
+            raise damaged(self.path, problem)
+        return self.revision()
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+        _WRITTEN.add(self.path)
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # the error that got here is the one to tell
+                self._db.execute("ROLLBACK")
 
     # -- reads -----------------------------------------------------------
     def _row(self, row: tuple[str, bytes, int, int, int, int]) -> KeyValue:
         return KeyValue(row[0], bytes(row[1]), row[2], row[3], row[4], row[5])
 
+    @_guard
     def get(self, key: str) -> KeyValue | None:
         """Return one key, or ``None`` when it does not exist."""
         cur = self._db.execute(
@@ -215,6 +532,7 @@ class SQLiteStore:
         row = cur.fetchone()
         return self._row(row) if row else None
 
+    @_guard
     def range(self, prefix: str) -> list[KeyValue]:
         """Return every key that starts with ``prefix``, sorted by key."""
         cur = self._db.execute(
@@ -224,11 +542,13 @@ class SQLiteStore:
         )
         return [self._row(r) for r in cur.fetchall()]
 
+    @_guard
     def revision(self) -> int:
         """Return the current revision of the store."""
         row = self._db.execute("SELECT value FROM meta WHERE name='revision'").fetchone()
         return int(row[0])
 
+    @_guard
     def changes(self, prefix: str, start_revision: int) -> list[Event]:
         """Return the changes under ``prefix`` from ``start_revision`` on, oldest first."""
         cur = self._db.execute(
@@ -266,7 +586,7 @@ class SQLiteStore:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store {self.path} is busy or broken: {exc}") from exc
+            raise _translate(self.path, exc) from exc
 
     def _apply(self, op: Op, rev: int) -> tuple[int, KeyValue | None]:
         if isinstance(op, Put):
@@ -300,6 +620,7 @@ class SQLiteStore:
             )
         return len(keys), None
 
+    @_guard
     def txn(self, compares: Sequence[Compare], success: Sequence[Op],
             failure: Sequence[Op] = ()) -> TxnResult:
         """Apply ``success`` if every compare holds, else ``failure``, atomically.
@@ -327,10 +648,10 @@ class SQLiteStore:
                     self._db.execute("UPDATE meta SET value=? WHERE name='revision'", (new_rev,))
                     result.revision = new_rev
                 result.deleted = deleted
-            self._db.execute("COMMIT")
+            self._commit()
             return result
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -351,18 +672,20 @@ class SQLiteStore:
                         [Put(key, value)]).succeeded
 
     # -- leases ----------------------------------------------------------
+    @_guard
     def grant_lease(self, ttl: float) -> int:
         """Create a lease that expires ``ttl`` seconds from now; return its id."""
         self._begin()
         try:
             cur = self._db.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)",
                                    (ttl, time.time() + ttl))
-            self._db.execute("COMMIT")
+            self._commit()
             return int(cur.lastrowid or 0)
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
 
+    @_guard
     def keepalive(self, lease: int) -> bool:
         """Renew a lease for its full TTL; return ``False`` when it already expired."""
         self._begin()
@@ -370,31 +693,33 @@ class SQLiteStore:
             self._expire_locked()
             cur = self._db.execute("UPDATE leases SET expires = ? + ttl WHERE id=?",
                                    (time.time(), lease))
-            self._db.execute("COMMIT")
+            self._commit()
             return cur.rowcount == 1
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
 
+    @_guard
     def revoke_lease(self, lease: int) -> None:
         """Revoke a lease now, deleting every key attached to it."""
         self._begin()
         try:
             self._db.execute("UPDATE leases SET expires = 0 WHERE id=?", (lease,))
             self._expire_locked()
-            self._db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
 
+    @_guard
     def expire_leases(self) -> None:
         """Delete expired leases and their keys."""
         self._begin()
         try:
             self._expire_locked()
-            self._db.execute("COMMIT")
+            self._commit()
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def _expire_locked(self) -> None:
