@@ -263,6 +263,8 @@ sys.exit(os.WTERMSIG(status) if os.WIFSIGNALED(status) else 100)
     (["exec", "--no-tty", "a", "--", "sh"], True, True),
     (["command-server", "stop"], False, False),
     (["launch", "--help"], False, False),
+    (["--show-completion", "bash"], False, False),
+    (["--install-completion", "zsh"], False, False),
     ([], False, False),
 ])
 def test_interactive_commands_stay_in_process(args: list[str], tty: bool,

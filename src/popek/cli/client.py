@@ -43,6 +43,9 @@ ENV_SWITCH = "POPEK_CLI_SERVER"
 ENV_SOCKET = "POPEK_CLI_SOCKET"
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 LOCAL_COMMANDS = ("command-server",)
+#: run in-process too: Typer's completion options find the user's shell among the
+#: command's parent processes, which in the server are the server's, not the shell
+LOCAL_OPTIONS = ("--help", "--install-completion", "--show-completion")
 
 
 def main() -> None:
@@ -69,7 +72,7 @@ def remote_allowed(args: list[str], tty: bool) -> bool:
     rules of its own).
     """
     words = [a for a in args if not a.startswith("-")]
-    if not words or words[0] in LOCAL_COMMANDS or "--help" in args:
+    if not words or words[0] in LOCAL_COMMANDS or any(a in LOCAL_OPTIONS for a in args):
         return False
     if words[0] == "console":
         return "--log" in args

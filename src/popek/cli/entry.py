@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+#: the program's name in every usage line, error and completion script, whatever
+#: started the interpreter (the native client's fallback runs ``python -c``, the
+#: command server ``python -m popek.cli.cmdserver``)
+PROG_NAME = "popek"
+
 #: called with the exit code just before the process exits (the command
 #: server's child reports the code to its client here)
 ON_EXIT: list[Callable[[int], None]] = []

@@ -334,11 +334,15 @@ def _audit(command: Any, args: list[str], code: int, error: str) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run ``popek ARGV...`` through Typer (the console script tries cli.fastpath first)."""
-    from popek.cli.entry import finish, warn_unless_root
+    from popek.cli.entry import PROG_NAME, finish, warn_unless_root
 
     args = list(sys.argv[1:] if argv is None else argv)
     warn_unless_root(args)
-    # what app() does (pretty exceptions are off), keeping the command tree for the audit
+    # what app() does (pretty exceptions are off), keeping the command tree for the audit.
+    # The program is `popek` whatever ran it: Click would otherwise take its name from
+    # sys.argv[0] and __main__ ("-c" under the native client's Python fallback, "python -m
+    # popek.cli.popek" in the command server) for usage lines, errors and shell completion
+    # (its variable is _POPEK_COMPLETE from this name).
     command = typer.main.get_command(app)
-    finish(lambda: command(args=args),
+    finish(lambda: command(args=args, prog_name=PROG_NAME),
            lambda code, error: _audit(command, args, code, error))
