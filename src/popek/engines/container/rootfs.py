@@ -174,10 +174,21 @@ def unmount(spec: LaunchSpec) -> None:
 
 
 def remove(spec: LaunchSpec) -> None:
-    """Unmount and delete the container's layers (on delete), then prune unused bases."""
+    """Unmount and delete the container's layers (on delete), then prune unused bases.
+
+    While an image still uses the container's base (the common case), nothing
+    can be pruned and the other containers are not looked at: a delete costs
+    the same with 10 containers or 500.
+    """
     with contextlib.suppress(EngineError):
         unmount(spec)
+    try:
+        sha: str | None = (spec.workdir / "bundle" / "base").read_text().strip()
+    except OSError:
+        sha = None
     shutil.rmtree(spec.workdir / "bundle", ignore_errors=True)
+    if sha is not None and sha in set(_used_by_images()):
+        return
     prune()
 
 
