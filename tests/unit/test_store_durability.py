@@ -322,8 +322,10 @@ def test_restore_refuses_a_cut_or_tampered_backup(
 
 
 def test_restore_refuses_while_an_instance_runs(
-        home: Path, backed_up: tuple[Path, dict[str, bytes]]) -> None:
+        home: Path, backed_up: tuple[Path, dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     file, _ = backed_up
+    monkeypatch.setattr(bk, "_stamp", lambda: "20260101T000000Z")
     store = SQLiteStore(paths.state_db())
     store.put(instance_key("default", "vm1"), json.dumps({"state": "running"}).encode())
     store.close()
@@ -332,6 +334,8 @@ def test_restore_refuses_while_an_instance_runs(
     bk.restore(file, force=True)
     kv = SQLiteStore(paths.state_db()).get("/popek/test/a")
     assert kv is not None and kv.value == b"1"
+    again = bk.restore(file)  # in the same second: the copy kept first is not in the way
+    assert again.previous is not None and again.previous.name.endswith("-2")
 
 
 def test_restore_refuses_while_another_process_has_the_store_open(

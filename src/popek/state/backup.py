@@ -97,6 +97,18 @@ def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def _keep_as(path: Path, stamp: str) -> Path:
+    """Hard-link ``path`` to ``PATH.pre-restore-STAMP`` (``-2``, ``-3``... if taken); return it."""
+    for n in range(1, 1000):
+        kept = path.with_name(f"{path.name}.pre-restore-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            os.link(path, kept)
+        except FileExistsError:
+            continue
+        return kept
+    raise StoreError(f"cannot keep {path}: 999 copies named {path.name}.pre-restore-{stamp}*")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -361,8 +373,7 @@ def restore(src: Path, force: bool = False, store_path: Path | None = None) -> R
         lock = _lock_out_others(path)
         try:
             if path.exists():
-                info.previous = path.with_name(f"{path.name}.pre-restore-{stamp}")
-                os.link(path, info.previous)
+                info.previous = _keep_as(path, stamp)
             os.replace(db_copy, path)
             for suffix in ("-wal", "-shm"):  # the old store's: never to be applied to the new
                 with contextlib.suppress(FileNotFoundError):
@@ -384,7 +395,7 @@ def _restore_keys(keys: dict[str, bytes], stamp: str, info: RestoreInfo) -> None
     for name, data in sorted(keys.items()):
         target = d / name
         if target.is_file() and target.read_bytes() != data:
-            os.link(target, d / f"{name}.pre-restore-{stamp}")
+            _keep_as(target, stamp)
         _write_atomic(target, lambda f, data=data: f.write(data))
         info.keys.append(name)
     info.kept_keys = sorted(n for n in _private_keys() if n not in keys)
