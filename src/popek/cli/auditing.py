@@ -86,15 +86,14 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
 
 def record(op: str, target: str, args: list[str], code: int, error: str) -> None:
     """Append one command's record to the audit log (a warning if it cannot be written)."""
-    from popek import paths
     from popek.errors import PopekError
-    from popek.state.store import SQLiteStore
+    from popek.state import open_store
     from popek.trust.audit import AuditLog
     from popek.trust.keys import TrustStore
 
     try:
         result = "ok" if code == 0 else (f"error: {error}" if error else f"exit {code}")
-        AuditLog(TrustStore(SQLiteStore(paths.state_db()))).append(
+        AuditLog(TrustStore(open_store())).append(
             op, target, {"argv": args}, result[:500])
     except (OSError, PopekError) as exc:
         print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)

@@ -28,11 +28,10 @@ audit_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 
 
 def _trust() -> TrustStore:
-    from popek import paths
-    from popek.state.store import SQLiteStore
+    from popek.state import open_store
     from popek.trust.keys import TrustStore
 
-    return TrustStore(SQLiteStore(paths.state_db()))
+    return TrustStore(open_store())
 
 
 def _read(path: str, what: str) -> str:

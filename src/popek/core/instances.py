@@ -42,7 +42,8 @@ from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
 from popek.network.model import Port
-from popek.state.store import SQLiteStore, StateStore
+from popek.state import open_store
+from popek.state.store import StateStore
 
 Progress = Callable[[str], None]
 EngineFactory = Callable[[str], Engine]
@@ -62,7 +63,7 @@ class Instances:
                  engines: EngineFactory = get_engine,
                  networks: NetworksFactory = host_networks) -> None:
         """Open the stores (defaults under ``POPEK_HOME``); nothing is reconciled here."""
-        self.store: StateStore = store or SQLiteStore(paths.state_db())
+        self.store: StateStore = store or open_store()
         self.images = images or ImageStore()
         self.guard = Guard(self.store)
         self.records = Records(self.store)

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from popek import paths
-from popek.errors import PopekError
-from popek.state.store import SQLiteStore, StateStore
+from popek.errors import PopekError, StoreUnavailable
+from popek.state import open_store
+from popek.state.store import StateStore
 
 if TYPE_CHECKING:
     from popek.core.instances import Instances
@@ -104,7 +104,7 @@ class Core:
     def __init__(self, store: StateStore | None = None, instances: Instances | None = None,
                  images: ImageStore | None = None) -> None:
         """Open the state store under ``POPEK_HOME`` (or use the given parts)."""
-        self.store: StateStore = store or SQLiteStore(paths.state_db())
+        self.store: StateStore = store or open_store()
         self._instances = instances
         self._images = images
         #: audit records this core appended (front ends check it: see cli.entry)
@@ -164,4 +164,6 @@ class Core:
             self.audit.append(request.op, request.target(), request.params(), result_of(error))
             self.audited += 1
         except (OSError, PopekError) as exc:
+            if isinstance(error, StoreUnavailable) and isinstance(exc, StoreUnavailable):
+                return  # the request failed on the same store: its one error line says it
             print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from popek import paths, proc
+from popek import proc
 from popek.errors import (
     AlreadyExists,
     ConflictError,
@@ -46,6 +46,7 @@ from popek.network.model import (
     network_key,
     port_key,
 )
+from popek.state import open_store
 from popek.state.schema import (
     GENERATION_KEY,
     INSTANCES_PREFIX,
@@ -53,7 +54,7 @@ from popek.state.schema import (
     NETWORKS_PREFIX,
     PORTS_PREFIX,
 )
-from popek.state.store import Compare, Delete, Put, SQLiteStore, StateStore
+from popek.state.store import Compare, Delete, Put, StateStore
 
 ACTIVE_INSTANCE_STATES = ("starting", "running", "paused", "stopping")
 KINDS = ("tap", "veth")
@@ -86,7 +87,7 @@ class Networks:
                  backend: Backend | None = None) -> None:
         """Open the store (default: ``$POPEK_HOME/state.db``) and reconcile the host with it."""
         if store is None:
-            store = SQLiteStore(paths.state_db())
+            store = open_store()
         self.store: StateStore = store
         self.backend: Backend = backend or HostBackend()
         if reconcile:

@@ -21,4 +21,15 @@ from popek.state.store import (
 )
 
 __all__ = ["Compare", "Delete", "Event", "KeyValue", "Op", "Put", "SQLiteStore", "StateStore",
-           "TxnResult"]
+           "TxnResult", "open_store"]
+
+
+def open_store() -> StateStore:
+    """The state store of this host: SQLite at ``$POPEK_HOME/state.db``.
+
+    The one place that picks the implementation: a cluster puts etcd here,
+    behind the same :class:`StateStore` protocol.
+    """
+    from popek import paths
+
+    return SQLiteStore(paths.state_db())
