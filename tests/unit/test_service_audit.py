@@ -125,3 +125,17 @@ def test_params_leave_out_callbacks_and_stdin() -> None:
     params = req.params()
     assert "progress" not in params and params["networks"] == ["lan"]
     assert params["name"] == "web" and params["memory"] == 512 << 20
+
+
+@pytest.mark.parametrize("argv", [["trust", "keygen", "k2", "--role", "image"],
+                                  ["trust", "list"], ["audit", "checkpoint"]])
+def test_a_damaged_store_is_one_line_and_exit_7(tmp_path: Path, argv: list[str]) -> None:
+    """Before, a mutating command printed the error and then a second line, a warning
+    that the audit log (kept in the same damaged store) was not written."""
+    home = tmp_path / "home"
+    assert cli(home, "trust", "keygen", "k1", "--role", "image").returncode == 0
+    with (home / "state.db").open("r+b") as f:
+        f.write(b"garbage, not SQLite's header")
+    proc = cli(home, *argv)
+    assert proc.returncode == 7
+    assert proc.stderr.count("\n") == 1 and "is damaged" in proc.stderr, proc.stderr
