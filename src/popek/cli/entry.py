@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 #: command server ``python -m popek.cli.cmdserver``)
 PROG_NAME = "popek"
 
+#: the exit code of a failure that is popek's own fault (a bug), as sysexits' EX_SOFTWARE
+INTERNAL_ERROR = 70
+
 #: called with the exit code just before the process exits (the command
 #: server's child reports the code to its client here)
 ON_EXIT: list[Callable[[int], None]] = []
@@ -52,6 +55,14 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         code, error = 130, "interrupted"
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        code, error = INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"
+        print(f"Error: popek failed inside ({type(exc).__name__}: {exc}); this is a bug, "
+              "please report it (POPEK_DEBUG=1 shows where)", file=sys.stderr)
+        if os.environ.get("POPEK_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
     audit(code, error)
     # Every store write is committed and every file closed by now: skip the
     # interpreter's teardown (tens of milliseconds) so commands return at once.
