@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/network.py --rules-json bench/results/netrules-latest.json
 	$(PY) bench/trust.py
 	$(PY) bench/neighbours.py
+	$(PY) bench/scaling.py
 
 # Mutation testing of the security-critical modules against tests/unit:
 # bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
