@@ -24,13 +24,19 @@ def start_time(pid: int) -> int | None:
 
     A zombie counts as gone.
     """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+    try:  # os.open/os.read: a third of the cost of Path.read_text, and reconcile asks often
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # the command name may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if not fields or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
 

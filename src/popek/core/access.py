@@ -18,7 +18,7 @@ from popek import paths, proc
 from popek.core.guard import Guard
 from popek.core.model import Instance, parse_mount
 from popek.core.netglue import InstanceNetworks, owner_name, split_network
-from popek.core.records import Records
+from popek.core.records import Active, Records
 from popek.errors import NotFound
 from popek.trust.policy import PolicyDenied
 
@@ -31,32 +31,35 @@ class Access:
         self.guard, self.records, self.nets = guard, records, nets
 
     def check_run(self, inst: Instance, networks: list[str],
-                  settle: Callable[[list[str]], object] | None = None) -> None:
+                  settle: Callable[[list[str]], object] | None = None) -> list[Active]:
         """The checks of a start: run beside the others, host channels, networks.
 
         The labels running are read from the active index.  When the policy
         denies and ``settle`` is given, the other active instances are
         reconciled (one may have died since its record was written) and the
-        decision is made once more on what is left.
+        decision is made once more on what is left.  Returns the active index the
+        decision was made on (CPU placement uses it too).
         """
         try:
-            self._check_run(inst, networks)
+            return self._check_run(inst, networks)
         except PolicyDenied:
             if settle is None:
                 raise
             others = [a.name for a in self.records.active() if a.name != inst.name]
             if not settle(others):
                 raise
-            self._check_run(inst, networks)
+            return self._check_run(inst, networks)
 
-    def _check_run(self, inst: Instance, networks: list[str]) -> None:
+    def _check_run(self, inst: Instance, networks: list[str]) -> list[Active]:
         label = inst.spec.label
-        running = [a.label for a in self.records.active() if a.name != inst.name]
+        active = self.records.active()
+        running = [a.label for a in active if a.name != inst.name]
         self.guard.check(label, "run", "host", running=running)
         for m in inst.spec.mounts:
             self.guard.check(label, "channel", f"host-mount:{parse_mount(m)[0]}")
         for net in networks:
             self.check_network(label, split_network(net)[0], inst)
+        return active
 
     def check_network(self, label: str, network: str, inst: Instance | None = None) -> None:
         """May ``label`` join ``network`` beside the labels whose ports are on it."""

@@ -37,7 +37,7 @@ from popek.core.model import (
 )
 from popek.core.netglue import InstanceNetworks, NetworksFactory, host_networks, split_network
 from popek.core.reconcile import Reconciler
-from popek.core.records import Records
+from popek.core.records import Active, Records
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
@@ -70,6 +70,7 @@ class Instances:
         self.nets = InstanceNetworks(self.store, networks)
         self.access = Access(self.guard, self.records, self.nets)
         self._engines = engines
+        self._instances_dir = paths.instances_dir()
         self.reconciler = Reconciler(self.records, self._engine, self._spec,
                                      self._purge, self._kill)
 
@@ -93,7 +94,7 @@ class Instances:
     # -- helpers -------------------------------------------------------------------
     def workdir(self, inst: Instance) -> Path:
         """Return the instance directory of ``inst``."""
-        return paths.instances_dir() / inst.project / inst.name
+        return self._instances_dir / inst.project / inst.name
 
     def _engine(self, inst: Instance) -> Engine:
         return self._engines(inst.spec.engine)
@@ -131,11 +132,15 @@ class Instances:
         except PopekError:
             return replace(self._launch_spec(inst, lookup=False), cpus=cpus)
 
-    def _place(self, inst: Instance) -> tuple[int, ...]:
-        """The host CPUs for ``inst``: the least used by the other active instances."""
+    def _place(self, inst: Instance, active: list[Active] | None = None) -> tuple[int, ...]:
+        """The host CPUs for ``inst``: the least used by the other active instances.
+
+        ``active``: the active index as the access check just read it (one read per launch).
+        """
         from popek.core import placement
 
-        busy = [list(a.cpus) for a in self.records.active() if a.name != inst.name]
+        active = self.records.active() if active is None else active
+        busy = [list(a.cpus) for a in active if a.name != inst.name]
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------
@@ -222,14 +227,14 @@ class Instances:
             self.nets.service.get(split_network(net)[0])  # missing: fail first
         verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
         with decision_lock():  # the decision holds until our record is there for the next one
-            self.access.check_run(probe, networks or [], self.reconcile)
+            active = self.access.check_run(probe, networks or [], self.reconcile)
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
             self.nets.create_ports(inst, eng, list(networks or []))
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst))
+                           cpus=self._place(inst, active))
             progress(f"creating {name}")
             eng.create(spec)
             progress(f"booting {name}")
@@ -257,13 +262,13 @@ class Instances:
             image = self.images.get(inst.spec.image)
             verdict = self.guard.image(image, inst.spec.image, inst.project)
             with decision_lock():  # our intent (starting) is recorded: decide after it
-                self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
-                                      self.reconcile)
+                active = self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
+                                           self.reconcile)
             progress(f"booting {name}")
             self.nets.ensure_devices(inst)
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst))
+                           cpus=self._place(inst, active))
             inst.runtime = self._engine(inst).start(spec, ready_timeout)
             inst.runtime.details["cpus"] = list(spec.cpus)
             inst.runtime.details["image_trust"] = verdict.to_doc()
