@@ -1,9 +1,11 @@
 """What popek's nftables rules do to IPv6, routed and NATed traffic (popek.network.nft).
 
 The companion of ``test_nft_effect.py`` (which disables IPv6 and stays on one
-network): here the switch namespace runs IPv6 and routes between two popek
-networks and an uplink to an "outside" namespace.  Network A has an IPv6
-subnet, NAT and the uplink ``up0``; network B has an IPv6 subnet and no NAT.
+network): here the switch namespace runs IPv6 and routes between three popek
+networks and an uplink to an "outside" namespace (and a second host interface
+``side0`` to it).  Network A has an IPv6 subnet, NAT and the uplink ``up0``;
+network B has an IPv6 subnet and no NAT; network C has an IPv6 subnet and NAT
+without an uplink (any interface that is no popek bridge).
 The rules are built by :func:`nft.build_ruleset` and loaded with
 :func:`nft.apply` in every test (so a mutation tester credits each test with
 the builder code it ran).  Guests send hand-made Ethernet frames (AF_PACKET)
@@ -61,8 +63,13 @@ NET_A = UplinkNetwork(name="nf6a", subnet="10.97.0.0/24", gateway="10.97.0.1", b
                       nat=True, ipv6_subnet="fd42:97::/64", uplink="up0")
 NET_B = Network(name="nf6b", subnet="10.96.0.0/24", gateway="10.96.0.1", bridge="br1",
                 ipv6_subnet="fd42:96::/64")
-BRIDGE_MAC = {"br0": "02:00:00:00:97:01", "br1": "02:00:00:00:96:01"}
-GW6 = {"br0": "fd42:97::1", "br1": "fd42:96::1"}
+NET_C = Network(name="nf6c", subnet="10.95.0.0/24", gateway="10.95.0.1", bridge="br2",
+                nat=True, ipv6_subnet="fd42:95::/64")
+"""A NAT network without an uplink: it may leave by any interface that is no popek bridge."""
+NETS = (NET_A, NET_B, NET_C)
+BRIDGE_MAC = {"br0": "02:00:00:00:97:01", "br1": "02:00:00:00:96:01",
+              "br2": "02:00:00:00:95:01"}
+GW6 = {"br0": "fd42:97::1", "br1": "fd42:96::1", "br2": "fd42:95::1"}
 GW_LL = "fe80::1"
 UPLINK_IP, OUTSIDE_IP = "192.0.2.1", "192.0.2.2"
 UPLINK_IP6, OUTSIDE_IP6 = "fd00:2::1", "fd00:2::2"
@@ -116,7 +123,11 @@ def _guest(name: str, net: Network, n: int) -> Guest:
 
 G1, G2 = _guest("g1", NET_A, 1), _guest("g2", NET_A, 2)
 G3 = _guest("g3", NET_B, 3)
-GUESTS = (G1, G2, G3)
+G4 = _guest("g4", NET_C, 4)
+GUESTS = (G1, G2, G3, G4)
+EXT = _guest("ext", NET_A, 9)
+"""A member of network A's bridge that is no popek port (no record, so no rules): an
+interface someone else enslaved to the bridge, such as a bridged physical uplink."""
 
 
 def switch() -> str:
@@ -185,7 +196,7 @@ def _setup_script() -> str:
              f"ip -n {out} addr add {SIDE_PEER_IP}/24 dev eth1",
              f"ip -n {sw} link set side0 up",
              f"ip -n {out} link set eth1 up"]
-    for net in (NET_A, NET_B):
+    for net in NETS:
         br = net.bridge
         prefix = ipaddress.IPv4Network(net.subnet).prefixlen
         lines += [f"ip -n {sw} link add {br} address {BRIDGE_MAC[br]} type bridge "
@@ -195,7 +206,7 @@ def _setup_script() -> str:
                   f"ip -n {sw} addr add {GW_LL}/64 dev {br} nodad",
                   f"ip -n {sw} link set {br} up",
                   f"ip -n {out} route add {net.subnet} via {UPLINK_IP}"]
-    for g in GUESTS:
+    for g in (*GUESTS, EXT):
         br = g.net.bridge
         prefix = ipaddress.IPv4Network(g.net.subnet).prefixlen
         lines += [f"ip netns add {g.ns}",
@@ -231,7 +242,7 @@ def namespaces() -> Iterator[None]:
         assert proc.returncode == 0, proc.stderr
         yield
     finally:
-        for ns in (switch(), outside(), *(g.ns for g in GUESTS)):
+        for ns in (switch(), outside(), *(g.ns for g in (*GUESTS, EXT))):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
@@ -245,7 +256,7 @@ rule set must load with it."""
 def lab(namespaces: None) -> None:
     """popek's rules, built and loaded afresh for each test (see test_nft_effect.lab)."""
     ports = [g.port for g in GUESTS] + [NO_ADDRESS]
-    nft.apply(nft.build_ruleset([NET_A, NET_B], ports), netns=switch())
+    nft.apply(nft.build_ruleset(list(NETS), ports), netns=switch())
 
 
 # --------------------------------------------------------------------------- counters
@@ -469,12 +480,16 @@ def all_counters(family: str) -> dict[tuple[str, str], int]:
 def _dropped(tx: Wire, rx: Wire, frame: bytes, rule: Counter) -> None:
     """Send ``frame``: ``rule`` counts it exactly once, no other rule of its table counts
     it (the rule dropped it rather than letting it on to a later drop) and ``rx`` never
-    receives it."""
+    receives it (an IPv6 frame: its packet as far as the IPv6 length counts, which is all
+    the bridge may pass on of a frame with bytes after the packet)."""
     others = all_counters(rule.where[0])
     tx.send(frame)
     rule.wait_rise()
     time.sleep(0.05)
-    assert not rx.seen(frame), f"{rx.guest.name} received a frame rule {rule.where} drops"
+    packet = frame
+    if frame[12:14] == b"\x86\xdd":
+        packet = frame[:54 + int.from_bytes(frame[18:20], "big")]
+    assert not rx.seen(packet), f"{rx.guest.name} received a frame rule {rule.where} drops"
     assert rule.rose() == 1, f"rule {rule.where} counted {rule.rose()} packets, expected 1"
     after = all_counters(rule.where[0])
     key = rule.where[1:]
@@ -924,3 +939,184 @@ def test_nat_network_ipv6_masqueraded(wires: dict[str, Wire]) -> None:
         assert not readable(far, QUIET)
     finally:
         far.close()
+
+
+# --------------------------------------------------------------------------- NAT without uplink
+
+
+def test_nat_network_without_uplink_leaves_by_any_host_interface(lab: None) -> None:
+    """A NAT network with no uplink may leave by every interface that is no popek bridge
+    (here ``up0`` and ``side0``), masqueraded to that interface's address by its own
+    ``nat-nf6c``."""
+    for dst, masq in ((OUTSIDE_IP, UPLINK_IP), (SIDE_PEER_IP, SIDE_IP)):
+        far = sock_in(outside(), socket.AF_INET, socket.SOCK_DGRAM, (dst, 7010))
+        guest = sock_in(G4.ns, socket.AF_INET, socket.SOCK_DGRAM, (G4.ip, 5010))
+        try:
+            nat = Counter("inet", "postrouting", "nat-nf6c")
+            isolation = Counter("inet", "out-br2", "network-isolation")
+            guest.sendto(b"out", (dst, 7010))
+            assert readable(far, WAIT), f"NAT traffic without uplink did not reach {dst}"
+            data, peer = far.recvfrom(100)
+            assert (data, peer[0]) == (b"out", masq), f"source {peer[0]} not masqueraded"
+            far.sendto(b"back", peer)
+            assert readable(guest, WAIT), "the reply to a NATed flow was dropped"
+            assert guest.recv(100) == b"back"
+            assert nat.rose() == 1
+            assert isolation.rose() == 0
+        finally:
+            far.close()
+            guest.close()
+
+
+def test_nat_network_without_uplink_isolated_from_other_networks(lab: None) -> None:
+    """Any interface but the other popek bridges: traffic from network C to A
+    (NAT) and B is dropped by C's own ``out-`` chain, not left to theirs."""
+    for dst in (G1, G3):
+        rx = sock_in(dst.ns, socket.AF_INET, socket.SOCK_DGRAM, (dst.ip, 4010))
+        tx = sock_in(G4.ns, socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rule = Counter("inet", "out-br2", "network-isolation")
+            into = Counter("inet", f"in-{dst.net.bridge}", "network-isolation")
+            tx.sendto(b"across", (dst.ip, 4010))
+            rule.wait_rise()
+            assert not readable(rx, QUIET), f"{dst.name} got a datagram from g4"
+            assert into.rose() == 0
+        finally:
+            rx.close()
+            tx.close()
+
+
+def test_ipv6_masqueraded_by_the_rule_of_its_own_network(wires: dict[str, Wire]) -> None:
+    """IPv6 from network C leaves masqueraded and is counted by ``nat6-nf6c`` alone:
+    network A's ``nat6-nf6a`` (earlier in the chain) takes only A's subnet."""
+    far = sock_in(outside(), socket.AF_INET6, socket.SOCK_DGRAM, ("::", 7012))
+    try:
+        own = Counter("inet", "postrouting", "nat6-nf6c")
+        other = Counter("inet", "postrouting", "nat6-nf6a")
+        packet = udp6(G4.ip6, OUTSIDE_IP6, 5013, 7012, hlim=64)
+        wires["g4"].send(frame6(G4.mac, packet, BRIDGE_MAC["br2"]))
+        assert readable(far, WAIT), "NAT IPv6 traffic without uplink did not leave"
+        data, peer = far.recvfrom(100)
+        assert (data, peer[0]) == (packet[48:], UPLINK_IP6)
+        assert own.rose() == 1
+        assert other.rose() == 0
+    finally:
+        far.close()
+
+
+# --------------------------------------------------------------------------- foreign bridge members
+
+
+def test_bridge_member_that_is_no_port_is_not_policed(wires: dict[str, Wire]) -> None:
+    """popek polices its own ports only: frames from another member of the bridge (a
+    foreign ether type, DHCP and DHCPv6 server replies, a router advertisement) reach
+    the guests, and a guest's unicast to that member is delivered, none of it counted
+    by the port-security rules."""
+    ext, rx = Wire(EXT), wires["g1"]
+    try:
+        rules = [Counter("bridge", hook, comment) for hook in ("prerouting", "input")
+                 for comment in ("ethertype", "rogue-dhcp", "rogue-dhcpv6", "rogue-ra")]
+        ra_body = b"\x40\0\x07\x08" + bytes(8)
+        for frame in (ether(G1.mac, EXT.mac, 0x88B5, uuid.uuid4().bytes * 3),
+                      ether(G1.mac, EXT.mac, 0x0800, udp4(EXT.ip, G1.ip, 67, 68)),
+                      frame6(EXT.mac, udp6(EXT.ll, G1.ll, 547, 546), G1.mac),
+                      frame6(EXT.mac, icmp6(EXT.ll, "ff02::1", 134, ra_body))):
+            _passes(ext, rx, frame, *rules)
+        # the bridge has learnt where EXT's MAC is: this goes to its port only
+        unicast = Counter("bridge", "forward", "not-for-this-port")
+        _passes(wires["g1"], ext, ether(EXT.mac, G1.mac, 0x0800,
+                                        udp4(G1.ip, EXT.ip, 4020, 4020)), unicast)
+    finally:
+        ext.close()
+
+
+def test_rogue_server_rules_match_their_own_ip_version_only(wires: dict[str, Wire]) -> None:
+    """``rogue-dhcp`` is about IPv4 and ``rogue-dhcpv6``/``rogue-ra`` about IPv6: a guest's
+    IPv6 datagram from UDP port 67, its IPv4 datagram from UDP port 547 and an IPv4
+    packet of protocol 58 that starts like a router advertisement are delivered."""
+    rules = [Counter("bridge", "prerouting", c)
+             for c in ("rogue-dhcp", "rogue-dhcpv6", "rogue-ra")]
+    proto58 = ipv4(G1.ip, G2.ip, 58, b"\x86\0\0\0" + uuid.uuid4().bytes)
+    for frame in (frame6(G1.mac, udp6(G1.ll, G2.ll, 67, 68), G2.mac),
+                  ether(G2.mac, G1.mac, 0x0800, udp4(G1.ip, G2.ip, 547, 546)),
+                  ether(G2.mac, G1.mac, 0x0800, proto58)):
+        _passes(wires["g1"], wires["g2"], frame, *rules)
+
+
+# --------------------------------------------------------------------------- ND corner cases
+
+
+def behind_hop_by_hop(src: str, dst: str, typ: int, body: bytes, length: int | None = None,
+                      trailing: bytes = b"") -> bytes:
+    """An ICMPv6 message of type ``typ`` behind a hop-by-hop options header (PadN only).
+
+    ``length`` overrides the IPv6 payload length, and ``trailing`` follows the packet
+    in the frame (the rules read what the frame holds, not only what the header counts).
+    """
+    payload = bytes([58, 0, 1, 4, 0, 0, 0, 0]) + bytes([typ, 0, 0, 0]) + body
+    plen = len(payload) if length is None else length
+    return (b"\x60\0\0\0" + plen.to_bytes(2, "big") + bytes([0, 255]) + _ip(src) + _ip(dst)
+            + payload + trailing)
+
+
+def test_dad_solicitation_with_nonce_passes(wires: dict[str, Wire]) -> None:
+    """Duplicate address detection from :: carrying a nonce option (RFC 7527; Linux
+    sends one) is delivered."""
+    nonce = bytes([14, 1]) + uuid.uuid4().bytes[:6]
+    rules = (Counter("bridge", "nd", "nd-spoof"), Counter("bridge", G1.chain, "ipv6-spoof"))
+    _passes(wires["g1"], wires["g2"], frame6(G1.mac, ns("::", G1.ip6, nonce)), *rules)
+
+
+@pytest.mark.parametrize("case", ["dad ns behind hop-by-hop", "ns behind hop-by-hop",
+                                  "rs behind hop-by-hop", "rs from :: with foreign slla",
+                                  "ns without target", "ns with slla behind hop-by-hop",
+                                  "rs naming the own address", "rs with own slla after junk",
+                                  "ns with tlla for its own address"])
+def test_unusual_solicitation_dropped(wires: dict[str, Wire], case: str) -> None:
+    """Solicitations that the accepting rules of ``nd`` do not describe exactly are
+    dropped by ``nd-spoof``: behind an extension header (even one whose IPv6 length
+    matches the plain message's), from :: with a foreign link-layer address, cut short
+    before the target, or carrying the port's own address or MAC where only another
+    message type has them."""
+    group = "ff02::1:ff00:1"
+    packet = {
+        "dad ns behind hop-by-hop": behind_hop_by_hop("::", group, 135,
+                                                      bytes(4) + _ip(G1.ip6)),
+        # 8 + 16 bytes: the IPv6 length of a plain solicitation without option
+        "ns behind hop-by-hop": behind_hop_by_hop(G1.ll, group, 135,
+                                                  bytes(4) + _ip(G1.ip6)[:8]),
+        # the IPv6 length of a plain router solicitation: the message is left outside it
+        "rs behind hop-by-hop": behind_hop_by_hop(G1.ll, "ff02::2", 133, bytes(4),
+                                                  length=8),
+        "rs from :: with foreign slla": rs("::", lla(1, G2.mac)),
+        "ns without target": icmp6(G1.ll, group, 135, bytes(4)),
+        "ns with slla behind hop-by-hop": behind_hop_by_hop(
+            G1.ll, group, 135, bytes(4) + _ip(G2.ll), trailing=lla(1, G1.mac)),
+        # 16 bytes of "options" where an advertisement has its target: the port's address
+        "rs naming the own address": rs(G1.ll, _ip(G1.ip6)),
+        # the port's SLLA where a solicitation's would be, but in a router solicitation
+        "rs with own slla after junk": rs(G1.ll, bytes(16) + lla(1, G1.mac)),
+        "ns with tlla for its own address": ns(G1.ll, G1.ip6, lla(2, G1.mac)),
+    }[case]
+    _dropped(wires["g1"], wires["g2"], frame6(G1.mac, packet),
+             Counter("bridge", "nd", "nd-spoof"))
+
+
+@pytest.mark.parametrize("case", ["behind hop-by-hop", "short behind hop-by-hop",
+                                  "neighbour's target with own tlla"])
+def test_unusual_advertisement_dropped(wires: dict[str, Wire], case: str) -> None:
+    """Advertisements the accepting rules do not describe exactly are dropped by
+    ``na-spoof``: behind an extension header (also when the IPv6 length is that of a
+    plain advertisement and the target lies beyond it), or for a neighbour's target
+    even with the port's own MAC as TLLA."""
+    packet = {
+        "behind hop-by-hop": behind_hop_by_hop(G1.ll, "ff02::1", 136,
+                                               b"\x20\0\0\0" + _ip(G1.ip6),
+                                               trailing=lla(2, G1.mac)),
+        "short behind hop-by-hop": behind_hop_by_hop(G1.ll, "ff02::1", 136,
+                                                     b"\x20\0\0\0" + _ip(G1.ip6)[:8],
+                                                     trailing=_ip(G1.ip6)[8:]),
+        "neighbour's target with own tlla": na(G1.ll, G2.ip6, lla(2, G1.mac)),
+    }[case]
+    _dropped(wires["g1"], wires["g2"], frame6(G1.mac, packet),
+             Counter("bridge", G1.chain, "na-spoof"))
