@@ -16,34 +16,25 @@ Runs as root only (namespaces, nft), else skips; the tests take under two second
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
-import select
 import socket
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import pytest
 
 from popek.network import nft
 from popek.network.model import Network, Port
+from unit import nftlab
+from unit.nftlab import BROADCAST, WAIT, arp, ether, in_netns, readable, udp4
+from unit.nftlab import csum as _csum
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
-T = TypeVar("T")
-
-CLONE_NEWNET = 0x40000000
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
-BROADCAST = "ff:ff:ff:ff:ff:ff"
-WAIT = 5.0
-"""Seconds to wait for an event (a frame, a counter) before failing."""
 
 PREFIX = f"nfx-{os.getpid()}"
 SWITCH = f"{PREFIX}-sw"
@@ -92,36 +83,30 @@ GUESTS = (G1, G2, G3, G4)
 # --------------------------------------------------------------------------- namespaces
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def counter(family: str, chain: str, comment: str) -> int:
+    """Packets counted so far by the rule with ``comment`` in ``chain`` of the switch's
+    popek table."""
+    return nftlab.counter(SWITCH, family, chain, comment)
 
 
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a thread that entered network namespace ``ns``; return its result.
+class Counter(nftlab.Counter):
+    """One rule's counter in the switch namespace, read when made; :meth:`wait_rise`
+    waits until it rose by at least ``by``."""
 
-    A socket keeps the namespace it was created in, so sockets made here
-    send and receive inside ``ns`` while the test uses them from its own thread.
-    """
-    out: list[T] = []
-    err: list[BaseException] = []
+    def __init__(self, family: str, chain: str, comment: str) -> None:
+        super().__init__(SWITCH, family, chain, comment)
 
-    def run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-            finally:
-                os.close(fd)
-            out.append(fn())
-        except BaseException as exc:
-            err.append(exc)
+    def wait_rise(self, by: int = 1, exact: bool = False) -> None:
+        super().wait_rise(by, exact)
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if err:
-        raise err[0]
-    return out[0]
+
+class Wire(nftlab.Wire):
+    """A raw socket on ``guest``'s ``eth0``."""
+
+    def __init__(self, guest: Guest) -> None:
+        super().__init__(guest.ns, guest.name)
+        self.guest = guest
+
 
 
 def _setup_script() -> str:
@@ -185,121 +170,7 @@ def lab(namespaces: None) -> None:
 # --------------------------------------------------------------------------- counters
 
 
-def counter(family: str, chain: str, comment: str) -> int:
-    """Packets counted so far by the rule with ``comment`` in ``chain`` of popek's table."""
-    for item in nft.current(family, netns=SWITCH)["nftables"]:
-        rule = item.get("rule")
-        if rule and rule["chain"] == chain and rule.get("comment") == comment:
-            for expr in rule["expr"]:
-                if "counter" in expr:
-                    return int(expr["counter"]["packets"])
-    raise AssertionError(f"{family} table has no counted rule {comment!r} in chain {chain}")
-
-
-class Counter:
-    """One rule's counter, read when made; :meth:`wait_rise` waits until it rose."""
-
-    def __init__(self, family: str, chain: str, comment: str) -> None:
-        self.where = (family, chain, comment)
-        self.before = counter(*self.where)
-
-    def wait_rise(self, by: int = 1) -> None:
-        """Wait until ``by`` more packets hit the rule; fail after WAIT seconds."""
-        deadline = time.monotonic() + WAIT
-        now = counter(*self.where)
-        while now < self.before + by:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"rule {self.where} counted {now - self.before} "
-                                     f"packets, expected {by}")
-            select.select([], [], [], 0.02)  # let the softirq run; the counter is the event
-            now = counter(*self.where)
-
-
 # --------------------------------------------------------------------------- frames
-
-
-def _mac(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
-
-
-def _ip(ip: str) -> bytes:
-    return ipaddress.IPv4Address(ip).packed
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ether(dst: str, src: str, etype: int, payload: bytes) -> bytes:
-    """An Ethernet II frame."""
-    return _mac(dst) + _mac(src) + etype.to_bytes(2, "big") + payload
-
-
-def arp(op: int, sha: str, spa: str, tpa: str, tha: str = "00:00:00:00:00:00",
-        htype: int = 1) -> bytes:
-    """An Ethernet/IPv4 ARP packet, followed by a unique trailer (to recognise the frame)."""
-    return (htype.to_bytes(2, "big") + b"\x08\x00\x06\x04" + op.to_bytes(2, "big")
-            + _mac(sha) + _ip(spa) + _mac(tha) + _ip(tpa) + uuid.uuid4().bytes)
-
-
-def udp4(src: str, dst: str, sport: int, dport: int) -> bytes:
-    """An IPv4/UDP packet whose payload is unique (the checksum of UDP is left out: 0)."""
-    data = uuid.uuid4().bytes
-    udp = sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + (8 + len(data)).to_bytes(
-        2, "big") + b"\0\0" + data
-    head = (b"\x45\x00" + (20 + len(udp)).to_bytes(2, "big") + b"\0\0\x40\x00\x40\x11\0\0"
-            + _ip(src) + _ip(dst))
-    head = head[:10] + _csum(head).to_bytes(2, "big") + head[12:]
-    return head + udp
-
-
-class Wire:
-    """A raw socket on a guest's ``eth0``: sends frames, records the frames it receives."""
-
-    def __init__(self, guest: Guest) -> None:
-        def open_() -> socket.socket:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            s.bind(("eth0", 0))
-            return s
-
-        self.guest = guest
-        self.sock = in_netns(guest.ns, open_)
-        self.sock.setblocking(False)
-        self.got: list[bytes] = []
-
-    def send(self, frame: bytes) -> None:
-        assert self.sock.send(frame) == len(frame)
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            if addr[2] != PACKET_OUTGOING:
-                self.got.append(data)
-
-    def seen(self, frame: bytes) -> bool:
-        """Whether ``frame`` arrived (byte for byte) so far."""
-        self._drain()
-        return any(f[:len(frame)] == frame for f in self.got)
-
-    def wait(self, frame: bytes) -> None:
-        """Wait until ``frame`` arrives; fail after WAIT seconds."""
-        deadline = time.monotonic() + WAIT
-        while not self.seen(frame):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.guest.name} never received {frame.hex()}")
-            select.select([self.sock], [], [], left)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -338,10 +209,6 @@ def host_socket(kind: int, port: int, addr: str = NET_A.gateway) -> socket.socke
 def guest_socket(guest: Guest, kind: int) -> socket.socket:
     """A UDP or TCP socket of ``guest``'s own IP stack."""
     return in_netns(guest.ns, lambda: socket.socket(socket.AF_INET, kind))
-
-
-def readable(sock: socket.socket, timeout: float) -> bool:
-    return bool(select.select([sock], [], [], timeout)[0])
 
 
 # --------------------------------------------------------------------------- tests
