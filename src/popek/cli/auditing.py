@@ -13,7 +13,6 @@ command line.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -86,6 +85,7 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
 
 def record(op: str, target: str, args: list[str], code: int, error: str) -> None:
     """Append one command's record to the audit log (a warning if it cannot be written)."""
+    from popek.core.service import warn_unaudited
     from popek.errors import PopekError
     from popek.state import open_store
     from popek.trust.audit import AuditLog
@@ -96,6 +96,4 @@ def record(op: str, target: str, args: list[str], code: int, error: str) -> None
         AuditLog(TrustStore(open_store())).append(
             op, target, {"argv": args}, result[:500])
     except (OSError, PopekError) as exc:
-        if str(exc) and str(exc) in error:
-            return  # the command failed on this very error: its one line already says it
-        print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
+        warn_unaudited(exc, error)

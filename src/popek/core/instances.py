@@ -56,6 +56,11 @@ def _noop(_: str) -> None:
     pass
 
 
+def _cpus(inst: Instance) -> tuple[int, ...]:
+    """The host CPUs a started instance was placed on (none recorded: all)."""
+    return tuple(inst.runtime.details.get("cpus", [])) if inst.runtime else ()
+
+
 class Instances:
     """The instance service over one state store, one image store, engines and networks."""
 
@@ -100,37 +105,35 @@ class Instances:
         return self._engines(inst.spec.engine)
 
     def _launch_spec(self, inst: Instance, image: Image | None = None,
-                     lookup: bool = True) -> LaunchSpec:
+                     lookup: bool = True, with_ports: bool = True) -> LaunchSpec:
+        """The spec of ``inst``; without ``lookup`` no image and no mounts, without
+        ``with_ports`` no ports (no store reads at all)."""
         if image is None and lookup:
             image = self.images.get(inst.spec.image)
         cmdline = f"{image.manifest.cmdline} popek.hostname={inst.name}" if image else ""
+        ports = self.nets.ports(inst) if with_ports else []
         return LaunchSpec(
             name=inst.name, workdir=self.workdir(inst), vcpus=inst.spec.vcpus,
             memory=inst.spec.memory, uid=inst.uid, gid=inst.uid, image=image,
             cmdline=cmdline, accel=inst.spec.accel, runtime=inst.spec.runtime,
             project=inst.project, limits=dict(inst.spec.limits),
             mounts=tuple(parse_mount(m) for m in inst.spec.mounts) if lookup else (),
-            ports=tuple(ports := self.nets.ports(inst)),
-            networks=self.nets.networks_of(ports),
+            ports=tuple(ports), networks=self.nets.networks_of(ports),
         )
 
     def _spec(self, inst: Instance, full: bool) -> LaunchSpec:
         """A spec of a recorded instance; ``full=False`` reads neither images nor ports."""
         if full:
             return self._spec_for_running(inst)
-        cpus = tuple(inst.runtime.details.get("cpus", [])) if inst.runtime else ()
-        return LaunchSpec(name=inst.name, workdir=self.workdir(inst), vcpus=inst.spec.vcpus,
-                          memory=inst.spec.memory, uid=inst.uid, gid=inst.uid, image=None,
-                          accel=inst.spec.accel, runtime=inst.spec.runtime,
-                          project=inst.project, limits=dict(inst.spec.limits), cpus=cpus)
+        return replace(self._launch_spec(inst, lookup=False, with_ports=False),
+                       cpus=_cpus(inst))
 
     def _spec_for_running(self, inst: Instance) -> LaunchSpec:
         """A LaunchSpec for an instance whose image may have gone since it started."""
-        cpus = tuple(inst.runtime.details.get("cpus", [])) if inst.runtime else ()
         try:
-            return replace(self._launch_spec(inst), cpus=cpus)
+            return replace(self._launch_spec(inst), cpus=_cpus(inst))
         except PopekError:
-            return replace(self._launch_spec(inst, lookup=False), cpus=cpus)
+            return replace(self._launch_spec(inst, lookup=False), cpus=_cpus(inst))
 
     def _place(self, inst: Instance, active: list[Active] | None = None) -> tuple[int, ...]:
         """The host CPUs for ``inst``: the least used by the other active instances.

@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from popek.core.lifecycle import ACTIVE, State
-from popek.core.model import DEFAULT_PROJECT, Instance
+from popek.core.model import Instance
 from popek.core.records import Records, owner_of
 from popek.engines import Engine, LaunchSpec
 from popek.errors import ConflictError
 from popek.state.owners import live_owner
-from popek.state.schema import OWNERS_PREFIX, instance_key
+from popek.state.schema import OWNERS_PREFIX
 from popek.state.store import KeyValue
 
 #: the states a reconcile looks at: an active instance, or an intent to delete
@@ -49,11 +49,7 @@ class Reconciler:
             pairs = self.records.all_with_revisions(None)
             owners = {kv.key: kv for kv in self.records.store.range(OWNERS_PREFIX)}
         else:
-            pairs = []
-            for name in names:
-                kv = self.records.store.get(instance_key(DEFAULT_PROJECT, name))
-                if kv is not None:
-                    pairs.append((Instance.from_json(kv.value), kv.mod_revision))
+            pairs = [found for name in names if (found := self.records.find(name))]
         return [change for inst, rev in pairs if (change := self.one(inst, rev, owners))]
 
     def settled_all(self, project: str | None) -> list[Instance]:
@@ -69,10 +65,10 @@ class Reconciler:
             before = (inst.state, inst.reason, inst.runtime is None)
             if self.one(inst, rev, owners) or before != (inst.state, inst.reason,
                                                           inst.runtime is None):
-                kv = self.records.store.get(inst.key)
-                if kv is None:
+                found = self.records.find(inst.name, inst.project)
+                if found is None:
                     continue  # an interrupted delete was finished
-                inst = Instance.from_json(kv.value)
+                inst = found[0]
             out.append(inst)
         return out
 

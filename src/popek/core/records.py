@@ -75,14 +75,19 @@ class Records:
         """Work on ``store``."""
         self.store = store
 
+    def find(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int] | None:
+        """Return instance ``name`` and its revision, or ``None`` when it has no record."""
+        kv = self.store.get(instance_key(project, name))
+        return (Instance.from_json(kv.value), kv.mod_revision) if kv else None
+
     def load(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int]:
         """Return instance ``name`` and its revision; raise :class:`NotFound`."""
-        kv = self.store.get(instance_key(project, name))
-        if kv is None:
+        found = self.find(name, project)
+        if found is None:
             names = [i.name for i in self.all(project)]
             known = ", ".join(names) if names else "none"
             raise NotFound(f"instance {name!r} not found; existing instances: {known}")
-        return Instance.from_json(kv.value), kv.mod_revision
+        return found
 
     def all(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
         """Return every instance (of ``project``), sorted by name."""

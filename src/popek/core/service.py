@@ -98,6 +98,20 @@ def result_of(exc: BaseException | None) -> str:
     return f"error: {type(exc).__name__}: {exc}"[:500]
 
 
+def warn_unaudited(exc: BaseException, failure: BaseException | str | None) -> None:
+    """Warn that an audit record was not written, unless ``failure`` already says why.
+
+    A command that failed because the store is damaged or unavailable cannot
+    write its record to that store either: its one error line is enough.
+    ``failure`` is what the command failed with (the CLI has only its text).
+    """
+    if isinstance(failure, StoreUnavailable) and isinstance(exc, StoreUnavailable):
+        return
+    if str(exc) and str(exc) in str(failure or ""):
+        return
+    print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
+
+
 class Core:
     """popek on one host: the stores, and the handler of every request."""
 
@@ -150,10 +164,7 @@ class Core:
             if names is None or list(names):
                 self.instances.reconcile(None if names is None else list(names))
             return request.run(self)
-        except (PopekError, KeyboardInterrupt) as exc:
-            error = exc
-            raise
-        except Exception as exc:  # an internal fault is audited as such, then raised
+        except (Exception, KeyboardInterrupt) as exc:  # internal faults too, then raised
             error = exc
             raise
         finally:
@@ -164,6 +175,4 @@ class Core:
             self.audit.append(request.op, request.target(), request.params(), result_of(error))
             self.audited += 1
         except (OSError, PopekError) as exc:
-            if isinstance(error, StoreUnavailable) and isinstance(exc, StoreUnavailable):
-                return  # the request failed on the same store: its one error line says it
-            print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
+            warn_unaudited(exc, error)

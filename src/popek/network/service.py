@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from popek import proc
 from popek.errors import (
     AlreadyExists,
     ConflictError,
@@ -47,6 +46,7 @@ from popek.network.model import (
     port_key,
 )
 from popek.state import open_store
+from popek.state.owners import Owner
 from popek.state.schema import (
     GENERATION_KEY,
     INSTANCES_PREFIX,
@@ -65,16 +65,13 @@ def _now() -> str:
 
 
 def _me() -> str:
-    pid = os.getpid()
-    return f"{pid} {proc.start_time(pid) or 0}"
+    """This process as a network or port record's ``owner`` (the intent owner's format)."""
+    return Owner.me().to_bytes().decode()
 
 
 def _owner_alive(owner: str) -> bool:
-    try:
-        pid, started = (int(x) for x in owner.split())
-    except ValueError:
-        return False
-    return proc.alive(pid, started)
+    found = Owner.from_bytes(owner.encode())
+    return found is not None and found.alive()
 
 
 R = TypeVar("R")
@@ -153,7 +150,7 @@ class Networks:
         return out
 
     def _save(self, key: str, value: bytes, rev: int, what: str) -> int:
-        res = self.store.txn([_cmp_rev(key, rev)], [_put(key, value)])
+        res = self.store.txn([_cmp_rev(key, rev)], [Put(key, value)])
         if not res.succeeded:
             raise ConflictError(f"{what} was changed by another operation at the same time; "
                              "look at popek network info and retry")
@@ -208,7 +205,7 @@ class Networks:
             key = network_key(name)
             res = self.store.txn(
                 [_cmp_version(key, 0), _cmp_rev(GENERATION_KEY, gen_rev)],
-                [_put(key, net.to_json()), _put(GENERATION_KEY, key.encode())])
+                [Put(key, net.to_json()), Put(GENERATION_KEY, key.encode())])
             if not res.succeeded:
                 raise ConflictError("networks were changed by another operation at the same "
                                  "time; retry")
@@ -230,10 +227,10 @@ class Networks:
             self.backend.teardown_port(port)
             self._delete_port_keys(port)
         self.backend.teardown_network(net)
-        self.store.txn([], [_delete(network_key(net.name)),
-                            _delete(f"{LEASES_PREFIX}{net.name}/", prefix=True),
-                            _delete(f"{PORTS_PREFIX}{net.name}/", prefix=True),
-                            _put(GENERATION_KEY, network_key(net.name).encode())])
+        self.store.txn([], [Delete(network_key(net.name)),
+                            Delete(f"{LEASES_PREFIX}{net.name}/", prefix=True),
+                            Delete(f"{PORTS_PREFIX}{net.name}/", prefix=True),
+                            Put(GENERATION_KEY, network_key(net.name).encode())])
 
     def delete(self, name: str, force: bool = False) -> None:
         """Delete network ``name``: bridge, dnsmasq, leases, files, rules and the record.
@@ -325,8 +322,8 @@ class Networks:
             res = self.store.txn(
                 [_cmp_version(pkey, 0), _cmp_version(lease_key(network, addr), 0),
                  _cmp_version(mac_key(the_mac), 0), _cmp_exists(network_key(network))],
-                [_put(pkey, port.to_json()), _put(lease_key(network, addr), inst.encode()),
-                 _put(mac_key(the_mac), pkey.encode())])
+                [Put(pkey, port.to_json()), Put(lease_key(network, addr), inst.encode()),
+                 Put(mac_key(the_mac), pkey.encode())])
             if not res.succeeded:
                 raise ConflictError("the address, MAC or port was taken by another operation "
                                  "at the same time; retry")
@@ -354,9 +351,9 @@ class Networks:
             self._save(network_key(network), net.to_json(), rev, f"network {network!r}")
 
     def _delete_port_keys(self, port: Port) -> None:
-        self.store.txn([], [_delete(port_key(port.network, port.host_ifname)),
-                            _delete(lease_key(port.network, port.ipv4)),
-                            _delete(mac_key(port.mac))])
+        self.store.txn([], [Delete(port_key(port.network, port.host_ifname)),
+                            Delete(lease_key(port.network, port.ipv4)),
+                            Delete(mac_key(port.mac))])
 
     def delete_port(self, port: Port | str) -> None:
         """Delete a port (a :class:`Port` or its ``host_ifname``).
@@ -471,11 +468,3 @@ def _cmp_version(key: str, version: int) -> Compare:
 def _cmp_exists(key: str) -> Compare:
     """The network record still exists (a port is never left on a deleted network)."""
     return Compare(key, "version", ">", 0)
-
-
-def _put(key: str, value: bytes) -> Put:
-    return Put(key, value)
-
-
-def _delete(key: str, prefix: bool = False) -> Delete:
-    return Delete(key, prefix)
