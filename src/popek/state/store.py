@@ -588,6 +588,18 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction: committed when the block ends; rolled back if the block
+        or the commit raises."""
+        self._begin()
+        try:
+            yield
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
     def _apply(self, op: Op, rev: int) -> tuple[int, KeyValue | None]:
         if isinstance(op, Put):
             if op.lease and not self._db.execute(
@@ -628,8 +640,7 @@ class SQLiteStore:
         The revision grows by one when the applied branch changed anything.
         Raises :class:`StoreError` when the database fails.
         """
-        self._begin()
-        try:
+        with self._writing():
             self._expire_locked()
             ok = all(_compare_holds(self.get(c.key), c) for c in compares)
             ops = success if ok else failure
@@ -648,11 +659,7 @@ class SQLiteStore:
                     self._db.execute("UPDATE meta SET value=? WHERE name='revision'", (new_rev,))
                     result.revision = new_rev
                 result.deleted = deleted
-            self._commit()
-            return result
-        except BaseException:
-            self._rollback()
-            raise
+        return result
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Write one key unconditionally; return the new revision."""
@@ -675,52 +682,32 @@ class SQLiteStore:
     @_guard
     def grant_lease(self, ttl: float) -> int:
         """Create a lease that expires ``ttl`` seconds from now; return its id."""
-        self._begin()
-        try:
+        with self._writing():
             cur = self._db.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)",
                                    (ttl, time.time() + ttl))
-            self._commit()
-            return int(cur.lastrowid or 0)
-        except BaseException:
-            self._rollback()
-            raise
+        return int(cur.lastrowid or 0)
 
     @_guard
     def keepalive(self, lease: int) -> bool:
         """Renew a lease for its full TTL; return ``False`` when it already expired."""
-        self._begin()
-        try:
+        with self._writing():
             self._expire_locked()
             cur = self._db.execute("UPDATE leases SET expires = ? + ttl WHERE id=?",
                                    (time.time(), lease))
-            self._commit()
-            return cur.rowcount == 1
-        except BaseException:
-            self._rollback()
-            raise
+        return cur.rowcount == 1
 
     @_guard
     def revoke_lease(self, lease: int) -> None:
         """Revoke a lease now, deleting every key attached to it."""
-        self._begin()
-        try:
+        with self._writing():
             self._db.execute("UPDATE leases SET expires = 0 WHERE id=?", (lease,))
             self._expire_locked()
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     @_guard
     def expire_leases(self) -> None:
         """Delete expired leases and their keys."""
-        self._begin()
-        try:
+        with self._writing():
             self._expire_locked()
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
 
     def _expire_locked(self) -> None:
         expired = [r[0] for r in self._db.execute(
