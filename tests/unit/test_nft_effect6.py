@@ -589,22 +589,28 @@ def test_host_initiated_flow_reply_accepted(lab: None) -> None:
 # --------------------------------------------------------------------------- routing, NAT
 
 
+def _isolated(src: Guest, dst: Guest, port: int) -> None:
+    """An IPv4 datagram routed from ``src``'s network to ``dst``'s is dropped by the
+    sending network's ``out-`` chain (its isolation counter rises) and never arrives."""
+    rx = sock_in(dst.ns, socket.AF_INET, socket.SOCK_DGRAM, (dst.ip, port))
+    tx = sock_in(src.ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rule = Counter("inet", f"out-{src.net.bridge}", "network-isolation")
+        into = Counter("inet", f"in-{dst.net.bridge}", "network-isolation")
+        tx.sendto(b"across", (dst.ip, port))
+        rule.wait_rise()
+        assert not readable(rx, QUIET), f"{dst.name} got a datagram from {src.name}"
+        assert into.rose() == 0
+    finally:
+        rx.close()
+        tx.close()
+
+
 def test_networks_isolated_from_each_other(wires: dict[str, Wire]) -> None:
     """Routed traffic from one popek network to another is dropped by the sending
     network's ``out-`` chain (IPv4 and IPv6, both directions)."""
     for src, dst in ((G1, G3), (G3, G1)):
-        rx = sock_in(dst.ns, socket.AF_INET, socket.SOCK_DGRAM, (dst.ip, 4000))
-        tx = sock_in(src.ns, socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            rule = Counter("inet", f"out-{src.net.bridge}", "network-isolation")
-            into = Counter("inet", f"in-{dst.net.bridge}", "network-isolation")
-            tx.sendto(b"across", (dst.ip, 4000))
-            rule.wait_rise()
-            assert not readable(rx, QUIET), f"{dst.name} got a datagram from {src.name}"
-            assert into.rose() == 0
-        finally:
-            rx.close()
-            tx.close()
+        _isolated(src, dst, 4000)
         rule = Counter("inet", f"out-{src.net.bridge}", "network-isolation")
         frame = frame6(src.mac, udp6(src.ip6, dst.ip6, 4000, 4000, hlim=64),
                        BRIDGE_MAC[src.net.bridge])
@@ -752,18 +758,7 @@ def test_nat_network_without_uplink_isolated_from_other_networks(lab: None) -> N
     """Any interface but the other popek bridges: traffic from network C to A
     (NAT) and B is dropped by C's own ``out-`` chain, not left to theirs."""
     for dst in (G1, G3):
-        rx = sock_in(dst.ns, socket.AF_INET, socket.SOCK_DGRAM, (dst.ip, 4010))
-        tx = sock_in(G4.ns, socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            rule = Counter("inet", "out-br2", "network-isolation")
-            into = Counter("inet", f"in-{dst.net.bridge}", "network-isolation")
-            tx.sendto(b"across", (dst.ip, 4010))
-            rule.wait_rise()
-            assert not readable(rx, QUIET), f"{dst.name} got a datagram from g4"
-            assert into.rose() == 0
-        finally:
-            rx.close()
-            tx.close()
+        _isolated(G4, dst, 4010)
 
 
 def test_ipv6_masqueraded_by_the_rule_of_its_own_network(wires: dict[str, Wire]) -> None:
