@@ -10,15 +10,17 @@ passes them in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
 import select
 import socket
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from popek.network import nft
@@ -307,3 +309,14 @@ class Wire:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@contextlib.contextmanager
+def fresh_netns(prefix: str) -> Iterator[str]:
+    """A new, empty network namespace named ``PREFIX-PID-RANDOM``, deleted afterwards."""
+    name = f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

@@ -28,6 +28,7 @@ import pytest
 
 from popek.network import nft
 from popek.network.model import Network, Port
+from unit.nftlab import fresh_netns
 from unit.test_nft import small
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
@@ -147,12 +148,8 @@ def test_non_string_uplink_of_a_nat_network_is_no_uplink() -> None:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh network namespace; its name has capitals (ip accepts them)."""
-    name = f"nfA-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with fresh_netns("nfA") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def _chains(netns: str, family: str) -> dict[str, dict[str, Any]]:

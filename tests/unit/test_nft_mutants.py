@@ -21,6 +21,7 @@ import pytest
 
 from popek.network import nft
 from popek.network.model import Network, Port
+from unit.nftlab import fresh_netns
 from unit.test_nft import small
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
@@ -29,12 +30,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"nfm-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with fresh_netns("nfm") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def _tables(netns: str) -> set[tuple[str, str]]:
