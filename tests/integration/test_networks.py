@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from framework import popek, processes_mentioning, wait_for
+from framework import POPEK, popek, processes_mentioning, wait_for
 from popek import proc
 from popek.network import Networks
 
@@ -117,6 +117,41 @@ def test_bad_input_changes_nothing(home: Path) -> None:
     net_cli("delete", "lan", "--force")
     assert net_json("list") == []
     assert links() == {d for d in devs if not d.startswith("pk-")}
+
+
+def test_subnet_inside_a_host_route_is_refused(home: Path) -> None:
+    """A subnet inside a route the host has (``10.0.0.0/8 via`` a gateway) is refused.
+
+    The host is a private network namespace with only that route (and its
+    link's): popek runs there in-process.  The error names the route, so the
+    refusal is the route check's and nothing else's; nothing is created.
+    """
+    ns = f"h4-routes-{os.getpid()}"
+    ip = ["ip", "-n", ns]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    env = {**os.environ, "POPEK_CLI_SERVER": "off"}
+    cli = ["ip", "netns", "exec", ns, *POPEK, "network"]
+    try:
+        for cmd in (["link", "add", "upl0", "type", "veth", "peer", "name", "upl1"],
+                    ["link", "set", "upl0", "up"], ["link", "set", "upl1", "up"],
+                    ["addr", "add", "198.51.100.2/24", "dev", "upl0"],
+                    ["route", "add", "10.0.0.0/8", "via", "198.51.100.1"]):
+            subprocess.run([*ip, *cmd], check=True)
+        res = subprocess.run([*cli, "create", "inroute", "--subnet", "10.123.0.0/24"],
+                             capture_output=True, text=True, env=env, timeout=120, check=False)
+        links_after = subprocess.run([*ip, "-o", "link"], capture_output=True, text=True,
+                                     check=True).stdout
+        listed = subprocess.run([*cli, "list", "--format", "json"], capture_output=True,
+                                text=True, env=env, timeout=120, check=True).stdout
+    finally:
+        subprocess.run([*cli, "delete", "--force", "inroute"], capture_output=True, env=env,
+                       timeout=120, check=False)
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert res.returncode != 0, res.stdout
+    assert ("subnet 10.123.0.0/24 overlaps 10.0.0.0/8 (host route 10.0.0.0/8 via "
+            "198.51.100.1 dev upl0)") in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "pk-" not in links_after and json.loads(listed) == []
 
 
 def _brport(dev: str, flag: str) -> str:

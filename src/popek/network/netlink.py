@@ -23,6 +23,7 @@ NTF_MASTER = 0x04
 AF_BRIDGE = 7
 AF_INET = 2
 LOCAL_TABLE = 255
+MAIN_TABLE = 254
 
 
 class NetlinkError(PopekError):
@@ -53,6 +54,18 @@ class PortFlags:
 def _attr(msg: Any, name: str, default: Any = None) -> Any:
     value = msg.get_attr(name)
     return default if value is None else value
+
+
+def _route_text(net: ipaddress.IPv4Network, gateway: str | None, dev: str, table: int) -> str:
+    """Describe one host route as ``ip route`` does: ``host route 10.0.0.0/8 via 192.0.2.1``."""
+    text = f"host route {net}"
+    if gateway:
+        text += f" via {gateway}"
+    if dev:
+        text += f" dev {dev}"
+    if table != MAIN_TABLE:
+        text += f" table {table}"
+    return text
 
 
 class NetlinkHost:
@@ -112,15 +125,18 @@ class NetlinkHost:
                 net = ipaddress.IPv4Network(f"{addr}/{msg['prefixlen']}", strict=False)
                 dev = names.get(msg["index"], str(msg["index"]))
                 used.append((net, f"address {addr}/{msg['prefixlen']} on host device {dev}"))
-        for msg in self._call("listing routes", self.ipr.get_routes, family=AF_INET, table=0):
-            if msg["dst_len"] == 0 or msg["table"] == LOCAL_TABLE:
+        # every table: no ``table`` argument (pyroute2 0.9 compares ``table=0`` literally
+        # and then returns nothing); a table above 255 is only in RTA_TABLE
+        for msg in self._call("listing routes", self.ipr.get_routes, family=AF_INET):
+            table = _attr(msg, "RTA_TABLE", msg["table"])
+            if msg["dst_len"] == 0 or table == LOCAL_TABLE:
                 continue
             dst = msg.get_attr("RTA_DST")
             if not dst:
                 continue
             net = ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}", strict=False)
-            dev = names.get(msg.get_attr("RTA_OIF") or 0, "")
-            used.append((net, f"host route {net}" + (f" via {dev}" if dev else "")))
+            used.append((net, _route_text(net, msg.get_attr("RTA_GATEWAY"),
+                                          names.get(msg.get_attr("RTA_OIF") or 0, ""), table)))
         return used
 
     def addresses(self, index: int) -> list[str]:
