@@ -18,6 +18,18 @@ from typing import Any
 
 from popek.errors import EngineError
 
+#: where popek finds the tools it runs (qemu, runc, bwrap, nft, ip, tc, dnsmasq, swtpm...):
+#: the system's directories, never the caller's ``PATH`` (a root command must not run a
+#: ``nft`` from a directory a user put first); the CLI sets ``PATH`` to it on entry too
+TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def tool(name: str) -> str | None:
+    """The absolute path of tool ``name`` in :data:`TOOL_PATH`, or ``None`` when missing."""
+    import shutil
+
+    return shutil.which(name, path=TOOL_PATH)
+
 
 def start_time(pid: int) -> int | None:
     """Return the start time (clock ticks after boot) of ``pid``, or ``None`` if it is gone.

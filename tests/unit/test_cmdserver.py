@@ -323,12 +323,42 @@ def test_the_launcher_runs_without_site_and_in_process_when_switched_off(tmp_pat
     package = str(Path(client.__file__).resolve().parents[2])
     launcher.write_text(client.launcher(sys.executable, package))
     launcher.chmod(0o755)
-    assert launcher.read_text().startswith(f"#!{sys.executable} -S\n")
+    assert launcher.read_text().startswith(f"#!{sys.executable} -IS\n")
     out = subprocess.run([str(launcher), "list", "--format", "json"], capture_output=True,
                          text=True, env=_env(tmp_path / "home", POPEK_CLI_SERVER="off"),
                          check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("answer", [b"P-1\nX0\n", b"P0\nX0\n", b"P1\nX0\n", b"P12x\nX0\n",
+                                    b"P\nX0\n", b"X0\n", b"P99999999999\nX0\n"])
+def test_no_pid_but_a_real_one_is_ever_signalled(answer: bytes) -> None:
+    """``-1`` (every process), ``0`` (the group), init or garbage: refused as no command."""
+    import socket
+
+    before = [signal.getsignal(s) for s in client.FORWARDED]
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(answer)
+        theirs.shutdown(socket.SHUT_WR)
+        assert client._await(ours) is None  # not started: nothing to signal, no code taken
+    assert [signal.getsignal(s) for s in client.FORWARDED] == before  # no forwarding set up
+
+
+def test_a_command_of_the_server_reports_only_a_real_exit_code() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    old = {s: signal.getsignal(s) for s in client.FORWARDED}
+    try:
+        with ours, theirs:
+            theirs.sendall(b"P4242\nX-3\nX300\nX7\n")
+            theirs.shutdown(socket.SHUT_WR)
+            assert client._await(ours) == 7
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 def _children(pid: int) -> list[int]:

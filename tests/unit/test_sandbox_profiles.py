@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from popek import proc
 from popek.engines import sandbox
 from popek.engines.sandbox import argv as argvmod
 from popek.engines.sandbox import runner, store
@@ -198,7 +199,7 @@ def test_prlimit_argv() -> None:
 
 
 def test_missing_bwrap_names_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(proc, "TOOL_PATH", "/nonexistent")
     with pytest.raises(EngineError, match="install the Debian package 'bubblewrap'"):
         sandbox.find_tools()
 

@@ -9,7 +9,9 @@
  * policy of its own: whenever the server is absent, stale, or says a command
  * must run in-process ("L": interactive ones), or popek runs unprivileged or
  * with POPEK_CLI_SERVER=off, it executes the Python client, which decides
- * and falls back (and starts a server).  The protocol is client.py's.
+ * and falls back (and starts a server).  The protocol is client.py's, and so is
+ * its trust rule: a listener that does not run as root (SO_PEERCRED) is refused
+ * before anything is sent, and only a pid above 1 from a verified server is signalled.
  *
  * Built with -DPOPEK_PYTHON="..." -DPOPEK_SRC="..." -DPOPEK_SOCKET="..." (the
  * venv's interpreter, the directory holding the popek package, and this
@@ -60,7 +62,7 @@ static void python(int argc, char **argv) {
         exit(1);
     }
     args[0] = POPEK_PYTHON; /* Python derives sys.executable from it */
-    args[1] = "-S";
+    args[1] = "-IS";        /* isolated as the server: no PYTHONPATH, no user site, no cwd */
     args[2] = "-c";
     args[3] = (char *)boot;
     for (int i = 1; i < argc; i++)
@@ -135,6 +137,24 @@ static int send_request(int sock, int argc, char **argv) {
     return 0;
 }
 
+/* The uid of the process listening at the other end of sock (SO_PEERCRED); -1 unknown. */
+static long peer_uid(int sock) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof cred)
+        return -1;
+    return (long)cred.uid;
+}
+
+/* A whole decimal number of at most 10 digits, or -1. */
+static long number(const char *s) {
+    long n = 0;
+    size_t i = 0;
+    for (; s[i] >= '0' && s[i] <= '9' && i < 10; i++)
+        n = n * 10 + (s[i] - '0');
+    return (i == 0 || s[i] != '\0') ? -1 : n;
+}
+
 int main(int argc, char **argv) {
     const char *sw = getenv("POPEK_CLI_SERVER");
     if (geteuid() != 0 || (sw && strcmp(sw, "off") == 0))
@@ -143,8 +163,18 @@ int main(int argc, char **argv) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     const char *path = getenv("POPEK_CLI_SOCKET");
     strncpy(addr.sun_path, path && *path ? path : POPEK_SOCKET, sizeof addr.sun_path - 1);
-    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0 ||
-        send_request(sock, argc, argv) != 0)
+    const char *where = addr.sun_path;
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0)
+        python(argc, argv);
+    /* only a root listener gets the environment and the terminal (client.py's rule) */
+    long uid = peer_uid(sock);
+    if (uid != 0) {
+        fprintf(stderr, "popek: refused the command socket %s: it is served by uid %ld, not "
+                "root; nothing was sent (unset POPEK_CLI_SOCKET, or set POPEK_CLI_SERVER=off)\n",
+                where, uid);
+        return 3;
+    }
+    if (send_request(sock, argc, argv) != 0)
         python(argc, argv);
 
     struct sigaction sa;
@@ -167,12 +197,13 @@ int main(int argc, char **argv) {
         char *nl;
         while ((nl = memchr(line, '\n', used))) {
             *nl = '\0';
-            if (line[0] == 'P' && !child) {
-                child = (pid_t)atoi(line + 1);
+            long value = number(line + 1);
+            if (line[0] == 'P' && !child && value > 1) {
+                child = (pid_t)value;  /* never 0, -1 or a group: a command of the server */
                 for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
                     sigaction(sigs[i], &sa, NULL);
-            } else if (line[0] == 'X') {
-                return atoi(line + 1);
+            } else if (line[0] == 'X' && child && value >= 0 && value <= 255) {
+                return (int)value;
             } else if (!child) {  /* stale, refused or local: the Python client decides */
                 close(sock);
                 python(argc, argv);

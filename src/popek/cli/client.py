@@ -17,6 +17,13 @@ more than the interpreter's start:
   this process as before, and, for root, a server is started for the next
   command.  It exits on its own after ``IDLE_S`` without a command.
 
+Whatever answers on the socket must run as root (``SO_PEERCRED``) before the
+client sends it anything: an impostor listener (``POPEK_CLI_SOCKET`` pointing
+at a user's socket) gets no environment and no terminal, and cannot make the
+client signal a pid or exit with a code of its choosing: the client refuses
+with one line and exit code 3 (a trust check).  A pid is only ever taken from
+such a verified server, and only a real one (above 1).
+
 ``POPEK_CLI_SERVER=off`` turns all of it off; ``POPEK_CLI_SOCKET`` names
 another socket than this installation's (``/run/popek/cli-<crc32 of its
 directory>.sock``: two installations on one host never run each other's
@@ -110,11 +117,32 @@ def encode(args: list[str]) -> bytes:
     return b"\0".join(fields)
 
 
+#: the exit code of a refused server: a trust check failed (as popek.trust's TrustError)
+REFUSED = 3
+
+
+def peer_uid(sock: _socket.socket) -> int:
+    """The uid of the process that listens at the other end of ``sock`` (``SO_PEERCRED``)."""
+    cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # pid, uid, gid
+    return int.from_bytes(cred[4:8], sys.byteorder)
+
+
 def run_remote(args: list[str], path: str | None = None) -> int | None:
-    """Run ``args`` in the command server; ``None`` when there is none to take it."""
+    """Run ``args`` in the command server; ``None`` when there is none to take it.
+
+    A listener that does not run as root is refused before anything is sent
+    to it: one line on stderr and :data:`REFUSED`.
+    """
+    path = path or socket_path()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.connect(path or socket_path())
+        sock.connect(path)
+        uid = peer_uid(sock)
+        if uid != 0:
+            print(f"popek: refused the command socket {path}: it is served by uid {uid}, "
+                  "not root; nothing was sent (unset POPEK_CLI_SOCKET, or set "
+                  "POPEK_CLI_SERVER=off)", file=sys.stderr)
+            return REFUSED
         fds = (0, 1, 2)
         rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
         sock.sendmsg([encode(args)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
@@ -150,20 +178,27 @@ def _await(sock: _socket.socket) -> int | None:
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
-            kind, value = line[:1], line[1:]
-            if kind == b"P" and not child:
-                child = int(value)
+            kind, value = line[:1], _number(line[1:])
+            if kind == b"P" and not child and value is not None and value > 1:
+                child = value  # a command of the verified server: never 0, 1 or a group
                 for signum in FORWARDED:
                     _signal.signal(signum, forward)
-            elif kind == b"X":
-                return int(value)
+            elif kind == b"X" and child and value is not None and 0 <= value <= 255:
+                return value
             elif not child:  # stale or refused before it started: run it here
                 return None
+        if len(buffer) > 64:  # a line longer than any the protocol has
+            buffer = b""
     if not child:
         return None
     # the child ended without a code: killed by a signal we forwarded, or by another
     print("popek: the command ended without an exit code", file=sys.stderr)
     return 128 + forwarded if forwarded else 1
+
+
+def _number(text: bytes) -> int | None:
+    """``text`` as a decimal number, or ``None`` when it is not one."""
+    return int(text) if 0 < len(text) <= 10 and text.isdigit() else None
 
 
 def spawn_server() -> None:
@@ -187,9 +222,12 @@ def launcher(python: str, source: str) -> str:
 
     ``site`` (and the ``re`` import of pip's console-script wrapper) costs about
     20 ms here; the launcher puts popek's own directory on ``sys.path`` and
-    imports ``site`` only when the command runs in-process.
+    imports ``site`` only when the command runs in-process.  Isolated (``-I``),
+    as the command server: ``PYTHONPATH``, ``PYTHONSTARTUP`` and the other
+    ``PYTHON*`` variables of the caller, the user's site directory and the
+    working directory never put code into a root command.
     """
-    return (f"#!{python} -S\n"
+    return (f"#!{python} -IS\n"
             f"import sys\n"
             f"sys.path.insert(0, {source!r})\n"
             f"from popek.cli.client import main\n"

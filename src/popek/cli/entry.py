@@ -84,6 +84,9 @@ def leave(code: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of the ``popek`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from popek.proc import TOOL_PATH
+
+    os.environ["PATH"] = TOOL_PATH  # the tools popek runs come from the system, not the caller
     from popek.cli import fastpath
 
     found = fastpath.command(args)

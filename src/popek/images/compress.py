@@ -10,11 +10,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
-import shutil
 import subprocess
 from pathlib import Path
 from typing import IO, Protocol
 
+from popek import proc
 from popek.errors import ImageError
 from popek.images.manifest import FileEntry
 
@@ -73,7 +73,7 @@ def _copy_hashing(f: _Reader, out: IO[bytes]) -> FileEntry:
 
 
 def _zstd(src: Path, dst: Path) -> FileEntry:
-    tool = shutil.which("zstd")
+    tool = proc.tool("zstd")
     if tool is None:
         raise ImageError(f"{src.name} is zstd-compressed and the 'zstd' program is not installed")
     res = subprocess.run(

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from popek import proc
 from popek.errors import ImageError
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
@@ -90,7 +91,7 @@ def _decompress(src: Path, dest: Path) -> None:
         with gzip.open(src) as fin, dest.open("wb") as fout:
             shutil.copyfileobj(fin, fout)
     elif name.endswith(".ko.zst"):
-        if shutil.which("zstd") is None:
+        if proc.tool("zstd") is None:
             raise ImageError(f"module {name} is zstd-compressed; install the zstd package")
         with dest.open("wb") as fout:
             subprocess.run(["zstd", "-dc", str(src)], stdout=fout, check=True)

@@ -13,6 +13,7 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
+from popek import proc
 from popek.errors import ImageError
 from popek.images import debs
 
@@ -23,7 +24,7 @@ GUEST_PATH = "usr/bin/popek-verify"
 
 def build(cache: debs.DebCache, staging: Path) -> Path:
     """Compile ``popek-verify`` in ``staging``; return the static binary."""
-    gcc = shutil.which("gcc")
+    gcc = proc.tool("gcc")
     if gcc is None:
         raise ImageError("gcc is needed to build the guest verifier popek-verify: install the "
                          "Debian packages gcc and libc6-dev (make demo does it)")

@@ -16,7 +16,6 @@ import contextlib
 import grp
 import ipaddress
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterable
@@ -40,7 +39,7 @@ def files(netdir: Path) -> dict[str, Path]:
 
 def binary() -> str:
     """Return the path of dnsmasq; raise :class:`EngineError` when it is not installed."""
-    found = shutil.which("dnsmasq") or next(
+    found = proc.tool("dnsmasq") or next(
         (p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if os.access(p, os.X_OK)), None)
     if not found:
         raise EngineError("dnsmasq is not installed; install the Debian package dnsmasq-base")

@@ -41,12 +41,12 @@ import hashlib
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from popek import proc
 from popek.errors import InvalidInput, NotFound, PopekError
 from popek.network.model import Network, Port
 
@@ -633,7 +633,7 @@ def to_json(ruleset: list[dict[str, Any]]) -> str:
 
 
 def _nft_argv(netns: str | None) -> list[str]:
-    nft = shutil.which("nft") or "/usr/sbin/nft"
+    nft = proc.tool("nft") or "/usr/sbin/nft"
     if netns is None:
         return [nft]
     if not re.match(r"^[A-Za-z0-9_.\-]{1,64}$", netns):

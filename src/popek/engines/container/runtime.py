@@ -9,11 +9,11 @@ mixes with containers of other tools.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import IO, Any
 
+from popek import proc
 from popek.engines.container.cgroups import is_v2
 from popek.errors import EngineError, InvalidInput
 from popek.proc import run
@@ -32,13 +32,13 @@ def choose(requested: str) -> str:
     if requested == "auto":
         order = ("crun", "runc") if is_v2() else ("runc",)
         for name in order:
-            if shutil.which(name):
+            if proc.tool(name):
                 return name
         raise EngineError("no OCI runtime found: install the Debian package runc "
                           "(make demo does it)")
-    if not shutil.which(requested):
-        raise EngineError(f"OCI runtime {requested!r} not found in PATH; install the Debian "
-                          f"package {PACKAGES[requested]}")
+    if not proc.tool(requested):
+        raise EngineError(f"OCI runtime {requested!r} not found in {proc.TOOL_PATH}; install "
+                          f"the Debian package {PACKAGES[requested]}")
     return requested
 
 
@@ -52,7 +52,7 @@ class OciRuntime:
 
     def binary(self) -> str:
         """The path of the runtime binary that runs (what the launch measurement hashes)."""
-        return shutil.which(self.name) or self.name
+        return proc.tool(self.name) or self.name
 
     def _argv(self, *args: str) -> list[str]:
         return [self.name, "--root", str(self.root), *args]

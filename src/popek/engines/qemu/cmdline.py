@@ -11,12 +11,12 @@ docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from popek import proc
 from popek.engines.base import LaunchSpec
 from popek.engines.qemu import vtpm
 from popek.errors import EngineError
@@ -104,10 +104,10 @@ def nic_arg(port: Port, bus: str) -> str:
 
 def find_qemu() -> str:
     """Return the path of the QEMU binary; raise :class:`EngineError` when it is missing."""
-    path = shutil.which(QEMU_BINARY)
+    path = proc.tool(QEMU_BINARY)
     if path is None:
-        raise EngineError(f"{QEMU_BINARY} not found in PATH; install the Debian package "
-                          "qemu-system-x86 (make demo does it)")
+        raise EngineError(f"{QEMU_BINARY} not found in {proc.TOOL_PATH}; install the Debian "
+                          "package qemu-system-x86 (make demo does it)")
     return path
 
 

@@ -16,7 +16,6 @@ it from ``measurement.bin``, written just before QEMU starts.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def start(workdir: Path, uid: int, gid: int) -> None:
 
     Raises :class:`EngineError` when swtpm is missing or does not come up.
     """
-    binary = shutil.which(SWTPM)
+    binary = proc.tool(SWTPM)
     if binary is None:
         raise EngineError("swtpm is not installed: install the Debian package swtpm "
                           "(make demo does it)")

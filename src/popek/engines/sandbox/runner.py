@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from popek import proc
 from popek.engines import seccomp
 from popek.engines.sandbox import argv as argvmod
 from popek.engines.sandbox import store
@@ -30,7 +30,7 @@ TIMEOUT_EXIT = 124
 
 def find_tools() -> tuple[str, str]:
     """Return the paths of ``bwrap`` and ``prlimit``; :class:`EngineError` if one is missing."""
-    bwrap, prlimit = shutil.which("bwrap"), shutil.which("prlimit")
+    bwrap, prlimit = proc.tool("bwrap"), proc.tool("prlimit")
     if not bwrap:
         raise EngineError("bubblewrap is not installed: sandboxes need the 'bwrap' program; "
                           "install the Debian package 'bubblewrap'")
