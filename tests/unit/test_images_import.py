@@ -319,3 +319,72 @@ def test_oci_no_matching_platform(tmp_path: Path, store: ImageStore) -> None:
     (src / "index.json").write_text(json.dumps(index))
     with pytest.raises(ImageError, match="has no linux/.* manifest .found: linux/s390x"):
         store.import_file(src, "app")
+
+
+# -- compression bombs --------------------------------------------------------------
+
+BOMB_PART = 64 << 20  # zeros per compressed member; 20 members inflate to 1.25 GiB
+
+
+def write_bomb(path: Path, kind: str, parts: int = 20) -> Path:
+    """A small file of ``kind`` that decompresses to ``parts`` x 64 MiB of zeros.
+
+    gzip, xz and zstd all read concatenated members (streams, frames) as one
+    file, so one compressed member is repeated: cheap to make, costly to inflate.
+    """
+    zeros = bytes(BOMB_PART)
+    if kind == "gzip":
+        member = gzip.compress(zeros, compresslevel=9, mtime=0)
+    elif kind == "xz":
+        member = lzma.compress(zeros, preset=0)
+    else:
+        member = subprocess.run(["zstd", "-q", "-19", "-c"], input=zeros, capture_output=True,
+                                check=True).stdout
+    path.write_bytes(member * parts)
+    return path
+
+
+def test_decompression_bound() -> None:
+    from popek.images import compress
+
+    assert compress.bound(0) == compress.bound(1 << 20) == 256 << 20  # the floor
+    assert compress.bound(10 << 20) == 1000 << 20  # 100x
+    assert compress.bound(1 << 40) == 32 << 30  # the cap
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", *(["zstd"] if shutil.which("zstd") else [])])
+def test_compression_bomb_refused(tmp_path: Path, store: ImageStore, kind: str) -> None:
+    """A 1.25 GiB bomb in a few MiB is refused once it has inflated 256 MiB, not fully."""
+    from popek.images import compress
+
+    src = write_bomb(tmp_path / "bomb.tar.x", kind)
+    assert compress.sniff(src) == kind and src.stat().st_size < (256 << 20) // 100
+    with pytest.raises(ImageError) as info:
+        store.import_file(src, "bomb")
+    message = str(info.value)
+    assert message.startswith(f"bomb.tar.x ({kind}, ") and "\n" not in message
+    assert "decompresses to more than 256MiB; refusing it as a compression bomb" in message
+    assert "allowed: at most 100x the compressed size or 256MiB" in message
+    assert left_behind(store) == []
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_compression_bomb_layer_refused(tmp_path: Path, store: ImageStore) -> None:
+    """The same bomb as an OCI layer (its diff_id is never reached)."""
+    lay = Layout(tmp_path / "layout")
+    bomb = write_bomb(tmp_path / "layer.gz", "gzip").read_bytes()
+    layer = lay.blob(bomb, "application/vnd.oci.image.layer.v1.tar+gzip")
+    arch = GOARCH.get(platform.machine(), platform.machine())
+    config = {"architecture": arch, "os": "linux",
+              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}
+    cfg = lay.blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": cfg, "layers": [layer]}
+    man = lay.blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    (tmp_path / "layout/index.json").write_text(json.dumps({"schemaVersion": 2,
+                                                            "manifests": [man]}))
+    with pytest.raises(ImageError, match=r"^layer0\.blob \(gzip, .*decompresses to more than "
+                                         r"256MiB; refusing it as a compression bomb"):
+        store.import_file(tmp_path / "layout", "bomb")
+    assert left_behind(store) == []
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -3,7 +3,10 @@
 Accepted sources: a tar of a root filesystem (uncompressed, gzip, xz or
 zstd), an OCI image layout directory, or a tar (possibly compressed) of an
 OCI layout.  Either way the result is one normalised, uncompressed
-``rootfs.tar`` (see :mod:`popek.images.layers`); OCI blobs are verified
+``rootfs.tar`` (see :mod:`popek.images.layers`); what compressed data may
+expand to is bounded (:func:`popek.images.compress.bound`, and
+:data:`~popek.images.compress.CAP` for all the layers of an image together),
+and scratch files never outlive the import; OCI blobs are verified
 against their digests and the config's ``Entrypoint``/``Cmd``/``Env``/
 ``WorkingDir`` are kept as the image's default process.
 """
@@ -81,13 +84,15 @@ def _from_oci(
     image = oci.read(layout)
     tree = Tree()
     total = len(image.layers)
+    expanded = 0  # what the layers decompressed to so far: compress.CAP for them all
     for n, (desc, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
         ctx.progress(f"layer {n + 1}/{total}: {desc.digest} ({desc.size} bytes)")
         blob = scratch / f"layer{n}.blob"
         with blob.open("wb") as out:
             oci.copy_blob(layout, desc, out)
         plain = scratch / f"layer{n}.tar"
-        got = compress.decompress(blob, plain)
+        got = compress.decompress(blob, plain, limit=compress.CAP - expanded)
+        expanded += got.size
         blob.unlink()
         if f"sha256:{got.sha256}" != diff_id:
             raise ImageError(
