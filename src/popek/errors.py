@@ -97,3 +97,25 @@ class StoreDamaged(StoreUnavailable):
 
 class AgentError(EngineError):
     """The guest agent did not answer or answered something unexpected."""
+
+
+class NoSpace(StoreUnavailable):
+    """The filesystem that holds popek's files (``POPEK_HOME``) is full; nothing was changed."""
+
+
+def no_space(exc: BaseException, path: object = None) -> NoSpace | None:
+    """The :class:`NoSpace` error for ``exc`` when it means a full filesystem, else ``None``.
+
+    ``path`` names the file that was written when ``exc`` does not (SQLite's errors).
+    """
+    import errno
+
+    if isinstance(exc, NoSpace):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        path = exc.filename2 or exc.filename or path  # a copy names the target second
+    elif not (path is not None and "disk is full" in str(exc)):  # sqlite3's SQLITE_FULL
+        return None
+    where = f"the filesystem holding {path}" if path else "a filesystem popek writes to"
+    return NoSpace(f"no space left on {where}: the command changed nothing; free space "
+                   "there and run it again")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import stat
 from typing import Any
 
@@ -428,3 +429,55 @@ def test_rewritten_tail_stays_reported_after_the_next_append(log: AuditLog) -> N
     assert log.verify() != []
     log.append("instance.start", "vm1", {}, "ok")
     assert log.verify() != []
+
+
+# -- a full disk (issue 12, point 2) ------------------------------------------------------
+
+
+def test_append_whose_head_cannot_be_stored_leaves_no_record(
+        log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record and the stored head go in together: a full store cuts the line back."""
+    from popek.errors import NoSpace
+
+    fill(log, EVERY + 1)
+    before = log_path().read_bytes()
+    real_put = log.trust.store.put
+
+    def full(key: str, value: bytes, lease: int = 0) -> int:
+        if key == HEAD_KEY:
+            raise NoSpace("no space left on the filesystem holding state.db")
+        return real_put(key, value, lease)
+
+    monkeypatch.setattr(log.trust.store, "put", full)
+    with pytest.raises(NoSpace):
+        log.append("trust.allow-unsigned", "default", {"off": True}, "ok")
+    assert log_path().read_bytes() == before
+    monkeypatch.setattr(log.trust.store, "put", real_put)
+    assert log.verify() == []  # before the fix: "records after seq 5 were not written by popek"
+    log.append("trust.allow-unsigned", "default", {"off": True}, "ok")
+    assert log.verify() == []
+
+
+def test_append_whose_line_cannot_be_written_leaves_nothing(
+        log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line cut short by ENOSPC is taken back, and the head is not moved."""
+    import errno
+
+    fill(log, 2)
+    before = log_path().read_bytes()
+    real_write = os.write
+    ino = log_path().stat().st_ino
+
+    def short_then_full(fd: int, data: Any) -> int:
+        if os.fstat(fd).st_ino != ino:
+            return real_write(fd, data)
+        if len(data) > 20:
+            return real_write(fd, bytes(data[:20]))  # half a record reaches the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit.os, "write", short_then_full)
+    with pytest.raises(OSError):
+        log.append("instance.launch", "web", {}, "ok")
+    monkeypatch.setattr(audit.os, "write", real_write)
+    assert log_path().read_bytes() == before
+    assert log.verify() == []

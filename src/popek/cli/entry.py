@@ -39,11 +39,19 @@ def warn_unless_root(args: list[str]) -> None:
 
 def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) -> NoReturn:
     """Run ``call``, report its error if it fails, audit it, exit with its code."""
-    from popek.errors import PopekError
+    from popek.errors import PopekError, no_space
 
     code, error = 0, ""
     try:
-        code = call() or 0
+        try:
+            code = call() or 0
+        except OSError as exc:  # a full filesystem is the host's state, not a bug
+            from popek import paths
+
+            full = no_space(exc, paths.home())
+            if full is None:
+                raise
+            raise full from exc
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):

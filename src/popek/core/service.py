@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from popek.errors import PopekError, StoreUnavailable
+from popek import paths
+from popek.errors import PopekError, StoreUnavailable, no_space
 from popek.state import open_store
 from popek.state.store import StateStore
 
@@ -107,6 +108,10 @@ def warn_unaudited(exc: BaseException, failure: BaseException | str | None) -> N
     """
     if isinstance(failure, StoreUnavailable) and isinstance(exc, StoreUnavailable):
         return
+    full = no_space(exc, paths.home())
+    if full is not None and "no space left" in str(failure or ""):
+        return  # the command's own error already says the disk is full
+    exc = full or exc
     if str(exc) and str(exc) in str(failure or ""):
         return
     print(f"popek: warning: the audit log was not written: {exc}", file=sys.stderr)
@@ -164,6 +169,12 @@ class Core:
             if names is None or list(names):
                 self.instances.reconcile(None if names is None else list(names))
             return request.run(self)
+        except OSError as exc:  # a full POPEK_HOME is one line, not an internal fault
+            full = no_space(exc, paths.home())
+            error = full or exc
+            if full is None:
+                raise
+            raise full from exc
         except (Exception, KeyboardInterrupt) as exc:  # internal faults too, then raised
             error = exc
             raise

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from popek import paths
-from popek.errors import StoreDamaged, StoreError, StoreUnavailable
+from popek.errors import StoreDamaged, StoreError, StoreUnavailable, no_space
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -205,6 +205,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 #: primary SQLite result codes that mean the file is not (any more) a sound database
 _DAMAGE_CODES = {11: "SQLITE_CORRUPT", 26: "SQLITE_NOTADB"}
+_SQLITE_FULL = 13
 _HEADER = b"SQLite format 3\x00"
 #: every store opened by this process (see :func:`checkpoint_open_stores`)
 _OPEN: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
@@ -230,6 +231,9 @@ def _translate(path: Path, exc: sqlite3.Error) -> StoreUnavailable:
     if (code is not None and code & 0xFF in _DAMAGE_CODES) or any(
             m in text for m in ("malformed", "not a database", "corrupt")):
         return damaged(path, text)
+    full = no_space(exc, path) if code is None or code & 0xFF == _SQLITE_FULL else None
+    if full is not None:
+        return full
     return StoreUnavailable(f"the state store {path} cannot be used: {text} "
                             "(busy, full disk or no permission?)")
 
@@ -453,7 +457,8 @@ class SQLiteStore:
             raise _translate(path, exc) from exc
         except OSError as exc:
             self.close()
-            raise StoreUnavailable(f"cannot open the state store {path}: {exc}") from exc
+            raise (no_space(exc, path) or StoreUnavailable(
+                f"cannot open the state store {path}: {exc}")) from exc
         except StoreError:
             self.close()
             raise

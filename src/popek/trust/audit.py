@@ -20,6 +20,7 @@ Two anchors outside the file catch a rewrite of the whole tail:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,9 +30,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from popek import paths
+from popek.errors import PopekError
 from popek.state.schema import AUDIT_ALARM_KEY, AUDIT_HEAD_KEY
 from popek.trust.keys import TrustError, TrustStore, canonical, iso, now
 
@@ -96,6 +98,31 @@ def _last_line(f: Any) -> bytes:
     return b""
 
 
+@contextmanager
+def _all_or_nothing(f: BinaryIO) -> Iterator[None]:
+    """Cut the locked, append-only file ``f`` back to its length now if the block fails.
+
+    An append is a line in the file *and* (for the log) the head in the state
+    store: when the disk is full either may fail, and a line whose head was
+    never stored would make :meth:`AuditLog.verify` report the log tampered
+    with for good.  Cutting frees space, so it works on a full disk too.
+    """
+    size = os.fstat(f.fileno()).st_size
+    try:
+        yield
+    except BaseException:
+        os.ftruncate(f.fileno(), size)
+        os.fsync(f.fileno())
+        raise
+
+
+def _append(f: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` at the end of ``f``, unbuffered (nothing is left to flush later)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(f.fileno(), view):]
+
+
 class AuditLog:
     """Appends to and checks the audit log of this host."""
 
@@ -123,12 +150,13 @@ class AuditLog:
                                    "target": target, "params": params_digest(params),
                                    "result": result, "prev": prev}
             rec["hash"] = record_hash(rec)
-            f.write(canonical(rec) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-            self.trust.store.put(HEAD_KEY, canonical({"seq": seq, "hash": rec["hash"]}))
+            with _all_or_nothing(f):  # the record and the stored head go in together
+                _append(f, canonical(rec) + b"\n")
+                os.fsync(f.fileno())
+                self.trust.store.put(HEAD_KEY, canonical({"seq": seq, "hash": rec["hash"]}))
             if seq % CHECKPOINT_EVERY == 0:
-                self._checkpoint(seq, rec["hash"])
+                with contextlib.suppress(OSError, PopekError):  # the next one signs it
+                    self._checkpoint(seq, rec["hash"])
         return rec
 
     def _head(self) -> dict[str, Any] | None:
@@ -167,10 +195,10 @@ class AuditLog:
         body = {"seq": seq, "hash": head, "time": iso(now())}
         kid, sig = self.trust.sign(self.trust.host_key("audit"), "audit", canonical(body))
         cp = {**body, "signer": kid, "signature": sig}
-        fd = os.open(checkpoints_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        fd = os.open(checkpoints_path(), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
-        with os.fdopen(fd, "ab") as f:
-            f.write(canonical(cp) + b"\n")
+        with os.fdopen(fd, "r+b") as f, _all_or_nothing(f):
+            _append(f, canonical(cp) + b"\n")
         return cp
 
     def records(self) -> Iterator[dict[str, Any]]:

@@ -18,6 +18,7 @@ Revocation is permanent: a revoked key id cannot be added again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -264,12 +265,26 @@ class TrustStore:
         priv = Ed25519PrivateKey.generate()
         raw = priv.public_key().public_bytes(serialization.Encoding.Raw,
                                              serialization.PublicFormat.Raw)
-        rec = self.add(name, role, raw, days)
         pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        # all or nothing (a full disk): the whole private key is on disk beside its
+        # place before the public one is trusted, and only then linked into place
+        tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            rec = self.add(name, role, raw, days)
+            try:
+                os.link(tmp, path)
+            except OSError:
+                self.store.delete(PREFIX + rec.id)
+                raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return rec
 
     def host_key(self, role: str) -> str:
