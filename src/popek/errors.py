@@ -3,9 +3,30 @@
 Every error carries a message meant for a human operator: it says what was
 wrong and, where it applies, what is allowed.  Front ends (CLI, API) print the
 message and exit non-zero; they never show a traceback for a ``PopekError``.
+A message is at most :data:`MAX_MESSAGE` characters (:func:`bounded`): a
+value that a user or an image gave is echoed by its two ends, never whole.
 """
 
 from __future__ import annotations
+
+#: the longest error message popek prints (a 100 KB value is shown by its ends)
+MAX_MESSAGE = 1000
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` if it has at most ``limit`` characters, else its two ends and what was cut.
+
+    The result is never longer than ``limit`` (at least 100) and says how many
+    characters were left out in its middle.
+    """
+    if len(text) <= limit:
+        return text
+    limit = max(limit, 100)
+    widest = len(f" ...[{len(text)} characters left out]... ")
+    keep = limit - widest
+    marker = f" ...[{len(text) - keep} characters left out]... "
+    head = keep * 2 // 3
+    return text[:head] + marker + text[len(text) - (keep - head):]
 
 
 class PopekError(Exception):
@@ -14,6 +35,7 @@ class PopekError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

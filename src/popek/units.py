@@ -11,7 +11,9 @@ _UNITS = {
     "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 }
-_SIZE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+#: more digits than any size a host has (2**64 has 20): refused before ``int`` sees them
+MAX_DIGITS = 20
+_SIZE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$", re.ASCII)
 ALLOWED = "a whole number followed by a unit: B, KiB, MiB, GiB, TiB, KB, MB, GB or TB (e.g. 512MiB)"
 
 
@@ -23,6 +25,9 @@ def parse_size(text: str, what: str = "size") -> int:
     m = _SIZE.match(text)
     if not m:
         raise InvalidInput(f"invalid {what} {text!r}: expected {ALLOWED}")
+    if len(m.group(1)) > MAX_DIGITS:
+        raise InvalidInput(f"invalid {what}: a number of {len(m.group(1))} digits; at most "
+                           f"{MAX_DIGITS}, {ALLOWED}")
     number, unit = int(m.group(1)), m.group(2)
     if unit not in _UNITS:
         raise InvalidInput(f"invalid {what} {text!r}: unknown unit {unit or '(none)'!r}; "

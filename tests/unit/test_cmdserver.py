@@ -496,8 +496,38 @@ def test_a_signal_reaches_a_command_of_the_real_server(server: Server) -> None:
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=20)
     assert time.monotonic() - t0 < 5
-    # the command's own report, not a KeyboardInterrupt of the client
-    assert cli.returncode == 1 and "command server: KeyboardInterrupt" in err, err
+    # the command's own report, as in-process: not a KeyboardInterrupt of the client
+    assert cli.returncode == 130 and err == "Interrupted.\n", err
+
+
+def _command_reading(server_pid: int, pipe_fd: int) -> int:
+    """The server's child whose stdin is the pipe ``pipe_fd`` writes to: the command."""
+    want = f"pipe:[{os.fstat(pipe_fd).st_ino}]"
+    found = [pid for pid in _children(server_pid) if _readlink(f"/proc/{pid}/fd/0") == want]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def test_killing_the_client_cancels_the_command(server: Server) -> None:
+    """In-process, a killed ``popek`` takes its command with it; through the server too."""
+    cli = subprocess.Popen([sys.executable, "-c", CLIENT, server.socket, "_sleep", "120"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert cli.stdin is not None and cli.stderr is not None
+    wait_handlers(cli.pid, client.FORWARDED)  # the command runs: the client has its pid
+    command = _command_reading(server.proc.pid, cli.stdin.fileno())
+    cli.kill()  # SIGKILL: nothing is forwarded, the client's socket just closes
+    cli.wait(timeout=10)
+    wait_exit(command, 20, "the command of the killed client to end")
+    cli.stdin.close()
+    assert cli.stderr.read() == "Interrupted.\n"  # cancelled as a Ctrl-C cancels it
 
 
 def test_an_interrupt_just_after_the_pid_still_reports_the_exit_code(tmp_path: Path) -> None:
@@ -513,6 +543,9 @@ def test_an_interrupt_just_after_the_pid_still_reports_the_exit_code(tmp_path: P
     class Interrupted:  # the forwarded SIGINT lands right after the P line went out
         def settimeout(self, value: float | None) -> None:
             theirs.settimeout(value)
+
+        def fileno(self) -> int:
+            return theirs.fileno()
 
         def sendall(self, data: bytes) -> None:
             theirs.sendall(data)
@@ -533,5 +566,5 @@ def test_an_interrupt_just_after_the_pid_still_reports_the_exit_code(tmp_path: P
     with ours:
         answer = ours.makefile("rb").read().split()
     _, status = os.waitpid(pid, 0)
-    assert answer == [f"P{pid}".encode(), b"X1"]
-    assert os.waitstatus_to_exitcode(status) == 1
+    assert answer == [f"P{pid}".encode(), b"X130"]  # interrupted: 130, as in-process
+    assert os.waitstatus_to_exitcode(status) == 130

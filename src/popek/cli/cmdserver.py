@@ -320,7 +320,11 @@ def _command(conn: socket.socket, fds: list[int], request: Request) -> NoReturn:
             os.dup2(fd, target)
             os.close(fd)
         _reopen_stdio()
-        os.chdir(request.cwd)
+        try:
+            os.chdir(request.cwd)
+        except OSError:  # gone meanwhile: the client runs it in-process and says why
+            conn.sendall(b"Ethe working directory is gone\n")
+            os._exit(0)
         os.umask(request.umask)
         os.environb.clear()
         os.environb.update(request.env)
@@ -331,16 +335,51 @@ def _command(conn: socket.socket, fds: list[int], request: Request) -> NoReturn:
         # the hook goes first: once the client reads P it forwards signals, and an
         # interrupt just after P must still report the exit code
         entry.ON_EXIT.append(lambda c: _report(conn, c))
+        _cancel_with_client(conn)
         conn.sendall(f"P{os.getpid()}\n".encode())
         entry.main(request.args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:
-        print(f"popek: command server: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:  # as in-process: a Ctrl-C, or the client is gone
+        with contextlib.suppress(OSError):
+            print("Interrupted.", file=sys.stderr)
+        code = 130
+    except BaseException as exc:  # a bug: the one line an in-process command prints
+        with contextlib.suppress(OSError):
+            print(entry.internal_message(exc), file=sys.stderr)
+        code = entry.INTERNAL_ERROR
     entry.leave(code)
 
 
+def _cancel_with_client(conn: socket.socket) -> None:
+    """Interrupt this command (``KeyboardInterrupt``) as soon as its client goes away.
+
+    An in-process command dies with its process; here the command is another
+    process, so a client killed with SIGKILL would leave it running.  The
+    client's end of ``conn`` closes when it dies: the kernel then sends
+    ``SIGIO`` (``O_ASYNC``) and the socket shows ``POLLHUP`` (the client's
+    earlier ``shutdown(SHUT_WR)`` alone does not), and the command is cancelled
+    as a Ctrl-C would cancel it, rolling back what it started.
+    """
+    def gone() -> bool:
+        poll = select.poll()
+        poll.register(conn, select.POLLHUP)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poll.poll(0))
+
+    def on_io(_signum: int, _frame: object) -> None:
+        if gone():
+            signal.signal(signal.SIGIO, signal.SIG_IGN)  # once
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGIO, on_io)
+    fcntl.fcntl(conn, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(conn, fcntl.F_SETFL, fcntl.fcntl(conn, fcntl.F_GETFL) | os.O_ASYNC)
+    if gone():  # it died before SIGIO was armed
+        raise KeyboardInterrupt
+
+
 def _report(conn: socket.socket, code: int) -> None:
+    signal.signal(signal.SIGIO, signal.SIG_IGN)  # done: the client may go now
     with contextlib.suppress(OSError):
         conn.sendall(f"X{code}\n".encode())
 

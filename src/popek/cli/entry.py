@@ -39,7 +39,7 @@ def warn_unless_root(args: list[str]) -> None:
 
 def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) -> NoReturn:
     """Run ``call``, report its error if it fails, audit it, exit with its code."""
-    from popek.errors import PopekError, no_space
+    from popek.errors import PopekError, bounded, no_space
 
     code, error = 0, ""
     try:
@@ -55,8 +55,8 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
-            print(exc.code, file=sys.stderr)
-            error = str(exc.code)
+            error = bounded(str(exc.code))
+            print(error, file=sys.stderr)
     except PopekError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         code, error = exc.exit_code, f"{type(exc).__name__}: {exc}"
@@ -64,9 +64,8 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
         print("Interrupted.", file=sys.stderr)
         code, error = 130, "interrupted"
     except Exception as exc:  # a bug: one line for the user, the traceback on request
-        code, error = INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"
-        print(f"Error: popek failed inside ({type(exc).__name__}: {exc}); this is a bug, "
-              "please report it (POPEK_DEBUG=1 shows where)", file=sys.stderr)
+        code, error = INTERNAL_ERROR, bounded(f"internal error: {type(exc).__name__}: {exc}")
+        print(internal_message(exc), file=sys.stderr)
         if os.environ.get("POPEK_DEBUG"):
             import traceback
 
@@ -77,6 +76,14 @@ def finish(call: Callable[[], int | None], audit: Callable[[int, str], None]) ->
     # What they wrote goes from the WAL into state.db first (a failure is one line).
     store = sys.modules.get("popek.state.store")  # not imported: nothing was written
     leave(store.checkpoint_at_exit(code) if store else code)
+
+
+def internal_message(exc: BaseException) -> str:
+    """The one line a bug in popek prints (bounded, no traceback unless ``POPEK_DEBUG``)."""
+    from popek.errors import bounded
+
+    return (f"Error: popek failed inside ({type(exc).__name__}: {bounded(str(exc), 600)}); "
+            "this is a bug, please report it (POPEK_DEBUG=1 shows where)")
 
 
 def leave(code: int) -> NoReturn:

@@ -344,5 +344,28 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # popek.cli.popek" in the command server) for usage lines, errors and shell completion
     # (its variable is _POPEK_COMPLETE from this name).
     command = typer.main.get_command(app)
-    finish(lambda: command(args=args, prog_name=PROG_NAME),
+    finish(lambda: _run(command, args, PROG_NAME),
            lambda code, error: _audit(command, args, code, error))
+
+
+def _run(command: Any, args: list[str], prog: str) -> int:
+    """Typer's standalone run, with its usage errors bounded as popek's own (errors.bounded).
+
+    Click echoes a bad value whole (``--vcpus`` with 5000 digits); here it is shown
+    by its ends.  Commands give their exit code with ``typer.Exit``.
+    """
+    import click
+    from typer import rich_utils
+
+    from popek.errors import bounded
+
+    try:
+        code = command.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.ClickException as exc:
+        vars(exc)["message"] = bounded(exc.message)  # Final in Click's stubs, a plain attribute
+        rich_utils.rich_format_error(exc)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("Aborted!", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0

@@ -71,10 +71,13 @@ def apply(inst: Instance, key: str, value: str) -> Live:
         from popek.network.shaping import parse_rate
 
         limits = dict(spec.limits)
-        if value.lower() in ("none", "0", "off"):
+        if value.lower() in ("none", "off"):  # "0" is no rate: refused as out of range
             limits.pop("net", None)
         else:
-            limits["net"] = parse_rate(value)
+            try:
+                limits["net"] = parse_rate(value)
+            except InvalidInput as exc:
+                raise InvalidInput(f"limits.net: {exc}; or none to lift the limit") from exc
         spec.limits = check_limits(limits)
         return Live.SHAPE
     if key == "label":

@@ -18,7 +18,9 @@ from popek.errors import InvalidInput, PopekError
 MIN_RATE = 1_000_000          # 1 Mbit/s
 MAX_RATE = 100_000_000_000    # 100 Gbit/s
 _UNITS = {"kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000}
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(kbit|mbit|gbit)$", re.IGNORECASE)
+#: at most 12 digits before the point and 9 after: a float that always converts exactly
+#: enough, never ``inf`` (a 5000-digit rate overflowed ``int(float(...))``)
+_RATE = re.compile(r"^(\d{1,12}(?:\.\d{1,9})?)(kbit|mbit|gbit)$", re.IGNORECASE | re.ASCII)
 RATE_RULE = "a rate such as 500kbit, 100Mbit or 1Gbit, from 1Mbit to 100Gbit"
 
 
