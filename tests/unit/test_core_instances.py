@@ -262,6 +262,9 @@ def test_config_set_resizes_a_running_instance_and_refuses_bad_values(env: Env) 
     assert env.engine.calls[-1] == f"resize web {256 << 20}"
     before = env.store.get(instance_key("default", "web"))
     with pytest.raises(InvalidInput, match="unknown key"):
+        insts.config_set("web", "limits.gpu", "1")
+    # the fake engine has no bounded writable layer (as a VM): refused, nothing changed
+    with pytest.raises(InvalidInput, match="limits.disk applies to containers"):
         insts.config_set("web", "limits.disk", "1GiB")
     with pytest.raises(StateError, match="change the label of"):
         insts.config_set("web", "label", "other")

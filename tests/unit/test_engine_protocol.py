@@ -20,6 +20,7 @@ METHODS = {
     Capability.EXEC: ("exec",),
     Capability.EXEC_STREAM: ("exec_stream",),
     Capability.RESIZE: ("resize",),
+    Capability.DISK_LIMIT: ("resize_disk",),
     Capability.NETWORK_HOTPLUG: ("attach_port", "detach_port"),
     Capability.GRACEFUL_STOP: ("stop",),
     Capability.STATS: ("status",),

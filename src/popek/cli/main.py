@@ -16,6 +16,7 @@ from popek.cli import ops
 from popek.cli.admin import app as admin_app
 from popek.cli.common import check_format, print_table
 from popek.cli.network import app as network_app
+from popek.cli.project import app as project_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
 
@@ -31,6 +32,7 @@ app.add_typer(trust_app, name="trust")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
+app.add_typer(project_app, name="project")
 app.command("attest")(attest)
 image_app.command("sign")(image_sign)
 
@@ -58,6 +60,9 @@ def launch(
                               help="Access control label (see popek policy show)."),
     net_rate: str = typer.Option("", "--net-rate",
                                  help="Limit each network port, both ways, e.g. 100Mbit."),
+    disk: str = typer.Option("", "--disk",
+                             help="Containers: the size of the writable layer (limits.disk), "
+                                  "e.g. 20GiB; default: the project's (popek project show)."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     ops.launch(**locals())
@@ -165,8 +170,9 @@ app.add_typer(config_app, name="config")
 def config_set(
     name: str,
     key: str = typer.Argument(..., help="limits.memory, limits.cpu, limits.pids, limits.net "
-                                        "(e.g. 100Mbit, or none) or label (only while "
-                                        "stopped)."),
+                                        "(e.g. 100Mbit, or none), limits.disk (containers: "
+                                        "grows live, shrinks while stopped) or label (only "
+                                        "while stopped)."),
     value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
 ) -> None:
     """Change a limit; a running container gets it at once."""
@@ -186,6 +192,8 @@ def config_show(name: str) -> None:
     extra: dict[str, Any] = {f"limits.{k}": v for k, v in inst.spec.limits.items()}
     if "limits.net" in extra:
         extra["limits.net"] = format_rate(int(extra["limits.net"]))
+    if "limits.disk" in extra:
+        extra["limits.disk"] = format_size(int(extra["limits.disk"]))
     print(json.dumps({"limits.memory": format_size(inst.spec.memory),
                       "limits.cpu": inst.spec.vcpus, "label": inst.spec.label, **extra},
                      indent=2))

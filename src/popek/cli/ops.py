@@ -81,11 +81,13 @@ def print_table(columns: list[str], rows: list[list[str]]) -> None:
 
 def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container: bool,
            runtime: str, pids: int, mount: list[str], network: list[str], timeout: float,
-           label: str, net_rate: str) -> None:
+           label: str, net_rate: str, disk: str) -> None:
     """Create an instance from ``image`` and start it."""
     mem = size(memory, "memory size")
     engine = "container" if container else "qemu"
     limits: dict[str, int] = {"pids": pids} if container else {}
+    if disk:
+        limits["disk"] = size(disk, "limits.disk")
     if net_rate:
         from popek.network.shaping import parse_rate
 
@@ -146,6 +148,11 @@ def info(name: str, fmt: str) -> None:
         data["memory used"] = _of(usage["memory"], usage["memory_limit"], mib)
         data["processes"] = _of(usage["pids"], usage["pids_limit"])
         data["cpu time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
+        if "disk_limit" in usage:
+            data["disk used"] = _of(usage.get("disk_used"), usage["disk_limit"], mib)
+    limits = data.pop("limits", {})
+    for key, value in limits.items():
+        data[f"limits.{key}"] = format_size(value) if key == "disk" else value
     print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
     print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
 

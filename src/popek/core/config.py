@@ -16,7 +16,8 @@ from popek.core.model import Instance, check_label
 from popek.errors import InvalidInput, StateError
 from popek.units import parse_size
 
-CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "label")
+CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "limits.disk",
+               "label")
 MAX_PIDS = 1 << 22
 
 
@@ -25,6 +26,7 @@ class Live(Enum):
 
     RESIZE = "resize"   # the engine applies the new limits (refused without the capability)
     SHAPE = "shape"     # the host side of the ports is shaped again
+    DISK = "disk"       # the engine resizes the writable layer, running or stopped
     NONE = "none"       # nothing (only allowed while stopped)
 
 
@@ -36,14 +38,18 @@ def _int(value: str, what: str) -> int:
 
 
 def check_limits(limits: dict[str, int]) -> dict[str, int]:
-    """Validate extra limits (``pids``: 16 to 4194304; ``net``: bit/s); return them."""
+    """Validate extra limits (``pids``: 16 to 4194304; ``net``: bit/s; ``disk``:
+    bytes, containers); return them."""
+    from popek.engines.container.disk import check_size
     from popek.network.shaping import check_rate
 
     for key, value in limits.items():
         if key == "net":
             check_rate(value)
+        elif key == "disk":
+            check_size(value)
         elif key != "pids":
-            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net")
+            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net, disk")
         elif not 16 <= value <= MAX_PIDS:
             raise InvalidInput(f"invalid limits.pids {value}: must be from 16 to {MAX_PIDS}")
     return limits
@@ -80,6 +86,8 @@ def apply(inst: Instance, key: str, value: str) -> Live:
                 raise InvalidInput(f"limits.net: {exc}; or none to lift the limit") from exc
         spec.limits = check_limits(limits)
         return Live.SHAPE
+    if key == "limits.disk":
+        return _disk(inst, value)
     if key == "label":
         if inst.state != State.STOPPED:
             raise StateError(inst.name, "change the label of", inst.state.value,
@@ -87,3 +95,16 @@ def apply(inst: Instance, key: str, value: str) -> Live:
         spec.label = check_label(value)
         return Live.NONE
     raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")
+
+
+def _disk(inst: Instance, value: str) -> Live:
+    """``limits.disk``: a container's writable layer; it grows while the container runs,
+    and shrinks only while it is stopped (ext4 cannot shrink mounted)."""
+    spec = inst.spec
+    size = check_limits({"disk": parse_size(value, "limits.disk")})["disk"]
+    old = spec.limits.get("disk")
+    if inst.state != State.STOPPED and old is not None and size < old:
+        raise StateError(inst.name, "shrink limits.disk of", inst.state.value,
+                         (State.STOPPED.value,))
+    spec.limits = check_limits({**spec.limits, "disk": size})
+    return Live.DISK

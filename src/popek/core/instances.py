@@ -36,6 +36,7 @@ from popek.core.model import (
     validate_name,
 )
 from popek.core.netglue import InstanceNetworks, NetworksFactory, host_networks, split_network
+from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
 from popek.core.records import Active, Records
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
@@ -216,6 +217,11 @@ class Instances:
         for m in mounts:
             parse_mount(m)
         eng = self._engines(engine)
+        if Capability.DISK_LIMIT in eng.capabilities:
+            limits.setdefault("disk", Projects(self.store).disk(DEFAULT_PROJECT))
+        elif "disk" in limits:
+            raise InvalidInput("limits.disk applies to containers (their writable layer); "
+                               "a VM's root is its image")
         if mounts:
             require(eng, Capability.HOST_MOUNTS)
         if self.records.exists(name):
@@ -370,7 +376,17 @@ class Instances:
         inst, rev = self.records.load(name)
         live = cfg.apply(inst, key, value)
         running = inst.state in (State.RUNNING, State.PAUSED)
-        if live is cfg.Live.SHAPE and running:
+        if live is cfg.Live.DISK:
+            eng = self._engine(inst)
+            if Capability.DISK_LIMIT not in eng.capabilities:
+                raise InvalidInput("limits.disk applies to containers (their writable "
+                                   "layer); a VM's root is its image")
+            if inst.state not in (State.RUNNING, State.PAUSED, State.STOPPED):
+                raise StateError(name, "change limits.disk of", inst.state.value,
+                                 (State.PAUSED.value, State.RUNNING.value,
+                                  State.STOPPED.value))
+            eng.resize_disk(self._spec_for_running(inst), inst.runtime if running else None)
+        elif live is cfg.Live.SHAPE and running:
             self.nets.shape(inst)
         elif live is cfg.Live.RESIZE and running:
             eng = self._engine(inst)
@@ -408,7 +424,8 @@ class Instances:
             "reason": inst.reason, "engine": inst.spec.engine, "image": inst.spec.image,
             "image_version": inst.image_version, "label": inst.spec.label,
             "vcpus": inst.spec.vcpus,
-            "memory": inst.spec.memory, "accel_requested": inst.spec.accel,
+            "memory": inst.spec.memory, "limits": dict(inst.spec.limits),
+            "accel_requested": inst.spec.accel,
             "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
             "history": inst.history,
             "ports": [{"network": p.network, "mac": p.mac, "ipv4": p.ipv4, "ipv6": p.ipv6,

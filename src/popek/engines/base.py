@@ -37,6 +37,7 @@ class Capability(StrEnum):
     GRACEFUL_STOP = "graceful-stop"
     RESIZE = "resize"
     STATS = "stats"
+    DISK_LIMIT = "a bounded writable layer (limits.disk)"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,14 @@ class Engine(Protocol):
         """Apply ``spec``'s CPU, memory and pids limits to the running instance.
 
         Only engines with :attr:`Capability.RESIZE`.
+        """
+        ...
+
+    def resize_disk(self, spec: LaunchSpec, runtime: Runtime | None) -> None:
+        """Bring the writable layer to ``spec.limits["disk"]``, running (``runtime``) or
+        stopped (``None``); refuse what the layer cannot do in that state.
+
+        Only engines with :attr:`Capability.DISK_LIMIT`.
         """
         ...
 

@@ -11,6 +11,7 @@ from popek.core.requests.instances import (
     Exec,
     Launch,
     Pause,
+    ProjectSet,
     Restart,
     Resume,
     Start,
@@ -31,5 +32,5 @@ from popek.core.requests.trust import (
 __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "ConfigSet",
            "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete", "ImageImport",
            "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
-           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "Restart", "Resume",
-           "SandboxRun", "Start", "Stop"]
+           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProjectSet", "Restart",
+           "Resume", "SandboxRun", "Start", "Stop"]

@@ -254,3 +254,24 @@ class Attest(_Named[dict[str, Any]]):
         inst = core.instances.get(self.name)
         m = ms.read(core.instances.workdir(inst))
         return ms.quote(core.trust, f"{inst.project}/{inst.name}", m, self.nonce)
+
+
+@dataclass(frozen=True)
+class ProjectSet(Request[None]):
+    """Change a default of ``project`` (see :mod:`popek.core.projects`)."""
+
+    op = "project.set"
+    shown = ("key", "value")
+    project: str
+    key: str
+    value: str
+
+    def target(self) -> str:
+        """The project."""
+        return self.project
+
+    def run(self, core: Core) -> None:
+        """Set it; instances made later get it."""
+        from popek.core.projects import Projects
+
+        Projects(core.instances.store).set(self.project, self.key, self.value)

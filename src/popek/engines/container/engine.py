@@ -5,7 +5,8 @@ Each container lives in its instance directory::
     <workdir>/bundle/config.json   the OCI runtime spec (engines/container/spec.py)
     <workdir>/bundle/rootfs/       an overlay: the image's shared base, id-mapped to the
                                    container's uid range, under its own upper layer
-                                   (engines/container/rootfs.py)
+                                   (engines/container/rootfs.py); mounted on the host
+                                   only while the runtime starts the container
     <workdir>/console.log          what the container's init wrote (stdout/stderr)
     <workdir>/init.pid             the init's pid, written by the runtime
 
@@ -65,7 +66,7 @@ class ContainerEngine:
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS, Capability.HOST_MOUNTS,
-        Capability.NETWORK_HOTPLUG,
+        Capability.NETWORK_HOTPLUG, Capability.DISK_LIMIT,
     })
     id_range: ClassVar[int] = ID_RANGE
     port_kind: ClassVar[str] = "veth"
@@ -120,8 +121,11 @@ class ContainerEngine:
             spec.measure(rt.binary(), config.read_bytes())
         pidfile = spec.workdir / "init.pid"
         log_path = spec.workdir / "console.log"
-        with open(log_path, "wb") as log:
-            rt.run_detached(cid, spec.workdir / "bundle", pidfile, log)
+        try:
+            with open(log_path, "wb") as log:
+                rt.run_detached(cid, spec.workdir / "bundle", pidfile, log)
+        finally:
+            rootfs.detach(spec)  # the container holds its own copies now (or failed)
         pid = int(pidfile.read_text().strip())
         started = proc.start_time(pid)
         if started is None:
@@ -223,7 +227,8 @@ class ContainerEngine:
         return {"container_status": state.get("status"), "runtime": rtime.details.get("runtime"),
                 "pid": rtime.pid, "usage": {
                     "memory": u.memory, "memory_limit": u.memory_limit,
-                    "pids": u.pids, "pids_limit": u.pids_limit, "cpu_seconds": u.cpu_seconds}}
+                    "pids": u.pids, "pids_limit": u.pids_limit, "cpu_seconds": u.cpu_seconds,
+                    **rootfs.disk_usage(spec, rtime.pid)}}
 
     def resize(self, spec: LaunchSpec, rtime: Runtime) -> None:
         """Apply ``spec``'s limits to the running container at once (``update``)."""
@@ -233,6 +238,11 @@ class ContainerEngine:
             "update", "--memory", str(lim.memory), "--memory-swap", str(lim.memory),
             "--pids-limit", str(lim.pids), "--cpu-quota", str(int(lim.cpus * 100_000)),
             "--cpu-period", "100000", "--cpuset-cpus", cpuset, container_id(spec))
+
+    def resize_disk(self, spec: LaunchSpec, runtime: Runtime | None) -> None:
+        """Grow the writable layer (live too, where the host lets ext4 grow online);
+        shrink it while stopped only."""
+        rootfs.resize_disk(spec, running=runtime is not None)
 
     def attach_port(self, spec: LaunchSpec, rtime: Runtime, port: Port) -> None:
         """Move the port's veth end into the running container as the next ethN."""

@@ -27,6 +27,7 @@ MOUNT_ATTR_IDMAP = 0x100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 CLONE_NEWUSER = 0x10000000
 MNT_DETACH = 0x2
+MS_PRIVATE = 1 << 18
 NEEDS = "Linux 5.19 or later (id-mapped mounts as overlayfs layers)"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -106,6 +107,14 @@ def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, os.fsencode(opts)) != 0:
         raise _fail(f"mounting the overlay on {target}")
+
+
+def make_private(target: str) -> None:
+    """Make the mount on ``target`` private: its copies in other mount namespaces (a
+    container's, made while the runtime starts it) no longer receive its mount and
+    unmount events, nor it theirs."""
+    if _libc.mount(None, os.fsencode(target), None, MS_PRIVATE, None) != 0:
+        raise _fail(f"making the mount on {target} private")
 
 
 def unmount(target: str) -> None:

@@ -273,8 +273,17 @@ class QemuEngine:
         """Not offered yet for VMs: change CPUs and memory while the VM is stopped."""
         raise CapabilityError("the qemu engine cannot resize a running VM yet; stop it first")
 
+    def resize_disk(self, spec: LaunchSpec, runtime: Runtime | None) -> None:
+        """Not for VMs: their root is their image (volumes come with storage pools)."""
+        raise CapabilityError("limits.disk applies to containers (their writable layer); "
+                              "a VM's root is its image")
+
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
-        """Run ``argv`` in the guest through the agent channel."""
+        """Run ``argv`` in the guest through the agent channel; return its whole output.
+
+        Bounded: the answer within ``timeout`` seconds, at most
+        ``agent.MAX_OUTPUT`` bytes of output (see :meth:`exec_stream`).
+        """
         from popek.engines.qemu.agent import AgentClient
 
         return AgentClient(Paths(spec.workdir).agent, timeout).exec(argv, stdin)
