@@ -107,8 +107,10 @@ def create(bundle: Path, size: int, upper_uid: int, upper_gid: int, upper_mode: 
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        _run([_tool("mkfs.ext4"), "-q", "-F", "-b", str(BLOCK), "-m", "0",
-              "-J", f"size={journal_mib(size)}",
+        # no resize inode (its reserved blocks cost half of mkfs's time and 4 MiB for
+        # 10 GiB): ext4 and resize2fs grow without it (meta_bg)
+        _run([_tool("mkfs.ext4"), "-q", "-F", "-b", str(BLOCK), "-m", "0", "-i", "16384",
+              "-O", "^resize_inode", "-J", f"size={journal_mib(size)}",
               "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
               "-L", "popek-disk", "-d", str(seed), str(path)], "making its file system")
     except BaseException:
