@@ -76,8 +76,9 @@ def test_relaxing_unsigned_is_audited_and_reversible(home: Home) -> None:
     finally:
         home.popek("trust", "allow-unsigned", "--project", "default", "--off")
     log = json.loads(home.popek("audit", "log", "--format", "json").stdout)
-    relax = [r for r in log if r["op"] == "trust.allow-unsigned"]
-    assert len(relax) == 2 and all(r["result"] == "ok" for r in relax)
+    relax = [(r["result"], r["change"]) for r in log if r["op"] == "trust.allow-unsigned"]
+    assert relax == [("started", "allow=true"), ("ok", "allow=true"),  # what changed, in words
+                     ("started", "allow=false"), ("ok", "allow=false")]
     _refused(home, why="is not signed")
 
 

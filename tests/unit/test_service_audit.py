@@ -10,6 +10,7 @@ need none, instance requests run on the fake engine of test_core_instances.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,9 +97,12 @@ def test_a_library_caller_that_changes_state_is_audited(tmp_path: Path,
     before = len(records(tmp_path / "home"))
     core.handle(ConfigSet("web", key="limits.memory", value="256MiB"))
     after = records(tmp_path / "home")
-    assert len(after) == before + 1
-    assert {k: after[-1][k] for k in ("op", "target", "result")} == {
-        "op": "config.set", "target": "web", "result": "ok"}
+    assert len(after) == before + 2  # the intent, then the outcome
+    assert [{k: r[k] for k in ("op", "target", "result", "change")} for r in after[-2:]] == [
+        {"op": "config.set", "target": "web", "result": "started",
+         "change": 'key="limits.memory" value="256MiB"'},
+        {"op": "config.set", "target": "web", "result": "ok",
+         "change": 'key="limits.memory" value="256MiB"'}]
 
 
 def test_failed_and_denied_requests_are_audited_as_such(tmp_path: Path,
@@ -139,3 +143,53 @@ def test_a_damaged_store_is_one_line_and_exit_7(tmp_path: Path, argv: list[str])
     proc = cli(home, *argv)
     assert proc.returncode == 7
     assert proc.stderr.count("\n") == 1 and "is damaged" in proc.stderr, proc.stderr
+
+
+def test_records_say_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trust allow-unsigned`` and ``--off`` were the same record but for a digest."""
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    core = Core()
+    core.handle(AllowUnsigned("lab", True))
+    core.handle(AllowUnsigned("lab", False))
+    recs = records(tmp_path / "home")
+    assert [(r["op"], r["target"], r["result"], r["change"]) for r in recs] == [
+        ("trust.allow-unsigned", "project lab", "started", "allow=true"),
+        ("trust.allow-unsigned", "project lab", "ok", "allow=true"),
+        ("trust.allow-unsigned", "project lab", "started", "allow=false"),
+        ("trust.allow-unsigned", "project lab", "ok", "allow=false")]
+    assert AuditLog(core.trust).verify() == []
+
+
+def test_the_intent_is_on_disk_before_the_request_acts(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request killed midway has its record: it was written before ``run`` began."""
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    seen: list[dict[str, Any]] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe(AllowUnsigned):
+        def run(self, core: Core) -> None:
+            seen.extend(records(tmp_path / "home"))  # what a SIGKILL here would leave
+
+    Core().handle(Probe("lab", False))
+    assert [(r["op"], r["result"], r["change"]) for r in seen] == [
+        ("trust.allow-unsigned", "started", "allow=false")]
+
+
+def test_no_intent_record_no_action(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the intent cannot be written, the request does not run."""
+    from popek.errors import StoreUnavailable
+
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    ran: list[bool] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe(AllowUnsigned):
+        def run(self, core: Core) -> None:
+            ran.append(True)
+
+    (tmp_path / "home" / "audit").mkdir(parents=True, mode=0o700)
+    (tmp_path / "home" / "audit" / "log.jsonl").mkdir()  # cannot be opened as a file
+    with pytest.raises(StoreUnavailable, match="cannot write the audit log"):
+        Core().handle(Probe("lab", False))
+    assert ran == []

@@ -212,9 +212,10 @@ def audit_log(
     if fmt == "json":
         print(json.dumps(recs, indent=2))
         return
-    print_table(["SEQ", "TIME", "ACTOR", "OPERATION", "TARGET", "RESULT"],
+    print_table(["SEQ", "TIME", "ACTOR", "OPERATION", "TARGET", "RESULT", "CHANGE"],
                 [[str(r.get("seq")), str(r.get("time")), str(r.get("actor")), str(r.get("op")),
-                  str(r.get("target")), str(r.get("result"))[:80]] for r in recs])
+                  str(r.get("target")), str(r.get("result"))[:80], str(r.get("change", ""))[:80]]
+                 for r in recs])
 
 
 @audit_app.command("verify")

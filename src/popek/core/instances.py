@@ -78,7 +78,7 @@ class Instances:
         self._engines = engines
         self._instances_dir = paths.instances_dir()
         self.reconciler = Reconciler(self.records, self._engine, self._spec,
-                                     self._purge, self._kill)
+                                     self._purge, self._kill, self._audit_settled)
 
     # -- records ---------------------------------------------------------------
     def get(self, name: str) -> Instance:
@@ -98,6 +98,12 @@ class Instances:
         return self.reconciler.run(names)
 
     # -- helpers -------------------------------------------------------------------
+    def _audit_settled(self, inst: Instance, what: str) -> None:
+        """The outcome of an operation whose popek process died, as reconcile settled it."""
+        with contextlib.suppress(OSError, PopekError):  # the reconcile itself stands
+            self.guard.audit.append("instance.reconcile", inst.name, {"project": inst.project},
+                                    f"ok: {what}")
+
     def workdir(self, inst: Instance) -> Path:
         """Return the instance directory of ``inst``."""
         return self._instances_dir / inst.project / inst.name

@@ -36,11 +36,15 @@ class Reconciler:
 
     def __init__(self, records: Records, engine_for: Callable[[Instance], Engine],
                  spec_for: Callable[[Instance, bool], LaunchSpec],
-                 purge: Callable[[Instance], None], kill: Callable[[Instance], None]) -> None:
+                 purge: Callable[[Instance], None], kill: Callable[[Instance], None],
+                 settled: Callable[[Instance, str], None] | None = None) -> None:
         """``spec_for(inst, full)`` builds a launch spec (``full=False``: no image, no ports);
-        ``purge`` removes what an instance left; ``kill`` ends its engine process."""
+        ``purge`` removes what an instance left; ``kill`` ends its engine process;
+        ``settled(inst, what)`` is told each change made (core audits it: the outcome
+        of an operation whose popek process died)."""
         self.records, self.engine_for, self.spec_for = records, engine_for, spec_for
         self.purge, self.kill = purge, kill
+        self.settled = settled
 
     def run(self, names: Iterable[str] | None = None) -> list[str]:
         """Settle ``names`` (every instance when ``None``); return a line per change made."""
@@ -89,9 +93,12 @@ class Reconciler:
         if not self.records.claim(inst, rev):
             return ""  # changed since it was read: whoever changed it settled it
         try:
-            return self._settle(inst, rev, eng)
+            done = self._settle(inst, rev, eng)
         except ConflictError:
             return ""
+        if done and self.settled is not None:
+            self.settled(inst, done)
+        return done
 
     def _settle(self, inst: Instance, rev: int, eng: Engine) -> str:
         spec = self.spec_for(inst, True)

@@ -4,10 +4,11 @@ Every mutating operation (instances, images, networks, trust, policy,
 sandboxes) and every session with a guest is a :class:`Request`: a frozen
 dataclass that names its operation (``op``), its target and its parameters,
 and knows how to run against a :class:`Core`.  :meth:`Core.handle` is the
-only way front ends run one: it reconciles what the request touches, runs
-it, and appends one audit record, whether the request was allowed, denied
-or failed.  So the CLI, a program that imports popek and the REST server
-leave the same record for the same request::
+only way front ends run one: it appends an audit record of the intent
+(``started``), reconciles what the request touches, runs it, and appends one
+of its outcome, whether the request was allowed, denied or failed.  So the
+CLI, a program that imports popek and the REST server leave the same records
+for the same request::
 
     from popek.core.requests import Launch, Stop
     from popek.core.service import Core
@@ -18,13 +19,15 @@ leave the same record for the same request::
 
 The record's ``params`` is the digest of the request's fields, those marked
 ``audit=False`` left out (progress callbacks, the bytes of a command's
-stdin); ``result`` is ``ok``, ``denied: ...`` (the policy or a trust check
-refused), or ``error: TYPE: message``.
+stdin); ``change`` shows the fields a request lists in ``shown`` in words;
+``result`` is ``started``, then ``ok``, ``denied: ...`` (the policy or a
+trust check refused), or ``error: TYPE: message``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Iterable
 from functools import cached_property
@@ -62,6 +65,8 @@ class Request(Generic[R]):
     op: ClassVar[str] = ""
     #: the request changes nothing and is a session with a guest (still audited)
     session: ClassVar[bool] = False
+    #: the fields shown in words in the audit record's ``change`` (never a secret)
+    shown: ClassVar[tuple[str, ...]] = ()
 
     def target(self) -> str:
         """The object of the request (an instance, image, network, key...)."""
@@ -75,6 +80,15 @@ class Request(Generic[R]):
                 value = getattr(self, f.name)
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+    def change(self) -> str:
+        """What the request changes, in words: its :attr:`shown` fields as ``name=value``."""
+        parts = []
+        for name in self.shown:
+            value = getattr(self, name)
+            value = list(value) if isinstance(value, tuple) else value
+            parts.append(f"{name}={json.dumps(value, separators=(',', ':'), default=str)}")
+        return " ".join(parts)
 
     def reconciles(self) -> Iterable[str] | None:
         """The instances to reconcile before running: ``[]`` none, ``None`` every one."""
@@ -161,8 +175,12 @@ class Core:
     def handle(self, request: Request[R]) -> R:
         """Reconcile what ``request`` touches, run it, audit it; return its result.
 
-        Raises what the request raised, after the failure was audited.
+        A record with the result ``started`` is written before anything is
+        done, so a command killed midway still leaves its record; when it
+        cannot be written the request is not run.  Raises what the request
+        raised, after the failure was audited.
         """
+        self._intend(request)
         error: BaseException | None = None
         try:
             names = request.reconciles()
@@ -181,9 +199,21 @@ class Core:
         finally:
             self._record(request, error)
 
+    def _intend(self, request: Request[Any]) -> None:
+        from popek.trust.audit import STARTED, log_path
+
+        try:
+            self.audit.append(request.op, request.target(), request.params(), STARTED,
+                              request.change())
+        except OSError as exc:
+            raise no_space(exc, paths.home()) or StoreUnavailable(
+                f"cannot write the audit log {log_path()}: {exc}; nothing was done") from exc
+        self.audited += 1
+
     def _record(self, request: Request[Any], error: BaseException | None) -> None:
         try:
-            self.audit.append(request.op, request.target(), request.params(), result_of(error))
+            self.audit.append(request.op, request.target(), request.params(), result_of(error),
+                              request.change())
             self.audited += 1
         except (OSError, PopekError) as exc:
             warn_unaudited(exc, error)

@@ -42,6 +42,11 @@ ALARM_KEY = AUDIT_ALARM_KEY  # set once when an append finds the tail tampered w
 CHECKPOINT_EVERY = 32
 GENESIS = "0" * 64
 _FIELDS = ("seq", "time", "actor", "op", "target", "params", "result", "prev")
+#: a field a record has only when it is not empty: what the request changes, in words
+#: (the fields its request marks safe to show), e.g. ``allow=false`` or ``key=limits.memory``
+_OPTIONAL = ("change",)
+#: the result of the record written before a request acts (its outcome follows)
+STARTED = "started"
 
 
 def audit_dir() -> Path:
@@ -79,7 +84,8 @@ def params_digest(params: Any) -> str:
 
 def record_hash(rec: Mapping[str, Any]) -> str:
     """The hash of a record: SHA-256 of its canonical JSON without ``hash``."""
-    return hashlib.sha256(canonical({k: rec[k] for k in _FIELDS})).hexdigest()
+    return hashlib.sha256(canonical({k: rec[k] for k in (*_FIELDS, *_OPTIONAL)
+                                     if k in rec})).hexdigest()
 
 
 def _last_line(f: Any) -> bytes:
@@ -129,8 +135,13 @@ class AuditLog:
     def __init__(self, trust: TrustStore) -> None:
         self.trust = trust
 
-    def append(self, op: str, target: str, params: Any, result: str) -> dict[str, Any]:
-        """Append one record (under an exclusive lock); return it."""
+    def append(self, op: str, target: str, params: Any, result: str,
+               change: str = "") -> dict[str, Any]:
+        """Append one record (under an exclusive lock); return it.
+
+        ``change`` says in words what the request changes (never a secret); it is
+        left out of the record when empty, as in records written before it existed.
+        """
         path = log_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "r+b") as f:
@@ -149,6 +160,8 @@ class AuditLog:
             rec: dict[str, Any] = {"seq": seq, "time": iso(now()), "actor": actor(), "op": op,
                                    "target": target, "params": params_digest(params),
                                    "result": result, "prev": prev}
+            if change:
+                rec["change"] = change[:500]
             rec["hash"] = record_hash(rec)
             with _all_or_nothing(f):  # the record and the stored head go in together
                 _append(f, canonical(rec) + b"\n")
@@ -230,7 +243,8 @@ class AuditLog:
         for n, line in enumerate(lines, 1):
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or set(rec) != {*_FIELDS, "hash"}:
+                if not isinstance(rec, dict) or not {*_FIELDS, "hash"} <= set(rec) <= {
+                        *_FIELDS, *_OPTIONAL, "hash"}:
                     raise ValueError("not a record with the expected fields")
             except ValueError as exc:
                 problems.append(f"line {n}: not a valid record ({exc}): edited")

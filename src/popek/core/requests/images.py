@@ -37,6 +37,7 @@ class ImageBuild(Request[Built]):
     """Build image ``name`` from Debian packages, and sign it unless ``sign`` is false."""
 
     op = "image.build"
+    shown = ("force", "sign", "key")
     name: str
     force: bool = False
     sign: bool = True
@@ -54,6 +55,7 @@ class ImageImport(Request[Built]):
     """Import a root filesystem tarball or an OCI layout as image ``name`` (and sign it)."""
 
     op = "image.import"
+    shown = ("file", "force", "sign", "key")
     file: str
     name: str
     force: bool = False
@@ -79,6 +81,7 @@ class ImageSign(Request["Verdict"]):
     """Sign image ``name``'s manifest with an image key for ``days`` days."""
 
     op = "image.sign"
+    shown = ("key", "days")
     name: str
     key: str = ""
     days: int = 365

@@ -28,6 +28,8 @@ class Launch(Request["Instance"]):
     """Create instance ``name`` from ``image`` and start it."""
 
     op = "instance.launch"
+    shown = ("image", "engine", "vcpus", "memory", "limits", "mounts", "networks", "label",
+             "accel", "runtime")
     image: str
     name: str
     vcpus: int = 1
@@ -85,6 +87,7 @@ class Stop(_Named[str]):
     """Stop an instance: ACPI shutdown first, forced after ``timeout`` seconds."""
 
     op = "instance.stop"
+    shown = ("force",)
     force: bool = False
     timeout: float = 30.0
 
@@ -98,6 +101,7 @@ class Restart(_Named["Instance"]):
     """Stop an instance (if it runs) and start it again."""
 
     op = "instance.restart"
+    shown = ("force",)
     force: bool = False
     timeout: float = 30.0
     ready_timeout: float = 180.0
@@ -136,6 +140,7 @@ class Delete(_Named[None]):
     """Delete an instance and everything it left on the host."""
 
     op = "instance.delete"
+    shown = ("force",)
     force: bool = False
 
     def run(self, core: Core) -> None:
@@ -148,6 +153,7 @@ class ConfigSet(_Named["Instance"]):
     """Change one setting of an instance (see :mod:`popek.core.config`)."""
 
     op = "config.set"
+    shown = ("key", "value")
     key: str = ""
     value: str = ""
 
@@ -161,6 +167,7 @@ class Attach(Request["Port"]):
     """Give ``instance`` a port on ``network`` (plugged in at once if it runs)."""
 
     op = "network.attach"
+    shown = ("network", "ipv4")
     network: str
     instance: str
     ipv4: str | None = None
@@ -183,6 +190,7 @@ class Detach(Request[None]):
     """Remove ``instance``'s port on ``network`` (unplugged first if it runs)."""
 
     op = "network.detach"
+    shown = ("network",)
     network: str
     instance: str
 
@@ -211,6 +219,7 @@ class Exec(_Named["ExecResult | int"]):
     """
 
     op = "session.exec"
+    shown = ("tty", "stream")
     session = True
     argv: tuple[str, ...] = ()
     timeout: float = 60.0

@@ -17,6 +17,7 @@ class NetworkCreate(Request["Network"]):
     """Create network ``name``: a bridge, DHCP/DNS and port security rules."""
 
     op = "network.create"
+    shown = ("subnet", "nat", "port_isolation")
     name: str
     subnet: str | None = None
     nat: bool = False
@@ -33,6 +34,7 @@ class NetworkDelete(Request[None]):
     """Delete network ``name`` (``force``: detach its ports first)."""
 
     op = "network.delete"
+    shown = ("force",)
     name: str
     force: bool = False
 

@@ -22,6 +22,7 @@ class SandboxRun(Request[int]):
     """Run ``command`` under ``profile`` on the caller's stdio; return its exit code."""
 
     op = "sandbox.run"
+    shown = ("profile", "network", "ro", "rw", "memory", "timeout")
     command: tuple[str, ...]
     profile: str = "default"
     network: bool = False

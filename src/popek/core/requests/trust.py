@@ -18,6 +18,7 @@ class KeyGen(Request["Key"]):
     """Make an Ed25519 key pair; its public key is trusted for ``role`` at once."""
 
     op = "trust.keygen"
+    shown = ("role", "days")
     name: str
     role: str
     days: int = 3650
@@ -32,6 +33,7 @@ class KeyAdd(Request["Key"]):
     """Trust a public key made elsewhere (``public``: its 32 raw bytes)."""
 
     op = "trust.add"
+    shown = ("role", "days")
     name: str
     role: str
     public: bytes
@@ -63,6 +65,7 @@ class KeyRevoke(Request["Key"]):
     """Revoke key ``name`` for good."""
 
     op = "trust.revoke"
+    shown = ("reason",)
     name: str
     reason: str = ""
 
@@ -76,6 +79,7 @@ class AllowUnsigned(Request[None]):
     """Let ``project`` launch unsigned images (``allow=False``: require signatures again)."""
 
     op = "trust.allow-unsigned"
+    shown = ("allow",)
     project: str = "default"
     allow: bool = True
 
@@ -96,6 +100,7 @@ class PolicyApply(Request["Policy"]):
     """Check, sign and install the policy ``text`` (read from ``source``)."""
 
     op = "policy.apply"
+    shown = ("source", "key")
     text: str
     source: str = "-"
     key: str = ""
