@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from framework import popek, popek_json, tcp_reach, wait_for
+from popek.errors import EngineError
 
 NET, NET2 = "lan", "lan2"
 VM, CT = "netvm", "netct"
@@ -89,6 +91,46 @@ def test_live_attach_and_detach(lab: dict[str, str]) -> None:
         assert ip not in _addrs(name)
         assert [p["network"] for p in popek_json("info", name)["ports"]] == [NET]
     assert popek_json("network", "info", NET2)["ports"] == []
+
+
+def _nics(workdir: str) -> set[str]:
+    """The NICs QEMU holds for the VM in ``workdir`` right now (asked over QMP)."""
+    from popek.engines.qemu import qmp
+    from popek.engines.qemu.cmdline import Paths
+
+    found = qmp.execute(Paths(Path(workdir)).qmp, "qom-list", {"path": "/machine/peripheral"})
+    return {p["name"] for p in found if p["name"].startswith("nic-")}
+
+
+def test_a_live_attach_failing_at_shaping_unplugs_and_the_next_attach_works(
+        lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: the NIC stayed in QEMU with its port gone, the next one was lost."""
+    from popek.core import netglue
+    from popek.core.instances import Instances
+
+    workdir = popek_json("info", VM)["workdir"]
+    before = _nics(workdir)
+    plugged: list[set[str]] = []
+
+    def shaping_fails(*_args: object) -> None:  # the step after the hot-plug
+        plugged.append(_nics(workdir))
+        raise EngineError("injected: tc refused the limit")
+
+    monkeypatch.setattr(netglue.InstanceNetworks, "shape", shaping_fails)
+    with pytest.raises(EngineError, match="injected"):
+        Instances().attach(VM, NET2)
+    monkeypatch.undo()
+    assert len(plugged) == 1 and len(plugged[0] - before) == 1  # it was really plugged
+    assert _nics(workdir) == before  # and is gone again, with its port
+    assert [p["network"] for p in popek_json("info", VM)["ports"]] == [NET]
+    popek("network", "attach", NET2, VM)
+    try:
+        port = next(p for p in popek_json("info", VM)["ports"] if p["network"] == NET2)
+        assert _eventually(lambda: port["mac"] in sh(VM, "ip -o link").stdout), \
+            sh(VM, "ip -o link").stdout  # the guest sees the new NIC
+        assert _eventually(lambda: port["ipv4"] in _addrs(VM)), _addrs(VM)
+    finally:
+        popek("network", "detach", NET2, VM)
 
 
 def test_container_keeps_its_address_across_restart(lab: dict[str, str]) -> None:

@@ -68,7 +68,7 @@ def _instance() -> Instance:
        texts)
 def test_any_config_value_is_applied_or_refused_in_one_bounded_line(key: str, text: str) -> None:
     out = _bounded_error(config.apply, _instance(), key, text)
-    assert isinstance(out, (PopekError, config.Live))
+    assert isinstance(out, PopekError | config.Live)
 
 
 @pytest.mark.parametrize("value", ["0", " 0", "0bit", "0Mbit", "0.0kbit"])

@@ -176,19 +176,39 @@ class Instances:
         self.access.check_network(inst.spec.label, network)
         port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid,
                                 ipv4=ipv4)
-        if running:
-            assert inst.runtime is not None
-            try:
+        plugged = False
+        try:  # port, plug, shape, record: a failure at any step undoes the steps before it
+            if running:
+                assert inst.runtime is not None
                 eng.attach_port(self._spec_for_running(inst), inst.runtime, port)
+                plugged = True
                 self.nets.shape(inst, [port])
-            except BaseException:
-                nets.delete_port(port)
-                raise
-        self.records.save(inst, rev, f"attached to network {network}")
+            self.records.save(inst, rev, f"attached to network {network}")
+        except BaseException as exc:
+            if plugged and not self._unplug(inst, eng, port, exc):
+                raise  # still plugged: its port stays, so that `network detach` can remove it
+            nets.delete_port(port)
+            raise
         return port
 
+    def _unplug(self, inst: Instance, eng: Engine, port: Port, cause: BaseException) -> bool:
+        """Undo a hot-plug after ``cause``; ``False`` (and a note on ``cause``) if it stays."""
+        assert inst.runtime is not None
+        try:
+            eng.detach_port(self._spec_for_running(inst), inst.runtime, port)
+        except Exception as exc:  # the first error is the one to report
+            cause.add_note(f"popek: the NIC on {port.network} stays plugged ({exc}); "
+                           f"`popek network detach {inst.name} {port.network}` removes it")
+            return False
+        return True
+
     def detach(self, name: str, network: str) -> None:
-        """Remove ``name``'s port on ``network`` (unplugging it first if the instance runs)."""
+        """Remove ``name``'s port on ``network`` (unplugging it first if the instance runs).
+
+        Once the NIC is out, the detach goes forward: when deleting the port
+        fails, the port is left ``deleting`` for the network reconcile to
+        finish, and the record still loses the NIC's slot.
+        """
         inst, rev = self.records.load(name)
         ports = [p for p in self.nets.ports(inst) if p.network == network]
         if not ports:
@@ -198,7 +218,12 @@ class Instances:
             require(eng, Capability.NETWORK_HOTPLUG)
             assert inst.runtime is not None
             eng.detach_port(self._spec_for_running(inst), inst.runtime, ports[0])
-        self.nets.service.delete_port(ports[0])
+        try:
+            self.nets.service.delete_port(ports[0])
+        except BaseException:
+            with contextlib.suppress(PopekError):  # the first error is the one to report
+                self.records.save(inst, rev, f"detached from network {network}")
+            raise
         self.records.save(inst, rev, f"detached from network {network}")
 
     # -- operations ------------------------------------------------------------
@@ -289,10 +314,15 @@ class Instances:
             inst.runtime.details["image_trust"] = verdict.to_doc()
             inst.runtime.details["measurement"] = measured[-1].value if measured else ""
             self.nets.shape(inst)
+            self.records.finish(inst, rev, State.RUNNING, "started")
         except BaseException as exc:
+            if inst.runtime is not None:  # started, then a later step failed: stopped again
+                with contextlib.suppress(Exception):
+                    self._engine(inst).stop(self._spec_for_running(inst), inst.runtime,
+                                            True, 0)
+                inst.runtime = None
             self.records.finish(inst, rev, State.STOPPED, "start failed", f"start failed: {exc}")
             raise
-        self.records.finish(inst, rev, State.RUNNING, "started")
         return inst
 
     def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> str:
