@@ -353,3 +353,36 @@ def test_restore_refuses_while_another_process_has_the_store_open(
     finally:
         holder.communicate("")
     bk.restore(file)
+
+
+_TOGETHER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from popek.state.store import SQLiteStore, checkpoint_at_exit
+    path, me, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    store = SQLiteStore(path)
+    store.put("/popek/test/" + me, me.encode())
+    while time.time() < start:  # end together: every checkpoint at the same moment
+        pass
+    sys.exit(checkpoint_at_exit(0))
+""")
+
+
+def test_commands_that_end_together_all_succeed(tmp_path: Path) -> None:
+    """Ten commands ending at once each checkpoint the store: only one checkpoint runs
+    at a time, and SQLite answers the others busy at once.  Before, they failed
+    with "could not be checkpointed: another process kept it busy" (seen as a
+    failed launch among 10 parallel ones, though the container ran)."""
+    path = tmp_path / "state.db"
+    SQLiteStore(path).close()
+    for round_ in range(3):
+        start = __import__("time").time() + 1.5
+        procs = [subprocess.Popen([sys.executable, "-c", _TOGETHER, str(path), f"{round_}-{i}",
+                                   str(start)], stderr=subprocess.PIPE, text=True)
+                 for i in range(10)]
+        errors = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
+        assert errors == [(0, "")] * 10
+    # every write is in the database file itself
+    (tmp_path / "state.db-wal").unlink(missing_ok=True)
+    keys = {kv.key for kv in SQLiteStore(path).range("/popek/test/")}
+    assert len(keys) == 30

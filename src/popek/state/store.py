@@ -385,14 +385,43 @@ def checkpoint_open_stores() -> None:
             db = sqlite3.connect(path.absolute().as_uri() + "?mode=rw", uri=True, timeout=30.0,
                                  isolation_level=None)
             try:
-                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                done = _checkpoint(db)
             finally:
                 db.close()
         except sqlite3.Error as exc:
             raise _translate(path, exc) from exc
-        if busy:
+        if not done:
             raise _not_checkpointed(path)
         _WRITTEN.discard(path)
+
+
+#: how long a command's end waits for the checkpoints of other commands to let it in
+CHECKPOINT_WAIT_S = 30.0
+
+
+def _checkpoint(db: sqlite3.Connection, wait: float = CHECKPOINT_WAIT_S) -> bool:
+    """Copy the whole WAL into the database file (and empty it); whether that happened.
+
+    Only one connection checkpoints at a time, and SQLite answers busy at once
+    to the others (the busy timeout covers writers, not a running
+    checkpoint): commands that end together, each checkpointing, would
+    report an error though their changes are safe.  So a busy checkpoint is
+    tried again; and when another process's checkpoint already copied every
+    frame of the WAL into the (synced) file, ours is done too, though the WAL
+    was not emptied.
+    """
+    deadline = time.monotonic() + wait
+    pause = 0.002
+    while True:
+        if not db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
+            return True
+        busy, log, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not busy and log == copied:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)  # back-off: another process's checkpoint is running
+        pause = min(pause * 2, 0.05)
 
 
 def _not_checkpointed(path: Path) -> StoreUnavailable:
@@ -489,8 +518,7 @@ class SQLiteStore:
         Raises :class:`StoreUnavailable` when another process kept the store
         busy for the whole timeout (the changes stay committed, in the WAL).
         """
-        busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        if busy:
+        if not _checkpoint(self._db):
             raise _not_checkpointed(self.path)
         _WRITTEN.discard(self.path)
 
