@@ -5,11 +5,12 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from framework import popek, popek_json, tcp_reach, wait_for
-from popek.errors import EngineError
+from popek.errors import EngineError, PopekError
 
 NET, NET2 = "lan", "lan2"
 VM, CT = "netvm", "netct"
@@ -131,6 +132,41 @@ def test_a_live_attach_failing_at_shaping_unplugs_and_the_next_attach_works(
         assert _eventually(lambda: port["ipv4"] in _addrs(VM)), _addrs(VM)
     finally:
         popek("network", "detach", NET2, VM)
+
+
+@pytest.mark.parametrize("when", ["before the port", "before the plug"])
+def test_an_attach_racing_a_delete_fails_in_one_clean_line(
+        lab: dict[str, str], minimal_image: str, monkeypatch: pytest.MonkeyPatch,
+        when: str) -> None:
+    """The delete wins the race: one clear EngineError, no FileNotFoundError, no port left."""
+    from popek.core.instances import Instances
+    from popek.engines.container.engine import ContainerEngine
+    from popek.network.service import Networks
+
+    racer = "racer"
+    popek("launch", minimal_image, racer, "--container", "--memory", "64MiB")
+    cls, method = (Networks, "create_port") if when == "before the port" else (
+        ContainerEngine, "attach_port")
+    real = getattr(cls, method)
+    raced: list[int] = []
+
+    def deleted_first(self: Any, *args: Any, **kwargs: Any) -> Any:
+        popek("delete", "--force", racer)  # another command: the container and its ports go
+        raced.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, deleted_first)
+    try:
+        with pytest.raises(PopekError) as exc:
+            Instances().attach(racer, NET2)
+    finally:
+        monkeypatch.undo()
+        popek("delete", "--force", racer, check=False)
+    assert raced == [1]  # the race was run
+    assert type(exc.value) is EngineError, repr(exc.value)
+    assert "is gone (stopped or deleted meanwhile)" in str(exc.value)
+    assert racer not in [i["name"] for i in popek_json("list")]
+    assert popek_json("network", "info", NET2)["ports"] == []
 
 
 def test_container_keeps_its_address_across_restart(lab: dict[str, str]) -> None:

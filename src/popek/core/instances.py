@@ -187,7 +187,8 @@ class Instances:
         except BaseException as exc:
             if plugged and not self._unplug(inst, eng, port, exc):
                 raise  # still plugged: its port stays, so that `network detach` can remove it
-            nets.delete_port(port)
+            with contextlib.suppress(NotFound):  # a delete that raced us removed it already
+                nets.delete_port(port)
             raise
         return port
 

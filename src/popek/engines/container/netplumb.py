@@ -10,6 +10,8 @@ no CAP_NET_ADMIN, so it cannot change any of that from inside.
 from __future__ import annotations
 
 import ipaddress
+import os
+from typing import Any
 
 from popek.errors import EngineError
 from popek.network.model import Network, Port
@@ -20,19 +22,36 @@ def peer_name(port: Port) -> str:
     return port.peer_ifname or f"{port.host_ifname}p"
 
 
+def _netns(pid: int) -> str:
+    """The network namespace of the container's process ``pid``; EngineError when it is gone.
+
+    A container stopped or deleted meanwhile (an attach racing a delete) is a
+    clear error, never a ``FileNotFoundError`` from ``/proc``.
+    """
+    path = f"/proc/{pid}/ns/net"
+    if not os.path.exists(path):
+        raise EngineError(f"the container's process {pid} is gone (stopped or deleted "
+                          "meanwhile); nothing was plugged")
+    return path
+
+
 def plumb(port: Port, network: Network, pid: int, ifname: str) -> None:
     """Move the veth peer of ``port`` into the netns of ``pid`` as ``ifname`` and configure it."""
-    from pyroute2 import IPRoute, NetNS
+    from pyroute2 import IPRoute
 
-    netns = f"/proc/{pid}/ns/net"
+    netns = _netns(pid)
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=peer_name(port))
         if not found:
             raise EngineError(f"the veth end {peer_name(port)} of network {port.network} "
                               "does not exist on the host")
-        ipr.link("set", index=found[0], net_ns_fd=netns)
+        try:
+            ipr.link("set", index=found[0], net_ns_fd=netns)
+        except OSError as exc:  # the process ended between the check and the move
+            raise EngineError(f"cannot move {peer_name(port)} into the container "
+                              f"(process {pid}): {exc.strerror or exc}") from exc
     prefix = ipaddress.ip_network(network.subnet).prefixlen
-    ns = NetNS(netns)
+    ns = _open(pid)
     try:
         idx = ns.link_lookup(ifname=peer_name(port))[0]
         ns.link("set", index=idx, ifname=ifname, address=port.mac)
@@ -49,11 +68,20 @@ def plumb(port: Port, network: Network, pid: int, ifname: str) -> None:
         ns.close()
 
 
-def next_ifname(pid: int) -> str:
-    """The first ``ethN`` name not yet used in the netns of ``pid``."""
+def _open(pid: int) -> Any:
+    """A pyroute2 ``NetNS`` on the namespace of ``pid``; EngineError when it is gone."""
     from pyroute2 import NetNS
 
-    ns = NetNS(f"/proc/{pid}/ns/net")
+    try:
+        return NetNS(_netns(pid))
+    except OSError as exc:
+        raise EngineError(f"the container's process {pid} is gone (stopped or deleted "
+                          f"meanwhile): {exc.strerror or exc}") from exc
+
+
+def next_ifname(pid: int) -> str:
+    """The first ``ethN`` name not yet used in the netns of ``pid``."""
+    ns = _open(pid)
     try:
         names = {link.get_attr("IFLA_IFNAME") for link in ns.get_links()}
     finally:
@@ -63,9 +91,7 @@ def next_ifname(pid: int) -> str:
 
 def unplumb(mac: str, pid: int) -> None:
     """Remove the container's interface with address ``mac`` (its veth pair goes with it)."""
-    from pyroute2 import NetNS
-
-    ns = NetNS(f"/proc/{pid}/ns/net")
+    ns = _open(pid)
     try:
         for link in ns.get_links():
             if link.get_attr("IFLA_ADDRESS") == mac.lower():
