@@ -205,3 +205,50 @@ def test_a_failed_launch_leaves_nothing_at_any_step(env: Env, step: str,  # noqa
     assert env.store.range("/popek/owners/") == []
     assert _devices_balanced(env.host.calls), env.host.calls
     assert not env.engine.alive.get("web")
+
+
+def _refuse_saves(monkeypatch: pytest.MonkeyPatch, event: str) -> None:
+    """The store refuses the record of the step whose event starts with ``event``."""
+    real = Records.save
+
+    def save(self: Records, inst: Instance, rev: int, what: str) -> int:
+        if what.startswith(event):
+            raise StoreUnavailable("injected: the store refuses the write")
+        return real(self, inst, rev, what)
+    monkeypatch.setattr(Records, "save", save)
+
+
+@pytest.mark.parametrize(("operation", "undo"), [("pause", "resume"), ("resume", "pause")])
+def test_a_pause_or_resume_not_recorded_is_undone(
+        env: Env, operation: str, undo: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    insts = launch(env)
+    if operation == "resume":
+        insts.pause("web")
+    state = env.instances().get("web").state
+    _refuse_saves(monkeypatch, operation)
+    with pytest.raises(StoreUnavailable):
+        getattr(env.instances(), operation)("web")
+    assert env.engine.calls[-2:] == [f"{operation} web", f"{undo} web"]
+    assert env.instances().get("web").state == state
+
+
+def test_a_live_resize_not_recorded_is_undone(env: Env,  # noqa: F811
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    launch(env)
+    _refuse_saves(monkeypatch, "config")
+    with pytest.raises(StoreUnavailable):
+        env.instances().config_set("web", "limits.memory", "256MiB")
+    assert env.engine.calls[-2:] == [f"resize web {256 << 20}", f"resize web {128 << 20}"]
+    assert env.instances().get("web").spec.memory == 128 << 20
+
+
+def test_a_live_rate_limit_not_recorded_is_lifted_again(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    _lan(env)
+    launch(env, networks=["lan"])
+    _refuse_saves(monkeypatch, "config")
+    with pytest.raises(StoreUnavailable):
+        env.instances().config_set("web", "limits.net", "100Mbit")
+    shaped = [c for c in env.host.calls if c.startswith("shape ")]
+    assert shaped[-2].endswith(" 100000000") and shaped[-1].endswith(" None"), shaped
+    assert "net" not in env.instances().get("web").spec.limits

@@ -374,7 +374,13 @@ class Instances:
         assert inst.runtime is not None
         getattr(eng, operation)(self._spec_for_running(inst), inst.runtime)
         inst.state = new_state
-        self.records.save(inst, rev, operation)
+        try:
+            self.records.save(inst, rev, operation)
+        except BaseException:  # not recorded: the engine goes back to what the record says
+            undo = "resume" if operation == "pause" else "pause"
+            with contextlib.suppress(Exception):
+                getattr(eng, undo)(self._spec_for_running(inst), inst.runtime)
+            raise
 
     def _exec_target(self, name: str, argv: list[str]) -> tuple[Instance, Engine]:
         """Check an exec request; return the running instance and its engine."""
@@ -411,6 +417,8 @@ class Instances:
         and out-of-range values raise :class:`InvalidInput` and change nothing.
         """
         inst, rev = self.records.load(name)
+        before = replace(inst.spec, limits=dict(inst.spec.limits))
+        cpus = list(inst.runtime.details.get("cpus", [])) if inst.runtime else []
         live = cfg.apply(inst, key, value)
         running = inst.state in (State.RUNNING, State.PAUSED)
         if live is cfg.Live.DISK:
@@ -435,8 +443,25 @@ class Instances:
         elif live is cfg.Live.RESIZE and inst.state != State.STOPPED:
             raise StateError(name, "change the configuration of", inst.state.value,
                              (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
-        self.records.save(inst, rev, f"config {key}={value}")
+        try:
+            self.records.save(inst, rev, f"config {key}={value}")
+        except BaseException:
+            if running and live in (cfg.Live.SHAPE, cfg.Live.RESIZE):
+                self._unapply(inst, before, cpus, live)
+            raise
         return inst
+
+    def _unapply(self, inst: Instance, before: InstanceSpec, cpus: list[int],
+                 live: cfg.Live) -> None:
+        """Put a running instance back to the limits its record still holds (best effort)."""
+        inst.spec = before
+        if inst.runtime is not None and cpus:
+            inst.runtime.details["cpus"] = cpus
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            if live is cfg.Live.SHAPE:
+                self.nets.shape(inst)
+            elif inst.runtime is not None:
+                self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
 
     def console(self, name: str, escape: bytes = b"\x1d") -> None:
         """Attach the caller's terminal to the console of running instance ``name``."""
