@@ -9,6 +9,7 @@ DEB_PACKAGES=(
   swtpm           # the virtual TPM of each VM (launch measurement in PCR 15)
   python3-venv util-linux procps iproute2 socat
   runc crun bubblewrap debootstrap
+  slirp4netns     # user-mode networking of sandboxes run with --net
   nftables dnsmasq-base iperf3 tcpdump
   gcc libc6-dev   # the guest verifier and the security tests' attack tool are built static
 )

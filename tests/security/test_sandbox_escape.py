@@ -106,11 +106,12 @@ def test_write_host_tmp_and_home(popek_home: Path) -> None:
         assert not (Path(host_dir) / marker).exists()
 
 
-def test_connect_to_host_without_net(popek_home: Path) -> None:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+def _listener(address: object, family: int = socket.AF_INET,
+              ) -> tuple[socket.socket, list[bytes], threading.Event]:
+    """A listening socket whose connections' first bytes land in the returned list."""
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.bind(address)
     server.listen(4)
-    port = server.getsockname()[1]
     hits: list[bytes] = []
     arrived = threading.Event()
 
@@ -125,21 +126,184 @@ def test_connect_to_host_without_net(popek_home: Path) -> None:
             arrived.set()
 
     threading.Thread(target=accept, daemon=True).start()
-    probe = (f"import socket; s = socket.create_connection(('127.0.0.1', {port}), timeout=5); "
-             "s.sendall(b'hello-from-sandbox'); s.close()")
+    return server, hits, arrived
+
+
+def _tcp_probe(host: str, port: int) -> str:
+    return (f"import socket; s = socket.create_connection(('{host}', {port}), timeout=5); "
+            "s.sendall(b'hello-from-sandbox'); s.close()")
+
+
+def test_connect_to_host_without_net(popek_home: Path) -> None:
+    server, hits, _ = _listener(("127.0.0.1", 0))
+    port = server.getsockname()[1]
     try:
-        code, out, err = sandbox("--", "sh", "-c", f"cat /proc/net/dev; {PY} -c \"{probe}\"")
+        code, out, err = sandbox("--", "sh", "-c",
+                                 f"cat /proc/net/dev; {PY} -c \"{_tcp_probe('127.0.0.1', port)}\"")
         assert code != 0 and "Connection refused" in err
         interfaces = [line.split(":")[0].strip() for line in out.splitlines()[2:]]
         assert interfaces == ["lo"]
+        # with --net neither the sandbox's 127.0.0.1 (its own lo) nor the user-mode
+        # gateway leads to the host's loopback (slirp4netns --disable-host-loopback
+        # answers the gateway with "unreachable")
+        for target, why in (("127.0.0.1", "Connection refused"),
+                            ("10.0.2.2", "Network is unreachable")):
+            code, _, err = sandbox("--net", "--", PY, "-c", _tcp_probe(target, port))
+            assert code != 0 and why in err, (target, err)
         assert hits == []
-        # with --net the same connection works: the test above is not a broken probe
-        code, _, err = sandbox("--net", "--", PY, "-c", probe)
-        assert code == 0, err
-        assert arrived.wait(5), "the connection never reached the server"
-        assert hits == [b"hello-from-sandbox"]
     finally:
         server.close()
+
+
+@pytest.fixture
+def peer_netns() -> Iterator[tuple[str, str]]:
+    """A network namespace of the test's own, routed from the host over a veth pair.
+
+    Returns (namespace, its address): the only place the sandboxes' outbound
+    traffic goes to (never beyond this host).
+    """
+    ns, host_if = f"h4peer{os.getpid() % 100000}", f"h4veth{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["ip", "link", "add", host_if, "type", "veth", "peer", "name", "p0",
+                     "netns", ns],
+                    ["ip", "addr", "add", "10.254.44.1/30", "dev", host_if],
+                    ["ip", "link", "set", host_if, "up"],
+                    ["ip", "-n", ns, "addr", "add", "10.254.44.2/30", "dev", "p0"],
+                    ["ip", "-n", ns, "link", "set", "p0", "up"],
+                    ["ip", "-n", ns, "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True)
+        yield ns, "10.254.44.2"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+#: a TCP server for one connection in the peer namespace: prints its port, then what it got
+PEER_SERVER = ("import socket, sys\n"
+               "s = socket.socket(); s.bind(('10.254.44.2', 0)); s.listen(1)\n"
+               "print(s.getsockname()[1], flush=True)\n"
+               "c, _ = s.accept(); print(c.recv(64).decode(), flush=True)\n")
+
+
+def test_net_reaches_out_but_not_host_abstract_sockets(popek_home: Path,
+                                                       peer_netns: tuple[str, str]) -> None:
+    """``--net``: TCP out works; the host's abstract Unix sockets (X11, D-Bus) are out of reach.
+
+    Abstract sockets belong to the network namespace and have no permission
+    bits: sharing the host's namespace hands them over.  The control is the
+    same sandbox sharing the host's namespace (what ``--net`` did before):
+    there the same probe reaches the listener.
+    """
+    ns, peer = peer_netns
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PEER_SERVER],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        code, _, err = sandbox("--net", "--", PY, "-c", _tcp_probe(peer, port))
+        assert code == 0, err
+        assert server.stdout.readline().strip() == "hello-from-sandbox"
+    finally:
+        server.kill()
+        server.wait()
+    name = f"popek-test-x11-{secrets.token_hex(4)}"
+    listener, hits, arrived = _listener(f"\0{name}", socket.AF_UNIX)
+    probe = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0{name}'); "
+             "s.sendall(b'hello-from-sandbox'); s.close()")
+    try:
+        code, _, err = sandbox("--net", "--", PY, "-c", probe)
+        assert code != 0 and "ConnectionRefusedError" in err, err  # no such name in its netns
+        assert hits == []
+        control = subprocess.run([sys.executable, "-c", SHARED_NET, PY, "-c", probe],
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert control.returncode == 0, control.stderr
+        assert arrived.wait(5) and hits == [b"hello-from-sandbox"]
+    finally:
+        listener.close()
+
+
+#: ``popek sandbox run`` as before user-mode networking: network on through the
+#: host's namespace (bwrap ``--share-net``); everything else unchanged
+SHARED_NET = (
+    "import sys\n"
+    "from popek.engines.sandbox import argv, profile, runner\n"
+    "build = argv.build_bwrap_argv\n"
+    "def shared(*args, **kw):\n"
+    "    out = build(*args, **kw)\n"
+    "    at = out.index('--unshare-all') + 1\n"
+    "    return [*out[:at], '--share-net', *out[at:]]\n"
+    "argv.build_bwrap_argv = shared\n"
+    "sys.exit(runner.run('default', profile.RunOptions(), sys.argv[1:]))\n")
+
+
+def _memory_cgroup(pid: int) -> Path:
+    """The memory cgroup directory of ``pid`` (v1 hierarchy or v2)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    v1 = [ln.split(":", 2)[2] for ln in lines if ":memory:" in ln]
+    if v1:
+        return Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/")
+    return Path("/sys/fs/cgroup") / lines[0].split(":", 2)[2].lstrip("/")
+
+
+def test_tmpfs_pages_count_against_the_memory_limit(popek_home: Path) -> None:
+    """The sandbox's tmpfs are charged to its own memory cgroup, whose limit is the profile's.
+
+    The sandbox writes 24 MiB into /tmp, says so, and waits: the test
+    finds it on the host and reads its cgroup.  Before, there was no cgroup:
+    the pages were charged to whatever cgroup the caller was in.
+    """
+    marker = f"popek-fill-{secrets.token_hex(4)}"
+    script = "head -c 25165824 /dev/zero > /tmp/fill && echo filled && read line"
+    proc = subprocess.Popen([*POPEK, "sandbox", "run", "--memory", "64MiB", "--", "sh", "-c",
+                             script, marker], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "filled"
+        pids = pids_of("sh", marker)
+        assert len(pids) == 1
+        cg = _memory_cgroup(pids[0])
+        assert cg.name.startswith("sandbox-") and cg.parent.name == "popek", cg
+        v1 = (cg / "memory.limit_in_bytes").exists()
+        limit = int((cg / ("memory.limit_in_bytes" if v1 else "memory.max")).read_text())
+        used = int((cg / ("memory.usage_in_bytes" if v1 else "memory.current")).read_text())
+        assert limit == 64 << 20
+        assert used >= 24 << 20, used
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not cg.exists()  # removed with the sandbox
+
+
+def test_fill_tmpfs_past_the_memory_limit(popek_home: Path) -> None:
+    """Writing more than the limit across /tmp, the home and /dev/shm fails inside.
+
+    64 MiB limit, 40 MiB written to each of the three (120 MiB): the tmpfs
+    share 3/4 of the limit, so the writes stop with ENOSPC and 48 MiB are
+    stored.  Before, each was sized to the whole limit and all 120 MiB fit.
+    """
+    script = ("for d in /tmp $HOME /dev/shm; do head -c 41943040 /dev/zero > $d/fill; done; "
+              "cat /tmp/fill $HOME/fill /dev/shm/fill | wc -c")
+    code, out, err = sandbox("--memory", "64MiB", "--", "sh", "-c", script)
+    assert "No space left on device" in err, err
+    assert code == 0 and int(out.split()[-1]) == 48 << 20
+
+
+def test_tmpfs_and_memory_together_past_the_limit(popek_home: Path) -> None:
+    """Files in /tmp and the application's memory share one limit: past it, the OOM killer.
+
+    256 MiB limit: 120 MiB in /tmp, then the application touches 150 MiB
+    (its address space, 180 MiB, is under ``RLIMIT_AS``): the sandbox's cgroup
+    kills it.  Before, the tmpfs pages were charged to no limit and it lived.
+    """
+    script = (f"head -c 125829120 /dev/zero > /tmp/fill && {PY} -c "
+              "\"b = bytearray(b'x') * (150 << 20); print('survived')\"")
+    code, out, _ = sandbox("--memory", "256MiB", "--", "sh", "-c", script)
+    assert code == 128 + signal.SIGKILL and "survived" not in out
 
 
 def test_nested_user_namespace(popek_home: Path) -> None:

@@ -172,15 +172,60 @@ def test_bwrap_argv_default_confinement() -> None:
 def test_bwrap_argv_network_binds_and_sizes() -> None:
     profile = Profile(name="p", network=True, ro=(Path("/srv/in"),), rw=(Path("/srv/out"),),
                       env={"A": "1"}, limits=Limits(memory=64 << 20))
-    argv = sandbox.build_bwrap_argv(profile, ["x"], FDS)
-    assert "--share-net" in argv
+    fds = sandbox.Fds(seccomp=3, passwd=4, group=5, resolv=6, info=7, block=8)
+    argv = sandbox.build_bwrap_argv(profile, ["x"], fds)
+    # a network namespace of its own even with network: never the host's (its abstract sockets)
+    assert "--share-net" not in argv and "--unshare-all" in argv
+    assert argv[argv.index("--info-fd"):argv.index("--info-fd") + 4] == [
+        "--info-fd", "7", "--block-fd", "8"]
     i = argv.index("/etc/resolv.conf")
-    assert argv[i - 1:i + 2] == ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+    assert argv[i - 2:i + 1] == ["--ro-bind-data", "6", "/etc/resolv.conf"]
+    assert argvmod.RESOLV_CONF == "nameserver 10.0.2.3\n"
     ro, rw = argv.index("/srv/in"), argv.index("/srv/out")
     assert argv[ro - 1] == "--ro-bind" and argv[rw - 1] == "--bind"
     assert ro > argv.index("/tmp") and rw > argv.index("/home/sandbox")  # binds after tmpfs
-    assert argv.count(str(64 << 20)) == 3  # /dev/shm, /tmp, home
+    sizes = {argv[i + 3]: int(argv[i + 1]) for i, a in enumerate(argv) if a == "--size"}
+    assert sizes == {"/tmp": 32 << 20, "/home/sandbox": 8 << 20, "/dev/shm": 8 << 20}
     assert argv[argv.index("A") - 1:argv.index("A") + 2] == ["--setenv", "A", "1"]
+
+
+@pytest.mark.parametrize("memory", [16 << 20, 64 << 20, (4 << 30) + 12345, (1 << 30) - 1])
+def test_tmpfs_sizes_share_the_memory_limit(memory: int) -> None:
+    sizes = argvmod.tmpfs_sizes(memory)
+    assert set(sizes) == {"/tmp", "/home/sandbox", "/dev/shm"}
+    assert sum(sizes.values()) <= memory * 3 // 4 and all(v % 4096 == 0 for v in sizes.values())
+    assert sizes["/tmp"] > memory // 2 - 4096 and sizes["/dev/shm"] > memory // 8 - 4096
+
+
+def test_launcher_joins_the_cgroup_then_drops_to_nobody() -> None:
+    files = [Path("/sys/fs/cgroup/memory/popek/sandbox-1-0a0b0c0d/tasks"),
+             Path("/sys/fs/cgroup/pids/popek/sandbox-1-0a0b0c0d/tasks")]
+    assert argvmod.launcher_argv(files, 65534, 65534, "/usr/bin/setpriv", "/bin/sh") == [
+        "/bin/sh", "-c", f"echo 0 > {files[0]} && echo 0 > {files[1]} && exec \"$@\"", "sh",
+        "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "--inh-caps=-all", "--"]
+
+
+def test_sandbox_cgroup_names_and_limits() -> None:
+    from popek.engines.sandbox import cgroup
+
+    path = cgroup.new_path()
+    assert path.startswith(f"popek/sandbox-{os.getpid()}-")
+    assert cgroup.NAME.match(path.split("/")[1]) and path != cgroup.new_path()
+    lim = cgroup.limits(Limits(memory=64 << 20, nproc=10))
+    assert (lim.memory, lim.pids) == (64 << 20, 10 + cgroup.PIDS_EXTRA)
+    assert cgroup.limits(Limits(memory=64 << 20)).pids == cgroup.PIDS_DEFAULT
+
+
+def test_slirp_argv() -> None:
+    from popek.engines.sandbox import usernet
+
+    assert usernet.slirp_argv("/usr/bin/slirp4netns", 9, 10, 11) == [
+        "/usr/bin/slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+        "--enable-sandbox", "--enable-seccomp", "--exit-fd=10", "--ready-fd=11",
+        "--netns-type=path", "/proc/self/fd/9", "eth0"]
+    assert "--userns-path=/proc/7/ns/user" in usernet.slirp_argv("s", 9, 10, 11,
+                                                                  "/proc/7/ns/user")
 
 
 def test_root_symlinks_follow_host() -> None:

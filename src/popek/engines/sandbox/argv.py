@@ -7,8 +7,10 @@ bubblewrap is asked to do.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from popek.engines.sandbox.profile import Limits, Profile
 
@@ -31,13 +33,64 @@ PASSWD = (f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
 GROUP = f"root:x:0:\nsandbox:x:{GID}:\nnogroup:x:65534:\n"
 
 
+#: where the user-mode network (slirp4netns) answers DNS, in the sandbox's own namespace
+USERNET_DNS = "10.0.2.3"
+RESOLV_CONF = f"nameserver {USERNET_DNS}\n"
+PAGE = 4096
+
+
 @dataclass(frozen=True)
 class Fds:
-    """File descriptors bwrap reads: the seccomp program and the made-up passwd and group."""
+    """File descriptors bwrap reads: the seccomp program and the made-up passwd and group.
+
+    With network: ``resolv`` is the made-up resolv.conf, ``info`` where bwrap
+    writes the sandbox's pid (JSON), ``block`` what it waits on before it
+    runs the command (the network is attached in between).
+    """
 
     seccomp: int
     passwd: int
     group: int
+    resolv: int | None = None
+    info: int | None = None
+    block: int | None = None
+
+
+def tmpfs_sizes(memory: int) -> dict[str, int]:
+    """Split the memory limit between the sandbox's tmpfs: /tmp 1/2, the home and /dev/shm 1/8.
+
+    Together they take at most 3/4 of ``memory`` (each rounded down to a
+    page), so that filling them gets ENOSPC while the application still has
+    a quarter of its limit to run in; their pages are charged to the
+    sandbox's memory cgroup too, so files and memory together stay under the
+    limit (docs/SANDBOX.md).
+    """
+    tmp, eighth = memory // 2 // PAGE * PAGE, memory // 8 // PAGE * PAGE
+    return {"/tmp": tmp, HOME: eighth, "/dev/shm": eighth}
+
+
+def join_argv(join: Sequence[Path], sh: str = "/bin/sh") -> list[str]:
+    """The root prefix that joins a cgroup, then execs the rest of the command line.
+
+    ``sh`` writes ``0`` into each of ``join``: it moves itself (v1 ``tasks``
+    files, v2 ``cgroup.procs``), and what it execs is born inside.
+    """
+    script = " && ".join([*(f"echo 0 > {shlex.quote(str(f))}" for f in join), 'exec "$@"'])
+    return [sh, "-c", script, "sh"]
+
+
+def launcher_argv(join: Sequence[Path], uid: int, gid: int, setpriv: str = "setpriv",
+                  sh: str = "/bin/sh") -> list[str]:
+    """The root prefix that joins the sandbox's cgroup, then drops to ``uid``/``gid``.
+
+    After :func:`join_argv`, util-linux ``setpriv`` sets the real, effective
+    and saved uid and gid, clears the supplementary groups and the
+    inheritable capabilities (a uid change from root clears the others) and
+    execs the rest: so everything the application does, its tmpfs pages
+    included, is charged to the sandbox's cgroup.
+    """
+    return [*join_argv(join, sh), setpriv, f"--reuid={uid}", f"--regid={gid}",
+            "--clear-groups", "--inh-caps=-all", "--"]
 
 
 def root_entries() -> list[str]:
@@ -75,29 +128,38 @@ def build_bwrap_argv(profile: Profile, cmd: Sequence[str], fds: Fds,
                      bwrap: str = "bwrap") -> list[str]:
     """Return the bwrap command line that runs ``cmd`` confined by (merged) ``profile``.
 
-    Every namespace is new (network only unless ``profile.network``), nested
-    user namespaces are disabled, the application runs as uid/gid 1000 with no
-    capabilities in its own session, and dies with its parent.  The file system
-    is a read-only root with /usr, an /etc subset, /proc, a minimal /dev,
-    size-limited tmpfs on /tmp, /dev/shm and the home, then the profile's binds;
-    / and /dev are then remounted read-only.
+    Every namespace is new, the network one too: with ``profile.network`` the
+    runner attaches user-mode networking to it (``fds.info``/``fds.block``)
+    and the sandbox's resolv.conf names its DNS forwarder (``fds.resolv``).
+    Nested user namespaces are disabled, the application runs as uid/gid 1000
+    with no capabilities in its own session, and dies with its parent.  The
+    file system is a read-only root with /usr, an /etc subset, /proc, a
+    minimal /dev, tmpfs on /tmp, /dev/shm and the home that share the memory
+    limit (:func:`tmpfs_sizes`), then the profile's binds; / and /dev are then
+    remounted read-only.
     """
-    size = ["--size", str(profile.limits.memory)] if profile.limits.memory else []
+    sizes = tmpfs_sizes(profile.limits.memory) if profile.limits.memory else {}
+
+    def tmpfs(path: str) -> list[str]:
+        size = ["--size", str(sizes[path])] if path in sizes else []
+        return [*size, "--tmpfs", path]
+
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
-    if profile.network:
-        argv.append("--share-net")
+    if fds.info is not None and fds.block is not None:
+        argv += ["--info-fd", str(fds.info), "--block-fd", str(fds.block)]
     argv += ["--uid", str(UID), "--gid", str(GID), "--hostname", HOSTNAME,
              "--new-session", "--die-with-parent", "--cap-drop", "ALL", "--clearenv"]
     for key, value in environment(profile).items():
         argv += ["--setenv", key, value]
     argv += ["--ro-bind", "/usr", "/usr", *root_entries()]
-    etc = [*ETC_FILES, "resolv.conf"] if profile.network else ETC_FILES
-    for entry in etc:
+    for entry in ETC_FILES:
         argv += ["--ro-bind-try", f"/etc/{entry}", f"/etc/{entry}"]
+    if profile.network and fds.resolv is not None:
+        argv += ["--ro-bind-data", str(fds.resolv), "/etc/resolv.conf"]
     argv += ["--ro-bind-data", str(fds.passwd), "/etc/passwd",
              "--ro-bind-data", str(fds.group), "/etc/group",
-             "--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm",
-             *size, "--tmpfs", "/tmp", *size, "--tmpfs", HOME]
+             "--proc", "/proc", "--dev", "/dev", *tmpfs("/dev/shm"), *tmpfs("/tmp"),
+             *tmpfs(HOME)]
     for path in profile.ro:
         argv += ["--ro-bind", str(path), str(path)]
     for path in profile.rw:

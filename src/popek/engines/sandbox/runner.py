@@ -5,6 +5,12 @@ supplementary groups), dropped by :mod:`subprocess` before exec.  bwrap then
 makes an unprivileged user namespace in which the application is uid 1000.
 So the application holds only ``nobody``'s access to the host files bound
 into it, never root's, even if it escaped its namespaces.
+
+As root, with a memory limit, the sandbox runs in a memory cgroup of its own
+(:mod:`.cgroup`): the launcher joins it as root, then ``setpriv`` drops to
+``nobody`` and execs ``prlimit`` and bwrap.  With network, the sandbox gets
+its own network namespace with user-mode networking (:mod:`.usernet`): bwrap
+reports the sandbox's pid and waits until slirp4netns has configured it.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from popek import proc
 from popek.engines import seccomp
 from popek.engines.sandbox import argv as argvmod
-from popek.engines.sandbox import store
+from popek.engines.sandbox import cgroup, store, usernet
 from popek.engines.sandbox.profile import Profile, RunOptions, merge
 from popek.errors import EngineError, InvalidInput
 
@@ -91,7 +98,8 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
     code (128+N if a signal N killed it, 124 if ``options.timeout`` expired).
     Raises :class:`InvalidInput` for a bad profile, option or empty command,
     :class:`NotFound` for an unknown profile, :class:`EngineError` when
-    bubblewrap is missing.
+    bubblewrap (or slirp4netns, with network) is missing or the sandbox's
+    cgroup or network cannot be set up (nothing is left behind).
     """
     if not cmd:
         raise InvalidInput("no command given; usage: popek sandbox run [OPTIONS] -- CMD [ARGS]...")
@@ -99,21 +107,85 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
         raise InvalidInput(f"--timeout {options.timeout}: allowed: a number of seconds > 0")
     bwrap, prlimit = find_tools()
     profile = merge(store.load(profile_name), options)
+    if profile.network:
+        usernet.find_slirp()
     program = seccomp.bpf_program(profile.seccomp_extra)
     root = os.geteuid() == 0
     uid, gid = (HOST_UID, HOST_GID) if root else (os.getuid(), os.getgid())
     check_reachable(profile, uid, gid)
-    with (_data_fd(program, "seccomp") as sfd, _data_fd(argvmod.PASSWD.encode(), "passwd") as pfd,
-          _data_fd(argvmod.GROUP.encode(), "group") as gfd):
-        fds = argvmod.Fds(seccomp=sfd, passwd=pfd, group=gfd)
-        argv = [*argvmod.prlimit_argv(profile.limits, prlimit),
-                *argvmod.build_bwrap_argv(profile, cmd, fds, bwrap)]
-        # user/group/extra_groups drop privileges in the forked child before exec
-        # (no preexec_fn); for a non-root caller they are its own ids already.
-        proc = subprocess.Popen(argv, pass_fds=(sfd, pfd, gfd), env={"PATH": "/usr/bin:/bin"},
-                                user=uid if root else None, group=gid if root else None,
-                                extra_groups=[] if root else None)
-    return _wait(proc, options.timeout)
+    with contextlib.ExitStack() as stack:
+        join: list[Path] = []
+        if root and profile.limits.memory is not None:
+            with contextlib.suppress(EngineError):
+                cgroup.sweep()
+            path = cgroup.new_path()
+            join = cgroup.create(path, profile.limits)
+            stack.callback(cgroup.remove, path)
+        child, block = _start(profile, cmd, program, (bwrap, prlimit), join, uid, gid, stack)
+        try:
+            if block is not None:
+                info, block_w = block
+                pid = usernet.child_pid(info)
+                prefix = argvmod.join_argv(join, _tool("sh")) if join else []
+                stack.callback(usernet.attach(pid, prefix, rootless=not root).stop)
+                os.write(block_w, b"1")  # the network is up: bwrap runs the command
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        return _wait(child, options.timeout)
+
+
+def _start(profile: Profile, cmd: Sequence[str], program: bytes, tools: tuple[str, str],
+           join: list[Path], uid: int, gid: int, stack: contextlib.ExitStack,
+           ) -> tuple[subprocess.Popen[bytes], tuple[int, int] | None]:
+    """Start ``[launcher] prlimit ... -- bwrap ... -- CMD``.
+
+    Returns the process and, with network, the two descriptors the runner
+    then uses: the read end of bwrap's ``--info-fd`` and the write end of its
+    ``--block-fd`` (the stack closes them).
+    """
+    bwrap, prlimit = tools
+    fds = argvmod.Fds(
+        seccomp=stack.enter_context(_data_fd(program, "seccomp")),
+        passwd=stack.enter_context(_data_fd(argvmod.PASSWD.encode(), "passwd")),
+        group=stack.enter_context(_data_fd(argvmod.GROUP.encode(), "group")))
+    child_ends: list[int] = []
+    block: tuple[int, int] | None = None
+    if profile.network:
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        for fd in (info_r, block_w):
+            stack.callback(os.close, fd)
+        child_ends = [info_w, block_r]
+        block = (info_r, block_w)
+        fds = replace(fds, resolv=stack.enter_context(
+            _data_fd(argvmod.RESOLV_CONF.encode(), "resolv")), info=info_w, block=block_r)
+    launcher = argvmod.launcher_argv(join, uid, gid, _tool("setpriv"), _tool("sh")) \
+        if join else []
+    argv = [*launcher, *argvmod.prlimit_argv(profile.limits, prlimit),
+            *argvmod.build_bwrap_argv(profile, cmd, fds, bwrap)]
+    # without the launcher, user/group/extra_groups drop privileges in the forked
+    # child before exec (no preexec_fn); for a non-root caller they are its own ids
+    drop = uid != os.geteuid() and not launcher
+    try:
+        proc = subprocess.Popen(
+            argv, pass_fds=(fds.seccomp, fds.passwd, fds.group, *child_ends,
+                            *([fds.resolv] if fds.resolv is not None else [])),
+            env={"PATH": "/usr/bin:/bin"}, user=uid if drop else None,
+            group=gid if drop else None, extra_groups=[] if drop else None)
+    finally:
+        for fd in child_ends:  # the child's copies are the ones that count
+            os.close(fd)
+    return proc, block
+
+
+def _tool(name: str) -> str:
+    path = proc.tool(name)
+    if not path:
+        raise EngineError(f"'{name}' is missing; install the Debian package "
+                          f"'{'dash' if name == 'sh' else 'util-linux'}'")
+    return path
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int:
