@@ -130,3 +130,31 @@ def test_the_cli_answers_huge_input_with_a_short_error(tmp_path: Path, args: tup
     assert out.returncode in (1, 2), (out.returncode, out.stderr[:2000])  # not 70: a bug
     assert len(out.stderr) < 2 * MAX_MESSAGE, len(out.stderr)
     assert "failed inside" not in out.stderr and "Traceback" not in out.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30)))
+def test_any_timeout_is_seconds_in_range_or_one_bounded_error(value: float) -> None:
+    from popek.core.requests import Exec, Launch, Stop
+    from popek.core.service import MAX_TIMEOUT
+
+    for build in (lambda: Stop("web", timeout=value),
+                  lambda: Exec("web", argv=("true",), timeout=value),
+                  lambda: Launch("minimal", "web", ready_timeout=value)):
+        out = _bounded_error(build)
+        ok = isinstance(value, int | float) and 0 <= value <= MAX_TIMEOUT
+        assert isinstance(out, InvalidInput) != ok, (value, out)
+
+
+@pytest.mark.parametrize("args", [
+    ("stop", "x", "--timeout", "inf"),
+    ("stop", "x", "--timeout", "nan"),
+    ("exec", "x", "--timeout", "1e999", "--", "true"),
+    ("launch", "minimal", "x", "--timeout", "inf"),
+])
+def test_an_infinite_or_nan_timeout_is_refused_at_the_boundary(tmp_path: Path,
+                                                               args: tuple[str, ...]) -> None:
+    out = _cli(tmp_path, *args)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1].startswith("Error: invalid timeout ")
+    assert "Traceback" not in out.stderr and "OverflowError" not in out.stderr

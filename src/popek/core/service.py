@@ -57,6 +57,20 @@ def _noop(_: str) -> None:
     pass
 
 
+#: the longest wait a request may ask for (a week, in seconds)
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+def check_timeout(value: float, what: str = "timeout") -> float:
+    """``value`` when it is a number of seconds from 0 to :data:`MAX_TIMEOUT`; else InvalidInput."""
+    from popek.errors import InvalidInput
+
+    if not isinstance(value, int | float) or not 0 <= value <= MAX_TIMEOUT:  # nan fails too
+        raise InvalidInput(f"invalid {what} {value!r}: must be a number of seconds from 0 "
+                           f"to {MAX_TIMEOUT}")
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request(Generic[R]):
     """One operation asked of popek; subclasses set ``op`` and implement :meth:`run`."""
@@ -67,6 +81,17 @@ class Request(Generic[R]):
     session: ClassVar[bool] = False
     #: the fields shown in words in the audit record's ``change`` (never a secret)
     shown: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        """Check what every request shares: a ``*timeout`` is a finite number of seconds.
+
+        ``nan`` made every wait end at once and ``inf`` overflowed a timer thread
+        (a traceback on the user's terminal); both are refused here, at the boundary.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("timeout") and value is not None:
+                check_timeout(value)
 
     def target(self) -> str:
         """The object of the request (an instance, image, network, key...)."""
