@@ -31,6 +31,12 @@ def tool(name: str) -> str | None:
     return shutil.which(name, path=TOOL_PATH)
 
 
+def tool_env() -> dict[str, str]:
+    """This process's environment with ``PATH`` set to :data:`TOOL_PATH` (for a tool's own
+    lookups, such as the command ``nsenter`` runs)."""
+    return {**os.environ, "PATH": TOOL_PATH}
+
+
 def start_time(pid: int) -> int | None:
     """Return the start time (clock ticks after boot) of ``pid``, or ``None`` if it is gone.
 

@@ -43,3 +43,17 @@ def test_a_missing_tool_names_where_it_was_looked_for(monkeypatch: pytest.Monkey
         cmdline.find_qemu()
     with pytest.raises(EngineError, match="OCI runtime 'runc' not found in /nonexistent"):
         runtime.choose("runc")
+
+
+def test_tc_and_ip_run_from_the_system_whatever_path_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from popek.network import shaping
+
+    for name in ("tc", "ip", "nsenter"):
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\necho planted\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    assert shutil.which("tc") == str(tmp_path / "tc")  # a lookup in PATH finds the plant
+    out = shaping._qdiscs("lo")
+    assert "planted" not in out and "qdisc" in out

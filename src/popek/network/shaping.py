@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 
+from popek import proc
 from popek.errors import InvalidInput, PopekError
 
 MIN_RATE = 1_000_000          # 1 Mbit/s
@@ -64,7 +65,7 @@ def guest_ifname(netns_pid: int, mac: str) -> str:
 
 def _qdiscs(ifname: str, netns_pid: int | None = None) -> str:
     res = subprocess.run([*_ns(netns_pid), "tc", "qdisc", "show", "dev", ifname],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=proc.tool_env())
     if res.returncode != 0:
         raise ShapingError(f"tc qdisc show dev {ifname} failed: {res.stderr.strip()}")
     return res.stdout
@@ -89,7 +90,8 @@ def _tbf(ifname: str, rate: int | None, netns_pid: int | None = None) -> None:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    # tc, ip and nsenter (and what nsenter runs) from the system's directories
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, env=proc.tool_env())
     if res.returncode != 0:
         raise ShapingError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
     return res
@@ -105,7 +107,7 @@ def _police(ifname: str, rate: int | None) -> bool:
     res = subprocess.run(["tc", "filter", "add", "dev", ifname, "parent", "ffff:", "protocol",
                           "all", "u32", "match", "u32", "0", "0", "police", "rate", f"{rate}bit",
                           "burst", str(_burst(rate)), "drop"],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=proc.tool_env())
     if res.returncode == 0:
         return True
     _run(["tc", "qdisc", "del", "dev", ifname, "ingress"])
