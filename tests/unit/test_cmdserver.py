@@ -515,11 +515,19 @@ def _readlink(path: str) -> str:
         return ""
 
 
-def test_killing_the_client_cancels_the_command(server: Server) -> None:
+@pytest.mark.parametrize("kind", ["python", "native"])
+def test_killing_the_client_cancels_the_command(server: Server, kind: str,
+                                                request: pytest.FixtureRequest) -> None:
     """In-process, a killed ``popek`` takes its command with it; through the server too."""
-    cli = subprocess.Popen([sys.executable, "-c", CLIENT, server.socket, "_sleep", "120"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    if kind == "native":
+        if os.geteuid() != 0:
+            pytest.skip("the native client uses the server only for root")
+        argv = [str(request.getfixturevalue("native")), "_sleep", "120"]
+    else:
+        argv = [sys.executable, "-c", CLIENT, server.socket, "_sleep", "120"]
+    cli = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "POPEK_CLI_SOCKET": server.socket})
     assert cli.stdin is not None and cli.stderr is not None
     wait_handlers(cli.pid, client.FORWARDED)  # the command runs: the client has its pid
     command = _command_reading(server.proc.pid, cli.stdin.fileno())
