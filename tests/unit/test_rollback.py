@@ -126,6 +126,11 @@ def test_an_attach_whose_unplug_fails_keeps_its_port_for_detach(
     assert any("stays plugged" in note and "popek network detach web lan" in note
                for note in getattr(exc.value, "__notes__", []))
     assert len(_ports(env)) == 1  # the NIC is in the guest: its port stays
+    history = env.instances().get("web").history  # and the record says it is attached
+    assert history[-1]["event"] == "attached to network lan (the undo of a failed attach failed)"
+    monkeypatch.undo()
+    env.instances().detach("web", "lan")  # which removes both
+    assert _ports(env) == [] and env.engine.calls[-1] == "detach web lan"
 
 
 def test_a_failed_stopped_attach_leaves_no_port(env: Env) -> None:  # noqa: F811

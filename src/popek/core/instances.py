@@ -186,7 +186,12 @@ class Instances:
             self.records.save(inst, rev, f"attached to network {network}")
         except BaseException as exc:
             if plugged and not self._unplug(inst, eng, port, exc):
-                raise  # still plugged: its port stays, so that `network detach` can remove it
+                # still plugged: its port stays, and the record says where (best effort),
+                # so that `network detach` removes both and no later plug takes its slot
+                with contextlib.suppress(PopekError):
+                    self.records.save(inst, rev, f"attached to network {network} "
+                                      "(the undo of a failed attach failed)")
+                raise
             with contextlib.suppress(NotFound):  # a delete that raced us removed it already
                 nets.delete_port(port)
             raise
