@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from popek.errors import ImageError
-from popek.images import container_init, cpio, debs, kmods, tarwrite, verifier
+from popek.images import agent, container_init, cpio, debs, kmods, tarwrite, verifier
 from popek.images.builder import BuildContext, BuildResult
 
 KERNEL_META = "linux-image-cloud-amd64"
@@ -66,7 +66,6 @@ GUEST_FILES = {
     "inittab": ("etc/inittab", False),
     "rcS": ("etc/init.d/rcS", True),
     "rcK": ("etc/init.d/rcK", True),
-    "popek-agent": ("sbin/popek-agent", True),
     "popek-console": ("sbin/popek-console", True),
     "acpi-power": ("etc/acpi/PWRF/00000080", True),
     "udhcpc.script": ("etc/udhcpc.script", True),
@@ -202,6 +201,8 @@ def build(ctx: BuildContext) -> BuildResult:
         ctx.progress("building the guest attestation verifier")
         verify_bin = verifier.build(cache, staging)
         verifier.install(verify_bin, root)
+        ctx.progress("building the guest agent")
+        agent.install(agent.build(staging), root)
         ctx.progress("packing initramfs")
         cpio.write_initramfs(root, ctx.out / INITRD_FILE, NODES)
         ctx.progress("packing the container root filesystem")

@@ -51,8 +51,13 @@ class Paths:
 
     @property
     def console_log(self) -> Path:
-        """Everything the guest wrote on its serial console since it started."""
+        """The last 2 MiB or less the guest wrote on its serial console (``conlog.py``)."""
         return self.workdir / "console.log"
+
+    @property
+    def console_fifo(self) -> Path:
+        """What QEMU logs the console to: the logger reading it keeps ``console_log`` bounded."""
+        return self.workdir / "console.fifo"
 
     @property
     def agent(self) -> Path:
@@ -137,7 +142,7 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
         "-initrd", str(p.boot_file("initrd")),
         "-append", spec.cmdline,
         "-chardev",
-        f"socket,id=console,path={p.console},server=on,wait=off,logfile={p.console_log}",
+        f"socket,id=console,path={p.console},server=on,wait=off,logfile={p.console_fifo}",
         "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent,path={p.agent},server=on,wait=off",

@@ -12,7 +12,7 @@ from popek import proc
 from popek.engines import cgroupfs
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
-from popek.engines.qemu import jail, process, qmp, vtpm
+from popek.engines.qemu import consolelog, jail, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
     Paths,
@@ -44,11 +44,15 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
+#: how much of the console log's end is searched for the reason QEMU is gone
+REASON_TAIL = 64 << 10
+
+
 def exit_reason(paths: Paths) -> str:
     """Explain why QEMU is gone, from what the guest and QEMU last wrote."""
     try:
-        log = paths.console_log.read_bytes()
-    except OSError:
+        log = consolelog.tail(paths.console_log, REASON_TAIL)
+    except EngineError:
         log = b""
     if PANIC in log:
         return "the guest kernel panicked (see popek console --log)"
@@ -79,8 +83,8 @@ class QemuEngine:
     id_range: ClassVar[int] = 1
     port_kind: ClassVar[str] = "tap"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
-        Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.GRACEFUL_STOP,
-        Capability.NETWORK_HOTPLUG,
+        Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
+        Capability.GRACEFUL_STOP, Capability.NETWORK_HOTPLUG,
     })
 
     # -- start -------------------------------------------------------------
@@ -136,6 +140,7 @@ class QemuEngine:
             value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
             vtpm.write_measurement(spec.workdir, value)
             vtpm.start(spec.workdir, spec.uid, spec.gid)
+            consolelog.start(p.console_log, spec.uid, spec.gid)
             kvm_gid = KVM_GROUP_DEV.stat().st_gid if accel == "kvm" else 0
             groups = [kvm_gid] if kvm_gid != 0 else []  # never root's group
             cgroup = jail.cgroup_path(spec)
@@ -266,8 +271,22 @@ class QemuEngine:
         runtime.details.get("nics", {}).pop(port.host_ifname, None)
 
     def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
-        """Not offered: the guest agent answers with whole outputs (see :meth:`exec`)."""
-        raise CapabilityError("the qemu engine cannot stream exec; its output is returned whole")
+        """Run ``argv`` in the guest with its output streamed to the caller's stdout/stderr.
+
+        The guest agent has no terminal to offer: ``tty`` runs the command
+        without one and with no input.  Otherwise the caller's stdin is read
+        to its end first (at most ``agent.MAX_STDIN`` bytes) and sent with
+        the command.  The output is written as it arrives, kept nowhere, and
+        has no size or time limit: interrupting the client ends the command.
+        """
+        from popek.engines.qemu.agent import MAX_STDIN, STREAM_START_TIMEOUT, AgentClient
+
+        stdin = b""
+        if not tty and not os.isatty(0):
+            with os.fdopen(os.dup(0), "rb") as f:  # buffered: read(n) reads until n or EOF
+                stdin = f.read(MAX_STDIN + 1) or b""
+        client = AgentClient(Paths(spec.workdir).agent, STREAM_START_TIMEOUT)
+        return client.exec_stream(argv, stdin, 1, 2)
 
     def resize(self, spec: LaunchSpec, runtime: Runtime) -> None:
         """Not offered yet for VMs: change CPUs and memory while the VM is stopped."""
@@ -295,11 +314,12 @@ class QemuEngine:
         attach(Paths(spec.workdir).console, escape)
 
     def console_log(self, spec: LaunchSpec) -> bytes:
-        """Return what the guest wrote on its serial console since it started."""
-        try:
-            return Paths(spec.workdir).console_log.read_bytes()
-        except FileNotFoundError:
-            return b""
+        """Return the end of what the guest wrote on its serial console since it started.
+
+        At most ``consolelog.MAX_READ`` bytes (4 MiB): the log is rotated,
+        see ``conlog.py``.
+        """
+        return consolelog.tail(Paths(spec.workdir).console_log)
 
     def cleanup(self, spec: LaunchSpec) -> None:
         """Kill a stray QEMU of this instance, remove its cgroup, sockets and pid file.
@@ -330,3 +350,4 @@ class QemuEngine:
         (spec.workdir / "qemu.pid").unlink(missing_ok=True)
         _remove_boot_files(p)
         vtpm.stop(spec.workdir)
+        consolelog.stop(p.console_log)
