@@ -233,9 +233,18 @@ class Agent:
         rid = secrets.token_hex(4)
         b64 = base64.b64encode(command.encode()).decode()
         self.send(f"EXEC {rid} {b64} {base64.b64encode(stdin).decode() if stdin else '-'}")
-        verb, got_id, rc, out, err = self.recv().split(" ")
-        assert (verb, got_id) == ("RESULT", rid)
-        return int(rc), _b64(out), _b64(err)
+        out, err = b"", b""
+        while True:  # OUT and ERR chunks as the output comes, then EXIT
+            verb, got_id, arg = self.recv().split(" ")
+            assert got_id == rid
+            if verb == "EXIT":
+                return int(arg), out, err
+            assert verb in ("OUT", "ERR"), verb
+            assert len(arg) <= 4 * (48 << 10) // 3  # chunks of 48 KiB at most
+            if verb == "OUT":
+                out += _b64(arg)
+            else:
+                err += _b64(arg)
 
     def close(self) -> None:
         self.file.close()
@@ -294,7 +303,7 @@ def test_boot_agent_and_clean_poweroff(
         s.sendall(b"\nEXEC gone " + base64.b64encode(command) + b" -\n")
         wait_state(lambda: any("gone-started" in line for line in guest.console_lines()),
                    guest.proc.pid, 60, "the request to run", interval=0.05)  # after a prompt
-    agent = Agent(guest.connect("agent.sock"))  # skips the stale RESULT gone
+    agent = Agent(guest.connect("agent.sock"))  # the agent ended "gone" when its client left
     assert agent.exec("echo still here") == (0, b"still here\n", b"")
     agent.close()
 
