@@ -123,7 +123,8 @@ def resume(name: str) -> None:
 @app.command()
 def console(
     name: str,
-    log: bool = typer.Option(False, "--log", help="Print what the console wrote, then exit."),
+    log: bool = typer.Option(False, "--log", help="Print the end of what the console wrote "
+                             "(a VM's last 4 MiB at most), then exit."),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
     if log:
@@ -148,7 +149,9 @@ def exec(
     """Run a command inside an instance: its stdout, stderr and exit code pass through.
 
     Containers run it on this terminal (interactive with a TTY when stdin and
-    stdout are terminals); VMs return its whole output through the guest agent.
+    stdout are terminals); VMs stream its output through the guest agent, with
+    no terminal (its input is read first, 4 MiB at most; with --no-stdin the
+    output comes back whole, 16 MiB at most, within --timeout).
     """
     raise typer.Exit(ops.exec_(**locals()))
 
