@@ -18,6 +18,17 @@ def home() -> Path:
     return Path(os.environ.get("POPEK_HOME", DEFAULT_HOME))
 
 
+def home_id() -> str:
+    """A short id of this ``POPEK_HOME`` on this host (12 hex digits of its real path's SHA-256).
+
+    Names the kernel sees host-wide (cgroups, device aliases) carry it, so that
+    two homes with an instance of the same name never share one.
+    """
+    import hashlib
+
+    return hashlib.sha256(str(home().resolve()).encode()).hexdigest()[:12]
+
+
 def images_dir() -> Path:
     """Return the directory that holds one sub-directory per image."""
     return home() / "images"

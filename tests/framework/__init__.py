@@ -68,7 +68,9 @@ def processes_mentioning(text: str) -> list[int]:
 def container_cgroup(name: str, controller: str) -> Path:
     """Return the host cgroup directory of container ``name`` for ``controller``."""
     root = Path("/sys/fs/cgroup")
-    rel = f"popek/default-{name}"
+    from popek import paths
+
+    rel = f"popek/{paths.home_id()}-default-{name}"
     if (root / "cgroup.controllers").exists() and not (root / "memory").is_dir():
         return root / rel
     return root / controller / rel

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from framework import instance, popek, popek_json, require_root_and_tools
-from popek import proc
+from popek import paths, proc
 from popek.engines import cgroupfs
 from popek.engines.base import LaunchSpec
 from popek.engines.qemu import jail, qmp
@@ -222,7 +222,7 @@ def _expected_limits(vm: dict[str, object]) -> cgroupfs.Limits:
 def test_qemu_is_in_its_cgroup_with_the_limits(vm: dict[str, object]) -> None:
     pid = _pid(vm)
     lim = _expected_limits(vm)
-    rel = f"popek/default-{VM}"
+    rel = f"popek/{paths.home_id()}-default-{VM}"
     assert vm["cgroup"] == rel
     memberships = dict(line.split(":", 2)[1:] for line in
                        Path(f"/proc/{pid}/cgroup").read_text().splitlines())
@@ -259,7 +259,7 @@ def test_qemu_is_in_its_cgroup_with_the_limits(vm: dict[str, object]) -> None:
 def test_stop_removes_the_cgroup_and_the_namespace(vm: dict[str, object]) -> None:
     pid = _pid(vm)
     started = proc.start_time(pid)
-    dirs = cgroupfs.dirs(f"popek/default-{VM}")
+    dirs = cgroupfs.dirs(f"popek/{paths.home_id()}-default-{VM}")
     assert dirs and all(d.is_dir() for d in dirs)
     popek("stop", VM, "--force")
     assert started is not None and not proc.alive(pid, started)  # gone (or a zombie)

@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from popek.state import hostwide
 from popek.state.store import SQLiteStore
 from popek.trust.keys import TrustStore
+
+
+@pytest.fixture(autouse=True)
+def private_host_registry(tmp_path_factory: pytest.TempPathFactory,
+                          monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Unit tests never touch the host-wide uid registry: each gets a registry of its own."""
+    directory = tmp_path_factory.mktemp("popek-host")
+    monkeypatch.setattr(hostwide, "HOST_DIR", directory)
+    return directory
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from popek import proc
+from popek import paths, proc
 from popek.engines import cgroupfs
 from popek.engines.base import LaunchSpec
 from popek.engines.qemu import jail
@@ -67,8 +67,13 @@ def test_pids_default_and_override_with_a_floor() -> None:
     assert jail.limits(_spec(vcpus=4, limits={"pids": 16}), "kvm").pids == 4 + jail.PIDS_FLOOR
 
 
-def test_cgroup_path_is_per_project_and_name() -> None:
-    assert jail.cgroup_path(_spec()) == "popek/default-vm1"
+def test_cgroup_path_is_per_home_project_and_name(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "a"))
+    in_a = jail.cgroup_path(_spec())
+    assert in_a == f"popek/{paths.home_id()}-default-vm1"
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "b"))
+    assert jail.cgroup_path(_spec()) != in_a  # before: popek/default-vm1 in every home
 
 
 # -- cgroup settings and layouts -------------------------------------------------

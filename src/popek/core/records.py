@@ -10,14 +10,17 @@ record's ``mod_revision``: a lost compare raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from popek.core.ids import free_uid
+from popek import paths
+from popek.core.ids import free_uid, held
 from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
-from popek.errors import AlreadyExists, ConflictError, NotFound
+from popek.errors import AlreadyExists, ConflictError, NotFound, PopekError
+from popek.state.hostwide import HostIds
 from popek.state.owners import Owner, live_owner
 from popek.state.schema import (
     ACTIVE_INDEX_KEY,
@@ -170,8 +173,9 @@ class Records:
         """Write the new instance (state starting) with its own uid range, in one transaction."""
         owner = Owner.me()
         key = instance_key(DEFAULT_PROJECT, name)
+        host = self.host_ids()
         for _ in range(10):
-            uid = free_uid(self.store, id_range)
+            uid = free_uid(self.store, id_range, host.elsewhere())
             inst = Instance(name=name, spec=spec, state=State.STARTING, uid=uid, created=now(),
                             image_version=image_version,
                             history=[{"time": now(), "event": "launch requested",
@@ -182,17 +186,36 @@ class Records:
                  *_index_ops(inst), Put(owner_of(inst), owner.to_bytes())],
             )
             if res.succeeded:
-                return inst, res.revision
+                try:  # then host-wide: no other home on this host may hold these ids
+                    if host.reserve(uid, id_range, key, lambda: held(self.store)):
+                        return inst, res.revision
+                except BaseException:
+                    self.remove(inst, host_wide=False)
+                    raise
+                self.remove(inst, host_wide=False)  # another home took them meanwhile: retry
+                continue
             if self.store.get(key) is not None:
                 raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                     "or delete it first")
         raise ConflictError("could not allocate a uid for the instance; retry")
 
-    def remove(self, inst: Instance) -> None:
-        """Delete the record, its uid reservation and its owner key."""
+    def remove(self, inst: Instance, host_wide: bool = True) -> None:
+        """Delete the record, its uid reservation (here and host-wide) and its owner key.
+
+        A host-wide release that fails is finished by the next launch of this home
+        (:mod:`popek.state.hostwide` heals the registry from the store).
+        """
         self.store.txn([], [Delete(inst.key), Delete(uid_key(inst.uid)),
                             Delete(active_key(inst.project, inst.name)),
                             Delete(owner_of(inst))])
+        if host_wide:
+            with contextlib.suppress(OSError, PopekError):
+                self.host_ids().release(inst.uid)
+
+    @staticmethod
+    def host_ids() -> HostIds:
+        """The host-wide uid registry, as this home sees it."""
+        return HostIds(paths.home())
 
     def active(self) -> list[Active]:
         """Every active instance (starting, running, paused, stopping), from the index.

@@ -48,8 +48,13 @@ def container_id(spec: LaunchSpec) -> str:
 
 
 def cgroups_path(spec: LaunchSpec) -> str:
-    """The cgroup path (relative to each hierarchy) of the container of ``spec``."""
-    return f"/popek/{spec.project}-{spec.name}"
+    """The cgroup path (relative to each hierarchy) of the container of ``spec``.
+
+    It carries this home's id (:func:`popek.paths.home_id`): cgroups are
+    host-wide, and a container of the same name in another ``POPEK_HOME``
+    must never share (and rewrite) its limits.
+    """
+    return f"/popek/{paths.home_id()}-{spec.project}-{spec.name}"
 
 
 def limits_of(spec: LaunchSpec) -> Limits:

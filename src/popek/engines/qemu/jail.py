@@ -6,7 +6,7 @@ chain of standard tools (util-linux ``unshare``, ``mount`` and ``setsid``,
 ``sh``, coreutils ``chroot``), built by :func:`launcher_argv`::
 
     unshare --mount --propagation slave -- sh -c '
-        echo 0 > .../popek/<project>-<name>/tasks   # join the cgroup, each hierarchy
+        echo 0 > .../popek/<home>-<project>-<name>/tasks   # join the cgroup, each hierarchy
         mount -a -T /dev/stdin                      # the jail, from the plan below
         exec chroot --userspec=+UID:+GID --groups=... JAIL setsid --fork qemu ...'
 
@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from popek import paths
 from popek.engines import cgroupfs
 from popek.engines.base import LaunchSpec
 from popek.errors import EngineError
@@ -95,8 +96,12 @@ class Mount:
 
 
 def cgroup_path(spec: LaunchSpec) -> str:
-    """The cgroup of the QEMU of ``spec``, relative to each hierarchy (as for containers)."""
-    return f"popek/{spec.project}-{spec.name}"
+    """The cgroup of the QEMU of ``spec``, relative to each hierarchy (as for containers).
+
+    It carries this home's id (:func:`popek.paths.home_id`): two homes with a
+    VM of the same name never share one cgroup.
+    """
+    return f"popek/{paths.home_id()}-{spec.project}-{spec.name}"
 
 
 def tcg_code_buffer(physmem: int) -> int:

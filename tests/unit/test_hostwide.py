@@ -1,0 +1,113 @@
+"""Host uid ranges are allocated host-wide: two homes never hand out the same ids (no root).
+
+Before issue 12 each home chose uids from its own store only: every home's
+first VM ran as uid 900000000 and every home's first container from
+1000000000, so one home's QEMU could ptrace another's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from popek.core.ids import CONTAINER_UID_BASE, VMM_UID_BASE
+from popek.core.model import InstanceSpec
+from popek.core.records import Records
+from popek.errors import StoreDamaged
+from popek.state import hostwide
+from popek.state.hostwide import HostIds
+from popek.state.store import SQLiteStore
+
+
+def _home(root: Path, name: str) -> tuple[Path, Records]:
+    home = root / name
+    home.mkdir()
+    return home, Records(SQLiteStore(home / "state.db"))
+
+
+def _create(home: Path, records: Records, name: str, id_range: int,
+            monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setenv("POPEK_HOME", str(home))
+    inst, _ = records.create(name, InstanceSpec(image="minimal"), id_range, "1")
+    return inst.uid
+
+
+@pytest.mark.parametrize(("id_range", "base"), [(1, VMM_UID_BASE), (65536, CONTAINER_UID_BASE)])
+def test_two_homes_never_share_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   id_range: int, base: int) -> None:
+    a, ra = _home(tmp_path, "a")
+    b, rb = _home(tmp_path, "b")
+    first = _create(a, ra, "web", id_range, monkeypatch)
+    second = _create(b, rb, "web", id_range, monkeypatch)  # the same name, another home
+    assert first == base
+    assert second == base + id_range  # before: base again, the same host uid(s)
+    ranges = HostIds(a).ranges()
+    assert [(r.first, r.size, Path(r.home).name) for r in ranges] == [
+        (first, id_range, "a"), (second, id_range, "b")]
+
+
+def test_delete_frees_the_host_wide_range(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    a, ra = _home(tmp_path, "a")
+    b, rb = _home(tmp_path, "b")
+    _create(a, ra, "web", 1, monkeypatch)
+    monkeypatch.setenv("POPEK_HOME", str(a))
+    ra.remove(ra.load("web")[0])
+    assert HostIds(a).ranges() == []
+    assert _create(b, rb, "web", 1, monkeypatch) == VMM_UID_BASE  # free again, for anyone
+
+
+def test_a_range_taken_between_choice_and_reservation_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another home reserving the chosen range first: the record is undone, another is chosen."""
+    a, ra = _home(tmp_path, "a")
+    b, _ = _home(tmp_path, "b")
+    real = HostIds.elsewhere
+    calls = []
+
+    def stale(self: HostIds) -> list[hostwide.Range]:
+        seen = real(self)
+        if not calls:  # the other home reserves right after this home looked
+            HostIds(b).reserve(VMM_UID_BASE, 1, "/popek/instances/default/x", dict)
+        calls.append(1)
+        return seen
+
+    monkeypatch.setattr(HostIds, "elsewhere", stale)
+    assert _create(a, ra, "web", 1, monkeypatch) == VMM_UID_BASE + 1
+    assert {(r.first, Path(r.home).name) for r in HostIds(a).ranges()} == {
+        (VMM_UID_BASE, "b"), (VMM_UID_BASE + 1, "a")}
+    assert [kv.key for kv in ra.store.range("/popek/uids/")] == [
+        f"/popek/uids/{VMM_UID_BASE + 1}"]
+
+
+def test_registry_heals_from_the_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home made before the registry is adopted; a home that is gone is forgotten;
+    a range whose delete died before its release is freed."""
+    a, ra = _home(tmp_path, "a")
+    gone, rg = _home(tmp_path, "gone")
+    _create(gone, rg, "old", 1, monkeypatch)
+    monkeypatch.setattr(hostwide, "HOST_DIR", tmp_path / "fresh-registry")  # a: pre-registry
+    _create(a, ra, "old", 1, monkeypatch)
+    monkeypatch.setattr(hostwide, "HOST_DIR", tmp_path / "registry")
+    HostIds(gone).reserve(VMM_UID_BASE + 7, 1, "stale", lambda: {VMM_UID_BASE: (1, "k")})
+    HostIds(a).reserve(VMM_UID_BASE + 5, 1, "died", dict)  # a delete that died before release
+    (gone / "state.db").unlink()  # that home was removed with rm -rf
+    assert _create(a, ra, "new", 1, monkeypatch) == VMM_UID_BASE + 1
+    assert {(r.first, Path(r.home).name) for r in HostIds(a).ranges()} == {
+        (VMM_UID_BASE, "a"), (VMM_UID_BASE + 1, "a")}
+
+
+def test_registry_file_is_private_and_whole(tmp_path: Path) -> None:
+    ids = HostIds(tmp_path)
+    assert ids.reserve(VMM_UID_BASE, 1, "k", dict)
+    path = hostwide.HOST_DIR / hostwide.REGISTRY
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(hostwide.HOST_DIR).st_mode & 0o777 == 0o700
+    assert json.loads(path.read_text())["ranges"][0]["first"] == VMM_UID_BASE
+    path.write_text("{garbage")
+    with pytest.raises(StoreDamaged, match="registry .* is damaged"):
+        ids.reserve(VMM_UID_BASE + 1, 1, "k", dict)
+    assert path.read_text() == "{garbage"  # left as it is
