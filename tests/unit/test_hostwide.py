@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from popek.core.model import InstanceSpec
 from popek.core.records import Records
 from popek.errors import StoreDamaged
 from popek.state import hostwide
-from popek.state.hostwide import HostIds
+from popek.state.hostwide import HostCpus, HostIds
 from popek.state.store import SQLiteStore
 
 
@@ -111,3 +112,37 @@ def test_registry_file_is_private_and_whole(tmp_path: Path) -> None:
     with pytest.raises(StoreDamaged, match="registry .* is damaged"):
         ids.reserve(VMM_UID_BASE + 1, 1, "k", dict)
     assert path.read_text() == "{garbage"  # left as it is
+
+
+# -- CPU placement across homes ---------------------------------------------------------
+
+
+def test_placement_counts_the_instances_of_every_home(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, each home placed on its own: both homes pinned their first instance to CPU 0."""
+    from popek.core import placement
+    from unit.test_core_instances import Env
+
+    monkeypatch.setattr(placement, "host_cpus", lambda: [0, 1, 2])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    envs = {h: Env(tmp_path / h) for h in ("a", "b")}
+
+    def in_home(h: str) -> Any:
+        monkeypatch.setenv("POPEK_HOME", str(tmp_path / h / "home"))
+        return envs[h].instances()
+
+    def cpus(h: str, name: str) -> list[int]:
+        return list(in_home(h).get(name).runtime.details["cpus"])  # type: ignore[union-attr]
+
+    in_home("a").launch("minimal", "web", memory=128 << 20, engine="fake")
+    in_home("b").launch("minimal", "web", memory=128 << 20, engine="fake")
+    assert cpus("a", "web") == [0]
+    assert cpus("b", "web") == [1]  # CPU 0 carries home a's instance
+    assert HostCpus(tmp_path / "b" / "home").elsewhere() == [(0,)]
+    in_home("a").stop("web")
+    assert HostCpus(tmp_path / "b" / "home").elsewhere() == []  # a's stop was published
+    in_home("a").launch("minimal", "db", memory=128 << 20, engine="fake")
+    assert cpus("a", "db") == [0]
+    in_home("b").delete("web", force=True)
+    assert HostCpus(tmp_path / "a" / "home").elsewhere() == []

@@ -44,6 +44,7 @@ from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, Stat
 from popek.images import Image, ImageStore
 from popek.network.model import Port
 from popek.state import open_store
+from popek.state.hostwide import HostCpus
 from popek.state.store import StateStore
 
 Progress = Callable[[str], None]
@@ -143,7 +144,8 @@ class Instances:
             return replace(self._launch_spec(inst, lookup=False), cpus=_cpus(inst))
 
     def _place(self, inst: Instance, active: list[Active] | None = None) -> tuple[int, ...]:
-        """The host CPUs for ``inst``: the least used by the other active instances.
+        """The host CPUs for ``inst``: the least used by the other active instances,
+        of this home and of every other home on the host (:mod:`popek.state.hostwide`).
 
         ``active``: the active index as the access check just read it (one read per launch).
         """
@@ -151,6 +153,8 @@ class Instances:
 
         active = self.records.active() if active is None else active
         busy = [list(a.cpus) for a in active if a.name != inst.name]
+        with contextlib.suppress(OSError, PopekError):  # and those of the host's other homes
+            busy += [list(c) for c in HostCpus(paths.home()).elsewhere()]
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from popek.core.ids import free_uid, held
 from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
 from popek.errors import AlreadyExists, ConflictError, NotFound, PopekError
-from popek.state.hostwide import HostIds
+from popek.state.hostwide import HostCpus, HostIds
 from popek.state.owners import Owner, live_owner
 from popek.state.schema import (
     ACTIVE_INDEX_KEY,
@@ -116,6 +116,7 @@ class Records:
                              [Put(inst.key, inst.to_json()), *_index_ops(inst)])
         if not res.succeeded:
             raise _conflict(inst.name)
+        self.publish_cpus()
         return res.revision
 
     def intent(self, name: str, operation: str) -> tuple[Instance, int]:
@@ -166,6 +167,7 @@ class Records:
                               Delete(owner_of(inst))])
         if not res.succeeded:
             raise _conflict(inst.name)
+        self.publish_cpus()
         return res.revision
 
     def create(self, name: str, spec: InstanceSpec, id_range: int,
@@ -211,6 +213,16 @@ class Records:
         if host_wide:
             with contextlib.suppress(OSError, PopekError):
                 self.host_ids().release(inst.uid)
+            self.publish_cpus()
+
+    def publish_cpus(self) -> None:
+        """Tell the other homes on this host which CPUs this home's active instances use.
+
+        Best effort: placement only, the next state change publishes again.
+        """
+        with contextlib.suppress(OSError, PopekError):
+            HostCpus(paths.home()).publish(
+                lambda: {f"{a.project}/{a.name}": a.cpus for a in self.active()})
 
     @staticmethod
     def host_ids() -> HostIds:

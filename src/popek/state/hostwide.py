@@ -1,4 +1,4 @@
-"""Allocations shared by every ``POPEK_HOME`` on this host: the host uid ranges of instances.
+"""Allocations shared by every ``POPEK_HOME`` on this host: uid ranges and CPU placement.
 
 Each home has its own state store, but the kernel has one uid space: two
 homes that both hand out uid 900000000 give their QEMUs the same uid, and one
@@ -9,7 +9,7 @@ instance is deleted (:meth:`HostIds.release`).
 
 The registry is one JSON file, ``/var/lib/popek-host/uids.json`` (0600 in a
 0700 directory, root only; it lasts across reboots as the files owned by those
-uids do), changed under an exclusive ``flock`` of ``uids.lock`` and replaced
+uids do), changed under an exclusive ``flock`` of ``host.lock`` and replaced
 whole (written beside it, synced, renamed), so a crash leaves the old or the
 new file, never half of one.  Each range names its home and instance.
 
@@ -19,6 +19,11 @@ its store (a range its store no longer holds is freed: a delete that died
 before its release; one the store holds but the registry lacks is added: a
 home made before the registry, or a launch that died between its store
 write and its reservation).
+
+CPU placement (:class:`HostCpus`) is host-wide too: each home publishes the
+CPUs its active instances are pinned to (``cpus.json``, the same way), and a
+launch in any home picks the CPUs that carry the fewest instances of *all*
+homes; before, two homes each pinned their first instance to CPU 0.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from popek.errors import StoreDamaged
 #: the host-wide registry's directory (tests point it elsewhere)
 HOST_DIR = Path("/var/lib/popek-host")
 REGISTRY = "uids.json"
-LOCK = "uids.lock"
+LOCK = "host.lock"
 
 
 @dataclass(frozen=True)
@@ -133,18 +138,75 @@ class HostIds:
                                "its ranges at its next launch)") from exc
 
     def _save(self, ranges: list[Range]) -> None:
-        path = self.dir / REGISTRY
-        tmp = path.with_name(f".{REGISTRY}.{os.getpid()}")
-        data = json.dumps({"version": 1, "ranges": [asdict(r) for r in
-                                                    sorted(ranges, key=lambda r: r.first)]},
-                          indent=1).encode()
+        _replace(self.dir / REGISTRY, {"version": 1, "ranges": [
+            asdict(r) for r in sorted(ranges, key=lambda r: r.first)]})
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The host CPUs the active instance ``owner`` of ``home`` is pinned to."""
+
+    home: str
+    owner: str
+    cpus: tuple[int, ...]
+
+
+class HostCpus:
+    """The CPUs every home's active instances are pinned to (for placement, not a limit)."""
+
+    FILE = "cpus.json"
+
+    def __init__(self, home: Path, directory: Path | None = None) -> None:
+        """``home``: this ``POPEK_HOME``; ``directory``: the registry's (:data:`HOST_DIR`)."""
+        self.ids = HostIds(home, directory)
+        self.home = self.ids.home
+
+    def elsewhere(self) -> list[tuple[int, ...]]:
+        """The CPU sets of the active instances of the other homes that still exist."""
+        with self.ids._locked(fcntl.LOCK_SH):
+            return [p.cpus for p in self._load() if p.home != self.home
+                    and (Path(p.home) / "state.db").exists()]
+
+    def publish(self, mine: Callable[[], dict[str, tuple[int, ...]]]) -> None:
+        """Make this home's entries ``mine()`` (owner -> CPUs, read under the lock).
+
+        The file is written only when they changed; homes that are gone are dropped.
+        """
+        with self.ids._locked(fcntl.LOCK_EX):
+            old = self._load()
+            new = [p for p in old if p.home != self.home
+                   and (Path(p.home) / "state.db").exists()]
+            new += [Pinned(self.home, owner, tuple(cpus))
+                    for owner, cpus in sorted(mine().items()) if cpus]
+            if sorted(map(repr, new)) != sorted(map(repr, old)):
+                self._save(new)
+
+    def _load(self) -> list[Pinned]:
+        path = self.ids.dir / self.FILE
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            doc = json.loads(path.read_bytes())
+            return [Pinned(str(p["home"]), str(p["owner"]), tuple(int(c) for c in p["cpus"]))
+                    for p in doc["pinned"]]
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError):
+            return []  # placement only: a damaged file is rebuilt by the next publish
+
+    def _save(self, pinned: list[Pinned]) -> None:
+        _replace(self.ids.dir / self.FILE, {"version": 1, "pinned": [
+            {"home": p.home, "owner": p.owner, "cpus": list(p.cpus)} for p in pinned]})
+
+
+def _replace(path: Path, doc: object) -> None:
+    """Write ``doc`` as JSON to ``path`` whole: beside it, synced, renamed (mode 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(doc, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
