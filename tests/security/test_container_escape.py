@@ -16,6 +16,7 @@ it never skips.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -375,3 +376,61 @@ def test_memory_hog_killed_by_its_limit(ct: dict[str, object], neighbour: str) -
     assert usage["memory"] <= 64 << 20
     assert popek("exec", neighbour, "--", "echo", "alive").stdout == "alive\n"
     assert instance(NEIGHBOUR)["state"] == "running"
+
+
+HOARDER = "file-hoarder"
+#: open as many files as the rlimit lets each process hold, one process after another,
+#: until $1 files are held or a fork is refused; each holder is a ``sleep`` that keeps them
+HOARD = """
+n=$(ulimit -n)
+held=0
+while [ $held -lt $1 ]; do
+  ( i=3; while [ $i -lt $((n - 3)) ]; do eval "exec $i</dev/null" || exit 1; i=$((i+1)); done
+    sleep 100000 </dev/null >/dev/null 2>&1 & ) || break
+  held=$((held + n - 6))
+done
+"""
+
+
+def _kernel_memory(cgroup: Path) -> int:
+    """Kernel memory charged to a memory cgroup (v1 ``kmem.usage``, v2 ``memory.stat`` kernel)."""
+    if (cgroup / "memory.kmem.usage_in_bytes").exists():
+        return int((cgroup / "memory.kmem.usage_in_bytes").read_text())
+    stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+    return int(stat["kernel"])
+
+
+def test_open_files_stopped_well_below_file_max(minimal_image: str) -> None:
+    """A container with the default limits tries to hold 300000 open files.
+
+    Before, RLIMIT_NOFILE was 1024 for each of 1024 tasks (a million files,
+    37 % of this host's file-max was measured).  Now RLIMIT_NOFILE x pids is
+    at most min(2^18, file-max / 8): the attack is stopped by the pids
+    controller (its refusal counter rises) with each holder at its rlimit,
+    and what it holds, counted on the host, stays under that bound.  The file
+    structs are kernel memory charged to the container's memory cgroup.
+    """
+    from popek.engines.container import spec
+
+    popek("launch", minimal_image, HOARDER, "--container")
+    try:
+        pids, memory = container_cgroup(HOARDER, "pids"), container_cgroup(HOARDER, "memory")
+        nofile = int(sh(HOARDER, "ulimit -n").stdout)
+        pids_max = int((pids / "pids.max").read_text())
+        file_max = int(Path("/proc/sys/fs/file-max").read_text())
+        bound = min(spec.FILES_BUDGET, file_max // spec.FILE_MAX_SHARE)
+        refused, kernel_before = _refused_forks(pids), _kernel_memory(memory)
+        res = popek("exec", HOARDER, "--", "sh", "-c", HOARD, "sh", "300000", check=False,
+                    timeout=300)
+        held = 0
+        for pid in (pids / "cgroup.procs").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                held += len(os.listdir(f"/proc/{pid}/fd"))
+        kernel = _kernel_memory(memory) - kernel_before
+        assert "can't fork" in res.stderr and _refused_forks(pids) > refused, res.stderr
+        assert held > 200_000, held  # the attack really ran: a thousand holders at the rlimit
+        assert nofile * pids_max <= bound and held <= bound, (nofile, pids_max, held, bound)
+        assert held < file_max // spec.FILE_MAX_SHARE  # under 1/8 of file-max (12.5 %)
+        assert kernel >= held * 256, (kernel, held)  # a struct file is a 256-byte slab object
+    finally:
+        popek("delete", "--force", HOARDER, check=False)

@@ -93,3 +93,20 @@ def test_usage_on_cgroup_v2(tmp_path: Path) -> None:
 def test_unknown_runtime() -> None:
     with pytest.raises(InvalidInput, match="allowed: auto, runc, crun"):
         runtime.choose("docker")
+
+
+def test_nofile_bounds_the_files_of_a_whole_container() -> None:
+    """RLIMIT_NOFILE x pids stays under min(2^18, file-max / 8): 1024 tasks get 256 files each."""
+    from popek.engines.container import spec
+
+    file_max = 2_466_097  # this build host's fs.file-max (24 GiB of RAM)
+    assert spec.nofile(1024, file_max) == 256 and spec.nofile(64, file_max) == 4096
+    assert spec.nofile(100, 400_000) == 500  # a small host: 1/8 of its file-max
+    assert spec.nofile(16, 1 << 62) == 16384  # systemd's huge file-max: the 2^18 budget
+    assert spec.nofile(1, 1 << 62) == spec.NOFILE_MAX
+    assert spec.nofile(4_194_304, file_max) == spec.NOFILE_MIN
+    for pids in (16, 100, 1024, 4096):
+        assert pids * spec.nofile(pids, file_max) <= min(1 << 18, file_max // 8)
+    limit = _spec()["process"]["rlimits"][0]
+    assert limit["type"] == "RLIMIT_NOFILE"
+    assert limit["soft"] == limit["hard"] == spec.nofile(100)

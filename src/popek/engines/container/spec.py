@@ -37,6 +37,15 @@ READONLY_PATHS = (
 CPU_PERIOD = 100_000  # microseconds
 ID_RANGE = 65536
 
+#: the most open files (struct file) one container may hold, all its processes together:
+#: ``RLIMIT_NOFILE`` x ``limits.pids`` stays under this and under 1/:data:`FILE_MAX_SHARE`
+#: of the host's ``fs.file-max`` (docs/CONTAINERS.md)
+FILES_BUDGET = 1 << 18
+FILE_MAX_SHARE = 8
+#: RLIMIT_NOFILE never goes below (programs expect a few dozen) nor above this
+NOFILE_MIN, NOFILE_MAX = 64, 1 << 16
+FILE_MAX = "/proc/sys/fs/file-max"
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -69,6 +78,30 @@ STANDARD_DEVICES: tuple[tuple[int, int | None], ...] = (
     (1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (136, None))
 
 
+def host_file_max(path: str = FILE_MAX) -> int:
+    """The host's ``fs.file-max`` (open files, all processes together); the budget if unknown."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return FILES_BUDGET * FILE_MAX_SHARE
+
+
+def nofile(pids: int, file_max: int | None = None) -> int:
+    """The ``RLIMIT_NOFILE`` of every process of a container with ``pids`` tasks at most.
+
+    The kernel counts open files per process (the rlimit) and the tasks per
+    container (the pids cgroup), so a container holds at most ``pids x
+    nofile`` files: that product is kept under ``min(FILES_BUDGET, file-max /
+    FILE_MAX_SHARE)``.  Fewer tasks allow more files each (a database with
+    ``limits.pids 64`` gets 4096), never fewer than :data:`NOFILE_MIN` (the
+    bound is then ``pids x 64``) nor more than :data:`NOFILE_MAX`.
+    """
+    budget = min(FILES_BUDGET, (host_file_max() if file_max is None else file_max)
+                 // FILE_MAX_SHARE)
+    return max(NOFILE_MIN, min(NOFILE_MAX, budget // max(1, pids)))
+
+
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
     return {"destination": dest, "type": typ, "source": source, "options": options}
 
@@ -80,7 +113,9 @@ def build_spec(*, hostname: str, args: list[str], env: list[str], cwd: str, host
 
     ``host_uid``/``host_gid`` is the first host id of the container's
     subordinate range (:data:`ID_RANGE` ids): container root maps to it.
+    ``RLIMIT_NOFILE`` follows ``limits.pids`` (:func:`nofile`).
     """
+    files = nofile(limits.pids)
     devices_mode = "mode=755,size=65536k"
     devices = [
         {"path": f"/dev/{name}", "type": "c", "major": major, "minor": minor,
@@ -99,7 +134,7 @@ def build_spec(*, hostname: str, args: list[str], env: list[str], cwd: str, host
             "cwd": cwd,
             "capabilities": {k: list(CAPABILITIES) for k in
                              ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files, "soft": files},
                         {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
             "noNewPrivileges": True,
             "oomScoreAdj": 500,
