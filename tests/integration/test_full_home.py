@@ -100,3 +100,27 @@ def test_full_home_one_line_nothing_half_made_then_intact(small_home: dict[str, 
     popek("stop", "h2full-a", env=env)
     popek("launch", "minimal", "h2full-v", env=env)
     assert popek("audit", "verify", env=env).returncode == 0
+
+
+def test_a_launch_the_disk_stops_half_way_leaves_no_instance(small_home: dict[str, str]) -> None:
+    """The home has room for the launch's records but not for the container's file
+    system: the launch fails with the one line, and its roll-back, which removes
+    the files first, may not be able to drop the record on the full disk.  Once
+    space is back, no instance is left of it (reconcile finishes the roll-back:
+    before, it stayed as a stopped instance whose start "was interrupted")."""
+    env = small_home
+    home = Path(env["POPEK_HOME"])
+    popek("image", "build", "minimal", env=env, timeout=900)
+    fill = home.parent / "fill"
+    _fill(fill)
+    os.truncate(fill, fill.stat().st_size - (96 << 10))  # 96 KiB for the records
+    res = popek("launch", "minimal", "h2full-b", "--container", "--disk", "64MiB",
+                check=False, env=env)
+    assert res.returncode == 6, res
+    assert res.stderr.splitlines()[-1].startswith("Error: no space left on the filesystem")
+    assert "Traceback" not in res.stderr
+    fill.unlink()
+    assert "h2full-b" not in popek("list", env=env).stdout
+    assert not (home / "instances" / "default" / "h2full-b").exists()
+    popek("launch", "minimal", "h2full-b", "--container", "--disk", "64MiB", env=env)
+    assert popek("audit", "verify", env=env).returncode == 0

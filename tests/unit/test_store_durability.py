@@ -19,6 +19,7 @@ import os
 import random
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -113,6 +114,34 @@ def test_a_store_cut_in_half_is_damaged_and_left_alone(tmp_path: Path) -> None:
     assert str(db) in str(exc.value) and "cut short" in str(exc.value)
     assert exc.value.exit_code == 7
     assert db.read_bytes() == half
+
+
+def test_a_checkpoint_stopped_by_a_full_disk_is_not_damage(tmp_path: Path) -> None:
+    """A checkpoint copies the log's pages into the file, page 1 (with the new page
+    count) among the first; a full disk stops it there.  The file is then shorter
+    than its header says, but every page is still in the log: the store is whole.
+    Before, popek called it damaged (seen on a full tmpfs home), for good."""
+    db = tmp_path / "state.db"
+    store = SQLiteStore(db)
+    store.put("/popek/test/first", b"1")
+    store.checkpoint()
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+    for i in range(100):
+        store.put(f"/popek/test/{i:04}", b"x" * 700)
+    wal = sidecars(db)[0].read_bytes()
+    page_size = struct.unpack(">I", wal[8:12])[0]
+    frames = [wal[o:o + 24 + page_size] for o in range(32, len(wal), 24 + page_size)]
+    page1 = [f[24:] for f in frames if struct.unpack(">I", f[:4])[0] == 1][-1]
+    with open(db, "r+b") as f:  # what the stopped checkpoint wrote: page 1 only
+        f.write(page1)
+    assert os.stat(db).st_size < struct.unpack(">I", page1[28:32])[0] * page_size
+    reopened = SQLiteStore(db)
+    assert len(reopened.range("/popek/test/")) == 101
+    reopened.checkpoint()  # space is back: the next checkpoint completes the file
+    store.close()
+    reopened.close()
+    sidecars(db)[0].unlink(missing_ok=True)
+    assert len(SQLiteStore(db).range("/popek/test/")) == 101
 
 
 @pytest.mark.parametrize("cut", [100, 4096 + 17])

@@ -524,14 +524,17 @@ class Instances:
         self._purge(inst)
 
     def _purge(self, inst: Instance) -> None:
-        """Remove everything an instance left: engine leftovers, directory, uid, record."""
+        """Remove everything an instance left: engine leftovers, directory, uid, record.
+
+        Files go first: on a full disk, what they free lets the store record the rest.
+        """
         spec = self._spec_for_running(inst)
         with contextlib.suppress(PopekError):
             eng = self._engine(inst)
             eng.cleanup(spec)
             eng.destroy(spec)
-        self.nets.delete_ports(inst)
         shutil.rmtree(self.workdir(inst), ignore_errors=True)
+        self.nets.delete_ports(inst)
         self.records.remove(inst)
 
     def _kill(self, inst: Instance) -> None:

@@ -107,6 +107,11 @@ class Reconciler:
                 self.kill(inst)
             self.purge(inst)
             return f"{inst.name}: finished an interrupted delete"
+        if inst.runtime is None and not spec.workdir.exists():
+            # a launch that made nothing yet, or whose roll-back removed its files but
+            # could not drop the record (a full disk): nothing is left to start
+            self.purge(inst)
+            return f"{inst.name}: finished an interrupted launch"
         if inst.runtime is None:
             eng.cleanup(spec)
             self.records.finish(inst, rev, State.STOPPED, "start interrupted",

@@ -278,9 +278,19 @@ def header_problem(path: Path) -> str:
     change, pages, valid_for = (struct.unpack(">I", header[o:o + 4])[0] for o in (24, 28, 92))
     if size % page_size:
         return f"its size {size} is not a whole number of {page_size}-byte pages"
-    if change == valid_for and size < pages * page_size:
+    if change == valid_for and size < pages * page_size and not _wal_frames(path):
         return f"it is cut short: {size} bytes of the {pages * page_size} its header records"
     return ""
+
+
+def _wal_frames(path: Path) -> bool:
+    """Whether ``path``'s write-ahead log holds frames.  Then a file shorter than its
+    header says is a checkpoint that stopped half-way (a full disk): SQLite reads
+    the pages it did not copy from the log, and the next checkpoint copies them."""
+    try:
+        return os.stat(f"{path}-wal").st_size > 32
+    except OSError:
+        return False
 
 
 def _tighten(path: Path, mode: int) -> None:

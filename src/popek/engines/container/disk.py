@@ -124,6 +124,12 @@ def _run(argv: list[str], what: str) -> None:
     p = subprocess.run(argv, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         msg = (p.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        if "No space left on device" in msg:  # the host's file system, under the file
+            from popek.errors import no_space
+
+            full = no_space(OSError(errno.ENOSPC, msg, argv[-1]))
+            assert full is not None
+            raise full
         raise EngineError(f"container disk: {what} failed: {msg}")
 
 
