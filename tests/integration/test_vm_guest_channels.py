@@ -9,6 +9,7 @@ pays for it.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import time
@@ -71,6 +72,17 @@ def test_large_exec_output_streams(vm: str, tmp_path: Path) -> None:
     started = time.monotonic()
     assert popek("exec", vm, "--timeout", "20", "--", "echo", "next").stdout == "next\n"
     assert time.monotonic() - started < 20
+
+
+def test_large_stdin_reaches_the_command_whole(vm: str) -> None:
+    """Input is read to its end (a pipe gives 64 KiB per read) and bounded at 4 MiB."""
+    payload = os.urandom(3 << 20)
+    got = popek("exec", vm, "--", "sha256sum", stdin=payload.hex().encode()[: 3 << 20])
+    assert got.stdout.split()[0] == hashlib.sha256(payload.hex().encode()[: 3 << 20]).hexdigest()
+    refused = popek("exec", vm, "--", "wc", "-c", stdin=b"x" * ((4 << 20) + 1), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("Error: the input of a command run in a VM is at most "
+                                      "4 MiB; 4194305 bytes were given")
 
 
 def test_whole_exec_output_is_capped_with_one_line(vm: str) -> None:
