@@ -50,8 +50,9 @@ def test_idle_agent_forks_nothing(vm: str) -> None:
     window = 3.0
     time.sleep(window)  # the measured idle window, not a synchronisation
     after = _last_pid(vm)
-    # the second exec itself makes its sh and cat (one or two pids)
-    assert after - before <= 3, f"{after - before} processes in {window}s of idleness"
+    # the second exec itself makes its sh and cat (one or two pids); a kernel worker thread
+    # may start meanwhile; the shell agent made 24 in this window
+    assert after - before <= 6, f"{after - before} processes in {window}s of idleness"
 
 
 def test_large_exec_output_streams(vm: str, tmp_path: Path) -> None:
