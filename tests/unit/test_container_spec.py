@@ -110,3 +110,7 @@ def test_nofile_bounds_the_files_of_a_whole_container() -> None:
     limit = _spec()["process"]["rlimits"][0]
     assert limit["type"] == "RLIMIT_NOFILE"
     assert limit["soft"] == limit["hard"] == spec.nofile(100)
+
+
+def test_ping_group_range_is_the_containers_gids() -> None:
+    assert _spec()["linux"]["sysctl"] == {"net.ipv4.ping_group_range": f"0 {ID_RANGE - 1}"}

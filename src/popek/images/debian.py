@@ -1,6 +1,6 @@
 """The "debian" image: a Debian 12 (bookworm) root filesystem for containers.
 
-``debootstrap --variant=minbase --include=busybox-static`` builds the tree
+``debootstrap --variant=minbase --include=busybox-static,iputils-ping`` builds the tree
 from the Debian mirror that apt on this host is configured with (found with
 ``apt-get indextargets``, never guessed).  Packages are fetched once with
 ``--make-tarball`` into ``<cache>/debootstrap/`` (with a SHA-256 next to
@@ -35,7 +35,10 @@ from popek.images.image import hash_file
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-INCLUDE = ("busybox-static",)
+#: busybox-static for init; iputils-ping for a ``ping`` that works without CAP_NET_RAW
+#: (an ICMP datagram socket, allowed by the container's ``net.ipv4.ping_group_range``;
+#: busybox 1.35's ping only knows raw sockets)
+INCLUDE = ("busybox-static", "iputils-ping")
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 ROOTFS_FILE = "rootfs.tar"
 TIMEOUT = 1800
@@ -94,11 +97,16 @@ def _debootstrap(args: list[str], log: Path, progress: Progress) -> None:
         raise ImageError(f"debootstrap failed ({res.returncode}): {' | '.join(tail)}")
 
 
+def tarball_path(cache: Path, uri: str) -> Path:
+    """Where the tarball of .debs for ``uri`` (and this suite, variant, packages) is cached."""
+    key = hashlib.sha256(f"{uri}|{SUITE}|{VARIANT}|{','.join(INCLUDE)}".encode()).hexdigest()
+    return cache / "debootstrap" / f"{SUITE}-amd64-{VARIANT}-{key[:16]}.tgz"
+
+
 def package_tarball(cache: Path, uri: str, progress: Progress) -> Path:
     """Return the cached tarball of .debs for ``uri``, making it on first use."""
-    key = hashlib.sha256(f"{uri}|{SUITE}|{VARIANT}|{','.join(INCLUDE)}".encode()).hexdigest()
-    directory = cache / "debootstrap"
-    tgz = directory / f"{SUITE}-amd64-{VARIANT}-{key[:16]}.tgz"
+    tgz = tarball_path(cache, uri)
+    directory = tgz.parent
     sidecar = tgz.with_name(tgz.name + ".sha256")
     if tgz.is_file() and sidecar.is_file():
         if hash_file(tgz).sha256 == sidecar.read_text().strip():
