@@ -175,6 +175,7 @@ def test_malformed_answers_are_one_clear_error(tmp_path: Path, agent: Start, ans
     agent_ = agent(bad)
     with pytest.raises(AgentError, match="malformed agent answer"):
         _client(tmp_path).exec(["true"])
+    assert agent_.stopped.wait(10)  # the fake counts what it sent once sendall returned
     assert agent_.sent > 0
 
 
