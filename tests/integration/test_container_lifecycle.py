@@ -157,7 +157,8 @@ def test_config_set_changes_limits_live(ct: str) -> None:
     ("limits.pids", "3", "from 16 to"),
     ("limits.cpu", "99", "this host has only"),
     ("limits.cpu", "x", "whole number"),
-    ("limits.disk", "1", "unknown key 'limits.disk'; allowed"),
+    ("limits.gpu", "1", "unknown key 'limits.gpu'; allowed"),
+    ("limits.disk", "1", "invalid limits.disk '1'"),
 ])
 def test_config_set_refuses_out_of_range(ct: str, key: str, value: str, message: str) -> None:
     before = popek("config", "show", ct).stdout
