@@ -32,6 +32,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from popek import proc
+from popek.engines.container import idmap
 from popek.errors import EngineError
 
 DEFAULT_DISK = 10 << 30
@@ -51,9 +53,7 @@ LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LO_FLAGS_AUTOCLEAR = 4
 EXT4_IOC_RESIZE_FS = 0x40086610
-MS_PRIVATE = 1 << 18
 MS_NODEV = 4
-MNT_DETACH = 2
 #: struct loop_info64: 5 u64, 4 u32, name[64], crypt name[64], key[32], 2 u64
 _LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 _LOOP_CONFIG = struct.Struct(f"=II{_LOOP_INFO64.size}s64x")
@@ -62,13 +62,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _tool(name: str) -> str:
-    """e2fsprogs' ``name`` from its fixed place, never the caller's PATH."""
-    for d in ("/usr/sbin", "/sbin"):
-        if os.access(f"{d}/{name}", os.X_OK):
-            return f"{d}/{name}"
-    raise EngineError(f"container disk: {name} not found in /usr/sbin or /sbin "
-                      "(install e2fsprogs)")
-
+    """e2fsprogs' ``name`` from popek's fixed tool path, never the caller's PATH."""
+    found = proc.tool(name)
+    if found is None:
+        raise EngineError(f"container disk: {name} not found in {proc.TOOL_PATH} "
+                          "(install e2fsprogs)")
+    return found
 
 def image(bundle: Path) -> Path:
     """The file that holds the file system of the container whose bundle is ``bundle``."""
@@ -221,19 +220,13 @@ def mount(bundle: Path, target: Path) -> None:
         if _libc.mount(os.fsencode(dev), os.fsencode(str(target)), b"ext4", MS_NODEV,
                        None) != 0:
             raise _fail(f"mounting {image(bundle)} on {target}")
-        if _libc.mount(None, os.fsencode(str(target)), None, MS_PRIVATE, None) != 0:
-            err = _fail(f"making the mount on {target} private")
-            unmount(target)
-            raise err
+        try:
+            idmap.make_private(str(target))
+        except EngineError:
+            idmap.unmount(str(target))
+            raise
     finally:
         os.close(fd)  # the mount holds the device now
-
-
-def unmount(target: Path) -> None:
-    """Detach the mount on ``target`` (users that hold it, the overlay, keep it)."""
-    if _libc.umount2(os.fsencode(str(target)), MNT_DETACH) != 0 and \
-            ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
-        raise _fail(f"unmounting {target}")
 
 
 def _fail(what: str) -> EngineError:
@@ -271,7 +264,7 @@ def grow(bundle: Path, size: int, scratch: Path, mounted: bool) -> None:
             finally:
                 os.close(dfd)
         finally:
-            unmount(scratch)
+            idmap.unmount(str(scratch))
     except OSError as exc:
         os.truncate(path, old)  # the file system did not grow: nothing past ``old`` is used
         with contextlib.suppress(OSError):

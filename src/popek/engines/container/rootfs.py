@@ -190,7 +190,7 @@ def mount(spec: LaunchSpec, id_range: int) -> None:
         raise
     finally:
         if bounded:  # the overlay holds its own reference to the file system
-            disk.unmount(bundle / "disk")
+            idmap.unmount(str(bundle / "disk"))
 
 
 def resize_disk(spec: LaunchSpec, running: bool) -> None:
