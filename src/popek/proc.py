@@ -87,6 +87,29 @@ def kill(pid: int, started: int, timeout: float = 5.0) -> None:
         raise EngineError(f"process {pid} did not die after SIGKILL within {timeout:.0f}s")
 
 
+def end_recorded(pidfile: Path, marker: str, grace: float = 0.0) -> None:
+    """End the helper whose pid ``pidfile`` holds, then remove the file.
+
+    Only a process whose command line mentions ``marker`` is ours (a pid
+    recorded before a reboot may name another process now).  It gets
+    ``grace`` seconds to exit by itself before it is killed.
+    """
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid:
+        started = start_time(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            cmdline = b""
+        if started is not None and marker.encode() in cmdline and \
+                not wait_until(lambda: not alive(pid, started), grace, 0.01):
+            kill(pid, started)
+    pidfile.unlink(missing_ok=True)
+
+
 def run(argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
     """``subprocess.run`` without its polling: wait in the kernel, kill after ``timeout``.
 

@@ -72,21 +72,7 @@ def stop(log: Path, drain: float = 1.0) -> None:
     guest's last lines, which ``exit_reason`` reads): it gets ``drain``
     seconds for that before it is killed.
     """
-    pidfile = _pidfile(log)
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        pid = 0
-    if pid:
-        started = proc.start_time(pid)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            cmdline = b""
-        if started is not None and str(fifo_path(log)).encode() in cmdline and \
-                not proc.wait_until(lambda: not proc.alive(pid, started), drain, 0.01):
-            proc.kill(pid, started)
-    pidfile.unlink(missing_ok=True)
+    proc.end_recorded(_pidfile(log), str(fifo_path(log)), drain)
 
 
 def _read_tail(path: Path, limit: int) -> bytes:

@@ -87,18 +87,5 @@ def start(workdir: Path, uid: int, gid: int) -> None:
 
 def stop(workdir: Path) -> None:
     """Stop the instance's swtpm if it still runs; remove its socket."""
-    pidfile = workdir / "swtpm.pid"
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        pid = 0
-    if pid:
-        started = proc.start_time(pid)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            cmdline = b""
-        if started is not None and str(workdir).encode() in cmdline:
-            proc.kill(pid, started)
-    pidfile.unlink(missing_ok=True)
+    proc.end_recorded(workdir / "swtpm.pid", str(workdir))
     socket_path(workdir).unlink(missing_ok=True)
