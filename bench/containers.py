@@ -507,10 +507,26 @@ class Template:
 
 
 def make_template(env: Env, name: str) -> Template:
-    """Copy the bundle of running popek container ``name`` (owners kept) once."""
+    """Copy the bundle of running popek container ``name`` (owners kept) once.
+
+    Its root filesystem is mounted only inside the container (the host keeps no
+    mount per running container): it is copied as the host sees it through the
+    init's ``/proc/PID/root``, without the container's own proc, sys and dev.
+    """
     src = env.workdir(name) / "bundle"
     dst = env.scratch / "template-bundle"
-    _run(["cp", "-a", str(src), str(dst)], "cp -a bundle")
+    dst.mkdir(mode=0o700)
+    for config_file in ("config.json", "base"):
+        _run(["cp", "-a", str(src / config_file), str(dst)], f"cp -a {config_file}")
+    (dst / "rootfs").mkdir()
+    shutil.copystat(src, dst)
+    os.chown(dst, src.stat().st_uid, src.stat().st_gid)
+    pid = int((env.workdir(name) / "init.pid").read_text())
+    _run(["cp", "-a", "--one-file-system", f"/proc/{pid}/root/.", str(dst / "rootfs")],
+         "cp -a the container's root")
+    root = Path(f"/proc/{pid}/root").stat()
+    os.chown(dst / "rootfs", root.st_uid, root.st_gid)
+    os.chmod(dst / "rootfs", root.st_mode & 0o7777)
     config: dict[str, Any] = json.loads((dst / "config.json").read_text())
     (dst / "runtime.err").unlink(missing_ok=True)
     host_id = int(config["linux"]["uidMappings"][0]["hostID"])
