@@ -261,8 +261,26 @@ def test_unreachable_bind_is_refused() -> None:
         with pytest.raises(InvalidInput, match=rf"cannot reach it, {closed} is mode 0700"):
             runner.check_reachable(profile, uid, uid)
         runner.check_reachable(Profile(name="p", ro=(top,)), uid, uid)
+        # as root the runner reaches it for the sandbox (issue 13.7: --rw ~/work as root)
+        assert runner.check_reachable(profile, uid, uid, root=True) == [closed / "data"]
+        assert runner.check_reachable(Profile(name="p", ro=(top,)), uid, uid, root=True) == []
     finally:
         shutil.rmtree(top)
+
+
+def test_unreachable_binds_are_staged_in_a_private_mount_namespace(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    staged = {work: f"{argvmod.STAGE_DIR}/0"}
+    prefix = argvmod.stage_argv(staged, "/usr/bin/unshare", "/bin/sh")
+    assert prefix[:6] == ["/usr/bin/unshare", "--mount", "--propagation", "private", "--",
+                          "/bin/sh"]
+    assert prefix[7] == (f"mount -t tmpfs -o mode=0755,size=64k popek-stage "
+                         f"{argvmod.STAGE_DIR} && mkdir {argvmod.STAGE_DIR}/0 && "
+                         f"mount --bind {work} {argvmod.STAGE_DIR}/0 && exec \"$@\"")
+    argv = sandbox.build_bwrap_argv(Profile(name="p", rw=(work,)), ["x"], FDS, staged=staged)
+    i = argv.index("--bind")
+    assert argv[i:i + 3] == ["--bind", f"{argvmod.STAGE_DIR}/0", str(work)]
 
 
 def test_run_refuses_empty_command_and_bad_timeout() -> None:

@@ -206,6 +206,9 @@ def test_undeclared_labels_may_do_nothing() -> None:
         assert d.verdict == "deny"
         assert d.reason.startswith("label 'ghost' is not declared by policy version 3")
         assert "bank-a, bank-b" in d.reason
+        # the refusal says how to declare it (issue 13.7)
+        assert d.reason.endswith("run 'popek policy apply FILE' ('popek policy show' prints "
+                                 "the policy in force)")
     # an undeclared label already on a network blocks sharing with it
     assert decide(pol, "web", "network", "n", sharers=["ghost"]).verdict == "deny"
 

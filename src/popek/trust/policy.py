@@ -251,7 +251,9 @@ def decide(policy: Policy, label: str, action: str, obj: str,
     reason = ""
     if label not in policy.labels:
         reason = (f"label {label!r} is not declared by policy version {policy.version} "
-                  f"(declared: {', '.join(sorted(policy.labels))})")
+                  f"(declared: {', '.join(sorted(policy.labels))}); to use it, add it to "
+                  "'labels' in a policy file and run 'popek policy apply FILE' "
+                  "('popek policy show' prints the policy in force)")
     elif action == "run":
         walls = policy.conflicts_with(label)
         clash = sorted({other for other in running if other in walls})

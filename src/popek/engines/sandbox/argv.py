@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,33 @@ def launcher_argv(join: Sequence[Path], uid: int, gid: int, setpriv: str = "setp
             "--clear-groups", "--inh-caps=-all", "--"]
 
 
+#: where, in the launcher's private mount namespace, binds the sandbox's host user
+#: cannot reach are staged (a tmpfs there, one directory per bind; nothing on the host)
+STAGE_DIR = "/run/popek-sandbox"
+
+
+def stage_argv(staged: Mapping[Path, str], unshare: str = "unshare",
+               sh: str = "/bin/sh") -> list[str]:
+    """The root prefix that reaches host paths the sandbox's host user cannot.
+
+    As root the sandbox runs as ``nobody``, which cannot search a directory
+    such as ``/root`` (0700): bwrap, running as ``nobody``, could not bind
+    ``/root/work``.  util-linux ``unshare`` gives the launcher a private
+    mount namespace (no propagation to the host), where a tmpfs on
+    :data:`STAGE_DIR` holds a bind of each path of ``staged`` (host path ->
+    stage path); bwrap binds the stage path instead.  Each bound directory
+    keeps its own owner and mode: the application may use what ``nobody``
+    may use in it.  Everything goes when the namespace does.
+    """
+    steps = [f"mount -t tmpfs -o mode=0755,size=64k popek-stage {STAGE_DIR}"]
+    for host, stage in staged.items():
+        make = "mkdir" if host.is_dir() else "touch"
+        steps += [f"{make} {shlex.quote(stage)}",
+                  f"mount --bind {shlex.quote(str(host))} {shlex.quote(stage)}"]
+    return [unshare, "--mount", "--propagation", "private", "--", sh, "-c",
+            " && ".join([*steps, 'exec "$@"']), "sh"]
+
+
 def root_entries() -> list[str]:
     """Return the bwrap arguments that recreate the host's /bin, /lib... (usr-merge symlinks)."""
     args: list[str] = []
@@ -125,7 +152,8 @@ def environment(profile: Profile) -> dict[str, str]:
 
 
 def build_bwrap_argv(profile: Profile, cmd: Sequence[str], fds: Fds,
-                     bwrap: str = "bwrap") -> list[str]:
+                     bwrap: str = "bwrap", staged: Mapping[Path, str] | None = None,
+                     ) -> list[str]:
     """Return the bwrap command line that runs ``cmd`` confined by (merged) ``profile``.
 
     Every namespace is new, the network one too: with ``profile.network`` the
@@ -136,7 +164,8 @@ def build_bwrap_argv(profile: Profile, cmd: Sequence[str], fds: Fds,
     file system is a read-only root with /usr, an /etc subset, /proc, a
     minimal /dev, tmpfs on /tmp, /dev/shm and the home that share the memory
     limit (:func:`tmpfs_sizes`), then the profile's binds; / and /dev are then
-    remounted read-only.
+    remounted read-only.  ``staged`` maps a bind to the path it is reached
+    through (:func:`stage_argv`).
     """
     sizes = tmpfs_sizes(profile.limits.memory) if profile.limits.memory else {}
 
@@ -160,10 +189,11 @@ def build_bwrap_argv(profile: Profile, cmd: Sequence[str], fds: Fds,
              "--ro-bind-data", str(fds.group), "/etc/group",
              "--proc", "/proc", "--dev", "/dev", *tmpfs("/dev/shm"), *tmpfs("/tmp"),
              *tmpfs(HOME)]
+    staged = staged or {}
     for path in profile.ro:
-        argv += ["--ro-bind", str(path), str(path)]
+        argv += ["--ro-bind", staged.get(path, str(path)), str(path)]
     for path in profile.rw:
-        argv += ["--bind", str(path), str(path)]
+        argv += ["--bind", staged.get(path, str(path)), str(path)]
     argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--seccomp", str(fds.seccomp),
              "--chdir", HOME, "--", *cmd]
     return argv

@@ -61,11 +61,20 @@ def _blocker(path: Path, uid: int, gid: int, bit: int) -> Path | None:
     return None
 
 
-def check_reachable(profile: Profile, uid: int, gid: int) -> None:
-    """Refuse binds the sandbox's host uid cannot reach; warn for --rw paths it cannot write."""
+def check_reachable(profile: Profile, uid: int, gid: int, root: bool = False) -> list[Path]:
+    """Check the binds against the sandbox's host uid; warn for --rw paths it cannot write.
+
+    Returns the binds that uid cannot reach (a directory on the way it may
+    not search, such as root's 0700 home): as ``root`` the runner reaches
+    them for it (:func:`popek.engines.sandbox.argv.stage_argv`); otherwise
+    they are refused with :class:`InvalidInput`.
+    """
+    unreachable: list[Path] = []
     for path in (*profile.ro, *profile.rw):
         block = _blocker(path, uid, gid, 1)
-        if block is not None:
+        if block is not None and root:
+            unreachable.append(path)
+        elif block is not None:
             mode = stat.S_IMODE(block.stat().st_mode)
             raise InvalidInput(
                 f"{path}: the sandbox's host user (uid {uid}) cannot reach it, {block} is mode "
@@ -78,6 +87,7 @@ def check_reachable(profile: Profile, uid: int, gid: int) -> None:
             print(f"popek: warning: {path} is not writable by the sandbox's host user "
                   f"(uid {uid}); the application will get 'Permission denied'",
                   file=sys.stderr)
+    return unreachable
 
 
 @contextlib.contextmanager
@@ -112,7 +122,10 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
     program = seccomp.bpf_program(profile.seccomp_extra)
     root = os.geteuid() == 0
     uid, gid = (HOST_UID, HOST_GID) if root else (os.getuid(), os.getgid())
-    check_reachable(profile, uid, gid)
+    unreachable = check_reachable(profile, uid, gid, root)
+    staged = {path: f"{argvmod.STAGE_DIR}/{i}" for i, path in enumerate(unreachable)}
+    if staged:
+        os.makedirs(argvmod.STAGE_DIR, mode=0o755, exist_ok=True)
     with contextlib.ExitStack() as stack:
         join: list[Path] = []
         if root and profile.limits.memory is not None:
@@ -121,7 +134,8 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
             path = cgroup.new_path()
             join = cgroup.create(path, profile.limits)
             stack.callback(cgroup.remove, path)
-        child, block = _start(profile, cmd, program, (bwrap, prlimit), join, uid, gid, stack)
+        child, block = _start(profile, cmd, program, (bwrap, prlimit), join, uid, gid, stack,
+                              staged)
         try:
             if block is not None:
                 info, block_w = block
@@ -138,6 +152,7 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
 
 def _start(profile: Profile, cmd: Sequence[str], program: bytes, tools: tuple[str, str],
            join: list[Path], uid: int, gid: int, stack: contextlib.ExitStack,
+           staged: dict[Path, str] | None = None,
            ) -> tuple[subprocess.Popen[bytes], tuple[int, int] | None]:
     """Start ``[launcher] prlimit ... -- bwrap ... -- CMD``.
 
@@ -162,9 +177,12 @@ def _start(profile: Profile, cmd: Sequence[str], program: bytes, tools: tuple[st
         fds = replace(fds, resolv=stack.enter_context(
             _data_fd(argvmod.RESOLV_CONF.encode(), "resolv")), info=info_w, block=block_r)
     launcher = argvmod.launcher_argv(join, uid, gid, _tool("setpriv"), _tool("sh")) \
-        if join else []
+        if join or staged else []
+    if staged:  # after the cgroup join, before setpriv drops root
+        split = len(argvmod.join_argv(join, "sh"))
+        launcher[split:split] = argvmod.stage_argv(staged, _tool("unshare"), _tool("sh"))
     argv = [*launcher, *argvmod.prlimit_argv(profile.limits, prlimit),
-            *argvmod.build_bwrap_argv(profile, cmd, fds, bwrap)]
+            *argvmod.build_bwrap_argv(profile, cmd, fds, bwrap, staged)]
     # without the launcher, user/group/extra_groups drop privileges in the forked
     # child before exec (no preexec_fn); for a non-root caller they are its own ids
     drop = uid != os.geteuid() and not launcher
