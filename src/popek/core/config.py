@@ -1,9 +1,11 @@
-"""Instance configuration: the keys ``popek config set`` accepts and their checks.
+"""Instance configuration: the keys ``popek config set`` and ``launch -c`` accept, and their checks.
 
 :func:`apply` changes an instance's spec in memory and says what the change
 needs on a running instance; :class:`popek.core.instances.Instances` writes
 it and, where the engine can, applies it live.  An invalid key or value
-raises :class:`InvalidInput` before anything is changed.
+raises :class:`InvalidInput` before anything is changed.  :func:`parse_pairs`
+reads ``KEY=VALUE`` words, :func:`show` gives every key's value as text, and
+:func:`unset` puts a key back to what the instance would have without it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from enum import Enum
 
 from popek.core.host import check_resources
 from popek.core.lifecycle import State
-from popek.core.model import Instance, check_label
+from popek.core.model import Instance, InstanceSpec, check_label
 from popek.errors import InvalidInput, StateError
 from popek.units import parse_size
 
 CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "limits.disk",
                "label")
 MAX_PIDS = 1 << 22
+#: the processes a container may run at once unless it says otherwise (``limits.pids``)
+CONTAINER_PIDS = 1024
 
 
 class Live(Enum):
@@ -28,6 +32,77 @@ class Live(Enum):
     SHAPE = "shape"     # the host side of the ports is shaped again
     DISK = "disk"       # the engine resizes the writable layer, running or stopped
     NONE = "none"       # nothing (only allowed while stopped)
+
+
+def parse_pairs(items: list[str] | tuple[str, ...], what: str = "-c") -> dict[str, str]:
+    """``["limits.cpu=2", ...]`` -> ``{"limits.cpu": "2"}`` (a key given twice: the last wins).
+
+    Raises :class:`InvalidInput` for a word without ``=`` or a key popek does not know.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise InvalidInput(f"invalid {what} {item!r}: use KEY=VALUE with KEY one of "
+                               f"{', '.join(CONFIG_KEYS)}")
+        check_key(key)
+        out[key] = value
+    return out
+
+
+def check_key(key: str) -> str:
+    """``key`` when popek knows it; else :class:`InvalidInput` naming the keys allowed."""
+    if key not in CONFIG_KEYS:
+        raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")
+    return key
+
+
+def show(inst: Instance) -> dict[str, str]:
+    """Every key of :data:`CONFIG_KEYS` set on ``inst``, as text ``apply`` reads back."""
+    from popek.network.shaping import format_rate
+    from popek.units import format_size
+
+    spec = inst.spec
+    out = {"limits.memory": format_size(spec.memory), "limits.cpu": str(spec.vcpus)}
+    if "pids" in spec.limits:
+        out["limits.pids"] = str(spec.limits["pids"])
+    if "net" in spec.limits:
+        out["limits.net"] = format_rate(int(spec.limits["net"]))
+    if "disk" in spec.limits:
+        out["limits.disk"] = format_size(int(spec.limits["disk"]))
+    out["label"] = spec.label
+    return out
+
+
+def unset(inst: Instance, key: str, fallback: dict[str, str], disk: int) -> Live:
+    """Put ``key`` of ``inst`` back to what it would be without it; return what that needs.
+
+    ``fallback``: the values the instance's profiles give now (they win over the
+    built-in defaults); ``disk``: the project's ``limits.disk`` for a container.
+    The built-in defaults: 512MiB, 1 CPU, 1024 processes for a container (a VM:
+    none of its own), no network limit, the ``default`` label.
+    """
+    check_key(key)
+    if key in fallback:
+        return apply(inst, key, fallback[key])
+    defaults = InstanceSpec(inst.spec.image)
+    if key == "limits.memory":
+        return apply(inst, key, str(defaults.memory))
+    if key == "limits.cpu":
+        return apply(inst, key, str(defaults.vcpus))
+    if key == "limits.net":
+        return apply(inst, key, "none")
+    if key == "label":
+        return apply(inst, key, defaults.label)
+    if key == "limits.disk":
+        if "disk" not in inst.spec.limits:
+            return Live.NONE
+        return apply(inst, key, str(disk))
+    if inst.spec.engine == "container":  # limits.pids
+        return apply(inst, key, str(CONTAINER_PIDS))
+    inst.spec.limits = {k: v for k, v in inst.spec.limits.items() if k != "pids"}
+    return Live.RESIZE
 
 
 def _int(value: str, what: str) -> int:

@@ -241,8 +241,14 @@ class Instances:
                accel: str = "auto", engine: str = "qemu", runtime: str = "auto",
                limits: dict[str, int] | None = None, mounts: list[str] | None = None,
                networks: list[str] | None = None, ready_timeout: float = 180.0,
-               progress: Progress = _noop, label: str = DEFAULT_LABEL) -> Instance:
+               progress: Progress = _noop, label: str = DEFAULT_LABEL,
+               profiles: list[str] | None = None) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
+
+        ``profiles``: the profiles its settings came from (recorded; see
+        :mod:`popek.core.profiles`, which merges them): each must still exist
+        when the record is written, so that a profile delete that checked
+        for users meanwhile cannot miss this instance.
 
         Validates everything before anything is created; when the start fails,
         the record, the uid and the instance directory are removed again.
@@ -270,13 +276,18 @@ class Instances:
                                 "or delete it first")
         image = self.images.get(image_name)
         spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts,
-                               label)
+                               label, list(profiles or []))
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
         for net in networks or []:
             self.nets.service.get(split_network(net)[0])  # missing: fail first
         verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
         with decision_lock():  # the decision holds until our record is there for the next one
+            if profiles:  # a profile delete holds this lock too (see core.profiles)
+                from popek.core.profiles import Profiles
+
+                for profile in profiles:
+                    Profiles(self.store).get(profile)
             active = self.access.check_run(probe, networks or [], self.reconcile)
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
@@ -419,19 +430,60 @@ class Instances:
         return eng.exec_stream(self._spec_for_running(inst), argv, tty)
 
     def config_set(self, name: str, key: str, value: str) -> Instance:
-        """Set ``limits.memory``, ``limits.cpu``, ``limits.pids``, ``limits.net`` or ``label``.
+        """Set one key; see :meth:`config_update`."""
+        return self.config_update(name, {key: value})
 
-        A running instance gets the new limit at once when its engine can
+    def config_update(self, name: str, values: dict[str, str]) -> Instance:
+        """Set keys of :data:`popek.core.config.CONFIG_KEYS`, all or none.
+
+        A running instance gets the new limits at once when its engine can
         resize; otherwise the change is refused while it runs.  Invalid keys
-        and out-of-range values raise :class:`InvalidInput` and change nothing.
+        and out-of-range values raise :class:`InvalidInput` and change nothing;
+        a live change that fails is undone before the error is raised.
         """
+        if not values:
+            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(cfg.CONFIG_KEYS)}")
         inst, rev = self.records.load(name)
         before = replace(inst.spec, limits=dict(inst.spec.limits))
+        lives = {cfg.apply(inst, cfg.check_key(k), v): k for k, v in values.items()}
+        event = "config " + ", ".join(f"{k}={v}" for k, v in values.items())
+        return self._config_commit(inst, rev, before, lives, event)
+
+    def config_unset(self, name: str, keys: list[str]) -> Instance:
+        """Put ``keys`` back to what the instance's profiles say now, else the built-in
+        defaults (see :func:`popek.core.config.unset`), all or none, live where it can."""
+        from popek.core.profiles import Profiles
+
+        if not keys:
+            raise InvalidInput(f"no KEY given; keys: {', '.join(cfg.CONFIG_KEYS)}")
+        inst, rev = self.records.load(name)
+        for key in keys:
+            cfg.check_key(key)
+        profiles = Profiles(self.store, inst.project)
+        present = {p.name for p in profiles.all()}
+        fallback, _ = profiles.resolve([p for p in inst.spec.profiles if p in present])
+        disk = Projects(self.store).disk(inst.project)
+        before = replace(inst.spec, limits=dict(inst.spec.limits))
+        lives = {cfg.unset(inst, k, fallback, disk): k for k in keys}
+        return self._config_commit(inst, rev, before, lives, "config unset " + ", ".join(keys))
+
+    def config_show(self, name: str) -> dict[str, str]:
+        """Every key set on instance ``name``, as text (``config show``, ``config get``)."""
+        return cfg.show(self.get(name))
+
+    def _config_commit(self, inst: Instance, rev: int, before: InstanceSpec,
+                       lives: dict[cfg.Live, str], event: str) -> Instance:
+        """Apply changes made to ``inst``'s spec (``lives``: what each needs, with a key
+        that needs it) to the running instance, then record them; undo on failure.
+
+        Every check comes first; then the live changes that can be undone (limits, then
+        shaping), then the writable layer (it cannot shrink mounted), then the record.
+        """
+        name = inst.name
         cpus = list(inst.runtime.details.get("cpus", [])) if inst.runtime else []
-        live = cfg.apply(inst, key, value)
         running = inst.state in (State.RUNNING, State.PAUSED)
-        if live is cfg.Live.DISK:
-            eng = self._engine(inst)
+        eng = self._engine(inst)
+        if cfg.Live.DISK in lives:
             if Capability.DISK_LIMIT not in eng.capabilities:
                 raise InvalidInput("limits.disk applies to containers (their writable "
                                    "layer); a VM's root is its image")
@@ -439,38 +491,45 @@ class Instances:
                 raise StateError(name, "change limits.disk of", inst.state.value,
                                  (State.PAUSED.value, State.RUNNING.value,
                                   State.STOPPED.value))
-            eng.resize_disk(self._spec_for_running(inst), inst.runtime if running else None)
-        elif live is cfg.Live.SHAPE and running:
-            self.nets.shape(inst)
-        elif live is cfg.Live.RESIZE and running:
-            eng = self._engine(inst)
-            require(eng, Capability.RESIZE)
-            assert inst.runtime is not None
-            if key == "limits.cpu":  # more or fewer vCPUs: placed again
-                inst.runtime.details["cpus"] = list(self._place(inst))
-            eng.resize(self._spec_for_running(inst), inst.runtime)
-        elif live is cfg.Live.RESIZE and inst.state != State.STOPPED:
-            raise StateError(name, "change the configuration of", inst.state.value,
-                             (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
+        if cfg.Live.RESIZE in lives:
+            if running:
+                require(eng, Capability.RESIZE)
+            elif inst.state != State.STOPPED:
+                raise StateError(name, "change the configuration of", inst.state.value,
+                                 (State.PAUSED.value, State.RUNNING.value,
+                                  State.STOPPED.value))
+        done: list[cfg.Live] = []
         try:
-            self.records.save(inst, rev, f"config {key}={value}")
+            if running and cfg.Live.RESIZE in lives:
+                assert inst.runtime is not None
+                if before.vcpus != inst.spec.vcpus:  # more or fewer vCPUs: placed again
+                    inst.runtime.details["cpus"] = list(self._place(inst))
+                done.append(cfg.Live.RESIZE)
+                eng.resize(self._spec_for_running(inst), inst.runtime)
+            if running and cfg.Live.SHAPE in lives:
+                done.append(cfg.Live.SHAPE)
+                self.nets.shape(inst)
+            if cfg.Live.DISK in lives:
+                eng.resize_disk(self._spec_for_running(inst), inst.runtime if running else None)
+            self.records.save(inst, rev, event)
         except BaseException:
-            if running and live in (cfg.Live.SHAPE, cfg.Live.RESIZE):
-                self._unapply(inst, before, cpus, live)
+            if done:
+                self._unapply(inst, before, cpus, done)
             raise
         return inst
 
     def _unapply(self, inst: Instance, before: InstanceSpec, cpus: list[int],
-                 live: cfg.Live) -> None:
+                 done: list[cfg.Live]) -> None:
         """Put a running instance back to the limits its record still holds (best effort)."""
         inst.spec = before
         if inst.runtime is not None and cpus:
             inst.runtime.details["cpus"] = cpus
-        with contextlib.suppress(Exception):  # the first error is the one to report
-            if live is cfg.Live.SHAPE:
-                self.nets.shape(inst)
-            elif inst.runtime is not None:
-                self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
+        for live in done:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                if live is cfg.Live.SHAPE:
+                    self.nets.shape(inst)
+                elif inst.runtime is not None:
+                    self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
 
     def console(self, name: str, escape: bytes = b"\x1d") -> None:
         """Attach the caller's terminal to the console of running instance ``name``."""

@@ -38,6 +38,8 @@ class InstanceSpec:
     limits: dict[str, int] = field(default_factory=dict)
     mounts: list[str] = field(default_factory=list)
     label: str = DEFAULT_LABEL
+    #: the profiles it was launched with, in order (core.profiles: their values are copied)
+    profiles: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -10,6 +10,7 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/uids/UID``                 host uid range allocated to an instance (core)
 ``/popek/active/P/NAME``            label and CPUs of an active instance (core's index)
 ``/popek/active-index``             set once the active index covers every record
+``/popek/profiles/P/NAME``          profile: config keys and networks for launch (core)
 ``/popek/networks/NAME``            network record (network)
 ``/popek/ports/NET/IFNAME``         port record (network)
 ``/popek/leases/NET/IPV4``          IPv4 lease (network)
@@ -39,6 +40,8 @@ UID_PREFIX = "/popek/uids/"
 #: as its record, so that a launch decides without reading every record
 ACTIVE_PREFIX = "/popek/active/"
 ACTIVE_INDEX_KEY = "/popek/active-index"
+#: named sets of config keys and networks that ``launch -p`` applies (core.profiles)
+PROFILES_PREFIX = "/popek/profiles/"
 
 # -- networks ----------------------------------------------------------------------
 NETWORKS_PREFIX = "/popek/networks/"
@@ -78,6 +81,16 @@ def owner_key(project: str, name: str) -> str:
 def active_key(project: str, name: str) -> str:
     """Return the key of an active instance's entry in the active index."""
     return f"{ACTIVE_PREFIX}{project}/{name}"
+
+
+def profile_key(project: str, name: str) -> str:
+    """Return the store key of profile ``name`` in ``project``."""
+    return f"{PROFILES_PREFIX}{project}/{name}"
+
+
+def profiles_prefix(project: str) -> str:
+    """Return the store prefix of every profile of ``project``."""
+    return f"{PROFILES_PREFIX}{project}/"
 
 
 def uid_key(uid: int) -> str:

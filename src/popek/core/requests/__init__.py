@@ -5,6 +5,7 @@ from popek.core.requests.instances import (
     Attach,
     Attest,
     ConfigSet,
+    ConfigUnset,
     Console,
     Delete,
     Detach,
@@ -18,6 +19,7 @@ from popek.core.requests.instances import (
     Stop,
 )
 from popek.core.requests.networks import NetworkCreate, NetworkDelete
+from popek.core.requests.profiles import ProfileCreate, ProfileDelete, ProfileEdit
 from popek.core.requests.sandbox import SandboxRun
 from popek.core.requests.trust import (
     AllowUnsigned,
@@ -30,7 +32,8 @@ from popek.core.requests.trust import (
 )
 
 __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "ConfigSet",
-           "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete", "ImageImport",
-           "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
-           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProjectSet", "Restart",
-           "Resume", "SandboxRun", "Start", "Stop"]
+           "ConfigUnset", "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete",
+           "ImageImport", "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
+           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProfileCreate",
+           "ProfileDelete", "ProfileEdit", "ProjectSet", "Restart", "Resume", "SandboxRun",
+           "Start", "Stop"]

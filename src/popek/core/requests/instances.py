@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from popek.core.model import DEFAULT_LABEL
 from popek.core.service import NOT_AUDITED, Progress, Request, _noop
 
 if TYPE_CHECKING:
@@ -25,24 +25,32 @@ def _no_input() -> bytes:
 
 @dataclass(frozen=True)
 class Launch(Request["Instance"]):
-    """Create instance ``name`` from ``image`` and start it."""
+    """Create instance ``name`` from ``image`` and start it.
+
+    Its settings, as incus applies them: the built-in defaults, then each profile of
+    ``profiles`` in order, then the shorthands given (``vcpus``, ``memory``, ``label``,
+    ``limits``; ``None``: not given), then ``config`` (``-c KEY=VALUE``), which wins
+    (see :mod:`popek.core.profiles`).
+    """
 
     op = "instance.launch"
     shown = ("image", "engine", "vcpus", "memory", "limits", "mounts", "networks", "label",
-             "accel", "runtime")
+             "accel", "runtime", "profiles", "config")
     image: str
     name: str
-    vcpus: int = 1
-    memory: int = 512 << 20
+    vcpus: int | None = None
+    memory: int | None = None
     accel: str = "auto"
     engine: str = "qemu"
     runtime: str = "auto"
     limits: dict[str, int] = field(default_factory=dict)
     mounts: tuple[str, ...] = ()
     networks: tuple[str, ...] = ()
-    label: str = DEFAULT_LABEL
+    label: str | None = None
     ready_timeout: float = 180.0
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+    profiles: tuple[str, ...] = ()
+    config: dict[str, str] = field(default_factory=dict)
 
     def reconciles(self) -> list[str]:
         """None up front: the launch decides on the active index, and reconciles the
@@ -51,11 +59,18 @@ class Launch(Request["Instance"]):
 
     def run(self, core: Core) -> Instance:
         """Launch it (see :meth:`popek.core.instances.Instances.launch`)."""
+        from popek.core.profiles import for_launch
+
+        profiles = tuple(dict.fromkeys(self.profiles))
+        spec, networks = for_launch(
+            core.store, self.engine, profiles,
+            {"vcpus": self.vcpus, "memory": self.memory, "label": self.label,
+             "limits": self.limits}, dict(self.config), self.networks)
         return core.instances.launch(
-            self.image, self.name, vcpus=self.vcpus, memory=self.memory, accel=self.accel,
-            engine=self.engine, runtime=self.runtime, limits=dict(self.limits),
-            mounts=list(self.mounts), networks=list(self.networks),
-            ready_timeout=self.ready_timeout, progress=self.progress, label=self.label)
+            self.image, self.name, vcpus=spec.vcpus, memory=spec.memory, accel=self.accel,
+            engine=self.engine, runtime=self.runtime, limits=dict(spec.limits),
+            mounts=list(self.mounts), networks=networks, ready_timeout=self.ready_timeout,
+            progress=self.progress, label=spec.label, profiles=list(profiles))
 
 
 @dataclass(frozen=True)
@@ -150,16 +165,40 @@ class Delete(_Named[None]):
 
 @dataclass(frozen=True)
 class ConfigSet(_Named["Instance"]):
-    """Change one setting of an instance (see :mod:`popek.core.config`)."""
+    """Change settings of an instance, all or none (see :mod:`popek.core.config`).
+
+    ``values`` (``config set NAME K=V K2=V2``) or, for one key, ``key`` and ``value``.
+    """
 
     op = "config.set"
-    shown = ("key", "value")
+    shown = ("key", "value", "values")
     key: str = ""
     value: str = ""
+    values: dict[str, str] = field(default_factory=dict)
+
+    def change(self) -> str:
+        """One key as ``key=... value=...``; several as ``values={...}``."""
+        if self.values:
+            return f"values={json.dumps(self.values, separators=(',', ':'))}"
+        return f"key={json.dumps(self.key)} value={json.dumps(self.value)}"
 
     def run(self, core: Core) -> Instance:
-        """Set it; a running instance gets it at once where the engine can."""
-        return core.instances.config_set(self.name, self.key, self.value)
+        """Set them; a running instance gets them at once where the engine can."""
+        values = dict(self.values) if self.values else {self.key: self.value}
+        return core.instances.config_update(self.name, values)
+
+
+@dataclass(frozen=True)
+class ConfigUnset(_Named["Instance"]):
+    """Put settings of an instance back to what its profiles or the defaults say."""
+
+    op = "config.unset"
+    shown = ("keys",)
+    keys: tuple[str, ...] = ()
+
+    def run(self, core: Core) -> Instance:
+        """Unset them, all or none; a running instance gets the values at once."""
+        return core.instances.config_unset(self.name, list(self.keys))
 
 
 @dataclass(frozen=True)
