@@ -19,7 +19,10 @@ from popek.errors import InvalidInput, StateError
 from popek.units import parse_size
 
 CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "limits.disk",
-               "label")
+               "label", "boot.autostart")
+#: the words ``boot.autostart`` takes (``popek admin boot`` starts the instances set true)
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+            "false": False, "0": False, "no": False, "off": False}
 MAX_PIDS = 1 << 22
 #: the processes a container may run at once unless it says otherwise (``limits.pids``)
 CONTAINER_PIDS = 1024
@@ -72,6 +75,7 @@ def show(inst: Instance) -> dict[str, str]:
     if "disk" in spec.limits:
         out["limits.disk"] = format_size(int(spec.limits["disk"]))
     out["label"] = spec.label
+    out["boot.autostart"] = "true" if spec.autostart else "false"
     return out
 
 
@@ -95,6 +99,8 @@ def unset(inst: Instance, key: str, fallback: dict[str, str], disk: int) -> Live
         return apply(inst, key, "none")
     if key == "label":
         return apply(inst, key, defaults.label)
+    if key == "boot.autostart":
+        return apply(inst, key, "false")
     if key == "limits.disk":
         if "disk" not in inst.spec.limits:
             return Live.NONE
@@ -168,6 +174,12 @@ def apply(inst: Instance, key: str, value: str) -> Live:
             raise StateError(inst.name, "change the label of", inst.state.value,
                              (State.STOPPED.value,))
         spec.label = check_label(value)
+        return Live.NONE
+    if key == "boot.autostart":  # read by popek admin boot only: set at any time
+        if value.strip().lower() not in BOOLEANS:
+            raise InvalidInput(f"invalid boot.autostart {value!r}; allowed: true or false "
+                               "(also 1/0, yes/no, on/off)")
+        spec.autostart = BOOLEANS[value.strip().lower()]
         return Live.NONE
     raise InvalidInput(f"unknown key {key!r}; allowed: {', '.join(CONFIG_KEYS)}")
 

@@ -40,6 +40,8 @@ class InstanceSpec:
     label: str = DEFAULT_LABEL
     #: the profiles it was launched with, in order (core.profiles: their values are copied)
     profiles: list[str] = field(default_factory=list)
+    #: started by ``popek admin boot`` at the host's boot (config key ``boot.autostart``)
+    autostart: bool = False
 
 
 @dataclass

@@ -1,0 +1,335 @@
+"""Host hygiene: take what one ``POPEK_HOME`` made off the host (reset), put it back (boot).
+
+:func:`reset` (``popek admin reset``) stops every instance of this home (or,
+with ``purge``, deletes it), takes its networks off the host (bridges, tap
+and veth devices tagged with this home, dnsmasqs, this home's nftables
+tables), and removes its cgroups under every hierarchy, v1 and v2
+(``popek/<home id>-*``), killing any process left in one.  The records,
+images, keys and audit log stay unless ``purge``: then the instances and
+networks are deleted and, last, the home itself (:func:`remove_home`).
+
+Reset is per home: it touches only what carries this home's id or tag.
+The pieces homes share, ``/run/popek/jail`` (the QEMU jails' mount point),
+``/run/popek-sandbox`` and the empty ``popek`` parent cgroups, go only when
+no other home has anything on the host (:func:`other_homes`).
+
+:func:`boot` (``popek admin boot``, run by ``popek-boot.service`` at the
+host's boot) settles the records with a host that lost everything (the
+instances' processes are gone: they are marked stopped), brings the
+networks back (bridges, rules, dnsmasq) and starts the instances whose
+``boot.autostart`` is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from popek import paths, proc
+from popek.core.lifecycle import State
+from popek.errors import PopekError
+
+if TYPE_CHECKING:
+    from popek.core.service import Core
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: the cgroup every popek cgroup lives under, in each hierarchy
+CGROUP_PARENT = "popek"
+#: host directories every home shares (see the module's text)
+SHARED_DIRS = (Path("/run/popek/jail"), Path("/run/popek-sandbox"))
+#: how long a stray process of this home's cgroups gets to die after SIGKILL
+KILL_TIMEOUT = 5.0
+
+
+@dataclass
+class Report:
+    """What a reset or boot did: one line per change, and what failed."""
+
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def step(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Run ``fn(*args, **kwargs)``; note ``what`` when it worked, the error when it raised."""
+        try:
+            fn(*args, **kwargs)
+        except (PopekError, OSError) as exc:
+            self.failed.append(f"{what}: {exc}")
+        else:
+            self.done.append(what)
+
+
+# -- cgroups -------------------------------------------------------------------------
+def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
+    """Every mounted cgroup hierarchy (each v1 controller, the v2 one), each once."""
+    mounts: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fstype = right.split(" ", 1)[0]
+            where = Path(left.split(" ")[4].replace("\\040", " "))
+            if fstype in ("cgroup", "cgroup2") and (where == root or root in where.parents) \
+                    and where not in mounts:
+                mounts.append(where)
+    return mounts
+
+
+def home_cgroups(home_id: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The cgroup directories of home ``home_id``: ``popek/<home id>-*`` in every hierarchy."""
+    out: list[Path] = []
+    for h in hierarchies(root):
+        parent = h / CGROUP_PARENT
+        with contextlib.suppress(OSError):
+            out += sorted(d for d in parent.iterdir()
+                          if d.is_dir() and d.name.startswith(f"{home_id}-"))
+    return out
+
+
+def _pids(d: Path) -> list[int]:
+    """The pids in cgroup directory ``d`` and below (living ones)."""
+    pids: list[int] = []
+    for sub, _, _ in os.walk(d):
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(x) for x in (Path(sub) / "cgroup.procs").read_text().split()]
+    return [p for p in pids if proc.start_time(p) is not None]
+
+
+def _kill_all(d: Path) -> list[int]:
+    """SIGKILL every process of cgroup ``d`` (through pidfds) until none is left."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while pids := _pids(d):
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if pid in _pids(d):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    killed.add(pid)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        if time.monotonic() > deadline:
+            raise PopekError(f"processes {pids} of cgroup {d} did not die within "
+                             f"{KILL_TIMEOUT:.0f}s")
+        time.sleep(0.01)
+    return sorted(killed)
+
+
+def _rmdir_tree(d: Path) -> None:
+    """Remove cgroup directory ``d`` and its children, deepest first (EBUSY retried)."""
+    for sub, _, _ in sorted(os.walk(d), key=lambda w: -len(Path(w[0]).parts)):
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                os.rmdir(sub)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                raise
+            break
+
+
+def remove_cgroups(home_id: str, report: Report, root: Path = CGROUP_ROOT) -> None:
+    """Kill what is left in this home's cgroups and remove them, in every hierarchy."""
+    def one(d: Path) -> None:
+        if killed := _kill_all(d):
+            report.done.append(f"killed stray processes {killed} of cgroup {d}")
+        _rmdir_tree(d)
+
+    for d in home_cgroups(home_id, root):
+        report.step(f"removed cgroup {d}", one, d)
+
+
+# -- other homes ---------------------------------------------------------------------
+def other_homes(home_id: str, tag: str, root: Path = CGROUP_ROOT) -> list[str]:
+    """What shows that another home uses this host (empty: this home is alone).
+
+    A cgroup under ``popek/`` that is not this home's (another home's
+    instance or a sandbox), a ``pk-*`` device tagged with another home, a
+    popek nftables table of another home, or another home in the host-wide
+    registries whose state store still exists.
+    """
+    seen: list[str] = []
+    for h in hierarchies(root):
+        with contextlib.suppress(OSError):
+            seen += [f"cgroup {d}" for d in (h / CGROUP_PARENT).iterdir()
+                     if d.is_dir() and not d.name.startswith(f"{home_id}-")]
+    with contextlib.suppress(PopekError, OSError):
+        from popek.network.netlink import PREFIX, NetlinkHost
+
+        seen += [f"device {name}" for name, link in NetlinkHost().links().items()
+                 if name.startswith(PREFIX) and link.alias.startswith("popek:")
+                 and link.alias != tag]
+    with contextlib.suppress(PopekError, OSError):
+        from popek.network import nft
+
+        mine = nft.table_name()
+        seen += [f"nftables table {t}" for t in _nft_tables()
+                 if (t == nft.TABLE or t.startswith(f"{nft.TABLE}-")) and t != mine]
+    seen += [f"home {h}" for h in _registered_homes() if h != str(paths.home().resolve())]
+    return seen
+
+
+def _nft_tables() -> list[str]:
+    import json
+    import subprocess
+
+    nft = proc.tool("nft")
+    if not nft:
+        return []
+    out = subprocess.run([nft, "-j", "list", "tables"], capture_output=True, text=True,
+                         timeout=30, check=False)
+    if out.returncode != 0:
+        return []
+    return [item["table"]["name"] for item in json.loads(out.stdout).get("nftables", [])
+            if "table" in item]
+
+
+def _registered_homes() -> set[str]:
+    """Homes named in the host-wide registries whose state store still exists."""
+    import json
+
+    from popek.state import hostwide
+
+    homes: set[str] = set()
+    for name in ("uids.json", "cpus.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            doc = json.loads((hostwide.HOST_DIR / name).read_bytes())
+            for entries in doc.values():
+                if isinstance(entries, list):
+                    homes |= {str(e["home"]) for e in entries
+                              if isinstance(e, dict) and "home" in e}
+    return {h for h in homes if (Path(h) / "state.db").exists()}
+
+
+def _mounts_under(top: Path) -> list[Path]:
+    out: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            where = Path(line.split(" ")[4].replace("\\040", " "))
+            if where == top or top in where.parents:
+                out.append(where)
+    return out
+
+
+def _remove_shared(report: Report) -> None:
+    """Remove the empty directories homes share (never across a mount)."""
+    for top in SHARED_DIRS:
+        if not top.exists():
+            continue
+        if mounts := _mounts_under(top):
+            report.failed.append(f"kept {top}: {mounts[0]} is mounted")
+            continue
+        report.step(f"removed {top}", _rmdir_tree, top)
+    for h in hierarchies():
+        with contextlib.suppress(OSError):
+            os.rmdir(h / CGROUP_PARENT)
+            report.done.append(f"removed cgroup {h / CGROUP_PARENT}")
+
+
+# -- reset ---------------------------------------------------------------------------
+def reset(core: Core, purge: bool = False) -> Report:
+    """Take this home off the host; ``purge``: delete its instances and networks too.
+
+    Runs every step even when one fails (each failure is reported).  The
+    nested stops and deletes are requests of their own, each audited.  With
+    ``purge`` the home itself is removed by :func:`remove_home`, after the
+    reset's own audit record is written.
+    """
+    from popek.core.requests import Delete, NetworkDelete, Stop
+    from popek.network import dnsmasq, nft
+    from popek.network.host import HostBackend, home_tag, networks_dir
+    from popek.network.netlink import PREFIX
+    from popek.network.service import Networks
+
+    report = Report()
+    for inst in core.instances.all(None):
+        if purge:
+            report.step(f"deleted instance {inst.name}", core.handle,
+                        Delete(inst.name, force=True))
+        elif inst.state != State.STOPPED:
+            report.step(f"stopped instance {inst.name}", core.handle,
+                        Stop(inst.name, force=True, timeout=10))
+    nets = Networks(core.store, reconcile=False)
+    backend = HostBackend()
+    for net in nets.list():
+        if purge:
+            report.step(f"deleted network {net.name} (bridge {net.bridge})", core.handle,
+                        NetworkDelete(net.name, force=True))
+        else:
+            report.step(f"removed bridge {net.bridge} and dnsmasq of network {net.name}",
+                        backend.teardown_network, net)
+    tag = home_tag()
+    for name, link in backend.nl.links().items():
+        if name.startswith(PREFIX) and link.alias == tag:
+            report.step(f"removed device {name}", backend.nl.delete, name)
+    for pid in dnsmasq.running(networks_dir()):
+        report.step(f"stopped dnsmasq {pid}", dnsmasq.stop, pid, proc.start_time(pid) or 0)
+    tables = [t for t in _nft_tables() if t == nft.table_name()]
+    if tables:
+        report.step(f"removed nftables tables bridge/inet {nft.table_name()}", nft.remove_all)
+    remove_cgroups(paths.home_id(), report)
+    others = other_homes(paths.home_id(), tag)
+    if others:
+        report.done.append(f"kept what homes share ({others[0]} shows another home)")
+    else:
+        _remove_shared(report)
+    return report
+
+
+def remove_home(home: Path | None = None) -> list[str]:
+    """Remove the home (``purge``, after :func:`reset`); unmount what is left in it first."""
+    home = home or paths.home()
+    lines: list[str] = []
+    for where in sorted(_mounts_under(home), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            _umount(where)
+            lines.append(f"unmounted {where}")
+    shutil.rmtree(home)
+    lines.append(f"removed {home} (state, images, keys, audit log)")
+    return lines
+
+
+def _umount(where: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(str(where).encode(), 2) != 0:  # MNT_DETACH
+        raise OSError(ctypes.get_errno(), f"umount {where}")
+
+
+# -- boot ----------------------------------------------------------------------------
+def boot(core: Core, progress: Callable[[str], None] | None = None) -> Report:
+    """Bring this home back after the host booted: records settled, networks, autostart.
+
+    Instances whose processes are gone are marked stopped (reconcile); the
+    networks' bridges, nftables rules and dnsmasqs are restored; then every
+    stopped instance with ``boot.autostart`` true is started (each start a
+    request of its own, audited).  A start that fails is reported and the
+    others still start.
+    """
+    from popek.core.requests import Start
+    from popek.network.service import Networks
+
+    report = Report()
+    report.done += core.instances.reconcile(None)
+    report.done += Networks(core.store, reconcile=False).reconcile()
+    for inst in core.instances.all(None):
+        if inst.spec.autostart and inst.state == State.STOPPED:
+            start = Start(inst.name) if progress is None else Start(inst.name, progress=progress)
+            report.step(f"started instance {inst.name} (boot.autostart)", core.handle, start)
+    return report

@@ -1,0 +1,165 @@
+"""``popek admin reset`` and ``popek admin boot`` against the real host (issue 13.8).
+
+Each test runs in a home of its own (not the session's ``popek_home``),
+since reset takes a whole home off the host: the checks look only at what
+carries that home's id or tag, and the other homes of the people who run
+tests on this machine at the same time are left alone by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framework import REPO, popek
+
+TAG = "htour"
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """A private POPEK_HOME with the minimal image, removed (purged) at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("integration tests need root")
+    path = Path(tempfile.mkdtemp(prefix=f"popek-{TAG}-", dir="/var/tmp"))
+    path.chmod(0o755)
+    env = {**os.environ, "POPEK_HOME": str(path),
+           "POPEK_CACHE": os.environ.get("POPEK_CACHE", str(REPO / ".cache" / "popek"))}
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        popek("image", "build", "minimal", timeout=900)
+        yield path
+    finally:
+        if path.exists():
+            popek("admin", "reset", "--purge", "--yes", check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def home_id(home: Path) -> str:
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+
+
+def links_of(home: Path) -> list[str]:
+    """The pk-* devices tagged with ``home``'s alias."""
+    tag = "popek:" + home_id(home)
+    out = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,
+                                    text=True, check=True).stdout)
+    return [link["ifname"] for link in out
+            if link["ifname"].startswith("pk-") and link.get("ifalias") == tag]
+
+
+def tables_of(home: Path) -> list[str]:
+    name = "popek-" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+    out = json.loads(subprocess.run(["nft", "-j", "list", "tables"], capture_output=True,
+                                    text=True, check=True).stdout)
+    return [f"{t['table']['family']} {t['table']['name']}" for t in out["nftables"]
+            if "table" in t and t["table"]["name"] == name]
+
+
+def cgroups_of(home: Path) -> list[Path]:
+    """Every cgroup directory of ``home``, under every hierarchy (v1 and v2)."""
+    return sorted(Path("/sys/fs/cgroup").glob(f"*/popek/{home_id(home)}-*")) + \
+        sorted(Path("/sys/fs/cgroup").glob(f"popek/{home_id(home)}-*"))
+
+
+def dnsmasqs_of(home: Path) -> list[int]:
+    marker = f"--pid-file={home}/networks/".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def runc_ids(home: Path) -> list[str]:
+    out = subprocess.run(["runc", "--root", str(home / "oci" / "runc"), "list", "-q"],
+                         capture_output=True, text=True, check=False).stdout
+    return out.split()
+
+
+def states(home: Path) -> dict[str, str]:
+    return {e["name"]: e["state"] for e in json.loads(popek("list", "--format", "json").stdout)}
+
+
+def test_reset_removes_this_homes_host_pieces_and_keeps_its_data(home: Path) -> None:
+    net = f"{TAG}r"
+    popek("network", "create", net)
+    popek("launch", "minimal", f"{TAG}-c", "--container", "--network", net)
+    popek("launch", "minimal", f"{TAG}-v", "--network", net, "--memory", "256MiB",
+          timeout=600)
+    assert links_of(home) and tables_of(home) and cgroups_of(home) and dnsmasqs_of(home)
+
+    refused = popek("admin", "reset", check=False)  # no terminal, no --yes: nothing done
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    assert states(home) == {f"{TAG}-c": "running", f"{TAG}-v": "running"}
+
+    out = popek("admin", "reset", "--yes").stdout
+    assert f"stopped instance {TAG}-c" in out and f"stopped instance {TAG}-v" in out
+    assert "removed bridge" in out and "nftables" in out
+    assert links_of(home) == [] and tables_of(home) == [] and cgroups_of(home) == []
+    assert dnsmasqs_of(home) == [] and runc_ids(home) == []
+    # the data stays: records, images, keys, the audit log (with the reset in it)
+    assert states(home) == {f"{TAG}-c": "stopped", f"{TAG}-v": "stopped"}
+    assert (home / "images" / "minimal").is_dir()
+    audit = json.loads(popek("audit", "log", "--format", "json").stdout)
+    assert [r["result"] for r in audit if r["op"] == "host.reset"][-2:] == ["started", "ok"]
+
+    # --purge takes the rest, the home included
+    out = popek("admin", "reset", "--purge", "--yes").stdout
+    assert f"deleted network {net}" in out and f"removed {home}" in out
+    assert not home.exists()
+    assert links_of(home) == [] and tables_of(home) == [] and cgroups_of(home) == []
+
+
+def test_boot_brings_networks_back_and_starts_autostart_instances_only(home: Path) -> None:
+    net = f"{TAG}b"
+    popek("network", "create", net)
+    info = json.loads(popek("network", "info", net, "--format", "json").stdout)
+    bridge_name, gateway = info["bridge"]["name"], info["gateway"]
+    popek("launch", "minimal", f"{TAG}-auto", "--container", "--network", net)
+    popek("config", "set", f"{TAG}-auto", "boot.autostart", "true")
+    popek("launch", "minimal", f"{TAG}-manual", "--container", "--network", net)
+
+    # a reboot, as far as the host side goes: the processes die, the bridge, its
+    # dnsmasq and the nftables tables are gone
+    for cid in runc_ids(home):
+        subprocess.run(["runc", "--root", str(home / "oci" / "runc"), "kill", cid, "KILL"],
+                       check=True)
+    for pid in dnsmasqs_of(home):
+        os.kill(pid, signal.SIGKILL)
+    subprocess.run(["ip", "link", "del", bridge_name], check=True)
+    for table in tables_of(home):
+        subprocess.run(["nft", "delete", "table", *table.split()], check=True)
+
+    out = popek("admin", "boot").stdout
+    assert f"started instance {TAG}-auto (boot.autostart)" in out
+    assert f"{TAG}-manual" not in out.replace(f"{TAG}-manual: stopped", "")
+    assert states(home) == {f"{TAG}-auto": "running", f"{TAG}-manual": "stopped"}
+    assert bridge_name in links_of(home) and len(tables_of(home)) == 2
+    assert len(dnsmasqs_of(home)) == 1
+    # the network works again: the container asks the network's dnsmasq, across the
+    # bridge and the rules, for its own name
+    ports = json.loads(popek("network", "info", net, "--format", "json").stdout)["ports"]
+    ipv4 = next(p["ipv4"] for p in ports if p["instance"].endswith(f"/{TAG}-auto"))
+    answer = popek("exec", f"{TAG}-auto", "--", "nslookup", f"{TAG}-auto.{net}.popek",
+                   gateway).stdout
+    assert ipv4 in answer
+    # a second boot has nothing to start
+    again = popek("admin", "boot").stdout
+    assert "started instance" not in again
