@@ -69,7 +69,7 @@ class TestLaunchRefused:
                match="the qemu engine cannot share host directories")
 
     def test_bad_format(self) -> None:
-        _fails("list", "--format", "xml", match="allowed: table, json")
+        _fails("list", "--format", "xml", match="'xml' is not one of 'table'")
 
 
 def test_image_hash_mismatch_refuses_launch(popek_home: Path, minimal_image: str,

@@ -146,8 +146,8 @@ def test_config_set_changes_limits_live(ct: str) -> None:
     usage = popek_json("info", ct)["usage"]
     assert usage["memory_limit"] == 96 << 20 and usage["pids_limit"] == 150
     assert 0 < usage["memory"] < 96 << 20 and usage["pids"] >= 1
-    shown = popek("config", "show", ct).stdout
-    assert '"limits.memory": "96MiB"' in shown and '"limits.pids": 150' in shown
+    shown = popek_json("config", "show", ct)
+    assert (shown["limits.memory"], str(shown["limits.pids"])) == ("96MiB", "150")
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

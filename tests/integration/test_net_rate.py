@@ -55,7 +55,7 @@ def test_rate_follows_the_limit(pair: None) -> None:
     limited = _send_rate()
     assert limited <= 16e6 * 1.3, f"{limited / 1e6:.1f} Mbit/s over a 16 Mbit/s limit"
     assert limited >= 16e6 * 0.3, f"only {limited / 1e6:.1f} Mbit/s under a 16 Mbit/s limit"
-    cfg = json.loads(popek("config", "show", SENDER).stdout)
+    cfg = json.loads(popek("config", "show", SENDER, "--format", "json").stdout)
     assert cfg["limits.net"] == "16Mbit"
 
     popek("config", "set", SENDER, "limits.net", "none")  # live

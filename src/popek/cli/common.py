@@ -1,17 +1,28 @@
-"""Helpers shared by the ``popek`` sub-commands: output formats and tables."""
+"""Helpers shared by the ``popek`` sub-commands: the ``--format`` and ``--columns`` options.
+
+The output itself is printed by :mod:`popek.cli.output`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import click
 import typer
 
-from popek.cli.ops import print_table
+from popek.cli.output import FORMATS, Column, describe
 
-__all__ = ["FORMATS", "check_format", "print_table"]
-
-FORMATS = ("table", "json")
+__all__ = ["FORMATS", "columns_option", "format_option"]
 
 
-def check_format(fmt: str) -> None:
-    """Refuse an output format other than ``table`` or ``json``."""
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"{fmt!r}; allowed: {', '.join(FORMATS)}", param_hint="--format")
+def format_option() -> Any:
+    """``--format`` / ``-f``: table, json, yaml or csv (a Click choice, listed in ``--help``)."""
+    return typer.Option("table", "--format", "-f", click_type=click.Choice(FORMATS),
+                        help="table (plain columns when not on a terminal), json, yaml or csv.")
+
+
+def columns_option(columns: Sequence[Column]) -> Any:
+    """``--columns`` / ``-c``: the columns of a listing, by name or incus-style letters."""
+    return typer.Option("", "--columns", "-c",
+                        help=f"Columns of the table and csv, comma-separated: {describe(columns)}.")

@@ -14,7 +14,6 @@ from typing import Any
 import click
 import typer
 
-from popek.cli.common import FORMATS
 from popek.cli.main import app
 
 #: the commands cli.fastpath runs, and their functions in cli.ops
@@ -23,18 +22,18 @@ FAST = {"launch": "launch", "list": "list_", "info": "info", "start": "start", "
         "delete": "delete", "sandbox run": "sandbox_run"}
 TYPES = {click.types.StringParamType: "str", click.types.IntParamType: "int",
          click.types.FloatParamType: "float", click.types.BoolParamType: "bool"}
-#: parameters whose values the Typer command checks itself (check_format)
-CHOICES = {"fmt": list(FORMATS)}
 TARGET = Path(__file__).with_name("_fasttable.py")
 
 
 def _param(p: click.Parameter) -> dict[str, Any]:
     kind = type(p.type)
-    if kind not in TYPES:
+    choices = isinstance(p.type, click.Choice)
+    if kind not in TYPES and not choices:
         raise SystemExit(f"{p.name}: parameter type {p.type!r} is not one cli.fastpath parses")
-    out: dict[str, Any] = {"name": p.name, "type": TYPES[kind], "required": p.required}
-    if p.name in CHOICES:
-        out["choices"] = CHOICES[p.name]
+    out: dict[str, Any] = {"name": p.name, "type": "str" if choices else TYPES[kind],
+                           "required": p.required}
+    if isinstance(p.type, click.Choice):  # of strings: Click's case-sensitive match
+        out["choices"] = [str(c) for c in p.type.choices]
     if isinstance(p, click.Argument):
         if p.nargs not in (1, -1) or (p.nargs == 1 and not p.required):
             raise SystemExit(f"{p.name}: only required single or variadic arguments are parsed")

@@ -14,8 +14,9 @@ import typer
 
 from popek.cli import ops
 from popek.cli.admin import app as admin_app
-from popek.cli.common import check_format, print_table
+from popek.cli.common import columns_option, format_option
 from popek.cli.network import app as network_app
+from popek.cli.output import Column, details, listing
 from popek.cli.project import app as project_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
@@ -35,6 +36,37 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(project_app, name="project")
 app.command("attest")(attest)
 image_app.command("sign")(image_sign)
+
+
+def version_text() -> str:
+    """``popek VERSION``, the version from the installed package's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"popek {version('popek')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "popek (version unknown: the package is not installed)"
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print popek's version and exit."),
+) -> None:
+    """popek: virtual machines, containers and sandboxes, secure by default."""
+
+
+@app.command("version")
+def version_() -> None:
+    """Print popek's version (as popek --version)."""
+    print(version_text())
+
 
 # -- instances ----------------------------------------------------------------
 # The bodies live in cli.ops, which cli.fastpath also runs: each command passes
@@ -69,16 +101,15 @@ def launch(
 
 
 @app.command("list")
-def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
-    """List instances."""
-    check_format(fmt)
+def list_(fmt: str = format_option(),
+          columns: str = columns_option(ops.INSTANCE_COLUMNS)) -> None:
+    """List instances, with their IPv4 addresses (json and yaml: their network ports too)."""
     ops.list_(**locals())
 
 
 @app.command()
-def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def info(name: str, fmt: str = format_option()) -> None:
     """Show the details of an instance."""
-    check_format(fmt)
     ops.info(**locals())
 
 
@@ -186,7 +217,7 @@ def config_set(
 
 
 @config_app.command("show")
-def config_show(name: str) -> None:
+def config_show(name: str, fmt: str = format_option()) -> None:
     """Show an instance's limits."""
     from popek.network.shaping import format_rate
     from popek.units import format_size
@@ -197,9 +228,9 @@ def config_show(name: str) -> None:
         extra["limits.net"] = format_rate(int(extra["limits.net"]))
     if "limits.disk" in extra:
         extra["limits.disk"] = format_size(int(extra["limits.disk"]))
-    print(json.dumps({"limits.memory": format_size(inst.spec.memory),
-                      "limits.cpu": inst.spec.vcpus, "label": inst.spec.label, **extra},
-                     indent=2))
+    values = {"limits.memory": format_size(inst.spec.memory), "limits.cpu": inst.spec.vcpus,
+              "label": inst.spec.label, **extra}
+    details(values, list(values.items()), fmt)
 
 
 server_app = typer.Typer(no_args_is_help=True,
@@ -272,12 +303,31 @@ def image_import(
           f"{signed}.")
 
 
-@image_app.command("list")
-def image_list(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
-    """List images."""
-    check_format(fmt)
-    from popek.images import ImageStore
+def _size(record: dict[str, Any]) -> str:
     from popek.units import format_size
+
+    return format_size(record["size"])
+
+
+def _signer(record: dict[str, Any]) -> str:
+    return record["signature"]["signer"][:16] if record["signature"] else "no"
+
+
+IMAGE_COLUMNS = (
+    Column("NAME", lambda r: r["name"]), Column("KINDS", lambda r: ",".join(r["kinds"])),
+    Column("VERSION", lambda r: r["version"]), Column("CREATED", lambda r: r["created"]),
+    Column("KERNEL", lambda r: r["kernel"]), Column("SIZE", _size),
+    Column("SIGNER", _signer),
+    Column("SERIAL", lambda r: r["signature"]["serial"] if r["signature"] else ""),
+    Column("EXPIRES", lambda r: r["signature"]["expires"] if r["signature"] else "",
+           default=False),
+)
+
+
+@image_app.command("list")
+def image_list(fmt: str = format_option(), columns: str = columns_option(IMAGE_COLUMNS)) -> None:
+    """List images and who signed them (the signature is checked at each start, not here)."""
+    from popek.images import ImageStore
 
     images = ImageStore().list()
     rows: list[dict[str, Any]] = [
@@ -285,14 +335,7 @@ def image_list(fmt: str = typer.Option("table", "--format", help="table or json.
          "kernel": i.manifest.kernel_version, "kinds": i.kinds(),
          "size": sum(f.size for f in i.manifest.files.values()),
          "signature": _signature_summary(i.path)} for i in images]
-    if fmt == "json":
-        print(json.dumps(rows, indent=2))
-        return
-    print_table(["NAME", "KINDS", "VERSION", "CREATED", "KERNEL", "SIZE", "SIGNED"],
-                 [[r["name"], ",".join(r["kinds"]), r["version"], r["created"], r["kernel"],
-                   format_size(r["size"]),
-                   (f"key {r['signature']['signer'][:16]}, serial {r['signature']['serial']}"
-                    if r["signature"] else "no")] for r in rows])
+    listing(rows, IMAGE_COLUMNS, fmt, select=columns, command="popek image list")
 
 
 def _signature_summary(path: Any) -> dict[str, Any] | None:
@@ -306,11 +349,20 @@ def _signature_summary(path: Any) -> dict[str, Any] | None:
 
 
 @image_app.command("info")
-def image_info(name: str) -> None:
-    """Show an image's manifest."""
+def image_info(name: str, fmt: str = format_option()) -> None:
+    """Show an image's manifest (the table lists its files)."""
     from popek.images import ImageStore
+    from popek.units import format_size
 
-    print(ImageStore().get(name).manifest.to_json())
+    image = ImageStore().get(name)
+    data = json.loads(image.manifest.to_json())
+    data["signature"] = _signature_summary(image.path)
+    fields = [(k, v) for k, v in data.items() if not isinstance(v, dict | list)]
+    signature = data["signature"] or {}
+    fields += [(f"signature.{k}", v) for k, v in signature.items()] or [("signature", "no")]
+    files = [[path, format_size(f.size), f.sha256]
+             for path, f in sorted(image.manifest.files.items())]
+    details(data, fields, fmt, [(("FILE", "SIZE", "SHA256"), files)])
 
 
 @image_app.command("delete")
@@ -359,6 +411,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
            lambda code, error: _audit(command, args, code, error))
 
 
+def _one_suggestion(exc: Any, ctx: Any) -> None:
+    """Say "Did you mean" once, and only for a slip (Click and Typer each add one)."""
+    from popek.cli.suggest import message
+
+    group = ctx.command
+    names = group.list_commands(ctx) if hasattr(group, "list_commands") else []
+    vars(exc)["message"] = message(exc.command_name, names)
+    exc.possibilities = None
+
+
 def _run(command: Any, args: list[str], prog: str) -> int:
     """Typer's standalone run, with its usage errors bounded as popek's own (errors.bounded).
 
@@ -373,6 +435,8 @@ def _run(command: Any, args: list[str], prog: str) -> int:
     try:
         code = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.ClickException as exc:
+        if isinstance(exc, click.exceptions.NoSuchCommand) and exc.ctx is not None:
+            _one_suggestion(exc, exc.ctx)
         vars(exc)["message"] = bounded(exc.message)  # Final in Click's stubs, a plain attribute
         rich_utils.rich_format_error(exc)
         return exc.exit_code

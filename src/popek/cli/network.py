@@ -7,12 +7,13 @@ Registered by :mod:`popek.cli.main` as ``app.add_typer(network_app, name="networ
 
 from __future__ import annotations
 
-import json
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from popek.cli.common import check_format, print_table
+from popek.cli.common import columns_option, format_option
+from popek.cli.output import Column, details, listing
 
 if TYPE_CHECKING:
     from popek.network import Networks
@@ -24,10 +25,6 @@ def _networks() -> Networks:
     from popek.network import Networks
 
     return Networks()
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
 
 
 @app.command()
@@ -50,35 +47,31 @@ def create(
           f"bridge {net.bridge}).")
 
 
+COLUMNS = tuple(Column(title, itemgetter(key)) for title, key in (
+    ("NAME", "name"), ("SUBNET", "subnet"), ("GATEWAY", "gateway"), ("BRIDGE", "bridge"),
+    ("NAT", "nat"), ("ISOLATION", "port_isolation"), ("PORTS", "ports"), ("STATE", "state")))
+
+
 @app.command("list")
-def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def list_(fmt: str = format_option(), columns: str = columns_option(COLUMNS)) -> None:
     """List networks."""
-    check_format(fmt)
     svc = _networks()
     nets = svc.list()
     counts: dict[str, int] = {}
     for port in svc.ports():
         counts[port.network] = counts.get(port.network, 0) + 1
-    if fmt == "json":
-        print(json.dumps([{
-            "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
-            "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
-            "ports": counts.get(n.name, 0),
-        } for n in nets], indent=2))
-        return
-    print_table(["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT", "ISOLATION", "PORTS", "STATE"], [
-        [n.name, n.subnet, n.gateway, n.bridge, _yes(n.nat), _yes(n.port_isolation),
-         str(counts.get(n.name, 0)), n.state] for n in nets])
+    listing([{
+        "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
+        "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
+        "ports": counts.get(n.name, 0),
+    } for n in nets], COLUMNS, fmt, select=columns, command="popek network list")
 
 
 @app.command()
-def info(name: str, fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def info(name: str, fmt: str = format_option()) -> None:
     """Show a network: its record, bridge, dnsmasq, ports and leases."""
-    check_format(fmt)
-    data: dict[str, Any] = _networks().info(name)
-    if fmt == "json":
-        print(json.dumps(data, indent=2))
-        return
+    full: dict[str, Any] = _networks().info(name)
+    data = dict(full)
     ports = data.pop("ports")
     data.pop("leases")
     dhcp = data.pop("dhcp_leases", [])
@@ -91,13 +84,11 @@ def info(name: str, fmt: str = typer.Option("table", "--format", help="table or 
                           if bridge.get("exists") else f"{bridge['name']} (missing)")
     if dns:
         data["dnsmasq"] = f"pid {dns['pid']} ({'running' if dns['alive'] else 'not running'})"
-    print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
-    print_table(["PORT", "INSTANCE", "KIND", "MAC", "IPV4", "STATE"],
-                 [[p["host_ifname"], p["instance"], p["kind"], p["mac"], p["ipv4"], p["state"]]
-                  for p in ports])
-    if dhcp:
-        print_table(["DHCP LEASE", "MAC", "HOSTNAME"],
-                     [[d["ipv4"], d["mac"], d["hostname"]] for d in dhcp])
+    details(full, list(data.items()), fmt, [
+        (("PORT", "INSTANCE", "KIND", "MAC", "IPV4", "STATE"),
+         [[p["host_ifname"], p["instance"], p["kind"], p["mac"], p["ipv4"], p["state"]]
+          for p in ports]),
+        (("LEASE", "MAC", "HOSTNAME"), [[d["ipv4"], d["mac"], d["hostname"]] for d in dhcp])])
 
 
 @app.command()

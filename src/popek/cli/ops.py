@@ -5,17 +5,19 @@ usage errors); ``popek.cli.fastpath`` runs the same functions for a command
 line it can parse without Typer, which costs a launch over 100 ms of imports
 here.  So this module imports neither Typer nor Click, and each function takes
 exactly the parameters its Typer command declares (a unit test holds them
-equal).  Arguments arrive checked by one of the two parsers: ``fmt`` is
-``table`` or ``json``.
+equal).  Arguments arrive checked by one of the two parsers: ``fmt`` is one
+of :data:`popek.cli.output.FORMATS`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
+
+from popek.cli.output import Column, details, listing
 
 if TYPE_CHECKING:
     from popek.core.instances import Instances
@@ -72,13 +74,6 @@ def size(text: str, what: str) -> int:
     return parse_size(text, what)
 
 
-def print_table(columns: list[str], rows: list[list[str]]) -> None:
-    """Print ``rows``: boxed on a terminal, plain columns for scripts (see cli.table)."""
-    from popek.cli.table import print_table as _print
-
-    _print(columns, rows)
-
-
 def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container: bool,
            runtime: str, pids: int, mount: list[str], network: list[str], timeout: float,
            label: str, net_rate: str, disk: str) -> None:
@@ -99,62 +94,79 @@ def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container
             image=image, name=name, vcpus=vcpus, memory=mem, accel=accel, engine=engine,
             runtime=runtime, limits=limits, mounts=tuple(mount), networks=tuple(network),
             label=label, ready_timeout=timeout, progress=step))
-    details = inst.runtime.details if inst.runtime else {}
-    how = details.get("accel") or details.get("runtime") or "?"
+    started = inst.runtime.details if inst.runtime else {}
+    how = started.get("accel") or started.get("runtime") or "?"
     kind = "container" if container else "VM"
     print(f"Instance {name} is running ({kind}, {how}, {vcpus} vCPU, {memory}).")
 
 
-def list_(fmt: str) -> None:
-    """List instances as a table or JSON."""
+def _ipv4(record: dict[str, Any]) -> str:
+    return ",".join(p["ipv4"] for p in record["ports"] if p["ipv4"])
+
+
+def _ipv6(record: dict[str, Any]) -> str:
+    return ",".join(a for p in record["ports"] for a in p["ipv6"])
+
+
+def _memory(record: dict[str, Any]) -> str:
     from popek.units import format_size
 
-    insts = core().instances.settled()
-    if fmt == "json":
-        print(json.dumps([{
-            "name": i.name, "state": i.state.value, "reason": i.reason, "engine": i.spec.engine,
-            "image": i.spec.image, "vcpus": i.spec.vcpus, "memory": i.spec.memory,
-            "pid": i.runtime.pid if i.runtime else None,
-        } for i in insts], indent=2))
-        return
-    print_table(["NAME", "STATE", "ENGINE", "IMAGE", "VCPUS", "MEMORY", "REASON"], [
-        [i.name, i.state.value, i.spec.engine, i.spec.image, str(i.spec.vcpus),
-         format_size(i.spec.memory), i.reason] for i in insts])
+    return format_size(record["memory"])
+
+
+#: the columns of ``popek list`` (the letters are incus's where it has the column)
+INSTANCE_COLUMNS = (
+    Column("NAME", itemgetter("name"), "n"), Column("STATE", itemgetter("state"), "s"),
+    Column("ENGINE", itemgetter("engine"), "t"), Column("IMAGE", itemgetter("image"), "i"),
+    Column("IPV4", _ipv4, "4"), Column("IPV6", _ipv6, "6", default=False),
+    Column("VCPUS", itemgetter("vcpus"), "v"), Column("MEMORY", _memory, "m"),
+    Column("LABEL", itemgetter("label"), "l", default=False),
+    Column("PROJECT", itemgetter("project"), "e", default=False),
+    Column("PID", itemgetter("pid"), "p", default=False),
+    Column("CREATED", itemgetter("created"), "c", default=False),
+    Column("REASON", itemgetter("reason"), "r", width=60),
+)
+
+
+def list_(fmt: str, columns: str) -> None:
+    """List instances in ``fmt``; ``columns`` chooses the columns (see cli.output)."""
+    listing(core().instances.summaries(), INSTANCE_COLUMNS, fmt, select=columns)
 
 
 def info(name: str, fmt: str) -> None:
     """Show the details of an instance."""
     data = instances(name).info(name)
-    if fmt == "json":
-        print(json.dumps(data, indent=2))
+    if fmt != "table" and fmt != "csv":
+        details(data, [], fmt)
         return
     from popek.units import format_size
 
-    history = data.pop("history")
-    ports = data.pop("ports", [])
-    for p in ports:
-        data[f"network {p['network']}"] = f"{p['ipv4']} {p['mac']} ({p['host_device']})"
-    data["memory"] = format_size(data["memory"])
-    trust = data.pop("image_trust", None)
+    shown = dict(data)
+    history = shown.pop("history")
+    for p in shown.pop("ports", []):
+        for key in ("ipv4", "mac", "host_device"):
+            shown[f"network.{p['network']}.{key}"] = p[key]
+    shown["memory"] = format_size(shown["memory"])
+    trust = shown.pop("image_trust", None)
     if trust:
-        data["image_trust"] = trust["note"]
-    usage = data.pop("usage", None)
+        shown["image_trust"] = trust["note"]
+    usage = shown.pop("usage", None)
     if usage:
         def _of(used: Any, limit: Any, fmt: Callable[[Any], str] = str) -> str:
-            return f"{fmt(used) if used is not None else '?'} of " + (
-                fmt(limit) if limit is not None else "no limit")
+            return f"{fmt(used) if used is not None else '?'}/" + (
+                fmt(limit) if limit is not None else "unlimited")
 
         mib = lambda n: f"{n / (1 << 20):.1f}MiB"  # noqa: E731
-        data["memory used"] = _of(usage["memory"], usage["memory_limit"], mib)
-        data["processes"] = _of(usage["pids"], usage["pids_limit"])
-        data["cpu time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
+        shown["usage.memory"] = _of(usage["memory"], usage["memory_limit"], mib)
+        shown["usage.processes"] = _of(usage["pids"], usage["pids_limit"])
+        shown["usage.cpu_time"] = f"{usage['cpu_seconds'] or 0:.2f}s"
         if "disk_limit" in usage:
-            data["disk used"] = _of(usage.get("disk_used"), usage["disk_limit"], mib)
-    limits = data.pop("limits", {})
+            shown["usage.disk"] = _of(usage.get("disk_used"), usage["disk_limit"], mib)
+    limits = shown.pop("limits", {})
     for key, value in limits.items():
-        data[f"limits.{key}"] = format_size(value) if key == "disk" else value
-    print_table(["FIELD", "VALUE"], [[k, str(v)] for k, v in data.items()])
-    print_table(["TIME", "EVENT"], [[h["time"], h["event"]] for h in history])
+        shown[f"limits.{key}"] = format_size(value) if key == "disk" else value
+    details(data, list(shown.items()), fmt,
+            [(("TIME", "EVENT"), [[h["time"], h["event"]] for h in history])])
 
 
 def start(name: str, timeout: float) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from popek.cli import ops
-from popek.cli.common import check_format, print_table
+from popek.cli.common import format_option
+from popek.cli.output import details
 from popek.core.model import DEFAULT_PROJECT
 
 app = typer.Typer(no_args_is_help=True, help="Show and change a project's defaults.")
@@ -15,16 +14,12 @@ app = typer.Typer(no_args_is_help=True, help="Show and change a project's defaul
 
 @app.command("show")
 def show(project: str = typer.Option(DEFAULT_PROJECT, "--project", help="The project."),
-         fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+         fmt: str = format_option()) -> None:
     """Show the defaults new instances of the project get."""
-    check_format(fmt)
     from popek.core.projects import Projects
 
     values = Projects(ops.core().instances.store).show(project)
-    if fmt == "json":
-        print(json.dumps(values, indent=2))
-        return
-    print_table(["KEY", "VALUE"], [[k, v] for k, v in values.items()])
+    details(values, list(values.items()), fmt)
 
 
 @app.command("set")

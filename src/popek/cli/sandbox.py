@@ -6,12 +6,12 @@ The sandbox engine is imported inside the commands.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 import typer
 
-from popek.cli.common import check_format
+from popek.cli.common import columns_option, format_option
+from popek.cli.output import Column, listing
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run one application in a sandbox with a minimal view of the host.")
@@ -37,13 +37,26 @@ def run(
     raise typer.Exit(ops.sandbox_run(**locals()))
 
 
+def _memory(row: dict[str, Any]) -> str:
+    from popek.units import format_size
+
+    mem = row.get("memory")
+    return format_size(mem) if isinstance(mem, int) else "-"
+
+
+PROFILE_COLUMNS = (
+    Column("NAME", lambda r: r["name"]),
+    Column("NETWORK", lambda r: "invalid" if "error" in r else r["network"]),
+    Column("MEMORY", _memory), Column("PATH", lambda r: r["path"]),
+    Column("ERROR", lambda r: r.get("error", ""), default=False),
+)
+
+
 @app.command()
-def profiles(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def profiles(fmt: str = format_option(), columns: str = columns_option(PROFILE_COLUMNS)) -> None:
     """List the sandbox profiles (installs the shipped ones on first use)."""
-    check_format(fmt)
     from popek.engines.sandbox import load, names, profiles_dir
     from popek.errors import PopekError
-    from popek.units import format_size
 
     rows: list[dict[str, object]] = []
     for name in names():
@@ -58,15 +71,4 @@ def profiles(fmt: str = typer.Option("table", "--format", help="table or json.")
                      "memory": p.limits.memory, "nproc": p.limits.nproc,
                      "nofile": p.limits.nofile, "cpu_seconds": p.limits.cpu_seconds,
                      "seccomp_extra": list(p.seccomp_extra)})
-    if fmt == "json":
-        print(json.dumps(rows, indent=2))
-        return
-    print(f"{'NAME':<16} {'NETWORK':<8} {'MEMORY':<8} PATH")
-    for row in rows:
-        if "error" in row:
-            print(f"{row['name']!s:<16} {'INVALID':<8} {'-':<8} {row['path']}: {row['error']}")
-            continue
-        mem = row["memory"]
-        shown = format_size(mem) if isinstance(mem, int) else "-"
-        print(f"{row['name']!s:<16} {'yes' if row['network'] else 'no':<8} {shown:<8} "
-              f"{Path(str(row['path']))}")
+    listing(rows, PROFILE_COLUMNS, fmt, select=columns, command="popek sandbox profiles")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
 import typer
 
-from popek.cli.common import check_format, print_table
+from popek.cli.common import FORMATS, columns_option, format_option
+from popek.cli.output import Column, details, listing
 from popek.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -85,16 +88,18 @@ def add(
     print(f"Key {key.name} ({key.role}) id {key.id} is trusted until {key.not_after}.")
 
 
+KEY_COLUMNS = (
+    Column("NAME", itemgetter("name")), Column("ROLE", itemgetter("role")),
+    Column("ID", lambda k: k["id"][:16]), Column("UNTIL", itemgetter("not_after")),
+    Column("REVOKED", lambda k: k["revoked"] or "no"),
+)
+
+
 @trust_app.command("list")
-def list_(fmt: str = typer.Option("table", "--format", help="table or json.")) -> None:
+def list_(fmt: str = format_option(), columns: str = columns_option(KEY_COLUMNS)) -> None:
     """List the keys of the trust store, revoked ones included."""
-    check_format(fmt)
-    keys = _trust().all()
-    if fmt == "json":
-        print(json.dumps([k.__dict__ for k in keys], indent=2))
-        return
-    print_table(["NAME", "ROLE", "ID", "VALID UNTIL", "REVOKED"],
-                [[k.name, k.role, k.id[:16], k.not_after, k.revoked or "-"] for k in keys])
+    listing([dict(k.__dict__) for k in _trust().all()], KEY_COLUMNS, fmt, select=columns,
+            command="popek trust list")
 
 
 @trust_app.command()
@@ -156,17 +161,32 @@ def image_sign(
 
 # -- policy -------------------------------------------------------------------------
 @policy_app.command()
-def show() -> None:
+def show(fmt: str = typer.Option("text", "--format", "-f",
+                                 click_type=click.Choice(("text", *FORMATS)),
+                                 help="text (the policy file, with its version and signer "
+                                      "as a comment), table, json, yaml or csv.")) -> None:
     """Print the policy in force, its version and signer."""
     from popek.trust.policy import DEFAULT_POLICY, PolicyStore, check_signed
 
     trust = _trust()
     info = PolicyStore(trust).info()
     pol = check_signed(trust)
-    print(f"# version {info['version']} ({info['source']}), mode {pol.mode}"
-          + (f", applied {info['applied']}, signed by {info['signer']}" if info["applied"]
-             else ""))
-    print(pol.text if info["applied"] else DEFAULT_POLICY, end="")
+    text = pol.text if info["applied"] else DEFAULT_POLICY
+    if fmt == "text":
+        print(f"# version {info['version']} ({info['source']}), mode {pol.mode}"
+              + (f", applied {info['applied']}, signed by {info['signer']}" if info["applied"]
+                 else ""))
+        print(text, end="")
+        return
+    data = {**info, "mode": pol.mode, "labels": sorted(pol.labels),
+            "conflicts": [{"name": name, "labels": sorted(ls)} for name, ls in pol.conflicts],
+            "shares": [{"kind": kind, "labels": sorted(ls)} for kind, ls in pol.shares],
+            "text": text}
+    rules = ([["label", "-", label] for label in sorted(pol.labels)]
+             + [["conflict", name, ",".join(sorted(ls))] for name, ls in pol.conflicts]
+             + [["share", kind, ",".join(sorted(ls))] for kind, ls in pol.shares])
+    details(data, [(k, data[k]) for k in ("version", "mode", "source", "applied", "signer")],
+            fmt, [(("RULE", "NAME", "LABELS"), rules)])
 
 
 @policy_app.command()
@@ -194,14 +214,23 @@ def check(file: str = typer.Argument(..., help="Policy TOML to check ('-' reads 
 
 
 # -- audit --------------------------------------------------------------------------
+AUDIT_COLUMNS = (
+    Column("SEQ", lambda r: r.get("seq")), Column("TIME", lambda r: r.get("time")),
+    Column("ACTOR", lambda r: r.get("actor")), Column("OPERATION", lambda r: r.get("op")),
+    Column("TARGET", lambda r: r.get("target")),
+    Column("RESULT", lambda r: r.get("result"), width=80),
+    Column("CHANGE", lambda r: r.get("change", ""), width=80),
+)
+
+
 @audit_app.command("log")
 def audit_log(
     since: str = typer.Option("", "--since", help="Only records at or after this ISO time."),
     target: str = typer.Option("", "--target", help="Only records about this target."),
-    fmt: str = typer.Option("table", "--format", help="table or json."),
+    fmt: str = format_option(),
+    columns: str = columns_option(AUDIT_COLUMNS),
 ) -> None:
     """Show the audit log."""
-    check_format(fmt)
     from popek.trust.audit import AuditLog
     from popek.trust.keys import parse_time
 
@@ -209,13 +238,7 @@ def audit_log(
     recs = [r for r in AuditLog(_trust()).records()
             if (not target or r.get("target") == target)
             and (after is None or parse_time(str(r.get("time")), "time") >= after)]
-    if fmt == "json":
-        print(json.dumps(recs, indent=2))
-        return
-    print_table(["SEQ", "TIME", "ACTOR", "OPERATION", "TARGET", "RESULT", "CHANGE"],
-                [[str(r.get("seq")), str(r.get("time")), str(r.get("actor")), str(r.get("op")),
-                  str(r.get("target")), str(r.get("result"))[:80], str(r.get("change", ""))[:80]]
-                 for r in recs])
+    listing(recs, AUDIT_COLUMNS, fmt, select=columns, command="popek audit log")
 
 
 @audit_app.command("verify")

@@ -35,7 +35,14 @@ from popek.core.model import (
     parse_mount,
     validate_name,
 )
-from popek.core.netglue import InstanceNetworks, NetworksFactory, host_networks, split_network
+from popek.core.netglue import (
+    InstanceNetworks,
+    NetworksFactory,
+    host_networks,
+    owner_name,
+    port_json,
+    split_network,
+)
 from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
 from popek.core.records import Active, Records
@@ -546,6 +553,22 @@ class Instances:
         inst = self.get(name)
         return self._engine(inst).console_log(self._spec_for_running(inst))
 
+    def summaries(self, project: str | None = DEFAULT_PROJECT) -> list[dict[str, Any]]:
+        """Every instance (of ``project``), reconciled, as ``popek list`` shows it.
+
+        Each with its network ports (their addresses from the store: one read
+        for all instances, no netlink).
+        """
+        insts = self.settled(project)
+        ports: dict[str, list[dict[str, Any]]] = {}
+        for p in self.nets.all_ports():
+            ports.setdefault(p.instance, []).append(port_json(p))
+        return [{"name": i.name, "project": i.project, "state": i.state.value,
+                 "reason": i.reason, "engine": i.spec.engine, "image": i.spec.image,
+                 "vcpus": i.spec.vcpus, "memory": i.spec.memory, "label": i.spec.label,
+                 "created": i.created, "pid": i.runtime.pid if i.runtime else None,
+                 "ports": ports.get(owner_name(i), [])} for i in insts]
+
     def info(self, name: str) -> dict[str, Any]:
         """Return the record of ``name`` with live engine details when it runs."""
         inst = self.get(name)
@@ -558,9 +581,7 @@ class Instances:
             "accel_requested": inst.spec.accel,
             "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
             "history": inst.history,
-            "ports": [{"network": p.network, "mac": p.mac, "ipv4": p.ipv4, "ipv6": p.ipv6,
-                       "host_device": p.host_ifname, "kind": p.kind}
-                      for p in self.nets.ports(inst)],
+            "ports": [port_json(p) for p in self.nets.ports(inst)],
         }
         if inst.runtime is not None and inst.state in (State.RUNNING, State.PAUSED):
             data["pid"] = inst.runtime.pid

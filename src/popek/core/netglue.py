@@ -10,7 +10,7 @@ host's by default; a fake network host in unit tests).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from popek.core.model import Instance
 from popek.network.model import Network, Port
@@ -40,6 +40,12 @@ def split_network(text: str) -> tuple[str, str | None]:
 def owner_name(inst: Instance) -> str:
     """How a port record names the instance that holds it."""
     return f"{inst.project}/{inst.name}"
+
+
+def port_json(port: Port) -> dict[str, Any]:
+    """What ``popek info`` and ``popek list --format json`` say of an instance's port."""
+    return {"network": port.network, "mac": port.mac, "ipv4": port.ipv4, "ipv6": port.ipv6,
+            "host_device": port.host_ifname, "kind": port.kind}
 
 
 class InstanceNetworks:
