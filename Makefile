@@ -42,5 +42,11 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# Take popek off this host: popek admin reset (PURGE=1: --purge, the data too),
+# then the boot unit, the completion scripts and .venv (scripts/uninstall.sh).
+.PHONY: uninstall
+uninstall:
+	@bash scripts/uninstall.sh
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

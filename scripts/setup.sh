@@ -21,6 +21,23 @@ if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" 
   apt-get update -q
 fi
 
+# The boot unit (popek admin boot: networks back, boot.autostart instances
+# started) where systemd is, or may come: PID 1 or /etc/systemd/system.
+if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || [ -d /etc/systemd/system ]; then
+  unit=/etc/systemd/system/popek-boot.service
+  sed "s|@POPEK@|$PWD/.venv/bin/popek|" contrib/systemd/popek-boot.service.in > "$unit.new"
+  if cmp -s "$unit.new" "$unit"; then rm "$unit.new"; else
+    mv "$unit.new" "$unit"
+    echo "setup: installed $unit"
+    if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+      systemctl daemon-reload && systemctl enable --quiet popek-boot.service
+    else
+      mkdir -p /etc/systemd/system/multi-user.target.wants
+      ln -sf "$unit" /etc/systemd/system/multi-user.target.wants/popek-boot.service
+    fi
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -163,3 +163,37 @@ def test_boot_brings_networks_back_and_starts_autostart_instances_only(home: Pat
     # a second boot has nothing to start
     again = popek("admin", "boot").stdout
     assert "started instance" not in again
+
+
+def test_make_uninstall_resets_then_removes_what_setup_installed(home: Path,
+                                                                  tmp_path: Path) -> None:
+    """scripts/uninstall.sh (``make uninstall``) in a copy of the checkout, DESTDIR for the
+    system paths: the real popek (through a .venv/bin/popek of the copy) resets the home,
+    then the unit, the completion scripts and the copy's .venv go."""
+    popek("launch", "minimal", f"{TAG}-u", "--container")
+    assert cgroups_of(home)
+    checkout, dest = tmp_path / "checkout", tmp_path / "dest"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "uninstall.sh", checkout / "scripts")
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    wrapper = checkout / ".venv" / "bin" / "popek"
+    # the command server is shared by everyone on this machine: the copy leaves it alone
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = command-server ] && exit 0\n'
+                       f'exec {REPO}/.venv/bin/popek "$@"\n')
+    wrapper.chmod(0o755)
+    installed = [dest / "etc/systemd/system/popek-boot.service",
+                 dest / "usr/share/bash-completion/completions/popek",
+                 dest / "usr/share/zsh/vendor-completions/_popek",
+                 dest / "usr/share/fish/vendor_completions.d/popek.fish"]
+    for f in installed:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x\n")
+    out = subprocess.run(["bash", str(checkout / "scripts" / "uninstall.sh")],
+                         env={**os.environ, "DESTDIR": str(dest)}, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert f"stopped instance {TAG}-u" in out.stdout
+    assert [f for f in installed if f.exists()] == []
+    assert not (checkout / ".venv").exists()
+    assert cgroups_of(home) == [] and runc_ids(home) == []
+    assert states(home) == {f"{TAG}-u": "stopped"}  # the data stays without PURGE=1

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make uninstall`: take popek off this host, as root.  First `popek admin
+# reset` (the instances of POPEK_HOME, default /var/lib/popek, are stopped and
+# its bridges, nftables tables, cgroups, dnsmasqs and what homes share are
+# removed; its data stays unless PURGE=1), then what `make setup` installed:
+# the boot unit, the completion scripts, the command server and .venv.
+# Debian packages and the download cache (.cache) stay.  DESTDIR prefixes the
+# system paths (the unit, the completion scripts), as for an install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+D=${DESTDIR:-}
+UNIT=$D/etc/systemd/system/popek-boot.service
+COMPLETIONS=(
+  "$D/usr/share/bash-completion/completions/popek"
+  "$D/usr/share/zsh/vendor-completions/_popek"
+  "$D/usr/share/fish/vendor_completions.d/popek.fish"
+)
+
+if [ -x .venv/bin/popek ]; then
+  if [ "${PURGE:-}" = 1 ]; then
+    .venv/bin/popek admin reset --yes --purge
+  else
+    .venv/bin/popek admin reset --yes
+  fi
+  .venv/bin/popek command-server stop || true
+fi
+if [ -f "$UNIT" ]; then
+  if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    systemctl disable --quiet popek-boot.service || true
+  fi
+  rm -f "$UNIT" "$D/etc/systemd/system/multi-user.target.wants/popek-boot.service"
+  echo "uninstall: removed $UNIT"
+  if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    systemctl daemon-reload
+  fi
+fi
+for f in "${COMPLETIONS[@]}"; do
+  if [ -e "$f" ]; then
+    rm -f "$f"
+    echo "uninstall: removed $f"
+  fi
+done
+if [ -z "$D" ] && rmdir /run/popek 2>/dev/null; then echo "uninstall: removed /run/popek"; fi
+rm -rf .venv build src/*.egg-info
+echo "uninstall: removed .venv; Debian packages and .cache are left in place"
