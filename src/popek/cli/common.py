@@ -24,5 +24,8 @@ def format_option() -> Any:
 
 def columns_option(columns: Sequence[Column]) -> Any:
     """``--columns`` / ``-c``: the columns of a listing, by name or incus-style letters."""
+    letters = " (or their letters run together, as incus's: -c ns4)" if any(
+        c.letter for c in columns) else ""
     return typer.Option("", "--columns", "-c",
-                        help=f"Columns of the table and csv, comma-separated: {describe(columns)}.")
+                        help=f"Columns of the table and csv, comma-separated names{letters}: "
+                             f"{describe(columns)}.")
