@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   slirp4netns     # user-mode networking of sandboxes run with --net
   nftables dnsmasq-base iperf3 tcpdump
   gcc libc6-dev   # the guest verifier and the security tests' attack tool are built static
+  zsh fish        # popek's completion scripts are tested in each shell (bash is there)
 )
 
 . scripts/lib/debs.sh
@@ -60,4 +61,7 @@ fi
 # command to the warm command server, or runs the Python client, which runs
 # it in-process (popek/cli/client.py, docs/ARCHITECTURE.md).
 .venv/bin/python -m popek.cli.client .venv/bin/popek
+# Completion of the command `popek` for bash, zsh and fish, in each shell's
+# completion directory that exists (popek/cli/completion.py: INSTALL_DIRS).
+.venv/bin/python -m popek.cli.completion
 echo "setup: ready"

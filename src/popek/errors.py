@@ -12,6 +12,43 @@ from __future__ import annotations
 #: the longest error message popek prints (a 100 KB value is shown by its ends)
 MAX_MESSAGE = 1000
 
+# -- exit codes: a contract scripts rely on ---------------------------------------
+# One table, here: `popek --help` prints it and a unit test holds the README's
+# table and every error class's ``exit_code`` to it (tests/unit/test_exit_codes.py).
+SUCCESS = 0
+FAILURE = 1
+BAD_INPUT = 2
+TAMPERED = 3
+DENIED = 4
+CONFLICT = 5
+UNAVAILABLE = 6
+DAMAGED = 7
+NOT_FOUND = 8
+EXISTS = 9
+WRONG_STATE = 10
+INTERNAL = 70
+INTERRUPTED = 130
+
+#: every exit code of ``popek`` and what it means, in order
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (SUCCESS, "success"),
+    (FAILURE, "failed: an engine, the host or a build failed (the message says why)"),
+    (BAD_INPUT, "bad input: an argument, option or value is refused; nothing changed"),
+    (TAMPERED, "tampered: a signature, a hash or the audit chain failed its check"),
+    (DENIED, "denied by the access control policy (the message names the rule)"),
+    (CONFLICT, "conflict: another operation changed the same object at once; retry"),
+    (UNAVAILABLE, "the state store cannot be written: busy, no permission or no space"),
+    (DAMAGED, "the state store or a log is damaged (its path is in the message)"),
+    (NOT_FOUND, "not found: no instance, image, network, key... of that name"),
+    (EXISTS, "already exists: there is one of that name"),
+    (WRONG_STATE, "wrong state: its state does not allow it; the message says what to do"),
+    (INTERNAL, "internal error: a bug in popek, please report it"),
+    (INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+#: what the table leaves out: the commands whose exit code is their guest command's
+EXIT_CODES_NOTE = ("popek exec and popek sandbox run exit with the code of the command "
+                   "they ran, once it runs.")
+
 
 def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` if it has at most ``limit`` characters, else its two ends and what was cut.
@@ -32,7 +69,7 @@ def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
 class PopekError(Exception):
     """Root of every error popek raises on purpose."""
 
-    exit_code: int = 1
+    exit_code: int = FAILURE
 
     def __init__(self, message: str) -> None:
         message = bounded(message)
@@ -46,29 +83,38 @@ class PopekError(Exception):
 class InvalidInput(PopekError):
     """A value given by the user (name, size, count, option) is not acceptable."""
 
-    exit_code = 2
+    exit_code = BAD_INPUT
 
 
 class NotFound(PopekError):
     """A named object (instance, image, ...) does not exist."""
 
+    exit_code = NOT_FOUND
+
 
 class AlreadyExists(PopekError):
     """A named object already exists."""
+
+    exit_code = EXISTS
 
 
 class StateError(PopekError):
     """An operation was asked for in a state that does not allow it.
 
-    Carries the current state and the states the operation requires.
+    Carries the current state, the states the operation requires and a
+    ``hint``: what to do next (``popek start NAME``), appended to the message.
     """
 
-    def __init__(self, target: str, operation: str, state: str, required: tuple[str, ...]) -> None:
+    exit_code = WRONG_STATE
+
+    def __init__(self, target: str, operation: str, state: str, required: tuple[str, ...],
+                 hint: str = "") -> None:
         allowed = ", ".join(required) if required else "none"
         super().__init__(
             f"cannot {operation} {target}: it is {state}; "
-            f"{operation} needs it to be one of: {allowed}"
+            f"{operation} needs it to be one of: {allowed}" + (f"; {hint}" if hint else "")
         )
+        self.hint = hint
         self.target = target
         self.operation = operation
         self.state = state
@@ -94,6 +140,8 @@ class ImageError(PopekError):
 class IntegrityError(ImageError):
     """A file no longer matches the hash or size recorded for it."""
 
+    exit_code = TAMPERED
+
 
 class StoreError(PopekError):
     """The state store failed (corrupt database, failed transaction, ...)."""
@@ -102,19 +150,19 @@ class StoreError(PopekError):
 class ConflictError(StoreError):
     """A compare-and-swap lost: another operation changed the record first; retry."""
 
-    exit_code = 5
+    exit_code = CONFLICT
 
 
 class StoreUnavailable(StoreError):
     """The state store cannot be reached or written (busy, full disk, no permission)."""
 
-    exit_code = 6
+    exit_code = UNAVAILABLE
 
 
 class StoreDamaged(StoreUnavailable):
     """The state store or a log is damaged; its path is in the message, nothing was replaced."""
 
-    exit_code = 7
+    exit_code = DAMAGED
 
 
 class AgentError(EngineError):

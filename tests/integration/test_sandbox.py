@@ -119,7 +119,7 @@ def test_custom_profile_is_used(popek_home: Path, shared_dir: Path) -> None:
 
 def test_bad_input_is_refused_clearly(popek_home: Path) -> None:
     code, _, err = sandbox("--profile", "nope", "--", "true")
-    assert code == 1 and "unknown sandbox profile 'nope'; available: default, net" in err
+    assert code == 8 and "unknown sandbox profile 'nope'; available: default, net" in err
     code, _, err = sandbox("--ro", "/proc/1", "--", "true")
     assert code == 2 and "is under /proc" in err
     code, _, err = sandbox("--memory", "lots", "--", "true")

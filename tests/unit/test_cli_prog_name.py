@@ -150,7 +150,8 @@ def test_completion_scripts_name_popek(native: Path, home: Path) -> None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True,
                              env={**env, "_POPEK_COMPLETE": "source_bash"}).stdout
         _completion_named_popek(out)
-        out = subprocess.run([*argv, "--show-completion", "bash"], capture_output=True,
+        # popek completion bash: what a user loads (zsh and fish: tests/unit/test_completion.py)
+        out = subprocess.run([*argv, "completion", "bash"], capture_output=True,
                              text=True, timeout=120, check=True, env=env).stdout
         _completion_named_popek(out)
 

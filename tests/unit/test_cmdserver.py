@@ -420,7 +420,7 @@ def test_the_native_client_runs_commands_in_the_server(server: Server, native: P
     assert json.loads(out.stdout) == []
     err = subprocess.run([str(native), "info", "nosuch"], capture_output=True, text=True,
                          env=env, check=False)
-    assert err.returncode == 1 and "instance 'nosuch' not found" in err.stderr
+    assert err.returncode == 8 and "instance 'nosuch' not found" in err.stderr
     # it went through the server: the server's spare made the store, not a local process
     assert (tmp_path / "h" / "state.db").exists()
 

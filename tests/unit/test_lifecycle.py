@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from popek.core.lifecycle import ACTIVE, OPERATIONS, State, transition
+from popek.core.lifecycle import ACTIVE, OPERATIONS, State, next_step, transition
 from popek.errors import StateError
 
 S = State
@@ -61,8 +61,12 @@ def test_every_state_and_operation(state: State, op: str) -> None:
     assert err.state == state.value
     # the required states are named, sorted, so the message is stable
     assert err.required == tuple(required)
+    # then what to do next, when popek knows (issue 13.5)
+    hint = next_step("vm", op, state)
+    assert err.hint == hint
     assert str(err) == (f"cannot {op} vm: it is {state.value}; "
-                        f"{op} needs it to be one of: {', '.join(required)}")
+                        f"{op} needs it to be one of: {', '.join(required)}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def test_delete_from_running_is_refused() -> None:
@@ -77,4 +81,19 @@ def test_active_states_are_those_with_a_live_engine() -> None:
 
 def test_pause_a_stopped_instance_message() -> None:
     with pytest.raises(StateError, match="cannot pause vm: it is stopped; pause needs it"):
+        transition("vm", State.STOPPED, "pause")
+
+
+def test_a_refused_delete_names_stop_and_force() -> None:
+    for state in (S.RUNNING, S.PAUSED, S.STARTING):
+        with pytest.raises(StateError) as exc:
+            transition("web", state, "delete")
+        assert "popek stop web" in str(exc.value), state
+        assert "popek delete --force web" in str(exc.value), state
+
+
+def test_starting_a_paused_or_pausing_a_stopped_instance_says_what_to_run() -> None:
+    with pytest.raises(StateError, match="resume it: popek resume vm$"):
+        transition("vm", State.PAUSED, "start")
+    with pytest.raises(StateError, match="start it first: popek start vm$"):
         transition("vm", State.STOPPED, "pause")

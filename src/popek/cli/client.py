@@ -50,6 +50,8 @@ ENV_SWITCH = "POPEK_CLI_SERVER"
 ENV_SOCKET = "POPEK_CLI_SOCKET"
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 LOCAL_COMMANDS = ("command-server",)
+#: a shell's completion request (see popek.cli.completion)
+COMPLETE_VAR = "_POPEK_COMPLETE"
 #: run in-process too: Typer's completion options find the user's shell among the
 #: command's parent processes, which in the server are the server's, not the shell
 LOCAL_OPTIONS = ("--help", "--install-completion", "--show-completion")
@@ -59,7 +61,8 @@ def main() -> None:
     """Entry point of the ``popek`` launcher: remote when possible, else in-process."""
     args = sys.argv[1:]
     switch = os.environ.get(ENV_SWITCH, "on")
-    if switch != "off" and os.geteuid() == 0 and remote_allowed(args, _tty()):
+    if switch != "off" and os.geteuid() == 0 and remote_allowed(args, _tty(),
+                                                                COMPLETE_VAR in os.environ):
         code = run_remote(args)
         if code is not None:
             os._exit(code)
@@ -71,13 +74,16 @@ def _tty() -> bool:
     return os.isatty(0) and os.isatty(1)
 
 
-def remote_allowed(args: list[str], tty: bool) -> bool:
+def remote_allowed(args: list[str], tty: bool, completing: bool = False) -> bool:
     """Say whether ``args`` may run in the command server (not interactive commands).
 
     ``tty``: the caller's stdin and stdout are terminals.  The server asks the
     same question of the descriptors it receives (the native client has no
-    rules of its own).
+    rules of its own).  ``completing``: a shell's completion request (its
+    words are in the environment, ``args`` is empty): answered by the server.
     """
+    if completing and not args:
+        return True
     words = [a for a in args if not a.startswith("-")]
     if not words or words[0] in LOCAL_COMMANDS or any(a in LOCAL_OPTIONS for a in args):
         return False

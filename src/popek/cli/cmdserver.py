@@ -273,7 +273,9 @@ def _handle(conn: socket.socket, fresh: Callable[[], bool]) -> bool:
         if len(fds) != 3:
             conn.sendall(b"Eexpected stdin, stdout and stderr\n")
             return True
-        if not client.remote_allowed(request.args, os.isatty(fds[0]) and os.isatty(fds[1])):
+        completing = client.COMPLETE_VAR.encode() in request.env
+        if not client.remote_allowed(request.args, os.isatty(fds[0]) and os.isatty(fds[1]),
+                                     completing):
             conn.sendall(b"Linteractive: run it in-process\n")
             return True
         _command(conn, fds, request)

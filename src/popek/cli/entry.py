@@ -31,8 +31,8 @@ ON_EXIT: list[Callable[[int], None]] = []
 
 
 def warn_unless_root(args: list[str]) -> None:
-    """Say that instances need root, unless asking for help."""
-    if os.geteuid() != 0 and "--help" not in args:
+    """Say that instances need root, unless asking for help or completing a command line."""
+    if os.geteuid() != 0 and "--help" not in args and not os.environ.get("_POPEK_COMPLETE"):
         print("popek: warning: not running as root; instances need root to drop to their "
               "own uid", file=sys.stderr)
 

@@ -244,13 +244,14 @@ def audit_log(
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Check the whole chain, the signed checkpoints and the stored head."""
+    from popek.errors import TAMPERED
     from popek.trust.audit import AuditLog
 
     problems = AuditLog(_trust()).verify()
     if problems:
         for p in problems:
             print(f"TAMPERED: {p}")
-        raise typer.Exit(5)
+        raise typer.Exit(TAMPERED)
     print("Audit log intact.")
 
 
@@ -266,8 +267,10 @@ def audit_checkpoint() -> None:
 
 # -- attest ---------------------------------------------------------------------------
 def attest(
-    name: str = typer.Argument(..., help="Instance to attest; or 'verify' to check a quote."),
-    quote_file: str = typer.Argument("", help="With 'verify': the quote file ('-': stdin)."),
+    name: str = typer.Argument(..., help="Instance to attest (one called verify too); or "
+                                          "'verify' followed by a QUOTE file to check it."),
+    quote_file: str = typer.Argument("", metavar="[QUOTE]",
+                                     help="With 'verify': the quote file ('-': stdin)."),
     nonce: str = typer.Option(..., "--nonce", help="The verifier's fresh nonce, hex."),
     expect: str = typer.Option("", "--expect", help="With 'verify': the expected measurement "
                                                     "(a measurement or quote JSON file)."),
@@ -275,11 +278,23 @@ def attest(
                                                         "attestation public key, when it is "
                                                         "not in this host's trust store."),
 ) -> None:
-    """Quote instance NAME's launch measurement over NONCE; or verify a quote."""
+    """Quote instance NAME's launch measurement over NONCE; or verify a quote.
+
+    Two words make a verification (``verify QUOTE``), one an instance's quote, so an
+    instance may be called ``verify``: ``popek attest verify --nonce HEX`` quotes it.
+    """
     from popek.trust import measure as ms
 
+    verify = "popek attest verify QUOTE --nonce HEX --expect FILE"
+    if quote_file and name != "verify":
+        raise InvalidInput(f"popek attest quotes one instance: {quote_file!r} is one argument "
+                           f"too many; to check a quote: {verify}")
+    if not quote_file and (expect or key_file):
+        raise InvalidInput(f"--expect and --key-file check a quote and need its file: {verify} "
+                           "('-' reads it from stdin); popek attest NAME --nonce HEX quotes "
+                           "instance NAME, one called verify too")
     trust = _trust()
-    if name == "verify" and quote_file:
+    if quote_file:
         if not expect:
             raise InvalidInput("attest verify needs --expect FILE (the expected measurement)")
         from popek.trust.keys import public_raw_from_text

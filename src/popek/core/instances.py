@@ -25,7 +25,7 @@ from popek.core import config as cfg
 from popek.core.access import Access, decision_lock
 from popek.core.guard import Guard
 from popek.core.host import check_resources
-from popek.core.lifecycle import ACTIVE, State, transition
+from popek.core.lifecycle import ACTIVE, State, refused, transition
 from popek.core.model import (
     DEFAULT_LABEL,
     DEFAULT_PROJECT,
@@ -57,8 +57,10 @@ from popek.state.store import StateStore
 Progress = Callable[[str], None]
 EngineFactory = Callable[[str], Engine]
 CONFIG_KEYS = cfg.CONFIG_KEYS
+#: what :meth:`Instances.stop` returns for an instance that was stopped already
+ALREADY_STOPPED = "already stopped"
 check_limits = cfg.check_limits
-__all__ = ["CONFIG_KEYS", "Instances", "check_limits", "split_network"]
+__all__ = ["ALREADY_STOPPED", "CONFIG_KEYS", "Instances", "check_limits", "split_network"]
 
 
 def _noop(_: str) -> None:
@@ -356,11 +358,17 @@ class Instances:
     def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> str:
         """Stop ``name``: ACPI power button, then force after ``timeout`` s.
 
-        Returns ``graceful`` or ``forced``.
+        Returns ``graceful`` or ``forced``, or :data:`ALREADY_STOPPED` for a stopped
+        instance (a success that changed nothing, as podman's stop).
         """
         if timeout < 0:
             raise InvalidInput(f"invalid timeout {timeout}: must be 0 or more seconds")
-        inst, rev = self.records.intent(name, "stop")
+        try:
+            inst, rev = self.records.intent(name, "stop")
+        except StateError as exc:  # refused before anything was written
+            if exc.state == State.STOPPED.value:
+                return ALREADY_STOPPED
+            raise
         assert inst.runtime is not None
         try:
             how = self._engine(inst).stop(self._spec_for_running(inst), inst.runtime, force,
@@ -417,7 +425,7 @@ class Instances:
         eng = self._engine(inst)
         require(eng, Capability.EXEC)
         if inst.state != State.RUNNING:
-            raise StateError(name, "exec", inst.state.value, (State.RUNNING.value,))
+            raise refused(name, "exec", inst.state, (State.RUNNING.value,))
         return inst, eng
 
     def exec(self, name: str, argv: list[str], stdin: bytes = b"",
@@ -544,8 +552,8 @@ class Instances:
         eng = self._engine(inst)
         require(eng, Capability.CONSOLE)
         if inst.state not in (State.RUNNING, State.PAUSED):
-            raise StateError(name, "attach a console to", inst.state.value,
-                             (State.PAUSED.value, State.RUNNING.value))
+            raise refused(name, "attach a console to", inst.state,
+                          (State.PAUSED.value, State.RUNNING.value))
         eng.console(self._spec_for_running(inst), escape)
 
     def console_log(self, name: str) -> bytes:

@@ -51,6 +51,15 @@ class ImageStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if valid_name(p.name) and p.is_dir())
 
+    def _missing(self, name: str) -> NotFound:
+        """The error for image ``name`` that is not there: the images there are, and how to
+        make one (built by its builder of that name, or any of them, or imported)."""
+        available = ", ".join(self._names()) or "none"
+        how = (f"build it with popek image build {name}" if name in BUILDERS else
+               f"build one with popek image build NAME ({', '.join(sorted(BUILDERS))}) or "
+               "import one with popek image import FILE NAME")
+        return NotFound(f"image '{name}' not found; available: {available}; {how}")
+
     def list(self) -> list[Image]:
         """Return the images with a valid manifest, sorted by name (``get`` reports broken ones)."""
         images = []
@@ -71,8 +80,7 @@ class ImageStore:
         self._check_name(name)
         path = self.root / name
         if not path.is_dir():
-            available = ", ".join(self._names()) or "none"
-            raise NotFound(f"image '{name}' not found; available: {available}")
+            raise self._missing(name)
         try:
             text = (path / MANIFEST_NAME).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -94,8 +102,7 @@ class ImageStore:
         self._check_name(name)
         path = self.root / name
         if not path.is_dir():
-            available = ", ".join(self._names()) or "none"
-            raise NotFound(f"image '{name}' not found; available: {available}")
+            raise self._missing(name)
         with self._lock():
             self._discard(path)
 

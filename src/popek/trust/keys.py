@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from popek import paths
-from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError
+from popek.errors import TAMPERED, AlreadyExists, InvalidInput, NotFound, PopekError
 from popek.state.schema import TRUST_KEYS_PREFIX, VERIFIED_PREFIX
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ HOST_KEYS = {role: f"host-{role}" for role in ROLES}
 class TrustError(PopekError):
     """A signature or key did not pass a check; the message names the check."""
 
-    exit_code = 3
+    exit_code = TAMPERED
 
 
 def now() -> datetime:

@@ -28,7 +28,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from popek.errors import InvalidInput, PopekError
+from popek.errors import DENIED, InvalidInput, PopekError
 from popek.names import check_label
 from popek.state.schema import POLICY_FLOOR_KEY, POLICY_KEY
 from popek.state.store import Put
@@ -60,7 +60,7 @@ labels = ["default"]
 class PolicyDenied(PopekError):
     """The access control policy refuses the operation; the message says which rule."""
 
-    exit_code = 4
+    exit_code = DENIED
 
 
 @dataclass(frozen=True)

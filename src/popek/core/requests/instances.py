@@ -107,7 +107,7 @@ class Stop(_Named[str]):
     timeout: float = 30.0
 
     def run(self, core: Core) -> str:
-        """Stop it; return ``graceful`` or ``forced``."""
+        """Stop it; return ``graceful``, ``forced`` or ``already stopped`` (not an error)."""
         return core.instances.stop(self.name, self.force, self.timeout)
 
 

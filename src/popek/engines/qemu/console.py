@@ -18,7 +18,10 @@ from popek.errors import EngineError
 def attach(sock: Path, escape: bytes = b"\x1d") -> None:
     """Relay the caller's stdin/stdout to ``sock`` until ``escape`` is typed or it closes.
 
-    Only one console session may be attached at a time.
+    Only one console session may be attached at a time.  A stdin that is not
+    a terminal (a pipe, a file, ``/dev/null``) is sent whole, and then what the
+    console writes keeps coming until it closes (the instance stops) or the
+    caller ends the command.
     """
     with open(sock.with_suffix(".lock"), "a") as lock:
         try:
@@ -38,9 +41,13 @@ def _relay(s: socket.socket, escape: bytes) -> None:
     stdout = sys.stdout.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     sel = selectors.DefaultSelector()
-    sel.register(stdin, selectors.EVENT_READ)
     sel.register(s, selectors.EVENT_READ)
     try:
+        try:
+            sel.register(stdin, selectors.EVENT_READ)
+        except (OSError, ValueError):  # a regular file or /dev/null: epoll refuses it
+            if not _send_input(stdin, s, escape):
+                return
         if saved is not None:
             tty.setraw(stdin)
         while True:
@@ -50,16 +57,30 @@ def _relay(s: socket.socket, escape: bytes) -> None:
                     if not data:
                         return
                     os.write(stdout, data)
-                else:
-                    data = os.read(stdin, 4096)
-                    if not data:
+                    continue
+                data = os.read(stdin, 4096)
+                if not data:
+                    if saved is not None:  # the terminal hung up
                         return
-                    if escape in data:
-                        with contextlib.suppress(OSError):
-                            s.sendall(data[: data.index(escape)])
-                        return
-                    s.sendall(data)
+                    sel.unregister(stdin)  # the input ended: the output goes on
+                    continue
+                if escape in data:
+                    with contextlib.suppress(OSError):
+                        s.sendall(data[: data.index(escape)])
+                    return
+                s.sendall(data)
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         sel.close()
+
+
+def _send_input(stdin: int, s: socket.socket, escape: bytes) -> bool:
+    """Send all of a stdin that cannot be polled; ``False`` when it held the escape byte."""
+    while data := os.read(stdin, 65536):
+        if escape in data:
+            with contextlib.suppress(OSError):
+                s.sendall(data[: data.index(escape)])
+            return False
+        s.sendall(data)
+    return True
