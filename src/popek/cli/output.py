@@ -125,8 +125,9 @@ def render(data: Any, sections: Sequence[Section], fmt: str, boxed: bool = False
 
         # through JSON, so both formats give the same data (tuples, paths...)
         plain = json.loads(json.dumps(data, default=str))
-        return str(yaml.safe_dump(plain, sort_keys=False, default_flow_style=False,
-                                  allow_unicode=True))
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: 20 times faster
+        return str(yaml.dump(plain, Dumper=dumper, sort_keys=False, default_flow_style=False,
+                             allow_unicode=True))
     if fmt == "csv":
         return _csv(sections)
     if fmt != "table":
