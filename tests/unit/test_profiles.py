@@ -216,3 +216,44 @@ def test_profile_requests_are_audited_and_delete_is_refused_in_use(
                     ("profile.delete", "p", "ok"), ("profile.delete", "p", "error")]
     created = next(r for r in audit(tmp_path) if r["op"] == "profile.create")
     assert created["change"] == 'description="d" config={"limits.cpu":"1"} networks=[]'
+
+
+@pytest.mark.parametrize(("argv", "request_", "stdin"), [
+    (["profile", "create", "p", "-c", "limits.cpu=1", "--network", "lan"],
+     ProfileCreate("p", config={"limits.cpu": "1"}, networks=("lan",)), ""),
+    (["profile", "create", "p", "-c", "limits.memory=lots"],
+     ProfileCreate("p", config={"limits.memory": "lots"}), ""),
+    (["profile", "delete", "ghost"], ProfileDelete("ghost"), ""),
+])
+def test_the_cli_and_the_library_leave_the_same_profile_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], request_: Any,
+        stdin: str) -> None:
+    from unit.test_service_audit import cli, mutating, records
+
+    cli_home, lib_home = tmp_path / "cli", tmp_path / "lib"
+    monkeypatch.setenv("POPEK_HOME", str(lib_home))
+    proc = cli(cli_home, *argv, stdin=stdin)
+    try:
+        Core().handle(request_)
+        failed = False
+    except (InvalidInput, NotFound):
+        failed = True
+    assert (proc.returncode != 0) == failed, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == failed  # one line, or none
+    assert mutating(records(cli_home)) == mutating(records(lib_home)) != []
+
+
+def test_profile_edit_reads_a_document_on_stdin(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from unit.test_service_audit import cli
+
+    home = tmp_path / "home"
+    assert cli(home, "profile", "create", "p").returncode == 0
+    proc = cli(home, "profile", "edit", "p",
+               stdin="description: one CPU\nconfig:\n  limits.cpu: 1\n")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(cli(home, "profile", "show", "p", "--format", "json").stdout)
+    assert shown == {"name": "p", "description": "one CPU", "config": {"limits.cpu": "1"},
+                     "networks": [], "used_by": []}
+    bad = cli(home, "profile", "edit", "p", stdin="config: {limits.gpu: 1}\n")
+    assert bad.returncode == 2 and bad.stderr.startswith("Error: unknown key 'limits.gpu'")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import click
 
 READ_ONLY = frozenset({
-    "list", "info", "config.show",
+    "list", "info", "config.show", "config.get", "profile.list", "profile.show",
     "image.list", "image.info",
     "network.list", "network.info",
     "trust.list", "trust.export",

@@ -15,8 +15,10 @@ import typer
 from popek.cli import completion, exitcodes, ops
 from popek.cli.admin import app as admin_app
 from popek.cli.common import columns_option, format_option
+from popek.cli.config import app as config_app
 from popek.cli.network import app as network_app
 from popek.cli.output import Column, details, listing
+from popek.cli.profile import app as profile_app
 from popek.cli.project import app as project_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
@@ -76,26 +78,36 @@ def version_() -> None:
 def launch(
     image: str = typer.Argument(..., help="Image to launch (see popek image list)."),
     name: str = typer.Argument(..., help="Instance name: a-z, 0-9 and '-', 1-63 characters."),
-    vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual CPUs."),
-    memory: str = typer.Option("512MiB", "--memory", help="Memory, e.g. 512MiB or 2GiB."),
+    vcpus: int | None = typer.Option(None, "--vcpus",
+                                     help="Number of virtual CPUs (limits.cpu; default 1)."),
+    memory: str | None = typer.Option(None, "--memory", help="Memory, e.g. 512MiB or 2GiB "
+                                      "(limits.memory; default 512MiB)."),
     accel: str = typer.Option("auto", "--accel", help="VMs: auto (detect), kvm or tcg."),
     container: bool = typer.Option(False, "--container", help="A system container, not a VM."),
     runtime: str = typer.Option("auto", "--runtime",
                                 help="Containers: auto, runc or crun (auto: crun on cgroup v2)."),
-    pids: int = typer.Option(1024, "--pids", help="Containers: most processes at once."),
+    pids: int | None = typer.Option(None, "--pids", help="Most processes at once "
+                                    "(limits.pids; containers' default 1024)."),
     mount: list[str] = typer.Option([], "--mount",
                                     help="Containers: share a host directory, SRC:DST[:ro]."),
     network: list[str] = typer.Option([], "--network",
                                       help="Attach to popek network NAME, or NAME=IP for a "
                                            "static address (repeatable)."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds to wait for the guest."),
-    label: str = typer.Option("default", "--label",
-                              help="Access control label (see popek policy show)."),
+    label: str | None = typer.Option(None, "--label", help="Access control label (see popek "
+                                     "policy show; default: default)."),
     net_rate: str = typer.Option("", "--net-rate",
                                  help="Limit each network port, both ways, e.g. 100Mbit."),
     disk: str = typer.Option("", "--disk",
                              help="Containers: the size of the writable layer (limits.disk), "
                                   "e.g. 20GiB; default: the project's (popek project show)."),
+    config: list[str] = typer.Option([], "--config", "-c", metavar="KEY=VALUE",
+                                     help="A config key (repeatable; popek config set lists "
+                                          "them); wins over a shorthand option such as "
+                                          "--memory for the same key."),
+    profile: list[str] = typer.Option([], "--profile", "-p",
+                                      help="Apply a profile's keys and networks (repeatable, "
+                                           "in order; then the options, then -c)."),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     ops.launch(**locals())
@@ -202,41 +214,8 @@ def delete(
     ops.delete(**locals())
 
 
-config_app = typer.Typer(no_args_is_help=True, help="Show and change instance settings.")
 app.add_typer(config_app, name="config")
-
-
-@config_app.command("set")
-def config_set(
-    name: str,
-    key: str = typer.Argument(..., help="limits.memory, limits.cpu, limits.pids, limits.net "
-                                        "(e.g. 100Mbit, or none), limits.disk (containers: "
-                                        "grows live, shrinks while stopped) or label (only "
-                                        "while stopped)."),
-    value: str = typer.Argument(..., help="e.g. 256MiB, 2, 512."),
-) -> None:
-    """Change a limit; a running container gets it at once."""
-    from popek.core.requests import ConfigSet
-
-    ops.core().handle(ConfigSet(name, key=key, value=value))
-    print(f"Instance {name}: {key} = {value}.")
-
-
-@config_app.command("show")
-def config_show(name: str, fmt: str = format_option()) -> None:
-    """Show an instance's limits."""
-    from popek.network.shaping import format_rate
-    from popek.units import format_size
-
-    inst = ops.instances(name).get(name)
-    extra: dict[str, Any] = {f"limits.{k}": v for k, v in inst.spec.limits.items()}
-    if "limits.net" in extra:
-        extra["limits.net"] = format_rate(int(extra["limits.net"]))
-    if "limits.disk" in extra:
-        extra["limits.disk"] = format_size(int(extra["limits.disk"]))
-    values = {"limits.memory": format_size(inst.spec.memory), "limits.cpu": inst.spec.vcpus,
-              "label": inst.spec.label, **extra}
-    details(values, list(values.items()), fmt)
+app.add_typer(profile_app, name="profile")
 
 
 server_app = typer.Typer(no_args_is_help=True,

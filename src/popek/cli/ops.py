@@ -74,13 +74,22 @@ def size(text: str, what: str) -> int:
     return parse_size(text, what)
 
 
-def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container: bool,
-           runtime: str, pids: int, mount: list[str], network: list[str], timeout: float,
-           label: str, net_rate: str, disk: str) -> None:
-    """Create an instance from ``image`` and start it."""
-    mem = size(memory, "memory size")
+def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: str,
+           container: bool, runtime: str, pids: int | None, mount: list[str],
+           network: list[str], timeout: float, label: str | None, net_rate: str, disk: str,
+           config: list[str], profile: list[str]) -> None:
+    """Create an instance from ``image`` and start it.
+
+    The shorthand options not given are ``None``: the core then takes the value from
+    the profiles (``profile``) or its defaults, and ``config`` (``-c KEY=VALUE``) wins
+    over both (see :mod:`popek.core.profiles`).
+    """
+    from popek.core.config import parse_pairs
+
+    values = parse_pairs(config)
+    mem = None if memory is None else size(memory, "memory size")
     engine = "container" if container else "qemu"
-    limits: dict[str, int] = {"pids": pids} if container else {}
+    limits: dict[str, int] = {} if pids is None else {"pids": pids}
     if disk:
         limits["disk"] = size(disk, "limits.disk")
     if net_rate:
@@ -88,16 +97,19 @@ def launch(image: str, name: str, vcpus: int, memory: str, accel: str, container
 
         limits["net"] = parse_rate(net_rate)
     from popek.core.requests import Launch
+    from popek.units import format_size
 
     with progress(f"launching {name}") as step:
         inst = core().handle(Launch(
             image=image, name=name, vcpus=vcpus, memory=mem, accel=accel, engine=engine,
             runtime=runtime, limits=limits, mounts=tuple(mount), networks=tuple(network),
-            label=label, ready_timeout=timeout, progress=step))
+            label=label, ready_timeout=timeout, progress=step, profiles=tuple(profile),
+            config=values))
     started = inst.runtime.details if inst.runtime else {}
     how = started.get("accel") or started.get("runtime") or "?"
     kind = "container" if container else "VM"
-    print(f"Instance {name} is running ({kind}, {how}, {vcpus} vCPU, {memory}).")
+    print(f"Instance {name} is running ({kind}, {how}, {inst.spec.vcpus} vCPU, "
+          f"{format_size(inst.spec.memory)}).")
 
 
 def _ipv4(record: dict[str, Any]) -> str:

@@ -13,44 +13,49 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ProfileCreate(Request["Profile"]):
-    """Create profile ``name`` with config keys and networks (an empty one by default)."""
+class _ProfileDoc(Request["Profile"]):
+    """A request carrying a whole profile: its description, config keys and networks."""
 
-    op = "profile.create"
     shown = ("description", "config", "networks")
     name: str
     description: str = ""
     config: dict[str, str] = field(default_factory=dict)
     networks: tuple[str, ...] = ()
 
-    def run(self, core: Core) -> Profile:
-        """Create it; :class:`popek.errors.AlreadyExists` when the name is taken."""
-        from popek.core.profiles import Profile, Profiles
+    def profile(self) -> Profile:
+        """The profile the request describes (checked when stored)."""
+        from popek.core.profiles import Profile
 
-        return Profiles(core.store).create(
-            Profile(self.name, self.description, dict(self.config), list(self.networks)))
+        return Profile(self.name, self.description, dict(self.config), list(self.networks))
 
 
 @dataclass(frozen=True)
-class ProfileEdit(Request["Profile"]):
+class ProfileCreate(_ProfileDoc):
+    """Create profile ``name`` with config keys and networks (an empty one by default)."""
+
+    op = "profile.create"
+
+    def run(self, core: Core) -> Profile:
+        """Create it; :class:`popek.errors.AlreadyExists` when the name is taken."""
+        from popek.core.profiles import Profiles
+
+        return Profiles(core.store).create(self.profile())
+
+
+@dataclass(frozen=True)
+class ProfileEdit(_ProfileDoc):
     """Replace profile ``name`` with the document ``profile edit`` read (all its fields).
 
     Instances launched with it keep their values; those launched later get the new ones.
     """
 
     op = "profile.edit"
-    shown = ("description", "config", "networks")
-    name: str
-    description: str = ""
-    config: dict[str, str] = field(default_factory=dict)
-    networks: tuple[str, ...] = ()
 
     def run(self, core: Core) -> Profile:
         """Replace it; :class:`popek.errors.NotFound` when there is none."""
-        from popek.core.profiles import Profile, Profiles
+        from popek.core.profiles import Profiles
 
-        return Profiles(core.store).replace(
-            Profile(self.name, self.description, dict(self.config), list(self.networks)))
+        return Profiles(core.store).replace(self.profile())
 
 
 @dataclass(frozen=True)
