@@ -178,12 +178,12 @@ def console(
     from popek.core.requests import Console
 
     if sys.stdin.isatty():
-        print(f"Attached to {name}'s console; press Ctrl-] to detach.", file=sys.stderr)
+        note = f"Attached to {name}'s console; press Ctrl-] to detach."
     else:  # a pipe, a file or /dev/null: sent, then the output until the console closes
-        print(f"Attached to {name}'s console without a terminal: input is sent, then its "
-              f"output shows until it closes (Ctrl-C ends; popek console {name} --log "
-              "prints what it wrote so far).", file=sys.stderr)
-    ops.core().handle(Console(name))
+        note = (f"Attached to {name}'s console without a terminal: input is sent, then its "
+                f"output shows until it closes (Ctrl-C ends; popek console {name} --log "
+                "prints what it wrote so far).")
+    ops.core().handle(Console(name, attached=lambda _: print(note, file=sys.stderr)))
     print("\nDetached.", file=sys.stderr)
 
 

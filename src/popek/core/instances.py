@@ -546,14 +546,18 @@ class Instances:
                 elif inst.runtime is not None:
                     self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
 
-    def console(self, name: str, escape: bytes = b"\x1d") -> None:
-        """Attach the caller's terminal to the console of running instance ``name``."""
+    def console(self, name: str, escape: bytes = b"\x1d", attached: Progress = _noop) -> None:
+        """Attach the caller's terminal to the console of running instance ``name``.
+
+        ``attached(name)`` is called once the checks passed, just before the session.
+        """
         inst = self.get(name)
         eng = self._engine(inst)
         require(eng, Capability.CONSOLE)
         if inst.state not in (State.RUNNING, State.PAUSED):
             raise refused(name, "attach a console to", inst.state,
                           (State.PAUSED.value, State.RUNNING.value))
+        attached(name)
         eng.console(self._spec_for_running(inst), escape)
 
     def console_log(self, name: str) -> bytes:

@@ -281,10 +281,12 @@ class Console(_Named[None]):
 
     op = "session.console"
     session = True
+    #: called once the session may begin (the instance runs), before it attaches
+    attached: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
 
     def run(self, core: Core) -> None:
         """Attach until the user detaches."""
-        core.instances.console(self.name)
+        core.instances.console(self.name, attached=self.attached)
 
 
 @dataclass(frozen=True)
