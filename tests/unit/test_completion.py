@@ -147,3 +147,28 @@ def test_no_names_without_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("POPEK_HOME", str(tmp_path / "nothing"))
     assert completion.instance_names() == []
     assert not (tmp_path / "nothing").exists(), "completion made a home"
+
+
+def test_the_command_server_answers_completion_requests() -> None:
+    """A completion request has no arguments (its words are in the environment): the server
+    takes it, though an empty command line (usage) runs in-process."""
+    from popek.cli import client
+
+    assert client.remote_allowed([], tty=True, completing=True)
+    assert not client.remote_allowed([], tty=True)
+    assert not client.remote_allowed(["console", "web"], tty=True, completing=True)
+    assert client.COMPLETE_VAR == completion.COMPLETE_VAR == "_POPEK_COMPLETE"
+
+
+def test_a_completion_through_the_command_server(env: dict[str, str], tmp_path: Path) -> None:
+    """The server takes the request (a client that falls back exits 99 here) and answers."""
+    from unit.test_cmdserver import NOT_TAKEN, Server
+
+    server = Server(tmp_path, idle=600.0)
+    try:
+        res = server.run(env={**env, "_POPEK_COMPLETE": "complete_bash",
+                              "COMP_WORDS": "popek sto", "COMP_CWORD": "1"})
+        assert res.returncode != NOT_TAKEN, "the server refused a completion request"
+        assert (res.returncode, res.stdout, res.stderr) == (0, "stop\n", "")
+    finally:
+        server.close()
