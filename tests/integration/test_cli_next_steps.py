@@ -120,6 +120,16 @@ def _read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) ->
     return got
 
 
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs (a failed test) and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 def test_vm_console_takes_piped_input_and_ends_when_the_console_closes(vm: str) -> None:
     read, write = os.pipe()
     proc = subprocess.Popen([*POPEK, "console", vm], stdin=read, stdout=subprocess.PIPE,
@@ -136,12 +146,7 @@ def test_vm_console_takes_piped_input_and_ends_when_the_console_closes(vm: str) 
         err = proc.stderr.read().decode()
         assert "Traceback" not in err and "Error" not in err, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _end(proc)
 
 
 def _attached(vm: str) -> bool:
@@ -172,9 +177,4 @@ def test_vm_console_with_stdin_at_dev_null_prints_until_it_closes(vm: str) -> No
         err = proc.stderr.read().decode()
         assert "without a terminal" in err and "Traceback" not in err, err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        _end(proc)

@@ -120,13 +120,10 @@ def test_the_command_exits_with_the_code_of_each_case(tmp_path: Path) -> None:
 
 
 # -- stop of a stopped instance: a success, as podman's ----------------------------------
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+def test_stopping_a_stopped_instance_reports_already_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
-    return Env(tmp_path)
-
-
-def test_stopping_a_stopped_instance_reports_already_stopped(env: Env) -> None:
+    env = Env(tmp_path)
     insts = launch(env)
     core = Core(env.store, instances=insts)
     assert core.handle(Stop("web")) == "graceful"

@@ -280,8 +280,8 @@ def attest(
 ) -> None:
     """Quote instance NAME's launch measurement over NONCE; or verify a quote.
 
-    Two words make a verification (``verify QUOTE``), one an instance's quote, so an
-    instance may be called ``verify``: ``popek attest verify --nonce HEX`` quotes it.
+    Two words make a verification (verify QUOTE), one word an instance's quote, so an
+    instance may be called verify: popek attest verify --nonce HEX quotes it.
     """
     from popek.trust import measure as ms
 
