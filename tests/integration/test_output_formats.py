@@ -22,16 +22,19 @@ from framework import popek, popek_json
 
 NET = "hfmt-fmt"
 CT = "hfmt-ct"
+PROFILE = "hfmt-small"
 
 
 @pytest.fixture(scope="module")
 def ct(popek_home: Path, minimal_image: str) -> Iterator[str]:
     popek("network", "create", NET)
-    popek("launch", minimal_image, CT, "--container", "--network", NET, "--memory", "96MiB")
+    popek("profile", "create", PROFILE, "-c", "limits.memory=96MiB", "--network", NET)
+    popek("launch", minimal_image, CT, "--container", "-p", PROFILE)
     try:
         yield CT
     finally:
         popek("delete", "--force", CT, check=False)
+        popek("profile", "delete", PROFILE, check=False)
         popek("network", "delete", "--force", NET, check=False)
 
 
@@ -39,7 +42,7 @@ COMMANDS = [
     ["list"], ["info", CT], ["image", "list"], ["image", "info", "minimal"],
     ["network", "list"], ["network", "info", NET], ["trust", "list"], ["policy", "show"],
     ["audit", "log", "--target", CT], ["config", "show", CT], ["project", "show"],
-    ["sandbox", "profiles"],
+    ["sandbox", "profiles"], ["profile", "list"], ["profile", "show", PROFILE],
 ]
 
 
