@@ -97,9 +97,26 @@ def states(home: Path) -> dict[str, str]:
     return {e["name"]: e["state"] for e in json.loads(popek("list", "--format", "json").stdout)}
 
 
-def test_reset_removes_this_homes_host_pieces_and_keeps_its_data(home: Path) -> None:
+@pytest.fixture
+def other_home(home: Path) -> Iterator[Path]:
+    """A second home with a network on the host: what a reset of ``home`` must not touch."""
+    path = Path(tempfile.mkdtemp(prefix=f"popek-{TAG}-other-", dir="/var/tmp"))
+    path.chmod(0o755)
+    env = {**os.environ, "POPEK_HOME": str(path)}
+    try:
+        popek("network", "create", f"{TAG}o", env=env)
+        yield path
+    finally:
+        popek("admin", "reset", "--purge", "--yes", env=env, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_reset_removes_this_homes_host_pieces_and_keeps_its_data(home: Path,
+                                                                 other_home: Path) -> None:
     net = f"{TAG}r"
     popek("network", "create", net)
+    theirs = (links_of(other_home), tables_of(other_home), dnsmasqs_of(other_home))
+    assert all(theirs)
     popek("launch", "minimal", f"{TAG}-c", "--container", "--network", net)
     popek("launch", "minimal", f"{TAG}-v", "--network", net, "--memory", "256MiB",
           timeout=600)
@@ -114,6 +131,9 @@ def test_reset_removes_this_homes_host_pieces_and_keeps_its_data(home: Path) -> 
     assert "removed bridge" in out and "nftables" in out
     assert links_of(home) == [] and tables_of(home) == [] and cgroups_of(home) == []
     assert dnsmasqs_of(home) == [] and runc_ids(home) == []
+    # the other home keeps all of its own, and what homes share stays while it is there
+    assert (links_of(other_home), tables_of(other_home), dnsmasqs_of(other_home)) == theirs
+    assert "kept what homes share" in out
     # the data stays: records, images, keys, the audit log (with the reset in it)
     assert states(home) == {f"{TAG}-c": "stopped", f"{TAG}-v": "stopped"}
     assert (home / "images" / "minimal").is_dir()
@@ -125,6 +145,7 @@ def test_reset_removes_this_homes_host_pieces_and_keeps_its_data(home: Path) -> 
     assert f"deleted network {net}" in out and f"removed {home}" in out
     assert not home.exists()
     assert links_of(home) == [] and tables_of(home) == [] and cgroups_of(home) == []
+    assert (links_of(other_home), tables_of(other_home), dnsmasqs_of(other_home)) == theirs
 
 
 def test_boot_brings_networks_back_and_starts_autostart_instances_only(home: Path) -> None:
