@@ -15,8 +15,10 @@ the uids now tell the two apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +90,11 @@ def _memory_limit(cgroup: str) -> int:
 
 def _registry() -> list[dict[str, Any]]:
     path = HOST_DIR / REGISTRY
-    return list(json.loads(path.read_text())["ranges"]) if path.exists() else []
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [{"first": f, "size": n, "home": h, "owner": o}
+                for f, n, h, o in db.execute("SELECT first, size, home, owner FROM ranges")]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from popek import proc
+from popek import errors, proc
 from popek.core.instances import Instances
 from popek.core.lifecycle import State
 from popek.core.records import owner_of
@@ -206,14 +206,24 @@ def test_lifecycle_through_every_state(env: Env) -> None:
     assert not (Path(os.environ["POPEK_HOME"]) / "instances" / "default" / "web").exists()
 
 
-def test_uids_are_distinct_and_freed(env: Env) -> None:
+def test_uids_are_distinct_and_freed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranges are handed out round the slots: a freed one comes back only after the others
+    (files its old instance left are not given to the next one at once)."""
+    from popek.core import ids
+
+    monkeypatch.setattr(ids, "VMM_UID_COUNT", 3)
     insts = launch(env, "a")
     launch(env, "b")
-    uids = {insts.get("a").uid, insts.get("b").uid}
-    assert len(uids) == 2
+    uids = [insts.get("a").uid, insts.get("b").uid]
+    assert uids == [ids.VMM_UID_BASE, ids.VMM_UID_BASE + 1]
     insts.delete("a", force=True)
     launch(env, "c")
-    assert insts.get("c").uid == min(uids), "a freed uid range is given out again"
+    assert insts.get("c").uid == ids.VMM_UID_BASE + 2, "the next slot, not the one just freed"
+    launch(env, "d")
+    assert insts.get("d").uid == ids.VMM_UID_BASE, "round the slots, a freed range is used again"
+    with pytest.raises(errors.PopekError, match="no free range of 1 host uids left"):
+        launch(env, "e")
+    assert not insts.records.exists("e")
 
 
 def test_failed_launch_leaves_nothing(env: Env) -> None:

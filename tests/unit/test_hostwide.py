@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,17 @@ def test_a_range_taken_between_choice_and_reservation_is_retried(
     """Another home reserving the chosen range first: the record is undone, another is chosen."""
     a, ra = _home(tmp_path, "a")
     b, _ = _home(tmp_path, "b")
-    real = HostIds.elsewhere
+    real = HostIds.taken
     calls = []
 
-    def stale(self: HostIds) -> list[hostwide.Range]:
-        seen = real(self)
+    def stale(self: HostIds, first: int, size: int) -> bool:
+        seen = real(self, first, size)
         if not calls:  # the other home reserves right after this home looked
             HostIds(b).reserve(VMM_UID_BASE, 1, "/popek/instances/default/x", dict)
         calls.append(1)
         return seen
 
-    monkeypatch.setattr(HostIds, "elsewhere", stale)
+    monkeypatch.setattr(HostIds, "taken", stale)
     assert _create(a, ra, "web", 1, monkeypatch) == VMM_UID_BASE + 1
     assert {(r.first, Path(r.home).name) for r in HostIds(a).ranges()} == {
         (VMM_UID_BASE, "b"), (VMM_UID_BASE + 1, "a")}
@@ -85,20 +86,37 @@ def test_a_range_taken_between_choice_and_reservation_is_retried(
 
 
 def test_registry_heals_from_the_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A home made before the registry is adopted; a home that is gone is forgotten;
-    a range whose delete died before its release is freed."""
+    """A home made before the registry is adopted at its first use of it; the ranges of a
+    home that is gone are freed when they stand in the way; a range whose delete died
+    before its release is freed when the host is reconciled (heal_host)."""
     a, ra = _home(tmp_path, "a")
     gone, rg = _home(tmp_path, "gone")
-    _create(gone, rg, "old", 1, monkeypatch)
     monkeypatch.setattr(hostwide, "HOST_DIR", tmp_path / "fresh-registry")  # a: pre-registry
     _create(a, ra, "old", 1, monkeypatch)
     monkeypatch.setattr(hostwide, "HOST_DIR", tmp_path / "registry")
-    HostIds(gone).reserve(VMM_UID_BASE + 7, 1, "stale", lambda: {VMM_UID_BASE: (1, "k")})
-    HostIds(a).reserve(VMM_UID_BASE + 5, 1, "died", dict)  # a delete that died before release
+    HostIds(gone).reserve(VMM_UID_BASE + 1, 1, "stale", dict)
     (gone / "state.db").unlink()  # that home was removed with rm -rf
+    # a's first use of this registry adopts its range VMM_UID_BASE; gone's is in the way, freed
     assert _create(a, ra, "new", 1, monkeypatch) == VMM_UID_BASE + 1
     assert {(r.first, Path(r.home).name) for r in HostIds(a).ranges()} == {
         (VMM_UID_BASE, "a"), (VMM_UID_BASE + 1, "a")}
+    HostIds(a).reserve(VMM_UID_BASE + 5, 1, "died", dict)  # a delete that died before release
+    monkeypatch.setenv("POPEK_HOME", str(a))
+    ra.heal_host()
+    assert {(r.first, Path(r.home).name) for r in HostIds(a).ranges()} == {
+        (VMM_UID_BASE, "a"), (VMM_UID_BASE + 1, "a")}
+
+
+def test_a_live_home_is_never_healed_away(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another home's range in the way stays while that home exists: the next slot is used."""
+    a, ra = _home(tmp_path, "a")
+    b, rb = _home(tmp_path, "b")
+    _create(b, rb, "web", 65536, monkeypatch)
+    assert not HostIds(a).reserve(CONTAINER_UID_BASE + 100, 1, "x", dict)  # inside b's range
+    assert HostIds(a).taken(CONTAINER_UID_BASE + 65535, 1)
+    assert not HostIds(a).taken(CONTAINER_UID_BASE + 65536, 1)
+    assert not HostIds(b).taken(CONTAINER_UID_BASE, 65536)  # its own range is not "taken"
 
 
 def test_registry_file_is_private_and_whole(tmp_path: Path) -> None:
@@ -107,11 +125,49 @@ def test_registry_file_is_private_and_whole(tmp_path: Path) -> None:
     path = hostwide.HOST_DIR / hostwide.REGISTRY
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert os.stat(hostwide.HOST_DIR).st_mode & 0o777 == 0o700
-    assert json.loads(path.read_text())["ranges"][0]["first"] == VMM_UID_BASE
-    path.write_text("{garbage")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT first FROM ranges").fetchall() == [(VMM_UID_BASE,)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    path.write_bytes(b"{garbage" * 200)
     with pytest.raises(StoreDamaged, match="registry .* is damaged"):
         ids.reserve(VMM_UID_BASE + 1, 1, "k", dict)
-    assert path.read_text() == "{garbage"  # left as it is
+    assert path.read_bytes() == b"{garbage" * 200  # left as it is
+
+
+def test_the_json_registry_of_earlier_versions_is_imported(tmp_path: Path) -> None:
+    hostwide.HOST_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    old = hostwide.HOST_DIR / hostwide.LEGACY
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "state.db").touch()
+    old.write_text(json.dumps({"version": 1, "ranges": [
+        {"first": VMM_UID_BASE, "size": 1, "home": str(other), "owner": "k"}]}))
+    ids = HostIds(tmp_path)
+    assert ids.taken(VMM_UID_BASE, 1)  # the first reader imports it
+    assert not old.exists() and old.with_name(hostwide.LEGACY + ".imported").exists()
+    assert [(r.first, r.home) for r in ids.ranges()] == [(VMM_UID_BASE, str(other))]
+
+
+def test_a_reservation_reads_nothing_in_proportion_to_the_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 point 7: the JSON registry was read and rewritten whole by each launch.
+    Now a reservation after the first asks the home's store nothing (``mine`` is not
+    called) and the registry only indexed questions."""
+    ids = HostIds(tmp_path)
+    calls: list[int] = []
+
+    def mine() -> dict[int, tuple[int, str]]:
+        calls.append(1)
+        return {}
+
+    for i in range(50):
+        assert ids.reserve(VMM_UID_BASE + i, 1, f"k{i}", mine)
+    assert calls == [1]  # the first use only
+    with sqlite3.connect(hostwide.HOST_DIR / hostwide.REGISTRY) as db:
+        plan = " ".join(str(r) for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT first, size, home, owner FROM ranges WHERE first > ? "
+            "AND first < ? AND first + size > ? AND home != ?", (0, 1, 0, "x")))
+    assert "SEARCH ranges USING INTEGER PRIMARY KEY" in plan, plan
 
 
 # -- CPU placement across homes ---------------------------------------------------------

@@ -18,7 +18,7 @@ from popek import paths, proc
 from popek.core.guard import Guard
 from popek.core.model import Instance, parse_mount
 from popek.core.netglue import InstanceNetworks, owner_name, split_network
-from popek.core.records import Active, Records
+from popek.core.records import Records
 from popek.errors import NotFound
 from popek.trust.policy import PolicyDenied
 
@@ -31,35 +31,39 @@ class Access:
         self.guard, self.records, self.nets = guard, records, nets
 
     def check_run(self, inst: Instance, networks: list[str],
-                  settle: Callable[[list[str]], object] | None = None) -> list[Active]:
+                  settle: Callable[[list[str]], object] | None = None) -> None:
         """The checks of a start: run beside the others, host channels, networks.
 
-        The labels running are read from the active index.  When the policy
-        denies and ``settle`` is given, the other active instances are
-        reconciled (one may have died since its record was written) and the
-        decision is made once more on what is left.  Returns the active index the
-        decision was made on (CPU placement uses it too).
+        The labels running are read from the active index, and only when the
+        policy has a conflict set for the label (most launches never read
+        it).  When the policy denies and ``settle`` is given, the other active
+        instances are reconciled (one may have died since its record was
+        written) and the decision is made once more on what is left.
         """
         try:
-            return self._check_run(inst, networks)
+            self._check_run(inst, networks)
+            return
         except PolicyDenied:
             if settle is None:
                 raise
             others = [a.name for a in self.records.active() if a.name != inst.name]
             if not settle(others):
                 raise
-            return self._check_run(inst, networks)
+            self._check_run(inst, networks)
 
-    def _check_run(self, inst: Instance, networks: list[str]) -> list[Active]:
+    def _check_run(self, inst: Instance, networks: list[str]) -> None:
         label = inst.spec.label
-        active = self.records.active()
-        running = [a.label for a in active if a.name != inst.name]
-        self.guard.check(label, "run", "host", running=running)
+        self.guard.check(label, "run", "host", running=self._running(inst.name))
         for m in inst.spec.mounts:
             self.guard.check(label, "channel", f"host-mount:{parse_mount(m)[0]}")
         for net in networks:
             self.check_network(label, split_network(net)[0], inst)
-        return active
+
+    def _running(self, but: str) -> Iterator[str]:
+        """The labels of the active instances but ``but``, read when first asked for."""
+        for a in self.records.active():
+            if a.name != but:
+                yield a.label
 
     def check_network(self, label: str, network: str, inst: Instance | None = None) -> None:
         """May ``label`` join ``network`` beside the labels whose ports are on it."""

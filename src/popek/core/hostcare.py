@@ -317,6 +317,8 @@ def boot(core: Core, progress: Callable[[str], None] | None = None) -> Report:
     """Bring this home back after the host booted: records settled, networks, autostart.
 
     Instances whose processes are gone are marked stopped (reconcile); the
+    host-wide registry is made to match this home's store (uid ranges, CPU
+    pins: :meth:`popek.core.records.Records.heal_host`); the
     networks' bridges, nftables rules and dnsmasqs are restored; then every
     stopped instance with ``boot.autostart`` true is started (each start a
     request of its own, audited).  A start that fails is reported and the
@@ -327,6 +329,8 @@ def boot(core: Core, progress: Callable[[str], None] | None = None) -> Report:
 
     report = Report()
     report.done += core.instances.reconcile(None)
+    report.step("host-wide uid ranges and CPU pins matched to this home",
+                core.instances.records.heal_host)
     report.done += Networks(core.store, reconcile=False).reconcile()
     for inst in core.instances.all(None):
         if inst.spec.autostart and inst.state == State.STOPPED:

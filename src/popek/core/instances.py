@@ -45,7 +45,7 @@ from popek.core.netglue import (
 )
 from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
-from popek.core.records import Active, Records
+from popek.core.records import Records
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
@@ -152,18 +152,17 @@ class Instances:
         except PopekError:
             return replace(self._launch_spec(inst, lookup=False), cpus=_cpus(inst))
 
-    def _place(self, inst: Instance, active: list[Active] | None = None) -> tuple[int, ...]:
+    def _place(self, inst: Instance) -> tuple[int, ...]:
         """The host CPUs for ``inst``: the least used by the other active instances,
-        of this home and of every other home on the host (:mod:`popek.state.hostwide`).
-
-        ``active``: the active index as the access check just read it (one read per launch).
+        of this home and of every other home on the host (:mod:`popek.state.hostwide`:
+        one grouped query, however many instances run).
         """
         from popek.core import placement
 
-        active = self.records.active() if active is None else active
-        busy = [list(a.cpus) for a in active if a.name != inst.name]
-        with contextlib.suppress(OSError, PopekError):  # and those of the host's other homes
-            busy += [list(c) for c in HostCpus(paths.home()).elsewhere()]
+        busy: list[tuple[int, ...]] = []
+        with contextlib.suppress(OSError, PopekError):
+            for cpus, count in HostCpus(paths.home()).load(but=f"{inst.project}/{inst.name}"):
+                busy += [cpus] * count
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------
@@ -297,14 +296,14 @@ class Instances:
 
                 for profile in profiles:
                     Profiles(self.store).get(profile)
-            active = self.access.check_run(probe, networks or [], self.reconcile)
+            self.access.check_run(probe, networks or [], self.reconcile)
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
             self.nets.create_ports(inst, eng, list(networks or []))
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst, active))
+                           cpus=self._place(inst))
             progress(f"creating {name}")
             eng.create(spec)
             progress(f"booting {name}")
@@ -332,13 +331,13 @@ class Instances:
             image = self.images.get(inst.spec.image)
             verdict = self.guard.image(image, inst.spec.image, inst.project)
             with decision_lock():  # our intent (starting) is recorded: decide after it
-                active = self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
-                                           self.reconcile)
+                self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
+                                      self.reconcile)
             progress(f"booting {name}")
             self.nets.ensure_devices(inst)
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst, active))
+                           cpus=self._place(inst))
             inst.runtime = self._engine(inst).start(spec, ready_timeout)
             inst.runtime.details["cpus"] = list(spec.cpus)
             inst.runtime.details["image_trust"] = verdict.to_doc()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from popek import paths
-from popek.core.ids import free_uid, held
+from popek.core.ids import free_uid, held, next_uid_op
 from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
 from popek.errors import AlreadyExists, ConflictError, NotFound, PopekError
@@ -116,7 +116,7 @@ class Records:
                              [Put(inst.key, inst.to_json()), *_index_ops(inst)])
         if not res.succeeded:
             raise _conflict(inst.name)
-        self.publish_cpus()
+        self.publish_cpus(inst)
         return res.revision
 
     def intent(self, name: str, operation: str) -> tuple[Instance, int]:
@@ -167,7 +167,7 @@ class Records:
                               Delete(owner_of(inst))])
         if not res.succeeded:
             raise _conflict(inst.name)
-        self.publish_cpus()
+        self.publish_cpus(inst)
         return res.revision
 
     def create(self, name: str, spec: InstanceSpec, id_range: int,
@@ -177,7 +177,7 @@ class Records:
         key = instance_key(DEFAULT_PROJECT, name)
         host = self.host_ids()
         for _ in range(10):
-            uid = free_uid(self.store, id_range, host.elsewhere())
+            uid = free_uid(self.store, id_range, host.taken)
             inst = Instance(name=name, spec=spec, state=State.STARTING, uid=uid, created=now(),
                             image_version=image_version,
                             history=[{"time": now(), "event": "launch requested",
@@ -185,7 +185,8 @@ class Records:
             res = self.store.txn(
                 [Compare(key, "version", "==", 0), Compare(uid_key(uid), "version", "==", 0)],
                 [Put(key, inst.to_json()), Put(uid_key(uid), key.encode()),
-                 *_index_ops(inst), Put(owner_of(inst), owner.to_bytes())],
+                 *_index_ops(inst), Put(owner_of(inst), owner.to_bytes()),
+                 next_uid_op(uid, id_range)],
             )
             if res.succeeded:
                 try:  # then host-wide: no other home on this host may hold these ids
@@ -213,16 +214,28 @@ class Records:
         if host_wide:
             with contextlib.suppress(OSError, PopekError):
                 self.host_ids().release(inst.uid)
-            self.publish_cpus()
+            self.publish_cpus(inst, gone=True)
 
-    def publish_cpus(self) -> None:
-        """Tell the other homes on this host which CPUs this home's active instances use.
+    def publish_cpus(self, inst: Instance, gone: bool = False) -> None:
+        """Tell every home on this host which CPUs ``inst`` is pinned to (none unless active;
+        ``gone``: deleted).
 
-        Best effort: placement only, the next state change publishes again.
+        Best effort: placement only; :meth:`heal_host` publishes every instance.
         """
+        cpus = inst.runtime.details.get("cpus", []) if inst.runtime else []
         with contextlib.suppress(OSError, PopekError):
-            HostCpus(paths.home()).publish(
-                lambda: {f"{a.project}/{a.name}": a.cpus for a in self.active()})
+            HostCpus(paths.home()).pin(f"{inst.project}/{inst.name}",
+                                       tuple(cpus) if inst.state in ACTIVE and not gone else ())
+
+    def heal_host(self) -> None:
+        """Make the host-wide registry hold exactly this home's uid ranges and CPU pins.
+
+        Run when the host is reconciled (``popek admin boot``) and by tests; each
+        launch and delete keeps the registry in step on its own.
+        """
+        self.host_ids().heal(held(self.store))
+        HostCpus(paths.home()).publish(
+            {f"{a.project}/{a.name}": a.cpus for a in self.active()})
 
     @staticmethod
     def host_ids() -> HostIds:

@@ -7,21 +7,25 @@ its swtpm.  So a home reserves every uid range here too, host-wide, before
 an instance may use it (:meth:`HostIds.reserve`), and gives it back when the
 instance is deleted (:meth:`HostIds.release`).
 
-The registry is one JSON file, ``/var/lib/popek-host/uids.json`` (0600 in a
-0700 directory, root only; it lasts across reboots as the files owned by those
-uids do), changed under an exclusive ``flock`` of ``host.lock`` and replaced
-whole (written beside it, synced, renamed), so a crash leaves the old or the
-new file, never half of one.  Each range names its home and instance.
+The registry is one SQLite database, ``/var/lib/popek-host/host.db`` (0600 in
+a 0700 directory, root only; it lasts across reboots as the files owned by
+those uids do), with a rollback journal and full sync, so a crash leaves the
+old or the new state and a command that returned has its change on disk.
+Each range names its home and instance.  Every question a launch asks of it
+is one indexed query (does anything overlap this range, which CPUs carry how
+many instances), so a launch costs the same with 10 instances on the host as
+with 500; the JSON file it replaces (``uids.json``, imported once) was read
+and rewritten whole by every launch.
 
-It heals itself, under the lock, on every reservation: the ranges of a
-home whose state store is gone are freed; this home's ranges are made to match
-its store (a range its store no longer holds is freed: a delete that died
-before its release; one the store holds but the registry lacks is added: a
-home made before the registry, or a launch that died between its store
-write and its reservation).
+A home's ranges are made to match its store (:meth:`HostIds.heal`) the first
+time the home uses the registry (a home made before it) and when the host is
+reconciled (``popek admin boot``): a range its store no longer holds is
+freed (a delete that died before its release), one the store holds but the
+registry lacks is added.  The ranges of a home whose state store is gone are
+freed when they stand in the way of a reservation.
 
 CPU placement (:class:`HostCpus`) is host-wide too: each home publishes the
-CPUs its active instances are pinned to (``cpus.json``, the same way), and a
+CPUs each of its active instances is pinned to when its state changes, and a
 launch in any home picks the CPUs that carry the fewest instances of *all*
 homes; before, two homes each pinned their first instance to CPU 0.
 """
@@ -29,19 +33,31 @@ homes; before, two homes each pinned their first instance to CPU 0.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from popek.errors import StoreDamaged
+from popek.errors import StoreDamaged, StoreUnavailable
 
 #: the host-wide registry's directory (tests point it elsewhere)
 HOST_DIR = Path("/var/lib/popek-host")
-REGISTRY = "uids.json"
-LOCK = "host.lock"
+REGISTRY = "host.db"
+#: the registry's first form, read once into :data:`REGISTRY` and then renamed
+LEGACY = "uids.json"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ranges (first INTEGER PRIMARY KEY, size INTEGER NOT NULL,
+                                   home TEXT NOT NULL, owner TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS ranges_home ON ranges (home);
+CREATE TABLE IF NOT EXISTS homes (home TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS pinned (home TEXT NOT NULL, owner TEXT NOT NULL, cpus TEXT NOT NULL,
+                                   PRIMARY KEY (home, owner));
+"""
+#: the largest range any home hands out (a container's user namespace)
+LARGEST = 65536
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,68 @@ class Range:
         return self.first < first + size and first < self.first + self.size
 
 
+def _home_exists(home: str) -> bool:
+    return (Path(home) / "state.db").exists()
+
+
+@contextlib.contextmanager
+def _registry(directory: Path, write: bool) -> Iterator[sqlite3.Connection]:
+    """The registry database, in one transaction (``write``: an exclusive one)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / REGISTRY
+    if not path.exists():  # private from its first byte
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    legacy = (directory / LEGACY).exists()
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE" if write or legacy else "BEGIN")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)  # nothing written when the tables exist
+        if legacy:
+            _import_legacy(db, directory)
+        yield db
+        db.execute("COMMIT")
+        if legacy:  # imported and on disk: set the old file aside
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(directory / LEGACY, directory / (LEGACY + ".imported"))
+    except sqlite3.DatabaseError as exc:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise StoreUnavailable(f"the host-wide uid registry {path} stayed locked by another "
+                                   "popek command for 30 s; retry when it has finished") from exc
+        raise _damaged(path, exc) from exc
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
+def _damaged(path: Path, exc: Exception) -> StoreDamaged:
+    return StoreDamaged(f"the host-wide uid registry {path} is damaged ({exc!r:.80}); "
+                        "popek left it as it is: move it away (every home re-registers "
+                        "its ranges at its next launch)")
+
+
+def _import_legacy(db: sqlite3.Connection, directory: Path) -> None:
+    """Read the JSON registry of earlier versions into the database, once."""
+    old = directory / LEGACY
+    try:
+        doc = json.loads(old.read_bytes())
+        rows = [(int(r["first"]), int(r["size"]), str(r["home"]), str(r["owner"]))
+                for r in doc["ranges"]]
+    except FileNotFoundError:  # another command imported it meanwhile
+        return
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _damaged(old, exc) from exc
+    db.executemany("INSERT OR IGNORE INTO ranges VALUES (?, ?, ?, ?)", rows)
+
+
 class HostIds:
     """The host uid ranges of one home, kept apart from every other home's."""
 
@@ -69,12 +147,15 @@ class HostIds:
     # -- reading -------------------------------------------------------------------
     def ranges(self) -> list[Range]:
         """Every range held on this host, by every home."""
-        with self._locked(fcntl.LOCK_SH):
-            return self._load()
+        with _registry(self.dir, write=False) as db:
+            return [Range(*row) for row in db.execute(
+                "SELECT first, size, home, owner FROM ranges ORDER BY first")]
 
-    def elsewhere(self) -> list[Range]:
-        """The ranges other homes hold (what this home must not hand out)."""
-        return [r for r in self.ranges() if r.home != self.home]
+    def taken(self, first: int, size: int) -> bool:
+        """Whether another home that still exists holds an id of ``first .. first + size - 1``
+        (one indexed query; :meth:`reserve` frees the ranges of homes that are gone)."""
+        with _registry(self.dir, write=False) as db:
+            return any(_home_exists(r.home) for r in self._overlapping(db, first, size))
 
     # -- changing ------------------------------------------------------------------
     def reserve(self, first: int, size: int, owner: str,
@@ -82,131 +163,105 @@ class HostIds:
         """Reserve ``size`` ids from ``first`` for ``owner`` of this home; ``False`` when taken.
 
         ``mine()`` returns the ranges this home's store holds (``{first: (size,
-        owner)}``), read under the registry's lock so that a launch or delete
-        of this home running meanwhile is seen whole (see the module's text).
+        owner)}``); it is read, under the registry's lock, only the first time
+        this home uses the registry (see the module's text).  Ranges of homes
+        that are gone do not stand in the way: they are freed here.
         """
-        with self._locked(fcntl.LOCK_EX):
-            ranges = self._healed(self._load(), mine())
-            if any(r.overlaps(first, size) and (r.home, r.first) != (self.home, first)
-                   for r in ranges):
-                self._save(ranges)
+        with _registry(self.dir, write=True) as db:
+            if db.execute("SELECT 1 FROM homes WHERE home=?", (self.home,)).fetchone() is None:
+                self._heal(db, mine())
+            clash = self._overlapping(db, first, size)
+            gone = {r.home for r in clash if not _home_exists(r.home)}
+            for home in gone:
+                db.execute("DELETE FROM ranges WHERE home=?", (home,))
+                db.execute("DELETE FROM pinned WHERE home=?", (home,))
+                db.execute("DELETE FROM homes WHERE home=?", (home,))
+            if any(r.home not in gone for r in clash):
                 return False
-            ranges = [r for r in ranges if (r.home, r.first) != (self.home, first)]
-            self._save([*ranges, Range(first, size, self.home, owner)])
+            db.execute("INSERT OR REPLACE INTO ranges VALUES (?, ?, ?, ?)",
+                       (first, size, self.home, owner))
             return True
 
     def release(self, first: int) -> None:
         """Free this home's range that starts at ``first`` (nothing when it holds none)."""
-        with self._locked(fcntl.LOCK_EX):
-            ranges = self._load()
-            kept = [r for r in ranges if (r.home, r.first) != (self.home, first)]
-            if len(kept) != len(ranges):
-                self._save(kept)
+        with _registry(self.dir, write=True) as db:
+            db.execute("DELETE FROM ranges WHERE first=? AND home=?", (first, self.home))
 
-    # -- the file --------------------------------------------------------------------
-    def _healed(self, ranges: list[Range], mine: dict[int, tuple[int, str]]) -> list[Range]:
-        """Drop ranges of homes that are gone and match this home's to its store."""
-        out = [r for r in ranges if r.home == self.home and r.first in mine
-               or r.home != self.home and (Path(r.home) / "state.db").exists()]
-        held = {r.first for r in out if r.home == self.home}
+    def heal(self, mine: dict[int, tuple[int, str]]) -> None:
+        """Make this home's ranges those of ``mine`` (its store's); forget homes that are gone."""
+        with _registry(self.dir, write=True) as db:
+            self._heal(db, mine)
+            for (home,) in db.execute("SELECT home FROM homes").fetchall():
+                if not _home_exists(home):
+                    for table in ("ranges", "pinned", "homes"):
+                        db.execute(f"DELETE FROM {table} WHERE home=?", (home,))
+
+    # -- inside a transaction --------------------------------------------------------
+    def _overlapping(self, db: sqlite3.Connection, first: int, size: int) -> list[Range]:
+        """Other homes' ranges that share an id with ``first .. first + size - 1``."""
+        rows = db.execute(
+            "SELECT first, size, home, owner FROM ranges WHERE first > ? AND first < ? "
+            "AND first + size > ? AND home != ?",
+            (first - LARGEST, first + size, first, self.home))
+        return [Range(*row) for row in rows]
+
+    def _heal(self, db: sqlite3.Connection, mine: dict[int, tuple[int, str]]) -> None:
+        held = {first for (first,) in db.execute(
+            "SELECT first FROM ranges WHERE home=?", (self.home,))}
+        for first in held - set(mine):
+            db.execute("DELETE FROM ranges WHERE first=? AND home=?", (first, self.home))
         for first, (size, owner) in sorted(mine.items()):
-            if first not in held and not any(r.overlaps(first, size) for r in out):
-                out.append(Range(first, size, self.home, owner))
-        return out
-
-    @contextlib.contextmanager
-    def _locked(self, how: int) -> Iterator[None]:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, how)
-            yield
-        finally:
-            os.close(fd)
-
-    def _load(self) -> list[Range]:
-        path = self.dir / REGISTRY
-        try:
-            doc = json.loads(path.read_bytes())
-            return [Range(int(r["first"]), int(r["size"]), str(r["home"]), str(r["owner"]))
-                    for r in doc["ranges"]]
-        except FileNotFoundError:
-            return []
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreDamaged(f"the host-wide uid registry {path} is damaged ({exc!r:.80}); "
-                               "popek left it as it is: move it away (every home re-registers "
-                               "its ranges at its next launch)") from exc
-
-    def _save(self, ranges: list[Range]) -> None:
-        _replace(self.dir / REGISTRY, {"version": 1, "ranges": [
-            asdict(r) for r in sorted(ranges, key=lambda r: r.first)]})
-
-
-@dataclass(frozen=True)
-class Pinned:
-    """The host CPUs the active instance ``owner`` of ``home`` is pinned to."""
-
-    home: str
-    owner: str
-    cpus: tuple[int, ...]
+            if first not in held and not self._overlapping(db, first, size):
+                db.execute("INSERT OR IGNORE INTO ranges VALUES (?, ?, ?, ?)",
+                           (first, size, self.home, owner))
+        db.execute("INSERT OR IGNORE INTO homes VALUES (?)", (self.home,))
 
 
 class HostCpus:
     """The CPUs every home's active instances are pinned to (for placement, not a limit)."""
-
-    FILE = "cpus.json"
 
     def __init__(self, home: Path, directory: Path | None = None) -> None:
         """``home``: this ``POPEK_HOME``; ``directory``: the registry's (:data:`HOST_DIR`)."""
         self.ids = HostIds(home, directory)
         self.home = self.ids.home
 
+    def load(self, but: str = "") -> list[tuple[tuple[int, ...], int]]:
+        """``(cpus, how many instances)`` over every home that still exists, without ``but``.
+
+        ``but`` is an instance of this home (``project/name``) left out: the one
+        being placed.  One grouped query, however many instances there are.
+        """
+        with _registry(self.ids.dir, write=False) as db:
+            rows = db.execute(
+                "SELECT home, cpus, count(*) FROM pinned WHERE NOT (home=? AND owner=?) "
+                "GROUP BY home, cpus", (self.home, but)).fetchall()
+        homes = {home for home, _, _ in rows}
+        alive = {home for home in homes if home == self.home or _home_exists(home)}
+        return [(tuple(int(c) for c in cpus.split(",") if c), n)
+                for home, cpus, n in rows if home in alive]
+
     def elsewhere(self) -> list[tuple[int, ...]]:
         """The CPU sets of the active instances of the other homes that still exist."""
-        with self.ids._locked(fcntl.LOCK_SH):
-            return [p.cpus for p in self._load() if p.home != self.home
-                    and (Path(p.home) / "state.db").exists()]
+        with _registry(self.ids.dir, write=False) as db:
+            rows = db.execute("SELECT home, cpus FROM pinned WHERE home != ? ORDER BY home, owner",
+                              (self.home,)).fetchall()
+        return [tuple(int(c) for c in cpus.split(",") if c)
+                for home, cpus in rows if _home_exists(home)]
 
-    def publish(self, mine: Callable[[], dict[str, tuple[int, ...]]]) -> None:
-        """Make this home's entries ``mine()`` (owner -> CPUs, read under the lock).
+    def pin(self, owner: str, cpus: tuple[int, ...] | list[int]) -> None:
+        """Record that ``owner`` (``project/name``) of this home is pinned to ``cpus``;
+        ``()``: it is not (stopped, deleted or unpinned)."""
+        with _registry(self.ids.dir, write=True) as db:
+            if cpus:
+                db.execute("INSERT OR REPLACE INTO pinned VALUES (?, ?, ?)",
+                           (self.home, owner, ",".join(str(c) for c in cpus)))
+            else:
+                db.execute("DELETE FROM pinned WHERE home=? AND owner=?", (self.home, owner))
 
-        The file is written only when they changed; homes that are gone are dropped.
-        """
-        with self.ids._locked(fcntl.LOCK_EX):
-            old = self._load()
-            new = [p for p in old if p.home != self.home
-                   and (Path(p.home) / "state.db").exists()]
-            new += [Pinned(self.home, owner, tuple(cpus))
-                    for owner, cpus in sorted(mine().items()) if cpus]
-            if sorted(map(repr, new)) != sorted(map(repr, old)):
-                self._save(new)
-
-    def _load(self) -> list[Pinned]:
-        path = self.ids.dir / self.FILE
-        try:
-            doc = json.loads(path.read_bytes())
-            return [Pinned(str(p["home"]), str(p["owner"]), tuple(int(c) for c in p["cpus"]))
-                    for p in doc["pinned"]]
-        except FileNotFoundError:
-            return []
-        except (ValueError, KeyError, TypeError):
-            return []  # placement only: a damaged file is rebuilt by the next publish
-
-    def _save(self, pinned: list[Pinned]) -> None:
-        _replace(self.ids.dir / self.FILE, {"version": 1, "pinned": [
-            {"home": p.home, "owner": p.owner, "cpus": list(p.cpus)} for p in pinned]})
-
-
-def _replace(path: Path, doc: object) -> None:
-    """Write ``doc`` as JSON to ``path`` whole: beside it, synced, renamed (mode 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(doc, indent=1).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    def publish(self, mine: dict[str, tuple[int, ...]]) -> None:
+        """Make this home's entries exactly ``mine`` (owner -> CPUs): a full resync."""
+        with _registry(self.ids.dir, write=True) as db:
+            db.execute("DELETE FROM pinned WHERE home=?", (self.home,))
+            db.executemany("INSERT INTO pinned VALUES (?, ?, ?)",
+                           [(self.home, owner, ",".join(str(c) for c in cpus))
+                            for owner, cpus in sorted(mine.items()) if cpus])

@@ -8,6 +8,7 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/instances/P/NAME``         instance record (core)
 ``/popek/owners/P/NAME``            the popek process that owns an intent (core)
 ``/popek/uids/UID``                 host uid range allocated to an instance (core)
+``/popek/uid-next/SIZE``            where the next search for a free range of SIZE starts
 ``/popek/active/P/NAME``            label and CPUs of an active instance (core's index)
 ``/popek/active-index``             set once the active index covers every record
 ``/popek/profiles/P/NAME``          profile: config keys and networks for launch (core)
@@ -36,6 +37,9 @@ ROOT = "/popek/"
 INSTANCES_PREFIX = "/popek/instances/"
 OWNERS_PREFIX = "/popek/owners/"
 UID_PREFIX = "/popek/uids/"
+#: the slot after the last range handed out, per range size: a launch probes from there
+#: (one or two reads) instead of reading every range the home holds
+UID_NEXT_PREFIX = "/popek/uid-next/"
 #: one small key per active instance (label, CPUs), written in the same transaction
 #: as its record, so that a launch decides without reading every record
 ACTIVE_PREFIX = "/popek/active/"

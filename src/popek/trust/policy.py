@@ -256,7 +256,8 @@ def decide(policy: Policy, label: str, action: str, obj: str,
                   "('popek policy show' prints the policy in force)")
     elif action == "run":
         walls = policy.conflicts_with(label)
-        clash = sorted({other for other in running if other in walls})
+        # ``running`` is read only when the label has a conflict set: it may be lazy
+        clash = sorted({other for other in running if other in walls}) if walls else []
         if clash:
             reason = (f"label {label!r} conflicts with running label {clash[0]!r} "
                       f"(conflict set {walls[clash[0]]!r})")
