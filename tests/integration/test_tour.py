@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from framework import REPO
 
 MARK = "<!-- tour"

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,28 +101,10 @@ def _pids(d: Path) -> list[int]:
 
 
 def _kill_all(d: Path) -> list[int]:
-    """SIGKILL every process of cgroup ``d`` (through pidfds) until none is left."""
-    killed: set[int] = set()
-    deadline = time.monotonic() + KILL_TIMEOUT
-    while pids := _pids(d):
-        for pid in pids:
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if pid in _pids(d):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    killed.add(pid)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        if time.monotonic() > deadline:
-            raise PopekError(f"processes {pids} of cgroup {d} did not die within "
-                             f"{KILL_TIMEOUT:.0f}s")
-        time.sleep(0.01)
-    return sorted(killed)
+    """SIGKILL every process of cgroup ``d`` and below until none is left."""
+    from popek.engines.cgroupfs import kill_listed
+
+    return kill_listed(lambda: _pids(d), f"cgroup {d}", KILL_TIMEOUT)
 
 
 def _rmdir_tree(d: Path) -> None:

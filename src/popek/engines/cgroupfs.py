@@ -243,16 +243,24 @@ def kill(path: str, root: Path = ROOT, timeout: float = 5.0,
          only: Callable[[int], bool] | None = None) -> None:
     """SIGKILL the processes of the cgroup ``path`` and wait until they are gone.
 
-    ``only`` selects which pids to kill (all by default).  A pid is
-    signalled through a pidfd opened while it is still listed in the
-    cgroup, so a pid reused by an unrelated process is never hit.
+    ``only`` selects which pids to kill (all by default); see :func:`kill_listed`.
     """
-    deadline = time.monotonic() + timeout
-
     def targets() -> list[int]:  # living processes only: a zombie needs no signal
         return [pid for pid in procs(path, root)
                 if proc.start_time(pid) is not None and (only is None or only(pid))]
 
+    kill_listed(targets, f"cgroup {path}", timeout)
+
+
+def kill_listed(targets: Callable[[], list[int]], what: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL the pids ``targets()`` lists until it lists none; return those signalled.
+
+    A pid is signalled through a pidfd opened while ``targets()`` still lists
+    it, so a pid reused by an unrelated process is never hit.  Raises
+    :class:`EngineError` naming ``what`` when they outlive ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    killed: set[int] = set()
     while pids := targets():
         for pid in pids:
             try:
@@ -260,16 +268,18 @@ def kill(path: str, root: Path = ROOT, timeout: float = 5.0,
             except OSError:
                 continue
             try:
-                if pid in procs(path, root):
+                if pid in targets():
                     signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    killed.add(pid)
             except OSError:
                 pass
             finally:
                 os.close(fd)
         if time.monotonic() > deadline:
-            raise EngineError(f"processes {pids} of cgroup {path} did not die within "
+            raise EngineError(f"processes {pids} of {what} did not die within "
                               f"{timeout:.0f}s")
         time.sleep(0.01)
+    return sorted(killed)
 
 
 def remove(path: str, root: Path = ROOT, timeout: float = 2.0) -> None:
