@@ -218,3 +218,23 @@ def test_make_uninstall_resets_then_removes_what_setup_installed(home: Path,
     assert not (checkout / ".venv").exists()
     assert cgroups_of(home) == [] and runc_ids(home) == []
     assert states(home) == {f"{TAG}-u": "stopped"}  # the data stays without PURGE=1
+
+
+def test_reset_of_a_home_whose_records_are_lost_still_clears_the_host(home: Path) -> None:
+    """Nothing in the store explains them: the VM's QEMU, swtpm and console logger, the
+    container, the bridge and its dnsmasq are found by the home's id, tag and paths."""
+    from popek.core.hostcare import home_processes
+
+    net = f"{TAG}l"
+    popek("network", "create", net)
+    popek("launch", "minimal", f"{TAG}-lv", "--network", net, "--memory", "256MiB",
+          timeout=600)
+    popek("launch", "minimal", f"{TAG}-lc", "--container", "--network", net)
+    comms = set(home_processes(home).values())
+    assert {"swtpm", "dnsmasq"} <= comms and any(c.startswith("qemu") for c in comms)
+    for f in home.glob("state.db*"):
+        f.rename(f.with_name("lost-" + f.name))
+    out = popek("admin", "reset", "--yes").stdout
+    assert "killed stray processes of this home" in out
+    assert home_processes(home) == {}
+    assert links_of(home) == [] and tables_of(home) == [] and cgroups_of(home) == []

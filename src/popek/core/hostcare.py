@@ -135,6 +135,36 @@ def remove_cgroups(home_id: str, report: Report, root: Path = CGROUP_ROOT) -> No
         report.step(f"removed cgroup {d}", one, d)
 
 
+# -- processes ---------------------------------------------------------------------
+#: the commands popek starts for a home: QEMU, swtpm, dnsmasq, the console logger (Python)
+HELPER_COMMS = ("qemu-system", "swtpm", "dnsmasq", "python")
+
+
+def home_processes(home: Path, proc_root: Path = Path("/proc")) -> dict[int, str]:
+    """The processes popek started for ``home`` that still run: pid -> command name.
+
+    One of :data:`HELPER_COMMS` with an argument in the home's ``instances/``
+    or ``networks/`` (a QEMU's files, swtpm's state, dnsmasq's pid file, the
+    console logger's fifo); nothing else, whatever its arguments name.
+    """
+    marks = {f"{h}/{sub}/" for h in {str(home), str(home.resolve())}
+             for sub in ("instances", "networks")}
+    found: dict[int, str] = {}
+    for d in proc_root.iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            comm = (d / "comm").read_text().strip()
+            if not comm.startswith(HELPER_COMMS):
+                continue
+            args = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(m in a for a in args for m in marks):
+            found[int(d.name)] = comm
+    return found
+
+
 # -- other homes ---------------------------------------------------------------------
 def other_homes(home_id: str, tag: str, root: Path = CGROUP_ROOT) -> list[str]:
     """What shows that another home uses this host (empty: this home is alone).
@@ -260,6 +290,14 @@ def reset(core: Core, purge: bool = False) -> Report:
             report.step(f"removed device {name}", backend.nl.delete, name)
     for pid in dnsmasq.running(networks_dir()):
         report.step(f"stopped dnsmasq {pid}", dnsmasq.stop, pid, proc.start_time(pid) or 0)
+    left = home_processes(paths.home())
+    if left:  # helpers whose records are gone (a lost store, an interrupted launch)
+        from popek.engines.cgroupfs import kill_listed
+
+        report.step(f"killed stray processes of this home: "
+                    f"{', '.join(f'{p} ({c})' for p, c in sorted(left.items()))}",
+                    kill_listed, lambda: [p for p in home_processes(paths.home()) if p in left],
+                    "this home's helpers")
     tables = [t for t in _nft_tables() if t == nft.table_name()]
     if tables:
         report.step(f"removed nftables tables bridge/inet {nft.table_name()}", nft.remove_all)
