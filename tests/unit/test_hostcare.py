@@ -32,3 +32,18 @@ def test_home_processes_are_popeks_helpers_with_the_homes_files(tmp_path: Path) 
     assert hostcare.home_processes(home, procs) == {10: "qemu-system-x86", 11: "swtpm",
                                                     12: "dnsmasq", 13: "python3"}
     assert hostcare.home_processes(other, procs) == {20: "swtpm"}
+
+
+def test_registered_homes_are_those_whose_store_still_exists(tmp_path: Path) -> None:
+    from popek.state import hostwide
+
+    registry, alive, gone = tmp_path / "host", tmp_path / "alive", tmp_path / "gone"
+    assert hostwide.homes(registry) == set()  # no registry: no home, and none made
+    assert not registry.exists()
+    for n, home in enumerate((alive, gone)):
+        home.mkdir()
+        (home / "state.db").touch()
+        assert hostwide.HostIds(home, registry).reserve(1000 + 100 * n, 10, "w", dict)
+    assert hostwide.homes(registry) == {str(alive.resolve()), str(gone.resolve())}
+    (gone / "state.db").unlink()
+    assert hostwide.homes(registry) == {str(alive.resolve())}

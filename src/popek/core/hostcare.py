@@ -211,20 +211,13 @@ def _nft_tables() -> list[str]:
 
 
 def _registered_homes() -> set[str]:
-    """Homes named in the host-wide registries whose state store still exists."""
-    import json
-
+    """Homes named in the host-wide registry whose state store still exists."""
     from popek.state import hostwide
 
-    homes: set[str] = set()
-    for name in ("uids.json", "cpus.json"):
-        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
-            doc = json.loads((hostwide.HOST_DIR / name).read_bytes())
-            for entries in doc.values():
-                if isinstance(entries, list):
-                    homes |= {str(e["home"]) for e in entries
-                              if isinstance(e, dict) and "home" in e}
-    return {h for h in homes if (Path(h) / "state.db").exists()}
+    try:
+        return hostwide.homes()
+    except (PopekError, OSError):
+        return set()
 
 
 def _mounts_under(top: Path) -> list[Path]:

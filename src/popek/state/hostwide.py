@@ -265,3 +265,14 @@ class HostCpus:
             db.executemany("INSERT INTO pinned VALUES (?, ?, ?)",
                            [(self.home, owner, ",".join(str(c) for c in cpus))
                             for owner, cpus in sorted(mine.items()) if cpus])
+
+
+def homes(directory: Path | None = None) -> set[str]:
+    """Every home the registry knows whose state store still exists (none: no registry)."""
+    directory = directory or HOST_DIR
+    if not (directory / REGISTRY).exists() and not (directory / LEGACY).exists():
+        return set()
+    with _registry(directory, write=False) as db:
+        found = {row[0] for table in ("homes", "ranges", "pinned")
+                 for row in db.execute(f"SELECT DISTINCT home FROM {table}")}
+    return {h for h in found if _home_exists(h)}
