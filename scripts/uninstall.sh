@@ -24,6 +24,10 @@ if [ -x .venv/bin/popek ]; then
     .venv/bin/popek admin reset --yes
   fi
   .venv/bin/popek command-server stop || true
+  if [ -z "${DESTDIR:-}" ]; then  # this installation's socket and lock in /run/popek
+    sock=$(.venv/bin/python -c 'from popek.cli.client import socket_path; print(socket_path())')
+    rm -f "$sock" "$sock.lock"
+  fi
 fi
 if [ -f "$UNIT" ]; then
   if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then

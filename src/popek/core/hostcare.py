@@ -295,6 +295,10 @@ def reset(core: Core, purge: bool = False) -> Report:
     if tables:
         report.step(f"removed nftables tables bridge/inet {nft.table_name()}", nft.remove_all)
     remove_cgroups(paths.home_id(), report)
+    with contextlib.suppress(PopekError, OSError):  # sandboxes' whose popek process is gone
+        from popek.engines.sandbox import cgroup as sandbox_cgroup
+
+        sandbox_cgroup.sweep()
     others = other_homes(paths.home_id(), tag)
     if others:
         report.done.append(f"kept what homes share ({others[0]} shows another home)")
