@@ -47,3 +47,18 @@ def test_registered_homes_are_those_whose_store_still_exists(tmp_path: Path) -> 
     assert hostwide.homes(registry) == {str(alive.resolve()), str(gone.resolve())}
     (gone / "state.db").unlink()
     assert hostwide.homes(registry) == {str(alive.resolve())}
+
+
+def test_shared_directories_go_whole_unless_something_is_mounted_below(tmp_path: Path) -> None:
+    jail, stage, missing = tmp_path / "jail", tmp_path / "stage", tmp_path / "missing"
+    (jail / "dev").mkdir(parents=True)
+    (jail / "dev" / "null").touch()  # the jail's placeholders are files
+    stage.mkdir()
+    report = hostcare.Report()
+    hostcare.remove_shared(report, (jail, stage, missing), root=tmp_path / "cgroup")
+    assert not jail.exists() and not stage.exists()
+    assert report.done == [f"removed {jail}", f"removed {stage}"] and report.failed == []
+    # a directory with a mount below it is kept, and the report says why
+    report = hostcare.Report()
+    hostcare.remove_shared(report, (Path("/proc"),), root=tmp_path / "cgroup")
+    assert report.failed == ["kept /proc: /proc is mounted"] and Path("/proc/self").exists()

@@ -230,16 +230,18 @@ def _mounts_under(top: Path) -> list[Path]:
     return out
 
 
-def _remove_shared(report: Report) -> None:
-    """Remove the empty directories homes share (never across a mount)."""
-    for top in SHARED_DIRS:
+def remove_shared(report: Report, shared: tuple[Path, ...] = SHARED_DIRS,
+                  root: Path = CGROUP_ROOT) -> None:
+    """Remove what homes share: ``shared`` directories (never one with a mount below
+    it) and the ``popek`` parent cgroups of the hierarchies under ``root`` when empty."""
+    for top in shared:
         if not top.exists():
             continue
         if mounts := _mounts_under(top):
             report.failed.append(f"kept {top}: {mounts[0]} is mounted")
             continue
-        report.step(f"removed {top}", _rmdir_tree, top)
-    for h in hierarchies():
+        report.step(f"removed {top}", shutil.rmtree, top)  # nothing is mounted below it
+    for h in hierarchies(root):
         with contextlib.suppress(OSError):
             os.rmdir(h / CGROUP_PARENT)
             report.done.append(f"removed cgroup {h / CGROUP_PARENT}")
@@ -303,7 +305,7 @@ def reset(core: Core, purge: bool = False) -> Report:
     if others:
         report.done.append(f"kept what homes share ({others[0]} shows another home)")
     else:
-        _remove_shared(report)
+        remove_shared(report)
     return report
 
 
