@@ -103,7 +103,9 @@ def test_readme_tour_runs_as_written() -> None:
     user.chmod(0o700)  # as root's home is: the sandbox's nobody cannot search it
     env = {**os.environ, "POPEK_HOME": str(home), "HOME": str(user),
            "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "POPEK_CACHE": os.environ.get("POPEK_CACHE", str(REPO / ".cache" / "popek"))}
+           "POPEK_CACHE": os.environ.get("POPEK_CACHE", str(REPO / ".cache" / "popek")),
+           # the code of this checkout, not a warm command server started before an edit
+           "POPEK_CLI_SERVER": "off"}
     try:
         for step in found:
             done = subprocess.run(["bash", "-c", step.command], cwd=work, env=env,
