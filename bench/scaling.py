@@ -255,18 +255,29 @@ def _python_json(env: Env, code: str, *args: str) -> dict[str, Any]:
     return data
 
 
-def checkpoint(env: Env, count: int, launch_runs: int, cmd_runs: int) -> dict[str, Any]:
-    """Everything measured with ``count`` instances on the host."""
+def checkpoint(env: Env, count: int, launch_runs: int, cmd_runs: int,
+               ref: Env | None = None) -> dict[str, Any]:
+    """Everything measured with ``count`` instances on the host.
+
+    ``ref``: a second home that holds one instance; a launch there, taken in turn
+    with each launch in ``env`` (same host, same moment), shows what the host
+    (runtime and kernel) adds as instances pile up, apart from popek's own cost.
+    """
     name = env.instances[0]
     point: dict[str, Any] = {"count": count, "loadavg": list(os.getloadavg())}
-    launches = []
+    launches: list[dict[str, Any]] = []
+    reference: list[dict[str, Any]] = []
     for i in range(launch_runs):
-        extra = f"x{count:04d}-{i}"
-        env.extra.add(extra)
-        launches.append(env.launch(extra))
-        env.delete(extra)
-        env.extra.discard(extra)
+        for home, out in ((env, launches), (ref, reference)):
+            if home is None:
+                continue
+            extra = f"x{count:04d}-{i}"
+            home.extra.add(extra)
+            out.append(home.launch(extra))
+            home.delete(extra)
+            home.extra.discard(extra)
     point["launch"] = launches
+    point["launch_small_home"] = reference
     point["list"] = _timed(env, ["list"], cmd_runs)
     point["list_json"] = _timed(env, ["list", "--format", "json"], cmd_runs)
     point["info"] = _timed(env, ["info", name], cmd_runs)
@@ -275,11 +286,13 @@ def checkpoint(env: Env, count: int, launch_runs: int, cmd_runs: int) -> dict[st
     pieces = [_python_json(env, PIECES, name) for _ in range(3)]
     point["pieces_ms"] = {k: _median([p[k] for p in pieces]) for k in pieces[0] if k != "count"}
     point["pieces_count_seen"] = pieces[0]["count"]
-    for k in ("launch", "list", "list_json", "info", "list_cold", "info_cold"):
+    for k in ("launch", "launch_small_home", "list", "list_json", "info", "list_cold",
+              "info_cold"):
         point[f"{k}_median_ms"] = _served_median(point[k])
     point["runs_not_served_by_server"] = sum(
         1 for k in ("launch", "list", "info") for s in point[k] if not s["served"])
-    print(f"[{count:4d} instances] launch {point['launch_median_ms']} ms, list "
+    print(f"[{count:4d} instances] launch {point['launch_median_ms']} ms (in a one-instance home "
+          f"{point['launch_small_home_median_ms']} ms), list "
           f"{point['list_median_ms']} ms (json {point['list_json_median_ms']}), info "
           f"{point['info_median_ms']} ms, cold list "
           f"{point['list_cold_median_ms']} ms; pieces {point['pieces_ms']}; load "
@@ -287,9 +300,12 @@ def checkpoint(env: Env, count: int, launch_runs: int, cmd_runs: int) -> dict[st
     return point
 
 
-def run(args: argparse.Namespace, env: Env) -> dict[str, Any]:
+def run(args: argparse.Namespace, env: Env, ref: Env) -> dict[str, Any]:
     """Fill the host up to ``args.max`` instances, measuring at the checkpoints."""
     ensure_image(env)
+    ensure_image(ref)
+    ref.instances.append("r0001")  # one instance of its own: a first launch in a home
+    ref.launch("r0001")            # pays for what the home's first instance sets up
     env.run(["list"])  # starts the warm command server if none runs
     checkpoints = sorted({c for c in CHECKPOINTS if c <= args.max} | {args.max})
     fill: list[dict[str, Any]] = []
@@ -319,10 +335,10 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, Any]:
             print(f"  {n} instances, last launch {sample['ms']} ms, load "
                   f"{os.getloadavg()[0]:.2f}", flush=True)
         if n in checkpoints:
-            points.append(checkpoint(env, n, args.launch_runs, args.runs))
+            points.append(checkpoint(env, n, args.launch_runs, args.runs, ref))
     reached = len(env.instances)
     if broke is not None and (not points or points[-1]["count"] != reached) and reached:
-        points.append(checkpoint(env, reached, args.launch_runs, args.runs))
+        points.append(checkpoint(env, reached, args.launch_runs, args.runs, ref))
     profile: dict[str, Any] = {}
     if reached and not args.no_profile:
         for what in ("list", "reconcile", "info"):
@@ -352,6 +368,15 @@ def analyse(data: dict[str, Any], args: argparse.Namespace, env: Env,
             verdict[f"{k}_growth_{first['count']}_to_{last['count']}"] = round(b / a, 3)
         g = verdict[f"launch_growth_{first['count']}_to_{last['count']}"]
         verdict["launch_within_10pct"] = g <= TARGET_LAUNCH_GROWTH
+        ra, rb = first["launch_small_home_median_ms"], last["launch_small_home_median_ms"]
+        if ra and rb:
+            # the host's share: the same launch in a home with one instance, at each count
+            verdict["host_growth_(launch_in_a_one_instance_home)"] = round(rb / ra, 3)
+            # popek's share: launch in the full home over launch in the one-instance home,
+            # at the same moment, from the first count to the last
+            own = (last["launch_median_ms"] / rb) / (first["launch_median_ms"] / ra)
+            verdict["popek_own_growth_(full_home_over_one_instance_home)"] = round(own, 3)
+            verdict["popek_own_growth_within_10pct"] = own <= TARGET_LAUNCH_GROWTH
         verdict[f"list_of_{last['count']}_ms"] = last["list_median_ms"]
         verdict[f"list_of_{last['count']}_under_{TARGET_LIST_MS:.0f}ms"] = (
             last["list_median_ms"] < TARGET_LIST_MS)
@@ -374,10 +399,13 @@ def analyse(data: dict[str, Any], args: argparse.Namespace, env: Env,
         "definition": "wall time from spawning `popek ...` (native client, warm command server) "
                       "to its exit; medians over the runs the server served (client CPU < "
                       f"{SERVED_CPU_MS:.0f} ms); launch = extra launches at the count, each "
-                      "deleted again; fill_window = the fill loop's last 5 launches before it",
+                      "deleted again; fill_window = the fill loop's last 5 launches before it; "
+                      "launch_small_home = the same launch in a second home with one instance, "
+                      "taken in turn with each launch (what the host adds, apart from popek)",
         "targets": {"launch_growth_max": TARGET_LAUNCH_GROWTH, "list_ms_max": TARGET_LIST_MS},
         "verdict": verdict,
         "summary": [{"count": p["count"], "launch_ms": p["launch_median_ms"],
+                     "launch_small_home_ms": p.get("launch_small_home_median_ms"),
                      "launch_fill_window_ms": _fill_window(data["fill"], p["count"]),
                      "list_ms": p["list_median_ms"], "list_json_ms": p["list_json_median_ms"],
                      "info_ms": p["info_median_ms"],
@@ -406,10 +434,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     s = report["summary"]
     xs = [p["count"] for p in s]
     for key, label, mark in (("launch_ms", "launch (extra, median)", "o-"),
+                             ("launch_small_home_ms", "launch in a one-instance home (host only)",
+                              "o:"),
                              ("list_ms", "list (median)", "s-"),
                              ("list_json_ms", "list --format json (median)", "s--"),
                              ("info_ms", "info (median)", "^-")):
-        ax1.plot(xs, [p[key] for p in s], mark, label=label)
+        ax1.plot(xs, [float("nan") if p.get(key) is None else p[key] for p in s], mark,
+                 label=label)
     ax1.axhline(TARGET_LIST_MS, color="red", linestyle="--",
                 label=f"list target {TARGET_LIST_MS:.0f} ms")
     if s:
@@ -453,15 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, _on_term)
     load_start = list(os.getloadavg())
-    env = Env()
+    env, ref = Env(), Env()
     try:
-        data = run(args, env)
+        data = run(args, env, ref)
         report = analyse(data, args, env, load_start)
     except BenchError as exc:
         print(f"scaling.py: {exc}", file=sys.stderr)
         return 1
     finally:
         env.cleanup()
+        ref.cleanup()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(report, indent=2) + "\n"
