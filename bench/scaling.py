@@ -471,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--max", type=int, default=500, help="instances to reach; default 500")
     ap.add_argument("--runs", type=int, default=7, help="list/info runs per count; default 7")
-    ap.add_argument("--launch-runs", type=int, default=7,
-                    help="extra launches (each deleted) per count; default 7")
+    ap.add_argument("--launch-runs", type=int, default=21,
+                    help="extra launches (each deleted) per count, in each home; default 21")
     ap.add_argument("--no-profile", action="store_true", help="skip the cProfile of list/info")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = ap.parse_args(argv)
