@@ -61,6 +61,14 @@ fi
 # command to the warm command server, or runs the Python client, which runs
 # it in-process (popek/cli/client.py, docs/ARCHITECTURE.md).
 .venv/bin/python -m popek.cli.client .venv/bin/popek
+# `popek` on root's PATH: a link in /usr/local/bin to this checkout's command,
+# unless a file of another installation is there (then say so and leave it).
+link=/usr/local/bin/popek
+if [ -L "$link" ] || [ ! -e "$link" ]; then
+  ln -sfn "$PWD/.venv/bin/popek" "$link"
+else
+  echo "setup: $link exists and is not a link: left as it is (use $PWD/.venv/bin/popek)"
+fi
 # Completion of the command `popek` for bash, zsh and fish, in each shell's
 # completion directory that exists (popek/cli/completion.py: INSTALL_DIRS).
 .venv/bin/python -m popek.cli.completion

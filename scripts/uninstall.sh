@@ -29,6 +29,11 @@ if [ -x .venv/bin/popek ]; then
     rm -f "$sock" "$sock.lock"
   fi
 fi
+link=$D/usr/local/bin/popek  # the PATH link make setup made, if it points here
+if [ -L "$link" ] && [ "$(readlink "$link")" = "$PWD/.venv/bin/popek" ]; then
+  rm -f "$link"
+  echo "uninstall: removed $link"
+fi
 if [ -f "$UNIT" ]; then
   if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
     systemctl disable --quiet popek-boot.service || true

@@ -209,12 +209,16 @@ def test_make_uninstall_resets_then_removes_what_setup_installed(home: Path,
     for f in installed:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x\n")
+    link = dest / "usr/local/bin/popek"  # setup's PATH link to this checkout's command
+    link.parent.mkdir(parents=True)
+    link.symlink_to(wrapper)
     out = subprocess.run(["bash", str(checkout / "scripts" / "uninstall.sh")],
                          env={**os.environ, "DESTDIR": str(dest)}, capture_output=True,
                          text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     assert f"stopped instance {TAG}-u" in out.stdout
     assert [f for f in installed if f.exists()] == []
+    assert not os.path.lexists(link)
     assert not (checkout / ".venv").exists()
     assert cgroups_of(home) == [] and runc_ids(home) == []
     assert states(home) == {f"{TAG}-u": "stopped"}  # the data stays without PURGE=1
