@@ -23,7 +23,6 @@ networks back (bridges, rules, dnsmasq) and starts the instances whose
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import time
@@ -109,19 +108,10 @@ def _kill_all(d: Path) -> list[int]:
 
 def _rmdir_tree(d: Path) -> None:
     """Remove cgroup directory ``d`` and its children, deepest first (EBUSY retried)."""
+    from popek.engines import cgroupfs
+
     for sub, _, _ in sorted(os.walk(d), key=lambda w: -len(Path(w[0]).parts)):
-        deadline = time.monotonic() + 2.0
-        while True:
-            try:
-                os.rmdir(sub)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                    continue
-                raise
-            break
+        cgroupfs.rmdir(Path(sub), time.monotonic() + 2.0)
 
 
 def remove_cgroups(home_id: str, report: Report, root: Path = CGROUP_ROOT) -> None:

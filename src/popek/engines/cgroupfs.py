@@ -293,17 +293,26 @@ def remove(path: str, root: Path = ROOT, timeout: float = 2.0) -> None:
         raise EngineError(f"cannot remove the cgroup {path}: processes {left} still run in it")
     deadline = time.monotonic() + timeout
     for d in dirs(path, root):
-        while True:
-            try:
-                os.rmdir(d)
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
-                    time.sleep(0.01)
+        try:
+            rmdir(d, deadline)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if not d.exists():
                     continue
-                with contextlib.suppress(OSError):
-                    if not d.exists():
-                        break
-                raise EngineError(f"cannot remove the cgroup {d}: {exc.strerror}") from exc
-            break
+            raise EngineError(f"cannot remove the cgroup {d}: {exc.strerror}") from exc
+
+
+def rmdir(d: Path, deadline: float) -> None:
+    """Remove the empty cgroup directory ``d`` (gone already is fine); ``EBUSY``, which an
+    exited task may cause for a moment, is retried until ``deadline`` (``time.monotonic``)."""
+    while True:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            raise
+        return
