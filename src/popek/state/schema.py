@@ -26,6 +26,8 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/policy/version``           the highest policy version applied (trust)
 ``/popek/audit/head``               head of the audit chain (trust)
 ``/popek/audit/alarm``              set when the audit log was found tampered with
+``/popek/projects/P/config``        a project's defaults and quotas (core.projects)
+``/popek/tokens/ID``                API token: project, role, SHA-256 of its secret (core.auth)
 ==================================  =============================================
 """
 
@@ -46,6 +48,11 @@ ACTIVE_PREFIX = "/popek/active/"
 ACTIVE_INDEX_KEY = "/popek/active-index"
 #: named sets of config keys and networks that ``launch -p`` applies (core.profiles)
 PROFILES_PREFIX = "/popek/profiles/"
+
+#: a project exists when it has this key (``default`` always exists)
+PROJECTS_CONFIG_PREFIX = "/popek/projects/"
+#: API tokens (core.auth): their record and the hash of their secret, never the secret
+TOKENS_PREFIX = "/popek/tokens/"
 
 # -- networks ----------------------------------------------------------------------
 NETWORKS_PREFIX = "/popek/networks/"
@@ -95,6 +102,16 @@ def profile_key(project: str, name: str) -> str:
 def profiles_prefix(project: str) -> str:
     """Return the store prefix of every profile of ``project``."""
     return f"{PROFILES_PREFIX}{project}/"
+
+
+def project_config_key(project: str) -> str:
+    """Return the store key of ``project``'s defaults and quotas."""
+    return f"{PROJECTS_CONFIG_PREFIX}{project}/config"
+
+
+def token_key(token_id: str) -> str:
+    """Return the store key of API token ``token_id``."""
+    return f"{TOKENS_PREFIX}{token_id}"
 
 
 def uid_key(uid: int) -> str:
