@@ -49,7 +49,8 @@ RETRIES = 6
 RETRY_PAUSE_S = 10.0
 #: a popek command that failed with one of these died of a half-edited source file
 BROKEN_SOURCE = ("Traceback (most recent call last)", "NameError", "SyntaxError",
-                 "ImportError", "IndentationError", "AttributeError: module")
+                 "ImportError", "IndentationError", "AttributeError: module",
+                 "popek failed inside")  # exit 70: popek's own report of an internal error
 
 PIECES = r"""
 import json, sys, time
