@@ -49,7 +49,8 @@ MAGIC = b"popek-cmd/1"
 ENV_SWITCH = "POPEK_CLI_SERVER"
 ENV_SOCKET = "POPEK_CLI_SOCKET"
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
-LOCAL_COMMANDS = ("command-server",)
+#: run in the popek process: a long-lived server, an events stream
+LOCAL_COMMANDS = ("command-server", "serve", "monitor")
 #: a shell's completion request (see popek.cli.completion)
 COMPLETE_VAR = "_POPEK_COMPLETE"
 #: run in-process too: Typer's completion options find the user's shell among the

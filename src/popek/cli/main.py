@@ -21,6 +21,7 @@ from popek.cli.output import Column, details, listing
 from popek.cli.profile import app as profile_app
 from popek.cli.project import app as project_app
 from popek.cli.sandbox import app as sandbox_app
+from popek.cli.serve import monitor, serve
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
 
 app = typer.Typer(
@@ -38,6 +39,8 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(project_app, name="project")
 app.command("attest")(attest)
+app.command("serve")(serve)
+app.command("monitor")(monitor)
 image_app.command("sign")(image_sign)
 
 

@@ -28,6 +28,7 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/audit/alarm``              set when the audit log was found tampered with
 ``/popek/projects/P/config``        a project's defaults and quotas (core.projects)
 ``/popek/tokens/ID``                API token: project, role, SHA-256 of its secret (core.auth)
+``/popek/operations/ID``            an operation of the REST API: status, result (core)
 ==================================  =============================================
 """
 
@@ -72,6 +73,14 @@ POLICY_KEY = "/popek/policy/current"
 POLICY_FLOOR_KEY = "/popek/policy/version"
 AUDIT_HEAD_KEY = "/popek/audit/head"
 AUDIT_ALARM_KEY = "/popek/audit/alarm"
+
+# -- operations of the REST API (core.operations) -----------------------------------
+OPERATIONS_PREFIX = "/popek/operations/"
+
+
+def operation_key(op_id: str) -> str:
+    """Return the store key of the API operation ``op_id``."""
+    return f"{OPERATIONS_PREFIX}{op_id}"
 
 
 def instance_key(project: str, name: str) -> str:

@@ -1,0 +1,40 @@
+"""The one place the API's application is built: :func:`create_app`.
+
+Each resource has a router of its own module; :data:`ROUTERS` lists them, and
+a module that adds a resource adds its router there.  One application serves
+the local socket (``local=True``: root, the admin) and another, over the same
+runner, TCP with TLS (``local=False``: a bearer token on every request).
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from popek.api import errors, events, images, instances, networks, operations, profiles, trust
+from popek.api.auth import identify
+from popek.api.runner import Runner
+
+#: the routers of every resource, in the order the OpenAPI document lists them
+ROUTERS = (instances.router, images.router, networks.router, trust.router, profiles.router,
+           operations.router, events.router)
+
+
+def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:
+    """The API application; ``local``: served on root's Unix socket (no token asked)."""
+    app = FastAPI(title="popek", version=_version(), openapi_url="/1.0/openapi.json",
+                  docs_url=None, redoc_url=None, dependencies=[Depends(identify)])
+    app.state.local = local
+    app.state.runner = runner or Runner()
+    errors.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("popek")
+    except PackageNotFoundError:
+        return "0"

@@ -1,0 +1,262 @@
+"""``/1.0/instances``: the instance commands of the CLI, as resources.
+
+The records are those of ``popek list`` and ``popek info --format json``
+(:meth:`popek.core.instances.Instances.summaries` and ``info``); every change
+is the CLI's typed request handled by the core.  A launch, a start, a stop, a
+restart and a delete return ``202`` with an operation; pause and resume are
+quick and answer when done.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from popek.api.runner import session
+from popek.core.service import MAX_TIMEOUT, Core
+from popek.errors import AlreadyExists, InvalidInput, NotFound
+from popek.names import validate_name
+
+router = APIRouter(prefix="/1.0/instances", tags=["instances"])
+
+Seconds = Annotated[float, Field(ge=0, le=MAX_TIMEOUT)]
+
+
+def bad(field: str, message: str) -> InvalidInput:
+    """InvalidInput naming the request ``field`` it is about."""
+    exc = InvalidInput(message)
+    exc.field = field  # type: ignore[attr-defined]
+    return exc
+
+
+def _name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except InvalidInput as exc:
+        raise bad("name", str(exc)) from exc
+
+
+def accepted(rec: dict[str, Any]) -> JSONResponse:
+    """The ``202`` answer with operation ``rec``, its URL in ``Location``."""
+    return JSONResponse(rec, status_code=202,
+                        headers={"Location": f"/1.0/operations/{rec['id']}"})
+
+
+def summary(core: Core, name: str) -> dict[str, Any]:
+    """The ``popek list`` record of instance ``name``."""
+    core.instances.get(name)  # NotFound
+    for rec in core.instances.summaries():
+        if rec["name"] == name:
+            return rec
+    return {"name": name}
+
+
+@router.get("")
+def list_instances() -> list[dict[str, Any]]:
+    """Every instance, as ``popek list --format json`` shows it."""
+    with session() as core:
+        return core.instances.summaries()
+
+
+@router.get("/{name}")
+def get_instance(name: str) -> dict[str, Any]:
+    """One instance, as ``popek info NAME --format json`` shows it."""
+    with session() as core:
+        core.instances.reconcile([_name(name)])
+        return core.instances.info(name)
+
+
+class LaunchBody(BaseModel):
+    """``popek launch``'s arguments; sizes as bytes or text (``512MiB``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200)
+    engine: Literal["qemu", "container"] = "qemu"
+    vcpus: int | None = Field(default=None, ge=1, le=1024)
+    memory: int | str | None = None
+    accel: str = "auto"
+    runtime: str = "auto"
+    pids: int | None = Field(default=None, ge=1)
+    disk: int | str | None = None
+    net_rate: str = ""
+    mounts: list[str] = []
+    networks: list[str] = []
+    label: str | None = None
+    profiles: list[str] = []
+    config: dict[str, str] = {}
+    timeout: Seconds = 180.0
+
+
+def _size(value: int | str | None, field: str) -> int | None:
+    from popek.units import parse_size
+
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise bad(field, f"invalid {field} {value}: must be a positive number of bytes")
+        return value
+    try:
+        return parse_size(value, field)
+    except InvalidInput as exc:
+        raise bad(field, str(exc)) from exc
+
+
+@router.post("", status_code=202)
+def launch(request: Request, body: LaunchBody) -> JSONResponse:
+    """Launch an instance (``popek launch``): an operation, its result the instance."""
+    from popek.core.config import check_key
+    from popek.core.requests import Launch
+
+    _name(body.name)
+    limits: dict[str, int] = {} if body.pids is None else {"pids": body.pids}
+    disk = _size(body.disk, "disk")
+    if disk is not None:
+        limits["disk"] = disk
+    if body.net_rate:
+        from popek.network.shaping import parse_rate
+
+        try:
+            limits["net"] = parse_rate(body.net_rate)
+        except InvalidInput as exc:
+            raise bad("net_rate", str(exc)) from exc
+    for key in body.config:
+        try:
+            check_key(key)
+        except InvalidInput as exc:
+            raise bad("config", str(exc)) from exc
+    with session() as core:  # refused here, before any operation, so nothing changes
+        core.images.get(body.image)
+        try:
+            core.instances.get(body.name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"instance {body.name} already exists")
+    req = dict(image=body.image, name=body.name, vcpus=body.vcpus,
+               memory=_size(body.memory, "memory"), accel=body.accel, engine=body.engine,
+               runtime=body.runtime, limits=limits, mounts=tuple(body.mounts),
+               networks=tuple(body.networks), label=body.label, ready_timeout=body.timeout,
+               profiles=tuple(body.profiles), config=dict(body.config))
+
+    def work(core: Core, progress: Any) -> dict[str, Any]:
+        core.handle(Launch(**req, progress=progress))  # type: ignore[arg-type]
+        return summary(core, body.name)
+
+    return accepted(request.app.state.runner.submit("instance.launch", body.name, work))
+
+
+class StateBody(BaseModel):
+    """A change of state (``PUT /1.0/instances/NAME/state``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["start", "stop", "restart", "pause", "resume"]
+    timeout: Seconds | None = None
+    force: bool = False
+
+
+@router.put("/{name}/state", response_model=None)
+def change_state(request: Request, name: str, body: StateBody) -> JSONResponse | dict[str, Any]:
+    """Start, stop (``timeout``: graceful for that long, then forced), restart, pause, resume.
+
+    Start, stop and restart return an operation; pause and resume the instance.
+    """
+    from popek.core.requests import Pause, Restart, Resume, Start, Stop
+
+    _name(name)
+    with session() as core:
+        core.instances.get(name)  # NotFound before an operation is made
+        if body.action in ("pause", "resume"):
+            core.handle(Pause(name) if body.action == "pause" else Resume(name))
+            return summary(core, name)
+    action, timeout, force = body.action, body.timeout, body.force
+
+    def work(core: Core, progress: Any) -> dict[str, Any]:
+        if action == "start":
+            core.handle(Start(name, ready_timeout=180.0 if timeout is None else timeout,
+                              progress=progress))
+            return summary(core, name)
+        if action == "stop":
+            how = core.handle(Stop(name, force=force, timeout=30.0 if timeout is None
+                                   else timeout))
+            return {**summary(core, name), "stopped": how}
+        core.handle(Restart(name, force=force, timeout=30.0 if timeout is None else timeout,
+                            progress=progress))
+        return summary(core, name)
+
+    return accepted(request.app.state.runner.submit(f"instance.{action}", name, work))
+
+
+@router.delete("/{name}", status_code=202)
+def delete(request: Request, name: str, force: bool = False) -> JSONResponse:
+    """Delete an instance (``force``: stop it first): an operation."""
+    from popek.core.requests import Delete
+
+    _name(name)
+    with session() as core:
+        core.instances.get(name)
+
+    def work(core: Core, progress: Any) -> None:
+        core.handle(Delete(name, force=force))
+
+    return accepted(request.app.state.runner.submit("instance.delete", name, work))
+
+
+class ExecBody(BaseModel):
+    """A command to run in an instance, without a terminal."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: list[str] = Field(min_length=1)
+    stdin: str = ""
+    timeout: Seconds = 60.0
+
+
+@router.post("/{name}/exec")
+def exec_(name: str, body: ExecBody) -> dict[str, Any]:
+    """Run a command in a running instance; its output and exit code (not interactive)."""
+    from popek.core.requests import Exec
+
+    _name(name)
+    data = body.stdin.encode()
+    with session() as core:
+        result = core.handle(Exec(name, argv=tuple(body.command), timeout=body.timeout,
+                                  stream=False, tty=False, stdin=lambda: data))
+    if isinstance(result, int):  # not asked for (stream=False); kept total
+        return {"exit_code": result, "stdout": "", "stderr": ""}
+    return {"exit_code": result.exit_code,
+            "stdout": result.stdout.decode(errors="replace"),
+            "stderr": result.stderr.decode(errors="replace")}
+
+
+@router.get("/{name}/config")
+def get_config(name: str) -> dict[str, str]:
+    """The instance's settings, as ``popek config show NAME --format json``."""
+    with session() as core:
+        core.instances.reconcile([_name(name)])
+        return core.instances.config_show(name)
+
+
+@router.patch("/{name}/config")
+def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) -> dict[str, str]:
+    """Set keys (``config set``) and, those given as ``null``, unset them (``config unset``)."""
+    from popek.core.config import check_key
+    from popek.core.requests import ConfigSet, ConfigUnset
+
+    _name(name)
+    if not values:
+        raise bad("config", "no key given: send an object of KEY: VALUE (null unsets KEY)")
+    for key in values:
+        try:
+            check_key(key)
+        except InvalidInput as exc:
+            raise bad(key, str(exc)) from exc
+    sets = {k: v for k, v in values.items() if v is not None}
+    unsets = tuple(k for k, v in values.items() if v is None)
+    with session() as core:
+        if sets:
+            core.handle(ConfigSet(name, values=sets))
+        if unsets:
+            core.handle(ConfigUnset(name, keys=unsets))
+        return core.instances.config_show(name)

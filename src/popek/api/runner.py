@@ -1,0 +1,92 @@
+"""Operations of the API: long requests run in worker threads, recorded in the store.
+
+:meth:`Runner.submit` records a running operation
+(:class:`popek.core.operations.Operations`), starts a thread that opens its
+own :class:`~popek.core.service.Core` (a SQLite store is used by the thread
+that opened it only) and runs the work there, its progress messages and
+outcome written to the operation's record.  ``wait`` sleeps on an event until
+the thread ends; an operation of an earlier server is already finished
+(:meth:`~popek.core.operations.Operations.fail_orphans` ran at start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from popek.core.operations import Operations
+from popek.core.service import Core
+
+log = logging.getLogger("popek.api")
+
+#: the work of an operation: given its core and a progress callback, it returns the result
+Work = Callable[[Core, Callable[[str], None]], Any]
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Core]:
+    """A core for the current thread, its store closed after."""
+    core = Core()
+    try:
+        yield core
+    finally:
+        close = getattr(core.store, "close", None)
+        if close is not None:
+            close()
+
+
+class Runner:
+    """The operations this server runs, and the events their threads set when done."""
+
+    def __init__(self) -> None:
+        """No operation yet."""
+        self._done: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> list[str]:
+        """At server start: mark failed the operations an earlier server left running."""
+        with session() as core:
+            return Operations(core.store).fail_orphans()
+
+    def submit(self, op: str, target: str, work: Work) -> dict[str, Any]:
+        """Record operation ``op`` on ``target``, run ``work`` in a thread; return the record."""
+        with session() as core:
+            rec = Operations(core.store).create(op, target)
+        done = threading.Event()
+        with self._lock:
+            self._done[rec["id"]] = done
+        threading.Thread(target=self._run, args=(rec["id"], work, done),
+                         name=f"op-{rec['id'][:8]}", daemon=True).start()
+        return rec
+
+    def _run(self, op_id: str, work: Work, done: threading.Event) -> None:
+        try:
+            with session() as core:
+                ops = Operations(core.store)
+
+                def progress(message: str) -> None:
+                    with contextlib.suppress(Exception):
+                        ops.progress(op_id, message)
+
+                try:
+                    result = work(core, progress)
+                except Exception as exc:
+                    if not hasattr(exc, "exit_code"):
+                        log.error("operation %s failed", op_id, exc_info=exc)
+                    ops.finish(op_id, error=exc)
+                else:
+                    ops.finish(op_id, result=result)
+        except Exception:  # the store itself failed: the record says running until restart
+            log.exception("operation %s could not be recorded", op_id)
+        finally:
+            done.set()
+
+    def wait(self, op_id: str, timeout: float) -> None:
+        """Block until operation ``op_id`` of this server ends, or ``timeout`` seconds pass."""
+        with self._lock:
+            done = self._done.get(op_id)
+        if done is not None:
+            done.wait(timeout)

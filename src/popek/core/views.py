@@ -1,0 +1,94 @@
+"""The records that list and show commands print, for every front end.
+
+``popek image list --format json`` and ``GET /1.0/images`` give the same
+objects: both build them here, from the same services.  Instances have
+theirs on :class:`popek.core.instances.Instances` (``summaries``, ``info``).
+Each function only reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from popek.core.service import Core
+    from popek.images import Image
+    from popek.network import Networks
+    from popek.trust.keys import TrustStore
+
+
+def signature_summary(path: Path) -> dict[str, Any] | None:
+    """Who signed an image, as its manifest.sig says (checked at each start, not here)."""
+    try:
+        st = json.loads((path / "manifest.sig").read_text())["statement"]
+        return {"signer": str(st["signer"]), "serial": int(st["serial"]),
+                "expires": str(st["expires"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def image_summary(image: Image) -> dict[str, Any]:
+    """One row of ``popek image list``."""
+    return {"name": image.name, "version": image.manifest.version,
+            "created": image.manifest.created, "kernel": image.manifest.kernel_version,
+            "kinds": image.kinds(), "size": sum(f.size for f in image.manifest.files.values()),
+            "signature": signature_summary(image.path)}
+
+
+def image_detail(image: Image) -> dict[str, Any]:
+    """``popek image info``: the manifest and who signed it."""
+    data: dict[str, Any] = json.loads(image.manifest.to_json())
+    data["signature"] = signature_summary(image.path)
+    return data
+
+
+def network_summaries(svc: Networks) -> list[dict[str, Any]]:
+    """The rows of ``popek network list``: each network and how many ports it has."""
+    counts: dict[str, int] = {}
+    for port in svc.ports():
+        counts[port.network] = counts.get(port.network, 0) + 1
+    return [{"name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
+             "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
+             "ports": counts.get(n.name, 0)} for n in svc.list()]
+
+
+def profiles_used(core: Core) -> dict[str, list[str]]:
+    """For each profile, the instances launched with it."""
+    out: dict[str, list[str]] = {}
+    for inst in core.instances.all():
+        for p in inst.spec.profiles:
+            out.setdefault(p, []).append(inst.name)
+    return out
+
+
+def profile_summaries(core: Core) -> list[dict[str, Any]]:
+    """The rows of ``popek profile list``."""
+    from popek.core.profiles import Profiles
+
+    used = profiles_used(core)
+    return [{**p.to_doc(), "used_by": used.get(p.name, [])} for p in Profiles(core.store).all()]
+
+
+def policy_detail(trust: TrustStore) -> dict[str, Any]:
+    """``popek policy show --format json``: the policy in force, its version and signer."""
+    from popek.trust.policy import DEFAULT_POLICY, PolicyStore, check_signed
+
+    info = PolicyStore(trust).info()
+    pol = check_signed(trust)
+    return {**info, "mode": pol.mode, "labels": sorted(pol.labels),
+            "conflicts": [{"name": name, "labels": sorted(ls)} for name, ls in pol.conflicts],
+            "shares": [{"kind": kind, "labels": sorted(ls)} for kind, ls in pol.shares],
+            "text": pol.text if info["applied"] else DEFAULT_POLICY}
+
+
+def audit_records(trust: TrustStore, since: str = "", target: str = "") -> list[dict[str, Any]]:
+    """The records of ``popek audit log``: at or after ``since`` (ISO time), about ``target``."""
+    from popek.trust.audit import AuditLog
+    from popek.trust.keys import parse_time
+
+    after = parse_time(since, "since") if since else None
+    return [r for r in AuditLog(trust).records()
+            if (not target or r.get("target") == target)
+            and (after is None or parse_time(str(r.get("time")), "time") >= after)]
