@@ -13,10 +13,21 @@ DEB_PACKAGES=(
   nftables dnsmasq-base iperf3 tcpdump
   gcc libc6-dev   # the guest verifier and the security tests' attack tool are built static
   zsh fish        # popek's completion scripts are tested in each shell (bash is there)
+  prometheus      # tests/integration/test_metrics.py scrapes popek's /metrics with it
 )
 
 . scripts/lib/debs.sh
+prometheus_before=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null || true)
 install_debs setup "${DEB_PACKAGES[@]}"
+# Debian's package enables a system Prometheus listening on every address (:9090);
+# popek's tests run one of their own, so one installed here is not left enabled.
+if [ "$prometheus_before" != "install ok installed" ]; then
+  if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    systemctl disable --now --quiet prometheus.service || true
+  else
+    rm -f /etc/systemd/system/multi-user.target.wants/prometheus.service
+  fi
+fi
 # apt-get download (image builds) needs package lists.
 if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
   apt-get update -q

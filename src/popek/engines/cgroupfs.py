@@ -316,3 +316,87 @@ def rmdir(d: Path, deadline: float) -> None:
                 continue
             raise
         return
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What one cgroup has used so far; ``None`` where the kernel does not say.
+
+    ``memory`` is the usage now (page cache included, as the kernel charges
+    it); the others only grow while the cgroup lives.
+    """
+
+    cpu_seconds: float | None
+    memory: int | None
+    read_bytes: int | None
+    write_bytes: int | None
+
+
+def _text(path: Path) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _int(path: Path) -> int | None:
+    text = _text(path)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _v2_io(text: str | None) -> tuple[int | None, int | None]:
+    """Bytes read and written from a v2 ``io.stat`` (``MAJ:MIN rbytes=N wbytes=N ...`` lines)."""
+    if text is None:
+        return None, None
+    read = write = 0
+    for line in text.splitlines():
+        for field in line.split()[1:]:
+            key, _, value = field.partition("=")
+            if key == "rbytes":
+                read += int(value)
+            elif key == "wbytes":
+                write += int(value)
+    return read, write
+
+
+def _v1_io(text: str | None) -> tuple[int | None, int | None]:
+    """Bytes read and written from a v1 ``blkio.throttle.io_service_bytes*``
+    (``MAJ:MIN Read N`` lines, one ``Total N`` line at the end)."""
+    if text is None:
+        return None, None
+    read = write = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            read += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            write += int(parts[2])
+    return read, write
+
+
+def counters(path: str, root: Path = ROOT, v2: bool | None = None) -> Counters:
+    """Read the usage counters of the cgroup ``path`` (v1 or v2): a few small files, no lock.
+
+    ``v2`` is the layout when the caller detected it already (one
+    :func:`is_v2` per scrape instead of one per cgroup).  A cgroup that is
+    gone reads as all ``None``.
+    """
+    rel = path.strip("/")
+    if is_v2(root) if v2 is None else v2:
+        d = root / rel
+        cpu = None
+        for line in (_text(d / "cpu.stat") or "").splitlines():
+            if line.startswith("usage_usec "):
+                cpu = int(line.split()[1]) / 1e6
+        read, write = _v2_io(_text(d / "io.stat"))
+        return Counters(cpu, _int(d / "memory.current"), read, write)
+    ns = _int(root / "cpuacct" / rel / "cpuacct.usage")
+    blkio = root / "blkio" / rel
+    read, write = _v1_io(_text(blkio / "blkio.throttle.io_service_bytes_recursive")
+                         or _text(blkio / "blkio.throttle.io_service_bytes"))
+    return Counters(ns / 1e9 if ns is not None else None,
+                    _int(root / "memory" / rel / "memory.usage_in_bytes"), read, write)

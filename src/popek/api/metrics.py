@@ -1,0 +1,195 @@
+"""``GET /metrics``: the Prometheus text format, through ``prometheus_client``.
+
+Each application has a registry of its own (no global state): the counters
+of :class:`popek.core.metrics.Collector`, read afresh on every scrape
+(:class:`UsageCollector`), and the API's own request counts and latencies,
+recorded by :class:`RequestMetrics`, a plain ASGI middleware around the whole
+application.  Its ``route`` label is the route's template
+(``/1.0/instances/{name}``), never the path asked for, so the number of
+series stays bounded; a request that matched no route is ``unmatched``.
+
+Metric names (``_total`` marks a counter, as Prometheus expects):
+
+==========================================  =====================================
+``popek_instance_cpu_seconds_total``        CPU time of the instance's cgroup
+``popek_instance_memory_bytes``             its cgroup's memory now (page cache in)
+``popek_instance_disk_read_bytes_total``    VMs: the guest's block devices (QMP);
+``popek_instance_disk_write_bytes_total``   containers: the cgroup's block I/O
+``popek_instance_network_{rx,tx}_bytes_total``, ``..._packets_total``
+                                            what the instance received and sent
+``popek_network_{rx,tx}_bytes_total``       a network's bridge (host side):
+``popek_network_{rx,tx}_packets_total``     traffic between the network and host
+``popek_metrics_collect_seconds``           what the last scrape's reads cost
+``popek_api_requests_total``                ``{method,route,status}``
+``popek_api_request_seconds``               histogram, ``{method,route}``
+==========================================  =====================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from popek.core.metrics import Snapshot
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+INSTANCE_LABELS = ["project", "name", "type"]
+#: (metric name without ``_total``, help, InstanceUsage field)
+INSTANCE_COUNTERS = (
+    ("popek_instance_cpu_seconds", "CPU time used by the instance (its cgroup), in seconds",
+     "cpu_seconds"),
+    ("popek_instance_disk_read_bytes", "Bytes the instance read from its disks",
+     "disk_read_bytes"),
+    ("popek_instance_disk_write_bytes", "Bytes the instance wrote to its disks",
+     "disk_write_bytes"),
+    ("popek_instance_network_rx_bytes", "Bytes the instance received on its ports",
+     "network_rx_bytes"),
+    ("popek_instance_network_tx_bytes", "Bytes the instance sent on its ports",
+     "network_tx_bytes"),
+    ("popek_instance_network_rx_packets", "Packets the instance received on its ports",
+     "network_rx_packets"),
+    ("popek_instance_network_tx_packets", "Packets the instance sent on its ports",
+     "network_tx_packets"),
+)
+NETWORK_COUNTERS = (
+    ("popek_network_rx_bytes", "Bytes the host received from the network (its bridge)",
+     "rx_bytes"),
+    ("popek_network_tx_bytes", "Bytes the host sent to the network (its bridge)", "tx_bytes"),
+    ("popek_network_rx_packets", "Packets the host received from the network (its bridge)",
+     "rx_packets"),
+    ("popek_network_tx_packets", "Packets the host sent to the network (its bridge)",
+     "tx_packets"),
+)
+#: request latency buckets, in seconds: reads take milliseconds, a launch seconds
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0, 60.0)
+
+
+def families(snap: Snapshot) -> list[Metric]:
+    """The metric families of one :class:`~popek.core.metrics.Snapshot`."""
+    out: list[Metric] = []
+    for name, doc, attr in INSTANCE_COUNTERS:
+        fam = CounterMetricFamily(name, doc, labels=INSTANCE_LABELS)
+        for u in snap.instances:
+            value = getattr(u, attr)
+            if value is not None:
+                fam.add_metric([u.project, u.name, u.type], value)
+        out.append(fam)
+    mem = GaugeMetricFamily("popek_instance_memory_bytes",
+                            "Memory the instance's cgroup uses now, in bytes",
+                            labels=INSTANCE_LABELS)
+    for u in snap.instances:
+        if u.memory_bytes is not None:
+            mem.add_metric([u.project, u.name, u.type], u.memory_bytes)
+    out.append(mem)
+    for name, doc, attr in NETWORK_COUNTERS:
+        fam = CounterMetricFamily(name, doc, labels=["network"])
+        for n in snap.networks:
+            fam.add_metric([n.name], getattr(n, attr))
+        out.append(fam)
+    out.append(GaugeMetricFamily("popek_metrics_collect_seconds",
+                                 "Seconds this scrape spent reading the counters",
+                                 value=snap.seconds))
+    return out
+
+
+class UsageCollector(Collector):
+    """A ``prometheus_client`` collector that reads the host afresh on every scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        """``snapshot`` reads the counters (:meth:`popek.core.metrics.Collector.collect`)."""
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        """The families of one fresh snapshot."""
+        return families(self.snapshot())
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every HTTP request and times it, by method, route and status."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        """Wrap ``app``; the counter and histogram are registered in ``registry``."""
+        self.app = app
+        self.requests = Counter("popek_api_requests", "API requests answered",
+                                ["method", "route", "status"], registry=registry)
+        self.seconds = Histogram("popek_api_request_seconds",
+                                 "Seconds from a request's arrival to the end of its answer",
+                                 ["method", "route"], registry=registry, buckets=BUCKETS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; record it once answered (500 when the app raised)."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = str(scope.get("method", ""))
+            self.requests.labels(method, route, str(status)).inc()
+            self.seconds.labels(method, route).observe(time.perf_counter() - started)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format."""
+    return generate_latest(registry)
+
+
+def store_snapshot() -> Snapshot:
+    """Read this home's counters with a store of the calling thread's own."""
+    from popek.core.metrics import Collector as UsageReader
+    from popek.state import open_store
+
+    store = open_store()
+    try:
+        return UsageReader(store).collect()
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
+def install(app: Any, snapshot: Callable[[], Snapshot] = store_snapshot) -> CollectorRegistry:
+    """Serve ``GET /metrics`` on ``app`` (FastAPI) and record its requests; return the registry.
+
+    The registry is the application's own (``app.state.metrics``).
+    """
+    from fastapi import APIRouter
+    from fastapi.responses import Response
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(UsageCollector(snapshot))
+    app.add_middleware(RequestMetrics, registry=registry)
+    app.state.metrics = registry
+    router = APIRouter(tags=["metrics"])
+
+    @router.get("/metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                                 "description": "The Prometheus text format"}})
+    def metrics() -> Response:
+        """Usage counters of every active instance and network, and the API's own."""
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(router)
+    return registry
