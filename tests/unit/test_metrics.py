@@ -186,3 +186,27 @@ def test_an_empty_home_renders_the_families_without_samples() -> None:
     text = render(registry).decode()
     assert "# TYPE popek_instance_memory_bytes gauge" in text
     assert "popek_metrics_collect_seconds 0.0" in text
+
+
+def test_the_api_serves_metrics_and_counts_its_requests(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /metrics of the application, after a 404 on a route and one on no route at all."""
+    from fastapi.testclient import TestClient
+
+    from popek.api.app import create_app
+
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    with TestClient(create_app()) as client:
+        assert client.get("/1.0/instances/nope").status_code == 404
+        assert client.get("/no/such/thing").status_code == 404
+        answer = client.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(answer.text) for s in fam.samples}
+    route = (("method", "GET"), ("route", "/1.0/instances/{name}"))
+    assert samples[("popek_api_requests_total", (*route, ("status", "404")))] == 1
+    assert samples[("popek_api_requests_total", (("method", "GET"), ("route", "unmatched"),
+                                                 ("status", "404")))] == 1
+    assert samples[("popek_api_request_seconds_count", route)] == 1
+    assert ("popek_metrics_collect_seconds", ()) in samples

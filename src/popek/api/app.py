@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from popek.api import errors, events, images, instances, networks, operations, profiles, trust
+from popek.api import metrics as metrics_api
 from popek.api.auth import identify
 from popek.api.runner import Runner
 
@@ -26,6 +27,7 @@ def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:
     app.state.local = local
     app.state.runner = runner or Runner()
     errors.install(app)
+    metrics_api.install(app)  # GET /metrics and the request counts of every route
     for router in ROUTERS:
         app.include_router(router)
     return app

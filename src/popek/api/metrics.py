@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,6 +71,8 @@ NETWORK_COUNTERS = (
     ("popek_network_tx_packets", "Packets the host sent to the network (its bridge)",
      "tx_packets"),
 )
+#: the classic text format (0.0.4), which every Prometheus 2 reads (what ``render`` writes)
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 #: request latency buckets, in seconds: reads take milliseconds, a launch seconds
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
            30.0, 60.0)
@@ -185,11 +187,11 @@ def install(app: Any, snapshot: Callable[[], Snapshot] = store_snapshot) -> Coll
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", response_class=Response,
-                responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                responses={200: {"content": {CONTENT_TYPE: {}},
                                  "description": "The Prometheus text format"}})
     def metrics() -> Response:
         """Usage counters of every active instance and network, and the API's own."""
-        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(registry), media_type=CONTENT_TYPE)
 
     app.include_router(router)
     return registry
