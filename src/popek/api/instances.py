@@ -230,16 +230,22 @@ def exec_(name: str, body: ExecBody) -> dict[str, Any]:
             "stderr": result.stderr.decode(errors="replace")}
 
 
+def config_of(core: Core, name: str) -> dict[str, Any]:
+    """``popek config show NAME --format json``: the settings and the profiles launched with."""
+    return {**core.instances.config_show(name),
+            "profiles": core.instances.get(name).spec.profiles}
+
+
 @router.get("/{name}/config")
-def get_config(name: str) -> dict[str, str]:
-    """The instance's settings, as ``popek config show NAME --format json``."""
+def get_config(name: str) -> dict[str, Any]:
+    """The instance's settings and profiles, as ``popek config show NAME --format json``."""
     with session() as core:
         core.instances.reconcile([_name(name)])
-        return core.instances.config_show(name)
+        return config_of(core, name)
 
 
 @router.patch("/{name}/config")
-def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) -> dict[str, str]:
+def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) -> dict[str, Any]:
     """Set keys (``config set``) and, those given as ``null``, unset them (``config unset``)."""
     from popek.core.config import check_key
     from popek.core.requests import ConfigSet, ConfigUnset
@@ -259,4 +265,4 @@ def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) ->
             core.handle(ConfigSet(name, values=sets))
         if unsets:
             core.handle(ConfigUnset(name, keys=unsets))
-        return core.instances.config_show(name)
+        return config_of(core, name)
