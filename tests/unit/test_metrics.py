@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from popek.api.metrics import UsageCollector, render
+from popek.api.metrics import UsageCollector, render, scope_of
 from popek.core.lifecycle import State
 from popek.core.metrics import Collector, Snapshot
 from popek.core.model import Instance, InstanceSpec
@@ -106,6 +106,18 @@ def test_v1_counters_ports_and_bridges(tmp_path: Path, store: SQLiteStore,
     [lan] = snap.networks
     assert (lan.name, lan.rx_bytes, lan.tx_bytes, lan.rx_packets, lan.tx_packets) == \
         ("lan", 5, 6, 7, 8)
+
+    # a token of project p2 sees p2's instances only, and no host-wide network
+    scoped = Collector(store, cgroup_root=cg, sysfs_net=sysfs, home_id=HOME_ID).collect("p2")
+    assert [u.name for u in scoped.instances] == ["db"]
+    assert scoped.networks == []
+
+
+def test_scope_of_an_identity() -> None:
+    from popek.core.auth import Identity, host_admin
+
+    assert scope_of(host_admin()) is None
+    assert scope_of(Identity("token t (x)", "p2", "viewer")) == "p2"
 
 
 def test_v2_counters(tmp_path: Path, store: SQLiteStore,

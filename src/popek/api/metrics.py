@@ -31,6 +31,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -158,30 +160,40 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def store_snapshot() -> Snapshot:
-    """Read this home's counters with a store of the calling thread's own."""
+def store_snapshot(project: str | None = None) -> Snapshot:
+    """Read this home's counters (``project``'s only, if given) with a store of this call's own."""
     from popek.core.metrics import Collector as UsageReader
     from popek.state import open_store
 
     store = open_store()
     try:
-        return UsageReader(store).collect()
+        return UsageReader(store).collect(project)
     finally:
         close = getattr(store, "close", None)
         if close is not None:
             close()
 
 
-def install(app: Any, snapshot: Callable[[], Snapshot] = store_snapshot) -> CollectorRegistry:
-    """Serve ``GET /metrics`` on ``app`` (FastAPI) and record its requests; return the registry.
+def scope_of(identity: Any) -> str | None:
+    """The project whose instances ``identity`` may see in /metrics; ``None``: every one.
 
-    The registry is the application's own (``app.state.metrics``).
+    The host admin (root on the local socket) sees the whole host; a token sees
+    its own project's instances and no network (tenancy: issue 14.3).
     """
-    from fastapi import APIRouter
-    from fastapi.responses import Response
+    if identity is None or getattr(identity, "host_admin", False):
+        return None
+    return str(identity.project)
 
+
+def install(app: Any, snapshot: Callable[[str | None], Snapshot] = store_snapshot,
+            ) -> CollectorRegistry:
+    """Serve ``GET /metrics`` on ``app`` (FastAPI) and record its requests.
+
+    Returns the registry of the request counters (``app.state.metrics``); the
+    usage counters are read afresh for each scrape, in the asker's scope
+    (:func:`scope_of`).
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(UsageCollector(snapshot))
     app.add_middleware(RequestMetrics, registry=registry)
     app.state.metrics = registry
     router = APIRouter(tags=["metrics"])
@@ -189,9 +201,12 @@ def install(app: Any, snapshot: Callable[[], Snapshot] = store_snapshot) -> Coll
     @router.get("/metrics", response_class=Response,
                 responses={200: {"content": {CONTENT_TYPE: {}},
                                  "description": "The Prometheus text format"}})
-    def metrics() -> Response:
-        """Usage counters of every active instance and network, and the API's own."""
-        return Response(render(registry), media_type=CONTENT_TYPE)
+    def metrics(request: Request) -> Response:
+        """Usage counters of the active instances and networks, and the API's own."""
+        project = scope_of(getattr(request.state, "identity", None))
+        usage = CollectorRegistry(auto_describe=False)
+        usage.register(UsageCollector(lambda: snapshot(project)))
+        return Response(render(usage) + render(registry), media_type=CONTENT_TYPE)
 
     app.include_router(router)
     return registry

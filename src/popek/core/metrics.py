@@ -37,7 +37,7 @@ from popek.core.model import Instance
 from popek.engines import cgroupfs
 from popek.engines.qemu.cmdline import Paths as QemuPaths
 from popek.network import stats as netstats
-from popek.state.schema import INSTANCES_PREFIX, NETWORKS_PREFIX, PORTS_PREFIX
+from popek.state.schema import NETWORKS_PREFIX, PORTS_PREFIX, instances_prefix
 from popek.state.store import StateStore
 
 #: the ``type`` label of each engine (incus's words)
@@ -97,13 +97,17 @@ class Collector:
         self.qmp_timeout = qmp_timeout
         self.home_id = home_id
 
-    def collect(self) -> Snapshot:
-        """Read every active instance's and every network's counters once."""
+    def collect(self, project: str | None = None) -> Snapshot:
+        """Read every active instance's and every network's counters once.
+
+        With ``project``, only that project's instances, and no network (a
+        network is host-wide: its counters are the host admin's to see).
+        """
         started = time.perf_counter()
         home_id = self.home_id or paths.home_id()
         v2 = cgroupfs.is_v2(self.cgroup_root)
         active: list[Instance] = []
-        for kv in self.store.range(INSTANCES_PREFIX):
+        for kv in self.store.range(instances_prefix(project)):
             inst = Instance.from_json(kv.value)
             if inst.state in ACTIVE:
                 active.append(inst)
@@ -128,7 +132,7 @@ class Collector:
             snap.instances.append(usage)
         if vms:
             self._blockstats(vms)
-        for kv in self.store.range(NETWORKS_PREFIX):
+        for kv in self.store.range(NETWORKS_PREFIX) if project is None else []:
             doc = json.loads(kv.value)
             dev = netstats.read(str(doc.get("bridge", "")), self.sysfs_net)
             if dev is not None:
