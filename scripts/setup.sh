@@ -49,6 +49,17 @@ if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || [ -d /etc/systemd/system ]
     fi
   fi
 fi
+# The REST API's unit (popek serve), installed but not enabled: an operator
+# turns it on with `systemctl enable --now popek-api`.
+if [ -d /etc/systemd/system ]; then
+  unit=/etc/systemd/system/popek-api.service
+  sed "s|@POPEK@|$PWD/.venv/bin/popek|" contrib/systemd/popek-api.service.in > "$unit.new"
+  if cmp -s "$unit.new" "$unit"; then rm "$unit.new"; else
+    mv "$unit.new" "$unit"
+    echo "setup: installed $unit (not enabled: systemctl enable --now popek-api)"
+    if [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then systemctl daemon-reload; fi
+  fi
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -3,7 +3,7 @@
 # reset` (the instances of POPEK_HOME, default /var/lib/popek, are stopped and
 # its bridges, nftables tables, cgroups, dnsmasqs and what homes share are
 # removed; its data stays unless PURGE=1), then what `make setup` installed:
-# the boot unit, the completion scripts, the command server and .venv.
+# the boot and API units, the completion scripts, the command server and .venv.
 # Debian packages and the download cache (.cache) stay.  DESTDIR prefixes the
 # system paths (the unit, the completion scripts), as for an install.
 set -euo pipefail
@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 D=${DESTDIR:-}
 UNIT=$D/etc/systemd/system/popek-boot.service
+API_UNIT=$D/etc/systemd/system/popek-api.service
 COMPLETIONS=(
   "$D/usr/share/bash-completion/completions/popek"
   "$D/usr/share/zsh/vendor-completions/_popek"
@@ -43,6 +44,13 @@ if [ -f "$UNIT" ]; then
   if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
     systemctl daemon-reload
   fi
+fi
+if [ -f "$API_UNIT" ]; then  # the REST API's unit (popek serve), if it was enabled
+  if [ -z "$D" ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; then
+    systemctl disable --now --quiet popek-api.service || true
+  fi
+  rm -f "$API_UNIT" "$D/etc/systemd/system/multi-user.target.wants/popek-api.service"
+  echo "uninstall: removed $API_UNIT"
 fi
 for f in "${COMPLETIONS[@]}"; do
   if [ -e "$f" ]; then
