@@ -116,15 +116,15 @@ def _status_field(field: str) -> str:
 
 
 def test_the_project_default_applies_to_new_containers(cts: None, minimal_image: str) -> None:
-    before = popek_json("project", "show", "--format", "json")["limits.disk"]
-    popek("project", "set", "limits.disk", "80MiB")
+    before = popek_json("project", "show", "--format", "json")["default.limits.disk"]
+    popek("project", "set", "default", "default.limits.disk=80MiB")
     try:
         popek("launch", minimal_image, "dsk-c", "--container", "--memory", "64MiB")
         assert popek_json("info", "dsk-c")["limits"]["disk"] == 80 * MIB
         assert popek_json("info", CT)["limits"]["disk"] != 80 * MIB  # existing keep theirs
     finally:
         popek("delete", "--force", "dsk-c", check=False)
-        popek("project", "set", "limits.disk", before)
+        popek("project", "set", "default", f"default.limits.disk={before}")
 
 
 @pytest.mark.parametrize("value, why", [("1KiB", "must be from 64MiB"),
@@ -132,5 +132,5 @@ def test_the_project_default_applies_to_new_containers(cts: None, minimal_image:
 def test_bad_limits_are_refused(cts: None, value: str, why: str) -> None:
     r = popek("config", "set", CT, "limits.disk", value, check=False)
     assert r.returncode == 2 and why in r.stderr
-    r = popek("project", "set", "limits.disk", value, check=False)
-    assert r.returncode == 2 and why in r.stderr
+    r = popek("project", "set", "default", f"default.limits.disk={value}", check=False)
+    assert r.returncode == 2 and why.removeprefix("invalid ") in r.stderr

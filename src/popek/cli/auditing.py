@@ -85,6 +85,8 @@ def describe(root: click.Command, argv: list[str]) -> tuple[str, str] | None:
 
 def record(op: str, target: str, args: list[str], code: int, error: str) -> None:
     """Append one command's record to the audit log (a warning if it cannot be written)."""
+    from popek.cli import scope
+    from popek.core.auth import HOST_ADMIN
     from popek.core.service import warn_unaudited
     from popek.errors import PopekError
     from popek.state import open_store
@@ -94,6 +96,7 @@ def record(op: str, target: str, args: list[str], code: int, error: str) -> None
     try:
         result = "ok" if code == 0 else (f"error: {error}" if error else f"exit {code}")
         AuditLog(TrustStore(open_store())).append(
-            op, target, {"argv": args}, result[:500])
+            op, target, {"argv": args}, result[:500], identity=HOST_ADMIN,
+            project=scope.current())
     except (OSError, PopekError) as exc:
         warn_unaudited(exc, error)

@@ -13,7 +13,7 @@ import typer
 
 from popek.cli.output import FORMATS, Column, describe
 
-__all__ = ["FORMATS", "columns_option", "format_option"]
+__all__ = ["FORMATS", "columns_option", "format_option", "project_option"]
 
 
 def format_option() -> Any:
@@ -29,3 +29,9 @@ def columns_option(columns: Sequence[Column]) -> Any:
     return typer.Option("", "--columns", "-c",
                         help=f"Columns of the table and csv, comma-separated names{letters}: "
                              f"{describe(columns)}.")
+
+
+def project_option() -> Any:
+    """``--project``: the project the command acts in (see popek.cli.scope)."""
+    return typer.Option(None, "--project", help="The project (default: $POPEK_PROJECT, else "
+                        "the one popek project switch chose, else default).")

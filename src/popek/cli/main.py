@@ -14,12 +14,13 @@ import typer
 
 from popek.cli import completion, exitcodes, ops
 from popek.cli.admin import app as admin_app
-from popek.cli.common import columns_option, format_option
+from popek.cli.common import columns_option, format_option, project_option
 from popek.cli.config import app as config_app
 from popek.cli.network import app as network_app
 from popek.cli.output import Column, details, listing
 from popek.cli.profile import app as profile_app
 from popek.cli.project import app as project_app
+from popek.cli.project import token_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.serve import monitor, serve
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
@@ -38,6 +39,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(project_app, name="project")
+app.add_typer(token_app, name="token")
 app.command("attest")(attest)
 app.command("serve")(serve)
 app.command("monitor")(monitor)
@@ -111,6 +113,7 @@ def launch(
     profile: list[str] = typer.Option([], "--profile", "-p",
                                       help="Apply a profile's keys and networks (repeatable, "
                                            "in order; then the options, then -c)."),
+    project: str | None = project_option(),
 ) -> None:
     """Create an instance (a VM, or a container with --container) from IMAGE and start it."""
     ops.launch(**locals())
@@ -118,19 +121,25 @@ def launch(
 
 @app.command("list")
 def list_(fmt: str = format_option(),
-          columns: str = columns_option(ops.INSTANCE_COLUMNS)) -> None:
-    """List instances, with their IPv4 addresses (json and yaml: their network ports too)."""
+          columns: str = columns_option(ops.INSTANCE_COLUMNS),
+          project: str | None = project_option(),
+          all_projects: bool = typer.Option(False, "--all-projects",
+                                            help="The instances of every project.")) -> None:
+    """List a project's instances, with their IPv4 addresses (json and yaml: their network
+    ports too)."""
     ops.list_(**locals())
 
 
 @app.command()
-def info(name: str, fmt: str = format_option()) -> None:
+def info(name: str, fmt: str = format_option(),
+         project: str | None = project_option()) -> None:
     """Show the details of an instance."""
     ops.info(**locals())
 
 
 @app.command()
-def start(name: str, timeout: float = typer.Option(180.0, "--timeout")) -> None:
+def start(name: str, timeout: float = typer.Option(180.0, "--timeout"),
+          project: str | None = project_option()) -> None:
     """Start a stopped instance."""
     ops.start(**locals())
 
@@ -140,6 +149,7 @@ def stop(
     name: str,
     force: bool = typer.Option(False, "--force", help="Power off at once, no ACPI shutdown."),
     timeout: float = typer.Option(30.0, "--timeout", help="Seconds before forcing."),
+    project: str | None = project_option(),
 ) -> None:
     """Stop an instance: ACPI shutdown first, forced after --timeout seconds."""
     ops.stop(**locals())
@@ -150,19 +160,20 @@ def restart(
     name: str,
     force: bool = typer.Option(False, "--force"),
     timeout: float = typer.Option(30.0, "--timeout"),
+    project: str | None = project_option(),
 ) -> None:
     """Stop an instance and start it again."""
     ops.restart(**locals())
 
 
 @app.command()
-def pause(name: str) -> None:
+def pause(name: str, project: str | None = project_option()) -> None:
     """Freeze a running instance."""
     ops.pause(**locals())
 
 
 @app.command()
-def resume(name: str) -> None:
+def resume(name: str, project: str | None = project_option()) -> None:
     """Resume a paused instance."""
     ops.resume(**locals())
 
@@ -172,8 +183,12 @@ def console(
     name: str,
     log: bool = typer.Option(False, "--log", help="Print the end of what the console wrote "
                              "(a VM's last 4 MiB at most), then exit."),
+    project: str | None = project_option(),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
+    from popek.cli import scope
+
+    scope.use(project)
     if log:
         sys.stdout.buffer.write(ops.instances(name).console_log(name))
         sys.stdout.flush()
@@ -197,6 +212,7 @@ def exec(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the command."),
     no_stdin: bool = typer.Option(False, "--no-stdin", "-n", help="Do not forward stdin."),
     no_tty: bool = typer.Option(False, "--no-tty", "-T", help="Never allocate a terminal."),
+    project: str | None = project_option(),
 ) -> None:
     """Run a command inside an instance: its stdout, stderr and exit code pass through.
 
@@ -212,6 +228,7 @@ def exec(
 def delete(
     name: str,
     force: bool = typer.Option(False, "--force", help="Stop the instance first if it runs."),
+    project: str | None = project_option(),
 ) -> None:
     """Delete an instance and everything it left on the host."""
     ops.delete(**locals())

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
+from popek.cli import scope
 from popek.cli.output import Column, details, listing
+from popek.names import DEFAULT_PROJECT
 
 if TYPE_CHECKING:
     from popek.core.instances import Instances
@@ -27,12 +29,19 @@ if TYPE_CHECKING:
 CORES: list[Core] = []
 
 
-def core() -> Core:
-    """popek on this host (``POPEK_HOME``): every mutating command runs through it."""
+def core(check: bool = True) -> Core:
+    """popek on this host (``POPEK_HOME``), in the command's project (see cli.scope):
+    every mutating command runs through it.  With ``check``, NotFound when that
+    project does not exist."""
     from popek.core.service import Core
 
-    made = Core()
+    project = scope.current()
+    made = Core(project=project)
     CORES.append(made)
+    if check and project != DEFAULT_PROJECT:
+        from popek.core.projects import Projects
+
+        Projects(made.store).require(project)
     return made
 
 
@@ -77,13 +86,14 @@ def size(text: str, what: str) -> int:
 def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: str,
            container: bool, runtime: str, pids: int | None, mount: list[str],
            network: list[str], timeout: float, label: str | None, net_rate: str, disk: str,
-           config: list[str], profile: list[str]) -> None:
+           config: list[str], profile: list[str], project: str | None = None) -> None:
     """Create an instance from ``image`` and start it.
 
     The shorthand options not given are ``None``: the core then takes the value from
     the profiles (``profile``) or its defaults, and ``config`` (``-c KEY=VALUE``) wins
     over both (see :mod:`popek.core.profiles`).
     """
+    scope.use(project)
     from popek.core.config import parse_pairs
 
     values = parse_pairs(config)
@@ -140,13 +150,23 @@ INSTANCE_COLUMNS = (
 )
 
 
-def list_(fmt: str, columns: str) -> None:
-    """List instances in ``fmt``; ``columns`` chooses the columns (see cli.output)."""
-    listing(core().instances.summaries(), INSTANCE_COLUMNS, fmt, select=columns)
+def list_(fmt: str, columns: str, project: str | None = None,
+          all_projects: bool = False) -> None:
+    """List the instances of the project (of every one with ``all_projects``) in ``fmt``;
+    ``columns`` chooses the columns (see cli.output)."""
+    from popek.core.records import MINE
+
+    scope.use(project)
+    summaries = core().instances.summaries(None if all_projects else MINE)
+    if all_projects and not columns:  # the project column too
+        columns = ",".join(c.name.lower() for c in INSTANCE_COLUMNS
+                           if c.default or c.title == "PROJECT")
+    listing(summaries, INSTANCE_COLUMNS, fmt, select=columns)
 
 
-def info(name: str, fmt: str) -> None:
+def info(name: str, fmt: str, project: str | None = None) -> None:
     """Show the details of an instance."""
+    scope.use(project)
     data = instances(name).info(name)
     if fmt != "table" and fmt != "csv":
         details(data, [], fmt)
@@ -181,8 +201,9 @@ def info(name: str, fmt: str) -> None:
             [(("TIME", "EVENT"), [[h["time"], h["event"]] for h in history])])
 
 
-def start(name: str, timeout: float) -> None:
+def start(name: str, timeout: float, project: str | None = None) -> None:
     """Start a stopped instance."""
+    scope.use(project)
     from popek.core.requests import Start
 
     with progress(f"starting {name}") as step:
@@ -190,8 +211,9 @@ def start(name: str, timeout: float) -> None:
     print(f"Instance {name} is running.")
 
 
-def stop(name: str, force: bool, timeout: float) -> None:
+def stop(name: str, force: bool, timeout: float, project: str | None = None) -> None:
     """Stop an instance: ACPI shutdown (SIGTERM) first, forced after ``timeout``."""
+    scope.use(project)
     from popek.core.instances import ALREADY_STOPPED
     from popek.core.requests import Stop
 
@@ -203,8 +225,9 @@ def stop(name: str, force: bool, timeout: float) -> None:
     print(f"Instance {name} stopped ({how}).")
 
 
-def restart(name: str, force: bool, timeout: float) -> None:
+def restart(name: str, force: bool, timeout: float, project: str | None = None) -> None:
     """Stop an instance and start it again."""
+    scope.use(project)
     from popek.core.requests import Restart
 
     with progress(f"restarting {name}") as step:
@@ -212,24 +235,28 @@ def restart(name: str, force: bool, timeout: float) -> None:
     print(f"Instance {name} restarted.")
 
 
-def pause(name: str) -> None:
+def pause(name: str, project: str | None = None) -> None:
     """Freeze a running instance."""
+    scope.use(project)
     from popek.core.requests import Pause
 
     core().handle(Pause(name))
     print(f"Instance {name} paused.")
 
 
-def resume(name: str) -> None:
+def resume(name: str, project: str | None = None) -> None:
     """Resume a paused instance."""
+    scope.use(project)
     from popek.core.requests import Resume
 
     core().handle(Resume(name))
     print(f"Instance {name} resumed.")
 
 
-def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty: bool) -> int:
+def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty: bool,
+          project: str | None = None) -> int:
     """Run ``command`` in an instance with its stdio passed through; return its exit code."""
+    scope.use(project)
     from popek.core.requests import Exec
 
     tty = sys.stdin.isatty() and sys.stdout.isatty() and not no_tty
@@ -248,8 +275,9 @@ def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty:
     return result.exit_code
 
 
-def delete(name: str, force: bool) -> None:
+def delete(name: str, force: bool, project: str | None = None) -> None:
     """Delete an instance and everything it left on the host."""
+    scope.use(project)
     from popek.core.requests import Delete
 
     core().handle(Delete(name, force=force))

@@ -28,7 +28,7 @@ app = typer.Typer(no_args_is_help=True,
 def _profiles(core: Any) -> Any:
     from popek.core.profiles import Profiles
 
-    return Profiles(core.store)
+    return Profiles(core.store, core.project)
 
 
 @app.command("create")

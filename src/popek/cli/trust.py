@@ -216,7 +216,10 @@ def check(file: str = typer.Argument(..., help="Policy TOML to check ('-' reads 
 # -- audit --------------------------------------------------------------------------
 AUDIT_COLUMNS = (
     Column("SEQ", lambda r: r.get("seq")), Column("TIME", lambda r: r.get("time")),
-    Column("ACTOR", lambda r: r.get("actor")), Column("OPERATION", lambda r: r.get("op")),
+    Column("ACTOR", lambda r: r.get("actor")),
+    Column("IDENTITY", lambda r: r.get("identity", "")),
+    Column("PROJECT", lambda r: r.get("project", "")),
+    Column("OPERATION", lambda r: r.get("op")),
     Column("TARGET", lambda r: r.get("target")),
     Column("RESULT", lambda r: r.get("result"), width=80),
     Column("CHANGE", lambda r: r.get("change", ""), width=80),

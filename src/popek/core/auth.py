@@ -67,6 +67,10 @@ OPERATOR_ACTIONS = frozenset({"network.attach", "network.detach"})
 SESSION_ACTIONS = frozenset({"session.console", "session.exec"})
 #: what a project admin may change besides what an operator may
 ADMIN_PREFIXES = ("profile.", "token.")
+#: the actions on what every project shares (host-wide: their project is ``None``)
+HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "image.", "audit.")
+HOST_WIDE_ACTIONS = frozenset({"network.create", "network.delete", "project.create",
+                               "project.delete"})
 #: the longest a token may live, in days
 MAX_DAYS = 3650
 SECRET_PREFIX = "pk1"
@@ -113,6 +117,13 @@ def host_admin() -> Identity:
 def is_read(action: str) -> bool:
     """Whether ``action`` (``domain.verb``) only reads."""
     return action.rpartition(".")[2] in READ_VERBS
+
+
+def scope(action: str, project: str | None) -> str | None:
+    """The project ``action`` acts in: ``project``, or ``None`` when the action is host-wide."""
+    if action.startswith(HOST_WIDE_PREFIXES) or action in HOST_WIDE_ACTIONS:
+        return None
+    return project
 
 
 def _allowed(identity: Identity, action: str, project: str | None) -> str:
@@ -245,13 +256,15 @@ class Tokens:
             return self.create(project, role, console, name, expires)
         return token, secret
 
-    def get(self, token_id: str) -> Token:
-        """The token ``token_id``; NotFound names the known ones."""
+    def get(self, token_id: str, project: str | None = None) -> Token:
+        """The token ``token_id`` (of ``project``, if given); NotFound names the known ones
+        (of ``project``: nothing of another project shows)."""
         kv = self.store.get(token_key(token_id)) if token_id.isalnum() else None
-        if kv is None:
-            known = ", ".join(t.id for t in self.list()) or "none"
+        token = Token.from_json(kv.value) if kv is not None else None
+        if token is None or (project is not None and token.project != project):
+            known = ", ".join(t.id for t in self.list(project)) or "none"
             raise NotFound(f"token {token_id!r} not found; existing tokens: {known}")
-        return Token.from_json(kv.value)
+        return token
 
     def list(self, project: str | None = None) -> list[Token]:
         """Every token (of ``project``), revoked ones too, by creation time."""
@@ -259,9 +272,10 @@ class Tokens:
         return sorted((t for t in tokens if project is None or t.project == project),
                       key=lambda t: (t.created, t.id))
 
-    def revoke(self, token_id: str) -> Token:
-        """Revoke token ``token_id`` (its record stays, listed as revoked); return it."""
-        token = self.get(token_id)
+    def revoke(self, token_id: str, project: str | None = None) -> Token:
+        """Revoke token ``token_id`` (of ``project``, if given; its record stays, listed
+        as revoked); return it."""
+        token = self.get(token_id, project)
         if token.revoked:
             return token
         done = Token(**{**asdict(token), "revoked": _iso(_now())})
@@ -301,4 +315,4 @@ def expiry(days: float | None) -> datetime | None:
 
 __all__ = ["ADMIN", "ALL_PROJECTS", "DEFAULT_PROJECT", "HOST_ADMIN", "OPERATOR", "ROLES",
            "VIEWER", "AuthError", "Forbidden", "Identity", "Token", "TokenRejected", "Tokens",
-           "allowed", "authorize", "check_role", "expiry", "host_admin", "is_read"]
+           "allowed", "authorize", "check_role", "expiry", "host_admin", "is_read", "scope"]

@@ -45,7 +45,7 @@ from popek.core.netglue import (
 )
 from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
-from popek.core.records import Records
+from popek.core.records import MINE, Records
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
@@ -77,12 +77,17 @@ class Instances:
 
     def __init__(self, store: StateStore | None = None, images: ImageStore | None = None,
                  engines: EngineFactory = get_engine,
-                 networks: NetworksFactory = host_networks) -> None:
-        """Open the stores (defaults under ``POPEK_HOME``); nothing is reconciled here."""
+                 networks: NetworksFactory = host_networks,
+                 project: str = DEFAULT_PROJECT) -> None:
+        """Open the stores (defaults under ``POPEK_HOME``); nothing is reconciled here.
+
+        Instance names are of ``project``; a launch creates them there.
+        """
         self.store: StateStore = store or open_store()
+        self.project = project
         self.images = images or ImageStore()
         self.guard = Guard(self.store)
-        self.records = Records(self.store)
+        self.records = Records(self.store, project)
         self.nets = InstanceNetworks(self.store, networks)
         self.access = Access(self.guard, self.records, self.nets)
         self._engines = engines
@@ -95,13 +100,15 @@ class Instances:
         """Return the record of instance ``name``; raise :class:`NotFound`."""
         return self.records.load(name)[0]
 
-    def all(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
-        """Return every instance (of ``project``), sorted by name."""
+    def all(self, project: str | None = MINE) -> list[Instance]:
+        """Return every instance (of ``project``, this service's by default; ``None``: of
+        every project), sorted by name."""
         return self.records.all(project)
 
-    def settled(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
-        """Every instance (of ``project``), reconciled first, each record read once."""
-        return self.reconciler.settled_all(project)
+    def settled(self, project: str | None = MINE) -> list[Instance]:
+        """Every instance (of ``project``, as :meth:`all`), reconciled first, each record
+        read once."""
+        return self.reconciler.settled_all(self.project if project == MINE else project)
 
     def reconcile(self, names: Iterable[str] | None = None) -> list[str]:
         """Settle records with reality (``names`` only, or all); return a line per change."""
@@ -265,6 +272,7 @@ class Instances:
         or :class:`popek.errors.EngineError`.
         """
         validate_name(name)
+        Projects(self.store).require(self.project)
         check_label(label)
         check_resources(vcpus, memory)
         limits = check_limits(limits or {})
@@ -273,7 +281,7 @@ class Instances:
             parse_mount(m)
         eng = self._engines(engine)
         if Capability.DISK_LIMIT in eng.capabilities:
-            limits.setdefault("disk", Projects(self.store).disk(DEFAULT_PROJECT))
+            limits.setdefault("disk", Projects(self.store).disk(self.project))
         elif "disk" in limits:
             raise InvalidInput("limits.disk applies to containers (their writable layer); "
                                "a VM's root is its image")
@@ -289,14 +297,15 @@ class Instances:
         eng.preflight(self._launch_spec(probe, image))
         for net in networks or []:
             self.nets.service.get(split_network(net)[0])  # missing: fail first
-        verdict = self.guard.image(image, image_name, DEFAULT_PROJECT)
+        verdict = self.guard.image(image, image_name, self.project)
         with decision_lock():  # the decision holds until our record is there for the next one
             if profiles:  # a profile delete holds this lock too (see core.profiles)
                 from popek.core.profiles import Profiles
 
                 for profile in profiles:
-                    Profiles(self.store).get(profile)
+                    Profiles(self.store, self.project).get(profile)
             self.access.check_run(probe, networks or [], self.reconcile)
+            Projects(self.store).check_quotas(self.project, self.records.all, spec_in)
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
@@ -494,6 +503,7 @@ class Instances:
         shaping), then the writable layer (it cannot shrink mounted), then the record.
         """
         name = inst.name
+        Projects(self.store).check_quotas(inst.project, self.records.all, inst.spec, before)
         cpus = list(inst.runtime.details.get("cpus", [])) if inst.runtime else []
         running = inst.state in (State.RUNNING, State.PAUSED)
         eng = self._engine(inst)
@@ -564,7 +574,7 @@ class Instances:
         inst = self.get(name)
         return self._engine(inst).console_log(self._spec_for_running(inst))
 
-    def summaries(self, project: str | None = DEFAULT_PROJECT) -> list[dict[str, Any]]:
+    def summaries(self, project: str | None = MINE) -> list[dict[str, Any]]:
         """Every instance (of ``project``), reconciled, as ``popek list`` shows it.
 
         Each with its network ports (their addresses from the store: one read

@@ -256,7 +256,8 @@ def launch_spec(spec: InstanceSpec, profiles: dict[str, str], shorthand: dict[st
 
 def for_launch(store: StateStore, engine: str, names: tuple[str, ...] | list[str],
                shorthand: dict[str, Any], config: dict[str, str],
-               networks: tuple[str, ...] | list[str]) -> tuple[InstanceSpec, list[str]]:
+               networks: tuple[str, ...] | list[str],
+               project: str = DEFAULT_PROJECT) -> tuple[InstanceSpec, list[str]]:
     """The resources, limits and label (an :class:`InstanceSpec`) and the networks of a
     launch with profiles ``names``, shorthand options and ``-c`` keys; see the module.
 
@@ -268,7 +269,7 @@ def for_launch(store: StateStore, engine: str, names: tuple[str, ...] | list[str
 
     for name in names:
         validate_name(name, "profile name")
-    pconfig, pnets = Profiles(store).resolve(names)
+    pconfig, pnets = Profiles(store, project).resolve(names)
     for key in config:
         cfg.check_key(key)
     spec = launch_spec(_probe(engine).spec, pconfig, shorthand, config)

@@ -71,39 +71,50 @@ def _index_ops(inst: Instance) -> list[Op]:
     return [Put(key, json.dumps({"label": inst.spec.label, "cpus": list(cpus)}).encode())]
 
 
+#: ``project`` of a read: the project of the :class:`Records` (no project is named ".")
+MINE = "."
+
+
 class Records:
-    """Reads and compare-and-swap writes of instance records."""
+    """Reads and compare-and-swap writes of instance records (names are of ``project``)."""
 
-    def __init__(self, store: StateStore) -> None:
-        """Work on ``store``."""
+    def __init__(self, store: StateStore, project: str = DEFAULT_PROJECT) -> None:
+        """Work on ``store``, on the instances of ``project``."""
         self.store = store
+        self.project = project
 
-    def find(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int] | None:
+    def _which(self, project: str | None) -> str | None:
+        return self.project if project == MINE else project
+
+    def find(self, name: str, project: str = MINE) -> tuple[Instance, int] | None:
         """Return instance ``name`` and its revision, or ``None`` when it has no record."""
-        kv = self.store.get(instance_key(project, name))
+        kv = self.store.get(instance_key(self._which(project) or self.project, name))
         return (Instance.from_json(kv.value), kv.mod_revision) if kv else None
 
-    def load(self, name: str, project: str = DEFAULT_PROJECT) -> tuple[Instance, int]:
+    def load(self, name: str, project: str = MINE) -> tuple[Instance, int]:
         """Return instance ``name`` and its revision; raise :class:`NotFound`."""
         found = self.find(name, project)
         if found is None:
             names = [i.name for i in self.all(project)]
             known = ", ".join(names) if names else "none"
-            raise NotFound(f"instance {name!r} not found; existing instances: {known}")
+            which = self._which(project)
+            where = "" if which == DEFAULT_PROJECT else f" in project {which!r}"
+            raise NotFound(f"instance {name!r} not found{where}; existing instances: {known}")
         return found
 
-    def all(self, project: str | None = DEFAULT_PROJECT) -> list[Instance]:
-        """Return every instance (of ``project``), sorted by name."""
-        return [Instance.from_json(kv.value) for kv in self.store.range(instances_prefix(project))]
+    def all(self, project: str | None = MINE) -> list[Instance]:
+        """Return every instance (of ``project``; ``None``: of every one), sorted by name."""
+        prefix = instances_prefix(self._which(project))
+        return [Instance.from_json(kv.value) for kv in self.store.range(prefix)]
 
     def all_with_revisions(self, project: str | None = None) -> list[tuple[Instance, int]]:
         """Every instance (of ``project``) with its record's ``mod_revision``."""
         return [(Instance.from_json(kv.value), kv.mod_revision)
                 for kv in self.store.range(instances_prefix(project))]
 
-    def exists(self, name: str, project: str = DEFAULT_PROJECT) -> bool:
+    def exists(self, name: str, project: str = MINE) -> bool:
         """Whether instance ``name`` has a record."""
-        return self.store.get(instance_key(project, name)) is not None
+        return self.store.get(instance_key(self._which(project) or self.project, name)) is not None
 
     def owner(self, inst: Instance) -> KeyValue | None:
         """The owner key of ``inst``'s intent in progress, if any."""
@@ -174,11 +185,12 @@ class Records:
                image_version: str) -> tuple[Instance, int]:
         """Write the new instance (state starting) with its own uid range, in one transaction."""
         owner = Owner.me()
-        key = instance_key(DEFAULT_PROJECT, name)
+        key = instance_key(self.project, name)
         host = self.host_ids()
         for _ in range(10):
             uid = free_uid(self.store, id_range, host.taken)
-            inst = Instance(name=name, spec=spec, state=State.STARTING, uid=uid, created=now(),
+            inst = Instance(name=name, project=self.project, spec=spec, state=State.STARTING,
+                            uid=uid, created=now(),
                             image_version=image_version,
                             history=[{"time": now(), "event": "launch requested",
                                       "owner": str(owner.pid)}])

@@ -39,6 +39,7 @@ from popek.state import open_store
 from popek.state.store import StateStore
 
 if TYPE_CHECKING:
+    from popek.core.auth import Identity
     from popek.core.instances import Instances
     from popek.images import ImageStore
     from popek.network import Networks
@@ -128,9 +129,12 @@ def result_of(exc: BaseException | None) -> str:
     """The audit record's ``result`` for a request that raised ``exc`` (``None``: ok)."""
     if exc is None:
         return "ok"
+    from popek.core.auth import AuthError
     from popek.trust.keys import TrustError
     from popek.trust.policy import PolicyDenied
 
+    if isinstance(exc, AuthError):  # its message begins with "denied:"
+        return str(exc)[:500]
     if isinstance(exc, PolicyDenied | TrustError):
         return f"denied: {exc}"[:500]
     if isinstance(exc, KeyboardInterrupt):
@@ -157,12 +161,24 @@ def warn_unaudited(exc: BaseException, failure: BaseException | str | None) -> N
 
 
 class Core:
-    """popek on one host: the stores, and the handler of every request."""
+    """popek on one host, as one identity sees it: the stores, and the handler of every request.
+
+    ``identity`` is who asks (:func:`popek.core.auth.host_admin` by default: root
+    on the host); ``project`` the project its instance requests act in (the
+    identity's own, ``default`` for the host admin when not given).
+    """
 
     def __init__(self, store: StateStore | None = None, instances: Instances | None = None,
-                 images: ImageStore | None = None) -> None:
+                 images: ImageStore | None = None, identity: Identity | None = None,
+                 project: str | None = None) -> None:
         """Open the state store under ``POPEK_HOME`` (or use the given parts)."""
+        from popek.core.auth import ALL_PROJECTS, host_admin
+        from popek.names import DEFAULT_PROJECT
+
         self.store: StateStore = store or open_store()
+        self.identity: Identity = identity or host_admin()
+        own = self.identity.project
+        self.project: str = project or (DEFAULT_PROJECT if own == ALL_PROJECTS else own)
         self._instances = instances
         self._images = images
         #: audit records this core appended (front ends check it: see cli.entry)
@@ -175,7 +191,7 @@ class Core:
             return self._instances
         from popek.core.instances import Instances
 
-        return Instances(self.store, self._images)
+        return Instances(self.store, self._images, project=self.project)
 
     @cached_property
     def images(self) -> ImageStore:
@@ -203,8 +219,11 @@ class Core:
         A record with the result ``started`` is written before anything is
         done, so a command killed midway still leaves its record; when it
         cannot be written the request is not run.  Raises what the request
-        raised, after the failure was audited.
+        raised, after the failure was audited.  A request the identity may
+        not make (:func:`popek.core.auth.authorize`) is audited as denied and
+        raises :class:`popek.core.auth.Forbidden`; nothing runs.
         """
+        self.authorize(request)
         self._intend(request)
         error: BaseException | None = None
         try:
@@ -224,12 +243,39 @@ class Core:
         finally:
             self._record(request, error)
 
+    def project_of(self, request: Request[Any]) -> str | None:
+        """The project ``request`` acts in (``None``: a host-wide request)."""
+        from popek.core.auth import scope
+
+        asked = getattr(request, "project", None)
+        return scope(request.op, asked if isinstance(asked, str) and asked else self.project)
+
+    def authorize(self, request: Request[Any]) -> None:
+        """Raise Forbidden (audited as denied) unless this core's identity may make ``request``."""
+        from popek.core.auth import Forbidden, authorize
+
+        try:
+            authorize(self.identity, request.op, self.project_of(request))
+        except Forbidden as exc:
+            self._record(request, exc)
+            raise
+
+    def check(self, action: str, project: str | None = None) -> None:
+        """Raise Forbidden unless this identity may do ``action`` (a read such as
+        ``instance.list``) in ``project`` (this core's by default); not audited."""
+        from popek.core.auth import authorize
+
+        authorize(self.identity, action, project or self.project)
+
+    def _who(self, request: Request[Any]) -> dict[str, str]:
+        return {"identity": self.identity.label(), "project": self.project_of(request) or ""}
+
     def _intend(self, request: Request[Any]) -> None:
         from popek.trust.audit import STARTED, log_path
 
         try:
             self.audit.append(request.op, request.target(), request.params(), STARTED,
-                              request.change())
+                              request.change(), **self._who(request))
         except OSError as exc:
             raise no_space(exc, paths.home()) or StoreUnavailable(
                 f"cannot write the audit log {log_path()}: {exc}; nothing was done") from exc
@@ -238,7 +284,7 @@ class Core:
     def _record(self, request: Request[Any], error: BaseException | None) -> None:
         try:
             self.audit.append(request.op, request.target(), request.params(), result_of(error),
-                              request.change())
+                              request.change(), **self._who(request))
             self.audited += 1
         except (OSError, PopekError) as exc:
             warn_unaudited(exc, error)

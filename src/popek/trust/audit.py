@@ -44,7 +44,7 @@ GENESIS = "0" * 64
 _FIELDS = ("seq", "time", "actor", "op", "target", "params", "result", "prev")
 #: a field a record has only when it is not empty: what the request changes, in words
 #: (the fields its request marks safe to show), e.g. ``allow=false`` or ``key=limits.memory``
-_OPTIONAL = ("change",)
+_OPTIONAL = ("change", "identity", "project")
 #: the result of the record written before a request acts (its outcome follows)
 STARTED = "started"
 
@@ -136,11 +136,13 @@ class AuditLog:
         self.trust = trust
 
     def append(self, op: str, target: str, params: Any, result: str,
-               change: str = "") -> dict[str, Any]:
+               change: str = "", identity: str = "", project: str = "") -> dict[str, Any]:
         """Append one record (under an exclusive lock); return it.
 
         ``change`` says in words what the request changes (never a secret); it is
         left out of the record when empty, as in records written before it existed.
+        ``identity`` names who asked (``root@host``, ``token NAME (ID)``) and
+        ``project`` the project it acted in; each left out when empty.
         """
         path = log_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -162,6 +164,10 @@ class AuditLog:
                                    "result": result, "prev": prev}
             if change:
                 rec["change"] = change[:500]
+            if identity:
+                rec["identity"] = identity[:200]
+            if project:
+                rec["project"] = project[:100]
             rec["hash"] = record_hash(rec)
             with _all_or_nothing(f):  # the record and the stored head go in together
                 _append(f, canonical(rec) + b"\n")

@@ -20,6 +20,7 @@ from popek.core.requests.instances import (
 )
 from popek.core.requests.networks import NetworkCreate, NetworkDelete
 from popek.core.requests.profiles import ProfileCreate, ProfileDelete, ProfileEdit
+from popek.core.requests.projects import ProjectCreate, ProjectDelete, TokenCreate, TokenRevoke
 from popek.core.requests.sandbox import SandboxRun
 from popek.core.requests.trust import (
     AllowUnsigned,
@@ -35,5 +36,5 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Con
            "ConfigUnset", "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete",
            "ImageImport", "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
            "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProfileCreate",
-           "ProfileDelete", "ProfileEdit", "ProjectSet", "Restart", "Resume", "SandboxRun",
-           "Start", "Stop"]
+           "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
+           "Restart", "Resume", "SandboxRun", "Start", "Stop", "TokenCreate", "TokenRevoke"]

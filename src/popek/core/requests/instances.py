@@ -65,7 +65,7 @@ class Launch(Request["Instance"]):
         spec, networks = for_launch(
             core.store, self.engine, profiles,
             {"vcpus": self.vcpus, "memory": self.memory, "label": self.label,
-             "limits": self.limits}, dict(self.config), self.networks)
+             "limits": self.limits}, dict(self.config), self.networks, core.project)
         return core.instances.launch(
             self.image, self.name, vcpus=spec.vcpus, memory=spec.memory, accel=self.accel,
             engine=self.engine, runtime=self.runtime, limits=dict(spec.limits),

@@ -39,7 +39,7 @@ class ProfileCreate(_ProfileDoc):
         """Create it; :class:`popek.errors.AlreadyExists` when the name is taken."""
         from popek.core.profiles import Profiles
 
-        return Profiles(core.store).create(self.profile())
+        return Profiles(core.store, core.project).create(self.profile())
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ProfileEdit(_ProfileDoc):
         """Replace it; :class:`popek.errors.NotFound` when there is none."""
         from popek.core.profiles import Profiles
 
-        return Profiles(core.store).replace(self.profile())
+        return Profiles(core.store, core.project).replace(self.profile())
 
 
 @dataclass(frozen=True)
@@ -72,4 +72,4 @@ class ProfileDelete(Request[None]):
 
         with decision_lock():
             used = users(core.instances.all(), self.name)
-            Profiles(core.store).delete(self.name, used)
+            Profiles(core.store, core.project).delete(self.name, used)
