@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export POPEK_CACHE ?= $(CURDIR)/.cache/popek
 
-.PHONY: setup demo test test-unit test-integration bench lint clean mutants
+.PHONY: setup demo test test-unit test-integration bench lint clean mutants openapi
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,11 @@ bench: setup
 # bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
 mutants: setup
 	$(PY) bench/mutants.py --modules '$(MODULES)'
+
+# The API's OpenAPI document, committed: docs/openapi.json (tests/unit/test_openapi.py
+# fails when it differs from what the code gives).
+openapi: setup
+	$(PY) -m popek.api.openapi docs/openapi.json
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
