@@ -71,7 +71,7 @@ def test_switch_makes_a_project_current(projects: str) -> None:
 
 def test_a_project_holding_an_instance_is_not_deleted(projects: str) -> None:
     r = popek("project", "delete", A, check=False)
-    assert r.returncode != 0 and f"holds instances {CT}" in r.stderr
+    assert r.returncode == 10 and f"holds instances {CT}; delete them first" in r.stderr
     assert "Traceback" not in r.stderr
     assert A in [p["name"] for p in json.loads(
         popek("project", "list", "--format", "json").stdout)]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from popek.core.instances import Instances
-from popek.core.projects import DEFAULT_DISK_KEY, Projects, QuotaExceeded
+from popek.core.projects import DEFAULT_DISK_KEY, ProjectNotEmpty, Projects, QuotaExceeded
 from popek.core.requests import ConfigSet, Launch, ProjectCreate, ProjectDelete
 from popek.core.service import Core
 from popek.engines import Capability
-from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError
+from popek.errors import WRONG_STATE, AlreadyExists, InvalidInput, NotFound
 from popek.state.schema import INSTANCES_PREFIX, UID_PREFIX, project_config_key
 from popek.trust.imagesig import set_allow_unsigned
 from popek.trust.keys import TrustStore
@@ -150,9 +150,10 @@ def test_projects_are_created_once_and_deleted_only_when_empty(env: Env) -> None
         root.handle(ProjectCreate("Bad_Name"))
     launch(env, "web")
     launch(env, "db")
-    with pytest.raises(PopekError, match="project 'hauth-a' is not empty: it holds instances "
-                                         "db, web; delete them first"):
+    with pytest.raises(ProjectNotEmpty, match="project 'hauth-a' is not empty: it holds instances "
+                                         "db, web; delete them first") as err:
         root.handle(ProjectDelete("hauth-a"))
+    assert err.value.exit_code == WRONG_STATE
     assert Projects(env.store).exists("hauth-a")
     with pytest.raises(InvalidInput, match="cannot be deleted"):
         root.handle(ProjectDelete("default"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import typer
 
-from popek.cli import ops
-from popek.cli.common import format_option
+from popek.cli import ops, scope
+from popek.cli.common import format_option, project_option
 from popek.cli.output import details
 from popek.core.config import CONFIG_KEYS, check_key, parse_pairs
 
@@ -28,8 +28,10 @@ def config_set(
         help="limits.memory (e.g. 1GiB), limits.cpu, limits.pids, limits.net (e.g. 100Mbit, "
              "or none), limits.disk (containers: grows live, shrinks while stopped), label "
              "(only while stopped); all applied or none.  KEY VALUE also works for one key."),
+    project: str | None = project_option(),
 ) -> None:
     """Change settings; a running instance gets them at once where its engine can."""
+    scope.use(project)
     from popek.core.requests import ConfigSet
 
     if len(pairs) == 2 and "=" not in pairs[0]:  # the older form: KEY VALUE
@@ -49,8 +51,10 @@ def config_unset(
     name: str,
     keys: list[str] = typer.Argument(..., metavar="KEY...",
                                      help=f"Keys to put back: {KEYS}."),
+    project: str | None = project_option(),
 ) -> None:
     """Put settings back to what the instance's profiles say now, else the defaults."""
+    scope.use(project)
     from popek.core.requests import ConfigUnset
 
     inst = ops.core().handle(ConfigUnset(name, keys=tuple(keys)))
@@ -61,15 +65,19 @@ def config_unset(
 
 
 @app.command("get")
-def config_get(name: str, key: str = typer.Argument(..., help=f"One of {KEYS}.")) -> None:
+def config_get(name: str, key: str = typer.Argument(..., help=f"One of {KEYS}."),
+               project: str | None = project_option()) -> None:
     """Print the value of one key (an empty line when it is not set)."""
+    scope.use(project)
     check_key(key)
     print(ops.instances(name).config_show(name).get(key, ""))
 
 
 @app.command("show")
-def config_show(name: str, fmt: str = format_option()) -> None:
+def config_show(name: str, fmt: str = format_option(),
+                project: str | None = project_option()) -> None:
     """Show an instance's settings and the profiles it was launched with."""
+    scope.use(project)
     insts = ops.instances(name)
     values = insts.config_show(name)
     profiles = insts.get(name).spec.profiles

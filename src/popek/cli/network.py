@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from popek.cli.common import columns_option, format_option
+from popek.cli import scope
+from popek.cli.common import columns_option, format_option, project_option
 from popek.cli.output import Column, details, listing
 
 if TYPE_CHECKING:
@@ -109,8 +110,10 @@ def attach(
     name: str = typer.Argument(..., help="The network."),
     instance: str = typer.Argument(..., help="The instance to attach (running or stopped)."),
     ip: str = typer.Option(None, "--ip", help="A static IPv4 address on the network."),
+    project: str | None = project_option(),
 ) -> None:
     """Give an instance a port on a network; a running instance gets it at once."""
+    scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Attach
 
@@ -122,8 +125,10 @@ def attach(
 def detach(
     name: str = typer.Argument(..., help="The network."),
     instance: str = typer.Argument(..., help="The instance to detach."),
+    project: str | None = project_option(),
 ) -> None:
     """Remove an instance's port on a network (unplugged first if it runs)."""
+    scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Detach
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import typer
 
-from popek.cli import ops
-from popek.cli.common import format_option
+from popek.cli import ops, scope
+from popek.cli.common import format_option, project_option
 from popek.cli.output import Column, details, listing
 from popek.errors import InvalidInput
 
@@ -39,8 +39,10 @@ def profile_create(
     network: list[str] = typer.Option([], "--network",
                                       help="A network the instances join (repeatable)."),
     description: str = typer.Option("", "--description", help="What the profile is for."),
+    project: str | None = project_option(),
 ) -> None:
     """Create a profile (empty unless -c or --network say; popek profile edit changes it)."""
+    scope.use(project)
     from popek.core.config import parse_pairs
     from popek.core.requests import ProfileCreate
 
@@ -49,8 +51,9 @@ def profile_create(
 
 
 @app.command("edit")
-def profile_edit(name: str) -> None:
+def profile_edit(name: str, project: str | None = project_option()) -> None:
     """Edit a profile as a YAML document in $EDITOR, or replace it with stdin's document."""
+    scope.use(project)
     from popek.core.profiles import from_doc, parse_document
     from popek.core.requests import ProfileEdit
 
@@ -100,8 +103,9 @@ def _used_by(core: Any) -> dict[str, list[str]]:
 
 
 @app.command("list")
-def profile_list(fmt: str = format_option()) -> None:
+def profile_list(fmt: str = format_option(), project: str | None = project_option()) -> None:
     """List profiles and the instances launched with each."""
+    scope.use(project)
     core = ops.core()
     used = _used_by(core)
     rows = [{**p.to_doc(), "used_by": used.get(p.name, [])} for p in _profiles(core).all()]
@@ -109,8 +113,10 @@ def profile_list(fmt: str = format_option()) -> None:
 
 
 @app.command("show")
-def profile_show(name: str, fmt: str = format_option()) -> None:
+def profile_show(name: str, fmt: str = format_option(),
+                 project: str | None = project_option()) -> None:
     """Show a profile: its description, config keys, networks and the instances using it."""
+    scope.use(project)
     core = ops.core()
     doc = {**_profiles(core).get(name).to_doc(), "used_by": _used_by(core).get(name, [])}
     fields: list[tuple[str, object]] = [("name", name), ("description", doc["description"])]
@@ -120,8 +126,9 @@ def profile_show(name: str, fmt: str = format_option()) -> None:
 
 
 @app.command("delete")
-def profile_delete(name: str) -> None:
+def profile_delete(name: str, project: str | None = project_option()) -> None:
     """Delete a profile (refused while an instance launched with it exists)."""
+    scope.use(project)
     from popek.core.requests import ProfileDelete
 
     ops.core().handle(ProfileDelete(name))

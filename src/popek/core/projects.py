@@ -25,7 +25,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from popek.engines.container.disk import DEFAULT_DISK, check_size
-from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, ResourceError
+from popek.errors import (
+    WRONG_STATE,
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    PopekError,
+    ResourceError,
+)
 from popek.names import DEFAULT_PROJECT, validate_name
 from popek.state.schema import PROJECTS_CONFIG_PREFIX, profiles_prefix, project_config_key
 from popek.state.store import Compare, Delete, Put, StateStore
@@ -46,6 +53,12 @@ PREFIX = PROJECTS_CONFIG_PREFIX
 
 def _key(project: str) -> str:
     return project_config_key(project)
+
+
+class ProjectNotEmpty(PopekError):
+    """A project still holds instances or profiles (they are named); nothing was deleted."""
+
+    exit_code = WRONG_STATE
 
 
 class QuotaExceeded(ResourceError):
@@ -119,7 +132,7 @@ class Projects:
         if profiles:
             held.append(f"profiles {', '.join(profiles)}")
         if held:
-            raise PopekError(f"project {project!r} is not empty: it holds "
+            raise ProjectNotEmpty(f"project {project!r} is not empty: it holds "
                              f"{'; '.join(held)}; delete them first")
         self.store.txn([], [Delete(_key(project))])
 
