@@ -35,7 +35,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (FAILURE, "failed: an engine, the host or a build failed (the message says why)"),
     (BAD_INPUT, "bad input: an argument, option or value is refused; nothing changed"),
     (TAMPERED, "tampered: a signature, a hash or the audit chain failed its check"),
-    (DENIED, "denied by the access control policy (the message names the rule)"),
+    (DENIED, "denied: the access control policy, a token or its role refused (the "
+             "message says which)"),
     (CONFLICT, "conflict: another operation changed the same object at once; retry"),
     (UNAVAILABLE, "the state store cannot be written: busy, no permission or no space"),
     (DAMAGED, "the state store or a log is damaged (its path is in the message)"),
