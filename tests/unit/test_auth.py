@@ -293,3 +293,15 @@ def test_an_operator_of_one_project_sees_nothing_of_another(env: Env) -> None:
     with pytest.raises(NotFound):
         core_as(env, who(ADMIN, "hauth-a")).handle(TokenRevoke(token.id))
     assert Tokens(env.store).get(token.id).revoked is None
+
+
+def test_a_core_in_another_project_keeps_the_identity_and_counts_its_records(
+        env: Env, tmp_path: Path) -> None:
+    make_project(env, "hauth-a")
+    root = core_as(env)
+    assert root.in_project("default") is root
+    there = root.in_project("hauth-a")
+    assert (there.project, there.identity, there.store) == ("hauth-a", root.identity, env.store)
+    there.handle(ProjectSet("hauth-a", "limits.cpu", "4"))
+    assert root.audited == there.audited == 2  # started, ok
+    assert audit(env, tmp_path)[-1]["project"] == "hauth-a"

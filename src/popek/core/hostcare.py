@@ -254,11 +254,12 @@ def reset(core: Core, purge: bool = False) -> Report:
 
     report = Report()
     for inst in core.instances.all(None):
+        where = core.in_project(inst.project)  # an instance's name is of its project
         if purge:
-            report.step(f"deleted instance {inst.name}", core.handle,
+            report.step(f"deleted instance {inst.name}", where.handle,
                         Delete(inst.name, force=True))
         elif inst.state != State.STOPPED:
-            report.step(f"stopped instance {inst.name}", core.handle,
+            report.step(f"stopped instance {inst.name}", where.handle,
                         Stop(inst.name, force=True, timeout=10))
     nets = Networks(core.store, reconcile=False)
     backend = HostBackend()
@@ -343,5 +344,6 @@ def boot(core: Core, progress: Callable[[str], None] | None = None) -> Report:
     for inst in core.instances.all(None):
         if inst.spec.autostart and inst.state == State.STOPPED:
             start = Start(inst.name) if progress is None else Start(inst.name, progress=progress)
-            report.step(f"started instance {inst.name} (boot.autostart)", core.handle, start)
+            report.step(f"started instance {inst.name} (boot.autostart)",
+                        core.in_project(inst.project).handle, start)
     return report

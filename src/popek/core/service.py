@@ -183,6 +183,22 @@ class Core:
         self._images = images
         #: audit records this core appended (front ends check it: see cli.entry)
         self.audited = 0
+        #: the core a core of another project was made from (it counts its records too)
+        self._origin: Core | None = None
+
+    def in_project(self, project: str) -> Core:
+        """This core acting in ``project`` (the same store and identity): itself when it
+        already does.  Records it appends count in this core's :attr:`audited` too."""
+        if project == self.project:
+            return self
+        other = Core(self.store, images=self._images, identity=self.identity, project=project)
+        other._origin = self
+        return other
+
+    def _count(self) -> None:
+        self.audited += 1
+        if self._origin is not None:
+            self._origin._count()
 
     @cached_property
     def instances(self) -> Instances:
@@ -279,12 +295,12 @@ class Core:
         except OSError as exc:
             raise no_space(exc, paths.home()) or StoreUnavailable(
                 f"cannot write the audit log {log_path()}: {exc}; nothing was done") from exc
-        self.audited += 1
+        self._count()
 
     def _record(self, request: Request[Any], error: BaseException | None) -> None:
         try:
             self.audit.append(request.op, request.target(), request.params(), result_of(error),
                               request.change(), **self._who(request))
-            self.audited += 1
+            self._count()
         except (OSError, PopekError) as exc:
             warn_unaudited(exc, error)
