@@ -67,8 +67,8 @@ def popek_home() -> Iterator[Path]:
     os.environ["POPEK_HOME"] = str(home)
     os.environ.setdefault("POPEK_CACHE", str(REPO / ".cache" / "popek"))
     yield home
-    for inst in (home / "instances" / "default").glob("*") if (home / "instances").exists() else []:
-        popek("delete", "--force", inst.name, check=False)
+    for inst in (home / "instances").glob("*/*") if (home / "instances").exists() else []:
+        popek("delete", "--force", inst.name, "--project", inst.parent.name, check=False)
     # networks a failed fixture left (their bridges and dnsmasq would outlive the home)
     nets = popek("network", "list", "--format", "json", check=False)
     for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:

@@ -103,10 +103,11 @@ def instance_names() -> list[str]:
     if not paths.state_db().exists():
         return []
     try:
+        from popek.cli import scope
         from popek.core.records import Records
         from popek.state import open_store
 
-        return [i.name for i in Records(open_store()).all()]
+        return [i.name for i in Records(open_store(), scope.current()).all()]
     except Exception:  # completion offers nothing rather than fail
         return []
 
