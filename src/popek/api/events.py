@@ -1,6 +1,7 @@
 """``GET /1.0/events``: a websocket of lifecycle changes, operations and audit records.
 
-Each message is one JSON event of :mod:`popek.core.events`.  ``?types=`` a
+Each message is one JSON event of :mod:`popek.core.events`; a token's holder
+gets its own project's only.  ``?types=`` a
 comma-separated list of ``lifecycle``, ``operation``, ``audit`` keeps those.
 A thread per client reads the store's change log (the store is used by the
 thread that opened it only) and hands the events to the socket.
@@ -16,7 +17,8 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from popek.core.events import TYPES, EventReader
+from popek.api.scope import identity, seen
+from popek.core.events import TYPES, EventReader, project_of
 from popek.errors import InvalidInput
 
 router = APIRouter(prefix="/1.0", tags=["events"])
@@ -63,6 +65,7 @@ async def events(ws: WebSocket, types: str = "") -> None:
     except InvalidInput as exc:
         await ws.close(code=1008, reason=str(exc)[:120])
         return
+    project = seen(identity(ws))
     await ws.accept()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -84,7 +87,7 @@ async def events(ws: WebSocket, types: str = "") -> None:
             if ev is None:
                 await ws.close(code=1011)
                 return
-            if ev["type"] in wanted:
+            if ev["type"] in wanted and (project is None or project_of(ev) == project):
                 await ws.send_text(json.dumps(ev, default=str))
     except (WebSocketDisconnect, RuntimeError):
         return

@@ -4,33 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from popek.api.runner import session
+from popek.api.scope import identity
 from popek.core import views
 
 router = APIRouter(prefix="/1.0/images", tags=["images"])
 
 
 @router.get("")
-def list_images() -> list[dict[str, Any]]:
+def list_images(request: Request) -> list[dict[str, Any]]:
     """Every image and who signed it (the signature is checked at each start, not here)."""
-    with session() as core:
+    with session(identity(request)) as core:
+        core.check("image.list")
         return [views.image_summary(i) for i in core.images.list()]
 
 
 @router.get("/{name}")
-def get_image(name: str) -> dict[str, Any]:
+def get_image(request: Request, name: str) -> dict[str, Any]:
     """One image's manifest and signer."""
-    with session() as core:
+    with session(identity(request)) as core:
+        core.check("image.info")
         return views.image_detail(core.images.get(name))
 
 
 @router.delete("/{name}")
-def delete_image(name: str) -> dict[str, Any]:
-    """Delete an image (refused while instances use it)."""
+def delete_image(request: Request, name: str) -> dict[str, Any]:
+    """Delete an image (refused while instances use it; the host admin's)."""
     from popek.core.requests import ImageDelete
 
-    with session() as core:
+    with session(identity(request)) as core:
         core.handle(ImageDelete(name))
     return {"deleted": name}

@@ -9,20 +9,26 @@ quick and answer when done.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from popek.api.runner import session
+from popek.api.scope import identity
 from popek.core.service import MAX_TIMEOUT, Core
+from popek.core.service import Request as CoreRequest
 from popek.errors import AlreadyExists, InvalidInput, NotFound
 from popek.names import validate_name
 
 router = APIRouter(prefix="/1.0/instances", tags=["instances"])
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_TIMEOUT)]
+#: the project an instance request acts in (default: the identity's own; ``default``
+#: for the host admin), as the CLI's ``--project``
+Project = Annotated[str | None, Query(max_length=63, description="the project (--project)")]
 
 
 def bad(field: str, message: str) -> InvalidInput:
@@ -54,17 +60,28 @@ def summary(core: Core, name: str) -> dict[str, Any]:
     return {"name": name}
 
 
+def _authorized(core: Core, request: CoreRequest[Any]) -> None:
+    """Refuse ``request`` now (403, audited as denied) when the identity may not make it."""
+    core.authorize(request)
+
+
 @router.get("")
-def list_instances() -> list[dict[str, Any]]:
-    """Every instance, as ``popek list --format json`` shows it."""
-    with session() as core:
-        return core.instances.summaries()
+def list_instances(request: Request, project: Project = None,
+                   all_projects: bool = False) -> list[dict[str, Any]]:
+    """The instances of the project (of every one: ``all_projects``), as ``popek list``."""
+    from popek.core.auth import ALL_PROJECTS
+    from popek.core.records import MINE
+
+    with session(identity(request), project) as core:
+        core.check("instance.list", ALL_PROJECTS if all_projects else None)
+        return core.instances.summaries(None if all_projects else MINE)
 
 
 @router.get("/{name}")
-def get_instance(name: str) -> dict[str, Any]:
+def get_instance(request: Request, name: str, project: Project = None) -> dict[str, Any]:
     """One instance, as ``popek info NAME --format json`` shows it."""
-    with session() as core:
+    with session(identity(request), project) as core:
+        core.check("instance.info")
         core.instances.reconcile([_name(name)])
         return core.instances.info(name)
 
@@ -105,7 +122,7 @@ def _size(value: int | str | None, field: str) -> int | None:
 
 
 @router.post("", status_code=202)
-def launch(request: Request, body: LaunchBody) -> JSONResponse:
+def launch(request: Request, body: LaunchBody, project: Project = None) -> JSONResponse:
     """Launch an instance (``popek launch``): an operation, its result the instance."""
     from popek.core.config import check_key
     from popek.core.requests import Launch
@@ -127,7 +144,14 @@ def launch(request: Request, body: LaunchBody) -> JSONResponse:
             check_key(key)
         except InvalidInput as exc:
             raise bad("config", str(exc)) from exc
-    with session() as core:  # refused here, before any operation, so nothing changes
+    req = Launch(image=body.image, name=body.name, vcpus=body.vcpus,
+                 memory=_size(body.memory, "memory"), accel=body.accel, engine=body.engine,
+                 runtime=body.runtime, limits=limits, mounts=tuple(body.mounts),
+                 networks=tuple(body.networks), label=body.label, ready_timeout=body.timeout,
+                 profiles=tuple(body.profiles), config=dict(body.config))
+    who = identity(request)
+    with session(who, project) as core:  # refused here, before any operation: nothing changes
+        _authorized(core, req)
         core.images.get(body.image)
         try:
             core.instances.get(body.name)
@@ -135,17 +159,13 @@ def launch(request: Request, body: LaunchBody) -> JSONResponse:
             pass
         else:
             raise AlreadyExists(f"instance {body.name} already exists")
-    req = dict(image=body.image, name=body.name, vcpus=body.vcpus,
-               memory=_size(body.memory, "memory"), accel=body.accel, engine=body.engine,
-               runtime=body.runtime, limits=limits, mounts=tuple(body.mounts),
-               networks=tuple(body.networks), label=body.label, ready_timeout=body.timeout,
-               profiles=tuple(body.profiles), config=dict(body.config))
 
     def work(core: Core, progress: Any) -> dict[str, Any]:
-        core.handle(Launch(**req, progress=progress))  # type: ignore[arg-type]
+        core.handle(dataclasses.replace(req, progress=progress))
         return summary(core, body.name)
 
-    return accepted(request.app.state.runner.submit("instance.launch", body.name, work))
+    return accepted(request.app.state.runner.submit("instance.launch", body.name, work,
+                                                    who, project))
 
 
 class StateBody(BaseModel):
@@ -158,7 +178,8 @@ class StateBody(BaseModel):
 
 
 @router.put("/{name}/state", response_model=None)
-def change_state(request: Request, name: str, body: StateBody) -> JSONResponse | dict[str, Any]:
+def change_state(request: Request, name: str, body: StateBody,
+                 project: Project = None) -> JSONResponse | dict[str, Any]:
     """Start, stop (``timeout``: graceful for that long, then forced), restart, pause, resume.
 
     Start, stop and restart return an operation; pause and resume the instance.
@@ -166,42 +187,51 @@ def change_state(request: Request, name: str, body: StateBody) -> JSONResponse |
     from popek.core.requests import Pause, Restart, Resume, Start, Stop
 
     _name(name)
-    with session() as core:
-        core.instances.get(name)  # NotFound before an operation is made
+    timeout, force = body.timeout, body.force
+    stop_for = 30.0 if timeout is None else timeout
+    req: Any  # one of five request types (Request is invariant in its result)
+    if body.action == "start":
+        req = Start(name, ready_timeout=180.0 if timeout is None else timeout)
+    elif body.action == "stop":
+        req = Stop(name, force=force, timeout=stop_for)
+    elif body.action == "restart":
+        req = Restart(name, force=force, timeout=stop_for)
+    else:
+        req = Pause(name) if body.action == "pause" else Resume(name)
+    who = identity(request)
+    with session(who, project) as core:
         if body.action in ("pause", "resume"):
-            core.handle(Pause(name) if body.action == "pause" else Resume(name))
+            core.handle(req)
             return summary(core, name)
-    action, timeout, force = body.action, body.timeout, body.force
+        _authorized(core, req)
+        core.instances.get(name)  # NotFound before an operation is made
 
     def work(core: Core, progress: Any) -> dict[str, Any]:
-        if action == "start":
-            core.handle(Start(name, ready_timeout=180.0 if timeout is None else timeout,
-                              progress=progress))
-            return summary(core, name)
-        if action == "stop":
-            how = core.handle(Stop(name, force=force, timeout=30.0 if timeout is None
-                                   else timeout))
-            return {**summary(core, name), "stopped": how}
-        core.handle(Restart(name, force=force, timeout=30.0 if timeout is None else timeout,
-                            progress=progress))
-        return summary(core, name)
+        run = req if isinstance(req, Stop) else dataclasses.replace(req, progress=progress)
+        how = core.handle(run)
+        out = summary(core, name)
+        return {**out, "stopped": how} if isinstance(req, Stop) else out
 
-    return accepted(request.app.state.runner.submit(f"instance.{action}", name, work))
+    return accepted(request.app.state.runner.submit(req.op, name, work, who, project))
 
 
 @router.delete("/{name}", status_code=202)
-def delete(request: Request, name: str, force: bool = False) -> JSONResponse:
+def delete(request: Request, name: str, force: bool = False,
+           project: Project = None) -> JSONResponse:
     """Delete an instance (``force``: stop it first): an operation."""
     from popek.core.requests import Delete
 
     _name(name)
-    with session() as core:
+    req = Delete(name, force=force)
+    who = identity(request)
+    with session(who, project) as core:
+        _authorized(core, req)
         core.instances.get(name)
 
     def work(core: Core, progress: Any) -> None:
-        core.handle(Delete(name, force=force))
+        core.handle(req)
 
-    return accepted(request.app.state.runner.submit("instance.delete", name, work))
+    return accepted(request.app.state.runner.submit(req.op, name, work, who, project))
 
 
 class ExecBody(BaseModel):
@@ -214,13 +244,13 @@ class ExecBody(BaseModel):
 
 
 @router.post("/{name}/exec")
-def exec_(name: str, body: ExecBody) -> dict[str, Any]:
+def exec_(request: Request, name: str, body: ExecBody, project: Project = None) -> dict[str, Any]:
     """Run a command in a running instance; its output and exit code (not interactive)."""
     from popek.core.requests import Exec
 
     _name(name)
     data = body.stdin.encode()
-    with session() as core:
+    with session(identity(request), project) as core:
         result = core.handle(Exec(name, argv=tuple(body.command), timeout=body.timeout,
                                   stream=False, tty=False, stdin=lambda: data))
     if isinstance(result, int):  # not asked for (stream=False); kept total
@@ -237,15 +267,17 @@ def config_of(core: Core, name: str) -> dict[str, Any]:
 
 
 @router.get("/{name}/config")
-def get_config(name: str) -> dict[str, Any]:
+def get_config(request: Request, name: str, project: Project = None) -> dict[str, Any]:
     """The instance's settings and profiles, as ``popek config show NAME --format json``."""
-    with session() as core:
+    with session(identity(request), project) as core:
+        core.check("instance.config")
         core.instances.reconcile([_name(name)])
         return config_of(core, name)
 
 
 @router.patch("/{name}/config")
-def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) -> dict[str, Any]:
+def patch_config(request: Request, name: str, values: Annotated[dict[str, str | None], Body()],
+                 project: Project = None) -> dict[str, Any]:
     """Set keys (``config set``) and, those given as ``null``, unset them (``config unset``)."""
     from popek.core.config import check_key
     from popek.core.requests import ConfigSet, ConfigUnset
@@ -260,7 +292,7 @@ def patch_config(name: str, values: Annotated[dict[str, str | None], Body()]) ->
             raise bad(key, str(exc)) from exc
     sets = {k: v for k, v in values.items() if v is not None}
     unsets = tuple(k for k, v in values.items() if v is None)
-    with session() as core:
+    with session(identity(request), project) as core:
         if sets:
             core.handle(ConfigSet(name, values=sets))
         if unsets:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from popek.core.auth import Identity
 from popek.core.operations import Operations
 from popek.core.service import Core
 
@@ -27,10 +28,18 @@ Work = Callable[[Core, Callable[[str], None]], Any]
 
 
 @contextlib.contextmanager
-def session() -> Iterator[Core]:
-    """A core for the current thread, its store closed after."""
-    core = Core()
+def session(identity: Identity | None = None, project: str | None = None) -> Iterator[Core]:
+    """A core for the current thread, as ``identity`` in ``project``; its store closed after.
+
+    ``None``: the host admin, in the identity's own project (``default`` for the
+    host admin).  A project other than ``default`` must exist (NotFound).
+    """
+    core = Core(identity=identity, project=project)
     try:
+        if project is not None and project != "default":
+            from popek.core.projects import Projects
+
+            Projects(core.store).require(project)
         yield core
     finally:
         close = getattr(core.store, "close", None)
@@ -51,20 +60,26 @@ class Runner:
         with session() as core:
             return Operations(core.store).fail_orphans()
 
-    def submit(self, op: str, target: str, work: Work) -> dict[str, Any]:
-        """Record operation ``op`` on ``target``, run ``work`` in a thread; return the record."""
-        with session() as core:
-            rec = Operations(core.store).create(op, target)
+    def submit(self, op: str, target: str, work: Work, identity: Identity | None = None,
+               project: str | None = None) -> dict[str, Any]:
+        """Record operation ``op`` on ``target``, run ``work`` in a thread; return the record.
+
+        The thread's core acts as ``identity`` in ``project`` (see :func:`session`).
+        """
+        with session(identity, project) as core:
+            rec = Operations(core.store).create(op, target, core.project,
+                                                core.identity.label())
         done = threading.Event()
         with self._lock:
             self._done[rec["id"]] = done
-        threading.Thread(target=self._run, args=(rec["id"], work, done),
+        threading.Thread(target=self._run, args=(rec["id"], work, done, identity, project),
                          name=f"op-{rec['id'][:8]}", daemon=True).start()
         return rec
 
-    def _run(self, op_id: str, work: Work, done: threading.Event) -> None:
+    def _run(self, op_id: str, work: Work, done: threading.Event, identity: Identity | None,
+             project: str | None) -> None:
         try:
-            with session() as core:
+            with session(identity, project) as core:
                 ops = Operations(core.store)
 
                 def progress(message: str) -> None:

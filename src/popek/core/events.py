@@ -92,3 +92,11 @@ class EventReader:
                 continue
         return records
 
+
+def project_of(event: dict[str, Any]) -> str | None:
+    """The project an event is about (``None``: host-wide or not said)."""
+    if event.get("type") == "lifecycle":
+        return str(event.get("project"))
+    inner = event.get("operation") or event.get("record") or {}
+    project = inner.get("project") if isinstance(inner, dict) else None
+    return str(project) if project else None

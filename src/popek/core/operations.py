@@ -10,7 +10,8 @@ server's :meth:`Operations.fail_orphans`, since no process carries it on.
 
 An operation's record::
 
-    {"id": "...", "op": "instance.launch", "target": "web",
+    {"id": "...", "op": "instance.launch", "target": "web", "project": "default",
+     "identity": "root@host",
      "status": "running" | "success" | "failure",
      "progress": ["pulling image", ...], "result": ..., "error": null | {...},
      "created": "...Z", "updated": "...Z", "server": PID}
@@ -83,11 +84,16 @@ class Operations:
         """Over ``store`` (one per thread: a SQLite store is not shared between threads)."""
         self.store = store
 
-    def create(self, op: str, target: str) -> dict[str, Any]:
-        """Record a new running operation of this process; return its record."""
+    def create(self, op: str, target: str, project: str = "default",
+               identity: str = "") -> dict[str, Any]:
+        """Record a new running operation of this process; return its record.
+
+        ``project`` is the one it acts in, ``identity`` who asked (as audit records name it).
+        """
         stamp = _now()
         rec: dict[str, Any] = {
-            "id": uuid.uuid4().hex, "op": op, "target": target, "status": RUNNING,
+            "id": uuid.uuid4().hex, "op": op, "target": target, "project": project,
+            "identity": identity, "status": RUNNING,
             "progress": [], "result": None, "error": None, "created": stamp,
             "updated": stamp, "server": os.getpid()}
         self._write(rec)
@@ -96,17 +102,18 @@ class Operations:
     def _write(self, rec: dict[str, Any]) -> None:
         self.store.put(operation_key(rec["id"]), json.dumps(rec, default=str).encode())
 
-    def get(self, op_id: str) -> dict[str, Any]:
-        """The record of operation ``op_id``; NotFound when there is none."""
+    def get(self, op_id: str, project: str | None = None) -> dict[str, Any]:
+        """The record of operation ``op_id`` (of ``project``, if given); else NotFound."""
         kv = self.store.get(operation_key(check_id(op_id)))
-        if kv is None:
-            raise NotFound(f"no operation {op_id}")
-        rec: dict[str, Any] = json.loads(kv.value)
+        rec: dict[str, Any] | None = json.loads(kv.value) if kv is not None else None
+        if rec is None or (project is not None and rec.get("project") != project):
+            raise NotFound(f"operation {op_id} not found")
         return rec
 
-    def all(self) -> list[dict[str, Any]]:
-        """Every operation recorded, oldest first."""
+    def all(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Every operation recorded (of ``project``, if given), oldest first."""
         recs = [json.loads(kv.value) for kv in self.store.range(OPERATIONS_PREFIX)]
+        recs = [r for r in recs if project is None or r.get("project") == project]
         return sorted(recs, key=lambda r: str(r.get("created", "")))
 
     def progress(self, op_id: str, message: str) -> None:

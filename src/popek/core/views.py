@@ -68,7 +68,8 @@ def profile_summaries(core: Core) -> list[dict[str, Any]]:
     from popek.core.profiles import Profiles
 
     used = profiles_used(core)
-    return [{**p.to_doc(), "used_by": used.get(p.name, [])} for p in Profiles(core.store).all()]
+    return [{**p.to_doc(), "used_by": used.get(p.name, [])}
+            for p in Profiles(core.store, core.project).all()]
 
 
 def policy_detail(trust: TrustStore) -> dict[str, Any]:
