@@ -247,6 +247,47 @@ def test_tls_listener_needs_a_token(server: Server) -> None:
         assert r.status_code == 200, r.text
 
 
+def test_roles_and_projects_over_tls(server: Server, minimal_image: str) -> None:
+    from popek.core.auth import Tokens
+    from popek.state import open_store
+
+    c = server.client()
+    op = run_operation(c, "POST", "/1.0/instances",
+                       json={"image": minimal_image, "name": CT, "engine": "container"})
+    assert op["status"] == "success", op
+    popek("project", "create", "hapi-a")
+    tokens = Tokens(open_store())
+    _, viewer = tokens.create("default", "viewer", name="hapi-view")
+    _, other = tokens.create("hapi-a", "operator", name="hapi-oper")
+    try:
+        before = len(c.get("/1.0/operations").json())
+        with server.tls(viewer) as t:  # a viewer reads, and may not change anything
+            assert CT in {i["name"] for i in t.get("/1.0/instances").json()}
+            r = t.put(f"/1.0/instances/{CT}/state", json={"action": "stop"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "denied", r.text
+            r = t.post(f"/1.0/instances/{CT}/exec", json={"command": ["true"]})
+            assert r.status_code == 403, r.text
+        assert popek_json("info", CT)["state"] == "running"
+        assert len(c.get("/1.0/operations").json()) == before
+        denied = [r for r in c.get("/1.0/audit", params={"target": CT}).json()
+                  if r["op"] == "instance.stop"]
+        assert denied and denied[-1]["result"].startswith("denied"), denied
+        with server.tls(other) as t:  # an operator of project hapi-a sees nothing of default
+            assert t.get("/1.0/instances").json() == []
+            r = t.get(f"/1.0/instances/{CT}")
+            assert r.status_code == 404, r.text
+            for url in ("/1.0/instances?project=default", "/1.0/instances?all_projects=true"):
+                r = t.get(url)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "denied", r.text
+            assert t.get("/1.0/operations").json() == []
+            assert all(r.get("project") == "hapi-a" for r in t.get("/1.0/audit").json())
+            r = t.post("/1.0/networks", json={"name": "hapi-net"})
+            assert r.status_code == 403, r.text
+    finally:
+        run_operation(c, "DELETE", f"/1.0/instances/{CT}", params={"force": "true"})
+        popek("project", "delete", "hapi-a", check=False)
+
+
 def test_operation_outlives_a_killed_server(server: Server, sockdir: Path,
                                             minimal_image: str) -> None:
     sock = sockdir / "second.sock"
