@@ -6,7 +6,6 @@ need them, so that ``popek launch`` adds as little as possible to a boot.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, NoReturn
 
@@ -345,36 +344,22 @@ IMAGE_COLUMNS = (
 @image_app.command("list")
 def image_list(fmt: str = format_option(), columns: str = columns_option(IMAGE_COLUMNS)) -> None:
     """List images and who signed them (the signature is checked at each start, not here)."""
+    from popek.core.views import image_summary
     from popek.images import ImageStore
 
-    images = ImageStore().list()
-    rows: list[dict[str, Any]] = [
-        {"name": i.name, "version": i.manifest.version, "created": i.manifest.created,
-         "kernel": i.manifest.kernel_version, "kinds": i.kinds(),
-         "size": sum(f.size for f in i.manifest.files.values()),
-         "signature": _signature_summary(i.path)} for i in images]
+    rows = [image_summary(i) for i in ImageStore().list()]
     listing(rows, IMAGE_COLUMNS, fmt, select=columns, command="popek image list")
-
-
-def _signature_summary(path: Any) -> dict[str, Any] | None:
-    """Who signed an image, as its manifest.sig says (checked at each start, not here)."""
-    try:
-        st = json.loads((path / "manifest.sig").read_text())["statement"]
-        return {"signer": str(st["signer"]), "serial": int(st["serial"]),
-                "expires": str(st["expires"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 @image_app.command("info")
 def image_info(name: str, fmt: str = format_option()) -> None:
     """Show an image's manifest (the table lists its files)."""
+    from popek.core.views import image_detail
     from popek.images import ImageStore
     from popek.units import format_size
 
     image = ImageStore().get(name)
-    data = json.loads(image.manifest.to_json())
-    data["signature"] = _signature_summary(image.path)
+    data = image_detail(image)
     fields = [(k, v) for k, v in data.items() if not isinstance(v, dict | list)]
     signature = data["signature"] or {}
     fields += [(f"signature.{k}", v) for k, v in signature.items()] or [("signature", "no")]

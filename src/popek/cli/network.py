@@ -56,16 +56,10 @@ COLUMNS = tuple(Column(title, itemgetter(key)) for title, key in (
 @app.command("list")
 def list_(fmt: str = format_option(), columns: str = columns_option(COLUMNS)) -> None:
     """List networks."""
-    svc = _networks()
-    nets = svc.list()
-    counts: dict[str, int] = {}
-    for port in svc.ports():
-        counts[port.network] = counts.get(port.network, 0) + 1
-    listing([{
-        "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
-        "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
-        "ports": counts.get(n.name, 0),
-    } for n in nets], COLUMNS, fmt, select=columns, command="popek network list")
+    from popek.core.views import network_summaries
+
+    listing(network_summaries(_networks()), COLUMNS, fmt, select=columns,
+            command="popek network list")
 
 
 @app.command()

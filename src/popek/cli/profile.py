@@ -93,23 +93,13 @@ PROFILE_COLUMNS = (
 )
 
 
-def _used_by(core: Any) -> dict[str, list[str]]:
-    """For each profile, the instances launched with it."""
-    out: dict[str, list[str]] = {}
-    for inst in core.instances.all():
-        for p in inst.spec.profiles:
-            out.setdefault(p, []).append(inst.name)
-    return out
-
-
 @app.command("list")
 def profile_list(fmt: str = format_option(), project: str | None = project_option()) -> None:
     """List profiles and the instances launched with each."""
     scope.use(project)
-    core = ops.core()
-    used = _used_by(core)
-    rows = [{**p.to_doc(), "used_by": used.get(p.name, [])} for p in _profiles(core).all()]
-    listing(rows, PROFILE_COLUMNS, fmt, command="popek profile list")
+    from popek.core.views import profile_summaries
+
+    listing(profile_summaries(ops.core()), PROFILE_COLUMNS, fmt, command="popek profile list")
 
 
 @app.command("show")
@@ -117,8 +107,10 @@ def profile_show(name: str, fmt: str = format_option(),
                  project: str | None = project_option()) -> None:
     """Show a profile: its description, config keys, networks and the instances using it."""
     scope.use(project)
+    from popek.core.views import profiles_used
+
     core = ops.core()
-    doc = {**_profiles(core).get(name).to_doc(), "used_by": _used_by(core).get(name, [])}
+    doc = {**_profiles(core).get(name).to_doc(), "used_by": profiles_used(core).get(name, [])}
     fields: list[tuple[str, object]] = [("name", name), ("description", doc["description"])]
     fields += [(k, v) for k, v in doc["config"].items()]
     fields += [("networks", ",".join(doc["networks"])), ("used_by", ",".join(doc["used_by"]))]

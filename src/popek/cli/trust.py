@@ -166,25 +166,18 @@ def show(fmt: str = typer.Option("text", "--format", "-f",
                                  help="text (the policy file, with its version and signer "
                                       "as a comment), table, json, yaml or csv.")) -> None:
     """Print the policy in force, its version and signer."""
-    from popek.trust.policy import DEFAULT_POLICY, PolicyStore, check_signed
+    from popek.core.views import policy_detail
 
-    trust = _trust()
-    info = PolicyStore(trust).info()
-    pol = check_signed(trust)
-    text = pol.text if info["applied"] else DEFAULT_POLICY
+    data = policy_detail(_trust())
     if fmt == "text":
-        print(f"# version {info['version']} ({info['source']}), mode {pol.mode}"
-              + (f", applied {info['applied']}, signed by {info['signer']}" if info["applied"]
+        print(f"# version {data['version']} ({data['source']}), mode {data['mode']}"
+              + (f", applied {data['applied']}, signed by {data['signer']}" if data["applied"]
                  else ""))
-        print(text, end="")
+        print(data["text"], end="")
         return
-    data = {**info, "mode": pol.mode, "labels": sorted(pol.labels),
-            "conflicts": [{"name": name, "labels": sorted(ls)} for name, ls in pol.conflicts],
-            "shares": [{"kind": kind, "labels": sorted(ls)} for kind, ls in pol.shares],
-            "text": text}
-    rules = ([["label", "-", label] for label in sorted(pol.labels)]
-             + [["conflict", name, ",".join(sorted(ls))] for name, ls in pol.conflicts]
-             + [["share", kind, ",".join(sorted(ls))] for kind, ls in pol.shares])
+    rules = ([["label", "-", label] for label in data["labels"]]
+             + [["conflict", c["name"], ",".join(c["labels"])] for c in data["conflicts"]]
+             + [["share", s["kind"], ",".join(s["labels"])] for s in data["shares"]])
     details(data, [(k, data[k]) for k in ("version", "mode", "source", "applied", "signer")],
             fmt, [(("RULE", "NAME", "LABELS"), rules)])
 
@@ -234,13 +227,9 @@ def audit_log(
     columns: str = columns_option(AUDIT_COLUMNS),
 ) -> None:
     """Show the audit log."""
-    from popek.trust.audit import AuditLog
-    from popek.trust.keys import parse_time
+    from popek.core.views import audit_records
 
-    after = parse_time(since, "--since") if since else None
-    recs = [r for r in AuditLog(_trust()).records()
-            if (not target or r.get("target") == target)
-            and (after is None or parse_time(str(r.get("time")), "time") >= after)]
+    recs = audit_records(_trust(), since, target, "--since")
     listing(recs, AUDIT_COLUMNS, fmt, select=columns, command="popek audit log")
 
 

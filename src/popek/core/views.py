@@ -84,12 +84,16 @@ def policy_detail(trust: TrustStore) -> dict[str, Any]:
             "text": pol.text if info["applied"] else DEFAULT_POLICY}
 
 
-def audit_records(trust: TrustStore, since: str = "", target: str = "") -> list[dict[str, Any]]:
-    """The records of ``popek audit log``: at or after ``since`` (ISO time), about ``target``."""
+def audit_records(trust: TrustStore, since: str = "", target: str = "",
+                  option: str = "since") -> list[dict[str, Any]]:
+    """The records of ``popek audit log``: at or after ``since`` (ISO time), about ``target``.
+
+    ``option`` names ``since`` in the error when it is not a time (``--since`` on the CLI).
+    """
     from popek.trust.audit import AuditLog
     from popek.trust.keys import parse_time
 
-    after = parse_time(since, "since") if since else None
+    after = parse_time(since, option) if since else None
     return [r for r in AuditLog(trust).records()
             if (not target or r.get("target") == target)
             and (after is None or parse_time(str(r.get("time")), "time") >= after)]
