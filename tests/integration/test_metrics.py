@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from framework import container_cgroup, popek, wait_for
 from framework.events import read_line
@@ -187,3 +188,22 @@ def test_scrapes_are_counted_and_the_token_sees_its_project_only(stack: Stack) -
     with stack.local() as client:
         assert client.get("/metrics").status_code == 200
     assert time.monotonic() - started < 1.0
+
+
+def test_a_vm_has_cpu_memory_and_qmp_disk_counters(stack: Stack, minimal_image: str) -> None:
+    """A VM's counters: CPU and memory from its QEMU's cgroup, disk bytes asked of QEMU (QMP)."""
+    vm = "hmet-vm"
+    popek("launch", minimal_image, vm, "--vcpus", "1", "--memory", "128MiB")
+    try:
+        with stack.local() as client:
+            text = client.get("/metrics").text
+        samples = {(s.name, s.labels.get("name")): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.labels.get("type") == "vm"}
+        assert samples[("popek_instance_cpu_seconds_total", vm)] > 0
+        assert samples[("popek_instance_memory_bytes", vm)] > 64 << 20  # the guest's RAM
+        # the minimal image boots from its initrd: no block device, so QEMU says 0 bytes
+        assert samples[("popek_instance_disk_read_bytes_total", vm)] == 0
+        assert samples[("popek_instance_disk_write_bytes_total", vm)] == 0
+    finally:
+        popek("delete", "--force", vm, check=False)
