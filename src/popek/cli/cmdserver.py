@@ -52,6 +52,9 @@ PR_SET_PDEATHSIG = 1
 MAX_REQUEST = 1 << 20
 #: never imported ahead: entry points and this server itself
 SKIP = ("popek.__main__", "popek.cli.fastgen", "popek.cli.cmdserver", "popek.cli.client")
+#: never imported ahead either: the REST API's modules (FastAPI, pydantic, uvicorn) run in
+#: ``popek serve``'s own process only, and would double this server's start and size
+SKIP_PACKAGES = ("popek.api.",)
 #: what popek imports inside functions, so that only the commands needing it pay
 LAZY = ("rich.console", "rich.table", "rich.status", "click", "qemu.qmp", "asyncio", "pyroute2",
         "pyroute2.netlink.exceptions", "cryptography.exceptions",
@@ -86,7 +89,7 @@ class Request:
 def preload() -> None:
     """Import every popek module once, so that no command pays for it."""
     for info in pkgutil.walk_packages(popek.__path__, "popek."):
-        if info.name not in SKIP:
+        if info.name not in SKIP and not info.name.startswith(SKIP_PACKAGES):
             importlib.import_module(info.name)
     for name in LAZY:
         importlib.import_module(name)
