@@ -222,3 +222,24 @@ def test_the_api_serves_metrics_and_counts_its_requests(tmp_path: Path,
                                                  ("status", "404")))] == 1
     assert samples[("popek_api_request_seconds_count", route)] == 1
     assert ("popek_metrics_collect_seconds", ()) in samples
+
+
+def test_the_two_listeners_of_one_server_count_into_one_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local socket's application and the TCP one share their runner: and their counters."""
+    from fastapi.testclient import TestClient
+
+    from popek.api.app import create_app
+    from popek.api.runner import Runner
+
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    runner = Runner()
+    local, tcp = create_app(runner, local=True), create_app(runner, local=False)
+    other = create_app(Runner(), local=True)
+    with TestClient(local) as client:
+        client.get("/1.0/instances/nope")
+    assert tcp.state.metrics is local.state.metrics
+    assert other.state.metrics is not local.state.metrics
+    text = render(tcp.state.metrics.registry).decode()
+    assert 'popek_api_requests_total{method="GET",route="/1.0/instances/{name}",status="404"} 1.0' \
+        in text

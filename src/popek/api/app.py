@@ -27,7 +27,7 @@ def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:
     app.state.local = local
     app.state.runner = runner or Runner()
     errors.install(app)
-    metrics_api.install(app)  # GET /metrics and the request counts of every route
+    metrics_api.install(app, server=app.state.runner)  # GET /metrics, the requests counted
     for router in ROUTERS:
         app.include_router(router)
     return app

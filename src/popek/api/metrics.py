@@ -28,6 +28,7 @@ Metric names (``_total`` marks a counter, as Prometheus expects):
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -120,17 +121,40 @@ class UsageCollector(Collector):
         return families(self.snapshot())
 
 
+class RequestCounters:
+    """The API's request counter and latency histogram, in a registry of their own."""
+
+    def __init__(self) -> None:
+        """Register both in a fresh registry."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("popek_api_requests", "API requests answered",
+                                ["method", "route", "status"], registry=self.registry)
+        self.seconds = Histogram("popek_api_request_seconds",
+                                 "Seconds from a request's arrival to the end of its answer",
+                                 ["method", "route"], registry=self.registry, buckets=BUCKETS)
+
+
+#: the request counters of each server, keyed by what its applications share (the
+#: server's Runner): the local socket's and the TCP listener's requests count together
+_SERVERS: weakref.WeakKeyDictionary[Any, RequestCounters] = weakref.WeakKeyDictionary()
+
+
+def counters_of(server: Any) -> RequestCounters:
+    """The request counters of ``server`` (made on first use, gone with it)."""
+    counters = _SERVERS.get(server)
+    if counters is None:
+        counters = _SERVERS[server] = RequestCounters()
+    return counters
+
+
 class RequestMetrics:
     """ASGI middleware: counts every HTTP request and times it, by method, route and status."""
 
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
-        """Wrap ``app``; the counter and histogram are registered in ``registry``."""
+    def __init__(self, app: ASGIApp, counters: RequestCounters) -> None:
+        """Wrap ``app``; record into ``counters``."""
         self.app = app
-        self.requests = Counter("popek_api_requests", "API requests answered",
-                                ["method", "route", "status"], registry=registry)
-        self.seconds = Histogram("popek_api_request_seconds",
-                                 "Seconds from a request's arrival to the end of its answer",
-                                 ["method", "route"], registry=registry, buckets=BUCKETS)
+        self.requests = counters.requests
+        self.seconds = counters.seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on; record it once answered (500 when the app raised)."""
@@ -186,16 +210,18 @@ def scope_of(identity: Any) -> str | None:
 
 
 def install(app: Any, snapshot: Callable[[str | None], Snapshot] = store_snapshot,
-            ) -> CollectorRegistry:
+            server: Any = None) -> RequestCounters:
     """Serve ``GET /metrics`` on ``app`` (FastAPI) and record its requests.
 
-    Returns the registry of the request counters (``app.state.metrics``); the
-    usage counters are read afresh for each scrape, in the asker's scope
-    (:func:`scope_of`).
+    The request counters are ``server``'s (:func:`counters_of`: shared by the
+    applications of one server), or the application's own without one; they
+    are kept on ``app.state.metrics``.  The usage counters are read afresh
+    for each scrape, in the asker's scope (:func:`scope_of`).
     """
-    registry = CollectorRegistry(auto_describe=False)
-    app.add_middleware(RequestMetrics, registry=registry)
-    app.state.metrics = registry
+    counters = RequestCounters() if server is None else counters_of(server)
+    registry = counters.registry
+    app.add_middleware(RequestMetrics, counters=counters)
+    app.state.metrics = counters
     router = APIRouter(tags=["metrics"])
 
     @router.get("/metrics", response_class=Response,
@@ -209,4 +235,4 @@ def install(app: Any, snapshot: Callable[[str | None], Snapshot] = store_snapsho
         return Response(render(usage) + render(registry), media_type=CONTENT_TYPE)
 
     app.include_router(router)
-    return registry
+    return counters
