@@ -179,3 +179,12 @@ class Home:
         for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:
             self.popek("network", "delete", "--force", net["name"], check=False)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -26,6 +26,8 @@ READ_ONLY = frozenset({
     "policy.show", "policy.check",
     "audit.log", "audit.verify",
     "sandbox.profiles",
+    # the user's own remotes file, not this host's state (a remote audits what it is sent)
+    "remote.list", "remote.add", "remote.remove", "remote.switch",
 })
 # Commands that are sessions with a guest: audited even though they change nothing.
 SESSIONS = frozenset({"console", "exec", "attest"})

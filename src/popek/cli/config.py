@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from popek.cli import ops, scope
+from popek.cli import ops, remotes, scope
 from popek.cli.common import format_option, project_option
 from popek.cli.output import details
 from popek.core.config import CONFIG_KEYS, check_key, parse_pairs
@@ -38,7 +38,13 @@ def config_set(
         values = {check_key(pairs[0]): pairs[1]}
     else:
         values = parse_pairs(pairs, "KEY=VALUE")
-    if len(values) == 1:
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        name = where[1]
+        remoteops.config_patch(where[0], name, dict(values), project)
+    elif len(values) == 1:
         (key, value), = values.items()
         ops.core().handle(ConfigSet(name, key=key, value=value))
     else:
@@ -55,12 +61,18 @@ def config_unset(
 ) -> None:
     """Put settings back to what the instance's profiles say now, else the defaults."""
     scope.use(project)
-    from popek.core.requests import ConfigUnset
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
 
-    inst = ops.core().handle(ConfigUnset(name, keys=tuple(keys)))
-    from popek.core.config import show
+        name = where[1]
+        now = remoteops.config_patch(where[0], name, dict.fromkeys(map(check_key, keys)),
+                                     project)
+    else:
+        from popek.core.config import show
+        from popek.core.requests import ConfigUnset
 
-    now = show(inst)
+        now = show(ops.core().handle(ConfigUnset(name, keys=tuple(keys))))
     print(f"Instance {name}: " + ", ".join(f"{k} = {now.get(k, '(none)')}" for k in keys) + ".")
 
 
@@ -70,6 +82,12 @@ def config_get(name: str, key: str = typer.Argument(..., help=f"One of {KEYS}.")
     """Print the value of one key (an empty line when it is not set)."""
     scope.use(project)
     check_key(key)
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        print(remoteops.config(where[0], where[1], project).get(key, ""))
+        return
     print(ops.instances(name).config_show(name).get(key, ""))
 
 
@@ -78,8 +96,16 @@ def config_show(name: str, fmt: str = format_option(),
                 project: str | None = project_option()) -> None:
     """Show an instance's settings and the profiles it was launched with."""
     scope.use(project)
-    insts = ops.instances(name)
-    values = insts.config_show(name)
-    profiles = insts.get(name).spec.profiles
-    data = {**values, "profiles": profiles}
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        data = remoteops.config(where[0], where[1], project)
+        profiles = data.get("profiles") or []
+        values = {k: v for k, v in data.items() if k != "profiles"}
+    else:
+        insts = ops.instances(name)
+        values = insts.config_show(name)
+        profiles = insts.get(name).spec.profiles
+        data = {**values, "profiles": profiles}
     details(data, [*values.items(), ("profiles", ",".join(profiles))], fmt)

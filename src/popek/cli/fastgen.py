@@ -35,8 +35,9 @@ def _param(p: click.Parameter) -> dict[str, Any]:
     if isinstance(p.type, click.Choice):  # of strings: Click's case-sensitive match
         out["choices"] = [str(c) for c in p.type.choices]
     if isinstance(p, click.Argument):
-        if p.nargs not in (1, -1) or (p.nargs == 1 and not p.required):
-            raise SystemExit(f"{p.name}: only required single or variadic arguments are parsed")
+        if p.nargs not in (1, -1) or (p.nargs == 1 and not p.required and p.default is not None):
+            raise SystemExit(f"{p.name}: only single (required, or optional with no default) "
+                             "or variadic arguments are parsed")
         return {**out, "kind": "argument", "nargs": p.nargs}
     assert isinstance(p, click.Option)
     default: Any = p.default

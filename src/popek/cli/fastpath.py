@@ -107,7 +107,10 @@ def _complete(params: list[dict[str, Any]], values: dict[str, Any],
                     return None
                 continue
             if not positional:
-                return None
+                if p["required"]:
+                    return None
+                values[p["name"]] = None  # an optional argument not given (list's [REMOTE:])
+                continue
             values[p["name"]] = _convert(p, positional.pop(0))
             if values[p["name"]] is None:
                 return None

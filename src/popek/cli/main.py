@@ -20,6 +20,7 @@ from popek.cli.output import Column, details, listing
 from popek.cli.profile import app as profile_app
 from popek.cli.project import app as project_app
 from popek.cli.project import token_app
+from popek.cli.remote import app as remote_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.serve import monitor, serve
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
@@ -39,6 +40,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
+app.add_typer(remote_app, name="remote")
 app.command("attest")(attest)
 app.command("serve")(serve)
 app.command("monitor")(monitor)
@@ -119,7 +121,11 @@ def launch(
 
 
 @app.command("list")
-def list_(fmt: str = format_option(),
+def list_(remote: str | None = typer.Argument(
+              None, metavar="[REMOTE:]",
+              help="A remote's instances (lab:; popek remote list); default: the default "
+                   "remote (popek remote switch), else this host."),
+          fmt: str = format_option(),
           columns: str = columns_option(ops.INSTANCE_COLUMNS),
           project: str | None = project_option(),
           all_projects: bool = typer.Option(False, "--all-projects",
@@ -185,8 +191,9 @@ def console(
     project: str | None = project_option(),
 ) -> None:
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
-    from popek.cli import scope
+    from popek.cli import remotes, scope
 
+    remotes.not_remote(name, "popek console")
     scope.use(project)
     if log:
         sys.stdout.buffer.write(ops.instances(name).console_log(name))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from popek.cli import scope
+from popek.cli import remotes, scope
 from popek.cli.output import Column, details, listing
 from popek.names import DEFAULT_PROJECT
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 #: the cores this command made: the CLI audits on its own only what reached none of them
 CORES: list[Core] = []
+#: the remotes this command went to (see cli.remoteops): each audits what it is sent
+REMOTES: list[str] = []
 
 
 def core(check: bool = True) -> Core:
@@ -46,8 +48,8 @@ def core(check: bool = True) -> Core:
 
 
 def audited() -> bool:
-    """Whether the core audited a request of this command."""
-    return any(c.audited for c in CORES)
+    """Whether the core audited a request of this command (a remote's core: there)."""
+    return bool(REMOTES) or any(c.audited for c in CORES)
 
 
 def instances(*names: str) -> Instances:
@@ -93,6 +95,16 @@ def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: 
     the profiles (``profile``) or its defaults, and ``config`` (``-c KEY=VALUE``) wins
     over both (see :mod:`popek.core.profiles`).
     """
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        params = {"image": image, "vcpus": vcpus, "memory": memory, "accel": accel,
+                  "container": container, "runtime": runtime, "pids": pids, "mount": mount,
+                  "network": network, "timeout": timeout, "label": label,
+                  "net_rate": net_rate, "disk": disk, "config": config, "profile": profile}
+        remoteops.launch(where[0], where[1], params, project)
+        return
     scope.use(project)
     from popek.core.config import parse_pairs
 
@@ -150,14 +162,26 @@ INSTANCE_COLUMNS = (
 )
 
 
-def list_(fmt: str, columns: str, project: str | None = None,
+def list_(remote: str | None, fmt: str, columns: str, project: str | None = None,
           all_projects: bool = False) -> None:
-    """List the instances of the project (of every one with ``all_projects``) in ``fmt``;
-    ``columns`` chooses the columns (see cli.output)."""
+    """List the instances of the project (of every one with ``all_projects``) in ``fmt``,
+    of this host or of ``remote`` (``lab:``); ``columns`` chooses the columns (see cli.output)."""
+    on = remotes.list_target(remote)
+    if on is not None:
+        from popek.cli import remoteops
+
+        remoteops.list_(on, fmt, columns, project, all_projects)
+        return
     from popek.core.records import MINE
 
     scope.use(project)
-    summaries = core().instances.summaries(None if all_projects else MINE)
+    show_list(core().instances.summaries(None if all_projects else MINE), fmt, columns,
+              all_projects)
+
+
+def show_list(summaries: list[dict[str, Any]], fmt: str, columns: str,
+              all_projects: bool) -> None:
+    """Print ``popek list``'s records (of this host or a remote)."""
     if all_projects and not columns:  # the project column too
         columns = ",".join(c.name.lower() for c in INSTANCE_COLUMNS
                            if c.default or c.title == "PROJECT")
@@ -166,8 +190,18 @@ def list_(fmt: str, columns: str, project: str | None = None,
 
 def info(name: str, fmt: str, project: str | None = None) -> None:
     """Show the details of an instance."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.info(where[0], where[1], fmt, project)
+        return
     scope.use(project)
-    data = instances(name).info(name)
+    show_info(instances(name).info(name), fmt)
+
+
+def show_info(data: dict[str, Any], fmt: str) -> None:
+    """Print ``popek info``'s record (of this host or a remote) in ``fmt``."""
     if fmt != "table" and fmt != "csv":
         details(data, [], fmt)
         return
@@ -203,6 +237,13 @@ def info(name: str, fmt: str, project: str | None = None) -> None:
 
 def start(name: str, timeout: float, project: str | None = None) -> None:
     """Start a stopped instance."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.change(where[0], where[1], "start", project, timeout)
+        print(f"Instance {where[1]} is running.")
+        return
     scope.use(project)
     from popek.core.requests import Start
 
@@ -213,12 +254,21 @@ def start(name: str, timeout: float, project: str | None = None) -> None:
 
 def stop(name: str, force: bool, timeout: float, project: str | None = None) -> None:
     """Stop an instance: ACPI shutdown (SIGTERM) first, forced after ``timeout``."""
-    scope.use(project)
     from popek.core.instances import ALREADY_STOPPED
-    from popek.core.requests import Stop
 
-    with progress(f"stopping {name}"):
-        how = core().handle(Stop(name, force=force, timeout=timeout))
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        name = where[1]
+        how = (remoteops.change(where[0], name, "stop", project, timeout, force)
+               or {}).get("stopped")
+    else:
+        scope.use(project)
+        from popek.core.requests import Stop
+
+        with progress(f"stopping {name}"):
+            how = core().handle(Stop(name, force=force, timeout=timeout))
     if how == ALREADY_STOPPED:  # a success, as podman's: the note goes to stderr
         print(f"popek: instance {name} is already stopped", file=sys.stderr)
         return
@@ -227,6 +277,13 @@ def stop(name: str, force: bool, timeout: float, project: str | None = None) -> 
 
 def restart(name: str, force: bool, timeout: float, project: str | None = None) -> None:
     """Stop an instance and start it again."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.change(where[0], where[1], "restart", project, timeout, force)
+        print(f"Instance {where[1]} restarted.")
+        return
     scope.use(project)
     from popek.core.requests import Restart
 
@@ -237,6 +294,13 @@ def restart(name: str, force: bool, timeout: float, project: str | None = None) 
 
 def pause(name: str, project: str | None = None) -> None:
     """Freeze a running instance."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.change(where[0], where[1], "pause", project)
+        print(f"Instance {where[1]} paused.")
+        return
     scope.use(project)
     from popek.core.requests import Pause
 
@@ -246,6 +310,13 @@ def pause(name: str, project: str | None = None) -> None:
 
 def resume(name: str, project: str | None = None) -> None:
     """Resume a paused instance."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.change(where[0], where[1], "resume", project)
+        print(f"Instance {where[1]} resumed.")
+        return
     scope.use(project)
     from popek.core.requests import Resume
 
@@ -255,7 +326,16 @@ def resume(name: str, project: str | None = None) -> None:
 
 def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty: bool,
           project: str | None = None) -> int:
-    """Run ``command`` in an instance with its stdio passed through; return its exit code."""
+    """Run ``command`` in an instance with its stdio passed through; return its exit code.
+
+    On a remote (``lab:web``) without a terminal: its input is read first, its
+    output comes back whole (text).
+    """
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        return remoteops.exec_(where[0], where[1], command, timeout, no_stdin, project)
     scope.use(project)
     from popek.core.requests import Exec
 
@@ -277,6 +357,13 @@ def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty:
 
 def delete(name: str, force: bool, project: str | None = None) -> None:
     """Delete an instance and everything it left on the host."""
+    where = remotes.locate(name)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.delete(where[0], where[1], force, project)
+        print(f"Instance {where[1]} deleted.")
+        return
     scope.use(project)
     from popek.core.requests import Delete
 

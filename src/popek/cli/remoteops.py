@@ -1,0 +1,124 @@
+"""The instance commands on a remote: :mod:`popek.cli.ops`'s verbs through its REST API.
+
+:mod:`popek.cli.ops` and :mod:`popek.cli.config` hand a command here when it
+names ``REMOTE:NAME`` (see :mod:`popek.cli.remotes`).  The API answers the same
+JSON as ``--format json``, printed by the same code as locally, so a command
+prints the same on a remote as on its host; its errors end the command with the
+same line and exit code (:class:`popek.cli.remoteclient.RemoteError`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from popek.cli import remotes
+from popek.cli.remoteclient import Client
+
+
+def client(remote: str) -> Client:
+    """The API client of the remote called ``remote`` (which audits what it is sent)."""
+    from popek.cli import ops
+
+    ops.REMOTES.append(remote)
+    return Client(remotes.get(remote))
+
+
+def _path(name: str, tail: str = "") -> str:
+    return f"/1.0/instances/{name}{tail}"
+
+
+def launch(remote: str, name: str, params: dict[str, Any], project: str | None) -> None:
+    """``popek launch IMAGE REMOTE:NAME ...``: the launch operation, waited on."""
+    from popek.cli import ops
+    from popek.core.config import parse_pairs
+    from popek.units import format_size
+
+    body: dict[str, Any] = {
+        "image": params["image"], "name": name,
+        "engine": "container" if params["container"] else "qemu",
+        "vcpus": params["vcpus"], "memory": params["memory"], "accel": params["accel"],
+        "runtime": params["runtime"], "pids": params["pids"], "disk": params["disk"] or None,
+        "net_rate": params["net_rate"], "mounts": list(params["mount"]),
+        "networks": list(params["network"]), "label": params["label"],
+        "profiles": list(params["profile"]), "config": parse_pairs(params["config"]),
+        "timeout": params["timeout"]}
+    api = client(remote)
+    with ops.progress(f"launching {name}") as step:
+        op = api.call("POST", "/1.0/instances", json=body, params={"project": project})
+        api.wait(op, step)
+    data = api.call("GET", _path(name), params={"project": project})
+    how = data.get("accel") or data.get("runtime") or "?"
+    kind = "container" if data.get("engine") == "container" else "VM"
+    print(f"Instance {name} is running ({kind}, {how}, {data.get('vcpus')} vCPU, "
+          f"{format_size(int(data.get('memory') or 0))}).")
+
+
+def list_(remote: str, fmt: str, columns: str, project: str | None,
+          all_projects: bool) -> None:
+    """``popek list REMOTE:``: the remote's instances, printed as locally."""
+    from popek.cli import ops
+
+    records = client(remote).call("GET", "/1.0/instances",
+                                  params={"project": project,
+                                          "all_projects": all_projects or None})
+    ops.show_list(records, fmt, columns, all_projects)
+
+
+def info(remote: str, name: str, fmt: str, project: str | None) -> None:
+    """``popek info REMOTE:NAME``."""
+    from popek.cli import ops
+
+    ops.show_info(client(remote).call("GET", _path(name), params={"project": project}), fmt)
+
+
+def change(remote: str, name: str, action: str, project: str | None,
+           timeout: float | None = None, force: bool = False) -> Any:
+    """Start, stop, restart, pause or resume; the operation's result (or the instance)."""
+    from popek.cli import ops
+
+    api = client(remote)
+    body = {"action": action, "timeout": timeout, "force": force}
+    verb = {"stop": "stopping", "restart": "restarting", "start": "starting"}.get(action)
+    if verb is None:  # pause, resume: answered when done
+        return api.call("PUT", _path(name, "/state"), json=body, params={"project": project})
+    with ops.progress(f"{verb} {name}") as step:
+        op = api.call("PUT", _path(name, "/state"), json=body, params={"project": project})
+        return api.wait(op, step)
+
+
+def delete(remote: str, name: str, force: bool, project: str | None) -> None:
+    """``popek delete REMOTE:NAME``."""
+    api = client(remote)
+    op = api.call("DELETE", _path(name), params={"project": project, "force": force})
+    api.wait(op, lambda _: None)  # quiet, as the local delete
+
+
+def exec_(remote: str, name: str, command: list[str], timeout: float, no_stdin: bool,
+          project: str | None) -> int:
+    """``popek exec REMOTE:NAME -- CMD``, without a terminal: output and exit code pass through."""
+    stdin = b"" if no_stdin or sys.stdin.isatty() else sys.stdin.buffer.read()
+    result = client(remote).call(
+        "POST", _path(name, "/exec"), params={"project": project},
+        json={"command": command, "stdin": stdin.decode(errors="replace"), "timeout": timeout},
+        timeout=timeout + 30)
+    sys.stdout.write(result.get("stdout", ""))
+    sys.stdout.flush()
+    sys.stderr.write(result.get("stderr", ""))
+    sys.stderr.flush()
+    return int(result.get("exit_code", 1))
+
+
+def config(remote: str, name: str, project: str | None) -> dict[str, Any]:
+    """``popek config show REMOTE:NAME --format json``'s data."""
+    data: dict[str, Any] = client(remote).call("GET", _path(name, "/config"),
+                                               params={"project": project})
+    return data
+
+
+def config_patch(remote: str, name: str, values: dict[str, str | None],
+                 project: str | None) -> dict[str, Any]:
+    """Set (a value) and unset (``None``) keys; the config afterwards."""
+    data: dict[str, Any] = client(remote).call("PATCH", _path(name, "/config"), json=values,
+                                               params={"project": project})
+    return data
