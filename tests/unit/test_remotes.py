@@ -121,3 +121,17 @@ def test_local_commands_import_no_remote_client(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, check=True).stdout
     assert out.strip() == "['popek.cli.remotes']"
+
+
+@pytest.mark.parametrize("argv", [
+    ["console", "lab:web"], ["console", "--log", "lab:web"],
+    ["network", "attach", "net", "lab:web"], ["network", "detach", "net", "lab:web"],
+    ["attest", "lab:web", "--nonce", "00"],
+])
+def test_commands_not_on_remotes_yet_say_so(config: Path, argv: list[str]) -> None:
+    from popek.cli.main import app as main_app
+
+    result = CliRunner().invoke(main_app, argv)
+    exc = result.exception
+    assert isinstance(exc, InvalidInput) and exc.exit_code == errors.BAD_INPUT, result.output
+    assert "not supported on a remote yet (lab:web)" in str(exc)

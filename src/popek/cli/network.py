@@ -107,6 +107,9 @@ def attach(
     project: str | None = project_option(),
 ) -> None:
     """Give an instance a port on a network; a running instance gets it at once."""
+    from popek.cli import remotes
+
+    remotes.not_remote(instance, "popek network attach")
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Attach
@@ -122,6 +125,9 @@ def detach(
     project: str | None = project_option(),
 ) -> None:
     """Remove an instance's port on a network (unplugged first if it runs)."""
+    from popek.cli import remotes
+
+    remotes.not_remote(instance, "popek network detach")
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Detach

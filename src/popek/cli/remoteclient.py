@@ -154,7 +154,10 @@ class Client:
             return RemoteError(f"remote {self.remote.name} answered HTTP {status} without "
                                "an error body")
         code, message = str(err.get("code", "failure")), str(err.get("message", ""))
-        if code == "unauthenticated":
+        if code == "unauthenticated" and not self.remote.token:
+            message = (f"remote {self.remote.name} needs a token ({message}): popek remote "
+                       f"remove {self.remote.name}, then add it again with --token")
+        elif code == "unauthenticated":
             message = (f"remote {self.remote.name} refused the token ({message}): popek "
                        f"remote remove {self.remote.name}, then add it again with --token "
                        "and a valid one")

@@ -275,8 +275,11 @@ def attest(
     Two words make a verification (verify QUOTE), one word an instance's quote, so an
     instance may be called verify: popek attest verify --nonce HEX quotes it.
     """
+    from popek.cli import remotes
     from popek.trust import measure as ms
 
+    if not quote_file:
+        remotes.not_remote(name, "popek attest")
     verify = "popek attest verify QUOTE --nonce HEX --expect FILE"
     if quote_file and name != "verify":
         raise InvalidInput(f"popek attest quotes one instance: {quote_file!r} is one argument "
