@@ -205,6 +205,18 @@ def test_bad_input_is_400_and_changes_nothing(server: Server, body: dict[str, An
     assert _snapshot(c) == before
 
 
+def test_image_build_is_an_operation(server: Server, minimal_image: str) -> None:
+    c = server.client()
+    assert [i["name"] for i in c.get("/1.0/images").json()] == \
+        [i["name"] for i in popek_json("image", "list")]
+    assert c.get(f"/1.0/images/{minimal_image}").json() == \
+        popek_json("image", "info", minimal_image)
+    r = c.post("/1.0/images", json={"name": "windows"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "name", r.text
+    op = run_operation(c, "POST", "/1.0/images", json={"name": minimal_image})
+    assert op["status"] == "failure" and op["error"]["code"] == "exists", op  # no --force
+
+
 def test_unknown_instance_is_404(server: Server) -> None:
     c = server.client()
     for method, url, kw in [("GET", "/1.0/instances/hapi-nobody", {}),

@@ -1,14 +1,22 @@
-"""``/1.0/images``: the images of this host, as ``popek image list|info --format json``."""
+"""``/1.0/images``: the images of this host, as ``popek image list|info --format json``.
+
+``POST`` builds one (``popek image build``): an operation, its result the image's
+``image list`` record and who signed it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from popek.api.runner import session
+from popek.api.runner import accepted, session
 from popek.api.scope import identity
 from popek.core import views
+from popek.core.service import Core
 
 router = APIRouter(prefix="/1.0/images", tags=["images"])
 
@@ -19,6 +27,33 @@ def list_images(request: Request) -> list[dict[str, Any]]:
     with session(identity(request)) as core:
         core.check("image.list")
         return [views.image_summary(i) for i in core.images.list()]
+
+
+class BuildBody(BaseModel):
+    """``popek image build``'s arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["minimal", "debian"]
+    force: bool = False
+    sign: bool = True
+    key: str = Field(default="", max_length=63)
+
+
+@router.post("", status_code=202)
+def build_image(request: Request, body: BuildBody) -> JSONResponse:
+    """Build image ``name`` from Debian's packages (and sign it): an operation."""
+    from popek.core.requests import ImageBuild
+
+    req = ImageBuild(body.name, force=body.force, sign=body.sign, key=body.key)
+    who = identity(request)
+    with session(who) as core:
+        core.authorize(req)  # a refusal: 403 now, audited, no operation
+
+    def work(core: Core, progress: Any) -> dict[str, Any]:
+        built = core.handle(dataclasses.replace(req, progress=progress))
+        return views.image_summary(built.image)
+
+    return accepted(request.app.state.runner.submit(req.op, body.name, work, who))
 
 
 @router.get("/{name}")

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from popek.api.runner import session
+from popek.api.runner import accepted, session
 from popek.api.scope import identity
 from popek.core.service import MAX_TIMEOUT, Core
 from popek.core.service import Request as CoreRequest
@@ -43,12 +43,6 @@ def _name(name: str) -> str:
         return validate_name(name)
     except InvalidInput as exc:
         raise bad("name", str(exc)) from exc
-
-
-def accepted(rec: dict[str, Any]) -> JSONResponse:
-    """The ``202`` answer with operation ``rec``, its URL in ``Location``."""
-    return JSONResponse(rec, status_code=202,
-                        headers={"Location": f"/1.0/operations/{rec['id']}"})
 
 
 def summary(core: Core, name: str) -> dict[str, Any]:

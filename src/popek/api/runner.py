@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from popek.core.auth import Identity
 from popek.core.operations import Operations
 from popek.core.service import Core
@@ -45,6 +47,12 @@ def session(identity: Identity | None = None, project: str | None = None) -> Ite
         close = getattr(core.store, "close", None)
         if close is not None:
             close()
+
+
+def accepted(rec: dict[str, Any]) -> JSONResponse:
+    """The ``202`` answer with operation ``rec``, its URL in ``Location``."""
+    return JSONResponse(rec, status_code=202,
+                        headers={"Location": f"/1.0/operations/{rec['id']}"})
 
 
 class Runner:
