@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,17 +29,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from framework import container_cgroup, popek, wait_for
+from framework import container_cgroup, free_port, popek, wait_for
 from framework.events import read_line
 
 CT = "hmet-ct"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -99,7 +92,7 @@ def stack(popek_home: Path, minimal_image: str) -> Iterator[Stack]:
         secret = created.stdout.strip().splitlines()[-1]
         (work / "token").write_text(secret)
         (work / "token").chmod(0o600)
-        sock, api_port = work / "api.sock", _free_port()
+        sock, api_port = work / "api.sock", free_port()
         serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
                                   "--listen", f"127.0.0.1:{api_port}"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -108,7 +101,7 @@ def stack(popek_home: Path, minimal_image: str) -> Iterator[Stack]:
         read_line(serve.stdout, 60, "popek serve to listen on its socket")
         line = read_line(serve.stdout, 60, "popek serve to listen on TCP")
         assert f"https://127.0.0.1:{api_port}" in line, line
-        prom_port = _free_port()
+        prom_port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
                        "evaluation_interval": "1s"},
