@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from popek.engines.cgroupfs import ROOT, is_v2
+from popek.engines.cgroupfs import ROOT, counters, is_v2
 
 CGROUP2_MAGIC = 0x63677270
 __all__ = ["ROOT", "Usage", "is_v2", "remove", "usage"]
@@ -49,26 +49,24 @@ def _limit(value: int | None) -> int | None:
 
 
 def usage(cgroups_path: str, root: Path = ROOT) -> Usage:
-    """Read usage and limits of the cgroup at ``cgroups_path`` (as given to the runtime)."""
+    """Read usage and limits of the cgroup at ``cgroups_path`` (as given to the runtime).
+
+    CPU time and memory are :func:`popek.engines.cgroupfs.counters`' (what
+    ``/metrics`` shows too); the limits and the task count are read here.
+    """
     rel = cgroups_path.lstrip("/")
+    used = counters(rel, root)
     if is_v2(root):
         d = root / rel
-        cpu = None
-        try:
-            for line in (d / "cpu.stat").read_text().splitlines():
-                if line.startswith("usage_usec"):
-                    cpu = int(line.split()[1]) / 1e6
-        except OSError:
-            pass
-        return Usage(_read_int(d / "memory.current"), _limit(_read_int(d / "memory.max")),
-                     _read_int(d / "pids.current"), _limit(_read_int(d / "pids.max")), cpu)
-    cpuacct = _read_int(root / "cpuacct" / rel / "cpuacct.usage")
+        return Usage(used.memory, _limit(_read_int(d / "memory.max")),
+                     _read_int(d / "pids.current"), _limit(_read_int(d / "pids.max")),
+                     used.cpu_seconds)
     return Usage(
-        _read_int(root / "memory" / rel / "memory.usage_in_bytes"),
+        used.memory,
         _limit(_read_int(root / "memory" / rel / "memory.limit_in_bytes")),
         _read_int(root / "pids" / rel / "pids.current"),
         _limit(_read_int(root / "pids" / rel / "pids.max")),
-        cpuacct / 1e9 if cpuacct is not None else None,
+        used.cpu_seconds,
     )
 
 
