@@ -3,12 +3,13 @@
 ``popek serve`` runs over the session's POPEK_HOME with TLS on a free port; an
 operator token (with the exec grant) is made with ``popek token create``.  A
 client with a home and a remotes file of its own adds it (pinning the
-certificate) and runs launch, list, info, exec, config, stop and delete as
-``rem:hrem-ct``; each prints what the same command prints on the server's
-host (a twin container launched there the same way, for the verbs whose
-output names the instance).  A changed certificate is refused naming both
-fingerprints, a revoked token with the denied exit code, a command that does
-not reach remotes yet with a one-line error.
+certificate) and runs launch, list, info, exec, config, pause, resume,
+restart, stop, start and delete as ``rem:hrem-ct``; each prints what the
+same command prints on the server's host (a twin container launched there
+the same way, for the verbs whose output names the instance).  A changed
+certificate is refused naming both fingerprints, a revoked token with the
+denied exit code, a command that does not reach remotes yet with a one-line
+error.
 """
 
 from __future__ import annotations
@@ -141,9 +142,14 @@ def test_container_through_a_remote(server: tuple[str, str], client: Client,
     audit = [r for r in popek_json("audit", "log") if r.get("target") == CT
              and r.get("op") == "instance.launch"]
     assert audit and token_id in json.dumps(audit[-1]), audit
-    # stop and delete
-    _same(client.popek("stop", f"rem:{CT}"), popek("stop", TWIN), swap=True)
+    # pause, resume, restart, stop, start, delete
+    for verb in ("pause", "resume", "restart", "stop"):
+        _same(client.popek(verb, f"rem:{CT}"), popek(verb, TWIN), swap=True)
     assert popek_json("info", CT)["state"] == "stopped"
+    _same(client.popek("stop", f"rem:{CT}"), popek("stop", TWIN), swap=True)  # already
+    _same(client.popek("start", f"rem:{CT}"), popek("start", TWIN), swap=True)
+    assert popek_json("info", CT)["state"] == "running"
+    _same(client.popek("stop", f"rem:{CT}"), popek("stop", TWIN), swap=True)
     _same(client.popek("delete", f"rem:{CT}"), popek("delete", TWIN), swap=True)
     assert CT not in {i["name"] for i in popek_json("list")}
     # nothing of it in the client's own home
