@@ -128,3 +128,20 @@ def test_tcp_app_needs_a_valid_token(home: Path) -> None:
             assert r.json()["error"]["code"] == "unauthenticated"
         r = c.get("/1.0/instances", headers={"Authorization": f"Bearer {good}"})
         assert r.status_code == 200, r.text
+
+
+def test_events_socket_needs_a_token_on_tcp_and_known_types(home: Path) -> None:
+    from starlette.testclient import WebSocketDenialResponse
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(create_app(local=False)) as c, pytest.raises(WebSocketDenialResponse) as no, \
+            c.websocket_connect("/1.0/events"):
+        pass
+    assert no.value.status_code == 401
+    with TestClient(create_app(local=True)) as c:
+        with c.websocket_connect("/1.0/events?types=lifecycle") as ws:
+            assert ws.receive_json() == {"type": "hello", "types": ["lifecycle"]}
+        with pytest.raises(WebSocketDisconnect) as bad, \
+                c.websocket_connect("/1.0/events?types=bogus") as ws:
+            ws.receive_text()
+        assert bad.value.code == 1008 and "allowed: lifecycle" in bad.value.reason
