@@ -243,3 +243,23 @@ def test_the_two_listeners_of_one_server_count_into_one_place(
     text = render(tcp.state.metrics.registry).decode()
     assert 'popek_api_requests_total{method="GET",route="/1.0/instances/{name}",status="404"} 1.0' \
         in text
+
+
+def test_qmp_blockstats_never_waits_for_a_busy_or_absent_qemu(tmp_path: Path) -> None:
+    """A VM whose QMP lock another command holds is skipped at once; one not answering too."""
+    import fcntl
+    import socket
+
+    from popek.engines.qemu import qmp
+
+    busy, silent = tmp_path / "busy" / "qmp.sock", tmp_path / "silent" / "qmp.sock"
+    for sock in (busy, silent):
+        sock.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(silent))
+    listener.listen(1)  # accepts, never greets: a QEMU that hangs
+    with open(busy.with_suffix(".lock"), "a") as held, listener:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        assert qmp.blockstats([busy, silent], timeout=0.3) == {}
+        assert time.monotonic() - started < 2
