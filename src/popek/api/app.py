@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI
 
-from popek.api import errors, events, images, instances, networks, operations, profiles, trust
+from popek.api import (
+    errors,
+    events,
+    images,
+    instances,
+    networks,
+    operations,
+    profiles,
+    sessions,
+    trust,
+)
 from popek.api import metrics as metrics_api
 from popek.api.auth import identify
 from popek.api.runner import Runner
 
 #: the routers of every resource, in the order the OpenAPI document lists them
 ROUTERS = (instances.router, images.router, networks.router, trust.router, profiles.router,
-           operations.router, events.router)
+           operations.router, events.router, sessions.router)
 
 
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:

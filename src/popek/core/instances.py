@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from popek import paths, proc
 from popek.core import config as cfg
@@ -53,6 +53,9 @@ from popek.network.model import Port
 from popek.state import open_store
 from popek.state.hostwide import HostCpus
 from popek.state.store import StateStore
+
+if TYPE_CHECKING:
+    from popek.engines.session import Channel
 
 Progress = Callable[[str], None]
 EngineFactory = Callable[[str], Engine]
@@ -555,19 +558,40 @@ class Instances:
                 elif inst.runtime is not None:
                     self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
 
-    def console(self, name: str, escape: bytes = b"\x1d", attached: Progress = _noop) -> None:
-        """Attach the caller's terminal to the console of running instance ``name``.
-
-        ``attached(name)`` is called once the checks passed, just before the session.
-        """
+    def console_target(self, name: str) -> tuple[Instance, Engine]:
+        """Check a console may attach to ``name``; its instance and engine."""
         inst = self.get(name)
         eng = self._engine(inst)
         require(eng, Capability.CONSOLE)
         if inst.state not in (State.RUNNING, State.PAUSED):
             raise refused(name, "attach a console to", inst.state,
                           (State.PAUSED.value, State.RUNNING.value))
+        return inst, eng
+
+    def console(self, name: str, escape: bytes = b"\x1d", attached: Progress = _noop) -> None:
+        """Attach the caller's terminal to the console of running instance ``name``.
+
+        ``attached(name)`` is called once the checks passed, just before the session.
+        """
+        inst, eng = self.console_target(name)
         attached(name)
         eng.console(self._spec_for_running(inst), escape)
+
+    def open_console(self, name: str, size: tuple[int, int]) -> Channel:
+        """The console of running instance ``name`` as a channel its caller relays."""
+        inst, eng = self.console_target(name)
+        return eng.open_console(self._spec_for_running(inst), size)
+
+    def exec_target(self, name: str, argv: list[str]) -> None:
+        """Check ``argv`` may run in ``name`` now (it runs, its engine can exec)."""
+        self._exec_target(name, argv)
+
+    def open_exec(self, name: str, argv: list[str], tty: bool,
+                  size: tuple[int, int]) -> Channel:
+        """Start ``argv`` in running instance ``name`` as a channel its caller relays."""
+        inst, eng = self._exec_target(name, argv)
+        require(eng, Capability.EXEC_STREAM)
+        return eng.open_exec(self._spec_for_running(inst), argv, tty, size)
 
     def console_log(self, name: str) -> bytes:
         """Return what instance ``name`` wrote on its console since it last started."""

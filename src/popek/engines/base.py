@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from popek.errors import CapabilityError
 
 if TYPE_CHECKING:
+    from popek.engines.session import Channel
     from popek.images import Image
     from popek.network.model import Network, Port
 
@@ -184,6 +185,18 @@ class Engine(Protocol):
 
     def console(self, spec: LaunchSpec, escape: bytes) -> None:
         """Attach the caller's terminal to the instance console until ``escape``."""
+        ...
+
+    def open_console(self, spec: LaunchSpec, size: tuple[int, int]) -> Channel:
+        """The console as descriptors a front end relays (:mod:`popek.engines.session`);
+        ``size``: the terminal's rows and columns where the console has a window."""
+        ...
+
+    def open_exec(self, spec: LaunchSpec, argv: list[str], tty: bool,
+                  size: tuple[int, int]) -> Channel:
+        """Start ``argv`` for a front end to relay (a terminal of ``size`` if ``tty`` and
+        the engine has one); closing the channel gives the exit code.  Only engines
+        with :attr:`Capability.EXEC_STREAM`."""
         ...
 
     def console_log(self, spec: LaunchSpec) -> bytes:

@@ -13,10 +13,13 @@ if TYPE_CHECKING:
     from popek.core.model import Instance
     from popek.core.service import Core
     from popek.engines import ExecResult
+    from popek.engines.session import Channel
     from popek.network.model import Port
 
 
 R = TypeVar("R")
+#: a front end's relay of a session's channel (see :class:`Exec` and :class:`Console`)
+Relay = Callable[["Channel"], None]
 
 
 def _no_input() -> bytes:
@@ -265,9 +268,22 @@ class Exec(_Named["ExecResult | int"]):
     stream: bool = False
     tty: bool = False
     stdin: Callable[[], bytes] = field(default=_no_input, metadata=NOT_AUDITED, compare=False)
+    #: a front end that relays the session itself (an API websocket): given the
+    #: command's channel, it returns when the session is over; the result is then
+    #: the exit code (``-1``: none, the command ended by the hang-up)
+    relay: Relay | None = field(default=None, metadata=NOT_AUDITED, compare=False)
+    #: the terminal's rows and columns for ``relay`` with ``tty``
+    size: tuple[int, int] = field(default=(24, 80), metadata=NOT_AUDITED, compare=False)
 
     def run(self, core: Core) -> ExecResult | int:
         """Run it through the engine."""
+        if self.relay is not None:
+            channel = core.instances.open_exec(self.name, list(self.argv), self.tty, self.size)
+            try:
+                self.relay(channel)
+            finally:
+                code = channel.close()
+            return -1 if code is None else code
         if self.stream:
             code = core.instances.exec_stream(self.name, list(self.argv), self.tty)
             if code is not None:
@@ -283,10 +299,23 @@ class Console(_Named[None]):
     session = True
     #: called once the session may begin (the instance runs), before it attaches
     attached: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+    #: a front end that relays the console itself (an API websocket), given its
+    #: channel; it returns on detach, and the channel is closed (the instance runs on)
+    relay: Relay | None = field(default=None, metadata=NOT_AUDITED, compare=False)
+    #: the terminal's rows and columns for ``relay`` (where the console has a window)
+    size: tuple[int, int] = field(default=(24, 80), metadata=NOT_AUDITED, compare=False)
 
     def run(self, core: Core) -> None:
         """Attach until the user detaches."""
-        core.instances.console(self.name, attached=self.attached)
+        if self.relay is None:
+            core.instances.console(self.name, attached=self.attached)
+            return
+        channel = core.instances.open_console(self.name, self.size)
+        try:
+            self.attached(self.name)
+            self.relay(channel)
+        finally:
+            channel.close()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
 
 if TYPE_CHECKING:
+    from popek.engines.session import Channel
     from popek.network.model import Port
 
 READY_LINE = b"popek-guest: ready"
@@ -276,6 +277,18 @@ class ContainerEngine:
     def console(self, spec: LaunchSpec, escape: bytes) -> None:
         """Open a login shell in the container on the caller's terminal (exit to detach)."""
         self.exec_stream(spec, ["/bin/sh", "-l"], os.isatty(0))
+
+    def open_exec(self, spec: LaunchSpec, argv: list[str], tty: bool,
+                  size: tuple[int, int]) -> Channel:
+        """Start ``argv`` in the container for a front end to relay (a terminal if ``tty``)."""
+        from popek.engines.session import pipe_process, pty_process
+
+        cmd = self._rt(spec).exec_argv(container_id(spec), argv, tty, DEFAULT_ENV)
+        return pty_process(cmd, size) if tty else pipe_process(cmd)
+
+    def open_console(self, spec: LaunchSpec, size: tuple[int, int]) -> Channel:
+        """A login shell on a terminal in the container, as :meth:`console` gives the CLI."""
+        return self.open_exec(spec, ["/bin/sh", "-l"], True, size)
 
     def console_log(self, spec: LaunchSpec) -> bytes:
         """Return what the container's init wrote since it last started."""

@@ -11,6 +11,7 @@ import sys
 import termios
 import tty
 from pathlib import Path
+from typing import IO
 
 from popek.errors import EngineError
 
@@ -23,17 +24,29 @@ def attach(sock: Path, escape: bytes = b"\x1d") -> None:
     console writes keeps coming until it closes (the instance stops) or the
     caller ends the command.
     """
-    with open(sock.with_suffix(".lock"), "a") as lock:
+    s, lock = connect(sock)
+    with lock, s:
+        _relay(s, escape)
+
+
+def connect(sock: Path) -> tuple[socket.socket, IO[str]]:
+    """The console socket, connected, and its lock file, held (one session at a time)."""
+    lock = open(sock.with_suffix(".lock"), "a")  # noqa: SIM115 - the caller closes it
+    try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise EngineError("another console session is attached to this instance") from exc
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(sock))
-            except OSError as exc:
-                raise EngineError(f"cannot reach the console socket {sock}: {exc}") from exc
-            _relay(s, escape)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(sock))
+        except OSError as exc:
+            s.close()
+            raise EngineError(f"cannot reach the console socket {sock}: {exc}") from exc
+    except BaseException:
+        lock.close()
+        raise
+    return s, lock
 
 
 def _relay(s: socket.socket, escape: bytes) -> None:

@@ -27,6 +27,7 @@ from popek.errors import CapabilityError, EngineError
 from popek.watch import wait_for_line
 
 if TYPE_CHECKING:
+    from popek.engines.session import Channel
     from popek.network.model import Port
 
 READY_LINE = b"popek-guest: ready"
@@ -312,6 +313,58 @@ class QemuEngine:
         from popek.engines.qemu.console import attach
 
         attach(Paths(spec.workdir).console, escape)
+
+    def open_console(self, spec: LaunchSpec, size: tuple[int, int]) -> Channel:
+        """The serial console socket for a front end to relay (one session at a time).
+
+        ``size`` is not passed on: a serial line has no window size.
+        """
+        from popek.engines.qemu.console import connect
+        from popek.engines.session import socket_channel
+
+        sock, lock = connect(Paths(spec.workdir).console)
+        return socket_channel(sock, lock)
+
+    def open_exec(self, spec: LaunchSpec, argv: list[str], tty: bool,
+                  size: tuple[int, int]) -> Channel:
+        """Run ``argv`` through the guest agent, its output on two pipes to relay.
+
+        The agent offers no terminal and takes its input with the command: the
+        command runs without a terminal and with no input (as ``tty`` streams do
+        in :meth:`exec_stream`); the exit code comes when the channel closes.
+        """
+        import threading
+
+        from popek.engines.qemu.agent import STREAM_START_TIMEOUT, AgentClient
+        from popek.engines.session import Channel
+
+        client = AgentClient(Paths(spec.workdir).agent, STREAM_START_TIMEOUT)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["code"] = client.exec_stream(argv, b"", out_w, err_w)
+            except Exception as exc:  # raised again when the session closes
+                outcome["error"] = exc
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+
+        thread = threading.Thread(target=run, name="vm-exec", daemon=True)
+        thread.start()
+
+        def finish() -> int | None:
+            thread.join(STREAM_START_TIMEOUT)
+            if "error" in outcome:
+                raise outcome["error"]
+            code: int | None = outcome.get("code")
+            return code
+
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+        return Channel(None, {1: out_r, 2: err_r}, on_close=finish)
 
     def console_log(self, spec: LaunchSpec) -> bytes:
         """Return the end of what the guest wrote on its serial console since it started.
