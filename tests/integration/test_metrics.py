@@ -200,3 +200,32 @@ def test_a_vm_has_cpu_memory_and_qmp_disk_counters(stack: Stack, minimal_image: 
         assert samples[("popek_instance_disk_write_bytes_total", vm)] == 0
     finally:
         popek("delete", "--force", vm, check=False)
+
+
+def test_port_and_bridge_counters_of_a_network(stack: Stack, minimal_image: str) -> None:
+    """A container on a network: its port's counters (its DHCP requests are packets it sent)
+    and the network's bridge counters, read by the host admin on the local socket."""
+    net, ct = "hmet-net", "hmet-netct"
+    popek("network", "create", net, "--subnet", "10.219.47.0/24")
+    try:
+        popek("launch", minimal_image, ct, "--container", "--network", net)
+        samples: dict[tuple[str, str], float] = {}
+
+        def sent() -> bool:
+            with stack.local() as client:
+                text = client.get("/metrics").text
+            samples.clear()
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    samples[(s.name, s.labels.get("name") or s.labels.get("network", ""))] = \
+                        s.value
+            return samples.get(("popek_instance_network_tx_packets_total", ct), 0) > 0 \
+                and samples.get(("popek_network_rx_packets_total", net), 0) > 0
+
+        wait_for(sent, 60, f"{ct}'s DHCP requests to show in its port's counters")
+        assert samples[("popek_instance_network_tx_bytes_total", ct)] > 0
+        assert ("popek_instance_network_rx_bytes_total", ct) in samples
+        assert samples[("popek_network_rx_bytes_total", net)] > 0
+    finally:
+        popek("delete", "--force", ct, check=False)
+        popek("network", "delete", "--force", net, check=False)
