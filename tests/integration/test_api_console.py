@@ -37,6 +37,9 @@ from framework.events import read_line
 CT = "hws-ct"
 #: how long one read of the websocket may wait
 READ_S = 30.0
+#: the shell's question of where the cursor is, and a terminal's answer (row 1, column 1):
+#: unanswered, it takes the next input for the answer
+CURSOR_QUERY, CURSOR_REPLY = b"\x1b[6n", b"\x1b[1;1R"
 
 
 @dataclass
@@ -120,7 +123,7 @@ def size_shows(ws: ClientConnection, size: bytes) -> bool:
     while time.monotonic() < deadline:
         n += 1
         ws.send(f"stty size; echo hws-$(({n}-1))\n".encode())
-        if size in read_until(ws, f"hws-{n - 1}\r\n".encode(), prefixed=True):
+        if size in read_until(ws, f"hws-{n - 1}\r".encode(), prefixed=True):
             return True
     return False
 
@@ -147,6 +150,8 @@ def audit(server: Server, op: str) -> list[dict[str, Any]]:
 def test_console_round_trip_and_detach(server: Server) -> None:
     before = len(audit(server, "session.console"))
     with server.ws(f"/1.0/instances/{CT}/console", rows=30, cols=100) as ws:
+        if CURSOR_QUERY in read_until(ws, b"# "):  # busybox's line editing asks first
+            ws.send(CURSOR_REPLY)
         ws.send(b"echo hws-$((6*7))\n")
         assert b"hws-42" in read_until(ws, b"hws-42")
         ws.send(json.dumps({"type": "detach"}))
@@ -161,7 +166,7 @@ def test_console_round_trip_and_detach(server: Server) -> None:
 def test_exec_with_a_terminal(server: Server) -> None:
     with server.ws(f"/1.0/instances/{CT}/exec", command=["/bin/sh"], rows=33, cols=101) as ws:
         ws.send(b"tty; echo hws-$((1+1))\n")  # the echo of the line differs from its output
-        assert b"/dev/pts/" in read_until(ws, b"hws-2\r\n", prefixed=True)
+        assert b"/dev/pts/" in read_until(ws, b"hws-2\r", prefixed=True)
         assert size_shows(ws, b"33 101")
         ws.send(json.dumps({"type": "resize", "rows": 50, "cols": 132}))
         assert size_shows(ws, b"50 132")
@@ -219,3 +224,86 @@ def test_the_console_grant(server: Server) -> None:
         _, last = finish(ws)
     assert last == {"type": "exit", "exit_code": 0}
     assert "hws-console" in audit(server, "session.exec")[-1]["identity"]
+
+
+class Terminal:
+    """A ``popek`` command on a pseudo-terminal of its own (its stdin, stdout and stderr)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "popek", *args], stdin=slave,
+                                     stdout=slave, stderr=slave, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.got = b""
+
+    def read_until(self, marker: bytes) -> bytes:
+        """What it wrote up to ``marker`` (or its end), within READ_S seconds."""
+        import select
+
+        deadline = time.monotonic() + READ_S
+        while marker not in self.got:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} within {READ_S}s: {self.got!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:  # EIO: the command ended
+                    data = b""
+                if not data:
+                    break
+                self.got += data
+        return self.got
+
+    def close(self) -> int:
+        """Its exit code, once its output was read to the end."""
+        self.read_until(b"\0never\0") if self.proc.poll() is None else None
+        code = self.proc.wait(timeout=READ_S)
+        os.close(self.master)
+        return code
+
+
+def _client_env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "POPEK_HOME": str(tmp / "home"), "XDG_CONFIG_HOME": str(tmp / "cfg"),
+            "POPEK_CLI_SERVER": "off"}
+
+
+def test_cli_console_and_exec_on_a_remote(server: Server, tmp_path: Path) -> None:
+    """``popek console hws:NAME`` and ``popek exec hws:NAME`` on a terminal use the websockets."""
+    env = _client_env(tmp_path)
+    secret = popek("token", "create", "--project", "default", "--role", "operator",
+                   "--console", "--name", "hws-cli").stdout.splitlines()[-1].strip()
+    url = f"https://127.0.0.1:{server.port}"
+    popek("remote", "add", "hws", url, "--token", secret, "--accept-certificate", env=env)
+
+    term = Terminal(["exec", f"hws:{CT}", "--", "/bin/sh", "-c", "tty; exit 5"], env)
+    assert b"/dev/pts/" in term.read_until(b"/dev/pts/")
+    assert term.close() == 5
+
+    term = Terminal(["console", f"hws:{CT}"], env)
+    if CURSOR_QUERY in term.read_until(b"# "):  # busybox's line editing asks first
+        os.write(term.master, CURSOR_REPLY)
+    os.write(term.master, b"echo hws-$((6*7))\r")
+    term.read_until(b"hws-42")
+    os.write(term.master, b"\x1d")
+    assert b"Detached." in term.read_until(b"Detached.")
+    assert term.close() == 0
+    assert popek_json("info", CT)["state"] == "running"
+    last = audit(server, "session.console")[-1]
+    assert last["result"] == "ok" and "hws-cli" in last["identity"], last
+
+
+def test_cli_console_without_the_grant(server: Server, tmp_path: Path) -> None:
+    env = _client_env(tmp_path)
+    secret = popek("token", "create", "--project", "default", "--role", "operator",
+                   "--name", "hws-nogrant").stdout.splitlines()[-1].strip()
+    popek("remote", "add", "hws", f"https://127.0.0.1:{server.port}", "--token", secret,
+          "--accept-certificate", env=env)
+    term = Terminal(["console", f"hws:{CT}"], env)
+    out = term.read_until(b"\n")
+    assert term.close() == 4, out  # denied
+    assert b"console" in out and b"Traceback" not in out, out
+    last = audit(server, "session.console")[-1]
+    assert last["result"].startswith("denied") and "hws-nogrant" in last["identity"], last

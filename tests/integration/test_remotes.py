@@ -135,7 +135,7 @@ def test_container_through_a_remote(server: tuple[str, str], client: Client,
                                                                   check=False))
     _same(client.popek("pause", "rem:hrem-none", check=False), popek("pause", "hrem-none",
                                                                    check=False))
-    console = client.popek("console", f"rem:{CT}", check=False)
+    console = client.popek("console", "--log", f"rem:{CT}", check=False)
     assert console.returncode == 2 and "not supported on a remote yet" in console.stderr
     assert "Traceback" not in console.stderr and len(console.stderr.splitlines()) == 1
     # the server audited what the token did, under the token's identity

@@ -124,7 +124,7 @@ def test_local_commands_import_no_remote_client(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["console", "lab:web"], ["console", "--log", "lab:web"],
+    ["console", "--log", "lab:web"],
     ["network", "attach", "net", "lab:web"], ["network", "detach", "net", "lab:web"],
     ["attest", "lab:web", "--nonce", "00"],
 ])

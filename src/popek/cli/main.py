@@ -193,7 +193,14 @@ def console(
     """Attach to an instance's console (detach with Ctrl-]), or print its log."""
     from popek.cli import remotes, scope
 
-    remotes.not_remote(name, "popek console")
+    where = remotes.locate(name)
+    if where is not None:  # through the remote's console websocket
+        if log:
+            remotes.not_remote(name, "popek console --log")
+        from popek.cli import remoteterm
+
+        remoteterm.console(where[0], where[1], project)
+        return
     scope.use(project)
     if log:
         sys.stdout.buffer.write(ops.instances(name).console_log(name))

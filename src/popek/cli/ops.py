@@ -328,11 +328,16 @@ def exec_(name: str, command: list[str], timeout: float, no_stdin: bool, no_tty:
           project: str | None = None) -> int:
     """Run ``command`` in an instance with its stdio passed through; return its exit code.
 
-    On a remote (``lab:web``) without a terminal: its input is read first, its
+    On a remote (``lab:web``) with a terminal: on the remote's exec websocket
+    (:mod:`popek.cli.remoteterm`); without one: its input is read first, its
     output comes back whole (text).
     """
     where = remotes.locate(name)
     if where is not None:
+        if sys.stdin.isatty() and sys.stdout.isatty() and not no_tty and not no_stdin:
+            from popek.cli import remoteterm
+
+            return remoteterm.exec_tty(where[0], where[1], command, True, project)
         from popek.cli import remoteops
 
         return remoteops.exec_(where[0], where[1], command, timeout, no_stdin, project)
