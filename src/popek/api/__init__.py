@@ -11,5 +11,6 @@ so both leave the same audit records) and returns the same records the CLI's
 - :mod:`popek.api.auth`: who is asking (the local socket is root; TCP needs a token);
 - :mod:`popek.api.runner`: operations in worker threads, recorded in the store;
 - one router per resource: instances, images, networks, trust (keys, policy,
-  audit), profiles, operations, events.
+  audit), profiles, operations, events, and sessions (the console and an
+  interactive exec over websockets).
 """
