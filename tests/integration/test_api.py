@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -70,9 +72,11 @@ class Server:
 def start_server(sock: Path) -> Server:
     """Start ``popek serve`` and return once both listeners are up."""
     port = _free_port()
+    log = sock.with_suffix(".log").open("a")  # its log: a pipe nobody reads would fill up
     proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
                              "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    log.close()
     assert proc.stdout is not None
     first = read_line(proc.stdout, 60, "popek serve to listen on its socket")
     assert first.strip() == f"popek: API listening on unix:{sock}", first
@@ -336,6 +340,19 @@ def test_second_server_on_a_live_socket_is_refused(server: Server) -> None:
     assert server.client().get("/1.0/instances").status_code == 200
 
 
+def _lines(stream: IO[str]) -> queue.Queue[str]:
+    """The lines ``stream`` gives, read by a thread (a pipe's buffered lines and select
+    disagree: several events can arrive in one read)."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
 def test_monitor_sees_a_launch(server: Server, minimal_image: str) -> None:
     mon = subprocess.Popen([sys.executable, "-m", "popek", "monitor", "--socket",
                             str(server.sock), "--format", "json"],
@@ -344,15 +361,22 @@ def test_monitor_sees_a_launch(server: Server, minimal_image: str) -> None:
         assert mon.stderr is not None and mon.stdout is not None
         ready = read_line(mon.stderr, 60, "popek monitor to subscribe")
         assert "watching events" in ready, ready
+        events = _lines(mon.stdout)
         popek("launch", minimal_image, MON, "--container")
         seen: list[dict[str, Any]] = []
-        while not any(e["type"] == "lifecycle" and e["name"] == MON
-                      and e["state"] == "running" for e in seen):
-            seen.append(json.loads(read_line(mon.stdout, 60, f"a lifecycle event of {MON}")))
-        while not any(e["type"] == "audit" and e["record"]["target"] == MON
-                      and e["record"]["op"] == "instance.launch"
-                      and e["record"]["result"] == "ok" for e in seen):
-            seen.append(json.loads(read_line(mon.stdout, 60, f"the audit record of {MON}")))
+
+        def until(what: str, found: Any) -> None:
+            while not any(found(e) for e in seen):
+                try:
+                    seen.append(json.loads(events.get(timeout=60)))
+                except queue.Empty:
+                    raise AssertionError(f"no {what} in 60 s; seen: {seen}") from None
+
+        until(f"lifecycle event of {MON}", lambda e: e["type"] == "lifecycle"
+              and e["name"] == MON and e["state"] == "running")
+        until(f"audit record of {MON}", lambda e: e["type"] == "audit"
+              and e["record"]["target"] == MON and e["record"]["op"] == "instance.launch"
+              and e["record"]["result"] == "ok")
     finally:
         mon.send_signal(signal.SIGINT)
         mon.wait(timeout=30)
