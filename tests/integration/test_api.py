@@ -221,6 +221,29 @@ def test_image_build_is_an_operation(server: Server, minimal_image: str) -> None
     assert op["status"] == "failure" and op["error"]["code"] == "exists", op  # no --force
 
 
+def test_network_and_host_records_as_the_cli(server: Server) -> None:
+    c = server.client()
+    r = c.post("/1.0/networks", json={"name": "hapi-net", "port_isolation": True})
+    assert r.status_code == 201, r.text
+    try:
+        assert r.json() == next(n for n in popek_json("network", "list")
+                                if n["name"] == "hapi-net")
+        assert c.get("/1.0/networks").json() == popek_json("network", "list")
+        assert c.get("/1.0/networks/hapi-net").json()["name"] == "hapi-net"
+        r = c.post("/1.0/networks", json={"name": "hapi-net"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "exists", r.text
+        for url, args in [("/1.0/trust/keys", ["trust", "list"]),
+                          ("/1.0/policy", ["policy", "show"]),
+                          ("/1.0/profiles", ["profile", "list"])]:
+            assert c.get(url).json() == popek_json(*args), url
+        assert c.get("/1.0/audit/verify").json() == {"intact": True, "problems": []}
+    finally:
+        r = c.delete("/1.0/networks/hapi-net")
+    assert r.status_code == 200 and r.json() == {"deleted": "hapi-net"}, r.text
+    assert "hapi-net" not in {n["name"] for n in popek_json("network", "list")}
+    assert c.delete("/1.0/networks/hapi-net").status_code == 404
+
+
 def test_unknown_instance_is_404(server: Server) -> None:
     c = server.client()
     for method, url, kw in [("GET", "/1.0/instances/hapi-nobody", {}),
