@@ -7,6 +7,9 @@ pseudo-terminal of the size asked for, follows a resize, and ends with the
 command's exit code; an exec without a terminal keeps stdout and stderr
 apart; each session is audited; a token without the console grant gets 403
 and its attempt is audited as denied, while one with the grant gets through.
+The CLI on a pseudo-terminal drives ``popek console`` and ``popek exec`` on a
+remote through the same websockets; a VM's serial console and its exec
+(through the guest agent, without a terminal) go through them too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from framework import popek, popek_json
-from framework.events import read_line
+from framework.events import read_line, wait_state
 
 CT = "hws-ct"
 #: how long one read of the websocket may wait
@@ -283,6 +287,9 @@ def test_cli_console_and_exec_on_a_remote(server: Server, tmp_path: Path) -> Non
     assert term.close() == 5
 
     term = Terminal(["console", f"hws:{CT}"], env)
+    # keys typed before the client made its terminal raw would be the line discipline's
+    wait_state(lambda: not termios.tcgetattr(term.master)[3] & termios.ICANON, term.proc.pid,
+               READ_S, "popek console to make its terminal raw")
     if CURSOR_QUERY in term.read_until(b"# "):  # busybox's line editing asks first
         os.write(term.master, CURSOR_REPLY)
     os.write(term.master, b"echo hws-$((6*7))\r")
@@ -307,3 +314,28 @@ def test_cli_console_without_the_grant(server: Server, tmp_path: Path) -> None:
     assert b"console" in out and b"Traceback" not in out, out
     last = audit(server, "session.console")[-1]
     assert last["result"].startswith("denied") and "hws-nogrant" in last["identity"], last
+
+
+VM = "hws-vm"
+
+
+def test_a_vm_console_and_exec(server: Server, minimal_image: str) -> None:
+    """A VM's serial console through the websocket; its exec through the agent, no terminal."""
+    popek("launch", minimal_image, VM, "--memory", "256MiB")
+    try:
+        with server.ws(f"/1.0/instances/{VM}/console") as ws:
+            ws.send(b"\r")  # a prompt again: the boot's output came before the session
+            if CURSOR_QUERY in read_until(ws, b"# "):
+                ws.send(CURSOR_REPLY)
+            ws.send(b"echo hws-vm-$((6*7))\r")
+            read_until(ws, b"hws-vm-42")
+            ws.send(json.dumps({"type": "detach"}))
+            _, last = finish(ws, prefixed=False)
+            assert last == {"type": "detached"}
+        with server.ws(f"/1.0/instances/{VM}/exec", tty="false",
+                       command=["sh", "-c", "echo out; echo err >&2; exit 6"]) as ws:
+            out, last = finish(ws)
+        assert out == {1: b"out\n", 2: b"err\n"} and last == {"type": "exit", "exit_code": 6}
+        assert popek_json("info", VM)["state"] == "running"
+    finally:
+        popek("delete", "--force", VM, check=False)
