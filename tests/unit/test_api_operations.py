@@ -7,6 +7,7 @@ over an empty private POPEK_HOME: no engine runs, nothing needs root.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from popek.errors import (
     StateError,
 )
 from popek.state import SQLiteStore
+from popek.state.schema import operation_key
 
 
 @pytest.fixture
@@ -68,14 +70,32 @@ def test_internal_error_message_is_not_shown(ops: Operations) -> None:
     assert done["error"]["code"] == "internal" and "secret" not in done["error"]["message"]
 
 
+def _of_a_dead_server(ops: Operations, rec: dict[str, object]) -> None:
+    """Make ``rec`` look like an operation of a server that died (its pid reused since)."""
+    ops.store.put(operation_key(str(rec["id"])),
+                  json.dumps({**rec, "server_started": -1}).encode())
+
+
 def test_orphans_of_a_dead_server_are_failed(ops: Operations) -> None:
     running = ops.create("instance.launch", "a")
+    _of_a_dead_server(ops, running)
     finished = ops.finish(ops.create("instance.launch", "b")["id"], result=1)
+    mine = ops.create("instance.launch", "c")  # of a server alive (this process)
     assert ops.fail_orphans() == [running["id"]]
     assert ops.get(running["id"])["error"]["message"] == ORPHANED
     assert ops.get(running["id"])["status"] == FAILURE
     assert ops.get(finished["id"]) == finished
+    assert ops.get(mine["id"])["status"] == RUNNING
     assert ops.fail_orphans() == []
+
+
+def test_a_stopping_server_fails_its_own_operations_only(ops: Operations) -> None:
+    other = ops.create("instance.launch", "a")
+    _of_a_dead_server(ops, other)
+    mine = ops.create("instance.start", "b")
+    assert ops.fail_own() == [mine["id"]]
+    assert ops.get(mine["id"])["error"]["message"] == ORPHANED
+    assert ops.get(other["id"])["status"] == RUNNING
 
 
 def test_operation_ids_are_checked(ops: Operations) -> None:

@@ -64,9 +64,14 @@ class Runner:
         self._lock = threading.Lock()
 
     def start(self) -> list[str]:
-        """At server start: mark failed the operations an earlier server left running."""
+        """At server start: mark failed the operations a dead server left running."""
         with session() as core:
             return Operations(core.store).fail_orphans()
+
+    def stop(self) -> list[str]:
+        """At server stop: mark failed this server's operations still running."""
+        with session() as core:
+            return Operations(core.store).fail_own()
 
     def submit(self, op: str, target: str, work: Work, identity: Identity | None = None,
                project: str | None = None) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "") -> int:
             if path.is_socket():
                 path.unlink()
         with contextlib.suppress(PopekError):
-            runner.start()  # what still runs will not finish: say so now
+            runner.stop()  # what still runs will not finish: say so now
     return 0 if all(s.started for s in servers) else 1
 
 

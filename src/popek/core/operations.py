@@ -6,7 +6,8 @@ its progress and outcome here, in the state store under
 ``/popek/operations/ID`` (:mod:`popek.state.schema`).  So an operation
 outlives the server that ran it: a finished one stays queryable, and one
 whose server died (``kill -9``, a reboot) is marked failed by the next
-server's :meth:`Operations.fail_orphans`, since no process carries it on.
+server's :meth:`Operations.fail_orphans`, since no process carries it on
+(the server is known by its pid and start time: a pid reused is not it).
 
 An operation's record::
 
@@ -14,7 +15,7 @@ An operation's record::
      "identity": "root@host",
      "status": "running" | "success" | "failure",
      "progress": ["pulling image", ...], "result": ..., "error": null | {...},
-     "created": "...Z", "updated": "...Z", "server": PID}
+     "created": "...Z", "updated": "...Z", "server": PID, "server_started": TICKS}
 
 State diagram: ``running`` -> ``success`` | ``failure``; nothing leaves a
 finished state.
@@ -25,9 +26,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from popek import proc
 from popek.errors import InvalidInput, NotFound, PopekError
 from popek.state.schema import OPERATIONS_PREFIX, operation_key
 from popek.state.store import StateStore
@@ -95,7 +98,8 @@ class Operations:
             "id": uuid.uuid4().hex, "op": op, "target": target, "project": project,
             "identity": identity, "status": RUNNING,
             "progress": [], "result": None, "error": None, "created": stamp,
-            "updated": stamp, "server": os.getpid()}
+            "updated": stamp, "server": os.getpid(),
+            "server_started": proc.start_time(os.getpid()) or 0}
         self._write(rec)
         return rec
 
@@ -140,15 +144,24 @@ class Operations:
         self._write(rec)
         return rec
 
-    def fail_orphans(self, alive: int | None = None) -> list[str]:
-        """Mark failed every running operation of a server other than pid ``alive``.
+    def fail_orphans(self) -> list[str]:
+        """Mark failed every running operation whose server process is gone; return their ids.
 
-        Called when a server starts: no process carries those on any more.
-        Returns their ids.
+        Called when a server starts: no process carries those on any more.  Those
+        of another server still running on this home are left to it.
         """
+        return self._fail(lambda rec: not proc.alive(int(rec.get("server", 0)),
+                                                     int(rec.get("server_started", -1))))
+
+    def fail_own(self) -> list[str]:
+        """Mark failed the running operations of this process (a server that stops)."""
+        me = (os.getpid(), proc.start_time(os.getpid()))
+        return self._fail(lambda rec: (rec.get("server"), rec.get("server_started")) == me)
+
+    def _fail(self, orphaned: Callable[[dict[str, Any]], bool]) -> list[str]:
         failed = []
         for rec in self.all():
-            if rec["status"] == RUNNING and rec.get("server") != alive:
+            if rec["status"] == RUNNING and orphaned(rec):
                 self.finish(rec["id"], error={"code": "failure", "message": ORPHANED,
                                               "field": None})
                 failed.append(rec["id"])
