@@ -20,6 +20,7 @@ from popek.core.ids import free_uid, held, next_uid_op
 from popek.core.lifecycle import ACTIVE, State, transition
 from popek.core.model import DEFAULT_PROJECT, Instance, InstanceSpec
 from popek.errors import AlreadyExists, ConflictError, NotFound, PopekError
+from popek.names import validate_name
 from popek.state.hostwide import HostCpus, HostIds
 from popek.state.owners import Owner, live_owner
 from popek.state.schema import (
@@ -92,9 +93,11 @@ class Records:
         return (Instance.from_json(kv.value), kv.mod_revision) if kv else None
 
     def load(self, name: str, project: str = MINE) -> tuple[Instance, int]:
-        """Return instance ``name`` and its revision; raise :class:`NotFound`."""
+        """Return instance ``name`` and its revision; raise :class:`NotFound`, or
+        :class:`popek.errors.InvalidInput` for a name no instance can have."""
         found = self.find(name, project)
         if found is None:
+            validate_name(name)  # bad input (exit 2) rather than "not found"
             names = [i.name for i in self.all(project)]
             known = ", ".join(names) if names else "none"
             which = self._which(project)
