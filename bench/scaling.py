@@ -73,9 +73,9 @@ import popek.cli.ops as ops
 import rich.console, rich.table
 with contextlib.redirect_stdout(io.StringIO()):
     t7 = time.perf_counter()
-    ops.list_("table", "")
+    ops.list_(remote=None, fmt="table", columns="")
     t8 = time.perf_counter()
-    ops.list_("json", "")
+    ops.list_(remote=None, fmt="json", columns="")
     t9 = time.perf_counter()
 ms = lambda a, b: round((b - a) * 1000, 2)
 print(json.dumps({"import": ms(t0, t1), "Instances()": ms(t1, t2), "reconcile(all)": ms(t2, t3),
@@ -99,7 +99,7 @@ def call():
     if what == "launch":
         ops.launch(**args(name))
     elif what == "list":
-        ops.list_("table", "")
+        ops.list_(remote=None, fmt="table", columns="")
     elif what == "reconcile":  # what list and launch do before their own work
         ops.instances().all()
     else:
