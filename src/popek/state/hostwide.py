@@ -83,8 +83,9 @@ def _registry(directory: Path, write: bool) -> Iterator[sqlite3.Connection]:
     """The registry database, in one transaction (``write``: an exclusive one)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / REGISTRY
-    if not path.exists():  # private from its first byte
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    if not path.exists():  # private from its first byte; O_EXCL: never an fd of a file
+        with contextlib.suppress(FileExistsError):  # SQLite has open (closing it drops locks)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     legacy = (directory / LEGACY).exists()
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:

@@ -35,6 +35,7 @@ import sqlite3
 import stat
 import struct
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -262,11 +263,37 @@ def check_header(path: Path) -> None:
         raise damaged(path, problem)
 
 
+#: one read-only descriptor per database file (device, inode) for the header check,
+#: opened once per process and never closed.  Closing *any* descriptor of a file
+#: drops every POSIX lock the process holds on it, SQLite's included: a header
+#: check that opened and closed the file took away the SHARED lock another
+#: connection of the same process (a thread of ``popek serve``) held, so another
+#: process closing its last connection believed itself alone, checkpointed and
+#: removed the WAL under it, and the store came out "malformed" (seen in the suite).
+_HEADER_FDS: dict[tuple[int, int], int] = {}
+_HEADER_LOCK = threading.Lock()
+
+
+def _header_fd(path: Path) -> int:
+    """This process's descriptor of the file now at ``path`` (see :data:`_HEADER_FDS`)."""
+    st = os.stat(path)
+    with _HEADER_LOCK:
+        fd = _HEADER_FDS.get((st.st_dev, st.st_ino))
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            opened = os.fstat(fd)  # the file at path may have been replaced meanwhile
+            _HEADER_FDS.setdefault((opened.st_dev, opened.st_ino), fd)
+        return fd
+
+
 def header_problem(path: Path) -> str:
-    """What :func:`check_header` finds wrong with ``path``, or ``""``."""
-    with open(path, "rb") as f:
-        header = f.read(100)
-        size = os.fstat(f.fileno()).st_size
+    """What :func:`check_header` finds wrong with ``path``, or ``""``.
+
+    Reads through a descriptor it never closes (see :data:`_HEADER_FDS`).
+    """
+    fd = _header_fd(path)
+    header = os.pread(fd, 100, 0)
+    size = os.fstat(fd).st_size
     if size == 0:
         return "the file is empty"
     if len(header) < 100 or not header.startswith(_HEADER):
