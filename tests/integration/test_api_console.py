@@ -9,7 +9,8 @@ apart; each session is audited; a token without the console grant gets 403
 and its attempt is audited as denied, while one with the grant gets through.
 The CLI on a pseudo-terminal drives ``popek console`` and ``popek exec`` on a
 remote through the same websockets; a VM's serial console and its exec
-(through the guest agent, without a terminal) go through them too.
+(through the guest agent, with and without a terminal) go through them too,
+and ``popek exec`` of a VM from a terminal gets a terminal in the guest.
 """
 
 from __future__ import annotations
@@ -336,6 +337,41 @@ def test_a_vm_console_and_exec(server: Server, minimal_image: str) -> None:
                        command=["sh", "-c", "echo out; echo err >&2; exit 6"]) as ws:
             out, last = finish(ws)
         assert out == {1: b"out\n", 2: b"err\n"} and last == {"type": "exit", "exit_code": 6}
+        _vm_exec_with_a_terminal(server)
+        _vm_exec_on_the_cli_terminal()
         assert popek_json("info", VM)["state"] == "running"
     finally:
         popek("delete", "--force", VM, check=False)
+
+
+def _vm_exec_with_a_terminal(server: Server) -> None:
+    """The guest agent runs the command on a terminal of the size asked, resized, keys typed."""
+    with server.ws(f"/1.0/instances/{VM}/exec", command=["/bin/sh"], rows=33, cols=101) as ws:
+        ws.send(b"tty; echo hws-$((1+1))\n")  # the echo of the line differs from its output
+        assert b"/dev/pts/" in read_until(ws, b"hws-2\r", prefixed=True)
+        assert size_shows(ws, b"33 101")
+        ws.send(json.dumps({"type": "resize", "rows": 50, "cols": 132}))
+        assert size_shows(ws, b"50 132")
+        # a key the terminal turns into a signal: Ctrl-C ends the foreground command only
+        # (once it runs: the shell's line editor reads keys raw, a Ctrl-C there edits the line)
+        ws.send(b"echo hws-$((1+2)); sleep 1000; echo hws-$((2+2))\n")
+        read_until(ws, b"hws-3\r", prefixed=True)
+        ws.send(b"\x03")
+        ws.send(b"echo hws-$((3+3))\n")
+        got = read_until(ws, b"hws-6\r", prefixed=True)
+        assert b"hws-4" not in got, got
+        ws.send(b"exit 7\n")
+        _, last = finish(ws)
+        assert last == {"type": "exit", "exit_code": 7}
+    records = [r for r in server.client().get("/1.0/audit", params={"target": VM}).json()
+               if r["op"] == "session.exec"]
+    assert records[-1]["result"] == "ok" and "tty=true" in records[-1]["change"], records[-1]
+
+
+def _vm_exec_on_the_cli_terminal() -> None:
+    """``popek exec VM`` from a terminal: the guest's terminal, its exit code back."""
+    env = {**os.environ, "POPEK_CLI_SERVER": "off"}
+    term = Terminal(["exec", VM, "--", "/bin/sh", "-c", "tty; stty size; exit 5"], env)
+    got = term.read_until(b"\n24 80")
+    assert b"/dev/pts/" in got, got
+    assert term.close() == 5

@@ -229,10 +229,11 @@ def exec(
 ) -> None:
     """Run a command inside an instance: its stdout, stderr and exit code pass through.
 
-    Containers run it on this terminal (interactive with a TTY when stdin and
-    stdout are terminals); VMs stream its output through the guest agent, with
-    no terminal (its input is read first, 4 MiB at most; with --no-stdin the
-    output comes back whole, 16 MiB at most, within --timeout).
+    When stdin and stdout are terminals it runs on a terminal in the instance
+    (a VM's through its guest agent; -T: none).  Otherwise containers pass
+    the streams through; VMs read the input first (4 MiB at most) and stream
+    the output (with --no-stdin it comes back whole, 16 MiB at most, within
+    --timeout).
     """
     raise typer.Exit(ops.exec_(**locals()))
 

@@ -41,13 +41,19 @@ class Channel:
     def __init__(self, input_fd: int | None, outputs: dict[int, int], *,
                  tty: bool = False, proc: subprocess.Popen[bytes] | None = None,
                  on_close: Callable[[], int | None] | None = None,
+                 on_resize: Callable[[int, int], None] | None = None,
                  keep: object = None) -> None:
-        """A session over these descriptors; ``proc`` the command, ``on_close`` the rest."""
+        """A session over these descriptors; ``proc`` the command, ``on_close`` the rest.
+
+        ``on_resize``: how a terminal that is not a local pseudo-terminal (a
+        VM's, behind its guest agent) takes a new window size.
+        """
         self.input = input_fd
         self.outputs = outputs
         self.tty = tty
         self.proc = proc
         self._on_close = on_close
+        self._on_resize = on_resize
         self._keep = keep  # a socket or lock file that must live as long as the session
         self._closed = False
         self.exit_code: int | None = None
@@ -55,6 +61,9 @@ class Channel:
     def resize(self, rows: int, cols: int) -> None:
         """Set the terminal's window size (a session without a terminal ignores it)."""
         if not self.tty or self.input is None or self._closed:
+            return
+        if self._on_resize is not None:
+            self._on_resize(rows, cols)
             return
         set_size(self.input, rows, cols)
         if self.proc is not None and self.proc.poll() is None:

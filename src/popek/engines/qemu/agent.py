@@ -10,6 +10,10 @@ stands for empty::
     guest -> host    ERR <id> <b64 chunk>      stderr, any number of them
     guest -> host    EXIT <id> <exit code>     the last answer
     guest -> host    ERROR <id> <reason>
+    host  -> guest   PTY <id> <b64 command> <rows> <cols>   on a new terminal
+    guest -> host    STARTED <id>               then OUT lines and EXIT, as EXEC
+    host  -> guest   IN <id> <b64 keys>         (after STARTED, any number)
+    host  -> guest   WINCH <id> <rows> <cols>
 
 (An agent of an image built before output was streamed answers one
 ``RESULT <id> <exit code> <b64 stdout> <b64 stderr>`` line instead; it is
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import fcntl
 import os
 import secrets
@@ -55,6 +60,8 @@ MAX_STDIN = 4 << 20
 #: how long a streamed exec may wait for the lock and the first answer of the agent
 STREAM_START_TIMEOUT = 60.0
 _RECV = 1 << 16
+#: keys sent in one IN line of a terminal session
+PTY_CHUNK = 48 << 10
 
 
 def _b64(data: bytes) -> bytes:
@@ -265,3 +272,125 @@ class AgentClient:
 
         deadline = time.monotonic() + STREAM_START_TIMEOUT
         return self._run(argv, stdin, write, deadline, None)
+
+
+class NoTerminal(AgentError):
+    """The image's guest agent predates terminals (it answered PTY ``unknown-verb``)."""
+
+
+class PtySession:
+    """A command on a new terminal in the guest (:meth:`AgentClient.open_pty`).
+
+    :meth:`send` passes keys on, :meth:`resize` the window size, and
+    :meth:`receive` returns what the terminal shows, then ``None`` once the
+    command exited (:attr:`exit_code`).  Sending is safe from several threads
+    at once (one line at a time); receiving belongs to one thread.  Closing
+    the session while the command runs ends it (the agent kills its session).
+    """
+
+    def __init__(self, sock: socket.socket, lock: object, rid: bytes, reader: LineReader) -> None:
+        """Wrap the connected ``sock`` (the agent's lock file ``lock`` held) of request
+        ``rid``, its answers read by ``reader`` (which may hold some already)."""
+        import threading
+
+        self.sock = sock
+        self._lock = lock
+        self.rid = rid
+        self._reader = reader
+        self._send_lock = threading.Lock()
+        self.exit_code: int | None = None
+
+    def _send(self, line: bytes) -> None:
+        with self._send_lock:
+            try:
+                self.sock.sendall(line)
+            except OSError as exc:
+                raise AgentError(f"the guest agent channel failed: {exc.strerror or exc}") from exc
+
+    def send(self, data: bytes) -> None:
+        """Type ``data`` on the guest's terminal."""
+        for start in range(0, len(data), PTY_CHUNK):
+            self._send(b"IN " + self.rid + b" " + _b64(data[start:start + PTY_CHUNK]) + b"\n")
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Give the guest's terminal this window size (its foreground group gets SIGWINCH)."""
+        rows, cols = (min(max(v, 1), 9999) for v in (rows, cols))
+        self._send(b"WINCH %s %d %d\n" % (self.rid, rows, cols))
+
+    def receive(self) -> bytes | None:
+        """The next output of the terminal; ``None`` once the command exited."""
+        while self.exit_code is None:
+            try:
+                fields = self._reader.readline().strip().split(b" ")
+            except OSError as exc:
+                raise AgentError(f"the guest agent channel failed: {exc.strerror or exc}") from exc
+            if len(fields) < 2 or fields[1] != self.rid:
+                continue
+            verb = fields[0]
+            if verb == b"OUT" and len(fields) == 3:
+                return _unb64(fields[2])
+            if verb == b"EXIT" and len(fields) == 3 and fields[2].isdigit() \
+                    and len(fields[2]) <= 3:
+                self.exit_code = int(fields[2])
+                break
+            if verb == b"ERROR":
+                reason = b" ".join(fields[2:])[:80].decode("ascii", "replace")
+                raise AgentError(f"the guest agent ended the terminal session: {reason}")
+            raise AgentError(f"malformed agent answer: {b' '.join(fields)[:80]!r}")
+        return None
+
+    def close(self) -> None:
+        """Hang up (the command ends if it still runs) and let the next client in."""
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        close = getattr(self._lock, "close", None)
+        if close is not None:
+            close()
+
+
+def open_pty(client: AgentClient, argv: list[str], size: tuple[int, int]) -> PtySession:
+    """Start ``argv`` in the guest on a new terminal of ``size`` (rows, columns).
+
+    Raises :class:`NoTerminal` when the image's agent predates terminals,
+    :class:`AgentError` when the agent cannot be reached or refuses.
+    """
+    rid = secrets.token_hex(8).encode()
+    rows, cols = (min(max(v, 1), 9999) for v in size)
+    request = b"PTY %s %s %d %d\n" % (rid, _b64(shlex.join(argv).encode()), rows, cols)
+    deadline = time.monotonic() + client.timeout
+    lock = open(client.sock.with_suffix(".lock"), "a")  # noqa: SIM115 - the session keeps it
+    try:
+        client._lock(lock.fileno(), deadline)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.connect(str(client.sock))
+            sock.sendall(request)
+            reader = LineReader(sock, MAX_LINE, deadline)
+            while True:
+                fields = reader.readline().strip().split(b" ")
+                if len(fields) < 2 or fields[1] != rid:
+                    continue
+                if fields[0] == b"STARTED":
+                    break
+                reason = b" ".join(fields[2:])[:80].decode("ascii", "replace")
+                if fields[0] == b"ERROR" and reason == "unknown-verb":
+                    raise NoTerminal("this image's guest agent has no terminals (it was built "
+                                     "before them): rebuild the image for one")
+                raise AgentError(f"the guest agent refused the terminal: {reason or fields[0]!r}")
+            sock.settimeout(None)
+        except TimeoutError as exc:
+            sock.close()
+            raise Late("the guest agent did not answer in time") from exc
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot reach the guest agent at {client.sock}: "
+                             f"{exc.strerror or exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        reader.deadline = None
+        return PtySession(sock, lock, rid, reader)
+    except BaseException:
+        lock.close()
+        raise

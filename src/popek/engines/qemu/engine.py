@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -274,19 +275,30 @@ class QemuEngine:
     def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
         """Run ``argv`` in the guest with its output streamed to the caller's stdout/stderr.
 
-        The guest agent has no terminal to offer: ``tty`` runs the command
-        without one and with no input.  Otherwise the caller's stdin is read
-        to its end first (at most ``agent.MAX_STDIN`` bytes) and sent with
-        the command.  The output is written as it arrives, kept nowhere, and
-        has no size or time limit: interrupting the client ends the command.
+        With ``tty`` (the caller's stdin and stdout are terminals) the command
+        runs on a new terminal in the guest, relayed to the caller's in raw
+        mode (:mod:`popek.engines.qemu.ptyexec`); an image whose agent
+        predates terminals runs it without one and with no input, as
+        before, after a note.  Otherwise the caller's stdin is read to its
+        end first (at most ``agent.MAX_STDIN`` bytes) and sent with the
+        command.  The output is written as it arrives, kept nowhere, and has
+        no size or time limit: interrupting the client ends the command.
         """
         from popek.engines.qemu.agent import MAX_STDIN, STREAM_START_TIMEOUT, AgentClient
 
+        client = AgentClient(Paths(spec.workdir).agent, STREAM_START_TIMEOUT)
+        if tty:
+            from popek.engines.qemu.agent import NoTerminal
+            from popek.engines.qemu.ptyexec import on_terminal
+
+            try:
+                return on_terminal(client, argv)
+            except NoTerminal as exc:
+                print(f"popek: {exc}; running it without one", file=sys.stderr, flush=True)
         stdin = b""
         if not tty and not os.isatty(0):
             with os.fdopen(os.dup(0), "rb") as f:  # buffered: read(n) reads until n or EOF
                 stdin = f.read(MAX_STDIN + 1) or b""
-        client = AgentClient(Paths(spec.workdir).agent, STREAM_START_TIMEOUT)
         return client.exec_stream(argv, stdin, 1, 2)
 
     def resize(self, spec: LaunchSpec, runtime: Runtime) -> None:
@@ -327,18 +339,26 @@ class QemuEngine:
 
     def open_exec(self, spec: LaunchSpec, argv: list[str], tty: bool,
                   size: tuple[int, int]) -> Channel:
-        """Run ``argv`` through the guest agent, its output on two pipes to relay.
+        """Run ``argv`` through the guest agent for a front end to relay.
 
-        The agent offers no terminal and takes its input with the command: the
-        command runs without a terminal and with no input (as ``tty`` streams do
-        in :meth:`exec_stream`); the exit code comes when the channel closes.
+        With ``tty``: on a new terminal in the guest of ``size`` (rows,
+        columns), keys in and the screen out on one descriptor, a resize
+        passed on (:func:`popek.engines.qemu.ptyexec.channel`).  Without (or
+        when the image's agent predates terminals): the output on two pipes,
+        no input (the agent takes input with the command only).  The exit
+        code comes when the channel closes.
         """
         import threading
 
-        from popek.engines.qemu.agent import STREAM_START_TIMEOUT, AgentClient
+        from popek.engines.qemu.agent import STREAM_START_TIMEOUT, AgentClient, NoTerminal
         from popek.engines.session import Channel
 
         client = AgentClient(Paths(spec.workdir).agent, STREAM_START_TIMEOUT)
+        if tty:
+            from popek.engines.qemu.ptyexec import channel
+
+            with contextlib.suppress(NoTerminal):
+                return channel(client, argv, size)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         outcome: dict[str, Any] = {}

@@ -7,6 +7,11 @@
  *   EXEC <id> <b64 cmd> <b64 in|->  -> OUT <id> <b64 chunk>   stdout, any number
  *                                      ERR <id> <b64 chunk>   stderr, any number
  *                                      EXIT <id> <rc>         last
+ *   PTY <id> <b64 cmd> <rows> <cols> -> STARTED <id>, then OUT <id> <b64 chunk> of the
+ *                                      terminal, any number, and EXIT <id> <rc> last;
+ *                                      meanwhile the host may send
+ *                                        IN <id> <b64 keys>      the terminal's input
+ *                                        WINCH <id> <rows> <cols> its new window size
  *   anything else                   -> ERROR <id> unknown-verb
  *
  * <id> is [A-Za-z0-9]{1,64}; base64 has no line wraps; "-" stands for empty.
@@ -25,9 +30,15 @@
  * agent sleeps in write(2) of one newline, which the next client receives
  * first (clients skip lines that are not answers to their own request).
  *
- * A client that leaves during an EXEC (POLLHUP on the port) ends the command:
- * its whole session gets SIGKILL and nothing of its output reaches the next
- * client.
+ * A client that leaves during an EXEC or a PTY (POLLHUP on the port) ends the
+ * command: its whole session gets SIGKILL and nothing of its output reaches
+ * the next client.
+ *
+ * PTY runs `sh -c CMD` as the leader of a new session whose controlling
+ * terminal is a new pseudo-terminal of that size; the host sends nothing for
+ * it before STARTED.  Input lines longer than MAX_INPUT bytes end the session
+ * (ERROR <id> too-long); input the terminal cannot take yet waits, and while
+ * MAX_INPUT bytes of it wait no more is read from the host.
  *
  * Built statically by popek's minimal image builder (images/agent.py).
  */
@@ -40,15 +51,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define PORT_NAME "org.popek.agent.0"
 #define MAX_LINE (8u << 20) /* a request: the command and up to 4 MiB of stdin, in base64 */
 #define CHUNK (48u << 10)   /* raw bytes per OUT/ERR line: 64 KiB of base64 */
 #define MAX_ID 64
+#define MAX_INPUT (256u << 10) /* a line of terminal input from the host, and the backlog */
 
 static int port = -1;
 static char *inbuf;
@@ -323,6 +337,174 @@ out:
     free(in);
 }
 
+/* A window size from two decimal fields of 1 to 4 digits; 0 when malformed. */
+static int parse_size(const char *rows, const char *cols, struct winsize *ws) {
+    const char *f[2] = {rows, cols};
+    unsigned v[2];
+    for (int i = 0; i < 2; i++) {
+        size_t len = strlen(f[i]);
+        if (len == 0 || len > 4 || strspn(f[i], "0123456789") != len)
+            return 0;
+        v[i] = (unsigned)atoi(f[i]);
+        if (v[i] == 0)
+            return 0;
+    }
+    memset(ws, 0, sizeof *ws);
+    ws->ws_row = (unsigned short)v[0];
+    ws->ws_col = (unsigned short)v[1];
+    return 1;
+}
+
+/* One line of the host during a PTY session: 0 to go on, -1 to end it (malformed input). */
+static int pty_input(char *line, const char *id, int master, unsigned char *pending,
+                     size_t *npending) {
+    char *fields[5] = {0};
+    int n = 0;
+    for (char *tok = strtok(line, " \r"); tok && n < 5; tok = strtok(NULL, " \r"))
+        fields[n++] = tok;
+    if (n < 2 || strcmp(fields[1], id) != 0)
+        return 0; /* an empty line, or not for this session */
+    if (strcmp(fields[0], "IN") == 0 && n == 3) {
+        long got = b64_decode(fields[2], pending + *npending);
+        if (got < 0)
+            return -1;
+        *npending += (size_t)got;
+        return 0;
+    }
+    if (strcmp(fields[0], "WINCH") == 0 && n == 4) {
+        struct winsize ws;
+        if (!parse_size(fields[2], fields[3], &ws))
+            return -1;
+        ioctl(master, TIOCSWINSZ, &ws); /* the kernel signals the foreground group */
+        return 0;
+    }
+    return -1;
+}
+
+static void do_pty(const char *id, const char *cmd64, const char *rows, const char *cols) {
+    unsigned char *cmd = malloc(strlen(cmd64) + 1);
+    long cmdlen = cmd ? b64_decode(cmd64, cmd) : -1;
+    struct winsize ws;
+    /* the input backlog, and the host's lines not yet whole (one line decodes to less) */
+    static unsigned char pending[MAX_INPUT];
+    static char lines[MAX_INPUT + 1];
+    size_t npending = 0, nlines = 0;
+    int master = -1;
+    if (cmdlen <= 0 || memchr(cmd, 0, (size_t)cmdlen) || !parse_size(rows, cols, &ws)) {
+        reply("ERROR %s bad-request%s\n", id, "");
+        goto out;
+    }
+    cmd[cmdlen] = 0;
+    master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    char *slave_name = master >= 0 && grantpt(master) == 0 && unlockpt(master) == 0
+                           ? ptsname(master) : NULL;
+    if (!slave_name || ioctl(master, TIOCSWINSZ, &ws) != 0) {
+        reply("ERROR %s no-resources%s\n", id, "");
+        goto out;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        reply("ERROR %s no-resources%s\n", id, "");
+        goto out;
+    }
+    if (pid == 0) {
+        setsid();
+        int slave = open(slave_name, O_RDWR); /* a session leader's first terminal: its own */
+        if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) != 0)
+            _exit(126);
+        signal(SIGPIPE, SIG_DFL);
+        dup2(slave, 0);
+        dup2(slave, 1);
+        dup2(slave, 2);
+        if (slave > 2)
+            close(slave);
+        setenv("TERM", "xterm-256color", 0);
+        if (chdir("/") != 0) { /* / always exists */ }
+        execl("/bin/sh", "sh", "-c", (char *)cmd, (char *)NULL);
+        _exit(127);
+    }
+    set_nonblock(master, 1);
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    int status = 0, exited = 0, gone = reply("STARTED %s%s\n", id, "") < 0;
+    while (!gone && !exited) {
+        struct pollfd p[3] = {
+            {port, npending < MAX_INPUT / 2 ? POLLIN : 0, 0},
+            {master, POLLIN | (npending ? POLLOUT : 0), 0},
+            {pidfd, POLLIN, 0},
+        };
+        if (poll(p, 3, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if ((p[0].revents & (POLLHUP | POLLERR)) && !(p[0].revents & POLLIN)) {
+            gone = 1;
+            break;
+        }
+        if (p[0].revents & POLLIN) {
+            ssize_t got = read(port, lines + nlines, MAX_INPUT - nlines);
+            if (got == 0) {
+                gone = 1;
+                break;
+            }
+            if (got > 0)
+                nlines += (size_t)got;
+            char *start = lines, *nl;
+            while (!gone && (nl = memchr(start, '\n', nlines - (size_t)(start - lines)))) {
+                *nl = 0;
+                /* a line decodes to at most 3/4 of its length: it fits if half is free */
+                if (npending + (size_t)(nl - start) > MAX_INPUT ||
+                    pty_input(start, id, master, pending, &npending) < 0) {
+                    reply("ERROR %s bad-request%s\n", id, "");
+                    gone = 1;
+                }
+                start = nl + 1;
+            }
+            nlines -= (size_t)(start - lines);
+            memmove(lines, start, nlines);
+            if (!gone && nlines == MAX_INPUT) {
+                reply("ERROR %s too-long%s\n", id, "");
+                gone = 1;
+            }
+        }
+        if (!gone && npending && (p[1].revents & POLLOUT)) {
+            ssize_t n = write(master, pending, npending);
+            if (n > 0) {
+                memmove(pending, pending + n, npending - (size_t)n);
+                npending -= (size_t)n;
+            }
+        }
+        if (!gone && (p[1].revents & (POLLIN | POLLHUP)))
+            if (forward(&master, "OUT", id, 0) < 0)
+                gone = 1;
+        if (pidfd >= 0 && (p[2].revents & POLLIN) && waitpid(pid, &status, WNOHANG) == pid)
+            exited = 1;
+        if (master < 0 && !exited) { /* every holder of the terminal closed it */
+            if (waitpid(pid, &status, 0) == pid)
+                exited = 1;
+            break;
+        }
+    }
+    if (gone) {
+        kill_session(pid);
+    } else if (master >= 0 && forward(&master, "OUT", id, 1) < 0) {
+        gone = 1; /* what the terminal held when the shell exited */
+    }
+    kill(-pid, SIGHUP); /* what the shell left on its terminal, as a terminal's hang-up does */
+    if (!exited && waitpid(pid, &status, 0) != pid)
+        status = 0;
+    if (!gone) {
+        char rc[16];
+        snprintf(rc, sizeof rc, "%d", WIFEXITED(status) ? WEXITSTATUS(status)
+                                                        : 128 + WTERMSIG(status));
+        reply("EXIT %s %s\n", id, rc);
+    }
+    if (pidfd >= 0) close(pidfd);
+out:
+    if (master >= 0) close(master);
+    free(cmd);
+}
+
 static void handle(char *line) {
     char *fields[6] = {0};
     int n = 0;
@@ -343,6 +525,11 @@ static void handle(char *line) {
             reply("ERROR %s bad-request%s\n", id, "");
         else
             do_exec(id, fields[2], fields[3]);
+    } else if (strcmp(verb, "PTY") == 0) {
+        if (n != 5)
+            reply("ERROR %s bad-request%s\n", id, "");
+        else
+            do_pty(id, fields[2], fields[3], fields[4]);
     } else
         reply("ERROR %s unknown-verb%s\n", id, "");
 }
