@@ -11,12 +11,15 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from popek.api import (
+    admin,
     errors,
     events,
     images,
+    imagetools,
     instances,
     networks,
     operations,
+    ports,
     profiles,
     sessions,
     trust,
@@ -26,8 +29,9 @@ from popek.api.auth import identify
 from popek.api.runner import Runner
 
 #: the routers of every resource, in the order the OpenAPI document lists them
-ROUTERS = (instances.router, images.router, networks.router, trust.router, profiles.router,
-           operations.router, events.router, sessions.router)
+ROUTERS = (instances.router, ports.router, imagetools.router, images.router, networks.router,
+           trust.router, profiles.router, operations.router, events.router, sessions.router,
+           admin.router)
 
 
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:
