@@ -10,6 +10,8 @@ imports FastAPI.  The server:
    only; a socket left by a dead server is replaced, a live one is refused);
 3. with ``--listen HOST:PORT``, makes the TLS key and self-signed certificate
    on first start (:mod:`popek.api.tls`) and prints its SHA-256 fingerprint;
+   the listener asks clients for a TLS certificate (optional: bearer tokens
+   work without one) and hands it to the application;
 4. serves both with uvicorn in one event loop, each with its application
    (:func:`popek.api.app.create_app`: the local one needs no token) over one
    runner, until SIGTERM or SIGINT.
@@ -35,6 +37,8 @@ from popek.errors import AlreadyExists, InvalidInput, PopekError
 DEFAULT_SOCKET = "/run/popek/api.sock"
 #: how long a stopping server lets open requests finish (seconds)
 GRACE_S = 5
+#: uvicorn's websocket protocol
+WS = "websockets-sansio"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -91,9 +95,32 @@ def _uvicorn_server(app: Any, **options: Any) -> Any:
             yield
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACE_S, ws="websockets-sansio",
-                            **options)
+                            timeout_graceful_shutdown=GRACE_S, **{"ws": WS, **options})
     return Server(config)
+
+
+def _tcp_server(app: Any, tcp: tuple[str, int], listen: str) -> Any:
+    """The TLS listener on ``tcp``: the server's certificate (made on first start), client
+    certificates asked for and handed to the application (:mod:`popek.api.tls`); tokens
+    only, with a warning, where this Python cannot take self-signed client certificates."""
+    from popek.api.tls import (
+        ClientCertificatesUnavailable,
+        ensure_certificate,
+        fingerprint,
+        uvicorn_options,
+    )
+
+    cert, key = ensure_certificate()
+    try:
+        options = uvicorn_options(cert, key, WS)
+    except ClientCertificatesUnavailable as exc:
+        print(f"popek: warning: client certificates are off on TCP ({exc}): bearer tokens "
+              "only", file=sys.stderr, flush=True)
+        options = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    server = _uvicorn_server(app, host=tcp[0], port=tcp[1], **options)
+    print(f"popek: API listening on https://{listen} (certificate SHA-256 "
+          f"{fingerprint(cert)})", flush=True)
+    return server
 
 
 def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "") -> int:
@@ -112,14 +139,7 @@ def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "") -> int:
     servers = [_uvicorn_server(create_app(runner, local=True))]
     print(f"popek: API listening on unix:{path}", flush=True)
     if tcp is not None:
-        from popek.api.tls import ensure_certificate, fingerprint
-
-        cert, key = ensure_certificate()
-        servers.append(_uvicorn_server(create_app(runner, local=False), host=tcp[0],
-                                       port=tcp[1], ssl_certfile=str(cert),
-                                       ssl_keyfile=str(key)))
-        print(f"popek: API listening on https://{listen} (certificate SHA-256 "
-              f"{fingerprint(cert)})", flush=True)
+        servers.append(_tcp_server(create_app(runner, local=False), tcp, listen))
 
     def stop(signum: int, frame: object) -> None:
         for s in servers:
@@ -150,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--socket", default=DEFAULT_SOCKET,
                         help=f"the local Unix socket (default {DEFAULT_SOCKET}, root only)")
     parser.add_argument("--listen", default="",
-                        help="also listen on HOST:PORT with TLS (bearer tokens)")
+                        help="also listen on HOST:PORT with TLS (bearer tokens or "
+                             "client certificates)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="popek: %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

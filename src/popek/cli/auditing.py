@@ -25,6 +25,7 @@ READ_ONLY = frozenset({
     "trust.list", "trust.export",
     "policy.show", "policy.check",
     "audit.log", "audit.verify",
+    "certificate.list",
     "sandbox.profiles",
     # the user's own remotes file, not this host's state (a remote audits what it is sent)
     "remote.list", "remote.add", "remote.remove", "remote.switch",

@@ -13,6 +13,7 @@ import typer
 
 from popek.cli import completion, exitcodes, ops
 from popek.cli.admin import app as admin_app
+from popek.cli.certificate import app as certificate_app
 from popek.cli.common import columns_option, format_option, project_option
 from popek.cli.config import app as config_app
 from popek.cli.network import app as network_app
@@ -40,6 +41,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(admin_app, name="admin")
 app.add_typer(project_app, name="project")
 app.add_typer(token_app, name="token")
+app.add_typer(certificate_app, name="certificate")
 app.add_typer(remote_app, name="remote")
 app.command("attest")(attest)
 app.command("serve")(serve)

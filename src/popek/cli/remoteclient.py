@@ -5,6 +5,8 @@ Over https the server's certificate must have the SHA-256 fingerprint pinned by
 ``popek remote add``: it is checked right after the handshake, before a byte of
 the request (the token) is sent, and no certificate authority is asked.  Over a
 ``unix://`` socket the server's socket permissions are the check (root's admin).
+A remote added with a client certificate (``auth`` ``certificate``) presents
+this user's (:mod:`popek.cli.clientcert`) in the handshake and sends no token.
 
 An API error (``{"error": {code, message, field}}``) becomes :class:`RemoteError`
 with popek's exit code of that ``code``, so a remote command fails with the
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from popek import errors
-from popek.cli.remotes import Remote
+from popek.cli.remotes import CERTIFICATE, Remote
 from popek.errors import PopekError
 
 #: seconds to wait for a connection or an answer that is not an operation's end
@@ -99,12 +101,25 @@ class PinnedContext(ssl.SSLContext):
 
 
 def pinned_context(remote: Remote) -> ssl.SSLContext:
-    """The TLS context for ``remote``: its pinned fingerprint, no certificate authority."""
+    """The TLS context for ``remote``: its pinned fingerprint, no certificate authority;
+    this user's client certificate when the remote authenticates with it."""
     ctx = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the fingerprint is the check (wrap_socket)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.remote, ctx.pin = remote.name, remote.fingerprint
+    if remote.auth == CERTIFICATE:
+        from popek.cli import clientcert
+
+        cert, key = clientcert.paths()
+        try:
+            ctx.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise RemoteError(
+                f"remote {remote.name} authenticates with the client certificate {cert}, "
+                f"which cannot be read ({getattr(exc, 'strerror', None) or exc}): popek remote "
+                f"remove {remote.name}, then add it again (a new certificate, to be trusted "
+                "again on the server)", errors.BAD_INPUT) from exc
     return ctx
 
 
@@ -154,7 +169,11 @@ class Client:
             return RemoteError(f"remote {self.remote.name} answered HTTP {status} without "
                                "an error body")
         code, message = str(err.get("code", "failure")), str(err.get("message", ""))
-        if code == "unauthenticated" and not self.remote.token:
+        if code == "unauthenticated" and self.remote.auth == CERTIFICATE:
+            message = (f"remote {self.remote.name} refused the client certificate ({message}); "
+                       "its host admin trusts it with popek certificate add client.crt "
+                       "--project P --role R")
+        elif code == "unauthenticated" and not self.remote.token:
             message = (f"remote {self.remote.name} needs a token ({message}): popek remote "
                        f"remove {self.remote.name}, then add it again with --token")
         elif code == "unauthenticated":

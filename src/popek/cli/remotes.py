@@ -2,7 +2,9 @@
 
 A remote is another popek host's REST API (``popek serve``): a name, a URL
 (``https://HOST:PORT`` or ``unix:///path/to/api.sock``), for https the SHA-256
-fingerprint of the certificate pinned when it was added, and a bearer token.
+fingerprint of the certificate pinned when it was added, and how the client
+authenticates (``auth``): a bearer token, or this user's TLS client
+certificate (:mod:`popek.cli.clientcert`).
 They are kept in the user's own ``$XDG_CONFIG_HOME/popek/remotes.json``
 (``~/.config/popek/remotes.json``; directory 0700, file 0600: it holds the
 tokens), with the default remote that ``popek remote switch`` chose.  The
@@ -34,19 +36,26 @@ _REMOTE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 SCHEMES = ("https://", "unix://")
 
 
+#: how a client authenticates to a remote: a bearer token, or its TLS client certificate
+TOKEN, CERTIFICATE = "token", "certificate"
+
+
 @dataclass(frozen=True)
 class Remote:
-    """One remote: where it is, the certificate pinned (https) and the token (never shown)."""
+    """One remote: where it is, the certificate pinned (https), the token (never shown) and
+    how the client authenticates (``auth``: :data:`TOKEN`, :data:`CERTIFICATE`, or empty:
+    a unix socket without a token)."""
 
     name: str
     url: str
     fingerprint: str = ""
     token: str = ""
+    auth: str = ""
 
     def public(self) -> dict[str, Any]:
         """What ``popek remote list`` shows of it: everything but the token."""
         return {"name": self.name, "url": self.url, "fingerprint": self.fingerprint,
-                "token": "yes" if self.token else "no"}
+                "token": "yes" if self.token else "no", "auth": self.auth}
 
 
 def config_path() -> Path:
@@ -56,7 +65,7 @@ def config_path() -> Path:
 
 
 def load() -> dict[str, Any]:
-    """The config: ``{"default": NAME, "remotes": {NAME: {url, fingerprint, token}}}``."""
+    """The config: ``{"default": NAME, "remotes": {NAME: {url, fingerprint, token, auth}}}``."""
     path = config_path()
     try:
         text = path.read_text()
@@ -114,8 +123,10 @@ def get(name: str) -> Remote:
     if not isinstance(entry, dict):
         raise NotFound(f"remote {name} not found: popek remote list shows them, popek remote "
                        "add NAME URL adds one")
-    return Remote(name, str(entry.get("url", "")), str(entry.get("fingerprint", "")),
-                  str(entry.get("token", "")))
+    token = str(entry.get("token", ""))
+    auth = str(entry.get("auth", "")) or (TOKEN if token else "")
+    return Remote(name, str(entry.get("url", "")), str(entry.get("fingerprint", "")), token,
+                  auth)
 
 
 def all_remotes() -> list[Remote]:

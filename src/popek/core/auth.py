@@ -2,8 +2,9 @@
 
 Every request popek handles is asked by an :class:`Identity`: the host admin
 (root on the host, through the CLI or the local socket: :func:`host_admin`)
-or the holder of an API token (:class:`Tokens`), which belongs to one project
-and carries one role.  :meth:`popek.core.service.Core.handle` calls
+or the holder of an API token (:class:`Tokens`) or of a trusted TLS client
+certificate (:mod:`popek.core.certificates`), which belongs to one project and
+carries one role.  :meth:`popek.core.service.Core.handle` calls
 :func:`authorize` before it runs a request and audits a refusal as ``denied``.
 
 The roles (a token's ``console`` grant is separate from its role):
@@ -18,7 +19,8 @@ sandbox.run                     no       yes       yes    yes
 session.console / session.exec  no       grant     grant  yes
 session.attest (a read)         yes      yes       yes    yes
 profile.*                       no       no        yes    yes
-token.* (its own project)       no       no        yes    yes
+token.*, certificate.* (its     no       no        yes    yes
+own project)
 project.set (quotas), project.  no       no        no     yes
 create / delete
 network.create / delete,        no       no        no     yes
@@ -66,7 +68,7 @@ OPERATOR_ACTIONS = frozenset({"network.attach", "network.detach"})
 #: what needs the console grant (and a role that may operate instances)
 SESSION_ACTIONS = frozenset({"session.console", "session.exec"})
 #: what a project admin may change besides what an operator may
-ADMIN_PREFIXES = ("profile.", "token.")
+ADMIN_PREFIXES = ("profile.", "token.", "certificate.")
 #: the actions on what every project shares (host-wide: their project is ``None``)
 HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "image.", "audit.")
 HOST_WIDE_ACTIONS = frozenset({"network.create", "network.delete", "project.create",

@@ -28,6 +28,8 @@ that a reader sees the whole layout at once and no two concerns collide:
 ``/popek/audit/alarm``              set when the audit log was found tampered with
 ``/popek/projects/P/config``        a project's defaults and quotas (core.projects)
 ``/popek/tokens/ID``                API token: project, role, SHA-256 of its secret (core.auth)
+``/popek/certificates/SHA256``      trusted TLS client certificate: project, role, PEM
+                                    (core.certificates)
 ``/popek/operations/ID``            an operation of the REST API: status, result (core)
 ==================================  =============================================
 """
@@ -54,6 +56,8 @@ PROFILES_PREFIX = "/popek/profiles/"
 PROJECTS_CONFIG_PREFIX = "/popek/projects/"
 #: API tokens (core.auth): their record and the hash of their secret, never the secret
 TOKENS_PREFIX = "/popek/tokens/"
+#: TLS client certificates trusted for the API (core.certificates), by SHA-256 fingerprint
+CERTIFICATES_PREFIX = "/popek/certificates/"
 
 # -- networks ----------------------------------------------------------------------
 NETWORKS_PREFIX = "/popek/networks/"
@@ -121,6 +125,11 @@ def project_config_key(project: str) -> str:
 def token_key(token_id: str) -> str:
     """Return the store key of API token ``token_id``."""
     return f"{TOKENS_PREFIX}{token_id}"
+
+
+def certificate_key(fingerprint: str) -> str:
+    """Return the store key of the client certificate of SHA-256 ``fingerprint`` (hex)."""
+    return f"{CERTIFICATES_PREFIX}{fingerprint}"
 
 
 def uid_key(uid: int) -> str:

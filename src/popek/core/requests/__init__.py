@@ -1,5 +1,6 @@
 """Every request popek handles, by domain; run them with :meth:`popek.core.service.Core.handle`."""
 
+from popek.core.requests.certificates import CertificateAdd, CertificateRevoke
 from popek.core.requests.images import Built, ImageBuild, ImageDelete, ImageImport, ImageSign
 from popek.core.requests.instances import (
     Attach,
@@ -32,7 +33,8 @@ from popek.core.requests.trust import (
     PolicyApply,
 )
 
-__all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "ConfigSet",
+__all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "CertificateAdd",
+           "CertificateRevoke", "ConfigSet",
            "ConfigUnset", "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete",
            "ImageImport", "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
            "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProfileCreate",
