@@ -21,7 +21,10 @@ from popek.api import (
     operations,
     ports,
     profiles,
+    projects,
+    sandboxes,
     sessions,
+    tokens,
     trust,
 )
 from popek.api import metrics as metrics_api
@@ -31,7 +34,7 @@ from popek.api.runner import Runner
 #: the routers of every resource, in the order the OpenAPI document lists them
 ROUTERS = (instances.router, ports.router, imagetools.router, images.router, networks.router,
            trust.router, profiles.router, operations.router, events.router, sessions.router,
-           admin.router)
+           admin.router, projects.router, tokens.router, sandboxes.router)
 
 
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:

@@ -28,15 +28,9 @@ PROJECT_COLUMNS = (
 
 
 def _rows() -> list[dict[str, Any]]:
-    from popek.core.projects import Projects
+    from popek.core.views import project_summaries
 
-    core = ops.core(check=False)
-    counts: dict[str, int] = {}
-    for inst in core.instances.all(None):
-        counts[inst.project] = counts.get(inst.project, 0) + 1
-    current = scope.current()
-    return [{"name": p, "current": p == current, "instances": counts.get(p, 0)}
-            for p in Projects(core.store).names()]
+    return project_summaries(ops.core(check=False), scope.current())
 
 
 @app.command("list")
@@ -79,12 +73,10 @@ def switch(name: str) -> None:
 def show(name: str | None = typer.Argument(None, help="The project (default: the current)."),
          fmt: str = format_option()) -> None:
     """Show a project's defaults, its quotas and what its instances use of them."""
-    from popek.core.projects import Projects, usage
+    from popek.core.views import project_detail
 
-    core = ops.core(check=False)
-    project = Projects(core.store).require(name or scope.current())
-    values = Projects(core.store).show(project, usage(core.instances.all(project)))
-    details({"name": project, **values}, [("name", project), *values.items()], fmt)
+    record = project_detail(ops.core(check=False), name or scope.current())
+    details(record, list(record.items()), fmt)
 
 
 @app.command("set")
@@ -146,9 +138,9 @@ def token_list(fmt: str = format_option(), columns: str = columns_option(TOKEN_C
                project: str | None = typer.Option(None, "--project",
                                                   help="Only this project's tokens.")) -> None:
     """List the API tokens (never their secrets)."""
-    from popek.core.auth import Tokens
+    from popek.core.views import token_summaries
 
-    rows = [t.public() for t in Tokens(ops.core(check=False).store).list(project)]
+    rows = token_summaries(ops.core(check=False), project)
     listing(rows, TOKEN_COLUMNS, fmt, select=columns, command="popek token list")
 
 

@@ -55,20 +55,7 @@ PROFILE_COLUMNS = (
 @app.command()
 def profiles(fmt: str = format_option(), columns: str = columns_option(PROFILE_COLUMNS)) -> None:
     """List the sandbox profiles (installs the shipped ones on first use)."""
-    from popek.engines.sandbox import load, names, profiles_dir
-    from popek.errors import PopekError
+    from popek.core.views import sandbox_profiles
 
-    rows: list[dict[str, object]] = []
-    for name in names():
-        path = profiles_dir() / f"{name}.toml"
-        try:
-            p = load(name)
-        except PopekError as exc:
-            rows.append({"name": name, "path": str(path), "error": str(exc)})
-            continue
-        rows.append({"name": name, "path": str(path), "network": p.network,
-                     "ro": [str(x) for x in p.ro], "rw": [str(x) for x in p.rw],
-                     "memory": p.limits.memory, "nproc": p.limits.nproc,
-                     "nofile": p.limits.nofile, "cpu_seconds": p.limits.cpu_seconds,
-                     "seccomp_extra": list(p.seccomp_extra)})
+    rows = sandbox_profiles()
     listing(rows, PROFILE_COLUMNS, fmt, select=columns, command="popek sandbox profiles")

@@ -97,3 +97,55 @@ def audit_records(trust: TrustStore, since: str = "", target: str = "",
     return [r for r in AuditLog(trust).records()
             if (not target or r.get("target") == target)
             and (after is None or parse_time(str(r.get("time")), "time") >= after)]
+
+
+def project_summaries(core: Core, current: str | None,
+                      only: str | None = None) -> list[dict[str, Any]]:
+    """The rows of ``popek project list``: each project (``only``: that one), whether it
+    is ``current``, and how many instances it holds."""
+    from popek.core.projects import Projects
+
+    counts: dict[str, int] = {}
+    for inst in core.instances.all(None):
+        counts[inst.project] = counts.get(inst.project, 0) + 1
+    return [{"name": p, "current": p == current, "instances": counts.get(p, 0)}
+            for p in Projects(core.store).names() if only is None or p == only]
+
+
+def project_detail(core: Core, name: str) -> dict[str, Any]:
+    """``popek project show NAME --format json``: its defaults, quotas and their use
+    (NotFound for a project that does not exist)."""
+    from popek.core.projects import Projects, usage
+
+    project = Projects(core.store).require(name)
+    return {"name": project,
+            **Projects(core.store).show(project, usage(core.instances.all(project)))}
+
+
+def token_summaries(core: Core, project: str | None = None) -> list[dict[str, Any]]:
+    """The rows of ``popek token list`` (of ``project``): every field but the hash."""
+    from popek.core.auth import Tokens
+
+    return [t.public() for t in Tokens(core.store).list(project)]
+
+
+def sandbox_profiles() -> list[dict[str, Any]]:
+    """The rows of ``popek sandbox profiles`` (installs the shipped ones on first use); a
+    profile that does not load is listed with its error."""
+    from popek.engines.sandbox import load, names, profiles_dir
+    from popek.errors import PopekError
+
+    rows: list[dict[str, Any]] = []
+    for name in names():
+        path = profiles_dir() / f"{name}.toml"
+        try:
+            p = load(name)
+        except PopekError as exc:
+            rows.append({"name": name, "path": str(path), "error": str(exc)})
+            continue
+        rows.append({"name": name, "path": str(path), "network": p.network,
+                     "ro": [str(x) for x in p.ro], "rw": [str(x) for x in p.rw],
+                     "memory": p.limits.memory, "nproc": p.limits.nproc,
+                     "nofile": p.limits.nofile, "cpu_seconds": p.limits.cpu_seconds,
+                     "seccomp_extra": list(p.seccomp_extra)})
+    return rows

@@ -22,7 +22,7 @@ from popek.core.requests.instances import (
 from popek.core.requests.networks import NetworkCreate, NetworkDelete
 from popek.core.requests.profiles import ProfileCreate, ProfileDelete, ProfileEdit
 from popek.core.requests.projects import ProjectCreate, ProjectDelete, TokenCreate, TokenRevoke
-from popek.core.requests.sandbox import SandboxRun
+from popek.core.requests.sandbox import SandboxCapture, SandboxRun
 from popek.core.requests.trust import (
     AllowUnsigned,
     AuditCheckpoint,
@@ -39,4 +39,5 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "ImageImport", "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
            "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProfileCreate",
            "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
-           "Restart", "Resume", "SandboxRun", "Start", "Stop", "TokenCreate", "TokenRevoke"]
+           "Restart", "Resume", "SandboxCapture", "SandboxRun", "Start", "Stop", "TokenCreate",
+           "TokenRevoke"]

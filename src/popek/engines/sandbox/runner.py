@@ -33,6 +33,8 @@ from popek.errors import EngineError, InvalidInput
 
 HOST_UID = HOST_GID = 65534
 TIMEOUT_EXIT = 124
+#: the descriptors of a sandbox's stdin, stdout and stderr (``None``: the caller's)
+Stdio = tuple[int | None, int | None, int | None]
 
 
 def find_tools() -> tuple[str, str]:
@@ -101,10 +103,12 @@ def _data_fd(data: bytes, name: str) -> Iterator[int]:
         os.close(fd)
 
 
-def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
+def run(profile_name: str, options: RunOptions, cmd: Sequence[str],
+        stdio: Stdio | None = None) -> int:
     """Run ``cmd`` in a sandbox made from profile ``profile_name`` and ``options``.
 
-    stdin, stdout and stderr are inherited; returns the application's exit
+    stdin, stdout and stderr are inherited (``stdio``: these three descriptors
+    instead, ``None`` among them inherited); returns the application's exit
     code (128+N if a signal N killed it, 124 if ``options.timeout`` expired).
     Raises :class:`InvalidInput` for a bad profile, option or empty command,
     :class:`NotFound` for an unknown profile, :class:`EngineError` when
@@ -135,7 +139,7 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
             join = cgroup.create(path, profile.limits)
             stack.callback(cgroup.remove, path)
         child, block = _start(profile, cmd, program, (bwrap, prlimit), join, uid, gid, stack,
-                              staged)
+                              staged, stdio)
         try:
             if block is not None:
                 info, block_w = block
@@ -147,12 +151,12 @@ def run(profile_name: str, options: RunOptions, cmd: Sequence[str]) -> int:
             child.kill()
             child.wait()
             raise
-        return _wait(child, options.timeout)
+        return _wait(child, options.timeout, stdio[2] if stdio else None)
 
 
 def _start(profile: Profile, cmd: Sequence[str], program: bytes, tools: tuple[str, str],
            join: list[Path], uid: int, gid: int, stack: contextlib.ExitStack,
-           staged: dict[Path, str] | None = None,
+           staged: dict[Path, str] | None = None, stdio: Stdio | None = None,
            ) -> tuple[subprocess.Popen[bytes], tuple[int, int] | None]:
     """Start ``[launcher] prlimit ... -- bwrap ... -- CMD``.
 
@@ -186,12 +190,14 @@ def _start(profile: Profile, cmd: Sequence[str], program: bytes, tools: tuple[st
     # without the launcher, user/group/extra_groups drop privileges in the forked
     # child before exec (no preexec_fn); for a non-root caller they are its own ids
     drop = uid != os.geteuid() and not launcher
+    stdin, stdout, stderr = stdio or (None, None, None)
     try:
         proc = subprocess.Popen(
             argv, pass_fds=(fds.seccomp, fds.passwd, fds.group, *child_ends,
                             *([fds.resolv] if fds.resolv is not None else [])),
             env={"PATH": "/usr/bin:/bin"}, user=uid if drop else None,
-            group=gid if drop else None, extra_groups=[] if drop else None)
+            group=gid if drop else None, extra_groups=[] if drop else None,
+            stdin=stdin, stdout=stdout, stderr=stderr)
     finally:
         for fd in child_ends:  # the child's copies are the ones that count
             os.close(fd)
@@ -206,14 +212,21 @@ def _tool(name: str) -> str:
     return path
 
 
-def _wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int:
+def _wait(proc: subprocess.Popen[bytes], timeout: float | None,
+          stderr: int | None = None) -> int:
+    """The exit code; after ``timeout`` seconds the sandbox is killed, and why is said on
+    ``stderr`` (the sandbox's, when given; else popek's own)."""
     try:
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        print(f"popek: the sandboxed application ran longer than --timeout {timeout:g} "
-              "seconds and was killed", file=sys.stderr)
+        note = (f"popek: the sandboxed application ran longer than --timeout {timeout:g} "
+                "seconds and was killed")
+        if stderr is None:
+            print(note, file=sys.stderr)
+        else:
+            os.write(stderr, f"{note}\n".encode())
         return TIMEOUT_EXIT
     except BaseException:
         proc.kill()
