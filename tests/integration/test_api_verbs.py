@@ -258,3 +258,29 @@ def test_admin_reset_in_a_home_of_its_own(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=60)
         popek("admin", "reset", "--purge", "--yes", env=env, check=False)
+
+
+def test_instance_verbs_on_a_remote(server: Server, tmp_path: Path) -> None:
+    """``network attach|detach``, ``console --log`` and ``attest`` take REMOTE:NAME too."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "POPEK_CLI_SERVER": "off",
+           "POPEK_HOME": str(tmp_path / "home")}  # the client's own home is empty
+    secret = popek("token", "create", "--project", "default", "--role", "operator",
+                   "--console", "--name", "hverb-remote").stdout.splitlines()[-1].strip()
+    popek("remote", "add", "hv", f"https://127.0.0.1:{server.port}", "--token", secret,
+          "--accept-certificate", env=env)
+    out = popek("network", "attach", NET, f"hv:{CT}", env=env).stdout
+    assert out.startswith(f"Instance hv:{CT} attached to {NET}: "), out
+    address = out.split(": ", 1)[1].split(" ")[0]
+    assert address in json.dumps(popek_json("info", CT))  # on the server's host
+    popek("network", "detach", NET, f"hv:{CT}", env=env)
+    assert address not in json.dumps(popek_json("info", CT))
+    log = subprocess.run([sys.executable, "-m", "popek", "console", f"hv:{CT}", "--log"],
+                         env=env, capture_output=True, check=True).stdout
+    local = subprocess.run([sys.executable, "-m", "popek", "console", CT, "--log"],
+                           capture_output=True, check=True).stdout
+    assert log[:64] == local[:64]
+    nonce = os.urandom(16).hex()
+    quote = json.loads(popek("attest", f"hv:{CT}", "--nonce", nonce, env=env).stdout)
+    assert quote["quote"]["nonce"] == nonce, quote
+    bad = popek("network", "attach", "hverb-none", f"hv:{CT}", env=env, check=False)
+    assert bad.returncode == 8 and "Traceback" not in bad.stderr, bad.stderr

@@ -128,10 +128,12 @@ def test_local_commands_import_no_remote_client(tmp_path: Path) -> None:
     ["network", "attach", "net", "lab:web"], ["network", "detach", "net", "lab:web"],
     ["attest", "lab:web", "--nonce", "00"],
 ])
-def test_commands_not_on_remotes_yet_say_so(config: Path, argv: list[str]) -> None:
+def test_instance_verbs_go_to_the_remote(config: Path, tmp_path: Path, argv: list[str]) -> None:
+    """Each asks the remote named (here a socket nobody serves), never this host."""
     from popek.cli.main import app as main_app
 
+    assert _run("add", "lab", f"unix://{tmp_path / 'none.sock'}")[0] == 0
     result = CliRunner().invoke(main_app, argv)
     exc = result.exception
-    assert isinstance(exc, InvalidInput) and exc.exit_code == errors.BAD_INPUT, result.output
-    assert "not supported on a remote yet (lab:web)" in str(exc)
+    assert isinstance(exc, errors.PopekError), result.output
+    assert "cannot reach remote lab" in str(exc), exc

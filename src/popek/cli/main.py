@@ -198,7 +198,11 @@ def console(
     where = remotes.locate(name)
     if where is not None:  # through the remote's console websocket
         if log:
-            remotes.not_remote(name, "popek console --log")
+            from popek.cli import remoteops
+
+            sys.stdout.buffer.write(remoteops.console_log(where[0], where[1], project))
+            sys.stdout.flush()
+            return
         from popek.cli import remoteterm
 
         remoteterm.console(where[0], where[1], project)

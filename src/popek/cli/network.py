@@ -109,7 +109,13 @@ def attach(
     """Give an instance a port on a network; a running instance gets it at once."""
     from popek.cli import remotes
 
-    remotes.not_remote(instance, "popek network attach")
+    where = remotes.locate(instance)
+    if where is not None:
+        from popek.cli import remoteops
+
+        made = remoteops.attach(where[0], where[1], name, ip, project)
+        print(f"Instance {instance} attached to {name}: {made['ipv4']} ({made['mac']}).")
+        return
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Attach
@@ -127,7 +133,13 @@ def detach(
     """Remove an instance's port on a network (unplugged first if it runs)."""
     from popek.cli import remotes
 
-    remotes.not_remote(instance, "popek network detach")
+    where = remotes.locate(instance)
+    if where is not None:
+        from popek.cli import remoteops
+
+        remoteops.detach(where[0], where[1], name, project)
+        print(f"Instance {instance} detached from {name}.")
+        return
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import Detach

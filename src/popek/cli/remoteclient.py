@@ -201,3 +201,19 @@ class Client:
                            params={"timeout": 2}, timeout=TIMEOUT)
             if time.monotonic() - started < 0.5 and op.get("status") == "running":
                 time.sleep(0.5)  # a server answering at once: poll, do not spin
+
+    def content(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        """The raw body of ``GET path`` (a console log); RemoteError for an error answer."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            answer = self.http.get(path, params=query)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
+                              f"{exc}") from exc
+        if answer.status_code >= 400:
+            try:
+                data = answer.json()
+            except ValueError:
+                data = None
+            raise self._error(answer.status_code, data)
+        return answer.content

@@ -122,3 +122,31 @@ def config_patch(remote: str, name: str, values: dict[str, str | None],
     data: dict[str, Any] = client(remote).call("PATCH", _path(name, "/config"), json=values,
                                                params={"project": project})
     return data
+
+
+def attach(remote: str, name: str, network: str, ipv4: str | None,
+           project: str | None) -> dict[str, Any]:
+    """``popek network attach NETWORK REMOTE:NAME``: the port made."""
+    port: dict[str, Any] = client(remote).call(
+        "POST", _path(name, "/networks"), json={"network": network, "ipv4": ipv4},
+        params={"project": project})
+    return port
+
+
+def detach(remote: str, name: str, network: str, project: str | None) -> None:
+    """``popek network detach NETWORK REMOTE:NAME``."""
+    client(remote).call("DELETE", _path(name, f"/networks/{network}"),
+                        params={"project": project})
+
+
+def console_log(remote: str, name: str, project: str | None) -> bytes:
+    """``popek console REMOTE:NAME --log``: what its console wrote."""
+    return client(remote).content(_path(name, "/console/log"), params={"project": project})
+
+
+def attest(remote: str, name: str, nonce: str, project: str | None) -> dict[str, Any]:
+    """``popek attest REMOTE:NAME --nonce HEX``: the remote host's signed quote."""
+    quote: dict[str, Any] = client(remote).call("POST", _path(name, "/attest"),
+                                                json={"nonce": nonce},
+                                                params={"project": project})
+    return quote

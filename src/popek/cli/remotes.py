@@ -177,10 +177,3 @@ def list_target(target: str | None) -> str | None:
         check_name(remote)
     return None if remote == LOCAL else remote
 
-
-def not_remote(target: str, command: str) -> None:
-    """Refuse a command that cannot reach a remote yet, when ``target`` names one."""
-    where = locate(target)
-    if where is not None:
-        raise InvalidInput(f"{command} is not supported on a remote yet ({where[0]}:"
-                           f"{where[1]}): run it on that host")

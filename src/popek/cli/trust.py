@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import typer
 
-from popek.cli.common import FORMATS, columns_option, format_option
+from popek.cli.common import FORMATS, columns_option, format_option, project_option
 from popek.cli.output import Column, details, listing
 from popek.errors import InvalidInput
 
@@ -269,6 +269,7 @@ def attest(
     key_file: str = typer.Option("", "--key-file", help="With 'verify': the host's "
                                                         "attestation public key, when it is "
                                                         "not in this host's trust store."),
+    project: str | None = project_option(),
 ) -> None:
     """Quote instance NAME's launch measurement over NONCE; or verify a quote.
 
@@ -278,8 +279,7 @@ def attest(
     from popek.cli import remotes
     from popek.trust import measure as ms
 
-    if not quote_file:
-        remotes.not_remote(name, "popek attest")
+    where = None if quote_file else remotes.locate(name)
     verify = "popek attest verify QUOTE --nonce HEX --expect FILE"
     if quote_file and name != "verify":
         raise InvalidInput(f"popek attest quotes one instance: {quote_file!r} is one argument "
@@ -288,6 +288,11 @@ def attest(
         raise InvalidInput(f"--expect and --key-file check a quote and need its file: {verify} "
                            "('-' reads it from stdin); popek attest NAME --nonce HEX quotes "
                            "instance NAME, one called verify too")
+    if where is not None:  # the remote host quotes its instance, signed with its key
+        from popek.cli import remoteops
+
+        print(json.dumps(remoteops.attest(where[0], where[1], nonce, project), indent=1))
+        return
     trust = _trust()
     if quote_file:
         if not expect:
@@ -300,7 +305,9 @@ def attest(
         print(f"Quote verified: instance {body['instance']} on {body['host']}, "
               f"measurement {body['measurement']}.")
         return
+    from popek.cli import scope
     from popek.cli.ops import core
     from popek.core.requests import Attest
 
+    scope.use(project)
     print(json.dumps(core().handle(Attest(name, nonce=nonce)), indent=1))
