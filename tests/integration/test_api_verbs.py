@@ -27,10 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+from test_api import Server, run_operation, start_server, stop_server
 
 from framework import popek, popek_json
 from framework.events import read_line
-from test_api import Server, run_operation, start_server, stop_server
 
 CT = "hverb-ct"
 NET = "hverb-net"
