@@ -12,23 +12,21 @@ application, reached by httpx over TLS.  Nothing needs root.
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from framework import free_port
+from framework.certs import Cert, make_cert
 from popek.core.auth import ADMIN, OPERATOR, VIEWER, Forbidden, Identity, TokenRejected, Tokens
 from popek.core.authn import UNAUTHENTICATED, Unauthenticated, authenticate
 from popek.core.certificates import (
@@ -46,40 +44,6 @@ from popek.state.schema import CERTIFICATES_PREFIX
 from popek.state.store import SQLiteStore
 
 TAG = "tcc"
-
-
-@dataclass
-class Cert:
-    """A client's certificate and key, as files and as bytes."""
-
-    crt: Path
-    key: Path
-    pem: bytes
-    der: bytes
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.der)
-
-
-def make_cert(directory: Path, name: str, start: timedelta = timedelta(minutes=-5),
-              end: timedelta = timedelta(days=30)) -> Cert:
-    """A self-signed client certificate valid from now+``start`` to now+``end``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now + start).not_valid_after(now + end)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    crt, keyfile = directory / f"{name}.crt", directory / f"{name}.key"
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    crt.write_bytes(pem)
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return Cert(crt, keyfile, pem, cert.public_bytes(serialization.Encoding.DER))
 
 
 @pytest.fixture
@@ -300,12 +264,6 @@ def test_refused_credentials_are_audited_and_nothing_else_is(home: Path, store: 
 
 
 # -- the TLS listener for real ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Listener:
     port: int
@@ -330,7 +288,7 @@ def listener(home: Path) -> Iterator[Listener]:
     from popek.api.tls import ensure_certificate, uvicorn_options
 
     crt, key = ensure_certificate()
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(local=False), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="off",
                             **{"ws": WS, **uvicorn_options(crt, key, WS)})
@@ -385,6 +343,34 @@ def test_the_listener_takes_a_self_signed_certificate_and_maps_it(
     assert [r["target"] for r in recs] == [unknown.fingerprint, expired.fingerprint,
                                            viewer.fingerprint]
     assert all(r["change"].startswith("GET /1.0/instances from 127.0.0.1:") for r in recs)
+
+
+def test_a_websocket_upgrade_keeps_the_connection_certificate(listener: Listener,
+                                                              home: Path, tmp_path: Path) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    store = SQLiteStore(home / "state.db")
+    try:
+        viewer = make_cert(tmp_path, f"{TAG}-ws")
+        Certificates(store).add(viewer.pem, "default", VIEWER, name=f"{TAG}-ws")
+    finally:
+        store.close()
+
+    def ctx(cert: Cert) -> ssl.SSLContext:
+        c = ssl.create_default_context(cafile=str(listener.server_crt))
+        c.check_hostname = False
+        c.load_cert_chain(str(cert.crt), str(cert.key))
+        return c
+
+    url = f"wss://127.0.0.1:{listener.port}/1.0/events?types=lifecycle"
+    with connect(url, ssl=ctx(viewer), open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30)) == {"type": "hello", "types": ["lifecycle"]}
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, ssl=ctx(make_cert(tmp_path, f"{TAG}-ws-no")), open_timeout=30)
+    assert refused.value.response.status_code == 401
+    assert [r["change"].split(" from ")[0] for r in audit(home)
+            if r["op"] == "auth.certificate"] == ["WEBSOCKET /1.0/events"]
 
 
 def test_parse_names_the_file(tmp_path: Path) -> None:
@@ -500,3 +486,39 @@ def test_the_client_certificate_is_made_once_with_a_private_key(
     assert (crt.read_bytes(), key.read_bytes()) == before
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_cert_chain(str(crt), str(key))  # the key is the certificate's
+
+
+def test_the_certificates_resource_of_the_api(home: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from popek.api.app import create_app
+
+    c = make_cert(tmp_path, f"{TAG}-api")
+    with TestClient(create_app(local=True), raise_server_exceptions=False) as api:
+        body = {"certificate": c.pem.decode(), "role": "viewer", "name": f"{TAG}-api"}
+        r = api.post("/1.0/certificates", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["fingerprint"] == c.fingerprint and r.json()["project"] == "default"
+        assert "pem" not in r.json()
+        assert api.post("/1.0/certificates", json=body).status_code == 409
+        for bad, status in [({**body, "certificate": "junk"}, 400),
+                            ({**body, "role": "king"}, 400),
+                            ({**body, "project": "nope", "name": None}, 404),
+                            ({**body, "extra": 1}, 400)]:
+            r = api.post("/1.0/certificates", json=bad)
+            assert r.status_code == status, (bad, r.text)
+            assert set(r.json()["error"]) == {"code", "message", "field"}
+        (listed,) = api.get("/1.0/certificates").json()
+        assert listed["name"] == f"{TAG}-api" and listed["revoked"] is None
+        assert api.get(f"/1.0/certificates/{c.fingerprint[:10]}").json()["pem"] == \
+            c.pem.decode()
+        assert api.get("/1.0/certificates/nobody").status_code == 404
+        assert api.post(f"/1.0/certificates/{TAG}-api/revoke").json()["revoked"]
+        assert api.get("/1.0/certificates").json()[0]["revoked"]
+
+
+def test_a_certificate_that_is_not_text_is_bad_input(home: Path, store: SQLiteStore) -> None:
+    with pytest.raises(InvalidInput, match="not an X.509 certificate"):
+        Core(store).handle(CertificateAdd("\ud800-----BEGIN CERTIFICATE-----", "default",
+                                          VIEWER))
+    assert Certificates(store).list() == []

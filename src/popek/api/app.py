@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 
 from popek.api import (
     admin,
+    certificates,
     errors,
     events,
     images,
@@ -34,7 +35,7 @@ from popek.api.runner import Runner
 #: the routers of every resource, in the order the OpenAPI document lists them
 ROUTERS = (instances.router, ports.router, imagetools.router, images.router, networks.router,
            trust.router, profiles.router, operations.router, events.router, sessions.router,
-           admin.router, projects.router, tokens.router, sandboxes.router)
+           admin.router, projects.router, tokens.router, certificates.router, sandboxes.router)
 
 
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:

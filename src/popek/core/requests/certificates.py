@@ -31,8 +31,8 @@ class CertificateAdd(Request["ClientCertificate"]):
         from popek.errors import InvalidInput
 
         try:
-            return fingerprint(parse(self.pem.encode())[1])
-        except (InvalidInput, UnicodeError):
+            return fingerprint(parse(self.pem.encode(errors="replace"))[1])
+        except InvalidInput:
             return ""
 
     def run(self, core: Core) -> ClientCertificate:
@@ -41,8 +41,8 @@ class CertificateAdd(Request["ClientCertificate"]):
         from popek.core.projects import Projects
 
         Projects(core.store).require(self.project)
-        return Certificates(core.store).add(self.pem.encode(), self.project, self.role,
-                                            self.console, self.cert_name)
+        return Certificates(core.store).add(self.pem.encode(errors="replace"), self.project,
+                                            self.role, self.console, self.cert_name)
 
 
 @dataclass(frozen=True)
