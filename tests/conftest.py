@@ -65,6 +65,9 @@ def popek_home() -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="popek-test-", dir="/var/tmp"))
     home.chmod(0o755)
     os.environ["POPEK_HOME"] = str(home)
+    # every `popek serve` a test starts runs the CLI's command server (issue 14.1): on a
+    # socket of this session, never taking over the installation's shared one
+    os.environ.setdefault("POPEK_CLI_SOCKET", str(home / "run" / "cli.sock"))
     os.environ.setdefault("POPEK_CACHE", str(REPO / ".cache" / "popek"))
     yield home
     for inst in (home / "instances").glob("*/*") if (home / "instances").exists() else []:

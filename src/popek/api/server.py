@@ -14,7 +14,10 @@ imports FastAPI.  The server:
    work without one) and hands it to the application;
 4. serves both with uvicorn in one event loop, each with its application
    (:func:`popek.api.app.create_app`: the local one needs no token) over one
-   runner, until SIGTERM or SIGINT.
+   runner, until SIGTERM or SIGINT;
+5. runs the CLI's command server as its supervised child when ``popek serve``
+   took it over (``--cli-socket``, ``--cli-lock``: :mod:`popek.api.cliserver`),
+   and stops it when it stops.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from popek.api.cliserver import CommandServer
 from popek.errors import AlreadyExists, InvalidInput, PopekError
 
 DEFAULT_SOCKET = "/run/popek/api.sock"
@@ -123,8 +127,13 @@ def _tcp_server(app: Any, tcp: tuple[str, int], listen: str) -> Any:
     return server
 
 
-def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "") -> int:
-    """Run the API until SIGTERM or SIGINT; return the exit code."""
+def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "",
+          cli: CommandServer | None = None) -> int:
+    """Run the API until SIGTERM or SIGINT; return the exit code.
+
+    ``cli``: the CLI's command server, run as this server's child while it serves
+    (:mod:`popek.api.cliserver`).
+    """
     from popek.api.app import create_app
     from popek.api.runner import Runner
 
@@ -152,9 +161,13 @@ def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "") -> int:
         tasks = [servers[0].serve(sockets=[sock])] + [s.serve() for s in servers[1:]]
         await asyncio.gather(*tasks)
 
+    if cli is not None:
+        cli.start()
     try:
         asyncio.run(run_all())
     finally:
+        if cli is not None:
+            cli.stop()
         with contextlib.suppress(OSError):
             if path.is_socket():
                 path.unlink()
@@ -172,11 +185,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", default="",
                         help="also listen on HOST:PORT with TLS (bearer tokens or "
                              "client certificates)")
+    parser.add_argument("--cli-socket", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--cli-lock", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # popek serve took the CLI's command server over (popek.cli.serve.command_server)
+    cli = CommandServer(args.cli_socket, args.cli_lock) if args.cli_lock >= 0 else None
     logging.basicConfig(level=logging.INFO, format="popek: %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        code = serve(args.socket, args.listen)
+        code = serve(args.socket, args.listen, cli)
     except PopekError as exc:
         print(f"popek: {exc}", file=sys.stderr, flush=True)
         code = exc.exit_code

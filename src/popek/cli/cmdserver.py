@@ -22,6 +22,15 @@ collections neither walk them nor copy their pages).
 It answers ``S`` (stale) and exits when popek's sources changed since it
 started, so an upgrade never runs old code; it exits after ``IDLE_S`` seconds
 without a command.  ``popek command-server status|stop`` reports or stops it.
+
+``popek serve`` runs this same server as its own supervised child (the API and
+the CLI then share one service): :func:`claim` takes the socket's lock in
+``popek serve`` (stopping a standalone server that holds it), and the API
+process starts ``python -m popek.cli.cmdserver --owner PID --lock-fd FD`` with
+that lock, restarting it whenever it exits (stale, stopped, killed).  Such an
+*owned* server never idles out, dies with its owner (``PR_SET_PDEATHSIG``),
+and names its owner in its status answer (``K<pid> serve <owner>``); while
+the owner holds the lock no client can start a standalone one.
 """
 
 from __future__ import annotations
@@ -113,20 +122,36 @@ def fingerprint(files: list[str]) -> tuple[int, ...]:
     return tuple(stamps)
 
 
-def serve(path: str = client.SOCKET, idle: float = IDLE_S) -> None:
+def serve(path: str = client.SOCKET, idle: float = IDLE_S, lock_fd: int | None = None,
+          owner: int = 0) -> None:
     """Serve commands on ``path`` until idle for ``idle`` seconds or stopped.
 
     The server keeps one forked *spare* blocked in ``accept``: the spare takes
     the next connection, tells the server (which forks the next spare) and
     becomes that command, so no client waits for a fork.
+
+    ``owner``: the pid of the ``popek serve`` this server is part of (its
+    parent, which holds the socket's lock and passes it as ``lock_fd``): the
+    server then never idles out, ends with its owner, and on SIGTERM.
     """
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     os.chmod(os.path.dirname(path), 0o700)
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if lock_fd is None:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    else:
+        lock = lock_fd
+        os.set_inheritable(lock, False)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the owner's: already held
     except BlockingIOError:
         return  # another server runs, or is starting
+    if owner:
+        _parent_death_signal(signal.SIGTERM)
+        if os.getppid() != owner:  # it died before the request took effect
+            return
+        idle = float("inf")
+    global _LOCK, _OWNER
+    _LOCK, _OWNER = lock, owner
     os.chdir("/")
     preload()
     if threading.active_count() != 1:
@@ -139,6 +164,8 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S) -> None:
     gc.freeze()
     notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
     server = os.getpid()
+    if owner:  # SIGTERM (the owner stopping, or gone): end as a stop does, in the loop
+        signal.signal(signal.SIGTERM, lambda _s, _f: os.write(notify_w, b"s"))
     with Listener(path) as sock:
         spare = 0
         try:
@@ -165,6 +192,12 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(spare, signal.SIGKILL)
             _reap()
+
+
+#: the lock descriptor of the running server (a command never keeps it: see _spare)
+_LOCK = -1
+#: the pid of the ``popek serve`` this server is part of; 0 when standalone
+_OWNER = 0
 
 
 class Listener:
@@ -215,6 +248,9 @@ def _spare(sock: socket.socket, notify: int, server: int, fresh: Callable[[], bo
     code = 0
     try:
         _die_with(server)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # an owned server's handler: not ours
+        if _LOCK >= 0:  # a command that outlives the server must not keep the next one out
+            os.close(_LOCK)
         while True:
             try:
                 conn, _ = sock.accept()
@@ -260,7 +296,8 @@ def _handle(conn: socket.socket, fresh: Callable[[], bool]) -> bool:
         return True
     try:
         if data == client.MAGIC + b"\0status":
-            conn.sendall(f"K{os.getppid()}\n".encode())
+            owned = f" serve {_OWNER}" if _OWNER else ""
+            conn.sendall(f"K{os.getppid()}{owned}\n".encode())
             return True
         if data == client.MAGIC + b"\0stop":
             conn.sendall(b"K\n")
@@ -425,8 +462,69 @@ def stop(path: str | None = None, wait_s: float = 5.0) -> bool:
     return True
 
 
+def parse_status(answer: str | None) -> tuple[int, int] | None:
+    """``status``'s answer -> ``(server pid, owner pid)``, the owner 0 for a standalone
+    server; ``None`` when no server answered (or the answer is not a status)."""
+    words = (answer or "").split()
+    if not words or not words[0].startswith("K") or not words[0][1:].isdigit():
+        return None
+    owner = words[2] if len(words) == 3 and words[1] == "serve" else "0"
+    return int(words[0][1:]), int(owner) if owner.isdigit() else 0
+
+
+class Claim:
+    """What :func:`claim` found: the lock taken (``lock`` >= 0), or who keeps it."""
+
+    def __init__(self, path: str, lock: int = -1, replaced: int = 0, owner: int = 0) -> None:
+        #: the socket; the lock descriptor (-1: not taken)
+        self.path, self.lock = path, lock
+        #: the pid of the standalone server stopped to take the lock (0: none ran)
+        self.replaced = replaced
+        #: the pid of the ``popek serve`` whose server keeps the lock (0: none)
+        self.owner = owner
+
+
+def claim(path: str | None = None, wait_s: float = 15.0) -> Claim:
+    """Take the command server's lock for ``popek serve`` (see the module docstring).
+
+    A standalone server that holds it is stopped first (it lets its running
+    commands finish); a server of another ``popek serve`` is left alone
+    (``owner`` says whose).  When the lock stays held for ``wait_s`` without
+    a server that answers, it is not taken.
+    """
+    path = path or client.socket_path()
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_s
+    replaced = 0
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return Claim(path, lock, replaced)
+        except BlockingIOError:
+            pass
+        status = parse_status(control("status", path))
+        if status is not None and status[1]:
+            os.close(lock)
+            return Claim(path, owner=status[1])
+        if status is not None and control("stop", path) is not None:
+            replaced = status[0]
+        if time.monotonic() > deadline:
+            os.close(lock)
+            return Claim(path)
+        time.sleep(0.02)  # a server starting (not listening yet) or stopping
+
+
+def main(argv: list[str]) -> None:
+    """``python -m popek.cli.cmdserver [--owner PID --lock-fd FD]`` (see :func:`serve`)."""
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+    owner, lock = options.get("--owner", "0"), options.get("--lock-fd", "")
+    serve(client.socket_path(), lock_fd=int(lock) if lock.isdigit() else None,
+          owner=int(owner) if owner.isdigit() else 0)
+
+
 if __name__ == "__main__":
     # run the module under its own name, so that its file is in the fingerprint too
     from popek.cli import cmdserver as _named
 
-    _named.serve(client.socket_path())
+    _named.main(sys.argv)

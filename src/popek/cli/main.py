@@ -270,22 +270,35 @@ def server_status() -> None:
     from popek.cli import cmdserver
     from popek.errors import NOT_FOUND
 
-    answer = cmdserver.control("status")
-    if answer is None:
+    status = cmdserver.parse_status(cmdserver.control("status"))
+    if status is None:
         print("No command server runs (the next root command starts one).")
         raise typer.Exit(NOT_FOUND)
-    print(f"The command server runs as pid {answer[1:]}.")
+    pid, owner = status
+    if owner:
+        print(f"The command server runs as pid {pid}, part of popek serve (pid {owner}).")
+    else:
+        print(f"The command server runs as pid {pid}.")
 
 
 @server_app.command("stop")
 def server_stop() -> None:
-    """Stop the command server (commands run in their own process until one starts)."""
+    """Stop the command server (commands run in their own process until one starts).
+
+    The command server of ``popek serve`` is part of it: stopping it makes
+    ``popek serve`` start a fresh one (from the sources on disk), and
+    ``popek serve`` goes on serving.
+    """
     from popek.cli import cmdserver
 
-    if cmdserver.stop():
-        print("Command server stopped.")
-    else:
+    status = cmdserver.parse_status(cmdserver.control("status"))
+    if not cmdserver.stop():
         print("No command server runs.")
+    elif status is not None and status[1]:
+        print(f"The command server is part of popek serve (pid {status[1]}): stopped; "
+              "popek serve starts a fresh one (stop popek serve to end both).")
+    else:
+        print("Command server stopped.")
 
 
 @app.command("completion")

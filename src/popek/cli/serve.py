@@ -1,8 +1,10 @@
 """``popek serve`` (the REST API) and ``popek monitor`` (its events stream).
 
-``serve`` checks its options and replaces this process with
-``python -m popek.api`` (:mod:`popek.api.server`): the CLI never imports
-FastAPI, and the server is one long-lived process of its own.  ``monitor``
+``serve`` checks its options, takes the CLI's command server over
+(:func:`command_server`: the lock of its socket, a standalone server stopped)
+and replaces this process with ``python -m popek.api`` (:mod:`popek.api.server`),
+which runs the command server as its supervised child: one service for both
+fronts.  The CLI never imports FastAPI.  ``monitor``
 connects to the local socket's ``/1.0/events`` websocket and prints each
 event, one line each (``--format json``: one JSON object a line).  Both run
 in the ``popek`` process itself, never in the command server
@@ -47,7 +49,39 @@ def serve(
     args = [sys.executable, "-m", "popek.api", "--socket", socket]
     if listen:
         args += ["--listen", listen]
+    args += command_server()
     os.execv(sys.executable, args)
+
+
+def command_server() -> list[str]:
+    """Take the CLI's command server over for the API process; its options for it.
+
+    The lock of the command server's socket is taken here (a standalone server
+    that holds it is stopped) and kept across the ``exec``: the API process
+    (:mod:`popek.api.cliserver`) runs the server as its child with it, and no
+    client starts one of its own meanwhile.  None when the CLI uses no server
+    (not root, ``POPEK_CLI_SERVER=off``) or another ``popek serve`` runs it.
+    """
+    from popek.cli import client, cmdserver
+
+    if os.geteuid() != 0 or os.environ.get(client.ENV_SWITCH, "on") == "off":
+        return []
+    try:
+        got = cmdserver.claim()
+    except OSError as exc:
+        print(f"popek: no command server for the CLI ({exc}): commands run in-process",
+              file=sys.stderr, flush=True)
+        return []
+    if got.lock < 0:
+        whose = f"popek serve pid {got.owner}'s" if got.owner else "another, busy one"
+        print(f"popek: the CLI's command server on {got.path} is {whose}: this server runs "
+              "none", file=sys.stderr, flush=True)
+        return []
+    if got.replaced:
+        print(f"popek: took over the CLI's command server on {got.path} (stopped pid "
+              f"{got.replaced})", file=sys.stderr, flush=True)
+    os.set_inheritable(got.lock, True)
+    return ["--cli-socket", got.path, "--cli-lock", str(got.lock)]
 
 
 def describe(event: dict[str, Any]) -> str:

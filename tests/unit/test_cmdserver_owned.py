@@ -1,0 +1,271 @@
+"""The command server run by ``popek serve`` (popek/api/cliserver.py, cmdserver's owned mode).
+
+An *owner* process does what ``popek serve`` does: it takes the command
+server's lock with :func:`cmdserver.claim` (stopping a standalone server) and
+runs the server as its supervised child with :class:`CommandServer`.  The
+server watches a probe file instead of popek's sources (others edit those
+while the tests run), so that a test decides when its code is "stale".
+Real processes, real sockets under the test's directory, real commands
+(``list`` against a private POPEK_HOME).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framework.events import read_line, wait_exit, wait_state
+from popek.cli import client, cmdserver
+
+#: a command server as serve runs it, watching only the probe (argv[1])
+CHILD = """
+import sys, time
+from popek.cli import cmdserver, entry
+real_main = entry.main
+def main(args):  # a command that takes a while, without an engine: '_sleep SECONDS'
+    if args[:1] == ["_sleep"]:
+        time.sleep(float(args[1]))
+        entry.leave(0)
+    real_main(args)
+entry.main = main
+cmdserver.sources = lambda: [sys.argv[1]]
+cmdserver.main(sys.argv[1:])
+"""
+#: popek serve's part: claim the lock, supervise the server until SIGTERM
+OWNER = """
+import signal, sys, threading
+from popek.api.cliserver import CommandServer
+from popek.cli import cmdserver
+sock, probe = sys.argv[1], sys.argv[2]
+got = cmdserver.claim(sock, wait_s=float(sys.argv[3]))
+print(got.lock >= 0, got.replaced, got.owner, flush=True)
+if got.lock < 0:
+    sys.exit(0)
+srv = CommandServer(sock, got.lock)
+srv.command = (sys.executable, "-I", "-c", CHILD, probe)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+srv.start()
+done.wait()
+srv.stop()
+""".replace("CHILD", repr(CHILD))
+#: a standalone server, as a client starts one, watching only the probe
+STANDALONE = """
+import sys
+from popek.cli import cmdserver
+cmdserver.sources = lambda: [sys.argv[2]]
+cmdserver.serve(sys.argv[1])
+"""
+CLIENT = """
+import sys
+from popek.cli import client
+code = client.run_remote(sys.argv[2:], sys.argv[1])
+sys.exit(99 if code is None else code)
+"""
+NOT_TAKEN = 99
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _status(sock: str) -> tuple[int, int] | None:
+    return cmdserver.parse_status(cmdserver.control("status", sock))
+
+
+class Owner:
+    """A stand-in of ``popek serve``'s process: the lock, and the server as its child."""
+
+    def __init__(self, tmp: Path, wait_s: float = 15.0) -> None:
+        self.socket = str(tmp / "run" / "cli.sock")
+        self.probe = tmp / "probe.py"
+        if not self.probe.exists():
+            self.probe.write_text("")
+        self.proc = subprocess.Popen([sys.executable, "-c", OWNER, self.socket,
+                                      str(self.probe), str(wait_s)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        took, replaced, owner = read_line(self.proc.stdout, 60, "the claim").split()
+        self.took, self.replaced, self.owner = took == "True", int(replaced), int(owner)
+
+    def server(self, other_than: int = 0) -> int:
+        """The pid of the running server (waiting for one that is not ``other_than``)."""
+        wait_state(lambda: (_status(self.socket) or (0, 0))[0] not in (0, other_than),
+                   self.proc.pid, 60, "the owned command server to answer")
+        status = _status(self.socket)
+        assert status is not None
+        return status[0]
+
+    def run(self, *args: str, home: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", CLIENT, self.socket, *args],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "POPEK_HOME": str(home)})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def owner(tmp_path: Path) -> Iterator[Owner]:
+    o = Owner(tmp_path)
+    assert o.took
+    yield o
+    o.close()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if _parent(int(d.name)) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def test_the_owned_server_is_the_owners_child_and_runs_commands(owner: Owner,
+                                                                tmp_path: Path) -> None:
+    pid = owner.server()
+    assert _parent(pid) == owner.proc.pid
+    assert _status(owner.socket) == (pid, owner.proc.pid)
+    # a command is a fork of that server: its parent the server, whose parent the owner
+    with _started(owner.socket, ["_sleep", "60"]) as command:
+        assert _parent(command) == pid
+    wait_exit(command, 30, "the command to end with its client")
+    assert owner.run("list", home=tmp_path / "h").returncode == 0
+    assert (tmp_path / "h" / "state.db").exists()
+
+
+@contextlib.contextmanager
+def _started(path: str, args: list[str]) -> Iterator[int]:
+    """Start a command by hand (the protocol); its pid while it runs; cancelled after."""
+    import socket
+
+    with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        fds = b"".join(n.to_bytes(4, sys.byteorder) for n in [null.fileno()] * 3)
+        sock.sendmsg([client.encode(args)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        sock.shutdown(socket.SHUT_WR)
+        line = sock.makefile("rb").readline().decode()
+        assert line.startswith("P"), line
+        yield int(line[1:])
+
+
+def test_no_standalone_server_starts_while_the_owner_holds_the_lock(owner: Owner) -> None:
+    pid = owner.server()
+    proc = subprocess.run([sys.executable, "-c", STANDALONE, owner.socket, str(owner.probe)],
+                          timeout=30, check=False)
+    assert proc.returncode == 0  # it stepped aside at once
+    assert _status(owner.socket) == (pid, owner.proc.pid)
+
+
+def test_stale_sources_restart_the_server_never_run_old_code(owner: Owner,
+                                                              tmp_path: Path) -> None:
+    old = owner.server()
+    assert owner.run("list", home=tmp_path / "h").returncode == 0
+    stamp = owner.probe.stat().st_mtime_ns + 5_000_000_000
+    os.utime(owner.probe, ns=(stamp, stamp))
+    # the stale server runs nothing: the client runs the command itself ...
+    assert owner.run("list", home=tmp_path / "h").returncode == NOT_TAKEN
+    wait_exit(old, 30, "the stale server to exit")
+    # ... and the owner starts a fresh one, its own child again
+    new = owner.server(other_than=old)
+    assert _parent(new) == owner.proc.pid
+    assert owner.run("list", home=tmp_path / "h").returncode == 0
+
+
+def test_a_stop_restarts_the_owned_server(owner: Owner, tmp_path: Path) -> None:
+    old = owner.server()
+    assert cmdserver.stop(owner.socket)
+    wait_exit(old, 30, "the stopped server to exit")
+    new = owner.server(other_than=old)
+    assert _parent(new) == owner.proc.pid
+    assert owner.run("list", home=tmp_path / "h").returncode == 0
+
+
+def test_a_killed_server_is_restarted(owner: Owner) -> None:
+    old = owner.server()
+    os.kill(old, signal.SIGKILL)
+    assert _parent(owner.server(other_than=old)) == owner.proc.pid
+
+
+def test_the_server_and_its_spare_end_with_the_owner(owner: Owner, tmp_path: Path) -> None:
+    pid = owner.server()
+    wait_state(lambda: bool(_children(pid)), pid, 30, "a spare")
+    spares = _children(pid)
+    owner.proc.terminate()
+    assert owner.proc.wait(timeout=30) == 0
+    for p in [pid, *spares]:
+        wait_exit(p, 30, f"process {p} to end with the owner")
+    assert not os.path.exists(owner.socket)
+    # the lock is free again: a client's own server may start
+    assert owner.run("list", home=tmp_path / "h").returncode == NOT_TAKEN
+    standalone = subprocess.Popen([sys.executable, "-c", STANDALONE, owner.socket,
+                                   str(owner.probe)])
+    try:
+        wait_state(lambda: _status(owner.socket) == (standalone.pid, 0), standalone.pid, 60,
+                   "a standalone server")
+    finally:
+        cmdserver.stop(owner.socket)
+        standalone.wait(timeout=30)
+
+
+def test_an_owner_killed_with_sigkill_takes_its_server_along(owner: Owner) -> None:
+    pid = owner.server()
+    owner.proc.kill()
+    owner.proc.wait()
+    wait_exit(pid, 30, "the server to die with its owner")  # PR_SET_PDEATHSIG
+
+
+def test_a_standalone_server_is_taken_over(tmp_path: Path) -> None:
+    sock = str(tmp_path / "run" / "cli.sock")
+    (tmp_path / "probe.py").write_text("")
+    standalone = subprocess.Popen([sys.executable, "-c", STANDALONE, sock,
+                                   str(tmp_path / "probe.py")])
+    try:
+        wait_state(lambda: _status(sock) == (standalone.pid, 0), standalone.pid, 60,
+                   "the standalone server")
+        o = Owner(tmp_path)
+        try:
+            assert o.took and o.replaced == standalone.pid
+            assert standalone.wait(timeout=30) == 0
+            assert _parent(o.server()) == o.proc.pid
+        finally:
+            o.close()
+    finally:
+        if standalone.poll() is None:
+            standalone.kill()
+            standalone.wait()
+
+
+def test_a_second_owner_leaves_the_first_ones_server_alone(owner: Owner,
+                                                           tmp_path: Path) -> None:
+    pid = owner.server()
+    second = Owner(tmp_path, wait_s=5)
+    second.close()
+    assert not second.took and second.owner == owner.proc.pid
+    assert _status(owner.socket) == (pid, owner.proc.pid)
+
+
+@pytest.mark.parametrize(("answer", "parsed"), [
+    ("K12", (12, 0)),
+    ("K12 serve 34", (12, 34)),
+    (None, None),
+    ("", None),
+    ("Kx", None),
+    ("Sstale: popek changed", None),
+    ("K12 serve x", (12, 0)),
+])
+def test_status_answers_are_parsed(answer: str | None, parsed: tuple[int, int] | None) -> None:
+    assert cmdserver.parse_status(answer) == parsed
