@@ -24,9 +24,22 @@ def home_id() -> str:
     Names the kernel sees host-wide (cgroups, device aliases) carry it, so that
     two homes with an instance of the same name never share one.
     """
+    where = str(home())
+    known = _HOME_IDS.get(where)
+    if known is not None:
+        return known
     import hashlib
 
-    return hashlib.sha256(str(home().resolve()).encode()).hexdigest()[:12]
+    real = Path(where).resolve()
+    ident = hashlib.sha256(str(real).encode()).hexdigest()[:12]
+    if real.is_dir():  # a home not made yet may still become a symlink: asked again then
+        _HOME_IDS[where] = ident
+    return ident
+
+
+#: :func:`home_id` of each home already asked about (a realpath is a few syscalls, and
+#: ``popek info`` of a container asks twice)
+_HOME_IDS: dict[str, str] = {}
 
 
 def images_dir() -> Path:

@@ -59,9 +59,82 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+#: pidfds kept open by a long-running process (:func:`keep_pidfds`), by (pid, start time);
+#: ``None``: :func:`alive` reads ``/proc`` each time
+_PIDFDS: dict[tuple[int, int], int] | None = None
+_PIDFDS_LOCK = threading.Lock()
+#: the most pidfds kept; past it the table is swept of exited processes, then emptied
+MAX_PIDFDS = 4096
+
+
+def keep_pidfds() -> None:
+    """Make :func:`alive` in this process answer from a pidfd of each process it was asked
+    about, kept open: one ``poll`` per answer instead of opening, reading and parsing
+    ``/proc/PID/stat`` (a few times dearer).  For a process that asks about the same
+    processes again and again (the API server lists every instance per request).
+    The first question about a process still checks its start time, through
+    ``/proc``, after its pidfd is open: the pidfd is of that process, not of one that
+    reused its pid.  A pidfd polls readable once the process exited (a zombie
+    included, as :func:`start_time` counts it gone); it is closed when found so."""
+    global _PIDFDS
+    with _PIDFDS_LOCK:
+        if _PIDFDS is None:
+            _PIDFDS = {}
+
+
+def _exited(fd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _pidfd_alive(table: dict[tuple[int, int], int], pid: int, started: int) -> bool:
+    key = (pid, started)
+    with _PIDFDS_LOCK:  # polled under the lock: no other thread closes it meanwhile
+        fd = table.get(key)
+        if fd is not None:
+            if not _exited(fd):
+                return True
+            del table[key]
+            os.close(fd)
+            return False
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone, or no descriptor left: /proc answers
+        return start_time(pid) == started
+    if start_time(pid) != started:
+        os.close(fd)
+        return False
+    with _PIDFDS_LOCK:
+        if key in table:  # another thread opened one meanwhile
+            os.close(fd)
+        else:
+            if len(table) >= MAX_PIDFDS:
+                _sweep(table)
+            table[key] = fd
+    return True
+
+
+def _sweep(table: dict[tuple[int, int], int]) -> None:
+    """Close the pidfds of exited processes; all of them if that freed none (lock held)."""
+    for key, fd in list(table.items()):
+        if _exited(fd):
+            del table[key]
+            os.close(fd)
+    if len(table) >= MAX_PIDFDS:
+        for fd in table.values():
+            os.close(fd)
+        table.clear()
+
+
 def alive(pid: int, started: int) -> bool:
     """Return whether the process ``pid`` that started at ``started`` still runs."""
-    return pid > 0 and start_time(pid) == started
+    if pid <= 0:
+        return False
+    table = _PIDFDS
+    return start_time(pid) == started if table is None else _pidfd_alive(table, pid, started)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:

@@ -29,7 +29,7 @@ from popek.api import (
     trust,
 )
 from popek.api import metrics as metrics_api
-from popek.api.auth import identify
+from popek.api.auth import identified
 from popek.api.runner import Runner
 
 #: the routers of every resource, in the order the OpenAPI document lists them
@@ -41,7 +41,7 @@ ROUTERS = (instances.router, ports.router, imagetools.router, images.router, net
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:
     """The API application; ``local``: served on root's Unix socket (no token asked)."""
     app = FastAPI(title="popek", version=_version(), openapi_url="/1.0/openapi.json",
-                  docs_url=None, redoc_url=None, dependencies=[Depends(identify)])
+                  docs_url=None, redoc_url=None, dependencies=[Depends(identified)])
     app.state.local = local
     app.state.runner = runner or Runner()
     errors.install(app)

@@ -13,6 +13,7 @@ answer is ``401`` with the error body and nothing runs.
 from __future__ import annotations
 
 from fastapi import HTTPException
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
@@ -43,6 +44,14 @@ def peer_certificate(request: HTTPConnection) -> bytes | None:
     state = request.scope.get("state")
     der = state.get(PEER_CERTIFICATE) if isinstance(state, dict) else None
     return der if isinstance(der, bytes) and der else None
+
+
+async def identified(request: HTTPConnection) -> Identity:
+    """:func:`identify` as the application's dependency: on the local socket at once, in
+    the event loop; a token is checked in a worker thread (it reads the store)."""
+    if request.app.state.local:
+        return identify(request)
+    return await run_in_threadpool(identify, request)
 
 
 def identify(request: HTTPConnection) -> Identity:

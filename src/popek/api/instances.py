@@ -13,10 +13,11 @@ import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from popek.api.runner import accepted, session
+from popek.api.runner import accepted, json_body, json_response, session
 from popek.api.scope import identity
 from popek.core.service import MAX_TIMEOUT, Core
 from popek.core.service import Request as CoreRequest
@@ -59,25 +60,50 @@ def _authorized(core: Core, request: CoreRequest[Any]) -> None:
     core.authorize(request)
 
 
-@router.get("")
-def list_instances(request: Request, project: Project = None,
-                   all_projects: bool = False) -> list[dict[str, Any]]:
+#: the body last sent for a listing, by the rows it is made of: a listing given
+#: again (popek.core.listings) is the same list, not encoded again
+_last_listing: tuple[object, bytes] = (None, b"")
+
+
+def _listing_body(rows: list[dict[str, Any]]) -> bytes:
+    global _last_listing
+    last = _last_listing
+    if last[0] is rows:
+        return last[1]
+    body = json_body(rows)
+    _last_listing = (rows, body)
+    return body
+
+
+@router.get("", response_model=list[dict[str, Any]])
+async def list_instances(request: Request, project: Project = None,
+                         all_projects: bool = False) -> Response:
     """The instances of the project (of every one: ``all_projects``), as ``popek list``."""
     from popek.core.auth import ALL_PROJECTS
     from popek.core.records import MINE
 
-    with session(identity(request), project) as core:
-        core.check("instance.list", ALL_PROJECTS if all_projects else None)
-        return core.instances.summaries(None if all_projects else MINE)
+    who = identity(request)
+
+    def read() -> bytes:
+        with session(who, project) as core:
+            core.check("instance.list", ALL_PROJECTS if all_projects else None)
+            return _listing_body(core.instances.summaries(None if all_projects else MINE))
+
+    return json_response(await run_in_threadpool(read))
 
 
-@router.get("/{name}")
-def get_instance(request: Request, name: str, project: Project = None) -> dict[str, Any]:
+@router.get("/{name}", response_model=dict[str, Any])
+async def get_instance(request: Request, name: str, project: Project = None) -> Response:
     """One instance, as ``popek info NAME --format json`` shows it."""
-    with session(identity(request), project) as core:
-        core.check("instance.info")
-        core.instances.reconcile([_name(name)])
-        return core.instances.info(name)
+    who = identity(request)
+
+    def read() -> bytes:
+        with session(who, project) as core:
+            core.check("instance.info")
+            core.instances.reconcile([_name(name)])
+            return json_body(core.instances.info(name))
+
+    return json_response(await run_in_threadpool(read))
 
 
 class LaunchBody(BaseModel):

@@ -134,10 +134,12 @@ def serve(socket_path: str = DEFAULT_SOCKET, listen: str = "",
     ``cli``: the CLI's command server, run as this server's child while it serves
     (:mod:`popek.api.cliserver`).
     """
+    from popek import proc
     from popek.api.app import create_app
     from popek.api.runner import Runner
 
     tcp = parse_listen(listen) if listen else None
+    proc.keep_pidfds()  # every listing asks about every instance's process: see proc.alive
     runner = Runner()
     orphans = runner.start()
     if orphans:

@@ -26,6 +26,7 @@ from popek.core.access import Access, decision_lock
 from popek.core.guard import Guard
 from popek.core.host import check_resources
 from popek.core.lifecycle import ACTIVE, State, refused, transition
+from popek.core.listings import Listings
 from popek.core.model import (
     DEFAULT_LABEL,
     DEFAULT_PROJECT,
@@ -81,13 +82,15 @@ class Instances:
     def __init__(self, store: StateStore | None = None, images: ImageStore | None = None,
                  engines: EngineFactory = get_engine,
                  networks: NetworksFactory = host_networks,
-                 project: str = DEFAULT_PROJECT) -> None:
+                 project: str = DEFAULT_PROJECT, listings: Listings | None = None) -> None:
         """Open the stores (defaults under ``POPEK_HOME``); nothing is reconciled here.
 
         Instance names are of ``project``; a launch creates them there.
+        ``listings``: the listings a long-running process keeps (see :meth:`summaries`).
         """
         self.store: StateStore = store or open_store()
         self.project = project
+        self.listings = listings
         self.images = images or ImageStore()
         self.guard = Guard(self.store)
         self.records = Records(self.store, project)
@@ -602,17 +605,28 @@ class Instances:
         """Every instance (of ``project``), reconciled, as ``popek list`` shows it.
 
         Each with its network ports (their addresses from the store: one read
-        for all instances, no netlink).
+        for all instances, no netlink).  With :attr:`listings` (a long-running
+        front end's), a listing still true is given again, not read again
+        (:mod:`popek.core.listings`): the rows are shared, not to be changed.
         """
+        which = self.project if project == MINE else project
+        if self.listings is not None:
+            kept = self.listings.fresh(self.store, which, self.reconciler)
+            if kept is not None:
+                return kept
+            revision = self.store.revision()
         insts = self.settled(project)
         ports: dict[str, list[dict[str, Any]]] = {}
         for p in self.nets.all_ports():
             ports.setdefault(p.instance, []).append(port_json(p))
-        return [{"name": i.name, "project": i.project, "state": i.state.value,
+        rows = [{"name": i.name, "project": i.project, "state": i.state.value,
                  "reason": i.reason, "engine": i.spec.engine, "image": i.spec.image,
                  "vcpus": i.spec.vcpus, "memory": i.spec.memory, "label": i.spec.label,
                  "created": i.created, "pid": i.runtime.pid if i.runtime else None,
                  "ports": ports.get(owner_name(i), [])} for i in insts]
+        if self.listings is not None:
+            self.listings.keep(self.store, which, revision, insts, self.reconciler, rows)
+        return rows
 
     def info(self, name: str) -> dict[str, Any]:
         """Return the record of ``name`` with live engine details when it runs."""

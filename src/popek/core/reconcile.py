@@ -81,15 +81,9 @@ class Reconciler:
 
         ``owners``: every owner key, read once for a reconcile of all instances.
         """
-        if inst.state not in WATCHED:
+        if self.settled_already(inst, owners):
             return ""
-        owner = owners.get(owner_of(inst)) if owners is not None else self.records.owner(inst)
-        if live_owner(owner) is not None:
-            return ""  # an operation is in progress in another popek process
         eng = self.engine_for(inst)
-        if inst.state in (State.RUNNING, State.PAUSED) and inst.runtime is not None and \
-                eng.liveness(self.spec_for(inst, False), inst.runtime).alive:
-            return ""  # the common case, decided without reading images or ports
         if not self.records.claim(inst, rev):
             return ""  # changed since it was read: whoever changed it settled it
         try:
@@ -99,6 +93,23 @@ class Reconciler:
         if done and self.settled is not None:
             self.settled(inst, done)
         return done
+
+    def settled_already(self, inst: Instance, owners: dict[str, KeyValue] | None = None,
+                        spec: LaunchSpec | None = None) -> bool:
+        """Whether :meth:`one` would leave ``inst`` as it is: not active, an operation of a
+        live popek process in progress, or running (paused) with its engine process alive.
+
+        ``owners`` as for :meth:`one`; ``spec``: its spec without images and ports when
+        the caller has it (``spec_for(inst, False)``: built here otherwise).
+        """
+        if inst.state not in WATCHED:
+            return True
+        owner = owners.get(owner_of(inst)) if owners is not None else self.records.owner(inst)
+        if live_owner(owner) is not None:
+            return True  # an operation is in progress in another popek process
+        return inst.state in (State.RUNNING, State.PAUSED) and inst.runtime is not None and \
+            self.engine_for(inst).liveness(spec or self.spec_for(inst, False),
+                                           inst.runtime).alive  # decided without images, ports
 
     def _settle(self, inst: Instance, rev: int, eng: Engine) -> str:
         spec = self.spec_for(inst, True)

@@ -41,6 +41,7 @@ from popek.state.store import StateStore
 if TYPE_CHECKING:
     from popek.core.auth import Identity
     from popek.core.instances import Instances
+    from popek.core.listings import Listings
     from popek.images import ImageStore
     from popek.network import Networks
     from popek.trust.audit import AuditLog
@@ -170,8 +171,12 @@ class Core:
 
     def __init__(self, store: StateStore | None = None, instances: Instances | None = None,
                  images: ImageStore | None = None, identity: Identity | None = None,
-                 project: str | None = None) -> None:
-        """Open the state store under ``POPEK_HOME`` (or use the given parts)."""
+                 project: str | None = None, listings: Listings | None = None) -> None:
+        """Open the state store under ``POPEK_HOME`` (or use the given parts).
+
+        ``listings``: the instance listings a long-running front end keeps
+        (:mod:`popek.core.listings`; the API server's), given to :attr:`instances`.
+        """
         from popek.core.auth import ALL_PROJECTS, host_admin
         from popek.names import DEFAULT_PROJECT
 
@@ -181,6 +186,7 @@ class Core:
         self.project: str = project or (DEFAULT_PROJECT if own == ALL_PROJECTS else own)
         self._instances = instances
         self._images = images
+        self._listings = listings
         #: audit records this core appended (front ends check it: see cli.entry)
         self.audited = 0
         #: the core a core of another project was made from (it counts its records too)
@@ -191,7 +197,8 @@ class Core:
         already does.  Records it appends count in this core's :attr:`audited` too."""
         if project == self.project:
             return self
-        other = Core(self.store, images=self._images, identity=self.identity, project=project)
+        other = Core(self.store, images=self._images, identity=self.identity, project=project,
+                     listings=self._listings)
         other._origin = self
         return other
 
@@ -207,7 +214,8 @@ class Core:
             return self._instances
         from popek.core.instances import Instances
 
-        return Instances(self.store, self._images, project=self.project)
+        return Instances(self.store, self._images, project=self.project,
+                         listings=self._listings)
 
     @cached_property
     def images(self) -> ImageStore:

@@ -24,12 +24,13 @@ __all__ = ["Compare", "Delete", "Event", "KeyValue", "Op", "Put", "SQLiteStore",
            "TxnResult", "open_store"]
 
 
-def open_store() -> StateStore:
+def open_store(any_thread: bool = False) -> StateStore:
     """The state store of this host: SQLite at ``$POPEK_HOME/state.db``.
 
     The one place that picks the implementation: a cluster puts etcd here,
-    behind the same :class:`StateStore` protocol.
+    behind the same :class:`StateStore` protocol.  ``any_thread``: threads may
+    use it one at a time (the API server's pool, :mod:`popek.api.runner`).
     """
     from popek import paths
 
-    return SQLiteStore(paths.state_db())
+    return SQLiteStore(paths.state_db(), any_thread=any_thread)

@@ -491,12 +491,14 @@ def checkpoint_at_exit(code: int) -> int:
 class SQLiteStore:
     """A :class:`StateStore` in one SQLite file (WAL mode)."""
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, timeout: float = 30.0, any_thread: bool = False) -> None:
         """Open (and create if needed) the store at ``path``.
 
         Raises :class:`StoreDamaged` when the file is not a whole popek store
         (it is left as it is) and :class:`StoreUnavailable` when it cannot be
         opened (permissions, a full disk, a lock held for ``timeout`` seconds).
+        ``any_thread``: threads may use it one after another (a pool of the API
+        server hands it out); by default only the thread that opened it may.
         """
         self.path = path
         self.is_open = False
@@ -504,8 +506,12 @@ class SQLiteStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=HOME_MODE)
             _create(path, timeout)
             check_header(path)
-            self._db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+            self._db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
+                                       check_same_thread=not any_thread)
             self.is_open = True
+            st = os.stat(path)
+            #: the file this connection reads, (device, inode): see :meth:`reusable`
+            self.file = (st.st_dev, st.st_ino)
             self._db.execute("PRAGMA synchronous=NORMAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -547,6 +553,18 @@ class SQLiteStore:
             self.is_open = False
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
+
+    def reusable(self) -> bool:
+        """Whether another request may go on using this connection: it is open, no
+        transaction is left in progress, and ``path`` is still the file it opened (not
+        moved away or replaced since).  One ``stat``; no query."""
+        if not self.is_open or self._db.in_transaction:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.file
 
     @_guard
     def checkpoint(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from popek.engines.cgroupfs import ROOT, counters, is_v2
 
 CGROUP2_MAGIC = 0x63677270
-__all__ = ["ROOT", "Usage", "is_v2", "remove", "usage"]
+__all__ = ["ROOT", "Usage", "frozen", "is_v2", "remove", "usage"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,20 @@ def usage(cgroups_path: str, root: Path = ROOT) -> Usage:
         _limit(_read_int(root / "pids" / rel / "pids.max")),
         used.cpu_seconds,
     )
+
+
+def frozen(cgroups_path: str, root: Path = ROOT) -> bool | None:
+    """Whether the freezer holds the cgroup at ``cgroups_path`` frozen (what ``runc state``
+    reports as ``paused``): v2 ``cgroup.events`` says ``frozen 1``, v1 ``freezer.state``
+    says ``FROZEN``.  ``None`` when the cgroup cannot be read (gone)."""
+    rel = cgroups_path.strip("/")
+    try:
+        if is_v2(root):
+            events = (root / rel / "cgroup.events").read_text().split("\n")
+            return "frozen 1" in events
+        return (root / "freezer" / rel / "freezer.state").read_text().strip() == "FROZEN"
+    except OSError:
+        return None
 
 
 def remove(cgroups_path: str, root: Path = ROOT) -> None:

@@ -226,11 +226,23 @@ class ContainerEngine:
             return Liveness(False, "the container shut down")
         return Liveness(False, "the container's init exited unexpectedly (killed or crashed)")
 
+    def container_status(self, spec: LaunchSpec, rtime: Runtime) -> str | None:
+        """The status ``runc state`` reports, read where the runtime reads it, without
+        running it (a fork and exec of milliseconds per ``popek info``): ``None`` when the
+        runtime has no record of the container, ``stopped`` when its init is gone,
+        ``paused`` when the cgroup freezer holds it, else ``running``."""
+        name = str(rtime.details.get("runtime") or runtime.choose(spec.runtime))
+        if not runtime.OciRuntime(name, paths.home() / "oci").knows(container_id(spec)):
+            return None
+        if not proc.alive(rtime.pid, rtime.start_time):
+            return "stopped"
+        return "paused" if cgroups.frozen(cgroups_path(spec)) else "running"
+
     def status(self, spec: LaunchSpec, rtime: Runtime) -> dict[str, Any]:
-        """Return the runtime's state and the cgroup usage against the limits."""
-        state = self._rt(spec).state(container_id(spec)) or {}
+        """Return the container's status and the cgroup usage against the limits."""
         u = cgroups.usage(cgroups_path(spec))
-        return {"container_status": state.get("status"), "runtime": rtime.details.get("runtime"),
+        return {"container_status": self.container_status(spec, rtime),
+                "runtime": rtime.details.get("runtime"),
                 "pid": rtime.pid, "usage": {
                     "memory": u.memory, "memory_limit": u.memory_limit,
                     "pids": u.pids, "pids_limit": u.pids_limit, "cpu_seconds": u.cpu_seconds,

@@ -85,12 +85,15 @@ class OciRuntime:
             raise EngineError(f"{self.name} could not start the container: "
                               f"{text[-1] if text else 'no message'}")
 
+    def knows(self, cid: str) -> bool:
+        """Whether the runtime has a record of ``cid`` (runc and crun both keep a
+        container's state in ROOT/ID: without it the runtime does not know it)."""
+        return (self.root / cid).exists()
+
     def state(self, cid: str) -> dict[str, Any] | None:
         """Return the runtime's JSON state of ``cid``, or ``None`` if it does not know it."""
-        if not (self.root / cid).exists():
-            # runc and crun both keep a container's state in ROOT/ID: without
-            # it the runtime does not know the container (and a call costs ms).
-            return None
+        if not self.knows(cid):
+            return None  # and a call costs milliseconds
         try:
             out = self.call("state", cid)
         except EngineError:
