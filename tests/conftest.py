@@ -72,10 +72,16 @@ def popek_home() -> Iterator[Path]:
     yield home
     for inst in (home / "instances").glob("*/*") if (home / "instances").exists() else []:
         popek("delete", "--force", inst.name, "--project", inst.parent.name, check=False)
-    # networks a failed fixture left (their bridges and dnsmasq would outlive the home)
-    nets = popek("network", "list", "--format", "json", check=False)
-    for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:
-        popek("network", "delete", "--force", net["name"], check=False)
+    # networks a failed fixture left (their bridges and dnsmasq would outlive the home),
+    # of every project (a project lists its own and default's)
+    projects = popek("project", "list", "--format", "json", check=False)
+    for project in json.loads(projects.stdout or "[]") if projects.returncode == 0 else []:
+        nets = popek("network", "list", "--format", "json", "--project", project["name"],
+                     check=False)
+        for net in json.loads(nets.stdout or "[]") if nets.returncode == 0 else []:
+            if net.get("project", "default") == project["name"]:
+                popek("network", "delete", "--force", net["name"], "--project",
+                      project["name"], check=False)
     shutil.rmtree(home, ignore_errors=True)
 
 

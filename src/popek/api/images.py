@@ -1,5 +1,9 @@
 """``/1.0/images``: the images of this host, as ``popek image list|info --format json``.
 
+Images belong to a project (``?project=``, as ``--project``; default: the
+identity's own, ``default`` for the host admin): a project lists and reads its
+own and the ``default`` project's (shared read-only), and changes only its own.
+
 ``POST`` builds one (``popek image build``): an operation, its result the image's
 ``image list`` record and who signed it.
 """
@@ -13,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from popek.api.instances import Project
 from popek.api.runner import accepted, session
 from popek.api.scope import identity
 from popek.core import views
@@ -22,11 +27,12 @@ router = APIRouter(prefix="/1.0/images", tags=["images"])
 
 
 @router.get("")
-def list_images(request: Request) -> list[dict[str, Any]]:
-    """Every image and who signed it (the signature is checked at each start, not here)."""
-    with session(identity(request)) as core:
+def list_images(request: Request, project: Project = None) -> list[dict[str, Any]]:
+    """The project's images, then the default project's, and who signed them (the
+    signature is checked at each start, not here)."""
+    with session(identity(request), project) as core:
         core.check("image.list")
-        return [views.image_summary(i) for i in core.images.list()]
+        return views.image_summaries(core)
 
 
 class BuildBody(BaseModel):
@@ -40,35 +46,40 @@ class BuildBody(BaseModel):
 
 
 @router.post("", status_code=202)
-def build_image(request: Request, body: BuildBody) -> JSONResponse:
-    """Build image ``name`` from Debian's packages (and sign it): an operation."""
+def build_image(request: Request, body: BuildBody, project: Project = None) -> JSONResponse:
+    """Build image ``name`` of the project from Debian's packages (and sign it): an
+    operation."""
     from popek.core.requests import ImageBuild
+    from popek.core.requests.images import check_may_make
 
     req = ImageBuild(body.name, force=body.force, sign=body.sign, key=body.key)
     who = identity(request)
-    with session(who) as core:
+    with session(who, project) as core:
         core.authorize(req)  # a refusal: 403 now, audited, no operation
+        check_may_make(core, body.name, body.sign)  # nor one the identity may not make
 
     def work(core: Core, progress: Any) -> dict[str, Any]:
         built = core.handle(dataclasses.replace(req, progress=progress))
-        return views.image_summary(built.image)
+        return views.image_summary(built.image, core.project)
 
-    return accepted(request.app.state.runner.submit(req.op, body.name, work, who))
+    return accepted(request.app.state.runner.submit(req.op, body.name, work, who, project))
 
 
 @router.get("/{name}")
-def get_image(request: Request, name: str) -> dict[str, Any]:
-    """One image's manifest and signer."""
-    with session(identity(request)) as core:
+def get_image(request: Request, name: str, project: Project = None) -> dict[str, Any]:
+    """One image's manifest, project and signer (the project's, else the default
+    project's)."""
+    with session(identity(request), project) as core:
         core.check("image.info")
-        return views.image_detail(core.images.get(name))
+        owner, image = core.images.resolve(name, core.project)
+        return views.image_detail(image, owner)
 
 
 @router.delete("/{name}")
-def delete_image(request: Request, name: str) -> dict[str, Any]:
-    """Delete an image (refused while instances use it; the host admin's)."""
+def delete_image(request: Request, name: str, project: Project = None) -> dict[str, Any]:
+    """Delete an image of the project (refused while instances use it)."""
     from popek.core.requests import ImageDelete
 
-    with session(identity(request)) as core:
+    with session(identity(request), project) as core:
         core.handle(ImageDelete(name))
     return {"deleted": name}

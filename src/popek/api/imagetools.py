@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from popek.api.instances import Project
 from popek.api.runner import accepted, session
 from popek.api.scope import identity
 from popek.core import views
@@ -53,9 +54,12 @@ def _suffix(head: bytes) -> str:
 async def import_image(request: Request,
                        name: Annotated[str, Query(min_length=1, max_length=63)],
                        force: bool = False, sign: bool = True,
-                       key: Annotated[str, Query(max_length=63)] = "") -> JSONResponse:
-    """Import the body (a rootfs tarball or an OCI layout tar) as image ``name``: an operation."""
+                       key: Annotated[str, Query(max_length=63)] = "",
+                       project: Project = None) -> JSONResponse:
+    """Import the body (a rootfs tarball or an OCI layout tar) as image ``name`` of the
+    project: an operation."""
     from popek.core.requests import ImageImport
+    from popek.core.requests.images import check_may_make
 
     try:
         validate_name(name)
@@ -66,8 +70,9 @@ async def import_image(request: Request,
     probe = ImageImport("upload", name, force=force, sign=sign, key=key)
 
     def authorize() -> None:
-        with session(who) as core:
+        with session(who, project) as core:
             core.authorize(probe)  # a refusal: 403 now, audited, nothing stored
+            check_may_make(core, name, sign)  # 400 now: nothing uploaded
 
     await run_in_threadpool(authorize)
     workdir = Path(tempfile.mkdtemp(prefix="popek-import-"))
@@ -83,9 +88,9 @@ async def import_image(request: Request,
             built = core.handle(dataclasses.replace(req, progress=progress))
         finally:
             _remove(workdir)
-        return views.image_summary(built.image)
+        return views.image_summary(built.image, core.project)
 
-    return accepted(request.app.state.runner.submit(req.op, name, work, who))
+    return accepted(request.app.state.runner.submit(req.op, name, work, who, project))
 
 
 async def _receive(request: Request, workdir: Path) -> Path:
@@ -126,10 +131,12 @@ class SignBody(BaseModel):
 
 
 @router.post("/{name}/sign")
-def sign_image(request: Request, name: str, body: SignBody) -> dict[str, Any]:
-    """Sign image NAME's manifest with an image key; who signed and the serial."""
+def sign_image(request: Request, name: str, body: SignBody,
+               project: Project = None) -> dict[str, Any]:
+    """Sign image NAME's manifest (of the project) with an image key; who signed and the
+    serial (the host admin's)."""
     from popek.core.requests import ImageSign
 
-    with session(identity(request)) as core:
+    with session(identity(request), project) as core:
         verdict = core.handle(ImageSign(name, body.key, body.days))
     return dict(verdict.to_doc())

@@ -172,7 +172,7 @@ def launch(request: Request, body: LaunchBody, project: Project = None) -> JSONR
     who = identity(request)
     with session(who, project) as core:  # refused here, before any operation: nothing changes
         _authorized(core, req)
-        core.images.get(body.image)
+        core.images.resolve(body.image, core.project)  # its own, else default's
         try:
             core.instances.get(body.name)
         except NotFound:

@@ -1,4 +1,9 @@
-"""``/1.0/networks``: as ``popek network list|info|create|delete --format json``."""
+"""``/1.0/networks``: as ``popek network list|info|create|delete --format json``.
+
+Networks belong to a project (``?project=``, as ``--project``; default: the
+identity's own, ``default`` for the host admin): a project lists and reads its
+own and the ``default`` project's (shared read-only), and changes only its own.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from popek.api.instances import Project
 from popek.api.runner import session
 from popek.api.scope import identity
 from popek.core import views
@@ -15,20 +21,20 @@ router = APIRouter(prefix="/1.0/networks", tags=["networks"])
 
 
 @router.get("")
-def list_networks(request: Request) -> list[dict[str, Any]]:
-    """Every network and how many ports it has."""
-    with session(identity(request)) as core:
+def list_networks(request: Request, project: Project = None) -> list[dict[str, Any]]:
+    """The project's networks, then the default project's, and how many ports each has."""
+    with session(identity(request), project) as core:
         core.check("network.list")
-        return views.network_summaries(core.networks)
+        return views.network_summaries(core)
 
 
 @router.get("/{name}")
-def get_network(request: Request, name: str) -> dict[str, Any]:
-    """A network: its record, bridge, dnsmasq, ports and leases."""
-    with session(identity(request)) as core:
+def get_network(request: Request, name: str, project: Project = None) -> dict[str, Any]:
+    """A network (the project's, else the default project's): its record, bridge, dnsmasq,
+    ports and leases."""
+    with session(identity(request), project) as core:
         core.check("network.info")
-        data: dict[str, Any] = core.networks.info(name)
-        return data
+        return views.network_detail(core, name)
 
 
 class NetworkBody(BaseModel):
@@ -42,21 +48,25 @@ class NetworkBody(BaseModel):
 
 
 @router.post("", status_code=201)
-def create_network(request: Request, body: NetworkBody) -> dict[str, Any]:
-    """Create a network: a bridge, DHCP/DNS and port security rules; the new network."""
+def create_network(request: Request, body: NetworkBody,
+                   project: Project = None) -> dict[str, Any]:
+    """Create a network of the project: a bridge, DHCP/DNS and port security rules; the new
+    network."""
     from popek.core.requests import NetworkCreate
 
-    with session(identity(request)) as core:
+    with session(identity(request), project) as core:
         net = core.handle(NetworkCreate(body.name, subnet=body.subnet, nat=body.nat,
                                         port_isolation=body.port_isolation))
-        return next(n for n in views.network_summaries(core.networks) if n["name"] == net.name)
+        return next(n for n in views.network_summaries(core)
+                    if n["name"] == net.short and n["project"] == net.project)
 
 
 @router.delete("/{name}")
-def delete_network(request: Request, name: str, force: bool = False) -> dict[str, Any]:
-    """Delete a network (``force``: its ports too)."""
+def delete_network(request: Request, name: str, force: bool = False,
+                   project: Project = None) -> dict[str, Any]:
+    """Delete a network of the project (``force``: its ports too)."""
     from popek.core.requests import NetworkDelete
 
-    with session(identity(request)) as core:
+    with session(identity(request), project) as core:
         core.handle(NetworkDelete(name, force=force))
     return {"deleted": name}

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from popek.cli import completion, exitcodes, ops
+from popek.cli import completion, exitcodes, ops, scope
 from popek.cli.admin import app as admin_app
 from popek.cli.certificate import app as certificate_app
 from popek.cli.common import columns_option, format_option, project_option
@@ -321,10 +321,12 @@ def image_build(
     sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign the new image."),
     key: str = typer.Option("", "--key", help="Image key to sign with (default: this "
                                               "host's image key)."),
+    project: str | None = project_option(),
 ) -> None:
-    """Build an image from Debian packages (and sign it)."""
+    """Build an image of the project from Debian packages (and sign it)."""
     from popek.core.requests import ImageBuild
 
+    scope.use(project)
     with ops.progress(f"building image {name}") as progress:
         built = ops.core().handle(ImageBuild(name, force=force, sign=sign, key=key,
                                              progress=progress))
@@ -342,10 +344,13 @@ def image_import(
                               help="Sign the imported image: you vouch for its content."),
     key: str = typer.Option("", "--key", help="Image key to sign with (default: this "
                                               "host's image key)."),
+    project: str | None = project_option(),
 ) -> None:
-    """Import a root filesystem or an OCI image as a container image (and sign it)."""
+    """Import a root filesystem or an OCI image as a container image of the project (and
+    sign it)."""
     from popek.core.requests import ImageImport
 
+    scope.use(project)
     with ops.progress(f"importing {file}") as progress:
         built = ops.core().handle(ImageImport(file, name, force=force, sign=sign, key=key,
                                               progress=progress))
@@ -365,7 +370,8 @@ def _signer(record: dict[str, Any]) -> str:
 
 
 IMAGE_COLUMNS = (
-    Column("NAME", lambda r: r["name"]), Column("KINDS", lambda r: ",".join(r["kinds"])),
+    Column("NAME", lambda r: r["name"]), Column("PROJECT", lambda r: r["project"]),
+    Column("KINDS", lambda r: ",".join(r["kinds"])),
     Column("VERSION", lambda r: r["version"]), Column("CREATED", lambda r: r["created"]),
     Column("KERNEL", lambda r: r["kernel"]), Column("SIZE", _size),
     Column("SIGNER", _signer),
@@ -376,24 +382,29 @@ IMAGE_COLUMNS = (
 
 
 @image_app.command("list")
-def image_list(fmt: str = format_option(), columns: str = columns_option(IMAGE_COLUMNS)) -> None:
-    """List images and who signed them (the signature is checked at each start, not here)."""
-    from popek.core.views import image_summary
-    from popek.images import ImageStore
+def image_list(fmt: str = format_option(), columns: str = columns_option(IMAGE_COLUMNS),
+               project: str | None = project_option()) -> None:
+    """List the project's images, then the default project's (shared with every project),
+    and who signed them (the signature is checked at each start, not here)."""
+    from popek.core.views import image_summaries
 
-    rows = [image_summary(i) for i in ImageStore().list()]
+    scope.use(project)
+    rows = image_summaries(ops.core())
     listing(rows, IMAGE_COLUMNS, fmt, select=columns, command="popek image list")
 
 
 @image_app.command("info")
-def image_info(name: str, fmt: str = format_option()) -> None:
-    """Show an image's manifest (the table lists its files)."""
+def image_info(name: str, fmt: str = format_option(),
+               project: str | None = project_option()) -> None:
+    """Show an image's manifest (the project's own, else the default project's; the table
+    lists its files)."""
     from popek.core.views import image_detail
-    from popek.images import ImageStore
     from popek.units import format_size
 
-    image = ImageStore().get(name)
-    data = image_detail(image)
+    scope.use(project)
+    core = ops.core()
+    owner, image = core.images.resolve(name, core.project)
+    data = image_detail(image, owner)
     fields = [(k, v) for k, v in data.items() if not isinstance(v, dict | list)]
     signature = data["signature"] or {}
     fields += [(f"signature.{k}", v) for k, v in signature.items()] or [("signature", "no")]
@@ -403,10 +414,11 @@ def image_info(name: str, fmt: str = format_option()) -> None:
 
 
 @image_app.command("delete")
-def image_delete(name: str) -> None:
-    """Delete an image (refused while instances use it)."""
+def image_delete(name: str, project: str | None = project_option()) -> None:
+    """Delete an image of the project (refused while instances use it)."""
     from popek.core.requests import ImageDelete
 
+    scope.use(project)
     ops.core().handle(ImageDelete(name))  # its container base goes too, unless still used
     print(f"Image {name} deleted.")
 

@@ -8,7 +8,7 @@ Registered by :mod:`popek.cli.main` as ``app.add_typer(network_app, name="networ
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
@@ -16,16 +16,8 @@ from popek.cli import scope
 from popek.cli.common import columns_option, format_option, project_option
 from popek.cli.output import Column, details, listing
 
-if TYPE_CHECKING:
-    from popek.network import Networks
-
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Create, list, inspect and delete virtual networks.")
-
-def _networks() -> Networks:
-    from popek.network import Networks
-
-    return Networks()
 
 
 @app.command()
@@ -37,8 +29,10 @@ def create(
     nat: bool = typer.Option(False, "--nat", help="Let instances reach outside through NAT."),
     port_isolation: bool = typer.Option(False, "--port-isolation",
                                         help="Instances on it cannot reach each other."),
+    project: str | None = project_option(),
 ) -> None:
-    """Create a network: a bridge, DHCP/DNS, and port security rules."""
+    """Create a network of the project: a bridge, DHCP/DNS, and port security rules."""
+    scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import NetworkCreate
 
@@ -49,23 +43,32 @@ def create(
 
 
 COLUMNS = tuple(Column(title, itemgetter(key)) for title, key in (
-    ("NAME", "name"), ("SUBNET", "subnet"), ("GATEWAY", "gateway"), ("BRIDGE", "bridge"),
+    ("NAME", "name"), ("PROJECT", "project"), ("SUBNET", "subnet"), ("GATEWAY", "gateway"),
+    ("BRIDGE", "bridge"),
     ("NAT", "nat"), ("ISOLATION", "port_isolation"), ("PORTS", "ports"), ("STATE", "state")))
 
 
 @app.command("list")
-def list_(fmt: str = format_option(), columns: str = columns_option(COLUMNS)) -> None:
-    """List networks."""
+def list_(fmt: str = format_option(), columns: str = columns_option(COLUMNS),
+          project: str | None = project_option()) -> None:
+    """List the project's networks, then the default project's (shared with every project)."""
+    scope.use(project)
+    from popek.cli.ops import core
     from popek.core.views import network_summaries
 
-    listing(network_summaries(_networks()), COLUMNS, fmt, select=columns,
+    listing(network_summaries(core()), COLUMNS, fmt, select=columns,
             command="popek network list")
 
 
 @app.command()
-def info(name: str, fmt: str = format_option()) -> None:
-    """Show a network: its record, bridge, dnsmasq, ports and leases."""
-    full: dict[str, Any] = _networks().info(name)
+def info(name: str, fmt: str = format_option(), project: str | None = project_option()) -> None:
+    """Show a network (the project's own, else the default project's): its record, bridge,
+    dnsmasq, ports and leases."""
+    scope.use(project)
+    from popek.cli.ops import core
+    from popek.core.views import network_detail
+
+    full: dict[str, Any] = network_detail(core(), name)
     data = dict(full)
     ports = data.pop("ports")
     data.pop("leases")
@@ -90,8 +93,10 @@ def info(name: str, fmt: str = format_option()) -> None:
 def delete(
     name: str,
     force: bool = typer.Option(False, "--force", help="Delete its ports too (detaches them)."),
+    project: str | None = project_option(),
 ) -> None:
-    """Delete a network and everything it left on the host."""
+    """Delete a network of the project and everything it left on the host."""
+    scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import NetworkDelete
 

@@ -150,11 +150,14 @@ def image_sign(
     key: str = typer.Option("", "--key", help="Private key name (default: this host's "
                                               "image key, made on first use)."),
     days: int = typer.Option(365, "--days", help="Days the signature is valid."),
+    project: str | None = project_option(),
 ) -> None:
-    """Sign IMAGE's manifest with an image key."""
+    """Sign IMAGE's manifest (an image of the project) with an image key."""
+    from popek.cli import scope
     from popek.cli.ops import core
     from popek.core.requests import ImageSign
 
+    scope.use(project)
     v = core().handle(ImageSign(image, key, days))
     print(f"Image {image} signed by {v.signer} (serial {v.serial}).")
 

@@ -21,17 +21,23 @@ session.attest (a read)         yes      yes       yes    yes
 profile.*                       no       no        yes    yes
 token.*, certificate.* (its     no       no        yes    yes
 own project)
+network.create / delete,        no       no        yes    yes
+image.build / import / delete
+(its own project's)
 project.set (quotas), project.  no       no        no     yes
 create / delete
-network.create / delete,        no       no        no     yes
-image.*, trust.*, policy.*,
+image.sign, trust.*, policy.*,  no       no        no     yes
 audit.*, host.*
 anything in another project     no       no        no     yes
 ==============================  =======  ========  =====  ==========
 
-Networks, images, trust keys and the policy are host-wide today (not kept per
-project), so only the host admin changes them; every identity may read the
-images and networks it launches from.
+Images and networks belong to a project (incus's ``features.images`` and
+``features.networks``, always on): a project sees its own and the ``default``
+project's, which are shared read-only (only the host admin, acting in
+``default``, changes them); a project admin builds, imports and deletes images
+and creates and deletes networks of its own project only.  Signing stays with
+the host admin (the host's keys vouch for an image), as do trust keys and the
+policy, which are host-wide.
 
 Tokens: the secret is ``pk1.ID.RANDOM`` (256 random bits), shown once by
 :meth:`Tokens.create`; the store keeps only its SHA-256 under
@@ -68,11 +74,11 @@ OPERATOR_ACTIONS = frozenset({"network.attach", "network.detach"})
 #: what needs the console grant (and a role that may operate instances)
 SESSION_ACTIONS = frozenset({"session.console", "session.exec"})
 #: what a project admin may change besides what an operator may
-ADMIN_PREFIXES = ("profile.", "token.", "certificate.")
+ADMIN_PREFIXES = ("profile.", "token.", "certificate.", "image.")
+ADMIN_ACTIONS = frozenset({"network.create", "network.delete"})
 #: the actions on what every project shares (host-wide: their project is ``None``)
-HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "image.", "audit.")
-HOST_WIDE_ACTIONS = frozenset({"network.create", "network.delete", "project.create",
-                               "project.delete"})
+HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "audit.")
+HOST_WIDE_ACTIONS = frozenset({"image.sign", "project.create", "project.delete"})
 #: the longest a token may live, in days
 MAX_DAYS = 3650
 SECRET_PREFIX = "pk1"
@@ -148,8 +154,11 @@ def _allowed(identity: Identity, action: str, project: str | None) -> str:
         return "it is a host-wide change, for the host admin only"
     if action.startswith(OPERATOR_PREFIXES) or action in OPERATOR_ACTIONS:
         return ""
-    if identity.role == ADMIN and action.startswith(ADMIN_PREFIXES):
+    if identity.role == ADMIN and (action.startswith(ADMIN_PREFIXES)
+                                   or action in ADMIN_ACTIONS):
         return ""
+    if action.startswith(ADMIN_PREFIXES) or action in ADMIN_ACTIONS:
+        return f"an operator may not do {action} (for a project admin)"
     who = "an operator" if identity.role == OPERATOR else "a project admin"
     return f"{who} may not do {action} (for the host admin only)"
 

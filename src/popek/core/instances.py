@@ -50,7 +50,7 @@ from popek.core.records import MINE, Records
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
-from popek.network.model import Port
+from popek.network.model import Port, host_name
 from popek.state import open_store
 from popek.state.hostwide import HostCpus
 from popek.state.store import StateStore
@@ -139,7 +139,7 @@ class Instances:
         """The spec of ``inst``; without ``lookup`` no image and no mounts, without
         ``with_ports`` no ports (no store reads at all)."""
         if image is None and lookup:
-            image = self.images.get(inst.spec.image)
+            image = self.images.resolve(inst.spec.image, inst.project)[1]
         cmdline = f"{image.manifest.cmdline} popek.hostname={inst.name}" if image else ""
         ports = self.nets.ports(inst) if with_ports else []
         return LaunchSpec(
@@ -188,8 +188,9 @@ class Instances:
         """
         inst, rev = self.records.load(name)
         eng = self._engine(inst)
+        short, network = network, self.nets.service.resolve(network, self.project).name
         if any(p.network == network for p in self.nets.ports(inst)):
-            raise AlreadyExists(f"instance {name!r} is already attached to network {network!r}")
+            raise AlreadyExists(f"instance {name!r} is already attached to network {short!r}")
         running = inst.state in (State.RUNNING, State.PAUSED)
         if running:
             require(eng, Capability.NETWORK_HOTPLUG)
@@ -197,7 +198,6 @@ class Instances:
             raise StateError(name, "attach a network to", inst.state.value,
                              (State.PAUSED.value, State.RUNNING.value, State.STOPPED.value))
         nets = self.nets.service
-        nets.get(network)  # a missing network is NotFound before any decision
         self.access.check_network(inst.spec.label, network)
         port = nets.create_port(network, f"{inst.project}/{inst.name}", eng.port_kind, inst.uid,
                                 ipv4=ipv4)
@@ -222,6 +222,13 @@ class Instances:
             raise
         return port
 
+    def _network_ref(self, text: str) -> str:
+        """``NAME`` or ``NAME=IPV4`` as this project names the network (its own, else
+        ``default``'s), with the network's host-wide name; NotFound when there is none."""
+        name, ipv4 = split_network(text)
+        full = self.nets.service.resolve(name, self.project).name
+        return full if ipv4 is None else f"{full}={ipv4}"
+
     def _unplug(self, inst: Instance, eng: Engine, port: Port, cause: BaseException) -> bool:
         """Undo a hot-plug after ``cause``; ``False`` (and a note on ``cause``) if it stays."""
         assert inst.runtime is not None
@@ -241,7 +248,10 @@ class Instances:
         finish, and the record still loses the NIC's slot.
         """
         inst, rev = self.records.load(name)
-        ports = [p for p in self.nets.ports(inst) if p.network == network]
+        mine = self.nets.ports(inst)
+        ports = next(([p for p in mine if p.network == full] for full in
+                      (host_name(self.project, network), network)
+                      if any(p.network == full for p in mine)), [])
         if not ports:
             raise NotFound(f"instance {name!r} is not attached to network {network!r}")
         eng = self._engine(inst)
@@ -296,13 +306,12 @@ class Instances:
         if self.records.exists(name):
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
-        image = self.images.get(image_name)
+        image = self.images.resolve(image_name, self.project)[1]  # its own, else default's
         spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts,
                                label, list(profiles or []))
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
-        for net in networks or []:
-            self.nets.service.get(split_network(net)[0])  # missing: fail first
+        networks = [self._network_ref(n) for n in networks or []]  # missing: fail first
         verdict = self.guard.image(image, image_name, self.project)
         with decision_lock():  # the decision holds until our record is there for the next one
             if profiles:  # a profile delete holds this lock too (see core.profiles)
@@ -343,7 +352,7 @@ class Instances:
         """Start a stopped instance and wait until its guest is ready."""
         inst, rev = self.records.intent(name, "start")
         try:
-            image = self.images.get(inst.spec.image)
+            image = self.images.resolve(inst.spec.image, inst.project)[1]
             verdict = self.guard.image(image, inst.spec.image, inst.project)
             with decision_lock():  # our intent (starting) is recorded: decide after it
                 self.access.check_run(inst, [p.network for p in self.nets.ports(inst)],
@@ -681,7 +690,16 @@ class Instances:
         if inst.runtime:
             proc.kill(inst.runtime.pid, inst.runtime.start_time)
 
-    def image_in_use(self, image: str) -> list[str]:
-        """Return the names of instances that use ``image``."""
-        return [i.name for i in self.all(None) if i.spec.image == image]
+    def image_in_use(self, image: str, project: str = DEFAULT_PROJECT) -> list[str]:
+        """Return the names of instances that use image ``image`` of ``project``: those of
+        ``project`` launched from that name, and for ``default``'s, those of any project
+        without an image of its own of that name (``PROJECT/NAME`` outside ``default``)."""
+        def uses(p: str) -> bool:
+            if p == project:
+                return True
+            return project == DEFAULT_PROJECT and not (self.images.in_project(p).root
+                                                       / image).is_dir()
+
+        return [i.name if i.project == DEFAULT_PROJECT else f"{i.project}/{i.name}"
+                for i in self.all(None) if i.spec.image == image and uses(i.project)]
 

@@ -44,7 +44,9 @@ def owner_name(inst: Instance) -> str:
 
 def port_json(port: Port) -> dict[str, Any]:
     """What ``popek info`` and ``popek list --format json`` say of an instance's port."""
-    return {"network": port.network, "mac": port.mac, "ipv4": port.ipv4, "ipv6": port.ipv6,
+    project = port.instance.split("/", 1)[0]
+    network = port.network.removeprefix(f"{project}.")  # as its project names it
+    return {"network": network, "mac": port.mac, "ipv4": port.ipv4, "ipv6": port.ipv6,
             "host_device": port.host_ifname, "kind": port.kind}
 
 

@@ -21,7 +21,7 @@ kept the container default as ``limits.disk``; they are read as
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from popek.engines.container.disk import DEFAULT_DISK, check_size
@@ -119,8 +119,10 @@ class Projects:
         if not self.store.txn([Compare(key, "version", "==", 0)], [Put(key, doc)]).succeeded:
             raise AlreadyExists(f"project {project!r} already exists")
 
-    def delete(self, project: str, instances: list[str]) -> None:
-        """Delete ``project``; refused while it holds ``instances`` or profiles (named)."""
+    def delete(self, project: str, instances: list[str], networks: Sequence[str] = (),
+               images: Sequence[str] = ()) -> None:
+        """Delete ``project``; refused while it holds ``instances``, profiles, ``networks``
+        or ``images`` (named)."""
         if project == DEFAULT_PROJECT:
             raise InvalidInput("the project 'default' cannot be deleted")
         self.require(project)
@@ -131,6 +133,10 @@ class Projects:
             held.append(f"instances {', '.join(instances)}")
         if profiles:
             held.append(f"profiles {', '.join(profiles)}")
+        if networks:
+            held.append(f"networks {', '.join(networks)}")
+        if images:
+            held.append(f"images {', '.join(images)}")
         if held:
             raise ProjectNotEmpty(f"project {project!r} is not empty: it holds "
                              f"{'; '.join(held)}; delete them first")

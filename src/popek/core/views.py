@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from popek.names import DEFAULT_PROJECT
+
 if TYPE_CHECKING:
     from popek.core.service import Core
     from popek.images import Image
-    from popek.network import Networks
     from popek.trust.keys import TrustStore
 
 
@@ -29,29 +30,68 @@ def signature_summary(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def image_summary(image: Image) -> dict[str, Any]:
-    """One row of ``popek image list``."""
-    return {"name": image.name, "version": image.manifest.version,
+def image_summary(image: Image, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
+    """One row of ``popek image list`` (``project``: the project the image belongs to)."""
+    return {"name": image.name, "project": project, "version": image.manifest.version,
             "created": image.manifest.created, "kernel": image.manifest.kernel_version,
             "kinds": image.kinds(), "size": sum(f.size for f in image.manifest.files.values()),
             "signature": signature_summary(image.path)}
 
 
-def image_detail(image: Image) -> dict[str, Any]:
-    """``popek image info``: the manifest and who signed it."""
+def image_summaries(core: Core) -> list[dict[str, Any]]:
+    """The rows of ``popek image list``: the images of the core's project, then the
+    ``default`` project's (shared read-only with every project)."""
+    return [image_summary(image, project) for project, image in core.images.visible(core.project)]
+
+
+def image_detail(image: Image, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
+    """``popek image info``: the manifest, the image's project and who signed it."""
     data: dict[str, Any] = json.loads(image.manifest.to_json())
+    data["project"] = project
     data["signature"] = signature_summary(image.path)
     return data
 
 
-def network_summaries(svc: Networks) -> list[dict[str, Any]]:
-    """The rows of ``popek network list``: each network and how many ports it has."""
+def _sees(core: Core, instance: str) -> bool:
+    """Whether the core's identity may see a port of ``instance`` (``PROJECT/NAME``): the host
+    admin sees all; anyone else only its own project's, on a network shared or not."""
+    return core.identity.host_admin or instance.startswith(f"{core.project}/")
+
+
+def network_summaries(core: Core) -> list[dict[str, Any]]:
+    """The rows of ``popek network list``: the networks of the core's project, then the
+    ``default`` project's (shared), each with how many of the ports it may see it has."""
+    svc = core.networks
     counts: dict[str, int] = {}
     for port in svc.ports():
-        counts[port.network] = counts.get(port.network, 0) + 1
-    return [{"name": n.name, "subnet": n.subnet, "gateway": n.gateway, "bridge": n.bridge,
-             "nat": n.nat, "port_isolation": n.port_isolation, "state": n.state,
-             "ports": counts.get(n.name, 0)} for n in svc.list()]
+        if _sees(core, port.instance):
+            counts[port.network] = counts.get(port.network, 0) + 1
+    return [{"name": n.short, "project": n.project, "subnet": n.subnet, "gateway": n.gateway,
+             "bridge": n.bridge, "nat": n.nat, "port_isolation": n.port_isolation,
+             "state": n.state, "ports": counts.get(n.name, 0)}
+            for n in svc.visible(core.project)]
+
+
+def network_detail(core: Core, name: str) -> dict[str, Any]:
+    """``popek network info NAME``: network ``name`` as the core's project names it (its own,
+    else ``default``'s), with the ports and leases its identity may see."""
+    svc = core.networks
+    data: dict[str, Any] = svc.info(svc.resolve(name, core.project).name)
+    if core.identity.host_admin:
+        return data
+    ports = [p for p in data["ports"] if _sees(core, p["instance"])]
+    macs = {p["mac"] for p in ports}
+    data["ports"] = ports
+    data["leases"] = {ip: who for ip, who in data["leases"].items() if _sees(core, who)}
+    ifnames = {p["host_ifname"] for p in ports}
+    if "dhcp_leases" in data:
+        data["dhcp_leases"] = [d for d in data["dhcp_leases"] if d.get("mac") in macs]
+    if isinstance(data.get("devices"), dict):
+        data["devices"] = {k: v for k, v in data["devices"].items() if k in ifnames}
+    bridge = data.get("bridge")
+    if isinstance(bridge, dict) and "ports" in bridge:
+        data["bridge"] = {**bridge, "ports": [n for n in bridge["ports"] if n in ifnames]}
+    return data
 
 
 def profiles_used(core: Core) -> dict[str, list[str]]:

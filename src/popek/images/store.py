@@ -1,5 +1,11 @@
 """The image store: one directory per image under ``images_dir()``.
 
+Images belong to a project: the ``default`` project's are the directories of
+``images_dir()`` (where every image was before projects had images: nothing
+moves), another project's under ``images_dir()/.projects/PROJECT/`` (a name no
+image can have).  A project sees its own and ``default``'s (:meth:`ImageStore.visible`,
+:meth:`ImageStore.resolve`: its own first).
+
 Builds happen in a hidden temporary directory next to the final one and are
 published with an atomic rename, so a failed build leaves nothing behind.
 """
@@ -19,6 +25,7 @@ from popek.errors import AlreadyExists, ImageError, InvalidInput, NotFound
 from popek.images.builder import BuildContext, Builder, BuildResult, Progress, quiet
 from popek.images.image import Image, hash_file
 from popek.images.manifest import MANIFEST_NAME, NAME_RULE, Manifest, valid_name
+from popek.names import DEFAULT_PROJECT
 
 #: builder name -> the builder, or "module:function" imported on first use (builders pull
 #: in modules that commands such as launch never need)
@@ -37,14 +44,65 @@ def _resolve(builder: Builder | str) -> Builder:
         return resolved
     return builder
 LOCK_NAME = ".lock"
+#: the directory of ``images_dir()`` holding the other projects' images
+PROJECTS_DIR = ".projects"
 
 
 class ImageStore:
     """Images stored under ``root``; builders download into ``cache``."""
 
-    def __init__(self, root: Path | None = None, cache: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, cache: Path | None = None,
+                 project: str = DEFAULT_PROJECT, base: Path | None = None) -> None:
+        """The images of ``project`` (``root``: where they are; ``base``: where ``default``'s
+        are, ``root`` for ``default``)."""
         self.root = root if root is not None else paths.images_dir()
         self.cache = cache if cache is not None else paths.cache_dir()
+        self.project = project
+        self.base = base if base is not None else self.root
+
+    # -- projects --------------------------------------------------------------
+    def in_project(self, project: str) -> ImageStore:
+        """The images of ``project`` (on the same host)."""
+        if project == self.project:
+            return self
+        root = self.base if project == DEFAULT_PROJECT else self.base / PROJECTS_DIR / project
+        return ImageStore(root, self.cache, project, self.base)
+
+    def projects(self) -> list[str]:
+        """The projects with a directory of images (``default`` first)."""
+        d = self.base / PROJECTS_DIR
+        others = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        return [DEFAULT_PROJECT, *others]
+
+    def visible(self, project: str) -> list[tuple[str, Image]]:
+        """The images ``project`` sees, with their project: its own, then ``default``'s
+        (shared read-only with every project)."""
+        out = [(project, i) for i in self.in_project(project).list()]
+        if project != DEFAULT_PROJECT:
+            out += [(DEFAULT_PROJECT, i) for i in self.in_project(DEFAULT_PROJECT).list()]
+        return out
+
+    def resolve(self, name: str, project: str) -> tuple[str, Image]:
+        """Image ``name`` as ``project`` names it, with its project: its own, else
+        ``default``'s; NotFound lists those it sees."""
+        own = self.in_project(project)
+        if project == DEFAULT_PROJECT:
+            return project, own.get(name)
+        own._check_name(name)
+        if (own.root / name).is_dir():
+            return project, own.get(name)
+        shared = self.in_project(DEFAULT_PROJECT)
+        if (shared.root / name).is_dir():
+            return DEFAULT_PROJECT, shared.get(name)
+        raise own._missing(name)
+
+    def every(self) -> list[Image]:
+        """The images of every project (what must not be pruned)."""
+        return [i for p in self.projects() for i in self.in_project(p).list()]
+
+    def names(self) -> list[str]:
+        """The names of the images here, broken ones too."""
+        return self._names()
 
     def _names(self) -> list[str]:
         if not self.root.is_dir():
@@ -55,10 +113,16 @@ class ImageStore:
         """The error for image ``name`` that is not there: the images there are, and how to
         make one (built by its builder of that name, or any of them, or imported)."""
         available = ", ".join(self._names()) or "none"
+        where = ""
+        if self.project != DEFAULT_PROJECT:
+            shared = self.in_project(DEFAULT_PROJECT)._names()
+            available = ", ".join([*self._names(), *(f"{n} (default)" for n in shared)]) \
+                or "none"
+            where = f" in project {self.project!r}"
         how = (f"build it with popek image build {name}" if name in BUILDERS else
                f"build one with popek image build NAME ({', '.join(sorted(BUILDERS))}) or "
                "import one with popek image import FILE NAME")
-        return NotFound(f"image '{name}' not found; available: {available}; {how}")
+        return NotFound(f"image '{name}' not found{where}; available: {available}; {how}")
 
     def list(self) -> list[Image]:
         """Return the images with a valid manifest, sorted by name (``get`` reports broken ones)."""

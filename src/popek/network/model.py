@@ -14,16 +14,33 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from popek.names import DEFAULT_PROJECT
 from popek.state.schema import lease_key, mac_key, network_key, port_key
 
-__all__ = ["Network", "Port", "PortKind", "lease_key", "mac_key", "network_key", "port_key"]
+__all__ = ["Network", "Port", "PortKind", "host_name", "lease_key", "mac_key", "network_key",
+           "port_key"]
+
+
+def host_name(project: str, name: str) -> str:
+    """The host-wide name of network ``name`` of ``project``: ``name`` in ``default``,
+    ``PROJECT.NAME`` in another (names have no dot, so two projects never collide).
+
+    It keys the network's records (network, ports, leases), its directory and its
+    dnsmasq domain (``PROJECT.NAME.popek``); bridges and subnets are unique on the
+    host whatever the project."""
+    return name if project == DEFAULT_PROJECT else f"{project}.{name}"
 
 PortKind = Literal["tap", "veth"]
 
 
 @dataclass
 class Network:
-    """One isolated virtual network."""
+    """One isolated virtual network, of one project.
+
+    ``name`` is the host-wide name (:func:`host_name`); :attr:`short` is the name
+    its project knows it by.  A record written before networks had projects has no
+    ``project``: it reads as ``default``'s, under the same name (nothing to move).
+    """
 
     name: str
     subnet: str            # e.g. "10.77.0.0/24"
@@ -37,6 +54,15 @@ class Network:
     owner: str = ""        # "PID STARTTIME" of the popek process whose intent is in progress
     dnsmasq_pid: int = 0   # the network's dnsmasq, with its start time (popek.proc)
     dnsmasq_start: int = 0
+    project: str = DEFAULT_PROJECT
+
+    @property
+    def short(self) -> str:
+        """The name within its project (``popek network list --project P`` shows)."""
+        prefix = f"{self.project}."
+        if self.project != DEFAULT_PROJECT and self.name.startswith(prefix):
+            return self.name[len(prefix):]
+        return self.name
 
     def to_json(self) -> bytes:
         """Serialise for the store."""

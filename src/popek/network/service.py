@@ -34,12 +34,14 @@ from popek.errors import (
     StateError,
     StoreError,
 )
+from popek.names import DEFAULT_PROJECT
 from popek.network import ipam
 from popek.network.host import Backend, HostBackend, networks_dir
 from popek.network.model import (
     Network,
     Port,
     PortKind,
+    host_name,
     lease_key,
     mac_key,
     network_key,
@@ -137,6 +139,37 @@ class Networks:
         """Return network ``name``; raise :class:`NotFound` listing the existing ones."""
         return self._load(name)[0]
 
+    # -- projects --------------------------------------------------------------
+    def visible(self, project: str) -> builtins.list[Network]:
+        """The networks ``project`` sees: its own, then ``default``'s (shared, read-only)."""
+        nets = self.list()
+        own = [n for n in nets if n.project == project]
+        shared = [n for n in nets if n.project == DEFAULT_PROJECT] if project != DEFAULT_PROJECT \
+            else []
+        return sorted(own, key=lambda n: n.short) + sorted(shared, key=lambda n: n.short)
+
+    def resolve(self, name: str, project: str, own: bool = False) -> Network:
+        """Network ``name`` as ``project`` names it: its own, else ``default``'s (not with
+        ``own``: a change touches only the project's own networks).  NotFound lists the
+        ones it may name."""
+        plain = isinstance(name, str) and "." not in name and "/" not in name
+        if plain:
+            shared = project != DEFAULT_PROJECT and not own
+            for full in [host_name(project, name), *([name] if shared else [])]:
+                kv = self.store.get(network_key(full))
+                if kv is not None:
+                    return Network.from_json(kv.value)
+        seen = [n for n in self.visible(project) if not own or n.project == project]
+        names = ", ".join(n.short if n.project == project else f"{n.short} (default)"
+                          for n in seen)
+        where = "" if project == DEFAULT_PROJECT else f" in project {project!r}"
+        hint = ""
+        if plain and own and project != DEFAULT_PROJECT and self.store.get(network_key(name)):
+            hint = ("; the default project's networks are shared read-only: only the host "
+                    "admin changes them")
+        raise NotFound(f"network {name!r} not found{where}; existing networks: "
+                       f"{names or 'none'}{hint}")
+
     def ports(self, instance: str | None = None,
               network: str | None = None) -> builtins.list[Port]:
         """Return the ports, optionally only those of ``instance`` and/or ``network``."""
@@ -173,8 +206,9 @@ class Networks:
         return used + self.backend.used_subnets({n.bridge for n in nets})
 
     def create(self, name: str, subnet: str | None = None, nat: bool = False,
-               port_isolation: bool = False) -> Network:
-        """Create network ``name``: a bridge holding the gateway address, dnsmasq, rules.
+               port_isolation: bool = False, project: str = DEFAULT_PROJECT) -> Network:
+        """Create network ``name`` of ``project``: a bridge holding the gateway address,
+        dnsmasq, rules (its host-wide name: :func:`~popek.network.model.host_name`).
 
         ``subnet`` defaults to the first free /24 in 10.200-250.x.0.  Raises
         :class:`InvalidInput` (bad name or subnet), :class:`AlreadyExists`
@@ -183,13 +217,15 @@ class Networks:
         """
         ipam.validate_network_name(name)
         net_in = ipam.parse_subnet(subnet) if subnet is not None else None
+        full = host_name(project, name)
         with self._locked():
             gen = self.store.get(GENERATION_KEY)
             gen_rev = gen.mod_revision if gen else 0
             existing = self.list()
-            if any(n.name == name for n in existing):
-                raise AlreadyExists(f"network {name!r} already exists; pick another name or "
-                                    "delete it first")
+            if any(n.name == full for n in existing):
+                where = "" if project == DEFAULT_PROJECT else f" in project {project!r}"
+                raise AlreadyExists(f"network {name!r} already exists{where}; pick another "
+                                    "name or delete it first")
             used = self._used_subnets(existing)
             if net_in is not None:
                 ipam.check_overlap(net_in, used)
@@ -199,10 +235,10 @@ class Networks:
             bridges = {n.bridge for n in existing}
             bridge = next(b for b in (f"pk-{secrets.token_hex(4)}" for _ in range(100))
                           if b not in bridges)
-            net = Network(name=name, subnet=str(chosen), gateway=str(ipam.gateway_of(chosen)),
+            net = Network(name=full, subnet=str(chosen), gateway=str(ipam.gateway_of(chosen)),
                           bridge=bridge, nat=nat, port_isolation=port_isolation,
-                          created=_now(), state="creating", owner=_me())
-            key = network_key(name)
+                          created=_now(), state="creating", owner=_me(), project=project)
+            key = network_key(full)
             res = self.store.txn(
                 [_cmp_version(key, 0), _cmp_rev(GENERATION_KEY, gen_rev)],
                 [Put(key, net.to_json()), Put(GENERATION_KEY, key.encode())])
@@ -212,7 +248,7 @@ class Networks:
             try:
                 net.dnsmasq_pid, net.dnsmasq_start = self.backend.setup_network(net)
                 net.state, net.owner = "ready", ""
-                self._save(key, net.to_json(), res.revision, f"network {name!r}")
+                self._save(key, net.to_json(), res.revision, f"network {full!r}")
                 self._apply_rules()
             except BaseException:
                 self._purge_network(net)
@@ -256,7 +292,7 @@ class Networks:
         net = self.get(name)
         ports = self.ports(network=name)
         data: dict[str, Any] = {
-            "name": net.name, "subnet": net.subnet, "gateway": net.gateway,
+            "name": net.short, "project": net.project, "subnet": net.subnet, "gateway": net.gateway,
             "bridge": net.bridge, "nat": net.nat, "port_isolation": net.port_isolation,
             "state": net.state, "created": net.created,
             "ports": [{"host_ifname": p.host_ifname, "instance": p.instance, "kind": p.kind,

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from popek.core.service import NOT_AUDITED, Progress, Request, _noop
-from popek.errors import PopekError
+from popek.errors import InvalidInput, PopekError
+from popek.names import DEFAULT_PROJECT
 
 if TYPE_CHECKING:
     from popek.core.service import Core
@@ -22,6 +23,25 @@ def _sign(core: Core, image: Image, key: str, days: int | None = None) -> Verdic
     if days is None:
         return sign_image(core.trust, image, signer)
     return sign_image(core.trust, image, signer, days)
+
+
+def check_may_make(core: Core, name: str, sign: bool) -> None:
+    """Refuse, before anything is done, an image the core's identity may not make in the
+    core's project: one it would sign with the host's keys (signing is the host admin's),
+    or one that would take the place of ``default``'s image of that name under instances
+    of the project already launched from it."""
+    if sign and not core.identity.host_admin:
+        raise InvalidInput(f"a project admin may not sign images with the host's keys: make "
+                           f"{name!r} with --no-sign (\"sign\": false); the host admin signs it "
+                           f"with popek image sign {name} --project {core.project}")
+    if core.project == DEFAULT_PROJECT or (core.images.in_project(core.project).root
+                                           / name).is_dir():
+        return
+    users = [u for u in core.instances.image_in_use(name) if u.startswith(f"{core.project}/")]
+    if users:
+        raise InvalidInput(f"instance(s) {', '.join(users)} of project {core.project!r} run "
+                           f"the default project's image {name!r}: an image {name!r} of the "
+                           "project would replace it at their next start; pick another name")
 
 
 @dataclass(frozen=True)
@@ -45,8 +65,10 @@ class ImageBuild(Request[Built]):
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
 
     def run(self, core: Core) -> Built:
-        """Build (and sign) it."""
-        image = core.images.build(self.name, progress=self.progress, force=self.force)
+        """Build (and sign) it in the core's project."""
+        check_may_make(core, self.name, self.sign)
+        image = core.images.in_project(core.project).build(self.name, progress=self.progress,
+                                                           force=self.force)
         return Built(image, _sign(core, image, self.key) if self.sign else None)
 
 
@@ -68,17 +90,18 @@ class ImageImport(Request[Built]):
         return self.file
 
     def run(self, core: Core) -> Built:
-        """Import (and sign) it."""
+        """Import (and sign) it in the core's project."""
         from pathlib import Path
 
-        image = core.images.import_file(Path(self.file), self.name, progress=self.progress,
-                                        force=self.force)
+        check_may_make(core, self.name, self.sign)
+        image = core.images.in_project(core.project).import_file(
+            Path(self.file), self.name, progress=self.progress, force=self.force)
         return Built(image, _sign(core, image, self.key) if self.sign else None)
 
 
 @dataclass(frozen=True)
 class ImageSign(Request["Verdict"]):
-    """Sign image ``name``'s manifest with an image key for ``days`` days."""
+    """Sign image ``name`` (of the core's project) with an image key for ``days`` days."""
 
     op = "image.sign"
     shown = ("key", "days")
@@ -88,12 +111,14 @@ class ImageSign(Request["Verdict"]):
 
     def run(self, core: Core) -> Verdict:
         """Sign it."""
-        return _sign(core, core.images.get(self.name), self.key, self.days)
+        return _sign(core, core.images.in_project(core.project).get(self.name), self.key,
+                     self.days)
 
 
 @dataclass(frozen=True)
 class ImageDelete(Request[None]):
-    """Delete image ``name``: refused while instances use it; its container base goes too."""
+    """Delete image ``name`` of the core's project (never ``default``'s from another): refused
+    while instances use it; its container base goes too."""
 
     op = "image.delete"
     name: str
@@ -104,11 +129,12 @@ class ImageDelete(Request[None]):
 
     def run(self, core: Core) -> None:
         """Delete it, then the container base nothing uses any more."""
-        users = core.instances.image_in_use(self.name)
+        store = core.images.in_project(core.project)
+        users = core.instances.image_in_use(self.name, core.project)
         if users:
             raise PopekError(f"image {self.name!r} is used by instance(s) {', '.join(users)}; "
                              "delete them first")
         from popek.engines.container import rootfs
 
-        core.images.delete(self.name)
+        store.delete(self.name)
         rootfs.prune()

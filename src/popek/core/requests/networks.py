@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class NetworkCreate(Request["Network"]):
-    """Create network ``name``: a bridge, DHCP/DNS and port security rules."""
+    """Create network ``name`` in the core's project: a bridge, DHCP/DNS and port security
+    rules (names are unique per project; bridges and subnets per host)."""
 
     op = "network.create"
     shown = ("subnet", "nat", "port_isolation")
@@ -26,12 +27,13 @@ class NetworkCreate(Request["Network"]):
     def run(self, core: Core) -> Network:
         """Create it."""
         return core.networks.create(self.name, subnet=self.subnet, nat=self.nat,
-                                    port_isolation=self.port_isolation)
+                                    port_isolation=self.port_isolation, project=core.project)
 
 
 @dataclass(frozen=True)
 class NetworkDelete(Request[None]):
-    """Delete network ``name`` (``force``: detach its ports first)."""
+    """Delete network ``name`` of the core's project (``force``: detach its ports first);
+    another project's, ``default``'s shared ones included, are not found."""
 
     op = "network.delete"
     shown = ("force",)
@@ -40,4 +42,5 @@ class NetworkDelete(Request[None]):
 
     def run(self, core: Core) -> None:
         """Delete it."""
-        core.networks.delete(self.name, force=self.force)
+        net = core.networks.resolve(self.name, core.project, own=True)
+        core.networks.delete(net.name, force=self.force)

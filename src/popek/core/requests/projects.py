@@ -28,7 +28,8 @@ class ProjectCreate(Request[None]):
 
 @dataclass(frozen=True)
 class ProjectDelete(Request[None]):
-    """Delete project ``name``; refused while it holds instances or profiles."""
+    """Delete project ``name``; refused while it holds instances, profiles, networks or
+    images."""
 
     op = "project.delete"
     name: str
@@ -37,10 +38,17 @@ class ProjectDelete(Request[None]):
         """Delete it, under the lock launches hold while they write their record."""
         from popek.core.access import decision_lock
         from popek.core.projects import Projects
+        from popek.network.model import Network
+        from popek.state.schema import NETWORKS_PREFIX
 
         with decision_lock():
             held = [i.name for i in core.instances.all(self.name)]
-            Projects(core.store).delete(self.name, held)
+            nets = [n.short for n in (Network.from_json(kv.value)
+                                      for kv in core.store.range(NETWORKS_PREFIX))
+                    if n.project == self.name]
+            images = core.images.in_project(self.name).names() if self.name != "default" \
+                else []
+            Projects(core.store).delete(self.name, held, nets, images)
 
 
 @dataclass(frozen=True)

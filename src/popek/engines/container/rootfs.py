@@ -299,7 +299,7 @@ def _used_by_containers() -> Iterator[str]:
 def _used_by_images() -> Iterator[str]:
     from popek.images import ImageStore
 
-    for image in ImageStore().list():
+    for image in ImageStore().every():  # every project's
         if image.has("rootfs"):
             yield base_id(image)
 
