@@ -12,6 +12,7 @@ Real processes, real sockets under the test's directory, real commands
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -269,3 +270,27 @@ def test_a_second_owner_leaves_the_first_ones_server_alone(owner: Owner,
 ])
 def test_status_answers_are_parsed(answer: str | None, parsed: tuple[int, int] | None) -> None:
     assert cmdserver.parse_status(answer) == parsed
+
+
+def test_status_says_starting_while_the_lock_is_held_without_a_server(tmp_path: Path) -> None:
+    sock = str(tmp_path / "run" / "cli.sock")
+    os.makedirs(os.path.dirname(sock))
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "popek", "command-server", "status"],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, client.ENV_SOCKET: sock})
+
+    assert not cmdserver.starting(sock)
+    assert status().stdout.startswith("No command server runs")
+    # what popek serve holds while it starts its server again (and a server while it starts)
+    lock = os.open(sock + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert cmdserver.starting(sock)
+        out = status()
+        assert out.returncode == 8 and out.stdout.startswith("A command server is starting"), \
+            out.stdout
+    finally:
+        os.close(lock)
+    assert not cmdserver.starting(sock)

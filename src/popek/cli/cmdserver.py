@@ -436,6 +436,25 @@ def _reopen_stdio() -> None:
                       closefd=False, buffering=1)
 
 
+def starting(path: str | None = None) -> bool:
+    """Whether a server holds the lock of ``path`` without answering yet (one starting,
+    or ``popek serve`` starting its own again): no client would start one now.
+
+    Read from ``/proc/locks`` (a ``flock`` held on the lock file's inode): trying
+    the lock would make a server starting at that moment step aside.
+    """
+    path = path or client.socket_path()
+    try:
+        st = os.stat(path + ".lock")
+        with open("/proc/locks") as locks:
+            table = locks.read().split("\n")
+    except OSError:
+        return False
+    node = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(len(f) > 5 and f[1] == "FLOCK" and f[5] == node
+               for f in (line.split() for line in table))
+
+
 def control(action: str, path: str | None = None) -> str | None:
     """Send ``status`` or ``stop`` to the server; its answer, or ``None`` if none runs."""
     path = path or client.socket_path()

@@ -271,6 +271,10 @@ def server_status() -> None:
     from popek.errors import NOT_FOUND
 
     status = cmdserver.parse_status(cmdserver.control("status"))
+    if status is None and cmdserver.starting():
+        print("A command server is starting (popek serve starts its own again after a stop "
+              "or a change of popek's sources).")
+        raise typer.Exit(NOT_FOUND)
     if status is None:
         print("No command server runs (the next root command starts one).")
         raise typer.Exit(NOT_FOUND)
