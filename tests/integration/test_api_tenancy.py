@@ -253,3 +253,65 @@ def test_sandbox_run_and_profiles(server: Server, projects: None) -> None:
         assert local[-1]["result"] == "ok" and local[-1]["identity"] == "root@host"
         for tok in (oper, viewer):
             c.post(f"/1.0/tokens/{tok['id']}/revoke")
+
+
+def test_project_and_token_commands_on_a_remote(server: Server, projects: None) -> None:
+    """``popek project list|show`` and ``popek token list|create|revoke`` on ``rsp:``, from a
+    client home of its own, print what they print on the server's host for the same
+    identity; after ``remote switch rsp`` they go there without the prefix."""
+    import json
+    import os
+
+    with server.client() as c:
+        admin_a = token(c, A, "admin", "rsp-remote-admin")
+    base = Path(tempfile.mkdtemp(prefix="rsp-client-", dir="/var/tmp"))
+    env = {**os.environ, "POPEK_HOME": str(base / "home"), "XDG_CONFIG_HOME": str(base / "cfg")}
+
+    def client(*args: str, check: bool = True) -> Any:
+        return popek(*args, check=check, env=env)
+
+    try:
+        client("remote", "add", "rsp", f"https://127.0.0.1:{server.port}",
+               "--token", admin_a["secret"], "--accept-certificate")
+        # a project admin of A sees project A only, with the fields of the host's records
+        rows = json.loads(client("project", "list", "rsp:", "--format", "json").stdout)
+        host = {p["name"]: p for p in popek_json("project", "list")}
+        assert [r["name"] for r in rows] == [A]
+        assert rows[0]["instances"] == host[A]["instances"]
+        assert json.loads(client("project", "show", f"rsp:{A}", "--format", "json").stdout) \
+            == popek_json("project", "show", A)
+        shown = client("project", "show", f"rsp:{B}", check=False)
+        assert shown.returncode == 4 and "denied" in shown.stderr, shown
+        assert shown.stderr.count("\n") == 1, shown.stderr
+
+        made = client("token", "create", "rsp:", "--project", A, "--role", "viewer",
+                      "--name", "rsp-remote-view")
+        lines = made.stdout.splitlines()
+        assert lines[0].startswith("Token rsp-remote-view (") and f"in project {A}" in lines[0]
+        secret = lines[-1].strip()
+        token_id = lines[0].split("(", 1)[1].split(")", 1)[0]
+        assert secret.startswith(f"pk1.{token_id}.")
+        listed = json.loads(client("token", "list", "rsp:", "--format", "json").stdout)
+        assert token_id in {t["id"] for t in listed} and {t["project"] for t in listed} == {A}
+        assert listed == popek_json("token", "list", "--project", A)
+        denied = client("token", "create", "rsp:", "--project", B, "--role", "admin",
+                        check=False)
+        assert denied.returncode == 4 and "denied" in denied.stderr, denied
+        revoked = client("token", "revoke", f"rsp:{token_id}")
+        assert revoked.stdout == f"Token rsp-remote-view ({token_id}) revoked.\n"
+        assert {t["id"]: t for t in popek_json("token", "list")}[token_id]["revoked"]
+
+        # the default remote: no prefix needed; local: is this (client's) host
+        client("remote", "switch", "rsp")
+        rows = json.loads(client("project", "list", "--format", "json").stdout)
+        assert [r["name"] for r in rows] == [A]
+        assert token_id in {t["id"] for t in json.loads(
+            client("token", "list", "--format", "json").stdout)}
+        gone = client("token", "revoke", "nosuch", check=False)
+        assert gone.returncode == 8 and "not found" in gone.stderr, gone
+        bad = client("project", "list", "rsp", check=False)
+        assert bad.returncode == 2 and "popek project list: 'rsp' is not a remote" in bad.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        with server.client() as c:
+            c.post(f"/1.0/tokens/{admin_a['id']}/revoke")

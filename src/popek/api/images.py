@@ -50,12 +50,14 @@ def build_image(request: Request, body: BuildBody, project: Project = None) -> J
     """Build image ``name`` of the project from Debian's packages (and sign it): an
     operation."""
     from popek.core.requests import ImageBuild
-    from popek.core.requests.images import check_may_make
+    from popek.core.requests.images import check_may_make, check_signer
 
     req = ImageBuild(body.name, force=body.force, sign=body.sign, key=body.key)
     who = identity(request)
     with session(who, project) as core:
         core.authorize(req)  # a refusal: 403 now, audited, no operation
+        if body.sign:  # a key that cannot sign: 4xx now, not after minutes of building
+            check_signer(core, body.key)
         check_may_make(core, body.name, body.sign)  # nor one the identity may not make
 
     def work(core: Core, progress: Any) -> dict[str, Any]:

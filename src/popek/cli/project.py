@@ -1,7 +1,10 @@
 """``popek project`` and ``popek token``: projects (tenancy, defaults, quotas) and API tokens.
 
 See :mod:`popek.core.projects` and :mod:`popek.core.auth`; every change is a
-request to the core (audited there).
+request to the core (audited there).  ``project list|show`` and ``token
+list|create|revoke`` also work on a remote (``lab:``, ``lab:NAME``, or the
+default remote of ``popek remote switch``), through its API
+(:mod:`popek.cli.remoteops`), printed by the same code.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 import typer
 
-from popek.cli import ops, scope
+from popek.cli import ops, remotes, scope
 from popek.cli.common import columns_option, format_option
 from popek.cli.output import Column, details, listing
 
@@ -33,10 +36,24 @@ def _rows() -> list[dict[str, Any]]:
     return project_summaries(ops.core(check=False), scope.current())
 
 
+def _remote_option() -> Any:
+    return typer.Argument(None, metavar="[REMOTE:]",
+                          help="A remote (lab:; popek remote list); default: the default "
+                               "remote (popek remote switch), else this host.")
+
+
 @app.command("list")
-def list_(fmt: str = format_option(), columns: str = columns_option(PROJECT_COLUMNS)) -> None:
+def list_(remote: str | None = _remote_option(), fmt: str = format_option(),
+          columns: str = columns_option(PROJECT_COLUMNS)) -> None:
     """List the projects (* marks the current one) and how many instances each holds."""
-    listing(_rows(), PROJECT_COLUMNS, fmt, select=columns, command="popek project list")
+    on = remotes.list_target(remote, "popek project list")
+    if on is not None:
+        from popek.cli import remoteops
+
+        rows = remoteops.projects(on)
+    else:
+        rows = _rows()
+    listing(rows, PROJECT_COLUMNS, fmt, select=columns, command="popek project list")
 
 
 @app.command("create")
@@ -70,12 +87,21 @@ def switch(name: str) -> None:
 
 
 @app.command("show")
-def show(name: str | None = typer.Argument(None, help="The project (default: the current)."),
+def show(name: str | None = typer.Argument(None, metavar="[REMOTE:]NAME",
+                                          help="The project (default: the current); "
+                                               "lab:NAME: on remote lab."),
          fmt: str = format_option()) -> None:
     """Show a project's defaults, its quotas and what its instances use of them."""
-    from popek.core.views import project_detail
+    target = name or scope.current()
+    where = remotes.locate(target, "project")
+    if where is not None:
+        from popek.cli import remoteops
 
-    record = project_detail(ops.core(check=False), name or scope.current())
+        record = remoteops.project(*where)
+    else:
+        from popek.core.views import project_detail
+
+        record = project_detail(ops.core(check=False), target)
     details(record, list(record.items()), fmt)
 
 
@@ -115,6 +141,7 @@ TOKEN_COLUMNS = (
 
 @token_app.command("create")
 def token_create(
+    remote: str | None = _remote_option(),
     project: str = typer.Option(..., "--project", help="The project the token acts in."),
     role: str = typer.Option(..., "--role", help="admin, operator or viewer."),
     console: bool = typer.Option(False, "--console", help="May use the console and exec."),
@@ -123,31 +150,54 @@ def token_create(
     name: str | None = typer.Option(None, "--name", help="A name to know it by."),
 ) -> None:
     """Create an API token; its secret is printed once and never stored."""
-    from popek.core.requests import TokenCreate
+    on = remotes.list_target(remote, "popek token create")
+    if on is not None:
+        from popek.cli import remoteops
 
-    token, secret = ops.core(check=False).handle(TokenCreate(project, role, console, name, expires))
-    print(f"Token {token.name} ({token.id}): {token.role} in project {token.project}"
-          f"{', console/exec' if token.console else ''}"
-          f"{', expires ' + token.expires if token.expires else ''}.", flush=True)
+        rec = remoteops.token_create(on, {"project": project, "role": role, "console": console,
+                                          "expires": expires, "name": name})
+        secret = str(rec.pop("secret"))
+    else:
+        from popek.core.requests import TokenCreate
+
+        token, secret = ops.core(check=False).handle(
+            TokenCreate(project, role, console, name, expires))
+        rec = token.public()
+    print(f"Token {rec['name']} ({rec['id']}): {rec['role']} in project {rec['project']}"
+          f"{', console/exec' if rec['console'] else ''}"
+          f"{', expires ' + str(rec['expires']) if rec['expires'] else ''}.", flush=True)
     print("Its secret (shown this once; keep it safe):")
     print(secret)
 
 
 @token_app.command("list")
-def token_list(fmt: str = format_option(), columns: str = columns_option(TOKEN_COLUMNS),
+def token_list(remote: str | None = _remote_option(), fmt: str = format_option(),
+               columns: str = columns_option(TOKEN_COLUMNS),
                project: str | None = typer.Option(None, "--project",
                                                   help="Only this project's tokens.")) -> None:
     """List the API tokens (never their secrets)."""
-    from popek.core.views import token_summaries
+    on = remotes.list_target(remote, "popek token list")
+    if on is not None:
+        from popek.cli import remoteops
 
-    rows = token_summaries(ops.core(check=False), project)
+        rows = remoteops.tokens(on, project)
+    else:
+        from popek.core.views import token_summaries
+
+        rows = token_summaries(ops.core(check=False), project)
     listing(rows, TOKEN_COLUMNS, fmt, select=columns, command="popek token list")
 
 
 @token_app.command("revoke")
-def token_revoke(token_id: str = typer.Argument(..., metavar="ID")) -> None:
+def token_revoke(token_id: str = typer.Argument(..., metavar="[REMOTE:]ID")) -> None:
     """Revoke an API token at once (it stays listed, as revoked)."""
-    from popek.core.requests import TokenRevoke
+    where = remotes.locate(token_id, "token id")
+    if where is not None:
+        from popek.cli import remoteops
 
-    token = ops.core(check=False).handle(TokenRevoke(token_id))
-    print(f"Token {token.name} ({token.id}) revoked.")
+        rec = remoteops.token_revoke(*where)
+    else:
+        from popek.core.requests import TokenRevoke
+
+        rec = ops.core(check=False).handle(TokenRevoke(token_id)).public()
+    print(f"Token {rec['name']} ({rec['id']}) revoked.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from typing import Any
+from urllib.parse import quote
 
 from popek.cli import remotes
 from popek.cli.remoteclient import Client
@@ -150,3 +151,35 @@ def attest(remote: str, name: str, nonce: str, project: str | None) -> dict[str,
                                                 json={"nonce": nonce},
                                                 params={"project": project})
     return quote
+
+
+def projects(remote: str) -> list[dict[str, Any]]:
+    """``popek project list REMOTE:``'s records (a token sees its own project only)."""
+    data: list[dict[str, Any]] = client(remote).call("GET", "/1.0/projects")
+    return data
+
+
+def project(remote: str, name: str) -> dict[str, Any]:
+    """``popek project show REMOTE:NAME``'s record."""
+    data: dict[str, Any] = client(remote).call("GET", f"/1.0/projects/{quote(name, safe='')}")
+    return data
+
+
+def tokens(remote: str, project: str | None) -> list[dict[str, Any]]:
+    """``popek token list REMOTE:``'s records (of ``project``), never a secret."""
+    data: list[dict[str, Any]] = client(remote).call("GET", "/1.0/tokens",
+                                                     params={"project": project})
+    return data
+
+
+def token_create(remote: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``popek token create REMOTE: ...``: the new token's record and its secret."""
+    data: dict[str, Any] = client(remote).call("POST", "/1.0/tokens", json=body)
+    return data
+
+
+def token_revoke(remote: str, token_id: str) -> dict[str, Any]:
+    """``popek token revoke REMOTE:ID``: the revoked token's record."""
+    data: dict[str, Any] = client(remote).call(
+        "POST", f"/1.0/tokens/{quote(token_id, safe='')}/revoke")
+    return data

@@ -165,14 +165,14 @@ def locate(target: str, what: str = "instance") -> tuple[str, str] | None:
     return None if remote == LOCAL else (remote, name)
 
 
-def list_target(target: str | None) -> str | None:
-    """The remote ``popek list [REMOTE:]`` lists (``None``: this host)."""
+def list_target(target: str | None, command: str = "popek list") -> str | None:
+    """The remote ``popek list [REMOTE:]`` (``command``) lists (``None``: this host)."""
     if target is None:
         remote = default()
     else:
         remote, colon, rest = target.partition(":")
         if not colon or rest:
-            raise InvalidInput(f"popek list: {target!r} is not a remote: name it with a "
+            raise InvalidInput(f"{command}: {target!r} is not a remote: name it with a "
                                "colon, as lab: (popek remote list shows them)")
         check_name(remote)
     return None if remote == LOCAL else remote

@@ -25,6 +25,23 @@ def _sign(core: Core, image: Image, key: str, days: int | None = None) -> Verdic
     return sign_image(core.trust, image, signer, days)
 
 
+def check_signer(core: Core, key: str) -> None:
+    """Refuse, before anything is built, a ``key`` that cannot sign images on this host
+    (``""``: the host's image key, made on first use): InvalidInput (a bad name), NotFound
+    (no trusted key or no private key of that name), TrustError (revoked, expired, or not
+    an image key)."""
+    from popek.errors import NotFound
+    from popek.trust.keys import private_key_path
+
+    if not key:
+        return
+    path = private_key_path(key)  # InvalidInput for a name no key can have
+    core.trust.check_key(core.trust.by_name(key).id, "image")
+    if not path.exists():
+        raise NotFound(f"no private key named {key!r} on this host (make one with: popek "
+                       f"trust keygen {key} --role image)")
+
+
 def check_may_make(core: Core, name: str, sign: bool) -> None:
     """Refuse, before anything is done, an image the core's identity may not make in the
     core's project: one it would sign with the host's keys (signing is the host admin's),
@@ -67,6 +84,8 @@ class ImageBuild(Request[Built]):
     def run(self, core: Core) -> Built:
         """Build (and sign) it in the core's project."""
         check_may_make(core, self.name, self.sign)
+        if self.sign:
+            check_signer(core, self.key)
         image = core.images.in_project(core.project).build(self.name, progress=self.progress,
                                                            force=self.force)
         return Built(image, _sign(core, image, self.key) if self.sign else None)
