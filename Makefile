@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/trust.py
 	$(PY) bench/neighbours.py
 	$(PY) bench/scaling.py
+	$(PY) bench/api.py
 
 # Mutation testing of the security-critical modules against tests/unit:
 # bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
