@@ -182,3 +182,38 @@ def test_tokens_of_two_projects_over_tls(server: Server, minimal_image: str) -> 
         assert IMG in {i["name"] for i in popek_json("image", "list", "--project", A)}
         assert a.delete(f"/1.0/images/{IMG}").status_code == 200
         assert a.delete(f"/1.0/networks/{ANET}").status_code == 200
+
+
+def test_reset_purge_deletes_every_projects_networks() -> None:
+    """``admin reset --purge`` of a home takes its projects' networks too (by their
+    project's name for them), bridges and dnsmasqs included."""
+    import os
+    import subprocess
+
+    home = Path(tempfile.mkdtemp(prefix="popek-ppn-reset-", dir="/var/tmp"))
+    home.chmod(0o755)
+    env = {**os.environ, "POPEK_HOME": str(home)}
+    try:
+        popek("project", "create", "ppn-p", env=env)
+        popek("network", "create", "ppn-rn", "--project", "ppn-p", env=env)
+        popek("network", "create", "ppn-rn", env=env)
+        rows = [*popek_json_env(env, "network", "list", "--project", "ppn-p")]
+        bridges = [r["bridge"] for r in rows]
+        assert len(bridges) == 2 and all(_bridge(b) for b in bridges), rows
+        out = popek("admin", "reset", "--purge", "--yes", env=env).stdout
+        assert "deleted network ppn-rn of project ppn-p (bridge" in out, out
+        assert "deleted network ppn-rn (bridge" in out, out
+        assert not any(_bridge(b) for b in bridges)
+        pids = subprocess.run(["pgrep", "-f", f"{home}/networks"], capture_output=True,
+                              text=True, check=False).stdout.split()
+        assert pids == [], "a dnsmasq of the purged home still runs"
+    finally:
+        if home.exists():
+            popek("admin", "reset", "--purge", "--yes", env=env, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def popek_json_env(env: dict[str, str], *args: str) -> Any:
+    import json
+
+    return json.loads(popek(*args, "--format", "json", env=env).stdout)

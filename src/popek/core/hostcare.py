@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from popek import paths, proc
 from popek.core.lifecycle import State
 from popek.errors import PopekError
+from popek.names import DEFAULT_PROJECT
 
 if TYPE_CHECKING:
     from popek.core.service import Core
@@ -264,9 +265,11 @@ def reset(core: Core, purge: bool = False) -> Report:
     nets = Networks(core.store, reconcile=False)
     backend = HostBackend()
     for net in nets.list():
-        if purge:
-            report.step(f"deleted network {net.name} (bridge {net.bridge})", core.handle,
-                        NetworkDelete(net.name, force=True))
+        if purge:  # a network is named in its project (NetworkDelete acts in the core's)
+            of = "" if net.project == DEFAULT_PROJECT else f" of project {net.project}"
+            report.step(f"deleted network {net.short}{of} (bridge {net.bridge})",
+                        core.in_project(net.project).handle,
+                        NetworkDelete(net.short, force=True))
         else:
             report.step(f"removed bridge {net.bridge} and dnsmasq of network {net.name}",
                         backend.teardown_network, net)
