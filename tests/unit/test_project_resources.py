@@ -111,6 +111,30 @@ def test_a_project_admin_makes_images_and_networks_of_its_project_only(action: s
     assert allowed(host_admin(), action, B)
 
 
+@pytest.mark.parametrize("action", ["network.create", "network.delete", "image.build",
+                                    "image.import", "image.delete"])
+def test_defaults_images_and_networks_are_the_host_admins_even_to_an_admin_of_default(
+        action: str) -> None:
+    """They are every project's: an admin token of ``default`` changes them no more than
+    another project's admin does (it still runs default's instances)."""
+    from popek.core.auth import authorize
+
+    with pytest.raises(Forbidden, match="shared with every project: for the host admin"):
+        authorize(who(ADMIN, "default"), action, "default")
+    assert allowed(who(ADMIN, "default"), "instance.launch", "default")
+    assert allowed(who(ADMIN, "default"), "profile.create", "default")
+    assert allowed(host_admin(), action, "default")
+
+
+def test_an_admin_of_default_deletes_no_shared_network(env: Env) -> None:
+    root(env).handle(NetworkCreate("ppn-host"))
+    with pytest.raises(Forbidden, match="shared with every project"):
+        as_(env, ADMIN, "default").handle(NetworkDelete("ppn-host", force=True))
+    with pytest.raises(Forbidden, match="shared with every project"):
+        as_(env, ADMIN, "default").handle(NetworkCreate("ppn-other"))
+    assert [n.name for n in root(env).networks.list()] == ["ppn-host"]
+
+
 def test_signing_and_reads() -> None:
     from popek.core.auth import scope
 

@@ -23,7 +23,8 @@ token.*, certificate.* (its     no       no        yes    yes
 own project)
 network.create / delete,        no       no        yes    yes
 image.build / import / delete
-(its own project's)
+(its own project's, not
+``default``'s)
 project.set (quotas), project.  no       no        no     yes
 create / delete
 image.sign, trust.*, policy.*,  no       no        no     yes
@@ -34,10 +35,11 @@ anything in another project     no       no        no     yes
 Images and networks belong to a project (incus's ``features.images`` and
 ``features.networks``, always on): a project sees its own and the ``default``
 project's, which are shared read-only (only the host admin, acting in
-``default``, changes them); a project admin builds, imports and deletes images
-and creates and deletes networks of its own project only.  Signing stays with
-the host admin (the host's keys vouch for an image), as do trust keys and the
-policy, which are host-wide.
+``default``, changes them, not an admin of ``default``: they are every
+project's); a project admin builds, imports and deletes images and creates and
+deletes networks of its own project only.  Signing stays with the host admin
+(the host's keys vouch for an image), as do trust keys and the policy, which
+are host-wide.
 
 Tokens: the secret is ``pk1.ID.RANDOM`` (256 random bits), shown once by
 :meth:`Tokens.create`; the store keeps only its SHA-256 under
@@ -76,6 +78,8 @@ SESSION_ACTIONS = frozenset({"session.console", "session.exec"})
 #: what a project admin may change besides what an operator may
 ADMIN_PREFIXES = ("profile.", "token.", "certificate.", "image.")
 ADMIN_ACTIONS = frozenset({"network.create", "network.delete"})
+#: the changes of what ``default`` shares with every project: the host admin's, even there
+SHARED_PREFIXES = ("image.", "network.create", "network.delete")
 #: the actions on what every project shares (host-wide: their project is ``None``)
 HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "audit.")
 HOST_WIDE_ACTIONS = frozenset({"image.sign", "project.create", "project.delete"})
@@ -154,6 +158,9 @@ def _allowed(identity: Identity, action: str, project: str | None) -> str:
         return "it is a host-wide change, for the host admin only"
     if action.startswith(OPERATOR_PREFIXES) or action in OPERATOR_ACTIONS:
         return ""
+    if project == DEFAULT_PROJECT and action.startswith(SHARED_PREFIXES):
+        return ("the default project's images and networks are shared with every project: "
+                "for the host admin only")
     if identity.role == ADMIN and (action.startswith(ADMIN_PREFIXES)
                                    or action in ADMIN_ACTIONS):
         return ""
