@@ -13,7 +13,7 @@ import typer
 
 from popek.cli.output import FORMATS, Column, describe
 
-__all__ = ["FORMATS", "columns_option", "format_option", "project_option"]
+__all__ = ["FORMATS", "columns_option", "format_option", "project_option", "remote_argument"]
 
 
 def format_option() -> Any:
@@ -35,3 +35,11 @@ def project_option() -> Any:
     """``--project``: the project the command acts in (see popek.cli.scope)."""
     return typer.Option(None, "--project", help="The project (default: $POPEK_PROJECT, else "
                         "the one popek project switch chose, else default).")
+
+
+def remote_argument(what: str = "") -> Any:
+    """``[REMOTE:]``: the remote an object-less command (a list, the policy...) acts on."""
+    return typer.Argument(None, metavar="[REMOTE:]",
+                          help=f"A remote (lab:; popek remote list){what}; default: the "
+                               "default remote (popek remote switch), else this host; local: "
+                               "this host.")

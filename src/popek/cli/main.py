@@ -11,10 +11,10 @@ from typing import Any, NoReturn
 
 import typer
 
-from popek.cli import completion, exitcodes, ops, scope
+from popek.cli import completion, exitcodes, ops, remotes, scope
 from popek.cli.admin import app as admin_app
 from popek.cli.certificate import app as certificate_app
-from popek.cli.common import columns_option, format_option, project_option
+from popek.cli.common import columns_option, format_option, project_option, remote_argument
 from popek.cli.config import app as config_app
 from popek.cli.network import app as network_app
 from popek.cli.output import Column, details, listing
@@ -320,7 +320,9 @@ def completion_script(
 # -- images -------------------------------------------------------------------
 @image_app.command("build")
 def image_build(
-    name: str = typer.Argument(..., help="Builder to run: minimal (VM + container) or debian."),
+    name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                               help="Builder to run: minimal (VM + container) or debian "
+                                    "(lab:NAME: on remote lab)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing image."),
     sign: bool = typer.Option(True, "--sign/--no-sign", help="Sign the new image."),
     key: str = typer.Option("", "--key", help="Image key to sign with (default: this "
@@ -330,6 +332,14 @@ def image_build(
     """Build an image of the project from Debian packages (and sign it)."""
     from popek.core.requests import ImageBuild
 
+    where = remotes.locate(name, "image")
+    if where is not None:
+        from popek.cli import remoteops
+
+        rec = remoteops.image_build(where[0], where[1], force, sign, key, project)
+        print(f"Image {rec['name']} {rec['version']} built on remote {where[0]}, "
+              f"{_signed_record(rec)}.")
+        return
     scope.use(project)
     with ops.progress(f"building image {name}") as progress:
         built = ops.core().handle(ImageBuild(name, force=force, sign=sign, key=key,
@@ -342,7 +352,9 @@ def image_build(
 def image_import(
     file: str = typer.Argument(..., help="A rootfs tarball (.tar[.gz|.xz|.zst]) or an OCI "
                                           "image layout (directory or .tar)."),
-    name: str = typer.Argument(..., help="Name of the new image."),
+    name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                               help="Name of the new image (lab:NAME: on remote lab: the "
+                                    "file is sent there)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing image."),
     sign: bool = typer.Option(True, "--sign/--no-sign",
                               help="Sign the imported image: you vouch for its content."),
@@ -354,6 +366,14 @@ def image_import(
     sign it)."""
     from popek.core.requests import ImageImport
 
+    where = remotes.locate(name, "image")
+    if where is not None:
+        from popek.cli import remoteops
+
+        rec = remoteops.image_import(where[0], file, where[1], force, sign, key, project)
+        print(f"Image {rec['name']} imported on remote {where[0]} "
+              f"({', '.join(rec['kinds'])}), {_signed_record(rec)}.")
+        return
     scope.use(project)
     with ops.progress(f"importing {file}") as progress:
         built = ops.core().handle(ImageImport(file, name, force=force, sign=sign, key=key,
@@ -386,45 +406,87 @@ IMAGE_COLUMNS = (
 
 
 @image_app.command("list")
-def image_list(fmt: str = format_option(), columns: str = columns_option(IMAGE_COLUMNS),
+def image_list(remote: str | None = remote_argument(), fmt: str = format_option(),
+               columns: str = columns_option(IMAGE_COLUMNS),
                project: str | None = project_option()) -> None:
     """List the project's images, then the default project's (shared with every project),
     and who signed them (the signature is checked at each start, not here)."""
-    from popek.core.views import image_summaries
+    on = remotes.list_target(remote, "popek image list")
+    if on is not None:
+        from popek.cli import remoteops
 
-    scope.use(project)
-    rows = image_summaries(ops.core())
+        rows = remoteops.client(on).call("GET", "/1.0/images", params={"project": project})
+    else:
+        from popek.core.views import image_summaries
+
+        scope.use(project)
+        rows = image_summaries(ops.core())
     listing(rows, IMAGE_COLUMNS, fmt, select=columns, command="popek image list")
 
 
 @image_app.command("info")
-def image_info(name: str, fmt: str = format_option(),
+def image_info(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                         help="The image (lab:NAME: on remote lab)."),
+               fmt: str = format_option(),
                project: str | None = project_option()) -> None:
     """Show an image's manifest (the project's own, else the default project's; the table
     lists its files)."""
+    where = remotes.locate(name, "image")
+    if where is not None:
+        from urllib.parse import quote
+
+        from popek.cli import remoteops
+
+        show_image(remoteops.client(where[0]).call(
+            "GET", f"/1.0/images/{quote(where[1], safe='')}", params={"project": project}),
+            fmt)
+        return
     from popek.core.views import image_detail
-    from popek.units import format_size
 
     scope.use(project)
     core = ops.core()
     owner, image = core.images.resolve(name, core.project)
-    data = image_detail(image, owner)
+    show_image(image_detail(image, owner), fmt)
+
+
+def show_image(data: dict[str, Any], fmt: str) -> None:
+    """Print ``popek image info``'s record (of this host or a remote) in ``fmt``."""
+    from popek.units import format_size
+
     fields = [(k, v) for k, v in data.items() if not isinstance(v, dict | list)]
     signature = data["signature"] or {}
     fields += [(f"signature.{k}", v) for k, v in signature.items()] or [("signature", "no")]
-    files = [[path, format_size(f.size), f.sha256]
-             for path, f in sorted(image.manifest.files.items())]
+    files = [[path, format_size(f["size"]), f["sha256"]]
+             for path, f in sorted(data["files"].items())]
     details(data, fields, fmt, [(("FILE", "SIZE", "SHA256"), files)])
 
 
 @image_app.command("delete")
-def image_delete(name: str, project: str | None = project_option()) -> None:
+def image_delete(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                           help="The image (lab:NAME: on remote lab)."),
+                 project: str | None = project_option()) -> None:
     """Delete an image of the project (refused while instances use it)."""
     from popek.core.requests import ImageDelete
 
+    where = remotes.locate(name, "image")
+    if where is not None:
+        from urllib.parse import quote
+
+        from popek.cli import remoteops
+
+        remoteops.client(where[0]).call("DELETE", f"/1.0/images/{quote(where[1], safe='')}",
+                                        params={"project": project})
+        print(f"Image {where[1]} deleted.")
+        return
     scope.use(project)
     ops.core().handle(ImageDelete(name))  # its container base goes too, unless still used
     print(f"Image {name} deleted.")
+
+
+def _signed_record(record: dict[str, Any]) -> str:
+    """How an image a remote built or imported was signed (its ``image list`` record)."""
+    sig = record.get("signature")
+    return f"signed by {sig['signer']} (serial {sig['serial']})" if sig else "not signed"
 
 
 def _signed(signature: Any) -> str:

@@ -12,17 +12,31 @@ from typing import Any
 
 import typer
 
-from popek.cli import scope
-from popek.cli.common import columns_option, format_option, project_option
+from popek.cli import remotes, scope
+from popek.cli.common import columns_option, format_option, project_option, remote_argument
 from popek.cli.output import Column, details, listing
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Create, list, inspect and delete virtual networks.")
 
 
+def _api(remote: str) -> Any:
+    from popek.cli import remoteops
+
+    return remoteops.client(remote)
+
+
+def _path(name: str) -> str:
+    from urllib.parse import quote
+
+    return f"/1.0/networks/{quote(name, safe='')}"
+
+
 @app.command()
 def create(
-    name: str = typer.Argument(..., help="Network name: a-z, 0-9 and '-', 1-63 characters."),
+    name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                               help="Network name: a-z, 0-9 and '-', 1-63 characters "
+                                    "(lab:NAME: on remote lab)."),
     subnet: str | None = typer.Option(None, "--subnet",
                                       help="Private IPv4 CIDR, /8 to /29 (default: a free /24 "
                                            "in 10.200-250.x.0)."),
@@ -32,6 +46,14 @@ def create(
     project: str | None = project_option(),
 ) -> None:
     """Create a network of the project: a bridge, DHCP/DNS, and port security rules."""
+    where = remotes.locate(name, "network")
+    if where is not None:
+        rec = _api(where[0]).call("POST", "/1.0/networks", params={"project": project},
+                                  json={"name": where[1], "subnet": subnet, "nat": nat,
+                                        "port_isolation": port_isolation})
+        print(f"Network {rec['name']} created ({rec['subnet']}, gateway {rec['gateway']}, "
+              f"bridge {rec['bridge']}).")
+        return
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import NetworkCreate
@@ -49,26 +71,41 @@ COLUMNS = tuple(Column(title, itemgetter(key)) for title, key in (
 
 
 @app.command("list")
-def list_(fmt: str = format_option(), columns: str = columns_option(COLUMNS),
+def list_(remote: str | None = remote_argument(), fmt: str = format_option(),
+          columns: str = columns_option(COLUMNS),
           project: str | None = project_option()) -> None:
     """List the project's networks, then the default project's (shared with every project)."""
-    scope.use(project)
-    from popek.cli.ops import core
-    from popek.core.views import network_summaries
+    on = remotes.list_target(remote, "popek network list")
+    if on is not None:
+        rows = _api(on).call("GET", "/1.0/networks", params={"project": project})
+    else:
+        scope.use(project)
+        from popek.cli.ops import core
+        from popek.core.views import network_summaries
 
-    listing(network_summaries(core()), COLUMNS, fmt, select=columns,
-            command="popek network list")
+        rows = network_summaries(core())
+    listing(rows, COLUMNS, fmt, select=columns, command="popek network list")
 
 
 @app.command()
-def info(name: str, fmt: str = format_option(), project: str | None = project_option()) -> None:
+def info(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                   help="The network (lab:NAME: on remote lab)."),
+         fmt: str = format_option(), project: str | None = project_option()) -> None:
     """Show a network (the project's own, else the default project's): its record, bridge,
     dnsmasq, ports and leases."""
+    where = remotes.locate(name, "network")
+    if where is not None:
+        show(_api(where[0]).call("GET", _path(where[1]), params={"project": project}), fmt)
+        return
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.views import network_detail
 
-    full: dict[str, Any] = network_detail(core(), name)
+    show(network_detail(core(), name), fmt)
+
+
+def show(full: dict[str, Any], fmt: str) -> None:
+    """Print ``popek network info``'s record (of this host or a remote) in ``fmt``."""
     data = dict(full)
     ports = data.pop("ports")
     data.pop("leases")
@@ -91,11 +128,18 @@ def info(name: str, fmt: str = format_option(), project: str | None = project_op
 
 @app.command()
 def delete(
-    name: str,
+    name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                               help="The network (lab:NAME: on remote lab)."),
     force: bool = typer.Option(False, "--force", help="Delete its ports too (detaches them)."),
     project: str | None = project_option(),
 ) -> None:
     """Delete a network of the project and everything it left on the host."""
+    where = remotes.locate(name, "network")
+    if where is not None:
+        _api(where[0]).call("DELETE", _path(where[1]),
+                            params={"project": project, "force": force or None})
+        print(f"Network {where[1]} deleted.")
+        return
     scope.use(project)
     from popek.cli.ops import core
     from popek.core.requests import NetworkDelete

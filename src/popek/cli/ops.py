@@ -378,7 +378,25 @@ def delete(name: str, force: bool, project: str | None = None) -> None:
 
 def sandbox_run(command: list[str], profile: str, net: bool, ro: list[str] | None,
                 rw: list[str] | None, memory: str | None, timeout: float | None) -> int:
-    """Run ``command`` in a sandbox with its stdio passed through; return its exit code."""
+    """Run ``command`` in a sandbox with its stdio passed through; return its exit code.
+
+    A first word ``REMOTE:`` (``lab:``; ``local:`` for this host), else the default
+    remote of ``popek remote switch``, runs it on that remote (:mod:`popek.cli.remoteops`).
+    """
+    explicit = bool(command) and command[0].endswith(":")
+    on = remotes.list_target(command[0] if explicit else None, "popek sandbox run")
+    if explicit:
+        command = command[1:]
+        if not command:
+            from popek.errors import InvalidInput
+
+            raise InvalidInput("popek sandbox run: no command after the remote: "
+                               "popek sandbox run REMOTE: -- COMMAND [ARG...]")
+    if on is not None:
+        from popek.cli import remoteops
+
+        return remoteops.sandbox_run(on, command, profile, net, ro or [], rw or [], memory,
+                                     timeout)
     from popek.core.requests import SandboxRun
 
     return core().handle(SandboxRun(

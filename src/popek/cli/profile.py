@@ -3,6 +3,8 @@
 create, edit (``$EDITOR`` on a YAML document, or the document on stdin:
 ``popek profile edit NAME < file``), show, list and delete; see
 :mod:`popek.core.profiles`.  Changes are requests to the core (audited there).
+On a remote (``lab:NAME``, ``popek profile list lab:``, or the default remote of
+``popek remote switch``) each goes to its API and prints the same.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import subprocess
 import sys
 import tempfile
 from typing import Any
+from urllib.parse import quote
 
 import typer
 
-from popek.cli import ops, scope
-from popek.cli.common import format_option, project_option
+from popek.cli import ops, remotes, scope
+from popek.cli.common import format_option, project_option, remote_argument
 from popek.cli.output import Column, details, listing
 from popek.errors import InvalidInput
 
@@ -31,9 +34,23 @@ def _profiles(core: Any) -> Any:
     return Profiles(core.store, core.project)
 
 
+def _api(remote: str) -> Any:
+    from popek.cli import remoteops
+
+    return remoteops.client(remote)
+
+
+def _path(name: str) -> str:
+    return f"/1.0/profiles/{quote(name, safe='')}"
+
+
+_NAME = typer.Argument(..., metavar="[REMOTE:]NAME", help="The profile (lab:NAME: on remote "
+                                                         "lab).")
+
+
 @app.command("create")
 def profile_create(
-    name: str,
+    name: str = _NAME,
     config: list[str] = typer.Option([], "--config", "-c", metavar="KEY=VALUE",
                                      help="A config key, as launch -c (repeatable)."),
     network: list[str] = typer.Option([], "--network",
@@ -42,8 +59,16 @@ def profile_create(
     project: str | None = project_option(),
 ) -> None:
     """Create a profile (empty unless -c or --network say; popek profile edit changes it)."""
-    scope.use(project)
     from popek.core.config import parse_pairs
+
+    where = remotes.locate(name, "profile")
+    if where is not None:
+        _api(where[0]).call("POST", "/1.0/profiles", params={"project": project},
+                            json={"name": where[1], "description": description,
+                                  "config": parse_pairs(config), "networks": list(network)})
+        print(f"Profile {where[1]} created.")
+        return
+    scope.use(project)
     from popek.core.requests import ProfileCreate
 
     ops.core().handle(ProfileCreate(name, description, parse_pairs(config), tuple(network)))
@@ -51,10 +76,23 @@ def profile_create(
 
 
 @app.command("edit")
-def profile_edit(name: str, project: str | None = project_option()) -> None:
+def profile_edit(name: str = _NAME, project: str | None = project_option()) -> None:
     """Edit a profile as a YAML document in $EDITOR, or replace it with stdin's document."""
-    scope.use(project)
     from popek.core.profiles import from_doc, parse_document
+
+    where = remotes.locate(name, "profile")
+    if where is not None:
+        api, path = _api(where[0]), _path(where[1])
+        doc = api.call("GET", path, params={"project": project})
+        doc.pop("used_by", None)
+        text = _in_editor(doc) if sys.stdin.isatty() else sys.stdin.read()
+        new = from_doc(where[1], parse_document(text))
+        api.call("PUT", path, params={"project": project},
+                 json={"description": new.description, "config": dict(new.config),
+                       "networks": list(new.networks)})
+        print(f"Profile {where[1]} changed (instances launched from now on get it).")
+        return
+    scope.use(project)
     from popek.core.requests import ProfileEdit
 
     current = _profiles(ops.core()).get(name)
@@ -94,23 +132,39 @@ PROFILE_COLUMNS = (
 
 
 @app.command("list")
-def profile_list(fmt: str = format_option(), project: str | None = project_option()) -> None:
+def profile_list(remote: str | None = remote_argument(), fmt: str = format_option(),
+                 project: str | None = project_option()) -> None:
     """List profiles and the instances launched with each."""
-    scope.use(project)
-    from popek.core.views import profile_summaries
+    on = remotes.list_target(remote, "popek profile list")
+    if on is not None:
+        rows = _api(on).call("GET", "/1.0/profiles", params={"project": project})
+    else:
+        scope.use(project)
+        from popek.core.views import profile_summaries
 
-    listing(profile_summaries(ops.core()), PROFILE_COLUMNS, fmt, command="popek profile list")
+        rows = profile_summaries(ops.core())
+    listing(rows, PROFILE_COLUMNS, fmt, command="popek profile list")
 
 
 @app.command("show")
-def profile_show(name: str, fmt: str = format_option(),
+def profile_show(name: str = _NAME, fmt: str = format_option(),
                  project: str | None = project_option()) -> None:
     """Show a profile: its description, config keys, networks and the instances using it."""
+    where = remotes.locate(name, "profile")
+    if where is not None:
+        show(where[1], _api(where[0]).call("GET", _path(where[1]), params={"project": project}),
+             fmt)
+        return
     scope.use(project)
     from popek.core.views import profiles_used
 
     core = ops.core()
-    doc = {**_profiles(core).get(name).to_doc(), "used_by": profiles_used(core).get(name, [])}
+    show(name, {**_profiles(core).get(name).to_doc(),
+                "used_by": profiles_used(core).get(name, [])}, fmt)
+
+
+def show(name: str, doc: dict[str, Any], fmt: str) -> None:
+    """Print ``popek profile show``'s record (of this host or a remote) in ``fmt``."""
     fields: list[tuple[str, object]] = [("name", name), ("description", doc["description"])]
     fields += [(k, v) for k, v in doc["config"].items()]
     fields += [("networks", ",".join(doc["networks"])), ("used_by", ",".join(doc["used_by"]))]
@@ -118,8 +172,13 @@ def profile_show(name: str, fmt: str = format_option(),
 
 
 @app.command("delete")
-def profile_delete(name: str, project: str | None = project_option()) -> None:
+def profile_delete(name: str = _NAME, project: str | None = project_option()) -> None:
     """Delete a profile (refused while an instance launched with it exists)."""
+    where = remotes.locate(name, "profile")
+    if where is not None:
+        _api(where[0]).call("DELETE", _path(where[1]), params={"project": project})
+        print(f"Profile {where[1]} deleted.")
+        return
     scope.use(project)
     from popek.core.requests import ProfileDelete
 

@@ -1,16 +1,17 @@
 """``popek project`` and ``popek token``: projects (tenancy, defaults, quotas) and API tokens.
 
 See :mod:`popek.core.projects` and :mod:`popek.core.auth`; every change is a
-request to the core (audited there).  ``project list|show`` and ``token
-list|create|revoke`` also work on a remote (``lab:``, ``lab:NAME``, or the
-default remote of ``popek remote switch``), through its API
-(:mod:`popek.cli.remoteops`), printed by the same code.
+request to the core (audited there).  Every command but ``project switch``
+also works on a remote (``lab:``, ``lab:NAME``, or the default remote of
+``popek remote switch``), through its API (:mod:`popek.cli.remoteops`), printed
+by the same code; ``project switch`` chooses this host's current project only.
 """
 
 from __future__ import annotations
 
 from operator import itemgetter
 from typing import Any
+from urllib.parse import quote
 
 import typer
 
@@ -36,6 +37,12 @@ def _rows() -> list[dict[str, Any]]:
     return project_summaries(ops.core(check=False), scope.current())
 
 
+def _api(remote: str) -> Any:
+    from popek.cli import remoteops
+
+    return remoteops.client(remote)
+
+
 def _remote_option() -> Any:
     return typer.Argument(None, metavar="[REMOTE:]",
                           help="A remote (lab:; popek remote list); default: the default "
@@ -57,8 +64,15 @@ def list_(remote: str | None = _remote_option(), fmt: str = format_option(),
 
 
 @app.command("create")
-def create(name: str = typer.Argument(..., help="Project name: a-z, 0-9 and '-'.")) -> None:
+def create(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                      help="Project name: a-z, 0-9 and '-' (lab:NAME: on "
+                                           "remote lab).")) -> None:
     """Create a project (no quotas; popek project set adds them)."""
+    where = remotes.locate(name, "project")
+    if where is not None:
+        _api(where[0]).call("POST", "/1.0/projects", json={"name": where[1]})
+        print(f"Project {where[1]} created.")
+        return
     from popek.core.requests import ProjectCreate
 
     ops.core(check=False).handle(ProjectCreate(name))
@@ -66,8 +80,14 @@ def create(name: str = typer.Argument(..., help="Project name: a-z, 0-9 and '-'.
 
 
 @app.command("delete")
-def delete(name: str) -> None:
+def delete(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                      help="The project (lab:NAME: on remote lab).")) -> None:
     """Delete an empty project (refused while it holds instances or profiles)."""
+    where = remotes.locate(name, "project")
+    if where is not None:
+        _api(where[0]).call("DELETE", f"/1.0/projects/{quote(where[1], safe='')}")
+        print(f"Project {where[1]} deleted.")
+        return
     from popek.core.requests import ProjectDelete
 
     ops.core(check=False).handle(ProjectDelete(name))
@@ -77,9 +97,22 @@ def delete(name: str) -> None:
 
 
 @app.command("switch")
-def switch(name: str) -> None:
-    """Make NAME the project of later commands ($POPEK_PROJECT and --project win over it)."""
+def switch(name: str = typer.Argument(..., metavar="[local:]NAME",
+                                      help="The project of this host.")) -> None:
+    """Make NAME the project of later commands on this host ($POPEK_PROJECT and --project win
+    over it; a remote's commands take --project)."""
     from popek.core.projects import Projects
+    from popek.errors import InvalidInput
+
+    if ":" in name:
+        where = remotes.locate(name, "project")
+        if where is not None:
+            raise InvalidInput(f"popek project switch chooses this host's current project; "
+                               f"on remote {where[0]}, give --project {where[1]} to each "
+                               "command (a token acts in its own project)")
+        name = name.partition(":")[2]
+    else:
+        remotes.here_only("popek project switch", f"popek project switch local:{name}")
 
     Projects(ops.core(check=False).store).require(name)
     scope.switch(name)
@@ -106,7 +139,8 @@ def show(name: str | None = typer.Argument(None, metavar="[REMOTE:]NAME",
 
 
 @app.command("set")
-def set_(name: str = typer.Argument(..., help="The project."),
+def set_(name: str = typer.Argument(..., metavar="[REMOTE:]NAME",
+                                    help="The project (lab:NAME: on remote lab)."),
          values: list[str] = typer.Argument(..., metavar="KEY=VALUE...",
                                             help="default.limits.disk (a new container's "
                                                  "writable layer), limits.instances, "
@@ -123,6 +157,13 @@ def set_(name: str = typer.Argument(..., help="The project."),
         raise InvalidInput(f"invalid {bad[0]!r}: give KEY=VALUE (an empty VALUE unsets a quota)")
     for key, _, value in pairs:  # every value checked before the first is set
         Projects.parse(key, value)
+    where = remotes.locate(name, "project")
+    if where is not None:  # one request: the remote checks every value before it sets one
+        _api(where[0]).call("PATCH", f"/1.0/projects/{quote(where[1], safe='')}",
+                            json={key: value or None for key, _, value in pairs})
+        for key, _, value in pairs:
+            print(f"Project {where[1]}: {key} = {value or 'unlimited'}.")
+        return
     core = ops.core(check=False)
     for key, _, value in pairs:
         core.handle(ProjectSet(name, key, value))

@@ -143,12 +143,14 @@ class Client:
                                      verify=pinned_context(remote))
 
     def call(self, method: str, path: str, *, json: Any = None,
-             params: dict[str, Any] | None = None, timeout: float = TIMEOUT) -> Any:
-        """The JSON answer of ``METHOD path``; RemoteError for an error answer."""
+             params: dict[str, Any] | None = None, timeout: float = TIMEOUT,
+             content: Any = None) -> Any:
+        """The JSON answer of ``METHOD path`` (sent: ``json``, or ``content``: bytes or a
+        binary file, streamed); RemoteError for an error answer."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             answer = self.http.request(method, path, json=json, params=query,
-                                       timeout=timeout)
+                                       timeout=timeout, content=content)
         except httpx.TimeoutException as exc:
             raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
                               f"within {timeout:g} s") from exc
@@ -202,11 +204,22 @@ class Client:
             if time.monotonic() - started < 0.5 and op.get("status") == "running":
                 time.sleep(0.5)  # a server answering at once: poll, do not spin
 
-    def content(self, path: str, params: dict[str, Any] | None = None) -> bytes:
-        """The raw body of ``GET path`` (a console log); RemoteError for an error answer."""
+    def content(self, path: str, params: dict[str, Any] | None = None, *,
+                method: str = "GET", timeout: float = TIMEOUT) -> bytes:
+        """The raw body of ``METHOD path`` (a console log, a PEM, a backup); RemoteError for
+        an error answer."""
+        return self.response(method, path, params, timeout).content
+
+    def response(self, method: str, path: str, params: dict[str, Any] | None = None,
+                 timeout: float = TIMEOUT) -> httpx.Response:
+        """The whole answer of ``METHOD path`` (body and headers), not read as JSON;
+        RemoteError for an error answer."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            answer = self.http.get(path, params=query)
+            answer = self.http.request(method, path, params=query, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
+                              f"within {timeout:g} s") from exc
         except httpx.HTTPError as exc:
             raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
                               f"{exc}") from exc
@@ -216,4 +229,4 @@ class Client:
             except ValueError:
                 data = None
             raise self._error(answer.status_code, data)
-        return answer.content
+        return answer

@@ -177,3 +177,15 @@ def list_target(target: str | None, command: str = "popek list") -> str | None:
         check_name(remote)
     return None if remote == LOCAL else remote
 
+
+
+def here_only(command: str, local_form: str = "") -> None:
+    """Refuse ``command``, which acts on this host only (no API route), while ``popek remote
+    switch`` chose another default remote: it never acts here silently.  ``local_form``: the
+    command line that names this host explicitly (``... local:``), when it has one."""
+    remote = default()
+    if remote != LOCAL:
+        explicit = f"{local_form}, or " if local_form else ""
+        raise InvalidInput(f"{command} acts on this host only and the default remote is "
+                           f"{remote} (popek remote switch): to act on this host, "
+                           f"{explicit}popek remote switch local first")

@@ -105,6 +105,10 @@ def describe(event: dict[str, Any]) -> str:
 
 
 def monitor(
+    remote: str | None = typer.Argument(None, metavar="[REMOTE:]",
+                                        help="A remote's events (lab:; its API's websocket); "
+                                             "default: the default remote (popek remote "
+                                             "switch), else this host's socket."),
     socket: str = typer.Option(DEFAULT_SOCKET, "--socket",
                                help="The local socket of popek serve."),
     types: list[str] = typer.Option([], "--type", "-t",
@@ -113,7 +117,9 @@ def monitor(
     fmt: str = typer.Option("text", "--format", "-f",
                             help="text (one line an event) or json (one object a line)."),
 ) -> None:
-    """Print popek's events as they happen (instances, operations, audit) until Ctrl-C."""
+    """Print popek's events as they happen (instances, operations, audit) until Ctrl-C.
+
+    A token's holder sees its own project's events."""
     if fmt not in ("text", "json"):
         raise InvalidInput(f"invalid --format {fmt!r}; allowed: text, json")
     for t in types:
@@ -122,12 +128,22 @@ def monitor(
     from websockets.exceptions import ConnectionClosed, InvalidHandshake
     from websockets.sync.client import unix_connect
 
-    query = f"?types={','.join(types)}" if types else ""
-    try:
-        conn = unix_connect(socket, f"ws://localhost/1.0/events{query}")
-    except (OSError, InvalidHandshake) as exc:
-        raise PopekError(f"cannot reach popek serve on {socket}: {exc}; start it with "
-                         "popek serve (or systemctl start popek-api)") from exc
+    from popek.cli import remotes
+
+    on = remotes.list_target(remote, "popek monitor")
+    if on is not None:
+        from popek.cli import remoteterm
+
+        conn = remoteterm.open_socket(on, "/1.0/events",
+                                      {"types": ",".join(types) if types else None})
+        socket = f"remote {on}"
+    else:
+        query = f"?types={','.join(types)}" if types else ""
+        try:
+            conn = unix_connect(socket, f"ws://localhost/1.0/events{query}")
+        except (OSError, InvalidHandshake) as exc:
+            raise PopekError(f"cannot reach popek serve on {socket}: {exc}; start it with "
+                             "popek serve (or systemctl start popek-api)") from exc
     with conn:
         try:
             for message in conn:

@@ -196,6 +196,28 @@ def backup(dest: Path, store_path: Path | None = None) -> BackupInfo:
                       dest.stat().st_size)
 
 
+def save(dest: Path, data: bytes) -> BackupInfo:
+    """Write ``data``, a backup another host made (a remote's answer to ``popek admin backup
+    FILE REMOTE:``), to ``dest`` as :func:`backup` writes one (atomically, mode 0600), once
+    the whole of it passed the checks :func:`restore` makes; what it holds."""
+    if dest.is_dir():
+        raise InvalidInput(f"backup file {dest} is a directory; give a file name")
+    if not dest.parent.is_dir():
+        raise InvalidInput(f"cannot write the backup {dest}: directory {dest.parent} "
+                           "does not exist")
+    with tempfile.TemporaryDirectory(prefix="popek-backup-") as tmp:
+        received = Path(tmp) / "received"
+        fd = os.open(received, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        manifest, _, keys = _read(received, Path(tmp))
+    try:
+        _write_atomic(dest, lambda f: f.write(data))
+    except OSError as exc:
+        raise InvalidInput(f"cannot write the backup {dest}: {exc.strerror or exc}") from exc
+    return BackupInfo(dest, int(manifest.get("revision", 0)), sorted(keys), len(data))
+
+
 def _foreign(path: Path, why: str) -> InvalidInput:
     return InvalidInput(f"{path} is not a popek backup ({why}); nothing was changed")
 
