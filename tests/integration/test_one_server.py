@@ -8,6 +8,7 @@ over the session's POPEK_HOME:
 - a CLI command runs in a fork of serve's command server, whose parent is
   serve (the pid chain of a running ``exec``), and no other command server
   runs for that socket (the processes counted);
+- a long CLI verb (stop, start) run there is an operation the API lists;
 - ``command-server status`` names serve, ``command-server stop`` leaves
   serve serving and gets a fresh server of serve's;
 - stopping serve (SIGTERM) takes its command server and spare along, and the
@@ -189,6 +190,43 @@ def test_cli_commands_run_in_serves_command_server(setup: Setup, minimal_image: 
     assert status.returncode == 0, status.stderr
     assert status.stdout.strip() == (f"The command server runs as pid {owned}, part of popek "
                                      f"serve (pid {serve}).")
+
+
+def _served(setup: Setup, args: list[str]) -> tuple[int, int]:
+    """Run a command by hand (the protocol) in serve's server to its end: pid, exit code.
+
+    Sent again to the fresh server when one answers ``S`` (see _started).
+    """
+    for _ in range(5):
+        old = setup.owned()
+        with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(setup.cli)
+            fds = b"".join(n.to_bytes(4, sys.byteorder) for n in [null.fileno()] * 3)
+            sock.sendmsg([client.encode(args)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sock.shutdown(socket.SHUT_WR)
+            lines = sock.makefile("rb").read().decode().split()
+        if lines and lines[0].startswith("P"):
+            assert lines[-1].startswith("X"), lines
+            return int(lines[0][1:]), int(lines[-1][1:])
+        assert lines and lines[0].startswith("S"), lines
+        wait_exit(old, 30, "the stale command server to exit")
+    raise AssertionError("serve's command server was stale five times in a row")
+
+
+def test_cli_work_through_serve_is_an_operation_of_the_api(setup: Setup) -> None:
+    pids = {}
+    for verb in ("stop", "start"):
+        pid, code = _served(setup, [verb, CT])
+        assert code == 0, verb
+        pids[pid] = f"instance.{verb}"
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(setup.api)),
+                      base_url="http://popek", timeout=60) as api:
+        ops = [op for op in api.get("/1.0/operations").json() if op["server"] in pids]
+        assert sorted((pids[op["server"]], op["target"], op["status"], op["identity"])
+                      for op in ops) == [("instance.start", CT, "success", "root@host"),
+                                         ("instance.stop", CT, "success", "root@host")]
+        assert all(op["op"] == pids[op["server"]] for op in ops)
+        assert api.get(f"/1.0/instances/{CT}").json()["state"] == "running"
 
 
 def test_command_server_stop_leaves_serve_serving(setup: Setup) -> None:

@@ -163,6 +163,66 @@ def _started(path: str, args: list[str]) -> Iterator[int]:
         yield int(line[1:])
 
 
+def _served(path: str, args: list[str]) -> tuple[int, int]:
+    """Run a command by hand (the protocol) to its end: its pid and exit code."""
+    import socket
+
+    with open(os.devnull, "r+b") as null, socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        fds = b"".join(n.to_bytes(4, sys.byteorder) for n in [null.fileno()] * 3)
+        sock.sendmsg([client.encode(args)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        sock.shutdown(socket.SHUT_WR)
+        lines = sock.makefile("rb").read().decode().split()
+    assert lines[0].startswith("P") and lines[-1].startswith("X"), lines
+    return int(lines[0][1:]), int(lines[-1][1:])
+
+
+def _operations(home: Path) -> list[dict[str, object]]:
+    from popek.core.operations import Operations
+    from popek.state import open_store
+
+    if not (home / "state.db").exists():
+        return []
+    return Operations(open_store()).all()  # POPEK_HOME is home (the test's monkeypatch)
+
+
+def test_a_long_verb_through_serves_server_is_an_operation(owner: Owner, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "h"
+    monkeypatch.setenv("POPEK_HOME", str(home))
+    owner.server()
+    assert _served(owner.socket, ["list"])[1] == 0
+    pid, code = _served(owner.socket, ["stop", "nosuch", "--timeout", "3"])
+    assert code == 8  # not found: the command ran as in-process
+    [op] = _operations(home)  # list is no operation
+    assert (op["op"], op["target"], op["project"], op["identity"], op["status"]) == (
+        "instance.stop", "nosuch", "default", "root@host", "failure")
+    assert op["server"] == pid  # the command's own process carried it
+    assert op["error"] == {"code": "not_found", "field": None,
+                           "message": "popek stop nosuch failed (exit code 8)"}
+    # an instance of a remote is the remote's to record
+    _served(owner.socket, ["stop", "lab:web"])
+    assert len(_operations(home)) == 1
+
+
+def test_a_standalone_server_records_no_operation(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "h"
+    monkeypatch.setenv("POPEK_HOME", str(home))
+    sock = str(tmp_path / "run" / "cli.sock")
+    (tmp_path / "probe.py").write_text("")
+    standalone = subprocess.Popen([sys.executable, "-c", STANDALONE, sock,
+                                   str(tmp_path / "probe.py")])
+    try:
+        wait_state(lambda: _status(sock) == (standalone.pid, 0), standalone.pid, 60,
+                   "the standalone server")
+        assert _served(sock, ["stop", "nosuch"])[1] == 8
+        assert _operations(home) == []
+    finally:
+        cmdserver.stop(sock)
+        standalone.wait(timeout=30)
+
+
 def test_no_standalone_server_starts_while_the_owner_holds_the_lock(owner: Owner) -> None:
     pid = owner.server()
     proc = subprocess.run([sys.executable, "-c", STANDALONE, owner.socket, str(owner.probe)],

@@ -374,6 +374,12 @@ def _command(conn: socket.socket, fds: list[int], request: Request) -> NoReturn:
         if "random" in sys.modules:
             sys.modules["random"].seed()
         conn.settimeout(None)
+        if _OWNER:  # popek serve's: a long instance verb is one of its operations too
+            from popek.cli import served
+
+            finished = served.record(request.args)
+            if finished is not None:
+                entry.ON_EXIT.append(finished)
         # the hook goes first: once the client reads P it forwards signals, and an
         # interrupt just after P must still report the exit code
         entry.ON_EXIT.append(lambda c: _report(conn, c))
