@@ -9,7 +9,9 @@ json --project rnc-p`` prints on the server's host, and a table is the same
 text.  Changes made through the remote (a profile, a network, an imported
 image) show on the server; an error is the server's line and exit code.
 After ``popek remote switch rnc`` the commands go there without the prefix,
-the host-only ones refuse, and ``local:`` is the client's own host.
+the host-only ones refuse, and ``local:`` is the client's own host.  ``monitor
+rnc:`` streams the server's events, ``sandbox run rnc: --`` runs there, and
+``admin backup FILE REMOTE:`` writes the server's backup here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -27,7 +30,8 @@ from typing import Any
 import pytest
 from test_api import Server, start_server, stop_server
 
-from framework import popek, popek_json
+from framework import POPEK, popek, popek_json
+from framework.events import read_line
 
 P = "rnc-p"
 PROFILE = "rnc-prof"
@@ -181,3 +185,40 @@ def test_after_switch_everything_goes_to_the_remote(client: Client) -> None:
         assert client.json("profile", "list", "local:") == []
     finally:
         client("remote", "switch", "local")
+
+
+def test_monitor_sandbox_and_backup_on_the_remote(client: Client, server: Server,
+                                                  tmp_path: Path) -> None:
+    """popek monitor rnc: streams the server's events (the token's project's); sandbox run
+    rnc: runs there with its output and exit code; admin backup FILE REMOTE: writes the
+    server's backup here (the host admin's: over its socket; the token is denied)."""
+    mon = subprocess.Popen([*POPEK, "monitor", "rnc:", "--format", "json", "--type", "audit"],
+                           env=client.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        assert mon.stderr is not None and mon.stdout is not None
+        ready = read_line(mon.stderr, 60, "popek monitor rnc: to subscribe")
+        assert ready.strip() == "popek: watching events on remote rnc", ready
+        client("profile", "create", "rnc:rnc-mon")
+        event = json.loads(read_line(mon.stdout, 60, "the audit event of profile create"))
+        assert event["type"] == "audit" and event["record"]["op"] == "profile.create"
+        assert event["record"]["target"] == "rnc-mon" and event["record"]["project"] == P
+    finally:
+        mon.send_signal(signal.SIGINT)
+        mon.wait(timeout=30)
+        client("profile", "delete", "rnc:rnc-mon", check=False)
+
+    ran = client("sandbox", "run", "rnc:", "--", "sh", "-c",
+                 "cat; echo out; echo err >&2; exit 3", check=False, stdin=b"in\n")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (3, "in\nout\n", "err\n"), ran
+
+    denied = client("admin", "backup", str(tmp_path / "no.backup"), "rnc:", check=False)
+    assert denied.returncode == 4 and not (tmp_path / "no.backup").exists(), denied
+    client("remote", "add", "rnc-sock", f"unix://{server.sock}")
+    dest = tmp_path / "rnc.backup"
+    made = client("admin", "backup", str(dest), "rnc-sock:")
+    assert made.stdout.startswith("Backed up the state store (revision ")
+    assert f"to {dest} ({dest.stat().st_size} bytes, mode 0600" in made.stdout
+    assert dest.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(dest) as tar:
+        assert tar.getnames()[:2] == ["popek-backup.json", "state.db"]
