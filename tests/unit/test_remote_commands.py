@@ -220,3 +220,20 @@ def test_a_list_target_must_be_a_remote(lab: Path) -> None:
     for argv in (["trust", "list", "lab"], ["policy", "show", "lab:x"]):
         exc = _invoke(argv)
         assert isinstance(exc, errors.InvalidInput) and "is not a remote" in str(exc), exc
+
+
+def test_monitor_with_its_socket_is_this_hosts(lab: Path, tmp_path: Path) -> None:
+    remotes.save({**remotes.load(), "default": "lab"})
+    exc = _invoke(["monitor", "--socket", str(tmp_path / "mine.sock")])
+    assert isinstance(exc, errors.PopekError) and "cannot reach popek serve on" in str(exc)
+    exc = _invoke(["monitor", "lab:", "--socket", str(tmp_path / "mine.sock")])
+    assert isinstance(exc, errors.PopekError) and "cannot reach remote lab" in str(exc)
+
+
+def test_a_remote_backup_that_is_not_one_writes_nothing(tmp_path: Path) -> None:
+    from popek.state.backup import save
+
+    dest = tmp_path / "b.backup"
+    with pytest.raises(errors.InvalidInput, match="not a popek backup"):
+        save(dest, b"not a tar archive" * 10)
+    assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,13 @@ remote ``local`` always exists: this host, in-process.
 
 An instance is named ``REMOTE:NAME`` (``lab:web``) wherever the CLI names one;
 an instance name never holds ``:`` (:data:`popek.names.NAME_RULE`), so a colon
-always means a remote.  Light on purpose: the fast path of every instance
-command asks :func:`locate` and only reads the file; the HTTP client
+always means a remote.  Every other named object is ``REMOTE:NAME`` the same
+way (:func:`locate`), and a command with no object takes an optional
+``REMOTE:`` argument (:func:`list_target`); both fall back to the default
+remote.  A command that has no API route refuses while another default is
+chosen (:func:`here_only`): it never acts on this host by mistake.  Light on
+purpose: the fast path of every instance command asks :func:`locate` and only
+reads the file; the HTTP client
 (:mod:`popek.cli.remoteclient`) is imported only when a remote is named.
 """
 

@@ -110,7 +110,8 @@ def monitor(
                                              "default: the default remote (popek remote "
                                              "switch), else this host's socket."),
     socket: str = typer.Option(DEFAULT_SOCKET, "--socket",
-                               help="The local socket of popek serve."),
+                               help="The local socket of popek serve (given: this host's, "
+                                    "whatever the default remote)."),
     types: list[str] = typer.Option([], "--type", "-t",
                                     help="Only these events: lifecycle, operation, audit "
                                          "(repeat; default all)."),
@@ -130,7 +131,9 @@ def monitor(
 
     from popek.cli import remotes
 
-    on = remotes.list_target(remote, "popek monitor")
+    # an explicit --socket is this host's server, unless a remote is named too
+    on = (remotes.list_target(remote, "popek monitor")
+          if remote is not None or socket == DEFAULT_SOCKET else None)
     if on is not None:
         from popek.cli import remoteterm
 
