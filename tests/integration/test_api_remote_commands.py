@@ -162,6 +162,9 @@ def test_errors_are_the_servers(client: Client) -> None:
     local = popek("profile", "show", "rnc-nosuch", "--project", P, check=False)
     assert remote.returncode == local.returncode == 8, remote
     assert remote.stderr == local.stderr and remote.stderr.count("\n") == 1
+    build = client("image", "build", "rnc:minimal", check=False)  # refused before building
+    assert build.returncode == 2 and "may not sign images" in build.stderr, build
+    assert build.stderr.count("\n") == 1 and build.stdout == ""
     denied = client("trust", "keygen", "rnc:rnc-k", "--role", "image", check=False)
     assert denied.returncode == 4 and "host-wide" in denied.stderr, denied
     assert "rnc-k" not in {k["name"] for k in popek_json("trust", "list")}
