@@ -57,9 +57,9 @@ def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
     The result is never longer than ``limit`` (at least 100) and says how many
     characters were left out in its middle.
     """
+    limit = max(limit, 100)
     if len(text) <= limit:
         return text
-    limit = max(limit, 100)
     widest = len(f" ...[{len(text)} characters left out]... ")
     keep = limit - widest
     marker = f" ...[{len(text) - keep} characters left out]... "

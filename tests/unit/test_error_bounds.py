@@ -92,7 +92,7 @@ def test_none_still_lifts_the_limit() -> None:
 @given(st.text(max_size=5000), st.integers(min_value=0, max_value=3000))
 def test_bounded_keeps_both_ends_and_the_limit(text: str, limit: int) -> None:
     out = bounded(text, limit)
-    if len(text) <= limit:
+    if len(text) <= max(limit, 100):  # a limit is at least 100: a shorter text stays whole
         assert out == text
     else:
         assert len(out) <= max(limit, 100)
@@ -158,3 +158,9 @@ def test_an_infinite_or_nan_timeout_is_refused_at_the_boundary(tmp_path: Path,
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines()[-1].startswith("Error: invalid timeout ")
     assert "Traceback" not in out.stderr and "OverflowError" not in out.stderr
+
+
+def test_a_text_under_the_floor_of_100_stays_whole() -> None:
+    """Below 100 characters nothing is cut, whatever the limit asked (it cut 99 characters
+    to the same length with '-32 characters left out' in their middle)."""
+    assert bounded("x" * 99, 5) == "x" * 99
