@@ -268,3 +268,34 @@ def test_uvicorn_parses_http_with_httptools() -> None:
     config = Config(lambda *_: None, lifespan="off")
     config.load()
     assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
+
+
+# -- what the server answers on its event loop, with no thread hop ------------------------
+def test_a_kept_listing_is_offered_only_while_it_holds(env: Env) -> None:
+    launch(env, "a")
+    insts = env.instances()
+    insts.listings = Listings()
+    assert insts.kept_summaries() is None  # none read yet: the server reads in a thread
+    rows = insts.summaries()
+    assert insts.kept_summaries() is rows
+    env.engine.alive["a"] = False  # reality moved, the store did not: not offered
+    assert insts.kept_summaries() is None
+    assert insts.summaries()[0]["state"] == "stopped"  # the thread's read settles it
+    launch(env, "b")  # a write
+    assert insts.kept_summaries() is None
+
+
+def test_quick_info_only_when_nothing_needs_settling_or_an_engine_process(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from popek.core import instances as core_instances
+
+    launch(env, "a")
+    insts = env.instances()
+    assert not insts.quick_info("a")  # running on an engine that is not read from files
+    monkeypatch.setattr(core_instances, "QUICK_INFO_ENGINES", frozenset({"fake"}))
+    assert insts.quick_info("a")
+    env.engine.alive["a"] = False  # its process died: the thread reconciles first
+    assert not insts.quick_info("a")
+    insts.reconcile(["a"])
+    monkeypatch.setattr(core_instances, "QUICK_INFO_ENGINES", frozenset())
+    assert insts.quick_info("a")  # stopped: nothing to settle, nothing to ask

@@ -55,6 +55,10 @@ from popek.state import open_store
 from popek.state.hostwide import HostCpus
 from popek.state.store import StateStore
 
+#: engines whose running instances :meth:`Instances.info` reads from files only (a
+#: container's state directory and cgroup), with no round trip to an engine process
+QUICK_INFO_ENGINES = frozenset({"container"})
+
 if TYPE_CHECKING:
     from popek.engines.session import Channel
 
@@ -636,6 +640,23 @@ class Instances:
         if self.listings is not None:
             self.listings.keep(self.store, which, revision, insts, self.reconciler, rows)
         return rows
+
+    def kept_summaries(self, project: str | None = MINE) -> list[dict[str, Any]] | None:
+        """The listing :meth:`summaries` would give again unread, or ``None`` when it would
+        read and settle (no kept listing, the store moved, an instance needs settling)."""
+        if self.listings is None:
+            return None
+        return self.listings.fresh(self.store, self.project if project == MINE else project,
+                                   self.reconciler)
+
+    def quick_info(self, name: str) -> bool:
+        """Whether :meth:`info` of ``name`` needs neither settling nor a round trip to an
+        engine process: a container's (its state read from files) or an instance that does
+        not run, which reconcile would leave as it is.  NotFound when there is none."""
+        inst = self.get(name)
+        running = inst.state in (State.RUNNING, State.PAUSED)
+        return (inst.spec.engine in QUICK_INFO_ENGINES or not running) and \
+            self.reconciler.settled_already(inst)
 
     def info(self, name: str) -> dict[str, Any]:
         """Return the record of ``name`` with live engine details when it runs."""
