@@ -239,6 +239,19 @@ static int forward(int *fd, const char *tag, const char *id, int drain) {
     return 0;
 }
 
+/* Reap the command (unless ``exited`` did) and, unless the host left, send EXIT with its
+ * exit code (128 + the signal that ended it). */
+static void finish(const char *id, pid_t pid, int status, int exited, int gone) {
+    if (!exited && waitpid(pid, &status, 0) != pid)
+        status = 0;
+    if (!gone) {
+        char rc[16];
+        snprintf(rc, sizeof rc, "%d", WIFEXITED(status) ? WEXITSTATUS(status)
+                                                        : 128 + WTERMSIG(status));
+        reply("EXIT %s %s\n", id, rc);
+    }
+}
+
 static void do_exec(const char *id, const char *cmd64, const char *in64) {
     unsigned char *cmd = malloc(strlen(cmd64) + 1), *in = malloc(strlen(in64) + 1);
     long cmdlen = cmd ? b64_decode(cmd64, cmd) : -1;
@@ -320,14 +333,7 @@ static void do_exec(const char *id, const char *cmd64, const char *in64) {
         if (!gone && ferr >= 0 && forward(&ferr, "ERR", id, 1) < 0)
             gone = 1;
     }
-    if (!exited && waitpid(pid, &status, 0) != pid)
-        status = 0;
-    if (!gone) {
-        char rc[16];
-        snprintf(rc, sizeof rc, "%d", WIFEXITED(status) ? WEXITSTATUS(status)
-                                                        : 128 + WTERMSIG(status));
-        reply("EXIT %s %s\n", id, rc);
-    }
+    finish(id, pid, status, exited, gone);
     if (fin >= 0) close(fin);
     if (fout >= 0) close(fout);
     if (ferr >= 0) close(ferr);
@@ -491,14 +497,7 @@ static void do_pty(const char *id, const char *cmd64, const char *rows, const ch
         gone = 1; /* what the terminal held when the shell exited */
     }
     kill(-pid, SIGHUP); /* what the shell left on its terminal, as a terminal's hang-up does */
-    if (!exited && waitpid(pid, &status, 0) != pid)
-        status = 0;
-    if (!gone) {
-        char rc[16];
-        snprintf(rc, sizeof rc, "%d", WIFEXITED(status) ? WEXITSTATUS(status)
-                                                        : 128 + WTERMSIG(status));
-        reply("EXIT %s %s\n", id, rc);
-    }
+    finish(id, pid, status, exited, gone);
     if (pidfd >= 0) close(pidfd);
 out:
     if (master >= 0) close(master);
