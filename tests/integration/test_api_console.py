@@ -146,9 +146,9 @@ def finish(ws: ClientConnection, prefixed: bool = True) -> tuple[dict[int, bytes
             out[1] += msg
 
 
-def audit(server: Server, op: str) -> list[dict[str, Any]]:
-    """The audit records of ``op`` on the container, oldest first."""
-    records = server.client().get("/1.0/audit", params={"target": CT}).json()
+def audit(server: Server, op: str, target: str = CT) -> list[dict[str, Any]]:
+    """The audit records of ``op`` on ``target`` (the container), oldest first."""
+    records = server.client().get("/1.0/audit", params={"target": target}).json()
     return [r for r in records if r["op"] == op]
 
 
@@ -168,18 +168,38 @@ def test_console_round_trip_and_detach(server: Server) -> None:
     assert records[0]["identity"] == records[1]["identity"]
 
 
-def test_exec_with_a_terminal(server: Server) -> None:
-    with server.ws(f"/1.0/instances/{CT}/exec", command=["/bin/sh"], rows=33, cols=101) as ws:
+def terminal_session(server: Server, name: str, ctrl_c: bool = False) -> None:
+    """An exec of a shell on a terminal of ``name``: of the size asked, resized, its exit
+    code back, audited (``ctrl_c``: the key ends the foreground command only)."""
+    with server.ws(f"/1.0/instances/{name}/exec", command=["/bin/sh"], rows=33, cols=101) as ws:
         ws.send(b"tty; echo hws-$((1+1))\n")  # the echo of the line differs from its output
         assert b"/dev/pts/" in read_until(ws, b"hws-2\r", prefixed=True)
         assert size_shows(ws, b"33 101")
         ws.send(json.dumps({"type": "resize", "rows": 50, "cols": 132}))
         assert size_shows(ws, b"50 132")
+        if ctrl_c:  # once the command reads the terminal (its answer shows: it is foreground)
+            ws.send(b"tr a-z A-Z; echo hws-$((2+2))\n")
+            ws.send(b"hws-typed\n")
+            read_until(ws, b"HWS-TYPED", prefixed=True)
+            ws.send(b"\x03")
+            # the prompt again, whose line editor asks where the cursor is: answered, or the
+            # next line typed would be taken for the answer
+            got = read_until(ws, b"# ", prefixed=True)
+            if CURSOR_QUERY not in got:
+                read_until(ws, CURSOR_QUERY, prefixed=True)
+            ws.send(CURSOR_REPLY)
+            ws.send(b"echo hws-$((3+3))\n")
+            got = read_until(ws, b"hws-6\r", prefixed=True)
+            assert b"hws-4" not in got, got
         ws.send(b"exit 7\n")
         _, last = finish(ws)
         assert last == {"type": "exit", "exit_code": 7}
-    records = audit(server, "session.exec")
+    records = audit(server, "session.exec", name)
     assert records[-1]["result"] == "ok" and "tty=true" in records[-1]["change"], records[-1]
+
+
+def test_exec_with_a_terminal(server: Server) -> None:
+    terminal_session(server, CT)
 
 
 def test_exec_without_a_terminal_keeps_the_streams_apart(server: Server) -> None:
@@ -337,35 +357,11 @@ def test_a_vm_console_and_exec(server: Server, minimal_image: str) -> None:
                        command=["sh", "-c", "echo out; echo err >&2; exit 6"]) as ws:
             out, last = finish(ws)
         assert out == {1: b"out\n", 2: b"err\n"} and last == {"type": "exit", "exit_code": 6}
-        _vm_exec_with_a_terminal(server)
+        terminal_session(server, VM, ctrl_c=True)  # the guest agent's own terminal
         _vm_exec_on_the_cli_terminal()
         assert popek_json("info", VM)["state"] == "running"
     finally:
         popek("delete", "--force", VM, check=False)
-
-
-def _vm_exec_with_a_terminal(server: Server) -> None:
-    """The guest agent runs the command on a terminal of the size asked, resized, keys typed."""
-    with server.ws(f"/1.0/instances/{VM}/exec", command=["/bin/sh"], rows=33, cols=101) as ws:
-        ws.send(b"tty; echo hws-$((1+1))\n")  # the echo of the line differs from its output
-        assert b"/dev/pts/" in read_until(ws, b"hws-2\r", prefixed=True)
-        assert size_shows(ws, b"33 101")
-        ws.send(json.dumps({"type": "resize", "rows": 50, "cols": 132}))
-        assert size_shows(ws, b"50 132")
-        # a key the terminal turns into a signal: Ctrl-C ends the foreground command only
-        # (once it runs: the shell's line editor reads keys raw, a Ctrl-C there edits the line)
-        ws.send(b"echo hws-$((1+2)); sleep 1000; echo hws-$((2+2))\n")
-        read_until(ws, b"hws-3\r", prefixed=True)
-        ws.send(b"\x03")
-        ws.send(b"echo hws-$((3+3))\n")
-        got = read_until(ws, b"hws-6\r", prefixed=True)
-        assert b"hws-4" not in got, got
-        ws.send(b"exit 7\n")
-        _, last = finish(ws)
-        assert last == {"type": "exit", "exit_code": 7}
-    records = [r for r in server.client().get("/1.0/audit", params={"target": VM}).json()
-               if r["op"] == "session.exec"]
-    assert records[-1]["result"] == "ok" and "tty=true" in records[-1]["change"], records[-1]
 
 
 def _vm_exec_on_the_cli_terminal() -> None:
