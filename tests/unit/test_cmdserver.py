@@ -21,8 +21,9 @@ import pytest
 from framework.events import read_line, wait_exit, wait_handlers, wait_state
 from popek.cli import client, cmdserver
 
-SERVER = """
-import sys, time, types
+#: what a test server runs first: the command '_sleep SECONDS' takes a while, with no engine
+SLEEP_PRELUDE = """
+import sys, time
 from popek.cli import cmdserver, entry
 real_main = entry.main
 def main(args):  # a command that takes a while, without an engine: '_sleep SECONDS'
@@ -31,6 +32,9 @@ def main(args):  # a command that takes a while, without an engine: '_sleep SECO
         entry.leave(0)
     real_main(args)
 entry.main = main
+"""
+SERVER = SLEEP_PRELUDE + """
+import types
 probe = types.ModuleType("popek._probe")
 probe.__file__ = sys.argv[2]
 sys.modules["popek._probe"] = probe  # a loaded 'source' the test can touch

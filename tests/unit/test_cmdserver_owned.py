@@ -21,21 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_cmdserver import SLEEP_PRELUDE
 
 from framework.events import read_line, wait_exit, wait_state
 from popek.cli import client, cmdserver
 
 #: a command server as serve runs it, watching only the probe (argv[1])
-CHILD = """
-import sys, time
-from popek.cli import cmdserver, entry
-real_main = entry.main
-def main(args):  # a command that takes a while, without an engine: '_sleep SECONDS'
-    if args[:1] == ["_sleep"]:
-        time.sleep(float(args[1]))
-        entry.leave(0)
-    real_main(args)
-entry.main = main
+CHILD = SLEEP_PRELUDE + """
 cmdserver.sources = lambda: [sys.argv[1]]
 cmdserver.main(sys.argv[1:])
 """
