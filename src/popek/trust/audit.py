@@ -15,6 +15,12 @@ Two anchors outside the file catch a rewrite of the whole tail:
 * the head (sequence and hash) is also kept in the state store, so records
   cut off after the last checkpoint are noticed too.
 
+An append names the record it is about to write in the stored head first
+(``next``), then writes the line, then moves the head onto it: a process
+killed between the line and the head leaves a record the store names as its
+own, not a record "appended by hand" (seen when the suite killed ``popek
+serve`` right after it accepted a launch).
+
 :func:`verify` reports every problem it finds; an empty list means intact.
 """
 
@@ -158,6 +164,7 @@ class AuditLog:
             self._check_head(prev_rec)
             if seq == 0:  # the last line is garbage: chain on from the stored head
                 head = self._head() or {"seq": 0, "hash": GENESIS}
+                head = _written(head)
                 seq, prev = int(head["seq"]) + 1, str(head["hash"])
             rec: dict[str, Any] = {"seq": seq, "time": iso(now()), "actor": actor(), "op": op,
                                    "target": target, "params": params_digest(params),
@@ -169,10 +176,16 @@ class AuditLog:
             if project:
                 rec["project"] = project[:100]
             rec["hash"] = record_hash(rec)
+            done = {"seq": seq, "hash": rec["hash"]}
+            # first the store names the record about to be written, then the line, then
+            # the head moves onto it: a kill between line and head leaves a record the
+            # store knows (verify and the next append take it), never an unknown one
+            self.trust.store.put(HEAD_KEY, canonical({"seq": seq - 1, "hash": prev,
+                                                      "next": done}))
             with _all_or_nothing(f):  # the record and the stored head go in together
                 _append(f, canonical(rec) + b"\n")
                 os.fsync(f.fileno())
-                self.trust.store.put(HEAD_KEY, canonical({"seq": seq, "hash": rec["hash"]}))
+                self.trust.store.put(HEAD_KEY, canonical(done))
             if seq % CHECKPOINT_EVERY == 0:
                 with contextlib.suppress(OSError, PopekError):  # the next one signs it
                     self._checkpoint(seq, rec["hash"])
@@ -192,7 +205,7 @@ class AuditLog:
         head = self._head()
         if head is None or self.trust.store.get(ALARM_KEY) is not None:
             return
-        if last is None or last.get("seq") != head["seq"] or last.get("hash") != head["hash"]:
+        if not _is(last, head) and not _is(last, head.get("next")):
             found = (f"seq {last.get('seq')}" if last else "no record")
             self.trust.store.put(ALARM_KEY, canonical({
                 "time": iso(now()), "expected_seq": head["seq"], "found": found}))
@@ -279,6 +292,9 @@ class AuditLog:
         kv = self.trust.store.get(HEAD_KEY)
         if kv is not None:
             head = json.loads(kv.value)
+            if _is(_last_record(lines), head.get("next")):
+                head = head["next"]  # its append was interrupted after the line went in
+            hashes.setdefault(0, GENESIS)  # a head before the first record: nothing written
             if head["seq"] > last_seq:
                 problems.append(f"the log ends at seq {last_seq} but popek wrote up to seq "
                                 f"{head['seq']}: records were cut off the end")
@@ -315,6 +331,33 @@ class AuditLog:
                 problems.append(f"checkpoint {n}: record seq {cp['seq']} differs from the "
                                 "signed head: the log was rewritten")
         return problems
+
+
+def _is(rec: Any, mark: Any) -> bool:
+    """Whether ``rec`` (a record, ``None``: no record) is the one a stored head ``mark``
+    names; a head of seq 0 names the empty log."""
+    if not isinstance(mark, dict):
+        return False
+    if rec is None:
+        return bool(mark.get("seq") == 0)
+    return bool(isinstance(rec, dict) and rec.get("seq") == mark.get("seq")
+                and rec.get("hash") == mark.get("hash"))
+
+
+def _written(head: dict[str, Any]) -> dict[str, Any]:
+    """The head without its pending record (the one an interrupted append named)."""
+    return {"seq": head["seq"], "hash": head["hash"]}
+
+
+def _last_record(lines: list[bytes]) -> dict[str, Any] | None:
+    """The last line as a record, ``None`` when there is none or it is not one."""
+    if not lines:
+        return None
+    try:
+        rec = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 @dataclass
