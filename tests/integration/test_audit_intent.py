@@ -14,14 +14,25 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from framework import POPEK, popek, processes_mentioning, require_root_and_tools, wait_for
 
 require_root_and_tools()
 
 NAME = "h2-killed-launch"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover() -> Iterator[None]:
+    """The killed launch's instance goes when the test ends, passed or failed (a stopped
+    leftover failed the next module's empty ``list``)."""
+    yield
+    popek("delete", "--force", NAME, check=False)
 
 
 def records(home: Path) -> list[dict[str, Any]]:

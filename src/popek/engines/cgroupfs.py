@@ -61,6 +61,26 @@ def is_v2(root: Path = ROOT) -> bool:
         return False
 
 
+def io_weight_offered(root: Path = ROOT) -> bool:
+    """Whether the kernel weighs I/O between cgroups on this host.
+
+    v1: the blkio hierarchy has a proportional scheduler's weight file
+    (``blkio.bfq.weight`` with BFQ, ``blkio.weight`` with CFQ); a host whose
+    disks all run ``none``, ``mq-deadline`` or ``kyber`` has neither.  v2: the
+    ``io`` controller is offered.  An OCI runtime asked for a weight the host
+    cannot apply fails the container's start (runc 1.1: ``open
+    .../blkio.bfq.weight: no such file or directory``), so a weight is asked
+    for only when this says so.
+    """
+    try:
+        if is_v2(root):
+            return "io" in (root / "cgroup.controllers").read_text().split()
+        blkio = root / "blkio"
+        return (blkio / "blkio.bfq.weight").exists() or (blkio / "blkio.weight").exists()
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Limits:
     """The limits of one cgroup."""

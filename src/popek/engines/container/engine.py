@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import paths, proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
+from popek.engines.cgroupfs import IO_WEIGHT, io_weight_offered
 from popek.engines.container import cgroups, netplumb, rootfs, runtime
 from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
@@ -59,9 +60,11 @@ def cgroups_path(spec: LaunchSpec) -> str:
 
 
 def limits_of(spec: LaunchSpec) -> Limits:
-    """The cgroup limits of ``spec``: its memory, CPUs and pids."""
+    """The cgroup limits of ``spec``: its memory, CPUs and pids, and the default I/O
+    weight where the host can weigh I/O."""
     return Limits(memory=spec.memory, cpus=float(spec.vcpus),
                   pids=int(spec.limits.get("pids", DEFAULT_PIDS)),
+                  io_weight=IO_WEIGHT if io_weight_offered() else 0,
                   cpuset=",".join(str(c) for c in spec.cpus))
 
 

@@ -54,6 +54,8 @@ class Limits:
     memory: int
     cpus: float
     pids: int
+    #: relative I/O weight (1-10000, default 100); 0: none asked for (the host has no
+    #: proportional I/O scheduler: :func:`popek.engines.cgroupfs.io_weight_offered`)
     io_weight: int = 100
     cpuset: str = ""  # host CPUs to run on, "0,2"; empty: all
 
@@ -64,7 +66,7 @@ class Limits:
             "cpu": {"quota": int(self.cpus * CPU_PERIOD), "period": CPU_PERIOD,
                     **({"cpus": self.cpuset} if self.cpuset else {})},
             "pids": {"limit": self.pids},
-            "blockIO": {"weight": self.io_weight},
+            **({"blockIO": {"weight": self.io_weight}} if self.io_weight else {}),
             "devices": [{"allow": False, "access": "rwm"}] + [
                 {"allow": True, "type": "c", "major": major, "access": "rwm"}
                 | ({} if minor is None else {"minor": minor})
