@@ -286,6 +286,33 @@ def test_tls_listener_needs_a_token(server: Server) -> None:
         assert r.status_code == 200, r.text
 
 
+def test_a_flood_of_bad_tokens_is_summed_up_in_the_audit_log(popek_home: Path,
+                                                             sockdir: Path) -> None:
+    """A client looping bad tokens gets its burst of records, then one summary (at the
+    latest when the server stops): before, every refusal wrote a record."""
+    from popek.core.refusals import BURST, SUMMARY_OP
+
+    log = popek_home / "audit" / "log.jsonl"
+    seen = len(log.read_text().splitlines()) if log.exists() else 0
+    flood = start_server(sockdir / "flood.sock")  # a fresh budget: this server's own
+    try:
+        with flood.tls("") as t:
+            for i in range(BURST + 10):
+                r = t.get("/1.0/instances", headers={"authorization":
+                                                     f"Bearer pk1.hapiflood{i:04d}.x"})
+                assert r.status_code == 401, r.text
+    finally:
+        stop_server(flood)
+    new = [json.loads(line) for line in log.read_text().splitlines()[seen:]]
+    mine = [r for r in new if str(r["target"]).startswith("hapiflood")]
+    assert len(mine) == BURST, mine  # before: BURST + 10
+    summary = [r for r in new if r["op"] == SUMMARY_OP]
+    assert [r["target"] for r in summary] == ["127.0.0.1"], new
+    assert summary[0]["result"].startswith("denied: 10 more refused credential(s) from "
+                                           "127.0.0.1 between "), summary
+    assert popek("audit", "verify").returncode == 0
+
+
 def test_roles_and_projects_over_tls(server: Server, minimal_image: str) -> None:
     from popek.core.auth import Tokens
     from popek.state import open_store

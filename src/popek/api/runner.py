@@ -27,7 +27,7 @@ from popek.core.auth import Identity
 from popek.core.listings import Listings
 from popek.core.operations import Operations
 from popek.core.service import Core
-from popek.errors import StoreError
+from popek.errors import PopekError, StoreError
 from popek.state import open_store
 from popek.state.store import StateStore
 
@@ -171,9 +171,15 @@ class Runner:
             return Operations(core.store).fail_orphans()
 
     def stop(self) -> list[str]:
-        """At server stop: mark failed this server's operations still running."""
+        """At server stop: mark failed this server's operations still running, and audit
+        the refused credentials still only counted (:mod:`popek.core.refusals`)."""
+        from popek.core.authn import write_summaries
+        from popek.core.refusals import REFUSALS
+
         try:
             with session() as core:
+                with contextlib.suppress(OSError, PopekError):  # a warning would go nowhere
+                    write_summaries(core, REFUSALS.flush())
                 return Operations(core.store).fail_own()
         finally:
             STORES.close()

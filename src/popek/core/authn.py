@@ -15,6 +15,10 @@ certificate of its TLS handshake, or both) and gives its
 - neither: refused, not audited (nothing names who tried: a scan of the port
   would only fill the log).
 
+One client address gets at most :data:`popek.core.refusals.BURST` such
+records a minute; the refusals beyond are summed up in one record
+(``auth.refused``) when its minute is over (:mod:`popek.core.refusals`).
+
 The refusal's record: op ``auth.certificate`` (target: the certificate's
 SHA-256 fingerprint) or ``auth.token`` (target: the token's id, never its
 secret), the result ``denied: WHY``, ``change`` naming the request and the
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from popek.core.auth import SECRET_PREFIX, AuthError, Identity, TokenRejected, Tokens
 from popek.core.certificates import CertificateRejected, Certificates, fingerprint
+from popek.core.refusals import REFUSALS, SUMMARY_OP, Summary
 from popek.core.service import warn_unaudited
 from popek.errors import PopekError
 
@@ -56,21 +61,22 @@ def authenticate(core: Core, token: str | None, certificate: bytes | None,
         exc: AuthError = Unauthenticated(
             "denied: both a client certificate and a bearer token were presented: present "
             "one (a remote added with --auth cert sends no token)")
-        _refused(core, "auth.certificate", fingerprint(certificate), exc, where,
+        _refused(core, "auth.certificate", fingerprint(certificate), exc, where, client,
                  *_known_certificate(core, certificate))
         raise exc
     if certificate:
         try:
             return Certificates(core.store).verify(certificate)
         except CertificateRejected as exc:
-            _refused(core, "auth.certificate", fingerprint(certificate), exc, where,
+            _refused(core, "auth.certificate", fingerprint(certificate), exc, where, client,
                      *_known_certificate(core, certificate))
             raise
     if token:
         try:
             return Tokens(core.store).verify(token)
         except TokenRejected as exc:
-            _refused(core, "auth.token", _token_id(token), exc, where, *_known_token(core, token))
+            _refused(core, "auth.token", _token_id(token), exc, where, client,
+                     *_known_token(core, token))
             raise
     raise Unauthenticated("authentication required: a trusted TLS client certificate "
                           "(popek certificate add) or Authorization: Bearer TOKEN "
@@ -111,14 +117,25 @@ def _known_certificate(core: Core, der: bytes) -> tuple[str, str]:
     return record.label(), record.project
 
 
-def _refused(core: Core, op: str, target: str, exc: AuthError, where: str, identity: str,
-             project: str) -> None:
-    """Audit a refused authentication (a warning when the log cannot be written)."""
+def _refused(core: Core, op: str, target: str, exc: AuthError, where: str, client: str,
+             identity: str, project: str) -> None:
+    """Audit a refused authentication (a warning when the log cannot be written): within
+    the client's budget (:mod:`popek.core.refusals`), else counted for its summary."""
+    own, ended = REFUSALS.admit(client)
     try:
-        core.audit.append(op, target, {"request": where}, str(exc)[:500], where,
-                          identity=identity, project=project)
+        write_summaries(core, ended)
+        if own:
+            core.audit.append(op, target, {"request": where}, str(exc)[:500], where,
+                              identity=identity, project=project)
     except (OSError, PopekError) as err:
         warn_unaudited(err, exc)
 
 
-__all__ = ["UNAUTHENTICATED", "Unauthenticated", "authenticate"]
+def write_summaries(core: Core, summaries: list[Summary]) -> None:
+    """One audit record per summary of refusals not recorded one by one."""
+    for s in summaries:
+        core.audit.append(SUMMARY_OP, s.source, {"count": s.count, "first": s.first},
+                          s.result(), f"from {s.source}", identity=UNAUTHENTICATED)
+
+
+__all__ = ["UNAUTHENTICATED", "Unauthenticated", "authenticate", "write_summaries"]
