@@ -149,6 +149,20 @@ def test_no_names_without_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not (tmp_path / "nothing").exists(), "completion made a home"
 
 
+def test_image_names_are_those_the_current_project_sees(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own images, then default's (shared read-only): before, default's only."""
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for d in ("images/minimal", "images/debian", "images/.projects/lab/mine",
+              "images/.projects/other/theirs"):
+        (tmp_path / d).mkdir(parents=True)
+    monkeypatch.setenv("POPEK_PROJECT", "lab")
+    assert completion.image_names() == ["mine", "debian", "minimal"]
+    monkeypatch.setenv("POPEK_PROJECT", "default")
+    assert completion.image_names() == ["debian", "minimal"]
+
+
 def test_the_command_server_answers_completion_requests() -> None:
     """A completion request has no arguments (its words are in the environment): the server
     takes it, though an empty command line (usage) runs in-process."""

@@ -113,11 +113,18 @@ def instance_names() -> list[str]:
 
 
 def image_names() -> list[str]:
-    """The images of this host, by their directory names (nothing is read or checked)."""
-    from popek.images.store import ImageStore
+    """The images the current project names (:func:`popek.cli.scope.current`): its own, then
+    ``default``'s, which every project shares; by their directory names (nothing is read
+    or checked)."""
+    from popek.cli import scope
+    from popek.images.store import DEFAULT_PROJECT, ImageStore
 
     try:
-        return [i.name for i in ImageStore().list()]
+        store, project = ImageStore(), scope.current()
+        names = store.in_project(project).names()
+        if project != DEFAULT_PROJECT:
+            names += store.in_project(DEFAULT_PROJECT).names()
+        return list(dict.fromkeys(names))
     except Exception:  # completion offers nothing rather than fail
         return []
 
