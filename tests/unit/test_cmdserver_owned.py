@@ -31,21 +31,22 @@ CHILD = SLEEP_PRELUDE + """
 cmdserver.sources = lambda: [sys.argv[1]]
 cmdserver.main(sys.argv[1:])
 """
-#: popek serve's part: claim the lock, supervise the server until SIGTERM
+#: popek serve's part: claim the lock, listen, start a server per client until SIGTERM
 OWNER = """
 import signal, sys, threading
 from popek.api.cliserver import CommandServer
 from popek.cli import cmdserver
 sock, probe = sys.argv[1], sys.argv[2]
 got = cmdserver.claim(sock, wait_s=float(sys.argv[3]))
-print(got.lock >= 0, got.replaced, got.owner, flush=True)
 if got.lock < 0:
+    print(False, got.replaced, got.owner, flush=True)
     sys.exit(0)
-srv = CommandServer(sock, got.lock)
+srv = CommandServer(sock, got.lock, idle=float(sys.argv[4]))
 srv.command = (sys.executable, "-I", "-c", CHILD, probe)
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
 srv.start()
+print(True, got.replaced, got.owner, flush=True)  # listening
 done.wait()
 srv.stop()
 """.replace("CHILD", repr(CHILD))
@@ -76,13 +77,13 @@ def _status(sock: str) -> tuple[int, int] | None:
 class Owner:
     """A stand-in of ``popek serve``'s process: the lock, and the server as its child."""
 
-    def __init__(self, tmp: Path, wait_s: float = 15.0) -> None:
+    def __init__(self, tmp: Path, wait_s: float = 15.0, idle: float = 600.0) -> None:
         self.socket = str(tmp / "run" / "cli.sock")
         self.probe = tmp / "probe.py"
         if not self.probe.exists():
             self.probe.write_text("")
         self.proc = subprocess.Popen([sys.executable, "-c", OWNER, self.socket,
-                                      str(self.probe), str(wait_s)],
+                                      str(self.probe), str(wait_s), str(idle)],
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         took, replaced, owner = read_line(self.proc.stdout, 60, "the claim").split()
@@ -138,6 +139,26 @@ def test_the_owned_server_is_the_owners_child_and_runs_commands(owner: Owner,
     wait_exit(command, 30, "the command to end with its client")
     assert owner.run("list", home=tmp_path / "h").returncode == 0
     assert (tmp_path / "h" / "state.db").exists()
+
+
+def test_serve_is_the_one_process_until_a_command_comes(tmp_path: Path) -> None:
+    """No worker runs before a client connects; it starts for that client (who waits in
+    the socket's backlog), ends when idle, and the next client starts another: an idle
+    host has one popek process (issue 14.1).  Before, the worker ran from serve's start
+    and never idled out."""
+    owner = Owner(tmp_path, idle=2.0)
+    try:
+        assert owner.took and os.path.exists(owner.socket)  # serve listens itself
+        assert _children(owner.proc.pid) == []
+        assert owner.run("list", home=tmp_path / "h").returncode == 0  # served, warm or not
+        pid = owner.server()
+        assert _parent(pid) == owner.proc.pid
+        wait_exit(pid, 60, "the idle worker to end")
+        assert _children(owner.proc.pid) == [] and os.path.exists(owner.socket)
+        assert owner.run("list", home=tmp_path / "h").returncode == 0
+        assert _parent(owner.server(other_than=pid)) == owner.proc.pid
+    finally:
+        owner.close()
 
 
 @contextlib.contextmanager

@@ -15,9 +15,10 @@ imports FastAPI.  The server:
 4. serves both with uvicorn in one event loop, each with its application
    (:func:`popek.api.app.create_app`: the local one needs no token) over one
    runner, until SIGTERM or SIGINT;
-5. runs the CLI's command server as its supervised child when ``popek serve``
-   took it over (``--cli-socket``, ``--cli-lock``: :mod:`popek.api.cliserver`),
-   and stops it when it stops.
+5. listens on the CLI's command server socket when ``popek serve`` took it
+   over (``--cli-socket``, ``--cli-lock``: :mod:`popek.api.cliserver`), starts
+   the command server as its worker when a command comes, and stops it when it
+   stops.
 """
 
 from __future__ import annotations
@@ -190,11 +191,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cli-socket", default="", help=argparse.SUPPRESS)
     parser.add_argument("--cli-lock", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # popek serve took the CLI's command server over (popek.cli.serve.command_server)
-    cli = CommandServer(args.cli_socket, args.cli_lock) if args.cli_lock >= 0 else None
     logging.basicConfig(level=logging.INFO, format="popek: %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
+        # popek serve took the CLI's command server over (popek.cli.serve.command_server)
+        cli = CommandServer(args.cli_socket, args.cli_lock) if args.cli_lock >= 0 else None
         code = serve(args.socket, args.listen, cli)
     except PopekError as exc:
         print(f"popek: {exc}", file=sys.stderr, flush=True)

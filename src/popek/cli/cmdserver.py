@@ -23,14 +23,16 @@ It answers ``S`` (stale) and exits when popek's sources changed since it
 started, so an upgrade never runs old code; it exits after ``IDLE_S`` seconds
 without a command.  ``popek command-server status|stop`` reports or stops it.
 
-``popek serve`` runs this same server as its own supervised child (the API and
-the CLI then share one service): :func:`claim` takes the socket's lock in
-``popek serve`` (stopping a standalone server that holds it), and the API
-process starts ``python -m popek.cli.cmdserver --owner PID --lock-fd FD`` with
-that lock, restarting it whenever it exits (stale, stopped, killed).  Such an
-*owned* server never idles out, dies with its owner (``PR_SET_PDEATHSIG``),
-and names its owner in its status answer (``K<pid> serve <owner>``); while
-the owner holds the lock no client can start a standalone one.
+``popek serve`` runs this same server as its worker (the API and the CLI then
+share one service): :func:`claim` takes the socket's lock in ``popek serve``
+(stopping a standalone server that holds it), the API process listens on the
+socket itself and, when a client connects, starts ``python -m
+popek.cli.cmdserver --owner PID --lock-fd FD --listen-fd FD --idle S``
+(:mod:`popek.api.cliserver`), again whenever a client comes after it ended
+(idle, stale, stopped, killed).  Such an *owned* server accepts on serve's
+socket, dies with its owner (``PR_SET_PDEATHSIG``), and names its owner in its
+status answer (``K<pid> serve <owner>``); while the owner holds the lock no
+client can start a standalone one.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def fingerprint(files: list[str]) -> tuple[int, ...]:
 
 
 def serve(path: str = client.SOCKET, idle: float = IDLE_S, lock_fd: int | None = None,
-          owner: int = 0) -> None:
+          owner: int = 0, listen_fd: int | None = None) -> None:
     """Serve commands on ``path`` until idle for ``idle`` seconds or stopped.
 
     The server keeps one forked *spare* blocked in ``accept``: the spare takes
@@ -131,8 +133,9 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S, lock_fd: int | None =
     becomes that command, so no client waits for a fork.
 
     ``owner``: the pid of the ``popek serve`` this server is part of (its
-    parent, which holds the socket's lock and passes it as ``lock_fd``): the
-    server then never idles out, ends with its owner, and on SIGTERM.
+    parent, which holds the socket's lock and passes it as ``lock_fd``, and
+    listens on ``path`` itself, passing that socket as ``listen_fd``): the server
+    then ends with its owner and on SIGTERM, and leaves the socket file to it.
     """
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     os.chmod(os.path.dirname(path), 0o700)
@@ -149,7 +152,6 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S, lock_fd: int | None =
         _parent_death_signal(signal.SIGTERM)
         if os.getppid() != owner:  # it died before the request took effect
             return
-        idle = float("inf")
     global _LOCK, _OWNER
     _LOCK, _OWNER = lock, owner
     os.chdir("/")
@@ -166,7 +168,7 @@ def serve(path: str = client.SOCKET, idle: float = IDLE_S, lock_fd: int | None =
     server = os.getpid()
     if owner:  # SIGTERM (the owner stopping, or gone): end as a stop does, in the loop
         signal.signal(signal.SIGTERM, lambda _s, _f: os.write(notify_w, b"s"))
-    with Listener(path) as sock:
+    with Listener(path) if listen_fd is None else _Inherited(listen_fd) as sock:
         spare = 0
         try:
             last = time.monotonic()
@@ -225,6 +227,20 @@ class Listener:
         with contextlib.suppress(OSError):
             if _node(self.path) == self.node:
                 os.unlink(self.path)
+        self.sock.close()
+
+
+class _Inherited:
+    """The listening socket ``popek serve`` holds and passed on: closed, never removed."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_inheritable(fd, False)  # a command's own children never get it
+        self.sock = socket.socket(fileno=fd)
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *_exc: object) -> None:
         self.sock.close()
 
 
@@ -541,11 +557,18 @@ def claim(path: str | None = None, wait_s: float = 15.0) -> Claim:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m popek.cli.cmdserver [--owner PID --lock-fd FD]`` (see :func:`serve`)."""
+    """``python -m popek.cli.cmdserver [--owner PID --lock-fd FD --listen-fd FD --idle S]``
+    (see :func:`serve`)."""
     options = dict(zip(argv[1::2], argv[2::2], strict=False))
     owner, lock = options.get("--owner", "0"), options.get("--lock-fd", "")
-    serve(client.socket_path(), lock_fd=int(lock) if lock.isdigit() else None,
-          owner=int(owner) if owner.isdigit() else 0)
+    listen = options.get("--listen-fd", "")
+    try:
+        idle = float(options.get("--idle", IDLE_S))
+    except ValueError:
+        idle = IDLE_S
+    serve(client.socket_path(), idle=idle, lock_fd=int(lock) if lock.isdigit() else None,
+          owner=int(owner) if owner.isdigit() else 0,
+          listen_fd=int(listen) if listen.isdigit() else None)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def image_names() -> list[str]:
     ``default``'s, which every project shares; by their directory names (nothing is read
     or checked)."""
     from popek.cli import scope
-    from popek.images.store import DEFAULT_PROJECT, ImageStore
+    from popek.images.store import ImageStore
+    from popek.names import DEFAULT_PROJECT
 
     try:
         store, project = ImageStore(), scope.current()

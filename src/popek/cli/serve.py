@@ -3,7 +3,8 @@
 ``serve`` checks its options, takes the CLI's command server over
 (:func:`command_server`: the lock of its socket, a standalone server stopped)
 and replaces this process with ``python -m popek.api`` (:mod:`popek.api.server`),
-which runs the command server as its supervised child: one service for both
+which listens on the command server's socket and starts the command server as
+its worker when a command comes: one service, one long-lived process, for both
 fronts.  The CLI never imports FastAPI.  ``monitor``
 connects to the local socket's ``/1.0/events`` websocket and prints each
 event, one line each (``--format json``: one JSON object a line).  Both run
