@@ -40,12 +40,14 @@ from framework import popek
 from popek.api.app import create_app
 from popek.state import open_store
 
-#: requests generated per operation (62 operations: some 3 minutes here in all)
+#: requests generated per operation (71 operations: some 3 minutes here in all)
 EXAMPLES = 20
 APP = create_app()
 schema = schemathesis.openapi.from_asgi("/1.0/openapi.json", APP)
 #: the longest a fuzzed sandbox run may take (a generated command could run on)
 SANDBOX_TIMEOUT = 3.0
+#: the largest volume a fuzzed request makes or resizes to (bytes)
+VOLUME_SIZE = 64 << 20
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,20 +109,33 @@ def _would_build(case: Any) -> bool:
 
 
 def _bounded(case: Any) -> None:
-    """Hold a sandbox run's timeout to :data:`SANDBOX_TIMEOUT` seconds."""
+    """Hold a sandbox run's timeout to :data:`SANDBOX_TIMEOUT` seconds, and a volume's size
+    to :data:`VOLUME_SIZE` at most (an ext4 of terabytes writes a journal of a gigabyte)."""
     if (case.method, case.path) == ("POST", "/1.0/sandboxes/run") and isinstance(case.body, dict):
         timeout = case.body.get("timeout", 60)
         if isinstance(timeout, int | float) and not isinstance(timeout, bool) and \
                 timeout > SANDBOX_TIMEOUT:
             case.body["timeout"] = SANDBOX_TIMEOUT
+    if case.path.startswith("/1.0/storage-pools/{pool}/volumes") and isinstance(case.body, dict):
+        size = case.body.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > VOLUME_SIZE:
+            case.body["size"] = VOLUME_SIZE
 
 
 def _clean(case: Any, response: Any) -> None:
-    """Delete a network the request made (a real bridge and dnsmasq on this host)."""
+    """Delete a network the request made (a real bridge and dnsmasq on this host), and a
+    volume (its file)."""
     if (case.method, case.path) == ("POST", "/1.0/networks") and response.status_code == 201:
         name = response.json()["name"]
         with TestClient(APP) as client:
             gone = client.delete(f"/1.0/networks/{name}", params={"force": True})
+        assert gone.status_code == 200, gone.text
+    if (case.method, case.path) == ("POST", "/1.0/storage-pools/{pool}/volumes") and \
+            response.status_code == 201:
+        vol = response.json()
+        with TestClient(APP) as client:
+            gone = client.delete(f"/1.0/storage-pools/{vol['pool']}/volumes/{vol['name']}",
+                                 params={"project": vol["project"]})
         assert gone.status_code == 200, gone.text
 
 

@@ -25,6 +25,7 @@ from popek.api import (
     projects,
     sandboxes,
     sessions,
+    storage,
     tokens,
     trust,
 )
@@ -35,7 +36,8 @@ from popek.api.runner import Runner
 #: the routers of every resource, in the order the OpenAPI document lists them
 ROUTERS = (instances.router, ports.router, imagetools.router, images.router, networks.router,
            trust.router, profiles.router, operations.router, events.router, sessions.router,
-           admin.router, projects.router, tokens.router, certificates.router, sandboxes.router)
+           admin.router, projects.router, tokens.router, certificates.router, sandboxes.router,
+           storage.router)
 
 
 def create_app(runner: Runner | None = None, local: bool = True) -> FastAPI:

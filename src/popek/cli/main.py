@@ -24,6 +24,7 @@ from popek.cli.project import token_app
 from popek.cli.remote import app as remote_app
 from popek.cli.sandbox import app as sandbox_app
 from popek.cli.serve import monitor, serve
+from popek.cli.storage import app as storage_app
 from popek.cli.trust import attest, audit_app, image_sign, policy_app, trust_app
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ image_app = typer.Typer(no_args_is_help=True, help="Build, list, inspect and del
 app.add_typer(image_app, name="image")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(network_app, name="network")
+app.add_typer(storage_app, name="storage")
 app.add_typer(trust_app, name="trust")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")

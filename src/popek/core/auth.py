@@ -13,7 +13,7 @@ The roles (a token's ``console`` grant is separate from its role):
 action                          viewer   operator  admin  host admin
 ==============================  =======  ========  =====  ==========
 read its project (list, info)   yes      yes       yes    yes
-instance.*, config.*            no       yes       yes    yes
+instance.*, config.*, volume.*  no       yes       yes    yes
 network.attach / detach         no       yes       yes    yes
 sandbox.run                     no       yes       yes    yes
 session.console / session.exec  no       grant     grant  yes
@@ -26,7 +26,8 @@ image.build / import / delete
 (its own project's, not
 ``default``'s)
 project.set (quotas), project.  no       no        no     yes
-create / delete
+create / delete, storage.create
+/ delete (pools)
 image.sign, trust.*, policy.*,  no       no        no     yes
 audit.*, host.*
 anything in another project     no       no        no     yes
@@ -71,7 +72,7 @@ HOST_ADMIN = "root@host"
 READ_VERBS = frozenset({"list", "show", "info", "get", "log", "read", "attest", "events",
                         "metrics", "config"})
 #: what an operator may change in its own project (besides reading)
-OPERATOR_PREFIXES = ("instance.", "config.", "sandbox.")
+OPERATOR_PREFIXES = ("instance.", "config.", "sandbox.", "volume.")
 OPERATOR_ACTIONS = frozenset({"network.attach", "network.detach"})
 #: what needs the console grant (and a role that may operate instances)
 SESSION_ACTIONS = frozenset({"session.console", "session.exec"})
@@ -82,7 +83,8 @@ ADMIN_ACTIONS = frozenset({"network.create", "network.delete"})
 SHARED_PREFIXES = ("image.", "network.create", "network.delete")
 #: the actions on what every project shares (host-wide: their project is ``None``)
 HOST_WIDE_PREFIXES = ("trust.", "policy.", "host.", "audit.")
-HOST_WIDE_ACTIONS = frozenset({"image.sign", "project.create", "project.delete"})
+HOST_WIDE_ACTIONS = frozenset({"image.sign", "project.create", "project.delete",
+                               "storage.create", "storage.delete"})
 #: the longest a token may live, in days
 MAX_DAYS = 3650
 SECRET_PREFIX = "pk1"

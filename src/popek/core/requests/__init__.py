@@ -23,6 +23,13 @@ from popek.core.requests.networks import NetworkCreate, NetworkDelete
 from popek.core.requests.profiles import ProfileCreate, ProfileDelete, ProfileEdit
 from popek.core.requests.projects import ProjectCreate, ProjectDelete, TokenCreate, TokenRevoke
 from popek.core.requests.sandbox import SandboxCapture, SandboxRun
+from popek.core.requests.storage import (
+    PoolCreate,
+    PoolDelete,
+    VolumeCreate,
+    VolumeDelete,
+    VolumeResize,
+)
 from popek.core.requests.trust import (
     AllowUnsigned,
     AuditCheckpoint,
@@ -37,7 +44,8 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "CertificateRevoke", "ConfigSet",
            "ConfigUnset", "Console", "Delete", "Detach", "Exec", "ImageBuild", "ImageDelete",
            "ImageImport", "ImageSign", "KeyAdd", "KeyGen", "KeyRemove", "KeyRevoke", "Launch",
-           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "ProfileCreate",
+           "NetworkCreate", "NetworkDelete", "Pause", "PolicyApply", "PoolCreate", "PoolDelete",
+           "ProfileCreate",
            "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
            "Restart", "Resume", "SandboxCapture", "SandboxRun", "Start", "Stop", "TokenCreate",
-           "TokenRevoke"]
+           "TokenRevoke", "VolumeCreate", "VolumeDelete", "VolumeResize"]

@@ -1,0 +1,306 @@
+"""``popek storage``: pools of volumes, and ``popek storage volume``: the volumes.
+
+Registered by :mod:`popek.cli.main` as ``app.add_typer(storage_app, name="storage")``.
+A pool is named ``[REMOTE:]POOL`` (``lab:fast``: pool ``fast`` of remote
+``lab``); its volumes belong to the project the command acts in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from popek.cli import remotes, scope
+from popek.cli.common import columns_option, format_option, project_option, remote_argument
+from popek.cli.output import Column, details, listing
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Storage pools and their volumes (popek storage volume --help).")
+volume_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                         help="Create, list, inspect, resize and delete volumes of a pool.")
+app.add_typer(volume_app, name="volume")
+
+POOL_ARG = "[REMOTE:]POOL"
+
+
+def human(size: object) -> str:
+    """Bytes in the largest binary unit, one decimal (``1.5GiB``); ``-`` for none."""
+    if not isinstance(size, int):
+        return "-"
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{int(value)}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+
+
+def _api(remote: str) -> Any:
+    from popek.cli import remoteops
+
+    return remoteops.client(remote)
+
+
+def _pool_path(name: str) -> str:
+    from urllib.parse import quote
+
+    return f"/1.0/storage-pools/{quote(name, safe='')}"
+
+
+def _core() -> Any:
+    from popek.cli.ops import core
+
+    return core()
+
+
+def _storage() -> Any:
+    from popek.storage.service import Storage
+
+    return Storage(_core().store)
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    from popek.errors import InvalidInput
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise InvalidInput(f"invalid pool setting {pair!r}: write KEY=VALUE (path=/srv/pool)")
+        out[key] = value
+    return out
+
+
+@app.command()
+def create(
+    name: str = typer.Argument(..., metavar=POOL_ARG,
+                               help="Pool name: a-z, 0-9 and '-' (lab:NAME: on remote lab)."),
+    driver: str = typer.Argument(..., help="The driver: dir (volumes as files)."),
+    settings: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                         help="Driver settings; dir: path=/an/empty/dir "
+                                              "(default: one under POPEK_HOME/storage)."),
+) -> None:
+    """Create a storage pool (host admin)."""
+    config = _settings(settings or [])
+    where = remotes.locate(name, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("POST", "/1.0/storage-pools",
+                                  json={"name": where[1], "driver": driver, "config": config})
+    else:
+        from popek.core.requests import PoolCreate
+
+        rec = _core().handle(PoolCreate(name, driver, config))
+    print(f"Storage pool {rec['name']} created ({rec['driver']}, {rec['config']['path']}, "
+          f"{human(rec['free'])} free).")
+
+
+POOL_COLUMNS = (
+    Column("NAME", lambda r: r["name"], "n"),
+    Column("DRIVER", lambda r: r["driver"], "d"),
+    Column("PATH", lambda r: r["config"].get("path", "-"), "p"),
+    Column("SIZE", lambda r: human(r["size"]), "s"),
+    Column("USED", lambda r: human(r["used"]), "u"),
+    Column("FREE", lambda r: human(r["free"]), "f"),
+    Column("VOLUMES", lambda r: r["volumes"], "v"),
+    Column("HEALTH", lambda r: r["health"], "h"),
+)
+
+
+@app.command("list")
+def list_(remote: str | None = remote_argument(), fmt: str = format_option(),
+          columns: str = columns_option(POOL_COLUMNS)) -> None:
+    """List the storage pools with their size, used and free bytes."""
+    on = remotes.list_target(remote, "popek storage list")
+    if on is not None:
+        rows = _api(on).call("GET", "/1.0/storage-pools")
+    else:
+        storage = _storage()
+        rows = [storage.pool_info(p.name) for p in storage.pools()]
+    listing(rows, POOL_COLUMNS, fmt, select=columns, command="popek storage list")
+
+
+@app.command()
+def info(name: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:NAME: on remote "
+                                                                   "lab)."),
+         fmt: str = format_option()) -> None:
+    """Show a storage pool: driver, settings, size, used, free, provisioned and health."""
+    where = remotes.locate(name, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("GET", _pool_path(where[1]))
+    else:
+        rec = _storage().pool_info(name)
+    details(rec, [("name", rec["name"]), ("driver", rec["driver"]),
+                  *((k, v) for k, v in rec["config"].items()),
+                  ("size", human(rec["size"])), ("used", human(rec["used"])),
+                  ("free", human(rec["free"])), ("provisioned", human(rec["provisioned"])),
+                  ("volumes", rec["volumes"]), ("health", rec["health"]),
+                  ("created", rec["created"])], fmt)
+
+
+@app.command()
+def delete(name: str = typer.Argument(..., metavar=POOL_ARG,
+                                     help="The pool (lab:NAME: on remote lab).")) -> None:
+    """Delete an empty storage pool (host admin); its directory goes if popek made it."""
+    where = remotes.locate(name, "pool")
+    if where is not None:
+        _api(where[0]).call("DELETE", _pool_path(where[1]))
+        short = where[1]
+    else:
+        from popek.core.requests import PoolDelete
+
+        _core().handle(PoolDelete(name))
+        short = name
+    print(f"Storage pool {short} deleted.")
+
+
+# -- volumes ---------------------------------------------------------------------------
+
+VOLUME_COLUMNS = (
+    Column("POOL", lambda r: r["pool"], "p"),
+    Column("NAME", lambda r: r["name"], "n"),
+    Column("PROJECT", lambda r: r["project"], "j", default=False),
+    Column("TYPE", lambda r: r["type"], "t"),
+    Column("SIZE", lambda r: human(r["size"]), "s"),
+    Column("STATE", lambda r: r["state"], "S"),
+    Column("ATTACHED", lambda r: r["attached"] or "-", "a"),
+)
+
+
+def _size(text: str) -> int:
+    from popek.units import parse_size
+
+    return parse_size(text, "volume size")
+
+
+def _volumes_path(pool: str, name: str = "") -> str:
+    from urllib.parse import quote
+
+    return f"{_pool_path(pool)}/volumes" + (f"/{quote(name, safe='')}" if name else "")
+
+
+def _show_volume(rec: dict[str, Any], fmt: str) -> None:
+    details(rec, [("pool", rec["pool"]), ("name", rec["name"]), ("project", rec["project"]),
+                  ("type", rec["type"]), ("size", human(rec["size"])),
+                  ("used", human(rec.get("used"))), ("state", rec["state"]),
+                  ("attached", rec["attached"] or "-"), ("created", rec["created"])], fmt)
+
+
+@volume_app.command("create")
+def volume_create(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="Volume name: a-z, 0-9 and '-'."),
+    size: str = typer.Option(..., "--size", help="Its size, e.g. 10GiB (thin: space is taken "
+                                                 "as data is written)."),
+    kind: str = typer.Option("block", "--type", help="block (a disk for a VM) or filesystem "
+                                                     "(ext4, for a container)."),
+    project: str | None = project_option(),
+) -> None:
+    """Create a volume in a pool, in the project."""
+    bytes_ = _size(size)
+    where = remotes.locate(pool, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("POST", _volumes_path(where[1]), params={"project": project},
+                                  json={"name": name, "size": bytes_, "type": kind})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeCreate
+
+        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind))
+    print(f"Volume {rec['pool']}/{rec['name']} created ({rec['type']}, {human(rec['size'])}).")
+
+
+@volume_app.command("list")
+def volume_list(
+    pool: str | None = typer.Argument(None, metavar="[[REMOTE:]POOL]",
+                                      help="One pool (default: every pool; lab: every pool "
+                                           "of remote lab)."),
+    fmt: str = format_option(), columns: str = columns_option(VOLUME_COLUMNS),
+    project: str | None = project_option(),
+) -> None:
+    """List the project's volumes (of one pool, or of every one)."""
+    remote, one = _pool_or_remote(pool)
+    if remote is not None:
+        path = _volumes_path(one) if one else "/1.0/storage-volumes"
+        rows = _api(remote).call("GET", path, params={"project": project})
+    else:
+        scope.use(project)
+        from popek.storage.service import Storage, public
+
+        core = _core()
+        storage = Storage(core.store)
+        if one:
+            storage.pool(one)  # NotFound for an unknown pool
+        rows = [public(v) for v in storage.volumes(one or None, core.project)]
+    listing(rows, VOLUME_COLUMNS, fmt, select=columns, command="popek storage volume list")
+
+
+def _pool_or_remote(pool: str | None) -> tuple[str | None, str]:
+    """(remote, pool) for ``volume list``'s argument: ``lab:`` is every pool of ``lab``."""
+    if pool is not None and pool.endswith(":"):
+        return remotes.list_target(pool, "popek storage volume list"), ""
+    if pool is None:
+        return remotes.list_target(None, "popek storage volume list"), ""
+    where = remotes.locate(pool, "pool")
+    return (None, pool) if where is None else where
+
+
+@volume_app.command("info")
+def volume_info(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The volume."),
+    fmt: str = format_option(), project: str | None = project_option(),
+) -> None:
+    """Show a volume: type, size, what its file takes, state, the instance it is attached to."""
+    where = remotes.locate(pool, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("GET", _volumes_path(where[1], name),
+                                  params={"project": project})
+    else:
+        scope.use(project)
+        from popek.storage.service import Storage
+
+        core = _core()
+        rec = Storage(core.store).volume_info(pool, core.project, name)
+    _show_volume(rec, fmt)
+
+
+@volume_app.command("resize")
+def volume_resize(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The volume."),
+    size: str = typer.Argument(..., help="The new size, e.g. 20GiB (a block volume only grows)."),
+    project: str | None = project_option(),
+) -> None:
+    """Grow a volume (a detached filesystem volume may also shrink while its data fits)."""
+    bytes_ = _size(size)
+    where = remotes.locate(pool, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("PATCH", _volumes_path(where[1], name),
+                                  params={"project": project}, json={"size": bytes_})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeResize
+
+        rec = _core().handle(VolumeResize(pool, name, bytes_))
+    print(f"Volume {rec['pool']}/{rec['name']} resized to {human(rec['size'])}.")
+
+
+@volume_app.command("delete")
+def volume_delete(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The volume."),
+    project: str | None = project_option(),
+) -> None:
+    """Delete a volume and its data (refused while it is attached)."""
+    where = remotes.locate(pool, "pool")
+    if where is not None:
+        _api(where[0]).call("DELETE", _volumes_path(where[1], name), params={"project": project})
+        short = where[1]
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeDelete
+
+        _core().handle(VolumeDelete(pool, name))
+        short = pool
+    print(f"Volume {short}/{name} deleted.")

@@ -1,0 +1,115 @@
+"""Requests on storage pools and volumes (see :mod:`popek.storage.service`).
+
+Pools are the host's (``storage.create``/``storage.delete``: host admin);
+volumes belong to the project the request acts in (``volume.*``: an
+operator of that project and up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from popek.core.service import Request
+
+if TYPE_CHECKING:
+    from popek.core.service import Core
+
+
+def _storage(core: Core) -> Any:
+    """The storage of ``core``'s store, the intents of dead processes settled first (a
+    change never starts from a half-made volume)."""
+    from popek.storage.service import Storage
+
+    storage = Storage(core.store)
+    storage.reconcile()
+    return storage
+
+
+@dataclass(frozen=True)
+class PoolCreate(Request[dict[str, Any]]):
+    """Make storage pool ``name`` of ``driver`` with the driver's settings."""
+
+    op = "storage.create"
+    shown = ("driver", "config")
+    name: str
+    driver: str
+    config: dict[str, str] = field(default_factory=dict)
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Create it; its ``storage info``."""
+        storage = _storage(core)
+        storage.create_pool(self.name, self.driver, dict(self.config))
+        return dict(storage.pool_info(self.name))
+
+
+@dataclass(frozen=True)
+class PoolDelete(Request[None]):
+    """Delete storage pool ``name`` (refused while it holds volumes)."""
+
+    op = "storage.delete"
+    name: str
+
+    def run(self, core: Core) -> None:
+        """Delete it."""
+        _storage(core).delete_pool(self.name)
+
+
+@dataclass(frozen=True)
+class VolumeCreate(Request[dict[str, Any]]):
+    """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project."""
+
+    op = "volume.create"
+    shown = ("pool", "size", "type")
+    pool: str
+    name: str
+    size: int
+    type: str = "block"
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Create it; its ``storage volume info``."""
+        storage = _storage(core)
+        storage.create_volume(self.pool, core.project, self.name, self.size, self.type)
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
+class VolumeResize(Request[dict[str, Any]]):
+    """Resize volume ``name`` of ``pool`` to ``size`` bytes."""
+
+    op = "volume.resize"
+    shown = ("size",)
+    pool: str
+    name: str
+    size: int
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Resize it; its ``storage volume info``."""
+        storage = _storage(core)
+        storage.resize_volume(self.pool, core.project, self.name, self.size)
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
+class VolumeDelete(Request[None]):
+    """Delete volume ``name`` of ``pool`` (refused while attached)."""
+
+    op = "volume.delete"
+    pool: str
+    name: str
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> None:
+        """Delete it."""
+        _storage(core).delete_volume(self.pool, core.project, self.name)

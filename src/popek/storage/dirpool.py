@@ -1,0 +1,156 @@
+"""The ``dir`` driver: the volumes of a pool as files in one directory.
+
+A ``block`` volume is a qcow2 file (thin: it takes the space its data takes),
+which QEMU opens as a virtio disk; a ``filesystem`` volume is a sparse raw
+file holding an ext4 filesystem, which a container gets mounted through a
+loop device (thin as well).  Files live at ``PATH/PROJECT/NAME.qcow2`` and
+``PATH/PROJECT/NAME.ext4``; a file is made under a temporary name
+(``.NAME.TYPE.new``) and renamed into place, so a name is never half made.
+The tools are ``qemu-img`` (QEMU's) and ``mkfs.ext4``/``resize2fs``/``e2fsck``
+(e2fsprogs), run with a timeout; their failure is an :class:`EngineError`
+with the tool's own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from popek import proc
+from popek.errors import EngineError, InvalidInput
+
+#: the file suffix of each volume type
+SUFFIX = {"block": ".qcow2", "filesystem": ".ext4"}
+TOOL_TIMEOUT_S = 120.0
+
+
+def _run(argv: list[str], what: str) -> str:
+    path = proc.tool(argv[0])
+    if path is None:
+        raise EngineError(f"{argv[0]} is not installed: {what} needs it (make setup installs it)")
+    try:
+        done = proc.run([path, *argv[1:]], TOOL_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env=proc.tool_env())
+    except subprocess.TimeoutExpired as exc:
+        raise EngineError(f"{what}: {argv[0]} did not finish in {TOOL_TIMEOUT_S:g} s") from exc
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise EngineError(f"{what}: {argv[0]} failed: {said[-1] if said else done.returncode}")
+    return str(done.stdout)
+
+
+class DirPool:
+    """The files of one ``dir`` pool under ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def check(self) -> None:
+        """Raise :class:`InvalidInput` unless ``path`` is a directory popek may write."""
+        if not self.path.is_absolute():
+            raise InvalidInput(f"invalid pool path {str(self.path)!r}: give an absolute path")
+        if not self.path.is_dir():
+            raise InvalidInput(f"pool directory {self.path} does not exist: make it first, or "
+                               "leave path= out for one under POPEK_HOME")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise InvalidInput(f"pool directory {self.path} is not writable by popek")
+
+    def file(self, project: str, name: str, kind: str) -> Path:
+        """The file of volume ``name`` of ``project``."""
+        return self.path / project / f"{name}{SUFFIX[kind]}"
+
+    def create(self, project: str, name: str, kind: str, size: int) -> None:
+        """Make the volume's file (empty, thin), under a temporary name renamed into place."""
+        final = self.file(project, name, kind)
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.new")
+        tmp.unlink(missing_ok=True)
+        try:
+            if kind == "block":
+                _run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(size)],
+                     f"creating volume {name}")
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(tmp)],
+                     f"making the filesystem of volume {name}")
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def resize(self, project: str, name: str, kind: str, size: int, old: int) -> None:
+        """Grow (or, for a filesystem whose data fits, shrink) the volume to ``size``."""
+        f = self.file(project, name, kind)
+        if kind == "block":
+            _run(["qemu-img", "resize", "-q", "-f", "qcow2", str(f), str(size)],
+                 f"resizing volume {name}")
+            return
+        if size > old:
+            os.truncate(f, size)
+            _run(["resize2fs", "-f", str(f)], f"growing the filesystem of volume {name}")
+            return
+        _run(["e2fsck", "-f", "-p", str(f)], f"checking the filesystem of volume {name}")
+        _run(["resize2fs", str(f), f"{size // 1024}K"],
+             f"shrinking the filesystem of volume {name} (its data must fit)")
+        os.truncate(f, size)
+
+    def delete(self, project: str, name: str, kind: str) -> None:
+        """Remove the volume's file (gone already: nothing to do)."""
+        f = self.file(project, name, kind)
+        f.unlink(missing_ok=True)
+        f.with_name(f".{f.name}.new").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            f.parent.rmdir()  # the project's directory, when it was the last
+
+    def used(self, project: str, name: str, kind: str) -> int:
+        """The bytes the volume's file takes on disk (0 when it is missing)."""
+        try:
+            return os.stat(self.file(project, name, kind)).st_blocks * 512
+        except OSError:
+            return 0
+
+    def virtual_size(self, project: str, name: str, kind: str) -> int:
+        """The size the instance sees, as the file says (qcow2's header; the raw length)."""
+        f = self.file(project, name, kind)
+        if kind != "block":
+            return os.stat(f).st_size
+        out = _run(["qemu-img", "info", "-f", "qcow2", "--output", "json", str(f)],
+                   f"reading volume {name}")
+        return int(json.loads(out)["virtual-size"])
+
+    def exists(self, project: str, name: str, kind: str) -> bool:
+        """Whether the volume's file is there."""
+        return self.file(project, name, kind).is_file()
+
+    def files(self) -> list[tuple[str, str, str]]:
+        """Every volume file and temporary file here: (project, name, type); a temporary
+        file's name keeps its leading dot."""
+        out: list[tuple[str, str, str]] = []
+        if not self.path.is_dir():
+            return out
+        for d in sorted(p for p in self.path.iterdir() if p.is_dir()):
+            for f in sorted(d.iterdir()):
+                for kind, suffix in SUFFIX.items():
+                    if f.name.endswith(suffix):
+                        out.append((d.name, f.name[:-len(suffix)], kind))
+                    elif f.name.startswith(".") and f.name.endswith(suffix + ".new"):
+                        out.append((d.name, f.name[:-len(suffix + ".new")], kind))
+        return out
+
+    def remove_temporary(self, project: str, name: str, kind: str) -> None:
+        """Remove a temporary file ``files`` listed (its ``name`` with the leading dot)."""
+        (self.path / project / f"{name}{SUFFIX[kind]}.new").unlink(missing_ok=True)
+
+    def capacity(self) -> tuple[int, int]:
+        """The filesystem's size and the bytes free for popek, in bytes."""
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize

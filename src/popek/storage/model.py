@@ -1,0 +1,98 @@
+"""The records of storage pools and volumes, as the state store keeps them.
+
+A pool is where volumes are cut from (driver ``dir``: files in a directory);
+a volume belongs to one pool and one project and looks to an instance like
+one plain disk (``block``) or one filesystem (``filesystem``).  Each record
+carries a ``state``: ``ready``, or the intent of an operation under way
+(``creating``, ``resizing``, ``deleting``) with the ``owner`` process carrying
+it out, which :meth:`popek.storage.service.Storage.reconcile` settles when
+that process died.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: the drivers popek has (``ceph``: RBD images in a Ceph pool, to come)
+DRIVERS = ("dir",)
+#: what a volume looks like to an instance
+VOLUME_TYPES = ("block", "filesystem")
+#: the pool every host has from the first use, under ``POPEK_HOME``
+DEFAULT_POOL = "local"
+READY = "ready"
+#: the states of a record whose operation is under way
+INTENTS = ("creating", "resizing", "deleting")
+
+POOLS_PREFIX = "/popek/storage/pools/"
+VOLUMES_PREFIX = "/popek/storage/volumes/"
+
+
+def pool_key(name: str) -> str:
+    """The store key of pool ``name``."""
+    return f"{POOLS_PREFIX}{name}"
+
+
+def volumes_prefix(pool: str, project: str | None = None) -> str:
+    """The prefix of the volumes of ``pool`` (of one ``project``)."""
+    return f"{VOLUMES_PREFIX}{pool}/" + (f"{project}/" if project else "")
+
+
+def volume_key(pool: str, project: str, name: str) -> str:
+    """The store key of volume ``name`` of ``project`` in ``pool``."""
+    return f"{volumes_prefix(pool, project)}{name}"
+
+
+@dataclass
+class Pool:
+    """A storage pool: its driver and the driver's settings (``path`` for ``dir``)."""
+
+    name: str
+    driver: str
+    config: dict[str, str]
+    created: str
+    state: str = READY
+    owner: str = ""
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Pool:
+        """Read a stored record."""
+        d: dict[str, Any] = json.loads(data)
+        return cls(str(d["name"]), str(d["driver"]), dict(d.get("config") or {}),
+                   str(d.get("created", "")), str(d.get("state", READY)),
+                   str(d.get("owner", "")))
+
+
+@dataclass
+class Volume:
+    """A volume: ``size`` bytes (what the instance sees), its type, who holds it."""
+
+    pool: str
+    project: str
+    name: str
+    size: int
+    type: str
+    created: str
+    state: str = READY
+    owner: str = ""
+    #: the instance it is attached to (``PROJECT/NAME``); empty: none
+    attached: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Volume:
+        """Read a stored record."""
+        d: dict[str, Any] = json.loads(data)
+        return cls(str(d["pool"]), str(d["project"]), str(d["name"]), int(d["size"]),
+                   str(d.get("type", "block")), str(d.get("created", "")),
+                   str(d.get("state", READY)), str(d.get("owner", "")),
+                   str(d.get("attached", "")), dict(d.get("config") or {}))

@@ -1,0 +1,356 @@
+"""Storage pools and their volumes: create, list, show, resize, delete; reconcile.
+
+Every change follows popek's intent pattern: the record is written first in
+its intent state (``creating``, ``resizing``, ``deleting``) with the owner
+process, in a compare-and-swap transaction that also decides the name; then
+the files are made or changed; then the outcome is written.  A process killed
+at any step leaves a record :meth:`Storage.reconcile` settles once that
+process is gone: a volume being created is rolled back (file and record), one
+being deleted is finished, one being resized keeps the size its file has.
+Files of a pool that no record explains (a temporary file, a volume whose
+record was rolled back) are removed.
+
+The pool ``local`` (driver ``dir`` under ``POPEK_HOME/storage/local``) is
+made on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from popek import paths
+from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
+from popek.names import validate_name
+from popek.state.owners import Owner
+from popek.state.store import Compare, Delete, Put, StateStore
+from popek.storage.dirpool import DirPool
+from popek.storage.model import (
+    DEFAULT_POOL,
+    DRIVERS,
+    INTENTS,
+    POOLS_PREFIX,
+    READY,
+    VOLUME_TYPES,
+    VOLUMES_PREFIX,
+    Pool,
+    Volume,
+    pool_key,
+    volume_key,
+    volumes_prefix,
+)
+from popek.units import format_size
+
+#: the settings each driver takes at create
+POOL_KEYS = {"dir": ("path",)}
+#: the smallest volume of each type (a filesystem needs room for its own records)
+MIN_SIZE = {"block": 1 << 20, "filesystem": 16 << 20}
+#: the largest: qcow2's metadata of 64 TiB is small; an ext4 of 16 TiB takes mkfs seconds
+MAX_SIZES = {"block": 64 << 40, "filesystem": 16 << 40}
+MAX_SIZE = max(MAX_SIZES.values())
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owner() -> str:
+    me = Owner.me()
+    return f"{me.pid} {me.start_time}"
+
+
+def _owner_alive(owner: str) -> bool:
+    o = Owner.from_bytes(owner.encode())
+    return o is not None and o.alive()
+
+
+def _create(store: StateStore, key: str, value: bytes) -> bool:
+    """Write ``key`` only when it does not exist; whether it was written."""
+    return store.txn([Compare(key, "version", "==", 0)], [Put(key, value)]).succeeded
+
+
+def storage_dir() -> Path:
+    """Where the pools popek makes itself keep their files (``POPEK_HOME/storage``)."""
+    return paths.home() / "storage"
+
+
+def _default() -> Pool:
+    """The pool ``local`` (``dir`` under ``POPEK_HOME/storage/local``, made now)."""
+    path = storage_dir() / DEFAULT_POOL
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Pool(DEFAULT_POOL, "dir", {"path": str(path)}, "")
+
+
+class Storage:
+    """The storage pools and volumes of this host's store."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    # -- pools -----------------------------------------------------------------
+    def pools(self) -> list[Pool]:
+        """Every pool, ``local`` among them whether or not its record was written yet."""
+        pools = {p.name: p for p in (Pool.from_json(kv.value)
+                                     for kv in self.store.range(POOLS_PREFIX))}
+        pools.setdefault(DEFAULT_POOL, _default())
+        return sorted(pools.values(), key=lambda p: p.name)
+
+    def pool(self, name: str) -> Pool:
+        """Pool ``name``; NotFound naming the pools there are."""
+        kv = self.store.get(pool_key(name))
+        if kv is None and name == DEFAULT_POOL:
+            return _default()
+        if kv is None:
+            names = ", ".join(p.name for p in self.pools()) or "none"
+            raise NotFound(f"storage pool {name!r} not found; pools: {names} (popek storage "
+                           "create NAME dir to make one)")
+        return Pool.from_json(kv.value)
+
+    def create_pool(self, name: str, driver: str, config: dict[str, str]) -> Pool:
+        """Make pool ``name`` of ``driver`` with ``config`` (``path=`` for ``dir``, default
+        ``POPEK_HOME/storage/NAME``, made then)."""
+        validate_name(name, "storage pool name")
+        if driver not in DRIVERS:
+            raise InvalidInput(f"unknown storage driver {driver!r}; available: "
+                               f"{', '.join(DRIVERS)}")
+        unknown = sorted(set(config) - set(POOL_KEYS[driver]))
+        if unknown:
+            raise InvalidInput(f"unknown setting {unknown[0]!r} for a {driver} pool; allowed: "
+                               f"{', '.join(POOL_KEYS[driver])}")
+        if self.store.get(pool_key(name)) is not None:
+            raise AlreadyExists(f"storage pool {name!r} already exists")
+        made = "path" not in config
+        path = Path(config["path"]) if not made else storage_dir() / name
+        if not made:
+            self._check_path_free(path)
+        for other in self.pools():
+            if Path(other.config.get("path", "")) == path:
+                raise InvalidInput(f"pool directory {path} is pool {other.name!r}'s already")
+        if made:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        DirPool(path).check()
+        pool = Pool(name, driver, {"path": str(path)}, _now())
+        if not _create(self.store, pool_key(name), pool.to_json()):
+            raise AlreadyExists(f"storage pool {name!r} already exists")
+        return pool
+
+    @staticmethod
+    def _check_path_free(path: Path) -> None:
+        DirPool(path).check()
+        if any(path.iterdir()):
+            raise InvalidInput(f"pool directory {path} is not empty: give an empty directory "
+                               "(popek removes what no volume explains)")
+
+    def delete_pool(self, name: str) -> None:
+        """Delete pool ``name``; refused while it holds volumes (named)."""
+        pool = self.pool(name)
+        held = [f"{v.project}/{v.name}" for v in self.volumes(name)]
+        if held:
+            raise StateError(f"storage pool {name}", "delete", f"holding {len(held)} volume(s) "
+                             f"({', '.join(held[:10])})", ("empty",),
+                             "delete its volumes first (popek storage volume delete)")
+        path = Path(pool.config["path"])
+        key = pool_key(name)
+        if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
+                              [Delete(key)]).succeeded:
+            raise StateError(f"storage pool {name}", "delete", "changed meanwhile", (READY,),
+                             "try again")
+        if path.parent == storage_dir() and path.name == name:  # popek made it
+            shutil.rmtree(path, ignore_errors=True)
+
+    def pool_info(self, name: str) -> dict[str, Any]:
+        """Pool ``name`` with its size, used and free bytes, its volumes and its health."""
+        pool = self.pool(name)
+        driver = DirPool(Path(pool.config["path"]))
+        vols = self.volumes(name)
+        used = sum(driver.used(v.project, v.name, v.type) for v in vols)
+        try:
+            size, free = driver.capacity()
+            health = "ok"
+        except OSError as exc:
+            size, free, health = 0, 0, f"unavailable: {exc.strerror or exc}"
+        return {"name": pool.name, "driver": pool.driver, "config": pool.config,
+                "created": pool.created, "size": size, "used": used, "free": free,
+                "provisioned": sum(v.size for v in vols), "volumes": len(vols),
+                "health": health}
+
+    def _ensure_default(self, name: str) -> None:
+        """Write ``local``'s record when a volume is first made in it (a read writes none)."""
+        if name == DEFAULT_POOL and self.store.get(pool_key(DEFAULT_POOL)) is None:
+            _create(self.store, pool_key(DEFAULT_POOL), _default().to_json())
+
+    def _revision(self, key: str) -> int:
+        kv = self.store.get(key)
+        return kv.mod_revision if kv is not None else 0
+
+    def _driver(self, pool: Pool) -> DirPool:
+        return DirPool(Path(pool.config["path"]))
+
+    # -- volumes ---------------------------------------------------------------
+    def volumes(self, pool: str | None = None, project: str | None = None) -> list[Volume]:
+        """The volumes (of one pool, of one project), sorted by pool, project and name."""
+        prefix = volumes_prefix(pool, project) if pool else VOLUMES_PREFIX
+        vols = [Volume.from_json(kv.value) for kv in self.store.range(prefix)]
+        return [v for v in vols if project is None or v.project == project]
+
+    def volume(self, pool: str, project: str, name: str) -> Volume:
+        """Volume ``name`` of ``project`` in ``pool``; NotFound naming those there are."""
+        self.pool(pool)
+        kv = self.store.get(volume_key(pool, project, name))
+        if kv is None:
+            names = ", ".join(v.name for v in self.volumes(pool, project)) or "none"
+            raise NotFound(f"volume {name!r} not found in pool {pool!r} of project "
+                           f"{project!r}; volumes there: {names}")
+        return Volume.from_json(kv.value)
+
+    @staticmethod
+    def check_size(size: int, kind: str) -> None:
+        """Raise InvalidInput unless ``size`` is allowed for a volume of type ``kind``."""
+        if kind not in VOLUME_TYPES:
+            raise InvalidInput(f"invalid volume type {kind!r}; allowed: {', '.join(VOLUME_TYPES)}")
+        if not MIN_SIZE[kind] <= size <= MAX_SIZES[kind]:
+            raise InvalidInput(f"invalid volume size {format_size(size)}: a {kind} volume takes "
+                               f"{format_size(MIN_SIZE[kind])} to {format_size(MAX_SIZES[kind])}")
+
+    def create_volume(self, pool: str, project: str, name: str, size: int,
+                      kind: str = "block") -> Volume:
+        """Make volume ``name`` of ``size`` bytes: the record (``creating``), the file, then
+        ``ready``; the file and record are taken back when making the file fails."""
+        validate_name(name, "volume name")
+        self.check_size(size, kind)
+        p = self.pool(pool)
+        self._ensure_default(pool)
+        key = volume_key(pool, project, name)
+        vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner())
+        if not _create(self.store, key, vol.to_json()):
+            raise AlreadyExists(f"volume {name!r} already exists in pool {pool!r} of project "
+                                f"{project!r}")
+        try:
+            self._driver(p).create(project, name, kind, size)
+        except BaseException:
+            with contextlib.suppress(PopekError, OSError):
+                self._driver(p).delete(project, name, kind)
+                self.store.delete(key)
+            raise
+        return self._settle(key, vol, size=size)
+
+    def resize_volume(self, pool: str, project: str, name: str, size: int) -> Volume:
+        """Grow volume ``name`` to ``size`` (a filesystem volume may also shrink while its
+        data fits and it is detached; a block volume never: its layout is the guest's)."""
+        vol = self.volume(pool, project, name)
+        self.check_size(size, vol.type)
+        self._require_ready(vol, "resize")
+        if size == vol.size:
+            return vol
+        if size < vol.size and vol.type == "block":
+            raise InvalidInput(f"cannot shrink block volume {name} from {format_size(vol.size)} "
+                               f"to {format_size(size)}: popek cannot know the guest's data "
+                               "fits; make a new volume and copy the data")
+        if size < vol.size and vol.attached:
+            raise StateError(f"volume {name}", "shrink", f"attached to {vol.attached}",
+                             ("detached",), "detach it first")
+        key = volume_key(pool, project, name)
+        old = vol.size
+        busy = self._intent(key, vol, "resizing")
+        try:
+            self._driver(self.pool(pool)).resize(project, name, vol.type, size, old)
+        except BaseException:
+            with contextlib.suppress(PopekError, OSError):
+                self._settle(key, busy, size=self._driver(self.pool(pool)).virtual_size(
+                    project, name, vol.type))
+            raise
+        return self._settle(key, busy, size=size)
+
+    def delete_volume(self, pool: str, project: str, name: str) -> None:
+        """Delete volume ``name``: refused while attached; the record says ``deleting`` until
+        its file is gone."""
+        vol = self.volume(pool, project, name)
+        self._require_ready(vol, "delete")
+        if vol.attached:
+            raise StateError(f"volume {name}", "delete", f"attached to {vol.attached}",
+                             ("detached",), "detach it first")
+        key = volume_key(pool, project, name)
+        self._intent(key, vol, "deleting")
+        self._driver(self.pool(pool)).delete(project, name, vol.type)
+        self.store.delete(key)
+
+    def volume_info(self, pool: str, project: str, name: str) -> dict[str, Any]:
+        """Volume ``name`` with the bytes its file takes."""
+        vol = self.volume(pool, project, name)
+        used = self._driver(self.pool(pool)).used(project, name, vol.type)
+        return {**public(vol), "used": used}
+
+    def _require_ready(self, vol: Volume, operation: str) -> None:
+        if vol.state != READY:
+            raise StateError(f"volume {vol.name}", operation, vol.state, (READY,),
+                             "another operation is under way; popek settles it if its "
+                             "process died")
+
+    def _intent(self, key: str, vol: Volume, state: str) -> Volume:
+        busy = Volume(**{**vol.__dict__, "state": state, "owner": _owner()})
+        if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
+                              [Put(key, busy.to_json())]).succeeded:
+            raise StateError(f"volume {vol.name}", state.removesuffix("ing"), "changed meanwhile",
+                             (READY,), "try again")
+        return busy
+
+    def _settle(self, key: str, vol: Volume, size: int) -> Volume:
+        done = Volume(**{**vol.__dict__, "state": READY, "owner": "", "size": size})
+        self.store.put(key, done.to_json())
+        return done
+
+    # -- reconcile -------------------------------------------------------------
+    def reconcile(self) -> list[str]:
+        """Settle the intents of dead processes and remove files no record explains; return
+        what was done, one line each."""
+        done: list[str] = []
+        for pool in self.pools():
+            driver = self._driver(pool)
+            for vol in self.volumes(pool.name):
+                if vol.state in INTENTS and not _owner_alive(vol.owner):
+                    done.append(self._settle_dead(driver, vol))
+            known = {(v.project, v.name, v.type) for v in self.volumes(pool.name)}
+            for project, name, kind in driver.files():
+                if name.startswith("."):
+                    if not self._in_progress(pool.name, project, name[1:]):
+                        driver.remove_temporary(project, name, kind)
+                        done.append(f"{pool.name}: removed the unfinished file of "
+                                    f"{project}/{name[1:]}")
+                elif (project, name, kind) not in known:
+                    driver.delete(project, name, kind)
+                    done.append(f"{pool.name}: removed the {kind} volume file "
+                                f"{project}/{name}, which no record explains")
+        return done
+
+    def _in_progress(self, pool: str, project: str, name: str) -> bool:
+        kv = self.store.get(volume_key(pool, project, name))
+        if kv is None:
+            return False
+        vol = Volume.from_json(kv.value)
+        return vol.state in INTENTS and _owner_alive(vol.owner)
+
+    def _settle_dead(self, driver: DirPool, vol: Volume) -> str:
+        key = volume_key(vol.pool, vol.project, vol.name)
+        where = f"{vol.pool}: volume {vol.project}/{vol.name}"
+        if vol.state == "creating":
+            driver.delete(vol.project, vol.name, vol.type)
+            self.store.delete(key)
+            return f"{where}: interrupted create rolled back"
+        if vol.state == "deleting":
+            driver.delete(vol.project, vol.name, vol.type)
+            self.store.delete(key)
+            return f"{where}: interrupted delete finished"
+        size = driver.virtual_size(vol.project, vol.name, vol.type)
+        self._settle(key, vol, size=size)
+        return f"{where}: interrupted resize settled at {format_size(size)}"
+
+
+
+def public(vol: Volume) -> dict[str, Any]:
+    """The fields of a volume a listing shows (not its owner process)."""
+    return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
+            "size": vol.size, "state": vol.state, "attached": vol.attached,
+            "created": vol.created}

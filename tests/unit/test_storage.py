@@ -1,0 +1,289 @@
+"""Storage pools and volumes of the ``dir`` driver, with real files (issue 15.1/15.2/15.6).
+
+Real ``qemu-img`` and e2fsprogs on files under the test's directory, a real
+SQLite store; processes killed with SIGKILL at each step of a change leave
+records :meth:`Storage.reconcile` settles.  No root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popek.errors import AlreadyExists, InvalidInput, NotFound, StateError
+from popek.state.store import SQLiteStore
+from popek.storage.dirpool import DirPool
+from popek.storage.model import Volume, volume_key
+from popek.storage.service import Storage, storage_dir
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def storage(home: Path) -> Iterator[Storage]:
+    store = SQLiteStore(home / "state.db")
+    yield Storage(store)
+    store.close()
+
+
+def qemu_img_info(path: Path) -> dict[str, object]:
+    out = subprocess.run(["qemu-img", "info", "--output", "json", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out))
+
+
+def is_ext4(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(1024 + 0x38)
+        return f.read(2) == b"\x53\xef"
+
+
+def test_the_local_pool_exists_from_the_first_use(storage: Storage, home: Path) -> None:
+    [pool] = storage.pools()
+    assert (pool.name, pool.driver, pool.config) == ("local", "dir",
+                                                     {"path": str(home / "storage" / "local")})
+    assert (home / "storage" / "local").is_dir()
+    info = storage.pool_info("local")
+    assert info["size"] > 0 and 0 < info["free"] <= info["size"] and info["used"] == 0
+    assert info["health"] == "ok" and info["volumes"] == 0
+
+
+def test_pools_are_made_and_deleted(storage: Storage, tmp_path: Path) -> None:
+    made = storage.create_pool("fast", "dir", {})
+    assert Path(made.config["path"]) == storage_dir() / "fast"
+    given = tmp_path / "disk"
+    given.mkdir()
+    assert storage.create_pool("disk", "dir", {"path": str(given)}).config == {"path": str(given)}
+    assert [p.name for p in storage.pools()] == ["disk", "fast", "local"]
+    storage.delete_pool("fast")
+    assert not (storage_dir() / "fast").exists()
+    storage.delete_pool("disk")
+    assert given.is_dir()  # the operator's directory stays
+    with pytest.raises(NotFound, match="pools: local"):
+        storage.pool("fast")
+
+
+@pytest.mark.parametrize(("driver", "config", "message"), [
+    ("zfs", {}, "unknown storage driver 'zfs'; available: dir"),
+    ("dir", {"size": "1GiB"}, "unknown setting 'size' for a dir pool; allowed: path"),
+    ("dir", {"path": "relative/dir"}, "give an absolute path"),
+    ("dir", {"path": "/nonexistent/popek-pool"}, "does not exist"),
+])
+def test_bad_pools_are_refused_and_change_nothing(storage: Storage, driver: str,
+                                                  config: dict[str, str], message: str) -> None:
+    before = storage.pools()
+    with pytest.raises(InvalidInput, match=message):
+        storage.create_pool("bad", driver, config)
+    assert storage.pools() == before
+
+
+def test_a_pool_name_is_taken_once_and_a_directory_by_one_pool(storage: Storage,
+                                                                tmp_path: Path) -> None:
+    storage.create_pool("one", "dir", {})
+    with pytest.raises(AlreadyExists):
+        storage.create_pool("one", "dir", {})
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "data").write_text("x")
+    with pytest.raises(InvalidInput, match="not empty"):
+        storage.create_pool("two", "dir", {"path": str(full)})
+    with pytest.raises(InvalidInput, match="invalid storage pool name"):
+        storage.create_pool("Bad_Name", "dir", {})
+
+
+def test_block_volumes_are_thin_qcow2_files(storage: Storage) -> None:
+    vol = storage.create_volume("local", "default", "data", 64 * MiB)
+    assert (vol.state, vol.size, vol.type, vol.owner) == ("ready", 64 * MiB, "block", "")
+    f = storage_dir() / "local" / "default" / "data.qcow2"
+    info = qemu_img_info(f)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 * MiB
+    assert oct(f.stat().st_mode & 0o777) == "0o600"
+    assert storage.volume_info("local", "default", "data")["used"] < 4 * MiB  # thin
+    assert storage.pool_info("local")["provisioned"] == 64 * MiB
+    with pytest.raises(AlreadyExists):
+        storage.create_volume("local", "default", "data", 64 * MiB)
+
+
+def test_filesystem_volumes_hold_an_ext4_filesystem(storage: Storage) -> None:
+    storage.create_volume("local", "default", "files", 32 * MiB, "filesystem")
+    f = storage_dir() / "local" / "default" / "files.ext4"
+    assert is_ext4(f) and f.stat().st_size == 32 * MiB
+    assert f.stat().st_blocks * 512 < 32 * MiB  # sparse
+
+
+def test_resize_grows_both_types_and_shrinks_a_filesystem_only(storage: Storage) -> None:
+    storage.create_volume("local", "default", "blk", 16 * MiB)
+    storage.create_volume("local", "default", "fs", 32 * MiB, "filesystem")
+    assert storage.resize_volume("local", "default", "blk", 48 * MiB).size == 48 * MiB
+    assert qemu_img_info(storage_dir() / "local/default/blk.qcow2")["virtual-size"] == 48 * MiB
+    with pytest.raises(InvalidInput, match="cannot shrink block volume blk"):
+        storage.resize_volume("local", "default", "blk", 16 * MiB)
+    fs = storage_dir() / "local" / "default" / "fs.ext4"
+    assert storage.resize_volume("local", "default", "fs", 64 * MiB).size == 64 * MiB
+    assert fs.stat().st_size == 64 * MiB and is_ext4(fs)
+    assert storage.resize_volume("local", "default", "fs", 24 * MiB).size == 24 * MiB
+    assert fs.stat().st_size == 24 * MiB and is_ext4(fs)
+    check = subprocess.run(["e2fsck", "-f", "-n", str(fs)], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(("size", "kind", "message"), [
+    (1000, "block", "a block volume takes 1MiB to 64TiB"),
+    (1 << 50, "block", "a block volume takes"),
+    (8 * MiB, "filesystem", "a filesystem volume takes 16MiB"),
+    (8 * MiB, "tape", "invalid volume type 'tape'; allowed: block, filesystem"),
+])
+def test_bad_volumes_are_refused_and_change_nothing(storage: Storage, size: int, kind: str,
+                                                    message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        storage.create_volume("local", "default", "v", size, kind)
+    assert storage.volumes() == []
+    assert DirPool(storage_dir() / "local").files() == []
+
+
+def test_unknown_pools_and_volumes_are_named(storage: Storage) -> None:
+    with pytest.raises(NotFound, match="storage pool 'nosuch' not found; pools: local"):
+        storage.create_volume("nosuch", "default", "v", 16 * MiB)
+    storage.create_volume("local", "default", "here", 16 * MiB)
+    with pytest.raises(NotFound, match="volume 'gone' not found .* volumes there: here"):
+        storage.delete_volume("local", "default", "gone")
+
+
+def test_delete_removes_the_file_and_a_pool_with_volumes_is_kept(storage: Storage) -> None:
+    storage.create_pool("p", "dir", {})
+    storage.create_volume("p", "default", "a", 16 * MiB)
+    storage.create_volume("p", "lab", "b", 16 * MiB)
+    with pytest.raises(StateError, match=r"holding 2 volume\(s\) \(default/a, lab/b\)"):
+        storage.delete_pool("p")
+    storage.delete_volume("p", "default", "a")
+    assert not (storage_dir() / "p" / "default" / "a.qcow2").exists()
+    assert [v.name for v in storage.volumes("p")] == ["b"]
+
+
+def test_an_attached_volume_is_not_deleted_nor_shrunk(storage: Storage) -> None:
+    storage.create_volume("local", "default", "used", 32 * MiB, "filesystem")
+    key = volume_key("local", "default", "used")
+    vol = storage.volume("local", "default", "used")
+    vol.attached = "default/web"
+    storage.store.put(key, vol.to_json())
+    with pytest.raises(StateError, match="attached to default/web"):
+        storage.delete_volume("local", "default", "used")
+    with pytest.raises(StateError, match="detach it first"):
+        storage.resize_volume("local", "default", "used", 16 * MiB)
+    assert (storage_dir() / "local" / "default" / "used.ext4").exists()
+
+
+# -- a process killed at each step (issue 15.6) --------------------------------------
+
+_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from popek.state.store import SQLiteStore
+    from popek.storage import dirpool
+    from popek.storage.service import Storage
+
+    step, op = sys.argv[2], sys.argv[3]
+    real = getattr(dirpool.DirPool, op)
+
+    def killed(self, *args):  # before the driver acts, or after it acted
+        if step == "after":
+            real(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(dirpool.DirPool, op, killed)
+    storage = Storage(SQLiteStore(Path(sys.argv[1])))
+    if op == "create":
+        storage.create_volume("local", "default", "v", 16 << 20, "filesystem")
+    elif op == "resize":
+        storage.resize_volume("local", "default", "v", 48 << 20)
+    else:
+        storage.delete_volume("local", "default", "v")
+""")
+
+
+def killed(home: Path, step: str, op: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(home / "state.db"), step, op],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "POPEK_HOME": str(home)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def files(storage: Storage) -> list[tuple[str, str, str]]:
+    return DirPool(storage_dir() / "local").files()
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+def test_a_create_killed_midway_is_rolled_back(storage: Storage, home: Path, step: str) -> None:
+    storage.pools()
+    killed(home, step, "create")
+    assert storage.volume("local", "default", "v").state == "creating"  # the intent is there
+    done = storage.reconcile()
+    assert done == ["local: volume default/v: interrupted create rolled back"], done
+    assert storage.volumes() == [] and files(storage) == []
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+def test_a_resize_killed_midway_keeps_the_size_the_file_has(storage: Storage, home: Path,
+                                                             step: str) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB, "filesystem")
+    killed(home, step, "resize")
+    assert storage.volume("local", "default", "v").state == "resizing"
+    storage.reconcile()
+    vol = storage.volume("local", "default", "v")
+    on_disk = (storage_dir() / "local" / "default" / "v.ext4").stat().st_size
+    assert vol.state == "ready" and vol.size == on_disk == (48 * MiB if step == "after"
+                                                              else 16 * MiB)
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+def test_a_delete_killed_midway_is_finished(storage: Storage, home: Path, step: str) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB, "filesystem")
+    killed(home, step, "delete")
+    assert storage.volume("local", "default", "v").state == "deleting"
+    assert storage.reconcile() == ["local: volume default/v: interrupted delete finished"]
+    assert storage.volumes() == [] and files(storage) == []
+
+
+def test_files_no_record_explains_are_removed(storage: Storage) -> None:
+    storage.create_volume("local", "default", "kept", 16 * MiB)
+    d = storage_dir() / "local" / "default"
+    (d / "stray.qcow2").write_bytes(b"x")
+    (d / ".half.ext4.new").write_bytes(b"x")
+    done = storage.reconcile()
+    assert sorted(done) == ["local: removed the block volume file default/stray, which no "
+                            "record explains",
+                            "local: removed the unfinished file of default/half"], done
+    assert files(storage) == [("default", "kept", "block")]
+
+
+def test_a_live_owners_intent_is_left_alone(storage: Storage) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    key = volume_key("local", "default", "v")
+    vol = storage.volume("local", "default", "v")
+    busy = Volume(**{**vol.__dict__, "state": "deleting",
+                     "owner": f"{os.getpid()} {_start_time()}"})
+    storage.store.put(key, busy.to_json())
+    assert storage.reconcile() == []
+    assert storage.volume("local", "default", "v").state == "deleting"
+
+
+def _start_time() -> int:
+    from popek import proc
+
+    return proc.start_time(os.getpid()) or 0
