@@ -112,6 +112,28 @@ def _pools() -> dict[str, tuple[str, int]]:
     return {p["name"]: (p["driver"], p["volumes"]) for p in popek_json("storage", "list")}
 
 
+def test_snapshots_and_clones_through_the_cli(pool: str, popek_home: Path) -> None:
+    popek("storage", "volume", "create", pool, "base", "--size", "1GiB")
+    assert popek("storage", "volume", "snapshot", pool, "base", "s1").stdout == \
+        "Snapshot base@s1 taken.\n"
+    out = popek("storage", "volume", "clone", pool, "base", "s1", "copy").stdout
+    assert out == f"Volume {pool}/copy cloned from base@s1 (1GiB).\n"
+    copy = popek_json("storage", "volume", "info", pool, "copy")
+    assert copy["origin"] == "default/base@s1" and copy["used"] < 1 << 20
+    proc = popek("storage", "volume", "delete", pool, "base", check=False)
+    assert proc.returncode == WRONG_STATE and "clone(s) default/copy" in proc.stderr
+    popek("storage", "volume", "restore", pool, "base", "s1")
+    popek("storage", "volume", "delete", pool, "copy")
+    assert popek("storage", "volume", "snapshot-delete", pool, "base", "s1").stdout == \
+        "Snapshot base@s1 deleted.\n"
+    assert popek_json("storage", "volume", "info", pool, "base")["snapshots"] == []
+    popek("storage", "volume", "delete", pool, "base")
+    assert list((popek_home / "storage" / pool).rglob("*.qcow2")) == []
+    kinds = {r["op"] for r in audit_of(popek_home, "volume.snapshot") +
+             audit_of(popek_home, "volume.clone") + audit_of(popek_home, "volume.restore")}
+    assert kinds == {"volume.snapshot", "volume.clone", "volume.restore"}
+
+
 def test_a_pool_with_volumes_is_not_deleted(pool: str) -> None:
     popek("storage", "volume", "create", pool, "keep", "--size", "8MiB")
     try:

@@ -56,6 +56,13 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "storage volume info": ("GET /1.0/storage-pools/{pool}/volumes/{name}",),
     "storage volume resize": ("PATCH /1.0/storage-pools/{pool}/volumes/{name}",),
     "storage volume delete": ("DELETE /1.0/storage-pools/{pool}/volumes/{name}",),
+    "storage volume snapshot": ("POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots",),
+    "storage volume snapshot-delete": (
+        "DELETE /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}",),
+    "storage volume restore": (
+        "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/restore",),
+    "storage volume clone": (
+        "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/clone",),
     "trust keygen": ("POST /1.0/trust/keys",),
     "trust add": ("POST /1.0/trust/keys",),
     "trust list": ("GET /1.0/trust/keys",),

@@ -287,3 +287,140 @@ def _start_time() -> int:
     from popek import proc
 
     return proc.start_time(os.getpid()) or 0
+
+
+# -- snapshots and clones of block volumes (issue 15.2) ------------------------------
+
+
+def qio(f: Path, command: str) -> bool:
+    """Run one qemu-io command on the qcow2 file ``f`` (its backing chain read as QEMU
+    reads it); whether it succeeded (a read -P checks the pattern)."""
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(f)], capture_output=True,
+                       text=True, check=False)
+    return r.returncode == 0 and "failed" not in r.stdout + r.stderr
+
+
+def active(name: str) -> Path:
+    return storage_dir() / "local" / "default" / f"{name}.qcow2"
+
+
+def test_snapshots_restore_and_clones_keep_the_data_they_were_taken_with(
+        storage: Storage) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    assert qio(active("v"), "write -P 0xaa 0 64k")
+    storage.snapshot_volume("local", "default", "v", "s1")
+    assert qio(active("v"), "write -P 0xbb 0 64k")
+    storage.snapshot_volume("local", "default", "v", "s2")
+    assert qio(active("v"), "write -P 0xcc 0 64k")
+    assert storage.volume("local", "default", "v").snapshot_names() == ["s1", "s2"]
+    clone = storage.clone_volume("local", "default", "v", "s2", "c")
+    assert (clone.origin, clone.size, clone.state) == ("default/v@s2", 16 * MiB, "ready")
+    assert qio(active("c"), "read -P 0xbb 0 64k")
+    assert active("c").stat().st_blocks * 512 < MiB  # copy on write: nothing copied
+    storage.restore_volume("local", "default", "v", "s1")
+    assert qio(active("v"), "read -P 0xaa 0 64k")
+    assert qio(active("c"), "read -P 0xbb 0 64k")  # the clone is its own
+    # s1 backs v (restored) and s2: deleting it merges it into both
+    storage.delete_snapshot("local", "default", "v", "s1")
+    assert not (storage_dir() / "local" / "default" / "v@s1.qcow2").exists()
+    assert qio(active("v"), "read -P 0xaa 0 64k")
+    assert qio(active("c"), "read -P 0xbb 0 64k")
+    assert storage.volume("local", "default", "v").snapshot_names() == ["s2"]
+    assert storage.reconcile() == []  # every file is explained
+
+
+def test_a_clone_takes_the_same_time_whatever_the_size(storage: Storage) -> None:
+    """Metadata only: a clone of 64 GiB volume is a file of a few hundred KiB."""
+    storage.create_volume("local", "default", "big", 64 << 30)
+    storage.snapshot_volume("local", "default", "big", "s")
+    storage.clone_volume("local", "default", "big", "s", "big2")
+    assert active("big2").stat().st_blocks * 512 < MiB
+    assert storage.volume("local", "default", "big2").size == 64 << 30
+
+
+def test_an_origin_is_kept_while_its_clones_live(storage: Storage) -> None:
+    storage.create_volume("local", "default", "o", 16 * MiB)
+    storage.snapshot_volume("local", "default", "o", "s")
+    storage.clone_volume("local", "default", "o", "s", "k")
+    with pytest.raises(StateError, match=r"the origin of clone\(s\) default/k"):
+        storage.delete_volume("local", "default", "o")
+    with pytest.raises(StateError, match=r"the origin of clone\(s\) default/k"):
+        storage.delete_snapshot("local", "default", "o", "s")
+    storage.delete_volume("local", "default", "k")
+    storage.delete_volume("local", "default", "o")
+    assert DirPool(storage_dir() / "local").files() == []
+
+
+def test_snapshot_mistakes_are_named(storage: Storage) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    storage.create_volume("local", "default", "fs", 16 * MiB, "filesystem")
+    storage.snapshot_volume("local", "default", "v", "s")
+    with pytest.raises(AlreadyExists, match="snapshot 's' of volume 'v' already exists"):
+        storage.snapshot_volume("local", "default", "v", "s")
+    with pytest.raises(NotFound, match="snapshot 'nope' of volume 'v' not found; snapshots: s"):
+        storage.restore_volume("local", "default", "v", "nope")
+    with pytest.raises(InvalidInput, match="cannot snapshot filesystem volume fs"):
+        storage.snapshot_volume("local", "default", "fs", "s")
+    with pytest.raises(InvalidInput, match="invalid snapshot name"):
+        storage.snapshot_volume("local", "default", "v", "Bad@Name")
+    with pytest.raises(AlreadyExists):
+        storage.clone_volume("local", "default", "v", "s", "fs")
+
+
+_KILLED_SNAPSHOT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from popek.state.store import SQLiteStore
+    from popek.storage import dirpool
+    from popek.storage.service import Storage
+
+    step, op = sys.argv[2], sys.argv[3]
+    real = getattr(dirpool.DirPool, op)
+
+    def killed(self, *args):
+        if step == "after":
+            real(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(dirpool.DirPool, op, killed)
+    storage = Storage(SQLiteStore(Path(sys.argv[1])))
+    if op == "snapshot":
+        storage.snapshot_volume("local", "default", "v", "s2")
+    elif op == "restore":
+        storage.restore_volume("local", "default", "v", "s1")
+    elif op == "clone":
+        storage.clone_volume("local", "default", "v", "s1", "c")
+    else:
+        storage.delete_snapshot("local", "default", "v", "s1")
+""")
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+@pytest.mark.parametrize(("op", "outcome"), [
+    ("snapshot", {"before": (["s1"], "rolled back"), "after": (["s1", "s2"], "finished")}),
+    ("delete_snapshot", {"before": ([], "finished"), "after": ([], "finished")}),
+    ("restore", {"before": (["s1"], "settled"), "after": (["s1"], "settled")}),
+    ("clone", {"before": (["s1"], "rolled back"), "after": (["s1"], "rolled back")}),
+])
+def test_a_snapshot_operation_killed_midway_leaves_a_consistent_pool(
+        storage: Storage, home: Path, step: str, op: str,
+        outcome: dict[str, tuple[list[str], str]]) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    assert qio(active("v"), "write -P 0xaa 0 64k")
+    storage.snapshot_volume("local", "default", "v", "s1")
+    assert qio(active("v"), "write -P 0xbb 0 64k")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SNAPSHOT, str(home / "state.db"), step,
+                           op], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "POPEK_HOME": str(home)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    done = storage.reconcile()
+    snaps, word = outcome[step]
+    assert len(done) == 1 and word in done[0], done
+    vol = storage.volume("local", "default", "v")
+    assert vol.state == "ready" and vol.snapshot_names() == snaps
+    assert [v.name for v in storage.volumes()] == ["v"]  # a clone killed midway is gone
+    expected = "0xaa" if op == "restore" and step == "after" else "0xbb"
+    assert qio(active("v"), f"read -P {expected} 0 64k")  # the data as the outcome says
+    assert storage.reconcile() == []
+    storage.delete_volume("local", "default", "v")
+    assert DirPool(storage_dir() / "local").files() == []

@@ -145,3 +145,54 @@ def delete_volume(request: Request, pool: PoolName, name: VolumeName,
     with session(identity(request), project) as core:
         core.handle(VolumeDelete(pool, name))
     return {"deleted": f"{pool}/{name}"}
+
+
+SnapshotName = Annotated[str, Path(min_length=1, max_length=63, description="the snapshot")]
+VOLUME = "/1.0/storage-pools/{pool}/volumes/{name}"
+
+
+class NameBody(BaseModel):
+    """A name: the snapshot to take, the volume a clone makes."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+
+
+@router.post(f"{VOLUME}/snapshots", status_code=201)
+def snapshot_volume(request: Request, pool: PoolName, name: VolumeName, body: NameBody,
+                    project: Project = None) -> dict[str, Any]:
+    """Take a snapshot of a block volume: the volume, its snapshots listed."""
+    from popek.core.requests import VolumeSnapshot
+
+    with session(identity(request), project) as core:
+        return core.handle(VolumeSnapshot(pool, name, body.name))
+
+
+@router.delete(f"{VOLUME}/snapshots/{{snapshot}}")
+def delete_snapshot(request: Request, pool: PoolName, name: VolumeName,
+                    snapshot: SnapshotName, project: Project = None) -> dict[str, Any]:
+    """Delete a snapshot (merged into what it backs): the volume."""
+    from popek.core.requests import VolumeSnapshotDelete
+
+    with session(identity(request), project) as core:
+        return core.handle(VolumeSnapshotDelete(pool, name, snapshot))
+
+
+@router.post(f"{VOLUME}/snapshots/{{snapshot}}/restore")
+def restore_volume(request: Request, pool: PoolName, name: VolumeName,
+                   snapshot: SnapshotName, project: Project = None) -> dict[str, Any]:
+    """Put the volume back as it was at the snapshot: the volume."""
+    from popek.core.requests import VolumeRestore
+
+    with session(identity(request), project) as core:
+        return core.handle(VolumeRestore(pool, name, snapshot))
+
+
+@router.post(f"{VOLUME}/snapshots/{{snapshot}}/clone", status_code=201)
+def clone_volume(request: Request, pool: PoolName, name: VolumeName, snapshot: SnapshotName,
+                 body: NameBody, project: Project = None) -> dict[str, Any]:
+    """Make a volume from the snapshot (copy on write): the new volume."""
+    from popek.core.requests import VolumeClone
+
+    with session(identity(request), project) as core:
+        return core.handle(VolumeClone(pool, name, snapshot, body.name))

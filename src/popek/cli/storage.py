@@ -304,3 +304,95 @@ def volume_delete(
         _core().handle(VolumeDelete(pool, name))
         short = pool
     print(f"Volume {short}/{name} deleted.")
+
+
+def _snapshot_path(pool: str, name: str, snap: str = "") -> str:
+    from urllib.parse import quote
+
+    return f"{_volumes_path(pool, name)}/snapshots" + (f"/{quote(snap, safe='')}" if snap else "")
+
+
+def _on(pool: str) -> tuple[str, str] | None:
+    return remotes.locate(pool, "pool")
+
+
+@volume_app.command("snapshot")
+def volume_snapshot(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The block volume."),
+    snapshot: str = typer.Argument(..., help="The snapshot's name: a-z, 0-9 and '-'."),
+    project: str | None = project_option(),
+) -> None:
+    """Take a snapshot of a block volume (constant time: copy on write from then on)."""
+    where = _on(pool)
+    if where is not None:
+        _api(where[0]).call("POST", _snapshot_path(where[1], name), params={"project": project},
+                            json={"name": snapshot})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeSnapshot
+
+        _core().handle(VolumeSnapshot(pool, name, snapshot))
+    print(f"Snapshot {name}@{snapshot} taken.")
+
+
+@volume_app.command("restore")
+def volume_restore(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The block volume."),
+    snapshot: str = typer.Argument(..., help="The snapshot to go back to."),
+    project: str | None = project_option(),
+) -> None:
+    """Put a volume back as it was at a snapshot: what was written since is lost."""
+    where = _on(pool)
+    if where is not None:
+        _api(where[0]).call("POST", f"{_snapshot_path(where[1], name, snapshot)}/restore",
+                            params={"project": project})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeRestore
+
+        _core().handle(VolumeRestore(pool, name, snapshot))
+    print(f"Volume {name} restored to {snapshot}.")
+
+
+@volume_app.command("clone")
+def volume_clone(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The block volume."),
+    snapshot: str = typer.Argument(..., help="Its snapshot to clone."),
+    new: str = typer.Argument(..., help="The new volume's name."),
+    project: str | None = project_option(),
+) -> None:
+    """Make a new volume from a snapshot: copy on write, constant time whatever the size."""
+    where = _on(pool)
+    if where is not None:
+        rec = _api(where[0]).call("POST", f"{_snapshot_path(where[1], name, snapshot)}/clone",
+                                  params={"project": project}, json={"name": new})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeClone
+
+        rec = _core().handle(VolumeClone(pool, name, snapshot, new))
+    print(f"Volume {rec['pool']}/{rec['name']} cloned from {name}@{snapshot} "
+          f"({human(rec['size'])}).")
+
+
+@volume_app.command("snapshot-delete")
+def volume_snapshot_delete(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The block volume."),
+    snapshot: str = typer.Argument(..., help="The snapshot to delete."),
+    project: str | None = project_option(),
+) -> None:
+    """Delete a snapshot (its data merged into what it backs; refused while cloned from)."""
+    where = _on(pool)
+    if where is not None:
+        _api(where[0]).call("DELETE", _snapshot_path(where[1], name, snapshot),
+                            params={"project": project})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeSnapshotDelete
+
+        _core().handle(VolumeSnapshotDelete(pool, name, snapshot))
+    print(f"Snapshot {name}@{snapshot} deleted.")

@@ -103,13 +103,88 @@ class DirPool:
              f"shrinking the filesystem of volume {name} (its data must fit)")
         os.truncate(f, size)
 
-    def delete(self, project: str, name: str, kind: str) -> None:
-        """Remove the volume's file (gone already: nothing to do)."""
+    def delete(self, project: str, name: str, kind: str, snapshots: tuple[str, ...] = ()) -> None:
+        """Remove the volume's file and its ``snapshots``' (gone already: nothing to do)."""
         f = self.file(project, name, kind)
         f.unlink(missing_ok=True)
         f.with_name(f".{f.name}.new").unlink(missing_ok=True)
+        for snap in snapshots:
+            self.snapshot_file(project, name, snap).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             f.parent.rmdir()  # the project's directory, when it was the last
+
+    # -- snapshots and clones (block volumes: qcow2 backing chains) -------------------
+    #
+    # A snapshot freezes the volume's file as NAME@SNAP.qcow2 (read-only) and puts a new,
+    # empty overlay in its place, backed by it: constant time whatever the size.  A clone
+    # and a restore are overlays on a snapshot's file; deleting a snapshot first copies
+    # what it holds into the file it backs (qemu-img rebase), then removes it.
+
+    def snapshot_file(self, project: str, name: str, snap: str) -> Path:
+        """The frozen file of snapshot ``snap`` of block volume ``name``."""
+        return self.path / project / f"{name}@{snap}.qcow2"
+
+    def _overlay(self, target: Path, backing: Path) -> None:
+        """Make ``target`` an empty qcow2 overlay on ``backing`` (named relative to it)."""
+        tmp = target.with_name(f".{target.name}.new")
+        tmp.unlink(missing_ok=True)
+        rel = os.path.relpath(backing, target.parent)
+        try:
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", str(tmp)],
+                 f"making an overlay on {backing.name}")
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def snapshot(self, project: str, name: str, snap: str) -> None:
+        """Freeze the volume as ``snap`` and put an empty overlay on it in its place;
+        a step a killed process did not take is taken (roll forward)."""
+        active, frozen = self.file(project, name, "block"), self.snapshot_file(project, name,
+                                                                                snap)
+        if active.exists() and not frozen.exists():
+            os.rename(active, frozen)
+        os.chmod(frozen, 0o400)
+        if not active.exists():
+            self._overlay(active, frozen)
+
+    def restore(self, project: str, name: str, snap: str) -> None:
+        """Put an empty overlay on ``snap`` in the volume's place (what was written since is
+        dropped; later snapshots stay, each its own chain)."""
+        self._overlay(self.file(project, name, "block"), self.snapshot_file(project, name, snap))
+
+    def clone(self, project: str, name: str, snap: str, new: str) -> None:
+        """Make block volume ``new`` (same project) an overlay on ``snap`` of ``name``."""
+        self.file(project, new, "block").parent.mkdir(mode=0o700, exist_ok=True)
+        self._overlay(self.file(project, new, "block"), self.snapshot_file(project, name, snap))
+
+    def backing(self, f: Path) -> str:
+        """The file name ``f`` is an overlay on (its directory's), empty for none."""
+        out = _run(["qemu-img", "info", "-f", "qcow2", "--output", "json", "-U", str(f)],
+                   f"reading {f.name}")
+        return os.path.basename(str(json.loads(out).get("backing-filename", "")))
+
+    def delete_snapshot(self, project: str, name: str, snap: str, others: list[str]) -> None:
+        """Remove ``snap``: each file of the volume it backs (the volume's own, or one of
+        the snapshots ``others``: after a restore two can) takes what it holds first and is
+        put on ``snap``'s own backing file (or none)."""
+        frozen = self.snapshot_file(project, name, snap)
+        if not frozen.exists():
+            return
+        base = self.backing(frozen)
+        files = [self.file(project, name, "block"),
+                 *(self.snapshot_file(project, name, o) for o in others)]
+        for child in files:
+            if not child.exists() or self.backing(child) != frozen.name:
+                continue
+            mode = child.stat().st_mode & 0o777
+            os.chmod(child, 0o600)
+            _run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", base,
+                  *(["-F", "qcow2"] if base else []), str(child)],
+                 f"merging snapshot {snap} into {child.name}")
+            os.chmod(child, mode)  # a later snapshot stays read-only
+        frozen.unlink()
 
     def used(self, project: str, name: str, kind: str) -> int:
         """The bytes the volume's file takes on disk (0 when it is missing)."""
@@ -138,7 +213,7 @@ class DirPool:
         if not self.path.is_dir():
             return out
         for d in sorted(p for p in self.path.iterdir() if p.is_dir()):
-            for f in sorted(d.iterdir()):
+            for f in sorted(d.iterdir()):  # a snapshot's file: NAME@SNAP
                 for kind, suffix in SUFFIX.items():
                     if f.name.endswith(suffix):
                         out.append((d.name, f.name[:-len(suffix)], kind))

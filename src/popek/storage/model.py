@@ -23,7 +23,8 @@ VOLUME_TYPES = ("block", "filesystem")
 DEFAULT_POOL = "local"
 READY = "ready"
 #: the states of a record whose operation is under way
-INTENTS = ("creating", "resizing", "deleting")
+INTENTS = ("creating", "resizing", "deleting", "snapshotting", "restoring",
+           "deleting-snapshot")
 
 POOLS_PREFIX = "/popek/storage/pools/"
 VOLUMES_PREFIX = "/popek/storage/volumes/"
@@ -83,6 +84,16 @@ class Volume:
     #: the instance it is attached to (``PROJECT/NAME``); empty: none
     attached: str = ""
     config: dict[str, str] = field(default_factory=dict)
+    #: its snapshots, oldest first: ``{"name": ..., "created": ...}``
+    snapshots: list[dict[str, str]] = field(default_factory=list)
+    #: the snapshot a clone was made from (``PROJECT/VOLUME@SNAPSHOT``); empty: none
+    origin: str = ""
+    #: the snapshot an operation under way is about (``snapshotting``, ``restoring``...)
+    pending: str = ""
+
+    def snapshot_names(self) -> list[str]:
+        """The names of its snapshots, oldest first."""
+        return [s["name"] for s in self.snapshots]
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -95,4 +106,6 @@ class Volume:
         return cls(str(d["pool"]), str(d["project"]), str(d["name"]), int(d["size"]),
                    str(d.get("type", "block")), str(d.get("created", "")),
                    str(d.get("state", READY)), str(d.get("owner", "")),
-                   str(d.get("attached", "")), dict(d.get("config") or {}))
+                   str(d.get("attached", "")), dict(d.get("config") or {}),
+                   [dict(x) for x in d.get("snapshots") or []], str(d.get("origin", "")),
+                   str(d.get("pending", "")))

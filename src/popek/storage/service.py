@@ -272,10 +272,107 @@ class Storage:
         if vol.attached:
             raise StateError(f"volume {name}", "delete", f"attached to {vol.attached}",
                              ("detached",), "detach it first")
+        clones = self.clones_of(pool, project, name)
+        if clones:
+            raise StateError(f"volume {name}", "delete", f"the origin of clone(s) "
+                             f"{', '.join(clones)}", ("without clones",),
+                             "delete the clones first")
         key = volume_key(pool, project, name)
         self._intent(key, vol, "deleting")
-        self._driver(self.pool(pool)).delete(project, name, vol.type)
+        self._driver(self.pool(pool)).delete(project, name, vol.type,
+                                             tuple(vol.snapshot_names()))
         self.store.delete(key)
+
+    def clones_of(self, pool: str, project: str, name: str, snap: str | None = None
+                  ) -> list[str]:
+        """The volumes (``PROJECT/NAME``) cloned from a snapshot of ``name`` (of ``snap``)."""
+        mark = f"{project}/{name}@" + (snap or "")
+        return [f"{v.project}/{v.name}" for v in self.volumes(pool)
+                if (v.origin == mark if snap else v.origin.startswith(mark))]
+
+    # -- snapshots and clones --------------------------------------------------------
+    def _block(self, vol: Volume, operation: str) -> None:
+        if vol.type != "block":
+            raise InvalidInput(f"cannot {operation} filesystem volume {vol.name}: snapshots "
+                               "and clones are made of block volumes (qcow2) for now")
+
+    def _snapshot_of(self, vol: Volume, snap: str) -> None:
+        if snap not in vol.snapshot_names():
+            raise NotFound(f"snapshot {snap!r} of volume {vol.name!r} not found; snapshots: "
+                           f"{', '.join(vol.snapshot_names()) or 'none'}")
+
+    def snapshot_volume(self, pool: str, project: str, name: str, snap: str) -> Volume:
+        """Freeze volume ``name`` as snapshot ``snap`` (constant time: the file is kept as
+        it is and an empty overlay takes its place)."""
+        validate_name(snap, "snapshot name")
+        vol = self.volume(pool, project, name)
+        self._block(vol, "snapshot")
+        self._require_ready(vol, "snapshot")
+        if snap in vol.snapshot_names():
+            raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
+        key = volume_key(pool, project, name)
+        busy = self._intent(key, vol, "snapshotting", snap)
+        self._driver(self.pool(pool)).snapshot(project, name, snap)
+        return self._settle(key, busy, size=vol.size,
+                            snapshots=[*vol.snapshots, {"name": snap, "created": _now()}])
+
+    def restore_volume(self, pool: str, project: str, name: str, snap: str) -> Volume:
+        """Put volume ``name`` back as it was at ``snap`` (what was written since is lost;
+        the snapshots stay); refused while attached."""
+        vol = self.volume(pool, project, name)
+        self._block(vol, "restore")
+        self._snapshot_of(vol, snap)
+        self._require_ready(vol, "restore")
+        if vol.attached:
+            raise StateError(f"volume {name}", "restore", f"attached to {vol.attached}",
+                             ("detached",), "detach it first")
+        key = volume_key(pool, project, name)
+        busy = self._intent(key, vol, "restoring", snap)
+        driver = self._driver(self.pool(pool))
+        driver.restore(project, name, snap)
+        return self._settle(key, busy, size=driver.virtual_size(project, name, "block"))
+
+    def clone_volume(self, pool: str, project: str, name: str, snap: str, new: str) -> Volume:
+        """Make volume ``new`` from snapshot ``snap`` of ``name``: copy on write, constant
+        time whatever the size; ``name`` then cannot be deleted before ``new``."""
+        validate_name(new, "volume name")
+        vol = self.volume(pool, project, name)
+        self._block(vol, "clone")
+        self._snapshot_of(vol, snap)
+        key = volume_key(pool, project, new)
+        size = self._driver(self.pool(pool)).virtual_size(project, f"{name}@{snap}", "block")
+        clone = Volume(pool, project, new, size, "block", _now(), "creating", _owner(),
+                       origin=f"{project}/{name}@{snap}")
+        if not _create(self.store, key, clone.to_json()):
+            raise AlreadyExists(f"volume {new!r} already exists in pool {pool!r} of project "
+                                f"{project!r}")
+        driver = self._driver(self.pool(pool))
+        try:
+            driver.clone(project, name, snap, new)
+        except BaseException:
+            with contextlib.suppress(PopekError, OSError):
+                driver.delete(project, new, "block")
+                self.store.delete(key)
+            raise
+        return self._settle(key, clone, size=size)
+
+    def delete_snapshot(self, pool: str, project: str, name: str, snap: str) -> Volume:
+        """Delete snapshot ``snap`` of ``name``: what it holds is merged into the file it
+        backs; refused while a clone was made from it."""
+        vol = self.volume(pool, project, name)
+        self._snapshot_of(vol, snap)
+        self._require_ready(vol, "delete a snapshot of")
+        clones = self.clones_of(pool, project, name, snap)
+        if clones:
+            raise StateError(f"snapshot {name}@{snap}", "delete", f"the origin of clone(s) "
+                             f"{', '.join(clones)}", ("without clones",),
+                             "delete the clones first")
+        key = volume_key(pool, project, name)
+        busy = self._intent(key, vol, "deleting-snapshot", snap)
+        others = [n for n in vol.snapshot_names() if n != snap]
+        self._driver(self.pool(pool)).delete_snapshot(project, name, snap, others)
+        return self._settle(key, busy, size=vol.size,
+                            snapshots=[x for x in vol.snapshots if x["name"] != snap])
 
     def volume_info(self, pool: str, project: str, name: str) -> dict[str, Any]:
         """Volume ``name`` with the bytes its file takes."""
@@ -289,16 +386,20 @@ class Storage:
                              "another operation is under way; popek settles it if its "
                              "process died")
 
-    def _intent(self, key: str, vol: Volume, state: str) -> Volume:
-        busy = Volume(**{**vol.__dict__, "state": state, "owner": _owner()})
+    def _intent(self, key: str, vol: Volume, state: str, pending: str = "") -> Volume:
+        busy = Volume(**{**vol.__dict__, "state": state, "owner": _owner(),
+                         "pending": pending})
         if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
                               [Put(key, busy.to_json())]).succeeded:
             raise StateError(f"volume {vol.name}", state.removesuffix("ing"), "changed meanwhile",
                              (READY,), "try again")
         return busy
 
-    def _settle(self, key: str, vol: Volume, size: int) -> Volume:
-        done = Volume(**{**vol.__dict__, "state": READY, "owner": "", "size": size})
+    def _settle(self, key: str, vol: Volume, size: int,
+                snapshots: list[dict[str, str]] | None = None) -> Volume:
+        done = Volume(**{**vol.__dict__, "state": READY, "owner": "", "size": size,
+                         "pending": "", "snapshots": vol.snapshots if snapshots is None
+                         else snapshots})
         self.store.put(key, done.to_json())
         return done
 
@@ -312,7 +413,9 @@ class Storage:
             for vol in self.volumes(pool.name):
                 if vol.state in INTENTS and not _owner_alive(vol.owner):
                     done.append(self._settle_dead(driver, vol))
-            known = {(v.project, v.name, v.type) for v in self.volumes(pool.name)}
+            known = {(v.project, n, v.type) for v in self.volumes(pool.name)
+                     for n in (v.name, *(f"{v.name}@{s}" for s in v.snapshot_names()),
+                               *([f"{v.name}@{v.pending}"] if v.pending else []))}
             for project, name, kind in driver.files():
                 if name.startswith("."):
                     if not self._in_progress(pool.name, project, name[1:]):
@@ -340,12 +443,28 @@ class Storage:
             self.store.delete(key)
             return f"{where}: interrupted create rolled back"
         if vol.state == "deleting":
-            driver.delete(vol.project, vol.name, vol.type)
+            driver.delete(vol.project, vol.name, vol.type, tuple(vol.snapshot_names()))
             self.store.delete(key)
             return f"{where}: interrupted delete finished"
-        size = driver.virtual_size(vol.project, vol.name, vol.type)
+        if vol.state == "snapshotting":
+            frozen = driver.snapshot_file(vol.project, vol.name, vol.pending)
+            if frozen.exists():  # the file was frozen: finish (an overlay on it)
+                driver.snapshot(vol.project, vol.name, vol.pending)
+                self._settle(key, vol, size=vol.size, snapshots=[
+                    *vol.snapshots, {"name": vol.pending, "created": _now()}])
+                return f"{where}: interrupted snapshot {vol.pending} finished"
+            self._settle(key, vol, size=vol.size)
+            return f"{where}: interrupted snapshot {vol.pending} rolled back"
+        if vol.state == "deleting-snapshot":
+            others = [n for n in vol.snapshot_names() if n != vol.pending]
+            driver.delete_snapshot(vol.project, vol.name, vol.pending, others)
+            self._settle(key, vol, size=vol.size,
+                         snapshots=[x for x in vol.snapshots if x["name"] != vol.pending])
+            return f"{where}: interrupted delete of snapshot {vol.pending} finished"
+        size = driver.virtual_size(vol.project, vol.name, vol.type)  # resizing, restoring
         self._settle(key, vol, size=size)
-        return f"{where}: interrupted resize settled at {format_size(size)}"
+        what = "resize" if vol.state == "resizing" else f"restore to {vol.pending}"
+        return f"{where}: interrupted {what} settled at {format_size(size)}"
 
 
 
@@ -353,4 +472,4 @@ def public(vol: Volume) -> dict[str, Any]:
     """The fields of a volume a listing shows (not its owner process)."""
     return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
             "size": vol.size, "state": vol.state, "attached": vol.attached,
-            "created": vol.created}
+            "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin}

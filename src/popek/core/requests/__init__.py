@@ -26,9 +26,13 @@ from popek.core.requests.sandbox import SandboxCapture, SandboxRun
 from popek.core.requests.storage import (
     PoolCreate,
     PoolDelete,
+    VolumeClone,
     VolumeCreate,
     VolumeDelete,
     VolumeResize,
+    VolumeRestore,
+    VolumeSnapshot,
+    VolumeSnapshotDelete,
 )
 from popek.core.requests.trust import (
     AllowUnsigned,
@@ -48,4 +52,5 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "ProfileCreate",
            "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
            "Restart", "Resume", "SandboxCapture", "SandboxRun", "Start", "Stop", "TokenCreate",
-           "TokenRevoke", "VolumeCreate", "VolumeDelete", "VolumeResize"]
+           "TokenRevoke", "VolumeClone", "VolumeCreate", "VolumeDelete", "VolumeResize",
+           "VolumeRestore", "VolumeSnapshot", "VolumeSnapshotDelete"]

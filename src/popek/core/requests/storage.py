@@ -113,3 +113,88 @@ class VolumeDelete(Request[None]):
     def run(self, core: Core) -> None:
         """Delete it."""
         _storage(core).delete_volume(self.pool, core.project, self.name)
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot(Request[dict[str, Any]]):
+    """Take snapshot ``snapshot`` of block volume ``name`` of ``pool``."""
+
+    op = "volume.snapshot"
+    shown = ("snapshot",)
+    pool: str
+    name: str
+    snapshot: str
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Take it; the volume's ``info``."""
+        storage = _storage(core)
+        storage.snapshot_volume(self.pool, core.project, self.name, self.snapshot)
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
+class VolumeRestore(Request[dict[str, Any]]):
+    """Put block volume ``name`` of ``pool`` back as it was at ``snapshot``."""
+
+    op = "volume.restore"
+    shown = ("snapshot",)
+    pool: str
+    name: str
+    snapshot: str
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Restore it; the volume's ``info``."""
+        storage = _storage(core)
+        storage.restore_volume(self.pool, core.project, self.name, self.snapshot)
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
+class VolumeClone(Request[dict[str, Any]]):
+    """Make volume ``new`` of ``pool`` from snapshot ``snapshot`` of ``name`` (copy on write)."""
+
+    op = "volume.clone"
+    shown = ("snapshot", "new")
+    pool: str
+    name: str
+    snapshot: str
+    new: str
+
+    def target(self) -> str:
+        """``POOL/NEW``: the volume it makes."""
+        return f"{self.pool}/{self.new}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Clone it; the new volume's ``info``."""
+        storage = _storage(core)
+        storage.clone_volume(self.pool, core.project, self.name, self.snapshot, self.new)
+        return dict(storage.volume_info(self.pool, core.project, self.new))
+
+
+@dataclass(frozen=True)
+class VolumeSnapshotDelete(Request[dict[str, Any]]):
+    """Delete snapshot ``snapshot`` of volume ``name`` of ``pool`` (merged into what it backs)."""
+
+    op = "volume.snapshot-delete"
+    shown = ("snapshot",)
+    pool: str
+    name: str
+    snapshot: str
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Delete it; the volume's ``info``."""
+        storage = _storage(core)
+        storage.delete_snapshot(self.pool, core.project, self.name, self.snapshot)
+        return dict(storage.volume_info(self.pool, core.project, self.name))
