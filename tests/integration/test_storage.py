@@ -17,7 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from framework import popek, popek_json, require_root_and_tools
-from popek.errors import BAD_INPUT, NOT_FOUND, WRONG_STATE
+from popek.errors import BAD_INPUT, EXISTS, NOT_FOUND, WRONG_STATE
 
 require_root_and_tools()
 
@@ -134,6 +134,23 @@ def test_snapshots_and_clones_through_the_cli(pool: str, popek_home: Path) -> No
     assert kinds == {"volume.snapshot", "volume.clone", "volume.restore"}
 
 
+def test_import_and_export_through_the_cli(pool: str, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.img"
+    with raw.open("wb") as f:
+        f.truncate(16 * MiB)
+        f.write(b"popek-volume-data")
+    proc = popek("storage", "volume", "import", pool, "imp", str(raw))
+    assert proc.stdout == f"Volume {pool}/imp imported from {raw} (16MiB).\n"
+    said = [line for line in proc.stderr.splitlines() if "importing" in line]
+    assert said and said[-1] == "popek: importing 100%", proc.stderr  # progress, not a spinner
+    out = tmp_path / "out.raw"
+    popek("storage", "volume", "export", pool, "imp", str(out), "--format", "raw")
+    assert out.read_bytes()[:17] == b"popek-volume-data" and out.stat().st_size == 16 * MiB
+    again = popek("storage", "volume", "export", pool, "imp", str(out), check=False)
+    assert again.returncode == EXISTS and "does not overwrite" in again.stderr
+    popek("storage", "volume", "delete", pool, "imp")
+
+
 def test_a_pool_with_volumes_is_not_deleted(pool: str) -> None:
     popek("storage", "volume", "create", pool, "keep", "--size", "8MiB")
     try:
@@ -199,6 +216,26 @@ def test_volumes_belong_to_projects_and_roles_hold(api: tuple[TestClient, dict[s
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_input", r.text
     r = client.delete(f"{url}/v1", headers=_as(secrets["operator"]))
     assert r.status_code == 200, r.text
+
+
+def test_import_and_export_through_the_api(api: tuple[TestClient, dict[str, str]],
+                                          pool: str) -> None:
+    client, secrets = api
+    url = f"/1.0/storage-pools/{pool}/volumes/up"
+    body = b"popek-api-volume" + b"\0" * (4 * MiB - 16)
+    r = client.post(f"{url}/import", content=body, headers=_as(secrets["viewer"]))
+    assert r.status_code == 403, r.text  # refused before the body is kept
+    r = client.post(f"{url}/import", content=body, headers=_as(secrets["operator"]))
+    assert r.status_code == 202, r.text
+    done = client.get(f"/1.0/operations/{r.json()['id']}/wait", params={"timeout": 120},
+                      headers=_as(secrets["operator"])).json()
+    assert done["status"] == "success", done
+    assert done["result"]["size"] == 4 * MiB and "importing 100%" in done["progress"][-1]
+    r = client.get(f"{url}/export", params={"format": "raw"}, headers=_as(secrets["operator"]))
+    assert r.status_code == 200 and r.content == body
+    r = client.get(f"{url}/export", headers=_as(secrets["viewer"]))
+    assert r.status_code == 403, r.text  # the data leaves the host: an operator's
+    assert client.delete(url, headers=_as(secrets["operator"])).status_code == 200
 
 
 def test_the_api_answers_as_the_cli(api: tuple[TestClient, dict[str, str]], pool: str) -> None:

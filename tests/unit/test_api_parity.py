@@ -61,6 +61,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
         "DELETE /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}",),
     "storage volume restore": (
         "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/restore",),
+    "storage volume import": ("POST /1.0/storage-pools/{pool}/volumes/{name}/import",),
+    "storage volume export": ("GET /1.0/storage-pools/{pool}/volumes/{name}/export",),
     "storage volume clone": (
         "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/clone",),
     "trust keygen": ("POST /1.0/trust/keys",),

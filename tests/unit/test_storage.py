@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from popek.errors import AlreadyExists, InvalidInput, NotFound, StateError
+from popek.errors import AlreadyExists, EngineError, InvalidInput, NotFound, StateError
 from popek.state.store import SQLiteStore
 from popek.storage.dirpool import DirPool
 from popek.storage.model import Volume, volume_key
@@ -424,3 +424,55 @@ def test_a_snapshot_operation_killed_midway_leaves_a_consistent_pool(
     assert storage.reconcile() == []
     storage.delete_volume("local", "default", "v")
     assert DirPool(storage_dir() / "local").files() == []
+
+
+# -- import and export (issue 15.2) --------------------------------------------------
+
+
+def test_import_and_export_keep_the_data_in_both_formats(storage: Storage,
+                                                         tmp_path: Path) -> None:
+    raw = tmp_path / "disk.img"
+    with raw.open("wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(b"\xab" * 65536)
+    steps: list[int] = []
+    vol = storage.import_volume("local", "default", "imp", raw, steps.append)
+    assert (vol.size, vol.state, vol.config) == (8 * MiB, "ready", {"imported": "raw"})
+    assert steps and steps[-1] == 100 and steps == sorted(steps)
+    assert qio(active("imp"), "read -P 0xab 1M 64k")
+    storage.snapshot_volume("local", "default", "imp", "s")  # exported flattened
+    assert qio(active("imp"), "write -P 0xcd 2M 64k")
+    for fmt in ("qcow2", "raw"):
+        out = tmp_path / f"out.{fmt}"
+        storage.export_volume("local", "default", "imp", out, fmt)
+        assert qemu_img_info(out)["format"] == fmt and "backing-filename" not in \
+            qemu_img_info(out)
+        again = storage.import_volume("local", "default", f"back-{fmt}", out)
+        assert again.config == {"imported": fmt}
+        assert qio(active(f"back-{fmt}"), "read -P 0xab 1M 64k")
+        assert qio(active(f"back-{fmt}"), "read -P 0xcd 2M 64k")
+    with pytest.raises(AlreadyExists, match="popek does not overwrite a file"):
+        storage.export_volume("local", "default", "imp", tmp_path / "out.raw", "raw")
+
+
+def test_an_image_naming_another_file_is_refused(storage: Storage, tmp_path: Path) -> None:
+    """A qcow2 with a backing file would make QEMU open a host file of the image's choosing
+    (here /etc/shadow): refused before anything is made."""
+    evil = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw",
+                    str(evil), "1M"], check=True)
+    assert qemu_img_info(evil)["backing-filename"] == "/etc/shadow"  # the attack is real
+    with pytest.raises(InvalidInput, match="names another file"):
+        storage.import_volume("local", "default", "evil", evil)
+    assert storage.volumes() == [] and files(storage) == []
+
+
+def test_an_import_that_fails_leaves_nothing(storage: Storage, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="cannot read"):
+        storage.import_volume("local", "default", "gone", tmp_path / "missing.img")
+    broken = tmp_path / "broken.qcow2"
+    broken.write_bytes(b"QFI\xfb" + b"\0" * 100)  # a qcow2 magic, then nothing sane
+    with pytest.raises(EngineError):
+        storage.import_volume("local", "default", "broken", broken)
+    assert storage.volumes() == [] and files(storage) == []

@@ -8,20 +8,31 @@ pool, ``/1.0/storage-volumes`` in every pool.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from popek.api.instances import Project
-from popek.api.runner import session
+from popek.api.runner import accepted, session
 from popek.api.scope import identity
+from popek.core.service import Core
+from popek.errors import InvalidInput
 from popek.storage.service import MAX_SIZE, Storage, public
 
 router = APIRouter(tags=["storage"])
 
-PoolName = Annotated[str, Path(min_length=1, max_length=63, description="the storage pool")]
-VolumeName = Annotated[str, Path(min_length=1, max_length=63, description="the volume")]
+PoolName = Annotated[str, PathParam(min_length=1, max_length=63, description="the storage pool")]
+VolumeName = Annotated[str, PathParam(min_length=1, max_length=63, description="the volume")]
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE, description="bytes")]
 
 
@@ -147,7 +158,7 @@ def delete_volume(request: Request, pool: PoolName, name: VolumeName,
     return {"deleted": f"{pool}/{name}"}
 
 
-SnapshotName = Annotated[str, Path(min_length=1, max_length=63, description="the snapshot")]
+SnapshotName = Annotated[str, PathParam(min_length=1, max_length=63, description="the snapshot")]
 VOLUME = "/1.0/storage-pools/{pool}/volumes/{name}"
 
 
@@ -196,3 +207,82 @@ def clone_volume(request: Request, pool: PoolName, name: VolumeName, snapshot: S
 
     with session(identity(request), project) as core:
         return core.handle(VolumeClone(pool, name, snapshot, body.name))
+
+
+#: the largest file an import takes through the API (a volume's largest)
+MAX_UPLOAD = MAX_SIZE
+
+
+@router.post(f"{VOLUME}/import", status_code=202)
+async def import_volume(request: Request, pool: PoolName, name: VolumeName,
+                        project: Project = None) -> JSONResponse:
+    """Import the body (a qcow2 or raw image, self-contained) as block volume ``name`` of
+    the project: an operation, with progress."""
+    from popek.core.requests import VolumeImport
+
+    who = identity(request)
+    probe = VolumeImport(pool, name, "upload")
+
+    def authorize() -> None:
+        with session(who, project) as core:
+            core.authorize(probe)  # a refusal: 403 now, audited, nothing stored
+            Storage(core.store).pool(pool)  # 404 now: nothing uploaded
+
+    await run_in_threadpool(authorize)
+    workdir = Path(tempfile.mkdtemp(prefix="popek-volume-"))
+    try:
+        path = await _receive(request, workdir)
+    except BaseException:
+        await run_in_threadpool(shutil.rmtree, workdir, True)
+        raise
+    req = dataclasses.replace(probe, file=str(path))
+
+    def work(core: Core, progress: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = core.handle(dataclasses.replace(req, progress=progress))
+            return result
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return accepted(request.app.state.runner.submit(req.op, f"{pool}/{name}", work, who,
+                                                    project))
+
+
+async def _receive(request: Request, workdir: Path) -> Path:
+    """The body, written to a file of ``workdir``."""
+    path = workdir / "upload"
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_UPLOAD:
+                raise InvalidInput(f"an image file is at most {MAX_UPLOAD >> 40} TiB")
+            await run_in_threadpool(f.write, chunk)
+    if size == 0:
+        raise InvalidInput("no image in the body: send a qcow2 or raw image file")
+    return path
+
+
+@router.get(f"{VOLUME}/export", response_class=FileResponse)
+async def export_volume(request: Request, pool: PoolName, name: VolumeName,
+                        format: Literal["qcow2", "raw"] = "qcow2",
+                        project: Project = None) -> FileResponse:
+    """The volume as a file (its snapshots flattened into it), qcow2 or raw."""
+    from popek.core.requests import VolumeExport
+
+    workdir = Path(tempfile.mkdtemp(prefix="popek-volume-"))
+    target = workdir / f"{name}.{format}"
+
+    def export() -> None:
+        with session(identity(request), project) as core:
+            core.handle(VolumeExport(pool, name, str(target), format))
+
+    try:
+        await run_in_threadpool(export)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return FileResponse(target, media_type="application/octet-stream",
+                        filename=target.name,
+                        background=BackgroundTask(shutil.rmtree, workdir, True))

@@ -210,6 +210,32 @@ class Client:
         an error answer."""
         return self.response(method, path, params, timeout).content
 
+    def download(self, path: str, params: dict[str, Any] | None, out: Any,
+                 timeout: float = 3600.0) -> int:
+        """Stream the body of ``GET path`` into the binary file ``out``; the bytes written.
+        RemoteError for an error answer (nothing written)."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        written = 0
+        try:
+            with self.http.stream("GET", path, params=query, timeout=timeout) as answer:
+                if answer.status_code >= 400:
+                    answer.read()
+                    try:
+                        data = answer.json()
+                    except ValueError:
+                        data = None
+                    raise self._error(answer.status_code, data)
+                for chunk in answer.iter_bytes(1 << 20):
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.TimeoutException as exc:
+            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
+                              f"within {timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
+                              f"{exc}") from exc
+        return written
+
     def response(self, method: str, path: str, params: dict[str, Any] | None = None,
                  timeout: float = TIMEOUT) -> httpx.Response:
         """The whole answer of ``METHOD path`` (body and headers), not read as JSON;

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from popek import proc
@@ -25,6 +27,71 @@ from popek.errors import EngineError, InvalidInput
 #: the file suffix of each volume type
 SUFFIX = {"block": ".qcow2", "filesystem": ".ext4"}
 TOOL_TIMEOUT_S = 120.0
+#: the file formats a block volume is imported from and exported to
+FORMATS = ("qcow2", "raw")
+QCOW2_MAGIC = b"QFI\xfb"
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def probe(source: Path) -> tuple[str, int]:
+    """The format (``qcow2`` by its magic bytes, else ``raw``: never guessed by QEMU) and
+    the size an instance would see of the file ``source``.
+
+    A qcow2 file that names another file (a backing file, an external data file) or is
+    encrypted is refused: popek imports self-contained images only, and a backing file
+    name would make QEMU open a file of the host's choosing.
+    """
+    try:
+        with source.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {source}: {exc.strerror or exc}") from exc
+    fmt = "qcow2" if head == QCOW2_MAGIC else "raw"
+    out = _run(["qemu-img", "info", "-f", fmt, "--output", "json", str(source)],
+               f"reading {source.name}")
+    info = json.loads(out)
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if info.get("backing-filename") or data.get("data-file"):
+        raise InvalidInput(f"{source} names another file (a backing or data file): import a "
+                           "self-contained image (qemu-img convert -O qcow2 it first)")
+    if info.get("encrypted") or data.get("encrypt"):
+        raise InvalidInput(f"{source} is encrypted: import a plain qcow2 or raw image")
+    return fmt, int(info["virtual-size"])
+
+
+def convert(source: Path, source_fmt: str, target: Path, target_fmt: str,
+            progress: Callable[[int], None]) -> None:
+    """``qemu-img convert`` ``source`` into the new file ``target`` (made under a temporary
+    name), calling ``progress`` with each whole percent done."""
+    path = proc.tool("qemu-img")
+    if path is None:
+        raise EngineError("qemu-img is not installed: make setup installs it")
+    tmp = target.with_name(f".{target.name}.new")
+    tmp.unlink(missing_ok=True)
+    argv = [path, "convert", "-p", "-f", source_fmt, "-O", target_fmt,
+            *(["-o", "preallocation=off"] if target_fmt == "qcow2" else []), str(source),
+            str(tmp)]
+    shown = -1
+    try:
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=proc.tool_env()) as p:
+            assert p.stdout is not None
+            while chunk := p.stdout.read1(4096):  # type: ignore[attr-defined]
+                for m in _PERCENT.finditer(chunk):
+                    pct = int(float(m.group(1)))
+                    if pct > shown:
+                        shown = pct
+                        progress(pct)
+            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        if p.returncode != 0:
+            said = err.strip().splitlines()
+            raise EngineError(f"converting {source.name}: qemu-img failed: "
+                              f"{said[-1] if said else p.returncode}")
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -220,6 +287,18 @@ class DirPool:
                     elif f.name.startswith(".") and f.name.endswith(suffix + ".new"):
                         out.append((d.name, f.name[:-len(suffix + ".new")], kind))
         return out
+
+    def import_file(self, project: str, name: str, source: Path, fmt: str,
+                    progress: Callable[[int], None]) -> None:
+        """Make block volume ``name`` a qcow2 copy of ``source`` (of format ``fmt``)."""
+        target = self.file(project, name, "block")
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        convert(source, fmt, target, "qcow2", progress)
+
+    def export_file(self, project: str, name: str, target: Path, fmt: str,
+                    progress: Callable[[int], None]) -> None:
+        """Write block volume ``name`` (its whole chain, flattened) to the new ``target``."""
+        convert(self.file(project, name, "block"), "qcow2", target, fmt, progress)
 
     def remove_temporary(self, project: str, name: str, kind: str) -> None:
         """Remove a temporary file ``files`` listed (its ``name`` with the leading dot)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, Stat
 from popek.names import validate_name
 from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
-from popek.storage.dirpool import DirPool
+from popek.storage.dirpool import FORMATS, DirPool, probe
 from popek.storage.model import (
     DEFAULT_POOL,
     DRIVERS,
@@ -289,6 +290,49 @@ class Storage:
         mark = f"{project}/{name}@" + (snap or "")
         return [f"{v.project}/{v.name}" for v in self.volumes(pool)
                 if (v.origin == mark if snap else v.origin.startswith(mark))]
+
+    # -- import and export ------------------------------------------------------------
+    def import_volume(self, pool: str, project: str, name: str, source: Path,
+                      progress: Callable[[int], None] = lambda _pct: None) -> Volume:
+        """Make block volume ``name`` from the file ``source`` (qcow2 or raw, self-contained);
+        the record says ``creating`` until the copy is in place."""
+        validate_name(name, "volume name")
+        p = self.pool(pool)
+        fmt, size = probe(source)
+        self.check_size(size, "block")
+        self._ensure_default(pool)
+        key = volume_key(pool, project, name)
+        vol = Volume(pool, project, name, size, "block", _now(), "creating", _owner(),
+                     config={"imported": fmt})
+        if not _create(self.store, key, vol.to_json()):
+            raise AlreadyExists(f"volume {name!r} already exists in pool {pool!r} of project "
+                                f"{project!r}")
+        driver = self._driver(p)
+        try:
+            driver.import_file(project, name, source, fmt, progress)
+        except BaseException:
+            with contextlib.suppress(PopekError, OSError):
+                driver.delete(project, name, "block")
+                self.store.delete(key)
+            raise
+        return self._settle(key, vol, size=size)
+
+    def export_volume(self, pool: str, project: str, name: str, target: Path, fmt: str,
+                      progress: Callable[[int], None] = lambda _pct: None) -> int:
+        """Write block volume ``name`` to the new file ``target`` as ``fmt`` (qcow2, raw);
+        the bytes the file takes."""
+        vol = self.volume(pool, project, name)
+        self._block(vol, "export")
+        self._require_ready(vol, "export")
+        if fmt not in FORMATS:
+            raise InvalidInput(f"invalid format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        if target.exists() or target.is_symlink():
+            raise AlreadyExists(f"{target} exists: popek does not overwrite a file; name a "
+                                "new one")
+        if not target.parent.is_dir():
+            raise InvalidInput(f"directory {target.parent} does not exist")
+        self._driver(self.pool(pool)).export_file(project, name, target, fmt, progress)
+        return target.stat().st_blocks * 512
 
     # -- snapshots and clones --------------------------------------------------------
     def _block(self, vol: Volume, operation: str) -> None:

@@ -29,6 +29,8 @@ from popek.core.requests.storage import (
     VolumeClone,
     VolumeCreate,
     VolumeDelete,
+    VolumeExport,
+    VolumeImport,
     VolumeResize,
     VolumeRestore,
     VolumeSnapshot,
@@ -52,5 +54,6 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "ProfileCreate",
            "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
            "Restart", "Resume", "SandboxCapture", "SandboxRun", "Start", "Stop", "TokenCreate",
-           "TokenRevoke", "VolumeClone", "VolumeCreate", "VolumeDelete", "VolumeResize",
+           "TokenRevoke", "VolumeClone", "VolumeCreate", "VolumeDelete", "VolumeExport",
+           "VolumeImport", "VolumeResize",
            "VolumeRestore", "VolumeSnapshot", "VolumeSnapshotDelete"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from popek.core.service import Request
+from popek.core.service import NOT_AUDITED, Progress, Request, _noop
 
 if TYPE_CHECKING:
     from popek.core.service import Core
@@ -198,3 +198,66 @@ class VolumeSnapshotDelete(Request[dict[str, Any]]):
         storage = _storage(core)
         storage.delete_snapshot(self.pool, core.project, self.name, self.snapshot)
         return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+def _percent(progress: Progress, what: str) -> Any:
+    """A callback of whole percents that says ``what NN%`` through ``progress``, every
+    tenth (a log or a pipe gets ten lines, not a hundred)."""
+    said = [-1]
+
+    def step(pct: int) -> None:
+        if pct // 10 > said[0]:
+            said[0] = pct // 10
+            progress(f"{what} {pct}%")
+
+    return step
+
+
+@dataclass(frozen=True)
+class VolumeImport(Request[dict[str, Any]]):
+    """Make block volume ``name`` of ``pool`` from ``file`` (qcow2 or raw, self-contained)."""
+
+    op = "volume.import"
+    shown = ("file",)
+    pool: str
+    name: str
+    file: str
+    progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Import it; the new volume's ``info``."""
+        from pathlib import Path
+
+        storage = _storage(core)
+        storage.import_volume(self.pool, core.project, self.name, Path(self.file),
+                              _percent(self.progress, "importing"))
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
+class VolumeExport(Request[int]):
+    """Write block volume ``name`` of ``pool`` to the new file ``file`` as ``format``."""
+
+    op = "volume.export"
+    shown = ("file", "format")
+    pool: str
+    name: str
+    file: str
+    format: str = "qcow2"
+    progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
+
+    def run(self, core: Core) -> int:
+        """Export it; the bytes the file takes."""
+        from pathlib import Path
+
+        return int(_storage(core).export_volume(self.pool, core.project, self.name,
+                                                Path(self.file), self.format,
+                                                _percent(self.progress, "exporting")))
