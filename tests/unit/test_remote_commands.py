@@ -88,6 +88,22 @@ COMMANDS: dict[str, list[str]] = {
                         "--role", "viewer"],
     "certificate list": ["certificate", "list", "{R}"],
     "certificate revoke": ["certificate", "revoke", "{R}cert-1"],
+    "storage create": ["storage", "create", "{R}rnc-pool", "dir"],
+    "storage list": ["storage", "list", "{R}"],
+    "storage info": ["storage", "info", "{R}local"],
+    "storage delete": ["storage", "delete", "{R}rnc-pool"],
+    "storage volume create": ["storage", "volume", "create", "{R}local", "v", "--size", "1GiB"],
+    "storage volume list": ["storage", "volume", "list", "{R}"],
+    "storage volume info": ["storage", "volume", "info", "{R}local", "v"],
+    "storage volume resize": ["storage", "volume", "resize", "{R}local", "v", "2GiB"],
+    "storage volume delete": ["storage", "volume", "delete", "{R}local", "v"],
+    "storage volume snapshot": ["storage", "volume", "snapshot", "{R}local", "v", "s"],
+    "storage volume snapshot-delete": ["storage", "volume", "snapshot-delete", "{R}local", "v",
+                                       "s"],
+    "storage volume restore": ["storage", "volume", "restore", "{R}local", "v", "s"],
+    "storage volume clone": ["storage", "volume", "clone", "{R}local", "v", "s", "w"],
+    "storage volume import": ["storage", "volume", "import", "{R}local", "v", "{FILE}"],
+    "storage volume export": ["storage", "volume", "export", "{R}local", "v", "{OUT}"],
 }
 
 

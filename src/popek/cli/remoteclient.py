@@ -16,10 +16,11 @@ operation, waited on here with its progress shown as locally.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -148,15 +149,9 @@ class Client:
         """The JSON answer of ``METHOD path`` (sent: ``json``, or ``content``: bytes or a
         binary file, streamed); RemoteError for an error answer."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
+        with self._reaching(timeout):
             answer = self.http.request(method, path, json=json, params=query,
                                        timeout=timeout, content=content)
-        except httpx.TimeoutException as exc:
-            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
-                              f"within {timeout:g} s") from exc
-        except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
-                              f"{exc}") from exc
         try:
             data = answer.json()
         except ValueError:
@@ -164,6 +159,19 @@ class Client:
         if answer.status_code >= 400:
             raise self._error(answer.status_code, data)
         return data
+
+    @contextlib.contextmanager
+    def _reaching(self, timeout: float) -> Iterator[None]:
+        """Turn httpx's failure to reach the remote (or to hear it within ``timeout``) into
+        a RemoteError naming the remote."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
+                              f"within {timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
+                              f"{exc}") from exc
 
     def _error(self, status: int, data: Any) -> RemoteError:
         err = data.get("error") if isinstance(data, dict) else None
@@ -216,24 +224,18 @@ class Client:
         RemoteError for an error answer (nothing written)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         written = 0
-        try:
-            with self.http.stream("GET", path, params=query, timeout=timeout) as answer:
-                if answer.status_code >= 400:
-                    answer.read()
-                    try:
-                        data = answer.json()
-                    except ValueError:
-                        data = None
-                    raise self._error(answer.status_code, data)
-                for chunk in answer.iter_bytes(1 << 20):
-                    out.write(chunk)
-                    written += len(chunk)
-        except httpx.TimeoutException as exc:
-            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
-                              f"within {timeout:g} s") from exc
-        except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
-                              f"{exc}") from exc
+        with self._reaching(timeout), self.http.stream("GET", path, params=query,
+                                                       timeout=timeout) as answer:
+            if answer.status_code >= 400:
+                answer.read()
+                try:
+                    data = answer.json()
+                except ValueError:
+                    data = None
+                raise self._error(answer.status_code, data)
+            for chunk in answer.iter_bytes(1 << 20):
+                out.write(chunk)
+                written += len(chunk)
         return written
 
     def response(self, method: str, path: str, params: dict[str, Any] | None = None,
@@ -241,14 +243,8 @@ class Client:
         """The whole answer of ``METHOD path`` (body and headers), not read as JSON;
         RemoteError for an error answer."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
+        with self._reaching(timeout):
             answer = self.http.request(method, path, params=query, timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise RemoteError(f"remote {self.remote.name} ({self.remote.url}) did not answer "
-                              f"within {timeout:g} s") from exc
-        except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach remote {self.remote.name} at {self.remote.url}: "
-                              f"{exc}") from exc
         if answer.status_code >= 400:
             try:
                 data = answer.json()

@@ -425,9 +425,9 @@ def volume_import(
             rec = api.wait(op, step)
     else:
         scope.use(project)
-        from popek.core.requests import VolumeImport
-
         from pathlib import Path
+
+        from popek.core.requests import VolumeImport
 
         with ops.progress(f"importing {file}") as step:
             rec = _core().handle(VolumeImport(pool, name, str(Path(file).absolute()),

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from popek import proc
@@ -59,6 +59,21 @@ def probe(source: Path) -> tuple[str, int]:
     return fmt, int(info["virtual-size"])
 
 
+@contextlib.contextmanager
+def made(target: Path) -> Iterator[Path]:
+    """A temporary name beside ``target`` (``.NAME.new``) for the block to write; renamed
+    to ``target`` (mode 0600) when the block ends, removed when it fails."""
+    tmp = target.with_name(f".{target.name}.new")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def convert(source: Path, source_fmt: str, target: Path, target_fmt: str,
             progress: Callable[[int], None]) -> None:
     """``qemu-img convert`` ``source`` into the new file ``target`` (made under a temporary
@@ -66,13 +81,11 @@ def convert(source: Path, source_fmt: str, target: Path, target_fmt: str,
     path = proc.tool("qemu-img")
     if path is None:
         raise EngineError("qemu-img is not installed: make setup installs it")
-    tmp = target.with_name(f".{target.name}.new")
-    tmp.unlink(missing_ok=True)
-    argv = [path, "convert", "-p", "-f", source_fmt, "-O", target_fmt,
-            *(["-o", "preallocation=off"] if target_fmt == "qcow2" else []), str(source),
-            str(tmp)]
     shown = -1
-    try:
+    with made(target) as tmp:
+        argv = [path, "convert", "-p", "-f", source_fmt, "-O", target_fmt,
+                *(["-o", "preallocation=off"] if target_fmt == "qcow2" else []), str(source),
+                str(tmp)]
         with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=proc.tool_env()) as p:
             assert p.stdout is not None
@@ -87,11 +100,6 @@ def convert(source: Path, source_fmt: str, target: Path, target_fmt: str,
             said = err.strip().splitlines()
             raise EngineError(f"converting {source.name}: qemu-img failed: "
                               f"{said[-1] if said else p.returncode}")
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -134,25 +142,18 @@ class DirPool:
         """Make the volume's file (empty, thin), under a temporary name renamed into place."""
         final = self.file(project, name, kind)
         final.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.new")
-        tmp.unlink(missing_ok=True)
-        try:
+        with made(final) as tmp:
             if kind == "block":
                 _run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(size)],
                      f"creating volume {name}")
-            else:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
-                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(tmp)],
-                     f"making the filesystem of volume {name}")
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                return
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(tmp)],
+                 f"making the filesystem of volume {name}")
 
     def resize(self, project: str, name: str, kind: str, size: int, old: int) -> None:
         """Grow (or, for a filesystem whose data fits, shrink) the volume to ``size``."""
@@ -193,17 +194,10 @@ class DirPool:
 
     def _overlay(self, target: Path, backing: Path) -> None:
         """Make ``target`` an empty qcow2 overlay on ``backing`` (named relative to it)."""
-        tmp = target.with_name(f".{target.name}.new")
-        tmp.unlink(missing_ok=True)
         rel = os.path.relpath(backing, target.parent)
-        try:
+        with made(target) as tmp:
             _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", str(tmp)],
                  f"making an overlay on {backing.name}")
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def snapshot(self, project: str, name: str, snap: str) -> None:
         """Freeze the volume as ``snap`` and put an empty overlay on it in its place;

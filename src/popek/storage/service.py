@@ -224,19 +224,26 @@ class Storage:
         self.check_size(size, kind)
         p = self.pool(pool)
         self._ensure_default(pool)
-        key = volume_key(pool, project, name)
         vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner())
+        return self._make(p, vol, lambda driver: driver.create(project, name, kind, size))
+
+    def _make(self, pool: Pool, vol: Volume, act: Callable[[DirPool], None]) -> Volume:
+        """Write ``vol``'s record (``creating``: AlreadyExists when the name is taken), make
+        its file with ``act``, then say ``ready``; file and record go again when ``act``
+        fails."""
+        key = volume_key(vol.pool, vol.project, vol.name)
         if not _create(self.store, key, vol.to_json()):
-            raise AlreadyExists(f"volume {name!r} already exists in pool {pool!r} of project "
-                                f"{project!r}")
+            raise AlreadyExists(f"volume {vol.name!r} already exists in pool {vol.pool!r} of "
+                                f"project {vol.project!r}")
+        driver = self._driver(pool)
         try:
-            self._driver(p).create(project, name, kind, size)
+            act(driver)
         except BaseException:
             with contextlib.suppress(PopekError, OSError):
-                self._driver(p).delete(project, name, kind)
+                driver.delete(vol.project, vol.name, vol.type)
                 self.store.delete(key)
             raise
-        return self._settle(key, vol, size=size)
+        return self._settle(key, vol, size=vol.size)
 
     def resize_volume(self, pool: str, project: str, name: str, size: int) -> Volume:
         """Grow volume ``name`` to ``size`` (a filesystem volume may also shrink while its
@@ -301,21 +308,10 @@ class Storage:
         fmt, size = probe(source)
         self.check_size(size, "block")
         self._ensure_default(pool)
-        key = volume_key(pool, project, name)
         vol = Volume(pool, project, name, size, "block", _now(), "creating", _owner(),
                      config={"imported": fmt})
-        if not _create(self.store, key, vol.to_json()):
-            raise AlreadyExists(f"volume {name!r} already exists in pool {pool!r} of project "
-                                f"{project!r}")
-        driver = self._driver(p)
-        try:
-            driver.import_file(project, name, source, fmt, progress)
-        except BaseException:
-            with contextlib.suppress(PopekError, OSError):
-                driver.delete(project, name, "block")
-                self.store.delete(key)
-            raise
-        return self._settle(key, vol, size=size)
+        return self._make(p, vol, lambda driver: driver.import_file(project, name, source, fmt,
+                                                                    progress))
 
     def export_volume(self, pool: str, project: str, name: str, target: Path, fmt: str,
                       progress: Callable[[int], None] = lambda _pct: None) -> int:
@@ -383,22 +379,11 @@ class Storage:
         vol = self.volume(pool, project, name)
         self._block(vol, "clone")
         self._snapshot_of(vol, snap)
-        key = volume_key(pool, project, new)
-        size = self._driver(self.pool(pool)).virtual_size(project, f"{name}@{snap}", "block")
+        p = self.pool(pool)
+        size = self._driver(p).virtual_size(project, f"{name}@{snap}", "block")
         clone = Volume(pool, project, new, size, "block", _now(), "creating", _owner(),
                        origin=f"{project}/{name}@{snap}")
-        if not _create(self.store, key, clone.to_json()):
-            raise AlreadyExists(f"volume {new!r} already exists in pool {pool!r} of project "
-                                f"{project!r}")
-        driver = self._driver(self.pool(pool))
-        try:
-            driver.clone(project, name, snap, new)
-        except BaseException:
-            with contextlib.suppress(PopekError, OSError):
-                driver.delete(project, new, "block")
-                self.store.delete(key)
-            raise
-        return self._settle(key, clone, size=size)
+        return self._make(p, clone, lambda driver: driver.clone(project, name, snap, new))
 
     def delete_snapshot(self, pool: str, project: str, name: str, snap: str) -> Volume:
         """Delete snapshot ``snap`` of ``name``: what it holds is merged into the file it

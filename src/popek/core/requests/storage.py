@@ -8,12 +8,14 @@ operator of that project and up).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from popek.core.service import NOT_AUDITED, Progress, Request, _noop
 
 if TYPE_CHECKING:
     from popek.core.service import Core
+
+R = TypeVar("R")
 
 
 def _storage(core: Core) -> Any:
@@ -24,6 +26,19 @@ def _storage(core: Core) -> Any:
     storage = Storage(core.store)
     storage.reconcile()
     return storage
+
+
+@dataclass(frozen=True)
+class _OnVolume(Request[R]):
+    """A request about volume ``name`` of ``pool`` (in the request's project): its target
+    is ``POOL/NAME``."""
+
+    pool: str
+    name: str
+
+    def target(self) -> str:
+        """``POOL/NAME``."""
+        return f"{self.pool}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -56,19 +71,13 @@ class PoolDelete(Request[None]):
 
 
 @dataclass(frozen=True)
-class VolumeCreate(Request[dict[str, Any]]):
+class VolumeCreate(_OnVolume[dict[str, Any]]):
     """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project."""
 
     op = "volume.create"
     shown = ("pool", "size", "type")
-    pool: str
-    name: str
     size: int
     type: str = "block"
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Create it; its ``storage volume info``."""
@@ -78,18 +87,12 @@ class VolumeCreate(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeResize(Request[dict[str, Any]]):
+class VolumeResize(_OnVolume[dict[str, Any]]):
     """Resize volume ``name`` of ``pool`` to ``size`` bytes."""
 
     op = "volume.resize"
     shown = ("size",)
-    pool: str
-    name: str
     size: int
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Resize it; its ``storage volume info``."""
@@ -99,16 +102,10 @@ class VolumeResize(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeDelete(Request[None]):
+class VolumeDelete(_OnVolume[None]):
     """Delete volume ``name`` of ``pool`` (refused while attached)."""
 
     op = "volume.delete"
-    pool: str
-    name: str
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> None:
         """Delete it."""
@@ -116,18 +113,12 @@ class VolumeDelete(Request[None]):
 
 
 @dataclass(frozen=True)
-class VolumeSnapshot(Request[dict[str, Any]]):
+class VolumeSnapshot(_OnVolume[dict[str, Any]]):
     """Take snapshot ``snapshot`` of block volume ``name`` of ``pool``."""
 
     op = "volume.snapshot"
     shown = ("snapshot",)
-    pool: str
-    name: str
     snapshot: str
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Take it; the volume's ``info``."""
@@ -137,18 +128,12 @@ class VolumeSnapshot(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeRestore(Request[dict[str, Any]]):
+class VolumeRestore(_OnVolume[dict[str, Any]]):
     """Put block volume ``name`` of ``pool`` back as it was at ``snapshot``."""
 
     op = "volume.restore"
     shown = ("snapshot",)
-    pool: str
-    name: str
     snapshot: str
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Restore it; the volume's ``info``."""
@@ -158,13 +143,11 @@ class VolumeRestore(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeClone(Request[dict[str, Any]]):
+class VolumeClone(_OnVolume[dict[str, Any]]):
     """Make volume ``new`` of ``pool`` from snapshot ``snapshot`` of ``name`` (copy on write)."""
 
     op = "volume.clone"
     shown = ("snapshot", "new")
-    pool: str
-    name: str
     snapshot: str
     new: str
 
@@ -180,18 +163,12 @@ class VolumeClone(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeSnapshotDelete(Request[dict[str, Any]]):
+class VolumeSnapshotDelete(_OnVolume[dict[str, Any]]):
     """Delete snapshot ``snapshot`` of volume ``name`` of ``pool`` (merged into what it backs)."""
 
     op = "volume.snapshot-delete"
     shown = ("snapshot",)
-    pool: str
-    name: str
     snapshot: str
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Delete it; the volume's ``info``."""
@@ -214,19 +191,13 @@ def _percent(progress: Progress, what: str) -> Any:
 
 
 @dataclass(frozen=True)
-class VolumeImport(Request[dict[str, Any]]):
+class VolumeImport(_OnVolume[dict[str, Any]]):
     """Make block volume ``name`` of ``pool`` from ``file`` (qcow2 or raw, self-contained)."""
 
     op = "volume.import"
     shown = ("file",)
-    pool: str
-    name: str
     file: str
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> dict[str, Any]:
         """Import it; the new volume's ``info``."""
@@ -239,20 +210,14 @@ class VolumeImport(Request[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
-class VolumeExport(Request[int]):
+class VolumeExport(_OnVolume[int]):
     """Write block volume ``name`` of ``pool`` to the new file ``file`` as ``format``."""
 
     op = "volume.export"
     shown = ("file", "format")
-    pool: str
-    name: str
     file: str
     format: str = "qcow2"
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
-
-    def target(self) -> str:
-        """``POOL/NAME``."""
-        return f"{self.pool}/{self.name}"
 
     def run(self, core: Core) -> int:
         """Export it; the bytes the file takes."""
