@@ -247,3 +247,35 @@ def test_the_api_answers_as_the_cli(api: tuple[TestClient, dict[str, str]], pool
         {k: v for k, v in cli.items() if k not in ("free", "used")}
     r = client.get("/1.0/storage-pools/nosuch", headers=_as(secrets["viewer"]))
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_reset_purge_deletes_volumes_and_pools_outside_the_home(tmp_path: Path) -> None:
+    """``admin reset --purge`` removes the home; a pool's files may be elsewhere: every
+    volume (a clone of a clone before its origin) and pool goes first."""
+    import os
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="popek-hstor-reset-", dir="/var/tmp"))
+    home.chmod(0o755)
+    outside = tmp_path / "pool"
+    outside.mkdir()
+    env = {**os.environ, "POPEK_HOME": str(home)}
+    try:
+        popek("storage", "create", "hstor-out", "dir", f"path={outside}", env=env)
+        popek("storage", "volume", "create", "hstor-out", "base", "--size", "8MiB", env=env)
+        popek("storage", "volume", "snapshot", "hstor-out", "base", "s", env=env)
+        popek("storage", "volume", "clone", "hstor-out", "base", "s", "c1", env=env)
+        popek("storage", "volume", "snapshot", "hstor-out", "c1", "t", env=env)
+        popek("storage", "volume", "clone", "hstor-out", "c1", "t", "c2", env=env)
+        assert len(list(outside.rglob("*.qcow2"))) == 5
+        out = popek("admin", "reset", "--purge", "--yes", env=env).stdout
+        for name in ("c2", "c1", "base"):
+            assert f"deleted volume hstor-out/{name} of project default" in out, out
+        assert out.index("hstor-out/c2") < out.index("hstor-out/c1") < out.index("base")
+        assert "deleted storage pool hstor-out" in out
+        assert list(outside.iterdir()) == [] and not home.exists()
+    finally:
+        if home.exists():
+            popek("admin", "reset", "--purge", "--yes", env=env, check=False)
+        shutil.rmtree(home, ignore_errors=True)

@@ -239,8 +239,32 @@ def remove_shared(report: Report, shared: tuple[Path, ...] = SHARED_DIRS,
 
 
 # -- reset ---------------------------------------------------------------------------
+def _purge_storage(core: Core, report: Report) -> None:
+    """Delete every volume (clones before their origins; each an audited request) and
+    every pool but ``local``: a pool's files may be outside the home ``--purge`` removes."""
+    from popek.core.requests import PoolDelete, VolumeDelete
+    from popek.storage.model import DEFAULT_POOL
+    from popek.storage.service import Storage
+
+    storage = Storage(core.store)
+    tried: set[tuple[str, str, str]] = set()
+    while True:  # a volume goes once no clone of it is left (a clone of a clone first)
+        ready = [v for v in storage.volumes() if (v.pool, v.project, v.name) not in tried
+                 and not storage.clones_of(v.pool, v.project, v.name)]
+        if not ready:
+            break
+        for vol in ready:
+            tried.add((vol.pool, vol.project, vol.name))
+            report.step(f"deleted volume {vol.pool}/{vol.name} of project {vol.project}",
+                        core.in_project(vol.project).handle, VolumeDelete(vol.pool, vol.name))
+    for pool in storage.pools():
+        if pool.name != DEFAULT_POOL:
+            report.step(f"deleted storage pool {pool.name}", core.handle, PoolDelete(pool.name))
+
+
 def reset(core: Core, purge: bool = False) -> Report:
-    """Take this home off the host; ``purge``: delete its instances and networks too.
+    """Take this home off the host; ``purge``: delete its instances, networks and volumes
+    too.
 
     Runs every step even when one fails (each failure is reported).  The
     nested stops and deletes are requests of their own, each audited.  With
@@ -273,6 +297,8 @@ def reset(core: Core, purge: bool = False) -> Report:
         else:
             report.step(f"removed bridge {net.bridge} and dnsmasq of network {net.name}",
                         backend.teardown_network, net)
+    if purge:
+        _purge_storage(core, report)
     tag = home_tag()
     for name, link in backend.nl.links().items():
         if name.startswith(PREFIX) and link.alias == tag:
