@@ -476,3 +476,18 @@ def test_an_import_that_fails_leaves_nothing(storage: Storage, tmp_path: Path) -
     with pytest.raises(EngineError):
         storage.import_volume("local", "default", "broken", broken)
     assert storage.volumes() == [] and files(storage) == []
+
+
+def test_a_pool_whose_directory_is_gone_says_so_and_records_nothing(storage: Storage,
+                                                                    tmp_path: Path) -> None:
+    """Before: FileNotFoundError reached the user as an internal error (exit 70)."""
+    d = tmp_path / "gone"
+    d.mkdir()
+    storage.create_pool("gone", "dir", {"path": str(d)})
+    d.rmdir()
+    with pytest.raises(StateError, match="storage pool gone: it is unavailable .*does not "
+                                         "exist.*make its directory again"):
+        storage.create_volume("gone", "default", "v", 16 * MiB)
+    assert storage.volumes() == []
+    assert storage.pool_info("gone")["health"].startswith("unavailable: ")
+    storage.delete_pool("gone")  # it can still go

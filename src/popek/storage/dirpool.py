@@ -128,6 +128,9 @@ class DirPool:
         """Raise :class:`InvalidInput` unless ``path`` is a directory popek may write."""
         if not self.path.is_absolute():
             raise InvalidInput(f"invalid pool path {str(self.path)!r}: give an absolute path")
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidInput(f"pool path {self.path} is not a directory: give an empty "
+                               "directory")
         if not self.path.is_dir():
             raise InvalidInput(f"pool directory {self.path} does not exist: make it first, or "
                                "leave path= out for one under POPEK_HOME")

@@ -190,6 +190,18 @@ class Storage:
     def _driver(self, pool: Pool) -> DirPool:
         return DirPool(Path(pool.config["path"]))
 
+    def _usable(self, pool: Pool, operation: str) -> DirPool:
+        """The driver of ``pool``; StateError when its directory is gone or unwritable
+        (nothing is recorded then)."""
+        driver = self._driver(pool)
+        try:
+            driver.check()
+        except InvalidInput as exc:
+            raise StateError(f"storage pool {pool.name}", operation, f"unavailable ({exc})",
+                             ("available",), "make its directory again, or delete the pool "
+                             "(popek storage delete)") from exc
+        return driver
+
     # -- volumes ---------------------------------------------------------------
     def volumes(self, pool: str | None = None, project: str | None = None) -> list[Volume]:
         """The volumes (of one pool, of one project), sorted by pool, project and name."""
@@ -231,11 +243,11 @@ class Storage:
         """Write ``vol``'s record (``creating``: AlreadyExists when the name is taken), make
         its file with ``act``, then say ``ready``; file and record go again when ``act``
         fails."""
+        driver = self._usable(pool, "make a volume in")
         key = volume_key(vol.pool, vol.project, vol.name)
         if not _create(self.store, key, vol.to_json()):
             raise AlreadyExists(f"volume {vol.name!r} already exists in pool {vol.pool!r} of "
                                 f"project {vol.project!r}")
-        driver = self._driver(pool)
         try:
             act(driver)
         except BaseException:
@@ -260,6 +272,7 @@ class Storage:
         if size < vol.size and vol.attached:
             raise StateError(f"volume {name}", "shrink", f"attached to {vol.attached}",
                              ("detached",), "detach it first")
+        self._usable(self.pool(pool), "resize a volume in")
         key = volume_key(pool, project, name)
         old = vol.size
         busy = self._intent(key, vol, "resizing")
@@ -351,6 +364,7 @@ class Storage:
         if snap in vol.snapshot_names():
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
+        self._usable(self.pool(pool), "snapshot a volume in")
         busy = self._intent(key, vol, "snapshotting", snap)
         self._driver(self.pool(pool)).snapshot(project, name, snap)
         return self._settle(key, busy, size=vol.size,
@@ -367,6 +381,7 @@ class Storage:
             raise StateError(f"volume {name}", "restore", f"attached to {vol.attached}",
                              ("detached",), "detach it first")
         key = volume_key(pool, project, name)
+        self._usable(self.pool(pool), "restore a volume in")
         busy = self._intent(key, vol, "restoring", snap)
         driver = self._driver(self.pool(pool))
         driver.restore(project, name, snap)
