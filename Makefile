@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/neighbours.py
 	$(PY) bench/scaling.py
 	$(PY) bench/api.py
+	$(PY) bench/storage_snap.py
 
 # Mutation testing of the security-critical modules against tests/unit:
 # bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
