@@ -263,3 +263,26 @@ def test_qmp_blockstats_never_waits_for_a_busy_or_absent_qemu(tmp_path: Path) ->
         started = time.monotonic()
         assert qmp.blockstats([busy, silent], timeout=0.3) == {}
         assert time.monotonic() - started < 2
+
+
+def test_storage_pools_are_gauges_of_the_host_not_of_a_project(tmp_path: Path,
+                                                              store: SQLiteStore,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    from popek.storage.service import Storage
+
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path / "home"))
+    Storage(store).create_volume("local", "default", "data", 16 << 20)
+    collector = Collector(store, cgroup_root=tmp_path / "cg", sysfs_net=tmp_path / "net",
+                          home_id=HOME_ID)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(UsageCollector(collector.collect))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(render(registry).decode())
+               for s in fam.samples}
+    local = (("driver", "dir"), ("pool", "local"))
+    assert samples[("popek_storage_pool_volumes", local)] == 1
+    assert 0 < samples[("popek_storage_pool_used_bytes", local)] < 16 << 20  # thin
+    assert 0 < samples[("popek_storage_pool_free_bytes", local)] <= \
+        samples[("popek_storage_pool_size_bytes", local)]
+    assert collector.collect(project="default").pools == []  # a project's scrape: none

@@ -81,6 +81,16 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
            30.0, 60.0)
 
 
+#: the gauges of each storage pool: name, help, PoolUsage field
+POOL_GAUGES = (
+    ("popek_storage_pool_size_bytes", "Size of the filesystem holding the pool, in bytes",
+     "size"),
+    ("popek_storage_pool_free_bytes", "Bytes free for the pool's volumes", "free"),
+    ("popek_storage_pool_used_bytes", "Bytes the pool's volume files take", "used"),
+    ("popek_storage_pool_volumes", "Volumes in the pool", "volumes"),
+)
+
+
 def families(snap: Snapshot) -> list[Metric]:
     """The metric families of one :class:`~popek.core.metrics.Snapshot`."""
     out: list[Metric] = []
@@ -103,6 +113,13 @@ def families(snap: Snapshot) -> list[Metric]:
         for n in snap.networks:
             fam.add_metric([n.name], getattr(n, attr))
         out.append(fam)
+    for name, doc, attr in POOL_GAUGES:
+        gauge = GaugeMetricFamily(name, doc, labels=["pool", "driver"])
+        for pool in snap.pools:
+            value = getattr(pool, attr)
+            if value is not None:
+                gauge.add_metric([pool.name, pool.driver], value)
+        out.append(gauge)
     out.append(GaugeMetricFamily("popek_metrics_collect_seconds",
                                  "Seconds this scrape spent reading the counters",
                                  value=snap.seconds))
