@@ -21,6 +21,17 @@ def private_host_registry(tmp_path_factory: pytest.TempPathFactory,
     return directory
 
 
+@pytest.fixture(autouse=True)
+def fresh_refusal_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's refused credentials have a budget of their own: the process's
+    (popek.core.refusals, 20 records a minute per client address) would otherwise be
+    spent by the tests before, all of whose clients are starlette's ``testclient``."""
+    from popek.core import authn
+    from popek.core.refusals import RefusalBudget
+
+    monkeypatch.setattr(authn, "REFUSALS", RefusalBudget())
+
+
 @pytest.fixture
 def trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrustStore]:
     """A trust store over a fresh state store; private keys go to a private POPEK_HOME."""

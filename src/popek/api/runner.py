@@ -173,13 +173,12 @@ class Runner:
     def stop(self) -> list[str]:
         """At server stop: mark failed this server's operations still running, and audit
         the refused credentials still only counted (:mod:`popek.core.refusals`)."""
-        from popek.core.authn import write_summaries
-        from popek.core.refusals import REFUSALS
+        from popek.core import authn
 
         try:
             with session() as core:
                 with contextlib.suppress(OSError, PopekError):  # a warning would go nowhere
-                    write_summaries(core, REFUSALS.flush())
+                    authn.write_summaries(core, authn.REFUSALS.flush())
                 return Operations(core.store).fail_own()
         finally:
             STORES.close()

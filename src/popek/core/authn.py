@@ -138,4 +138,4 @@ def write_summaries(core: Core, summaries: list[Summary]) -> None:
                           s.result(), f"from {s.source}", identity=UNAUTHENTICATED)
 
 
-__all__ = ["UNAUTHENTICATED", "Unauthenticated", "authenticate", "write_summaries"]
+__all__ = ["REFUSALS", "UNAUTHENTICATED", "Unauthenticated", "authenticate", "write_summaries"]
