@@ -183,6 +183,6 @@ def test_a_completion_through_the_command_server(env: dict[str, str], tmp_path: 
         res = server.run(env={**env, "_POPEK_COMPLETE": "complete_bash",
                               "COMP_WORDS": "popek sto", "COMP_CWORD": "1"})
         assert res.returncode != NOT_TAKEN, "the server refused a completion request"
-        assert (res.returncode, res.stdout, res.stderr) == (0, "stop\n", "")
+        assert (res.returncode, res.stdout, res.stderr) == (0, "stop\nstorage\n", "")
     finally:
         server.close()

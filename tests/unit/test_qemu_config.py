@@ -70,3 +70,25 @@ def test_this_host_chooses_tcg() -> None:
 def test_invalid_accel() -> None:
     with pytest.raises(InvalidInput, match="allowed: auto, kvm, tcg"):
         accel.choose("xen")
+
+
+def test_a_volume_is_descriptors_and_its_backing_chain_is_built_by_popek() -> None:
+    """No volume path in the argv (the jail holds none): fd sets; each backing node is
+    declared before the node it backs and named explicitly, the last with none, so QEMU
+    never follows a file name from an image header."""
+    import json
+
+    from popek.engines.qemu.cmdline import disk_args
+
+    argv = disk_args([("data", [10, 11, 12])])
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-add-fd"] == [
+        "fd=12,set=1", "fd=11,set=2", "fd=10,set=3"]
+    nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    files = {n["node-name"]: n for n in nodes if n["driver"] == "file"}
+    qcow2 = [n for n in nodes if n["driver"] == "qcow2"]
+    assert [n["node-name"] for n in qcow2] == ["vol0-2", "vol0-1", "vol0-0"]
+    assert [n["backing"] for n in qcow2] == [None, "vol0-2", "vol0-1"]
+    assert [n["read-only"] for n in qcow2] == [True, True, False]
+    assert files["vol0-0-file"]["filename"] == "/dev/fdset/3"
+    assert not files["vol0-0-file"]["read-only"] and files["vol0-2-file"]["read-only"]
+    assert argv[-2:] == ["-device", "virtio-blk-pci,drive=vol0-0,id=disk0,serial=data"]

@@ -184,7 +184,7 @@ def test_an_attached_volume_is_not_deleted_nor_shrunk(storage: Storage) -> None:
     storage.store.put(key, vol.to_json())
     with pytest.raises(StateError, match="attached to default/web"):
         storage.delete_volume("local", "default", "used")
-    with pytest.raises(StateError, match="detach it first"):
+    with pytest.raises(StateError, match="delete instance default/web first"):
         storage.resize_volume("local", "default", "used", 16 * MiB)
     assert (storage_dir() / "local" / "default" / "used.ext4").exists()
 
@@ -491,3 +491,49 @@ def test_a_pool_whose_directory_is_gone_says_so_and_records_nothing(storage: Sto
     assert storage.volumes() == []
     assert storage.pool_info("gone")["health"].startswith("unavailable: ")
     storage.delete_pool("gone")  # it can still go
+
+
+# -- attach (issue 15.3: VMs at launch) ----------------------------------------------
+
+
+def test_a_volume_is_attached_to_one_instance_at_a_time(storage: Storage) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    storage.create_volume("local", "default", "fs", 16 * MiB, "filesystem")
+    assert storage.attach("local", "default", "v", "default/a").attached == "default/a"
+    assert storage.attach("local", "default", "v", "default/a").attached == "default/a"
+    with pytest.raises(StateError, match="attached to default/a"):
+        storage.attach("local", "default", "v", "default/b")
+    for refused in (lambda: storage.snapshot_volume("local", "default", "v", "s"),
+                    lambda: storage.resize_volume("local", "default", "v", 32 * MiB),
+                    lambda: storage.delete_volume("local", "default", "v")):
+        with pytest.raises(StateError, match="delete instance default/a first"):
+            refused()
+    storage.detach("local", "default", "v", "default/b")  # not b's: nothing
+    assert storage.volume("local", "default", "v").attached == "default/a"
+    storage.detach("local", "default", "v", "default/a")
+    assert storage.volume("local", "default", "v").attached == ""
+    with pytest.raises(InvalidInput, match="a VM takes block volumes"):
+        storage.attach("local", "default", "fs", "default/a")
+
+
+def test_the_files_of_a_volume_are_its_chain_in_the_pool(storage: Storage) -> None:
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    storage.snapshot_volume("local", "default", "v", "s1")
+    storage.snapshot_volume("local", "default", "v", "s2")
+    storage.clone_volume("local", "default", "v", "s2", "c")
+    d = storage_dir() / "local" / "default"
+    assert storage.files_of("local", "default", "c") == [d / "c.qcow2", d / "v@s2.qcow2",
+                                                         d / "v@s1.qcow2"]
+    evil = d / "evil.qcow2"  # a header naming a file outside the pool is never opened
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw",
+                    "-u", str(evil), "1M"], check=True)
+    storage.store.put(volume_key("local", "default", "evil"), Volume(
+        "local", "default", "evil", MiB, "block", "now").to_json())
+    with pytest.raises(EngineError, match="outside its pool"):
+        storage.files_of("local", "default", "evil")
+
+
+@pytest.mark.parametrize("ref", ["data", "/data", "local/", "local/a/b"])
+def test_a_volume_is_named_pool_slash_volume(ref: str) -> None:
+    with pytest.raises(InvalidInput, match="name it as POOL/VOLUME"):
+        Storage.parse_ref(ref)

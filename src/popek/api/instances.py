@@ -142,6 +142,9 @@ class LaunchBody(BaseModel):
     profiles: list[str] = []
     config: dict[str, str] = {}
     timeout: Seconds = 180.0
+    #: block volumes to attach, POOL/VOLUME of the project (``--disk POOL/VOLUME``)
+    volumes: list[Annotated[str, Field(min_length=3, max_length=127)]] = Field(
+        default_factory=list, max_length=16)
 
 
 def _size(value: int | str | None, field: str) -> int | None:
@@ -184,7 +187,8 @@ def launch(request: Request, body: LaunchBody, project: Project = None) -> JSONR
                  memory=_size(body.memory, "memory"), accel=body.accel, engine=body.engine,
                  runtime=body.runtime, limits=limits, mounts=tuple(body.mounts),
                  networks=tuple(body.networks), label=body.label, ready_timeout=body.timeout,
-                 profiles=tuple(body.profiles), config=dict(body.config))
+                 profiles=tuple(body.profiles), config=dict(body.config),
+                 volumes=tuple(body.volumes))
     who = identity(request)
     with session(who, project) as core:  # refused here, before any operation: nothing changes
         _authorized(core, req)

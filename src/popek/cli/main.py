@@ -108,9 +108,11 @@ def launch(
                                      "policy show; default: default)."),
     net_rate: str = typer.Option("", "--net-rate",
                                  help="Limit each network port, both ways, e.g. 100Mbit."),
-    disk: str = typer.Option("", "--disk",
-                             help="Containers: the size of the writable layer (limits.disk), "
-                                  "e.g. 20GiB; default: the project's (popek project show)."),
+    disk: list[str] = typer.Option([], "--disk",
+                                   help="VMs: attach block volume POOL/VOLUME (repeatable; "
+                                        "popek storage volume create). Containers: the size "
+                                        "of the writable layer (limits.disk), e.g. 20GiB; "
+                                        "default: the project's (popek project show)."),
     config: list[str] = typer.Option([], "--config", "-c", metavar="KEY=VALUE",
                                      help="A config key (repeatable; popek config set lists "
                                           "them); wins over a shorthand option such as "

@@ -87,8 +87,9 @@ def size(text: str, what: str) -> int:
 
 def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: str,
            container: bool, runtime: str, pids: int | None, mount: list[str],
-           network: list[str], timeout: float, label: str | None, net_rate: str, disk: str,
-           config: list[str], profile: list[str], project: str | None = None) -> None:
+           network: list[str], timeout: float, label: str | None, net_rate: str,
+           disk: list[str], config: list[str], profile: list[str],
+           project: str | None = None) -> None:
     """Create an instance from ``image`` and start it.
 
     The shorthand options not given are ``None``: the core then takes the value from
@@ -112,8 +113,9 @@ def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: 
     mem = None if memory is None else size(memory, "memory size")
     engine = "container" if container else "qemu"
     limits: dict[str, int] = {} if pids is None else {"pids": pids}
-    if disk:
-        limits["disk"] = size(disk, "limits.disk")
+    volumes, sizes = split_disks(disk)
+    if sizes:
+        limits["disk"] = size(sizes[0], "limits.disk")
     if net_rate:
         from popek.network.shaping import parse_rate
 
@@ -126,12 +128,25 @@ def launch(image: str, name: str, vcpus: int | None, memory: str | None, accel: 
             image=image, name=name, vcpus=vcpus, memory=mem, accel=accel, engine=engine,
             runtime=runtime, limits=limits, mounts=tuple(mount), networks=tuple(network),
             label=label, ready_timeout=timeout, progress=step, profiles=tuple(profile),
-            config=values))
+            config=values, volumes=tuple(volumes)))
     started = inst.runtime.details if inst.runtime else {}
     how = started.get("accel") or started.get("runtime") or "?"
     kind = "container" if container else "VM"
     print(f"Instance {name} is running ({kind}, {how}, {inst.spec.vcpus} vCPU, "
           f"{format_size(inst.spec.memory)}).")
+
+
+def split_disks(disks: list[str]) -> tuple[list[str], list[str]]:
+    """``--disk`` values: the volumes (``POOL/VOLUME``, with a slash) and the sizes (a
+    container's writable layer: one at most)."""
+    from popek.errors import InvalidInput
+
+    volumes = [d for d in disks if "/" in d]
+    sizes = [d for d in disks if "/" not in d]
+    if len(sizes) > 1:
+        raise InvalidInput(f"--disk gives one size at most (the writable layer), not "
+                           f"{', '.join(sizes)}; a volume is POOL/VOLUME")
+    return volumes, sizes
 
 
 def _ipv4(record: dict[str, Any]) -> str:
@@ -213,6 +228,7 @@ def show_info(data: dict[str, Any], fmt: str) -> None:
         for key in ("ipv4", "mac", "host_device"):
             shown[f"network.{p['network']}.{key}"] = p[key]
     shown["memory"] = format_size(shown["memory"])
+    shown["volumes"] = ", ".join(shown.get("volumes", [])) or "-"
     trust = shown.pop("image_trust", None)
     if trust:
         shown["image_trust"] = trust["note"]

@@ -35,11 +35,13 @@ def launch(remote: str, name: str, params: dict[str, Any], project: str | None) 
     from popek.core.config import parse_pairs
     from popek.units import format_size
 
+    volumes, sizes = ops.split_disks(params["disk"])
     body: dict[str, Any] = {
         "image": params["image"], "name": name,
         "engine": "container" if params["container"] else "qemu",
         "vcpus": params["vcpus"], "memory": params["memory"], "accel": params["accel"],
-        "runtime": params["runtime"], "pids": params["pids"], "disk": params["disk"] or None,
+        "runtime": params["runtime"], "pids": params["pids"],
+        "disk": next(iter(sizes), None), "volumes": volumes,
         "net_rate": params["net_rate"], "mounts": list(params["mount"]),
         "networks": list(params["network"]), "label": params["label"],
         "profiles": list(params["profile"]), "config": parse_pairs(params["config"]),

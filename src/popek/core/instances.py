@@ -153,7 +153,71 @@ class Instances:
             project=inst.project, limits=dict(inst.spec.limits),
             mounts=tuple(parse_mount(m) for m in inst.spec.mounts) if lookup else (),
             ports=tuple(ports), networks=self.nets.networks_of(ports),
+            disks=self._disks(inst) if lookup else (),
         )
+
+    def _disks(self, inst: Instance) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Each attached volume's name and files (its own first, then its backing files)."""
+        if not inst.spec.volumes:
+            return ()
+        from popek.storage.service import Storage
+
+        storage = Storage(self.store)
+        out = []
+        for ref in inst.spec.volumes:
+            pool, name = storage.parse_ref(ref)
+            out.append((name, tuple(str(f) for f in storage.files_of(pool, inst.project,
+                                                                     name))))
+        return tuple(out)
+
+    def _check_volumes(self, refs: list[str], engine: str) -> None:
+        """Refuse, before anything is made, volumes this launch cannot attach."""
+        from popek.storage.service import Storage
+
+        if engine != "qemu":
+            raise InvalidInput("attaching volumes to a container is not supported yet: a VM "
+                               "takes block volumes (--disk POOL/VOLUME)")
+        storage = Storage(self.store)
+        for ref in refs:
+            pool, name = storage.parse_ref(ref)
+            vol = storage.volume(pool, self.project, name)  # NotFound
+            if vol.type != "block":
+                raise InvalidInput(f"volume {ref} is a filesystem volume: a VM takes block "
+                                   "volumes")
+            if vol.attached:
+                raise StateError(f"volume {ref}", "attach", f"attached to {vol.attached}",
+                                 ("detached",), "a volume is attached to one instance at a "
+                                 "time")
+
+    def _attach_volumes(self, inst: Instance) -> None:
+        """Mark the volumes of ``inst`` attached to it (all, or none: those marked are
+        freed again when one is refused)."""
+        from popek.storage.service import Storage
+
+        storage = Storage(self.store)
+        holder = f"{inst.project}/{inst.name}"
+        done: list[tuple[str, str]] = []
+        try:
+            for ref in inst.spec.volumes:
+                pool, name = storage.parse_ref(ref)
+                storage.attach(pool, inst.project, name, holder)
+                done.append((pool, name))
+        except BaseException:
+            for pool, name in done:
+                storage.detach(pool, inst.project, name, holder)
+            raise
+
+    def _detach_volumes(self, inst: Instance) -> None:
+        """Free the volumes ``inst`` held (each only if it holds it still)."""
+        if not inst.spec.volumes:
+            return
+        from popek.storage.service import Storage
+
+        storage = Storage(self.store)
+        for ref in inst.spec.volumes:
+            with contextlib.suppress(PopekError):
+                pool, name = storage.parse_ref(ref)
+                storage.detach(pool, inst.project, name, f"{inst.project}/{inst.name}")
 
     def _spec(self, inst: Instance, full: bool) -> LaunchSpec:
         """A spec of a recorded instance; ``full=False`` reads neither images nor ports."""
@@ -277,7 +341,8 @@ class Instances:
                limits: dict[str, int] | None = None, mounts: list[str] | None = None,
                networks: list[str] | None = None, ready_timeout: float = 180.0,
                progress: Progress = _noop, label: str = DEFAULT_LABEL,
-               profiles: list[str] | None = None) -> Instance:
+               profiles: list[str] | None = None,
+               volumes: list[str] | None = None) -> Instance:
         """Create instance ``name`` from ``image_name`` and start it.
 
         ``profiles``: the profiles its settings came from (recorded; see
@@ -307,12 +372,15 @@ class Instances:
                                "a VM's root is its image")
         if mounts:
             require(eng, Capability.HOST_MOUNTS)
+        volumes = list(dict.fromkeys(volumes or []))
+        if volumes:
+            self._check_volumes(volumes, engine)
         if self.records.exists(name):
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
         image = self.images.resolve(image_name, self.project)[1]  # its own, else default's
         spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts,
-                               label, list(profiles or []))
+                               label, list(profiles or []), volumes=volumes)
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
         networks = [self._network_ref(n) for n in networks or []]  # missing: fail first
@@ -328,6 +396,7 @@ class Instances:
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
+            self._attach_volumes(inst)
             self.nets.create_ports(inst, eng, list(networks or []))
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
@@ -671,6 +740,7 @@ class Instances:
             "uid": inst.uid, "created": inst.created, "workdir": str(self.workdir(inst)),
             "history": inst.history,
             "ports": [port_json(p) for p in self.nets.ports(inst)],
+            "volumes": list(inst.spec.volumes),
         }
         if inst.runtime is not None and inst.state in (State.RUNNING, State.PAUSED):
             data["pid"] = inst.runtime.pid
@@ -704,6 +774,7 @@ class Instances:
             eng.destroy(spec)
         shutil.rmtree(self.workdir(inst), ignore_errors=True)
         self.nets.delete_ports(inst)
+        self._detach_volumes(inst)
         self.records.remove(inst)
 
     def _kill(self, inst: Instance) -> None:

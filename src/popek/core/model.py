@@ -42,6 +42,8 @@ class InstanceSpec:
     profiles: list[str] = field(default_factory=list)
     #: started by ``popek admin boot`` at the host's boot (config key ``boot.autostart``)
     autostart: bool = False
+    #: block volumes attached to it, ``POOL/VOLUME`` of its project (VMs: virtio disks)
+    volumes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -75,6 +75,9 @@ class LaunchSpec:
     measure: Callable[[str, bytes], str] | None = None
     #: host CPUs the instance is pinned to (empty: all of them); see core.placement
     cpus: tuple[int, ...] = ()
+    #: block volumes attached at start: (volume name, its files, its own first, then each
+    #: backing file); the engine opens them and hands the VMM descriptors, never paths
+    disks: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass

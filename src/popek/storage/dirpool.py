@@ -229,6 +229,20 @@ class DirPool:
                    f"reading {f.name}")
         return os.path.basename(str(json.loads(out).get("backing-filename", "")))
 
+    def chain(self, project: str, name: str) -> list[Path]:
+        """The files block volume ``name`` reads, its own first, then each backing file in
+        turn; every one inside this pool (a header naming another file is refused)."""
+        top = self.file(project, name, "block")
+        out = _run(["qemu-img", "info", "-U", "--backing-chain", "-f", "qcow2", "--output",
+                    "json", str(top)], f"reading volume {name}")
+        files = [Path(str(info["filename"])) for info in json.loads(out)]
+        root = self.path.resolve()
+        for f in files:
+            if root not in f.resolve().parents:
+                raise EngineError(f"volume {name} names {f}, outside its pool {self.path}: "
+                                  "popek does not open it")
+        return files
+
     def delete_snapshot(self, project: str, name: str, snap: str, others: list[str]) -> None:
         """Remove ``snap``: each file of the volume it backs (the volume's own, or one of
         the snapshots ``others``: after a restore two can) takes what it holds first and is

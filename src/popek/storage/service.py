@@ -269,9 +269,7 @@ class Storage:
             raise InvalidInput(f"cannot shrink block volume {name} from {format_size(vol.size)} "
                                f"to {format_size(size)}: popek cannot know the guest's data "
                                "fits; make a new volume and copy the data")
-        if size < vol.size and vol.attached:
-            raise StateError(f"volume {name}", "shrink", f"attached to {vol.attached}",
-                             ("detached",), "detach it first")
+        self._detached(vol, "resize")  # live resize (QMP block_resize) is to come
         self._usable(self.pool(pool), "resize a volume in")
         key = volume_key(pool, project, name)
         old = vol.size
@@ -290,9 +288,7 @@ class Storage:
         its file is gone."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "delete")
-        if vol.attached:
-            raise StateError(f"volume {name}", "delete", f"attached to {vol.attached}",
-                             ("detached",), "detach it first")
+        self._detached(vol, "delete")
         clones = self.clones_of(pool, project, name)
         if clones:
             raise StateError(f"volume {name}", "delete", f"the origin of clone(s) "
@@ -310,6 +306,54 @@ class Storage:
         mark = f"{project}/{name}@" + (snap or "")
         return [f"{v.project}/{v.name}" for v in self.volumes(pool)
                 if (v.origin == mark if snap else v.origin.startswith(mark))]
+
+    # -- attach ------------------------------------------------------------------------
+    @staticmethod
+    def parse_ref(ref: str) -> tuple[str, str]:
+        """``POOL/VOLUME`` -> (pool, volume); InvalidInput otherwise."""
+        pool, slash, name = ref.partition("/")
+        if not slash or not pool or not name or "/" in name:
+            raise InvalidInput(f"invalid volume {ref!r}: name it as POOL/VOLUME (e.g. "
+                               "local/data)")
+        return pool, name
+
+    def attach(self, pool: str, project: str, name: str, holder: str) -> Volume:
+        """Mark block volume ``name`` as attached to ``holder`` (``PROJECT/INSTANCE``), in
+        one compare-and-swap: refused while it is attached elsewhere or busy."""
+        vol = self.volume(pool, project, name)
+        if vol.type != "block":
+            raise InvalidInput(f"volume {pool}/{name} is a filesystem volume: a VM takes block "
+                               "volumes (filesystem volumes are for containers)")
+        self._require_ready(vol, "attach")
+        if vol.attached and vol.attached != holder:
+            raise StateError(f"volume {pool}/{name}", "attach", f"attached to {vol.attached}",
+                             ("detached",), "a volume is attached to one instance at a time")
+        key = volume_key(pool, project, name)
+        held = Volume(**{**vol.__dict__, "attached": holder})
+        if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
+                              [Put(key, held.to_json())]).succeeded:
+            raise StateError(f"volume {pool}/{name}", "attach", "changed meanwhile", (READY,),
+                             "try again")
+        return held
+
+    def detach(self, pool: str, project: str, name: str, holder: str) -> None:
+        """Clear ``holder``'s attachment of volume ``name`` (gone, or another's: nothing)."""
+        key = volume_key(pool, project, name)
+        for _ in range(5):  # a concurrent change of the record: read it again
+            kv = self.store.get(key)
+            if kv is None:
+                return
+            vol = Volume.from_json(kv.value)
+            if vol.attached != holder:
+                return
+            free = Volume(**{**vol.__dict__, "attached": ""})
+            if self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
+                              [Put(key, free.to_json())]).succeeded:
+                return
+
+    def files_of(self, pool: str, project: str, name: str) -> list[Path]:
+        """The files an instance of block volume ``name`` opens, its own first."""
+        return self._driver(self.pool(pool)).chain(project, name)
 
     # -- import and export ------------------------------------------------------------
     def import_volume(self, pool: str, project: str, name: str, source: Path,
@@ -361,6 +405,7 @@ class Storage:
         vol = self.volume(pool, project, name)
         self._block(vol, "snapshot")
         self._require_ready(vol, "snapshot")
+        self._detached(vol, "snapshot")  # its VM writes on into the file a snapshot freezes
         if snap in vol.snapshot_names():
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
@@ -377,9 +422,7 @@ class Storage:
         self._block(vol, "restore")
         self._snapshot_of(vol, snap)
         self._require_ready(vol, "restore")
-        if vol.attached:
-            raise StateError(f"volume {name}", "restore", f"attached to {vol.attached}",
-                             ("detached",), "detach it first")
+        self._detached(vol, "restore")
         key = volume_key(pool, project, name)
         self._usable(self.pool(pool), "restore a volume in")
         busy = self._intent(key, vol, "restoring", snap)
@@ -406,6 +449,7 @@ class Storage:
         vol = self.volume(pool, project, name)
         self._snapshot_of(vol, snap)
         self._require_ready(vol, "delete a snapshot of")
+        self._detached(vol, "delete a snapshot of")  # the merge rewrites open files
         clones = self.clones_of(pool, project, name, snap)
         if clones:
             raise StateError(f"snapshot {name}@{snap}", "delete", f"the origin of clone(s) "
@@ -423,6 +467,14 @@ class Storage:
         vol = self.volume(pool, project, name)
         used = self._driver(self.pool(pool)).used(project, name, vol.type)
         return {**public(vol), "used": used}
+
+    @staticmethod
+    def _detached(vol: Volume, operation: str) -> None:
+        """StateError while ``vol`` is attached: its instance has its files open."""
+        if vol.attached:
+            raise StateError(f"volume {vol.name}", operation, f"attached to {vol.attached}",
+                             ("detached",), f"delete instance {vol.attached} first (a volume "
+                             "is detached when its instance is deleted)")
 
     def _require_ready(self, vol: Volume, operation: str) -> None:
         if vol.state != READY:

@@ -38,7 +38,7 @@ class Launch(Request["Instance"]):
 
     op = "instance.launch"
     shown = ("image", "engine", "vcpus", "memory", "limits", "mounts", "networks", "label",
-             "accel", "runtime", "profiles", "config")
+             "accel", "runtime", "profiles", "config", "volumes")
     image: str
     name: str
     vcpus: int | None = None
@@ -54,6 +54,8 @@ class Launch(Request["Instance"]):
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
     profiles: tuple[str, ...] = ()
     config: dict[str, str] = field(default_factory=dict)
+    #: block volumes to attach, ``POOL/VOLUME`` of the project (``--disk POOL/VOLUME``)
+    volumes: tuple[str, ...] = ()
 
     def reconciles(self) -> list[str]:
         """None up front: the launch decides on the active index, and reconciles the
@@ -73,7 +75,8 @@ class Launch(Request["Instance"]):
             self.image, self.name, vcpus=spec.vcpus, memory=spec.memory, accel=self.accel,
             engine=self.engine, runtime=self.runtime, limits=dict(spec.limits),
             mounts=list(self.mounts), networks=networks, ready_timeout=self.ready_timeout,
-            progress=self.progress, label=spec.label, profiles=list(profiles))
+            progress=self.progress, label=spec.label, profiles=list(profiles),
+            volumes=list(self.volumes))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,42 @@ def find_qemu() -> str:
     return path
 
 
+def disk_args(disks: Sequence[tuple[str, Sequence[int]]]) -> list[str]:
+    """The argv of block volumes, each given as (name, descriptors of its files: its own,
+    read-write, then each backing file, read-only).
+
+    Every descriptor goes into an fd set of its own (``-add-fd``) and is opened by QEMU
+    as ``/dev/fdset/N``: the jail holds no volume path.  The backing chain is built
+    here, node by node (``backing`` named explicitly, ``null`` at its end), so QEMU
+    never follows a backing file name from an image header.  A disk is a virtio-blk
+    device whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).
+    """
+    argv: list[str] = []
+    fdset = 0
+    for d, (name, fds) in enumerate(disks):
+        nodes = [f"vol{d}-{i}" for i in range(len(fds))]
+        for i in reversed(range(len(fds))):  # a backing node before the node it backs
+            fd = fds[i]
+            fdset += 1
+            argv += ["-add-fd", f"fd={fd},set={fdset}"]
+            ro = i > 0
+            argv += ["-blockdev", json.dumps({
+                "driver": "file", "node-name": f"{nodes[i]}-file",
+                "filename": f"/dev/fdset/{fdset}", "read-only": ro})]
+            argv += ["-blockdev", json.dumps({
+                "driver": "qcow2", "node-name": nodes[i], "file": f"{nodes[i]}-file",
+                "read-only": ro, "backing": nodes[i + 1] if i + 1 < len(fds) else None})]
+        argv += ["-device", f"virtio-blk-pci,drive={nodes[0]},id=disk{d},serial={name[:20]}"]
+    return argv
+
+
 def build_argv(spec: LaunchSpec, accel: str, qemu: str,
-               tap_fds: Sequence[int] = ()) -> list[str]:
+               tap_fds: Sequence[int] = (),
+               disk_fds: Sequence[Sequence[int]] = ()) -> list[str]:
     """Return the full QEMU argv for ``spec`` with accelerator ``accel`` (``kvm``/``tcg``).
 
-    ``tap_fds`` are the open tap descriptors of ``spec.ports``, in order.
+    ``tap_fds`` are the open tap descriptors of ``spec.ports``, in order;
+    ``disk_fds`` those of each of ``spec.disks``' files, in the same order.
     """
     p = Paths(spec.workdir)
     mib = spec.memory >> 20
@@ -160,4 +192,6 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
                             f"bus=pcie.0"]
     for i, (port, fd) in enumerate(zip(spec.ports, tap_fds, strict=True)):
         argv += ["-netdev", netdev_arg(port, fd), "-device", nic_arg(port, root_port(i))]
+    argv += disk_args([(name, fds) for (name, _), fds in zip(spec.disks, disk_fds,
+                                                             strict=True)])
     return argv

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -78,6 +79,27 @@ def _remove_boot_files(p: Paths) -> None:
         p.boot_file(role).unlink(missing_ok=True)
 
 
+def open_disks(disks: Sequence[tuple[str, Sequence[str]]]) -> list[list[int]]:
+    """Open each volume's files for QEMU: its own read-write, its backing files read-only
+    (every descriptor closed again when one cannot be opened)."""
+    opened: list[list[int]] = []
+    try:
+        for name, files in disks:
+            fds: list[int] = []
+            opened.append(fds)
+            for i, f in enumerate(files):
+                try:
+                    fds.append(os.open(f, (os.O_RDONLY if i else os.O_RDWR) | os.O_CLOEXEC))
+                except OSError as exc:
+                    raise EngineError(f"cannot open volume {name} ({f}): {exc.strerror}") \
+                        from exc
+    except BaseException:
+        for fd in (fd for fds in opened for fd in fds):
+            os.close(fd)
+        raise
+    return opened
+
+
 class QemuEngine:
     """Runs each instance as one unprivileged, sandboxed, detached QEMU process."""
 
@@ -134,10 +156,12 @@ class QemuEngine:
         self._prepare(spec, p)
         pidfile = spec.workdir / "qemu.pid"
         tap_fds: list[int] = []
+        disk_fds: list[list[int]] = []
         try:
             for port in spec.ports:
                 tap_fds.append(open_tap(port.host_ifname))
-            argv = [*build_argv(spec, accel, qemu, tap_fds), "-pidfile", str(pidfile)]
+            disk_fds = open_disks(spec.disks)
+            argv = [*build_argv(spec, accel, qemu, tap_fds, disk_fds), "-pidfile", str(pidfile)]
             p.argv.write_text(json.dumps(argv))
             value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
             vtpm.write_measurement(spec.workdir, value)
@@ -148,7 +172,9 @@ class QemuEngine:
             cgroup = jail.cgroup_path(spec)
             process.spawn_jailed(argv, spec.uid, spec.gid, groups, p.stderr,
                                  jail.fstab(plan, jail.jail_root()), cgroup,
-                                 jail.limits(spec, accel), tuple(tap_fds), cpus=spec.cpus)
+                                 jail.limits(spec, accel),
+                                 (*tap_fds, *(fd for fds in disk_fds for fd in fds)),
+                                 cpus=spec.cpus)
             if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
                                    10.0):
                 raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
@@ -161,7 +187,7 @@ class QemuEngine:
                 self.cleanup(spec)  # a launcher or QEMU half way, and the cgroup
             raise
         finally:
-            for fd in tap_fds:
+            for fd in (*tap_fds, *(fd for fds in disk_fds for fd in fds)):
                 os.close(fd)
         nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
         runtime = Runtime(pid, started, {"accel": accel, "nics": nics, "cgroup": cgroup})

@@ -1,0 +1,89 @@
+"""A block volume attached to a real VM at launch (issue 15.3, the part that is built).
+
+``popek launch ... --disk POOL/VOLUME``: the guest sees the volume as
+``/dev/vda`` (QEMU gets descriptors of its files, never paths: the jail holds
+none), with the data written on the host before, through the snapshot chain
+it reads; what the guest writes survives a stop and a start; while attached
+the volume is not deleted, snapshotted nor attached to a second VM; deleting
+the VM frees it, and a clone of a snapshot taken after shows in another VM
+the data the first one wrote.  One VM boot at a time under TCG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from framework import popek, popek_json, require_root_and_tools
+from popek.errors import NOT_FOUND, WRONG_STATE
+
+require_root_and_tools()
+
+VM, VM2 = "hatt-vm", "hatt-vm2"
+MiB = 1 << 20
+
+
+def guest(name: str, script: str) -> str:
+    return popek("exec", name, "--", "sh", "-c", script, timeout=120).stdout
+
+
+@pytest.fixture(scope="module")
+def volume(popek_home: Path, minimal_image: str) -> Iterator[Path]:
+    import subprocess
+
+    popek("storage", "volume", "create", "local", "hatt-data", "--size", "64MiB")
+    f = popek_home / "storage" / "local" / "default" / "hatt-data.qcow2"
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 512", str(f)],
+                   check=True, capture_output=True)
+    popek("storage", "volume", "snapshot", "local", "hatt-data", "s1")  # read through a chain
+    yield f
+    for name in (VM, VM2):
+        popek("delete", "--force", name, check=False)
+    for vol in ("hatt-copy", "hatt-data"):
+        popek("storage", "volume", "delete", "local", vol, check=False)
+
+
+def test_a_vm_reads_and_writes_its_volume_across_a_restart(volume: Path,
+                                                          minimal_image: str) -> None:
+    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", "local/hatt-data")
+    info = popek_json("storage", "volume", "info", "local", "hatt-data")
+    assert info["attached"] == f"default/{VM}"
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"  # the host's data, via snapshot s1
+    guest(VM, "printf popek-persist | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync")
+    argv = (Path(popek_json("info", VM)["workdir"]) / "qemu.argv.json").read_text()
+    assert str(volume) not in argv and "/dev/fdset/" in argv  # descriptors, no path
+    popek("stop", VM)
+    popek("start", VM)
+    assert guest(VM, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 13") == \
+        "popek-persist"
+
+
+def test_an_attached_volume_is_held(volume: Path, minimal_image: str) -> None:
+    for args in (["storage", "volume", "delete", "local", "hatt-data"],
+                 ["storage", "volume", "snapshot", "local", "hatt-data", "s2"]):
+        proc = popek(*args, check=False)
+        assert proc.returncode == WRONG_STATE, proc.stderr
+        assert f"attached to default/{VM}" in proc.stderr
+        assert f"delete instance default/{VM} first" in proc.stderr
+    proc = popek("launch", minimal_image, VM2, "--disk", "local/hatt-data", check=False)
+    assert proc.returncode == WRONG_STATE and "one instance at a time" in proc.stderr
+    proc = popek("launch", minimal_image, VM2, "--disk", "local/nosuch", check=False)
+    assert proc.returncode == NOT_FOUND and "volume 'nosuch' not found" in proc.stderr
+    assert VM2 not in {i["name"] for i in popek_json("list")}  # nothing was made
+    proc = popek("launch", minimal_image, VM2, "--container", "--disk", "local/hatt-data",
+                 check=False)
+    assert "attaching volumes to a container is not supported yet" in proc.stderr
+
+
+def test_deleting_the_vm_frees_the_volume_and_a_clone_keeps_its_data(
+        volume: Path, minimal_image: str) -> None:
+    popek("delete", "--force", VM)
+    assert popek_json("storage", "volume", "info", "local", "hatt-data")["attached"] == ""
+    popek("storage", "volume", "snapshot", "local", "hatt-data", "s2")
+    popek("storage", "volume", "clone", "local", "hatt-data", "s2", "hatt-copy")
+    popek("launch", minimal_image, VM2, "--memory", "256MiB", "--disk", "local/hatt-copy")
+    assert guest(VM2, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 13") == \
+        "popek-persist"
+    popek("delete", "--force", VM2)
