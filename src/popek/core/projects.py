@@ -197,7 +197,8 @@ class Projects:
         was ``replacing``) would take ``project`` over a quota it grows against.
 
         ``instances(project)`` gives the project's instances; it is called only when
-        the project has a quota.
+        the project has a quota.  ``limits.disk`` counts the project's volumes too (their
+        sizes: what they may grow to, thin or not).
         """
         quotas = self.quotas(project)
         if not quotas:
@@ -205,6 +206,7 @@ class Projects:
         new = usage([_as_instance(spec)])
         old = usage([_as_instance(replacing)]) if replacing is not None else None
         used = usage(instances(project))
+        used["limits.disk"] += self.volume_bytes(project)
         for key, limit in quotas.items():
             delta = new[key] - (old[key] if old is not None else 0)
             if delta > 0 and used[key] + delta > limit:
@@ -214,6 +216,28 @@ class Projects:
                     f"{_show(key, used[key])} used, {what} needs {_show(key, delta)} more "
                     f"({_show(key, used[key] + delta)} in all); nothing was changed "
                     f"(popek project set {project} {key}=...)")
+
+    def volume_bytes(self, project: str) -> int:
+        """The sizes of ``project``'s volumes, in every pool."""
+        from popek.storage.service import Storage
+
+        return sum(v.size for v in Storage(self.store).volumes(None, project))
+
+    def check_volume_quota(self, project: str, instances: Callable[[str], list[Instance]],
+                           more: int, what: str) -> None:
+        """Raise :class:`QuotaExceeded` when ``more`` bytes of volumes (``what``: a new
+        volume, a resize) would take ``project`` over its ``limits.disk``."""
+        limit = self.quotas(project).get("limits.disk")
+        if limit is None or more <= 0:
+            return
+        used = usage(instances(project))["limits.disk"] + self.volume_bytes(project)
+        if used + more > limit:
+            key = "limits.disk"
+            raise QuotaExceeded(
+                f"project {project!r} quota {key}={_show(key, limit)} exceeded: "
+                f"{_show(key, used)} used (instances' writable layers and volumes), {what} "
+                f"needs {_show(key, more)} more ({_show(key, used + more)} in all); nothing "
+                f"was changed (popek project set {project} {key}=...)")
 
 
 def _as_instance(spec: InstanceSpec) -> Instance:

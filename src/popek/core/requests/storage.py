@@ -7,6 +7,8 @@ operator of that project and up).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,6 +28,21 @@ def _storage(core: Core) -> Any:
     storage = Storage(core.store)
     storage.reconcile()
     return storage
+
+
+@contextlib.contextmanager
+def _within_quota(core: Core, more: int, what: str, hold: bool = True) -> Iterator[None]:
+    """Check ``more`` bytes of volumes against the project's ``limits.disk`` and hold the
+    decision (the launches' lock) until the block has made them, so that two volumes
+    cannot both pass the check and together exceed it; ``hold=False`` (an import, which
+    may copy for minutes): check only."""
+    from popek.core.access import decision_lock
+    from popek.core.projects import Projects
+
+    with decision_lock() if hold else contextlib.nullcontext():
+        Projects(core.store).check_volume_quota(core.project, core.instances.records.all,
+                                                more, what)
+        yield
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,8 @@ class VolumeCreate(_OnVolume[dict[str, Any]]):
     def run(self, core: Core) -> dict[str, Any]:
         """Create it; its ``storage volume info``."""
         storage = _storage(core)
-        storage.create_volume(self.pool, core.project, self.name, self.size, self.type)
+        with _within_quota(core, self.size, "the new volume"):
+            storage.create_volume(self.pool, core.project, self.name, self.size, self.type)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -97,7 +115,9 @@ class VolumeResize(_OnVolume[dict[str, Any]]):
     def run(self, core: Core) -> dict[str, Any]:
         """Resize it; its ``storage volume info``."""
         storage = _storage(core)
-        storage.resize_volume(self.pool, core.project, self.name, self.size)
+        old = storage.volume(self.pool, core.project, self.name).size
+        with _within_quota(core, self.size - old, "the resize"):
+            storage.resize_volume(self.pool, core.project, self.name, self.size)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -158,7 +178,9 @@ class VolumeClone(_OnVolume[dict[str, Any]]):
     def run(self, core: Core) -> dict[str, Any]:
         """Clone it; the new volume's ``info``."""
         storage = _storage(core)
-        storage.clone_volume(self.pool, core.project, self.name, self.snapshot, self.new)
+        size = storage.volume(self.pool, core.project, self.name).size
+        with _within_quota(core, size, "the clone"):
+            storage.clone_volume(self.pool, core.project, self.name, self.snapshot, self.new)
         return dict(storage.volume_info(self.pool, core.project, self.new))
 
 
@@ -203,9 +225,13 @@ class VolumeImport(_OnVolume[dict[str, Any]]):
         """Import it; the new volume's ``info``."""
         from pathlib import Path
 
+        from popek.storage.dirpool import probe
+
         storage = _storage(core)
-        storage.import_volume(self.pool, core.project, self.name, Path(self.file),
-                              _percent(self.progress, "importing"))
+        with _within_quota(core, probe(Path(self.file))[1], "the imported volume",
+                           hold=False):
+            storage.import_volume(self.pool, core.project, self.name, Path(self.file),
+                                  _percent(self.progress, "importing"))
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
