@@ -87,3 +87,29 @@ def test_deleting_the_vm_frees_the_volume_and_a_clone_keeps_its_data(
     assert guest(VM2, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 13") == \
         "popek-persist"
     popek("delete", "--force", VM2)
+
+
+def test_attach_and_detach_on_a_stopped_vm(volume: Path, minimal_image: str) -> None:
+    """``popek storage volume attach|detach POOL/VOLUME VM``: refused while the VM runs (hot-
+    plug is to come), the disk from the next start once attached, gone once detached."""
+    popek("storage", "volume", "create", "local", "hatt-late", "--size", "16MiB")
+    try:
+        popek("launch", minimal_image, VM, "--memory", "256MiB")
+        proc = popek("storage", "volume", "attach", "local/hatt-late", VM, check=False)
+        assert proc.returncode == WRONG_STATE and f"popek stop {VM} first" in proc.stderr
+        popek("stop", VM)
+        assert popek("storage", "volume", "attach", "local/hatt-late", VM).stdout == \
+            f"Volume local/hatt-late attached to {VM}.\n"
+        assert popek_json("info", VM)["volumes"] == ["local/hatt-late"]
+        popek("start", VM)
+        assert guest(VM, "cat /sys/block/vda/size") == str(16 * MiB // 512) + "\n"
+        popek("stop", VM)
+        popek("storage", "volume", "detach", "local/hatt-late", VM)
+        assert popek_json("storage", "volume", "info", "local", "hatt-late")["attached"] == ""
+        popek("start", VM)
+        assert guest(VM, "ls /sys/block | grep -c vd || true") == "0\n"
+        proc = popek("storage", "volume", "detach", "local/hatt-late", VM, check=False)
+        assert proc.returncode == NOT_FOUND and "attached: none" in proc.stderr
+    finally:
+        popek("delete", "--force", VM, check=False)
+        popek("storage", "volume", "delete", "local", "hatt-late", check=False)

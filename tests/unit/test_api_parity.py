@@ -62,6 +62,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "storage volume restore": (
         "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/restore",),
     "storage volume import": ("POST /1.0/storage-pools/{pool}/volumes/{name}/import",),
+    "storage volume attach": ("POST /1.0/storage-pools/{pool}/volumes/{name}/attach",),
+    "storage volume detach": ("POST /1.0/storage-pools/{pool}/volumes/{name}/detach",),
     "storage volume export": ("GET /1.0/storage-pools/{pool}/volumes/{name}/export",),
     "storage volume clone": (
         "POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots/{snapshot}/clone",),

@@ -104,6 +104,8 @@ COMMANDS: dict[str, list[str]] = {
     "storage volume clone": ["storage", "volume", "clone", "{R}local", "v", "s", "w"],
     "storage volume import": ["storage", "volume", "import", "{R}local", "v", "{FILE}"],
     "storage volume export": ["storage", "volume", "export", "{R}local", "v", "{OUT}"],
+    "storage volume attach": ["storage", "volume", "attach", "{R}local/v", "web"],
+    "storage volume detach": ["storage", "volume", "detach", "{R}local/v", "web"],
 }
 
 

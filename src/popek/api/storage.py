@@ -286,3 +286,32 @@ async def export_volume(request: Request, pool: PoolName, name: VolumeName,
     return FileResponse(target, media_type="application/octet-stream",
                         filename=target.name,
                         background=BackgroundTask(shutil.rmtree, workdir, True))
+
+
+class InstanceBody(BaseModel):
+    """The instance a volume is attached to or detached from."""
+
+    model_config = ConfigDict(extra="forbid")
+    instance: str = Field(min_length=1, max_length=63)
+
+
+@router.post(f"{VOLUME}/attach")
+def attach_volume(request: Request, pool: PoolName, name: VolumeName, body: InstanceBody,
+                  project: Project = None) -> dict[str, Any]:
+    """Attach a block volume to a stopped VM (its disk from its next start): the volume."""
+    from popek.core.requests import VolumeAttach
+
+    with session(identity(request), project) as core:
+        core.handle(VolumeAttach(pool, name, body.instance))
+        return Storage(core.store).volume_info(pool, core.project, name)
+
+
+@router.post(f"{VOLUME}/detach")
+def detach_volume(request: Request, pool: PoolName, name: VolumeName, body: InstanceBody,
+                  project: Project = None) -> dict[str, Any]:
+    """Detach a volume from a stopped VM: the volume."""
+    from popek.core.requests import VolumeDetach
+
+    with session(identity(request), project) as core:
+        core.handle(VolumeDetach(pool, name, body.instance))
+        return Storage(core.store).volume_info(pool, core.project, name)

@@ -483,3 +483,52 @@ def _download(remote: str, path: str, params: dict[str, Any], file: str) -> None
     except BaseException:
         os.unlink(file)
         raise
+
+
+def _volume_ref(ref: str) -> tuple[str | None, str, str]:
+    """``[REMOTE:]POOL/VOLUME`` -> (remote or None, pool, volume)."""
+    from popek.storage.service import Storage
+
+    where = remotes.locate(ref, "volume")
+    pool, name = Storage.parse_ref(ref if where is None else where[1])
+    return (None if where is None else where[0]), pool, name
+
+
+@volume_app.command("attach")
+def volume_attach(
+    volume: str = typer.Argument(..., metavar="[REMOTE:]POOL/VOLUME",
+                                 help="The block volume (lab:POOL/VOLUME: on remote lab)."),
+    instance: str = typer.Argument(..., help="The stopped VM: its disk from its next start."),
+    project: str | None = project_option(),
+) -> None:
+    """Attach a block volume to a stopped VM (hot-plug into a running one is to come)."""
+    remote, pool, name = _volume_ref(volume)
+    if remote is not None:
+        _api(remote).call("POST", f"{_volumes_path(pool, name)}/attach",
+                          params={"project": project}, json={"instance": instance})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeAttach
+
+        _core().handle(VolumeAttach(pool, name, instance))
+    print(f"Volume {pool}/{name} attached to {instance}.")
+
+
+@volume_app.command("detach")
+def volume_detach(
+    volume: str = typer.Argument(..., metavar="[REMOTE:]POOL/VOLUME",
+                                 help="The volume (lab:POOL/VOLUME: on remote lab)."),
+    instance: str = typer.Argument(..., help="The stopped VM it is attached to."),
+    project: str | None = project_option(),
+) -> None:
+    """Detach a volume from a stopped VM."""
+    remote, pool, name = _volume_ref(volume)
+    if remote is not None:
+        _api(remote).call("POST", f"{_volumes_path(pool, name)}/detach",
+                          params={"project": project}, json={"instance": instance})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeDetach
+
+        _core().handle(VolumeDetach(pool, name, instance))
+    print(f"Volume {pool}/{name} detached from {instance}.")

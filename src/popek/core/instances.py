@@ -247,6 +247,54 @@ class Instances:
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------
+    def attach_volume(self, name: str, ref: str) -> Instance:
+        """Attach block volume ``ref`` (``POOL/VOLUME``) to the stopped VM ``name``: its
+        disk from the next start on (hot-plug into a running VM is to come)."""
+        from popek.storage.service import Storage
+
+        inst, rev = self.records.load(name)
+        if inst.spec.engine != "qemu":
+            raise InvalidInput("attaching volumes to a container is not supported yet: a VM "
+                               "takes block volumes")
+        if inst.state != State.STOPPED:
+            raise StateError(name, "attach a volume to", inst.state.value,
+                             (State.STOPPED.value,), f"popek stop {name} first (hot-plug "
+                             "into a running VM is to come)")
+        storage = Storage(self.store)
+        pool, vol = storage.parse_ref(ref)
+        ref = f"{pool}/{vol}"
+        if ref in inst.spec.volumes:
+            raise AlreadyExists(f"volume {ref} is already attached to {name}")
+        holder = f"{inst.project}/{inst.name}"
+        storage.attach(pool, inst.project, vol, holder)
+        inst.spec.volumes = [*inst.spec.volumes, ref]
+        try:
+            self.records.save(inst, rev, f"volume {ref} attached")
+        except BaseException:
+            storage.detach(pool, inst.project, vol, holder)
+            raise
+        return inst
+
+    def detach_volume(self, name: str, ref: str) -> Instance:
+        """Detach volume ``ref`` from the stopped VM ``name``."""
+        from popek.storage.service import Storage
+
+        inst, rev = self.records.load(name)
+        storage = Storage(self.store)
+        pool, vol = storage.parse_ref(ref)
+        ref = f"{pool}/{vol}"
+        if ref not in inst.spec.volumes:
+            raise NotFound(f"volume {ref} is not attached to {name}; attached: "
+                           f"{', '.join(inst.spec.volumes) or 'none'}")
+        if inst.state != State.STOPPED:
+            raise StateError(name, "detach a volume from", inst.state.value,
+                             (State.STOPPED.value,), f"popek stop {name} first (hot-unplug "
+                             "from a running VM is to come)")
+        inst.spec.volumes = [v for v in inst.spec.volumes if v != ref]
+        self.records.save(inst, rev, f"volume {ref} detached")
+        storage.detach(pool, inst.project, vol, f"{inst.project}/{inst.name}")
+        return inst
+
     def attach(self, name: str, network: str, ipv4: str | None = None) -> Port:
         """Give ``name`` a port on ``network``; plug it in at once if the instance runs.
 

@@ -26,9 +26,11 @@ from popek.core.requests.sandbox import SandboxCapture, SandboxRun
 from popek.core.requests.storage import (
     PoolCreate,
     PoolDelete,
+    VolumeAttach,
     VolumeClone,
     VolumeCreate,
     VolumeDelete,
+    VolumeDetach,
     VolumeExport,
     VolumeImport,
     VolumeResize,
@@ -54,6 +56,7 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "ProfileCreate",
            "ProfileDelete", "ProfileEdit", "ProjectCreate", "ProjectDelete", "ProjectSet",
            "Restart", "Resume", "SandboxCapture", "SandboxRun", "Start", "Stop", "TokenCreate",
-           "TokenRevoke", "VolumeClone", "VolumeCreate", "VolumeDelete", "VolumeExport",
+           "TokenRevoke", "VolumeAttach", "VolumeClone", "VolumeCreate", "VolumeDelete",
+           "VolumeDetach", "VolumeExport",
            "VolumeImport", "VolumeResize",
            "VolumeRestore", "VolumeSnapshot", "VolumeSnapshotDelete"]

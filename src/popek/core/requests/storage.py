@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from popek.core.service import NOT_AUDITED, Progress, Request, _noop
 
 if TYPE_CHECKING:
+    from popek.core.model import Instance
     from popek.core.service import Core
 
 R = TypeVar("R")
@@ -252,3 +253,37 @@ class VolumeExport(_OnVolume[int]):
         return int(_storage(core).export_volume(self.pool, core.project, self.name,
                                                 Path(self.file), self.format,
                                                 _percent(self.progress, "exporting")))
+
+
+@dataclass(frozen=True)
+class VolumeAttach(_OnVolume["Instance"]):
+    """Attach block volume ``name`` of ``pool`` to the stopped VM ``instance``."""
+
+    op = "volume.attach"
+    shown = ("instance",)
+    instance: str
+
+    def reconciles(self) -> list[str]:
+        """The instance (its state must be true before it is judged)."""
+        return [self.instance]
+
+    def run(self, core: Core) -> Instance:
+        """Attach it: the VM's disk from its next start."""
+        return core.instances.attach_volume(self.instance, f"{self.pool}/{self.name}")
+
+
+@dataclass(frozen=True)
+class VolumeDetach(_OnVolume["Instance"]):
+    """Detach volume ``name`` of ``pool`` from the stopped VM ``instance``."""
+
+    op = "volume.detach"
+    shown = ("instance",)
+    instance: str
+
+    def reconciles(self) -> list[str]:
+        """The instance (its state must be true before it is judged)."""
+        return [self.instance]
+
+    def run(self, core: Core) -> Instance:
+        """Detach it."""
+        return core.instances.detach_volume(self.instance, f"{self.pool}/{self.name}")
