@@ -537,3 +537,27 @@ def test_the_files_of_a_volume_are_its_chain_in_the_pool(storage: Storage) -> No
 def test_a_volume_is_named_pool_slash_volume(ref: str) -> None:
     with pytest.raises(InvalidInput, match="name it as POOL/VOLUME"):
         Storage.parse_ref(ref)
+
+
+def test_a_change_made_since_the_read_is_never_overwritten(storage: Storage,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A delete decides on the record it read; a VM that attached the volume meanwhile
+    (another process: here between the checks and the intent) makes the delete fail.
+    Before, the intent compared against a revision read again after the checks, so the
+    attached volume was deleted under its VM."""
+    storage.create_volume("local", "default", "v", 16 * MiB)
+    other = Storage(storage.store)
+    checked = Storage._detached
+
+    def attached_meanwhile(vol: Volume, operation: str) -> None:
+        checked(vol, operation)
+        other.attach("local", "default", "v", "default/vm")
+
+    monkeypatch.setattr(Storage, "_detached", staticmethod(attached_meanwhile))
+    with pytest.raises(StateError, match="changed meanwhile"):
+        storage.delete_volume("local", "default", "v")
+    vol = storage.volume("local", "default", "v")
+    assert (vol.state, vol.attached) == ("ready", "default/vm")
+    assert active("v").exists()
+    assert "revision" not in json.loads(vol.to_json())  # read-side only, never stored

@@ -90,14 +90,19 @@ class Volume:
     origin: str = ""
     #: the snapshot an operation under way is about (``snapshotting``, ``restoring``...)
     pending: str = ""
+    #: the store revision this copy was read at (not stored): a change of the record
+    #: compares against it, so nothing written since the read is overwritten
+    revision: int = field(default=0, compare=False, repr=False)
+
+    def to_json(self) -> bytes:
+        """The record as stored (without the revision it was read at)."""
+        d = asdict(self)
+        d.pop("revision")
+        return json.dumps(d, sort_keys=True).encode()
 
     def snapshot_names(self) -> list[str]:
         """The names of its snapshots, oldest first."""
         return [s["name"] for s in self.snapshots]
-
-    def to_json(self) -> bytes:
-        """The record as stored."""
-        return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Volume:

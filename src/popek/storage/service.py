@@ -217,7 +217,9 @@ class Storage:
             names = ", ".join(v.name for v in self.volumes(pool, project)) or "none"
             raise NotFound(f"volume {name!r} not found in pool {pool!r} of project "
                            f"{project!r}; volumes there: {names}")
-        return Volume.from_json(kv.value)
+        vol = Volume.from_json(kv.value)
+        vol.revision = kv.mod_revision
+        return vol
 
     @staticmethod
     def check_size(size: int, kind: str) -> None:
@@ -270,16 +272,14 @@ class Storage:
                                f"to {format_size(size)}: popek cannot know the guest's data "
                                "fits; make a new volume and copy the data")
         self._detached(vol, "resize")  # live resize (QMP block_resize) is to come
-        self._usable(self.pool(pool), "resize a volume in")
+        driver = self._usable(self.pool(pool), "resize a volume in")
         key = volume_key(pool, project, name)
-        old = vol.size
         busy = self._intent(key, vol, "resizing")
         try:
-            self._driver(self.pool(pool)).resize(project, name, vol.type, size, old)
+            driver.resize(project, name, vol.type, size, vol.size)
         except BaseException:
             with contextlib.suppress(PopekError, OSError):
-                self._settle(key, busy, size=self._driver(self.pool(pool)).virtual_size(
-                    project, name, vol.type))
+                self._settle(key, busy, size=driver.virtual_size(project, name, vol.type))
             raise
         return self._settle(key, busy, size=size)
 
@@ -330,7 +330,7 @@ class Storage:
                              ("detached",), "a volume is attached to one instance at a time")
         key = volume_key(pool, project, name)
         held = Volume(**{**vol.__dict__, "attached": holder})
-        if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
+        if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
                               [Put(key, held.to_json())]).succeeded:
             raise StateError(f"volume {pool}/{name}", "attach", "changed meanwhile", (READY,),
                              "try again")
@@ -485,7 +485,7 @@ class Storage:
     def _intent(self, key: str, vol: Volume, state: str, pending: str = "") -> Volume:
         busy = Volume(**{**vol.__dict__, "state": state, "owner": _owner(),
                          "pending": pending})
-        if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
+        if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
                               [Put(key, busy.to_json())]).succeeded:
             raise StateError(f"volume {vol.name}", state.removesuffix("ing"), "changed meanwhile",
                              (READY,), "try again")
