@@ -22,6 +22,7 @@ METHODS = {
     Capability.RESIZE: ("resize",),
     Capability.DISK_LIMIT: ("resize_disk",),
     Capability.NETWORK_HOTPLUG: ("attach_port", "detach_port"),
+    Capability.DISK_HOTPLUG: ("attach_disk", "detach_disk", "grow_disk"),
     Capability.GRACEFUL_STOP: ("stop",),
     Capability.STATS: ("status",),
     Capability.HOST_MOUNTS: ("create",),

@@ -80,15 +80,19 @@ def test_a_volume_is_descriptors_and_its_backing_chain_is_built_by_popek() -> No
 
     from popek.engines.qemu.cmdline import disk_args
 
-    argv = disk_args([("data", [10, 11, 12])])
+    argv = disk_args([("local/data", [10, 11, 12])], ["rp1"])
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-add-fd"] == [
-        "fd=12,set=1", "fd=11,set=2", "fd=10,set=3"]
+        "fd=10,set=1", "fd=11,set=2", "fd=12,set=3"]
     nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
     files = {n["node-name"]: n for n in nodes if n["driver"] == "file"}
     qcow2 = [n for n in nodes if n["driver"] == "qcow2"]
     assert [n["node-name"] for n in qcow2] == ["vol0-2", "vol0-1", "vol0-0"]
     assert [n["backing"] for n in qcow2] == [None, "vol0-2", "vol0-1"]
     assert [n["read-only"] for n in qcow2] == [True, True, False]
-    assert files["vol0-0-file"]["filename"] == "/dev/fdset/3"
+    assert files["vol0-0-file"]["filename"] == "/dev/fdset/1"
+    assert files["vol0-2-file"]["filename"] == "/dev/fdset/3"
     assert not files["vol0-0-file"]["read-only"] and files["vol0-2-file"]["read-only"]
-    assert argv[-2:] == ["-device", "virtio-blk-pci,drive=vol0-0,id=disk0,serial=data"]
+    # on a root port of its own, so that it can be unplugged while the VM runs
+    assert argv[-2] == "-device" and json.loads(argv[-1]) == {
+        "driver": "virtio-blk-pci", "drive": "vol0-0", "id": "disk0", "serial": "data",
+        "bus": "rp1"}

@@ -289,27 +289,35 @@ async def export_volume(request: Request, pool: PoolName, name: VolumeName,
 
 
 class InstanceBody(BaseModel):
-    """The instance a volume is attached to or detached from."""
+    """The instance a volume is detached from."""
 
     model_config = ConfigDict(extra="forbid")
     instance: str = Field(min_length=1, max_length=63)
 
 
+class AttachBody(InstanceBody):
+    """The instance a volume is attached to, and (a container's) where it is mounted."""
+
+    path: str = Field("", max_length=4096, description="a container's mount point "
+                      "(default /mnt/VOLUME); a VM sees a disk")
+
+
 @router.post(f"{VOLUME}/attach")
-def attach_volume(request: Request, pool: PoolName, name: VolumeName, body: InstanceBody,
+def attach_volume(request: Request, pool: PoolName, name: VolumeName, body: AttachBody,
                   project: Project = None) -> dict[str, Any]:
-    """Attach a block volume to a stopped VM (its disk from its next start): the volume."""
+    """Attach a volume to an instance (a VM's disk, a container's mount), plugged in at
+    once when it runs: the volume."""
     from popek.core.requests import VolumeAttach
 
     with session(identity(request), project) as core:
-        core.handle(VolumeAttach(pool, name, body.instance))
+        core.handle(VolumeAttach(pool, name, body.instance, body.path))
         return Storage(core.store).volume_info(pool, core.project, name)
 
 
 @router.post(f"{VOLUME}/detach")
 def detach_volume(request: Request, pool: PoolName, name: VolumeName, body: InstanceBody,
                   project: Project = None) -> dict[str, Any]:
-    """Detach a volume from a stopped VM: the volume."""
+    """Detach a volume from an instance (unplugged first when it runs): the volume."""
     from popek.core.requests import VolumeDetach
 
     with session(identity(request), project) as core:

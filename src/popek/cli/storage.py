@@ -497,20 +497,25 @@ def _volume_ref(ref: str) -> tuple[str | None, str, str]:
 @volume_app.command("attach")
 def volume_attach(
     volume: str = typer.Argument(..., metavar="[REMOTE:]POOL/VOLUME",
-                                 help="The block volume (lab:POOL/VOLUME: on remote lab)."),
-    instance: str = typer.Argument(..., help="The stopped VM: its disk from its next start."),
+                                 help="The volume (lab:POOL/VOLUME: on remote lab)."),
+    instance: str = typer.Argument(..., help="The instance: a VM takes a block volume as a "
+                                   "disk, a container a filesystem volume."),
+    path: str = typer.Option("", "--path", help="Where a container mounts it (default "
+                             "/mnt/VOLUME)."),
     project: str | None = project_option(),
 ) -> None:
-    """Attach a block volume to a stopped VM (hot-plug into a running one is to come)."""
+    """Attach a volume to an instance, plugged in at once when it runs (a VM's disk
+    /dev/disk/by-id/virtio-VOLUME; a container's mount, owned by its root)."""
     remote, pool, name = _volume_ref(volume)
     if remote is not None:
         _api(remote).call("POST", f"{_volumes_path(pool, name)}/attach",
-                          params={"project": project}, json={"instance": instance})
+                          params={"project": project}, json={"instance": instance,
+                                                             "path": path})
     else:
         scope.use(project)
         from popek.core.requests import VolumeAttach
 
-        _core().handle(VolumeAttach(pool, name, instance))
+        _core().handle(VolumeAttach(pool, name, instance, path))
     print(f"Volume {pool}/{name} attached to {instance}.")
 
 
@@ -518,10 +523,10 @@ def volume_attach(
 def volume_detach(
     volume: str = typer.Argument(..., metavar="[REMOTE:]POOL/VOLUME",
                                  help="The volume (lab:POOL/VOLUME: on remote lab)."),
-    instance: str = typer.Argument(..., help="The stopped VM it is attached to."),
+    instance: str = typer.Argument(..., help="The instance it is attached to."),
     project: str | None = project_option(),
 ) -> None:
-    """Detach a volume from a stopped VM."""
+    """Detach a volume from an instance (unplugged first when it runs)."""
     remote, pool, name = _volume_ref(volume)
     if remote is not None:
         _api(remote).call("POST", f"{_volumes_path(pool, name)}/detach",

@@ -47,6 +47,7 @@ from popek.core.netglue import (
 from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
 from popek.core.records import MINE, Records
+from popek.core.volumes import Attachments
 from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
@@ -100,6 +101,7 @@ class Instances:
         self.records = Records(self.store, project)
         self.nets = InstanceNetworks(self.store, networks)
         self.access = Access(self.guard, self.records, self.nets)
+        self.volumes = Attachments(self)
         self._engines = engines
         self._instances_dir = paths.instances_dir()
         self.reconciler = Reconciler(self.records, self._engine, self._spec,
@@ -154,70 +156,20 @@ class Instances:
             mounts=tuple(parse_mount(m) for m in inst.spec.mounts) if lookup else (),
             ports=tuple(ports), networks=self.nets.networks_of(ports),
             disks=self._disks(inst) if lookup else (),
+            fs_volumes=self._fs_volumes(inst) if lookup else (),
         )
 
     def _disks(self, inst: Instance) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """Each attached volume's name and files (its own first, then its backing files)."""
-        if not inst.spec.volumes:
+        """Each attached block volume and its files (a VM's disks)."""
+        return self.volumes.files(inst) if inst.spec.engine == "qemu" else ()
+
+    def _fs_volumes(self, inst: Instance) -> tuple[tuple[str, str, str], ...]:
+        """Each attached filesystem volume, its file and where it is mounted (a
+        container's)."""
+        if inst.spec.engine == "qemu":
             return ()
-        from popek.storage.service import Storage
-
-        storage = Storage(self.store)
-        out = []
-        for ref in inst.spec.volumes:
-            pool, name = storage.parse_ref(ref)
-            out.append((name, tuple(str(f) for f in storage.files_of(pool, inst.project,
-                                                                     name))))
-        return tuple(out)
-
-    def _check_volumes(self, refs: list[str], engine: str) -> None:
-        """Refuse, before anything is made, volumes this launch cannot attach."""
-        from popek.storage.service import Storage
-
-        if engine != "qemu":
-            raise InvalidInput("attaching volumes to a container is not supported yet: a VM "
-                               "takes block volumes (--disk POOL/VOLUME)")
-        storage = Storage(self.store)
-        for ref in refs:
-            pool, name = storage.parse_ref(ref)
-            vol = storage.volume(pool, self.project, name)  # NotFound
-            if vol.type != "block":
-                raise InvalidInput(f"volume {ref} is a filesystem volume: a VM takes block "
-                                   "volumes")
-            if vol.attached:
-                raise StateError(f"volume {ref}", "attach", f"attached to {vol.attached}",
-                                 ("detached",), "a volume is attached to one instance at a "
-                                 "time")
-
-    def _attach_volumes(self, inst: Instance) -> None:
-        """Mark the volumes of ``inst`` attached to it (all, or none: those marked are
-        freed again when one is refused)."""
-        from popek.storage.service import Storage
-
-        storage = Storage(self.store)
-        holder = f"{inst.project}/{inst.name}"
-        done: list[tuple[str, str]] = []
-        try:
-            for ref in inst.spec.volumes:
-                pool, name = storage.parse_ref(ref)
-                storage.attach(pool, inst.project, name, holder)
-                done.append((pool, name))
-        except BaseException:
-            for pool, name in done:
-                storage.detach(pool, inst.project, name, holder)
-            raise
-
-    def _detach_volumes(self, inst: Instance) -> None:
-        """Free the volumes ``inst`` held (each only if it holds it still)."""
-        if not inst.spec.volumes:
-            return
-        from popek.storage.service import Storage
-
-        storage = Storage(self.store)
-        for ref in inst.spec.volumes:
-            with contextlib.suppress(PopekError):
-                pool, name = storage.parse_ref(ref)
-                storage.detach(pool, inst.project, name, f"{inst.project}/{inst.name}")
+        return tuple((ref, files[0], inst.spec.volume_paths.get(ref, ""))
+                     for ref, files in self.volumes.files(inst))
 
     def _spec(self, inst: Instance, full: bool) -> LaunchSpec:
         """A spec of a recorded instance; ``full=False`` reads neither images nor ports."""
@@ -247,53 +199,13 @@ class Instances:
         return placement.choose(inst.spec.vcpus, busy)
 
     # -- networks ----------------------------------------------------------------------
-    def attach_volume(self, name: str, ref: str) -> Instance:
-        """Attach block volume ``ref`` (``POOL/VOLUME``) to the stopped VM ``name``: its
-        disk from the next start on (hot-plug into a running VM is to come)."""
-        from popek.storage.service import Storage
-
-        inst, rev = self.records.load(name)
-        if inst.spec.engine != "qemu":
-            raise InvalidInput("attaching volumes to a container is not supported yet: a VM "
-                               "takes block volumes")
-        if inst.state != State.STOPPED:
-            raise StateError(name, "attach a volume to", inst.state.value,
-                             (State.STOPPED.value,), f"popek stop {name} first (hot-plug "
-                             "into a running VM is to come)")
-        storage = Storage(self.store)
-        pool, vol = storage.parse_ref(ref)
-        ref = f"{pool}/{vol}"
-        if ref in inst.spec.volumes:
-            raise AlreadyExists(f"volume {ref} is already attached to {name}")
-        holder = f"{inst.project}/{inst.name}"
-        storage.attach(pool, inst.project, vol, holder)
-        inst.spec.volumes = [*inst.spec.volumes, ref]
-        try:
-            self.records.save(inst, rev, f"volume {ref} attached")
-        except BaseException:
-            storage.detach(pool, inst.project, vol, holder)
-            raise
-        return inst
+    def attach_volume(self, name: str, ref: str, path: str = "") -> Instance:
+        """Attach volume ``ref`` (``POOL/VOLUME``) to ``name`` (see :mod:`popek.core.volumes`)."""
+        return self.volumes.attach(name, ref, path)
 
     def detach_volume(self, name: str, ref: str) -> Instance:
-        """Detach volume ``ref`` from the stopped VM ``name``."""
-        from popek.storage.service import Storage
-
-        inst, rev = self.records.load(name)
-        storage = Storage(self.store)
-        pool, vol = storage.parse_ref(ref)
-        ref = f"{pool}/{vol}"
-        if ref not in inst.spec.volumes:
-            raise NotFound(f"volume {ref} is not attached to {name}; attached: "
-                           f"{', '.join(inst.spec.volumes) or 'none'}")
-        if inst.state != State.STOPPED:
-            raise StateError(name, "detach a volume from", inst.state.value,
-                             (State.STOPPED.value,), f"popek stop {name} first (hot-unplug "
-                             "from a running VM is to come)")
-        inst.spec.volumes = [v for v in inst.spec.volumes if v != ref]
-        self.records.save(inst, rev, f"volume {ref} detached")
-        storage.detach(pool, inst.project, vol, f"{inst.project}/{inst.name}")
-        return inst
+        """Detach volume ``ref`` from ``name`` (unplugged first when it runs)."""
+        return self.volumes.detach(name, ref)
 
     def attach(self, name: str, network: str, ipv4: str | None = None) -> Port:
         """Give ``name`` a port on ``network``; plug it in at once if the instance runs.
@@ -420,15 +332,16 @@ class Instances:
                                "a VM's root is its image")
         if mounts:
             require(eng, Capability.HOST_MOUNTS)
-        volumes = list(dict.fromkeys(volumes or []))
+        volumes, volume_paths = self.volumes.parse(volumes or [], engine)
         if volumes:
-            self._check_volumes(volumes, engine)
+            self.volumes.check(volumes, engine)
         if self.records.exists(name):
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")
         image = self.images.resolve(image_name, self.project)[1]  # its own, else default's
         spec_in = InstanceSpec(image_name, engine, vcpus, memory, accel, runtime, limits, mounts,
-                               label, list(profiles or []), volumes=volumes)
+                               label, list(profiles or []), volumes=volumes,
+                               volume_paths=volume_paths)
         probe = Instance(name=name, spec=spec_in, state=State.STARTING, uid=0, created="")
         eng.preflight(self._launch_spec(probe, image))
         networks = [self._network_ref(n) for n in networks or []]  # missing: fail first
@@ -444,7 +357,7 @@ class Instances:
             inst, revision = self.records.create(name, spec_in, eng.id_range,
                                                   image.manifest.version)
         try:
-            self._attach_volumes(inst)
+            self.volumes.mark(inst)
             self.nets.create_ports(inst, eng, list(networks or []))
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
@@ -822,7 +735,7 @@ class Instances:
             eng.destroy(spec)
         shutil.rmtree(self.workdir(inst), ignore_errors=True)
         self.nets.delete_ports(inst)
-        self._detach_volumes(inst)
+        self.volumes.free(inst)
         self.records.remove(inst)
 
     def _kill(self, inst: Instance) -> None:

@@ -44,6 +44,8 @@ class InstanceSpec:
     autostart: bool = False
     #: block volumes attached to it, ``POOL/VOLUME`` of its project (VMs: virtio disks)
     volumes: list[str] = field(default_factory=list)
+    #: where each filesystem volume is mounted in a container (``POOL/VOLUME`` -> path)
+    volume_paths: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

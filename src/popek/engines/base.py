@@ -39,6 +39,7 @@ class Capability(StrEnum):
     RESIZE = "resize"
     STATS = "stats"
     DISK_LIMIT = "a bounded writable layer (limits.disk)"
+    DISK_HOTPLUG = "attach, detach or grow volumes while running"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class LaunchSpec:
     #: block volumes attached at start: (volume name, its files, its own first, then each
     #: backing file); the engine opens them and hands the VMM descriptors, never paths
     disks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: filesystem volumes mounted at start (containers): (``POOL/NAME``, its file, the
+    #: path it is mounted at in the instance)
+    fs_volumes: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -184,6 +188,21 @@ class Engine(Protocol):
 
     def detach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port) -> None:
         """Unplug ``port`` from the running instance (Capability.NETWORK_HOTPLUG)."""
+        ...
+
+    def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
+                    path: str = "") -> None:
+        """Plug volume ``ref`` (its ``files``: its own first) into the running instance
+        (a VM's disk; a container's filesystem mounted at ``path``) (``DISK_HOTPLUG``)."""
+        ...
+
+    def detach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str) -> None:
+        """Unplug volume ``ref`` from the running instance (``DISK_HOTPLUG``)."""
+        ...
+
+    def grow_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, size: int) -> None:
+        """Grow volume ``ref`` to ``size`` bytes under the running instance
+        (``DISK_HOTPLUG``)."""
         ...
 
     def console(self, spec: LaunchSpec, escape: bytes) -> None:

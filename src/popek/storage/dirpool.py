@@ -276,7 +276,7 @@ class DirPool:
         f = self.file(project, name, kind)
         if kind != "block":
             return os.stat(f).st_size
-        out = _run(["qemu-img", "info", "-f", "qcow2", "--output", "json", str(f)],
+        out = _run(["qemu-img", "info", "-U", "-f", "qcow2", "--output", "json", str(f)],
                    f"reading volume {name}")
         return int(json.loads(out)["virtual-size"])
 

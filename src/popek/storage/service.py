@@ -259,9 +259,13 @@ class Storage:
             raise
         return self._settle(key, vol, size=vol.size)
 
-    def resize_volume(self, pool: str, project: str, name: str, size: int) -> Volume:
+    def resize_volume(self, pool: str, project: str, name: str, size: int,
+                      live: Callable[[int], None] | None = None) -> Volume:
         """Grow volume ``name`` to ``size`` (a filesystem volume may also shrink while its
-        data fits and it is detached; a block volume never: its layout is the guest's)."""
+        data fits and it is detached; a block volume never: its layout is the guest's).
+
+        An attached volume only grows: through ``live`` (a function of the new size) when
+        its instance runs, which then owns the files; directly when it is stopped."""
         vol = self.volume(pool, project, name)
         self.check_size(size, vol.type)
         self._require_ready(vol, "resize")
@@ -271,12 +275,17 @@ class Storage:
             raise InvalidInput(f"cannot shrink block volume {name} from {format_size(vol.size)} "
                                f"to {format_size(size)}: popek cannot know the guest's data "
                                "fits; make a new volume and copy the data")
-        self._detached(vol, "resize")  # live resize (QMP block_resize) is to come
+        if vol.attached and size < vol.size:
+            raise StateError(f"volume {pool}/{name}", "shrink", f"attached to {vol.attached}",
+                             ("detached",), "detach it first; an attached volume only grows")
         driver = self._usable(self.pool(pool), "resize a volume in")
         key = volume_key(pool, project, name)
         busy = self._intent(key, vol, "resizing")
         try:
-            driver.resize(project, name, vol.type, size, vol.size)
+            if live is not None:
+                live(size)
+            else:
+                driver.resize(project, name, vol.type, size, vol.size)
         except BaseException:
             with contextlib.suppress(PopekError, OSError):
                 self._settle(key, busy, size=driver.virtual_size(project, name, vol.type))
@@ -318,12 +327,10 @@ class Storage:
         return pool, name
 
     def attach(self, pool: str, project: str, name: str, holder: str) -> Volume:
-        """Mark block volume ``name`` as attached to ``holder`` (``PROJECT/INSTANCE``), in
-        one compare-and-swap: refused while it is attached elsewhere or busy."""
+        """Mark volume ``name`` as attached to ``holder`` (``PROJECT/INSTANCE``), in one
+        compare-and-swap: refused while it is attached elsewhere or busy (whether the
+        instance takes this kind of volume is the caller's to check)."""
         vol = self.volume(pool, project, name)
-        if vol.type != "block":
-            raise InvalidInput(f"volume {pool}/{name} is a filesystem volume: a VM takes block "
-                               "volumes (filesystem volumes are for containers)")
         self._require_ready(vol, "attach")
         if vol.attached and vol.attached != holder:
             raise StateError(f"volume {pool}/{name}", "attach", f"attached to {vol.attached}",
@@ -473,8 +480,8 @@ class Storage:
         """StateError while ``vol`` is attached: its instance has its files open."""
         if vol.attached:
             raise StateError(f"volume {vol.name}", operation, f"attached to {vol.attached}",
-                             ("detached",), f"delete instance {vol.attached} first (a volume "
-                             "is detached when its instance is deleted)")
+                             ("detached",), "detach it first: popek storage volume detach "
+                             f"{vol.pool}/{vol.name} {vol.attached.partition('/')[2]}")
 
     def _require_ready(self, vol: Volume, operation: str) -> None:
         if vol.state != READY:

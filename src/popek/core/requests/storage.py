@@ -116,9 +116,12 @@ class VolumeResize(_OnVolume[dict[str, Any]]):
     def run(self, core: Core) -> dict[str, Any]:
         """Resize it; its ``storage volume info``."""
         storage = _storage(core)
-        old = storage.volume(self.pool, core.project, self.name).size
-        with _within_quota(core, self.size - old, "the resize"):
-            storage.resize_volume(self.pool, core.project, self.name, self.size)
+        vol = storage.volume(self.pool, core.project, self.name)
+        live = None
+        if vol.attached and self.size > vol.size:  # grown under its running instance
+            live = core.instances.volumes.grower(vol.attached, f"{self.pool}/{self.name}")
+        with _within_quota(core, self.size - vol.size, "the resize"):
+            storage.resize_volume(self.pool, core.project, self.name, self.size, live)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -257,24 +260,28 @@ class VolumeExport(_OnVolume[int]):
 
 @dataclass(frozen=True)
 class VolumeAttach(_OnVolume["Instance"]):
-    """Attach block volume ``name`` of ``pool`` to the stopped VM ``instance``."""
+    """Attach volume ``name`` of ``pool`` to ``instance`` (a VM's disk, a container's mount
+    at ``path``), plugged in at once when it runs."""
 
     op = "volume.attach"
-    shown = ("instance",)
+    shown = ("instance", "path")
     instance: str
+    path: str = ""
 
     def reconciles(self) -> list[str]:
         """The instance (its state must be true before it is judged)."""
         return [self.instance]
 
     def run(self, core: Core) -> Instance:
-        """Attach it: the VM's disk from its next start."""
-        return core.instances.attach_volume(self.instance, f"{self.pool}/{self.name}")
+        """Attach it."""
+        return core.instances.attach_volume(self.instance, f"{self.pool}/{self.name}",
+                                            self.path)
 
 
 @dataclass(frozen=True)
 class VolumeDetach(_OnVolume["Instance"]):
-    """Detach volume ``name`` of ``pool`` from the stopped VM ``instance``."""
+    """Detach volume ``name`` of ``pool`` from ``instance`` (unplugged first when it
+    runs)."""
 
     op = "volume.detach"
     shown = ("instance",)

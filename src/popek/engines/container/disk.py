@@ -184,6 +184,16 @@ def hold(bundle: Path) -> tuple[str, int]:
     found = _recorded(bundle)
     if found is not None:
         return found
+    dev, loop_fd = bind_loop(path)
+    tmp = (bundle / "disk.loop").with_suffix(".new")
+    tmp.write_text(dev + "\n")
+    os.replace(tmp, bundle / "disk.loop")
+    return dev, loop_fd
+
+
+def bind_loop(path: Path) -> tuple[str, int]:
+    """A free loop device bound to the file ``path`` (autoclear: it is released with its
+    last user), and an open descriptor of it that keeps it bound until closed."""
     file_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         for _ in range(16):  # another process may take the free device first
@@ -194,7 +204,7 @@ def hold(bundle: Path) -> tuple[str, int]:
                 os.close(ctl)
             dev = f"/dev/loop{n}"
             info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_AUTOCLEAR,
-                                     os.fsencode(path)[:63], b"", b"", 0, 0)
+                                     os.fsencode(str(path))[:63], b"", b"", 0, 0)
             loop_fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(loop_fd, LOOP_CONFIGURE, _LOOP_CONFIG.pack(file_fd, 0, info))
@@ -202,15 +212,17 @@ def hold(bundle: Path) -> tuple[str, int]:
                 os.close(loop_fd)
                 if exc.errno == errno.EBUSY:
                     continue
-                raise EngineError(f"container disk: attaching {path} to {dev}: "
-                                  f"{exc.strerror}") from exc
-            tmp = (bundle / "disk.loop").with_suffix(".new")
-            tmp.write_text(dev + "\n")
-            os.replace(tmp, bundle / "disk.loop")
+                raise EngineError(f"attaching {path} to {dev}: {exc.strerror}") from exc
             return dev, loop_fd
     finally:
         os.close(file_fd)
-    raise EngineError(f"container disk: no free loop device for {path}")
+    raise EngineError(f"no free loop device for {path}")
+
+
+def backing(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file the open loop device ``fd`` is bound to; None if
+    unbound."""
+    return _backing(fd)
 
 
 def mount(bundle: Path, target: Path) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from popek import paths, proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.cgroupfs import IO_WEIGHT, io_weight_offered
-from popek.engines.container import cgroups, netplumb, rootfs, runtime
+from popek.engines.container import cgroups, netplumb, rootfs, runtime, volumes
 from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
 
@@ -75,7 +75,7 @@ class ContainerEngine:
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS, Capability.HOST_MOUNTS,
-        Capability.NETWORK_HOTPLUG, Capability.DISK_LIMIT,
+        Capability.NETWORK_HOTPLUG, Capability.DISK_LIMIT, Capability.DISK_HOTPLUG,
     })
     id_range: ClassVar[int] = ID_RANGE
     port_kind: ClassVar[str] = "veth"
@@ -103,7 +103,8 @@ class ContainerEngine:
             os.chmod(d, 0o700)
         rootfs.prepare(spec, self.id_range)
 
-    def _write_config(self, spec: LaunchSpec) -> Path:
+    def _write_config(self, spec: LaunchSpec,
+                      binds: tuple[tuple[str, str, bool], ...] = ()) -> Path:
         bundle = spec.workdir / "bundle"
         process = spec.image.manifest.process if spec.image is not None else None
         args = list(process.args) if process and process.args else ["/sbin/init"]
@@ -111,7 +112,7 @@ class ContainerEngine:
         cwd = process.working_dir if process and process.working_dir else "/"
         config = build_spec(hostname=spec.name, args=args, env=env, cwd=cwd, host_uid=spec.uid,
                             host_gid=spec.gid, limits=limits_of(spec),
-                            cgroups_path=cgroups_path(spec), binds=spec.mounts)
+                            cgroups_path=cgroups_path(spec), binds=(*spec.mounts, *binds))
         path = bundle / "config.json"
         path.write_text(json.dumps(config, indent=1))
         return path
@@ -125,7 +126,14 @@ class ContainerEngine:
         cid = container_id(spec)
         self.cleanup(spec)
         rootfs.mount(spec, self.id_range)
-        config = self._write_config(spec)
+        bundle = spec.workdir / "bundle"
+        try:
+            binds = volumes.mount_for_start(bundle, spec.fs_volumes, spec.uid, spec.gid,
+                                            self.id_range)
+        except BaseException:
+            rootfs.unmount(spec)
+            raise
+        config = self._write_config(spec, tuple(binds))
         if spec.measure is not None:
             spec.measure(rt.binary(), config.read_bytes())
         pidfile = spec.workdir / "init.pid"
@@ -135,11 +143,13 @@ class ContainerEngine:
                 rt.run_detached(cid, spec.workdir / "bundle", pidfile, log)
         finally:
             rootfs.detach(spec)  # the container holds its own copies now (or failed)
+            volumes.unmount_staging(bundle)
         pid = int(pidfile.read_text().strip())
         started = proc.start_time(pid)
         if started is None:
             raise EngineError(f"the container's init exited at once: {_tail(log_path)}")
-        result = Runtime(pid, started, {"runtime": rt.name, "id": cid})
+        result = Runtime(pid, started, {"runtime": rt.name, "id": cid, "disks": {
+            ref: {"path": path} for ref, _file, path in spec.fs_volumes}})
         try:
             for i, port in enumerate(spec.ports):
                 netplumb.plumb(port, spec.networks[port.network], pid, f"eth{i}")
@@ -274,6 +284,32 @@ class ContainerEngine:
         """Remove the port's interface from the running container."""
         netplumb.unplumb(port.mac, rtime.pid)
 
+    def attach_disk(self, spec: LaunchSpec, rtime: Runtime, ref: str, files: list[str],
+                    path: str = "") -> None:
+        """Mount filesystem volume ``ref`` (its file ``files[0]``) at ``path`` in the running
+        container, owned by its id range."""
+        disks: dict[str, dict[str, Any]] = rtime.details.setdefault("disks", {})
+        volumes.attach_live(rtime.pid, files[0], path, spec.uid, spec.gid,
+                            spec.workdir / "bundle")
+        disks[ref] = {"path": path}
+
+    def _volume(self, spec: LaunchSpec, rtime: Runtime, ref: str) -> tuple[str, str]:
+        found = next(((f, p) for r, f, p in spec.fs_volumes if r == ref), None)
+        if found is None or ref not in rtime.details.get("disks", {}):
+            raise EngineError(f"volume {ref} is not mounted in {spec.name}")
+        return found
+
+    def detach_disk(self, spec: LaunchSpec, rtime: Runtime, ref: str) -> None:
+        """Unmount volume ``ref`` from the running container."""
+        _file, path = self._volume(spec, rtime, ref)
+        volumes.detach_live(rtime.pid, path)
+        rtime.details.get("disks", {}).pop(ref, None)
+
+    def grow_disk(self, spec: LaunchSpec, rtime: Runtime, ref: str, size: int) -> None:
+        """Grow volume ``ref``'s file system to ``size`` bytes while the container runs."""
+        file, path = self._volume(spec, rtime, ref)
+        volumes.grow_live(rtime.pid, file, path, size)
+
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the container and capture its output."""
         cmd = self._rt(spec).exec_argv(container_id(spec), argv, False, DEFAULT_ENV)
@@ -321,6 +357,7 @@ class ContainerEngine:
         cgroups.remove(cgroups_path(spec))
         (spec.workdir / "init.pid").unlink(missing_ok=True)
         rootfs.unmount(spec)
+        volumes.unmount_staging(spec.workdir / "bundle")
 
     def destroy(self, spec: LaunchSpec) -> None:
         """Remove the container's layers (on delete), and its base if nothing else uses it."""

@@ -80,7 +80,7 @@ class Paths:
         return [self.qmp, self.console, self.agent]
 
 
-ROOT_PORTS = 8
+ROOT_PORTS = 16
 
 
 def root_port(index: int) -> str:
@@ -117,33 +117,75 @@ def find_qemu() -> str:
     return path
 
 
-def disk_args(disks: Sequence[tuple[str, Sequence[int]]]) -> list[str]:
-    """The argv of block volumes, each given as (name, descriptors of its files: its own,
-    read-write, then each backing file, read-only).
+def disk_id(slot: int) -> str:
+    """QEMU device id of the disk in ``slot`` (its top node is :func:`disk_node` 0)."""
+    return f"disk{slot}"
+
+
+def disk_node(slot: int, level: int) -> str:
+    """Node name of level ``level`` of the disk in ``slot``'s chain (0: its own file)."""
+    return f"vol{slot}-{level}"
+
+
+def disk_serial(ref: str) -> str:
+    """The serial a guest sees the volume ``POOL/NAME`` by (``/dev/disk/by-id/virtio-NAME``)."""
+    return ref.rpartition("/")[2][:20]
+
+
+def disk_blockdevs(slot: int, fdsets: Sequence[int]) -> list[dict[str, object]]:
+    """The block nodes of the disk in ``slot`` whose files QEMU holds in ``fdsets`` (its own,
+    read-write, then each backing file, read-only), a backing node before the node it backs.
+
+    The chain is built here, node by node (``backing`` named explicitly, ``null`` at its
+    end), so QEMU never follows a backing file name from an image header.
+    """
+    out: list[dict[str, object]] = []
+    for i in reversed(range(len(fdsets))):
+        ro = i > 0
+        node = disk_node(slot, i)
+        out.append({"driver": "file", "node-name": f"{node}-file",
+                    "filename": f"/dev/fdset/{fdsets[i]}", "read-only": ro})
+        out.append({"driver": "qcow2", "node-name": node, "file": f"{node}-file",
+                    "read-only": ro,
+                    "backing": disk_node(slot, i + 1) if i + 1 < len(fdsets) else None})
+    return out
+
+
+def disk_device(slot: int, ref: str, bus: str) -> dict[str, object]:
+    """The virtio-blk device of the disk in ``slot`` (volume ``ref``) on root port ``bus``:
+    its serial is the volume's name."""
+    return {"driver": "virtio-blk-pci", "drive": disk_node(slot, 0), "id": disk_id(slot),
+            "serial": disk_serial(ref), "bus": bus}
+
+
+def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
+              buses: Sequence[str] = ()) -> list[str]:
+    """The argv of block volumes, each given as (``POOL/NAME``, descriptors of its files:
+    its own, read-write, then each backing file, read-only), disk ``d`` on root port
+    ``buses[d]`` (so that it can be unplugged while the VM runs).
 
     Every descriptor goes into an fd set of its own (``-add-fd``) and is opened by QEMU
-    as ``/dev/fdset/N``: the jail holds no volume path.  The backing chain is built
-    here, node by node (``backing`` named explicitly, ``null`` at its end), so QEMU
-    never follows a backing file name from an image header.  A disk is a virtio-blk
-    device whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).
+    as ``/dev/fdset/N``: the jail holds no volume path.  A disk is a virtio-blk device
+    whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).
     """
     argv: list[str] = []
     fdset = 0
-    for d, (name, fds) in enumerate(disks):
-        nodes = [f"vol{d}-{i}" for i in range(len(fds))]
-        for i in reversed(range(len(fds))):  # a backing node before the node it backs
-            fd = fds[i]
+    for d, (ref, fds) in enumerate(disks):
+        sets = []
+        for fd in fds:
             fdset += 1
             argv += ["-add-fd", f"fd={fd},set={fdset}"]
-            ro = i > 0
-            argv += ["-blockdev", json.dumps({
-                "driver": "file", "node-name": f"{nodes[i]}-file",
-                "filename": f"/dev/fdset/{fdset}", "read-only": ro})]
-            argv += ["-blockdev", json.dumps({
-                "driver": "qcow2", "node-name": nodes[i], "file": f"{nodes[i]}-file",
-                "read-only": ro, "backing": nodes[i + 1] if i + 1 < len(fds) else None})]
-        argv += ["-device", f"virtio-blk-pci,drive={nodes[0]},id=disk{d},serial={name[:20]}"]
+            sets.append(fdset)
+        for node in disk_blockdevs(d, sets):
+            argv += ["-blockdev", json.dumps(node)]
+        dev = disk_device(d, ref, buses[d] if d < len(buses) else "pcie.0")
+        argv += ["-device", json.dumps(dev)]
     return argv
+
+
+def disk_buses(spec: LaunchSpec) -> list[str]:
+    """The root ports of ``spec``'s disks at start: those after its NICs'."""
+    return [root_port(len(spec.ports) + d) for d in range(len(spec.disks))]
 
 
 def build_argv(spec: LaunchSpec, accel: str, qemu: str,
@@ -185,13 +227,13 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
         # a TPM 2.0 (swtpm) and the launch measurement for the guest's PCR 15
         *vtpm.qemu_args(spec.workdir),
     ]
-    # PCI Express root ports: one per NIC, so that every NIC, present at boot or
-    # plugged in later, can be unplugged again (devices on pcie.0 cannot)
+    # PCI Express root ports: one per NIC and per disk, so that every NIC and disk,
+    # present at boot or plugged in later, can be unplugged again (devices on pcie.0 cannot)
     for i in range(ROOT_PORTS):
         argv += ["-device", f"pcie-root-port,id={root_port(i)},chassis={i + 1},slot={i + 1},"
                             f"bus=pcie.0"]
     for i, (port, fd) in enumerate(zip(spec.ports, tap_fds, strict=True)):
         argv += ["-netdev", netdev_arg(port, fd), "-device", nic_arg(port, root_port(i))]
-    argv += disk_args([(name, fds) for (name, _), fds in zip(spec.disks, disk_fds,
-                                                             strict=True)])
+    argv += disk_args([(ref, fds) for (ref, _), fds in zip(spec.disks, disk_fds, strict=True)],
+                      disk_buses(spec))
     return argv

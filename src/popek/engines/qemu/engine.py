@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +19,11 @@ from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
     Paths,
     build_argv,
+    disk_blockdevs,
+    disk_buses,
+    disk_device,
+    disk_id,
+    disk_node,
     find_qemu,
     netdev_id,
     nic_id,
@@ -100,6 +105,26 @@ def open_disks(disks: Sequence[tuple[str, Sequence[str]]]) -> list[list[int]]:
     return opened
 
 
+def _free_ports(runtime: Runtime) -> list[str]:
+    """The PCIe root ports of the VM that no NIC and no disk holds."""
+    used = set(runtime.details.get("nics", {}).values())
+    used |= {d.get("bus") for d in runtime.details.get("disks", {}).values()}
+    return [root_port(i) for i in range(ROOT_PORTS) if root_port(i) not in used]
+
+
+def _remove_nodes(sock: Path, slot: int, depth: int, fdsets: Sequence[int]) -> None:
+    """Delete the block nodes of the disk in ``slot`` (``depth`` files), top first, and
+    its fd sets: best effort (what was never added is not there to delete)."""
+    cmds: list[tuple[str, Mapping[str, object] | None]] = []
+    for i in range(depth):
+        cmds += [("blockdev-del", {"node-name": disk_node(slot, i)}),
+                 ("blockdev-del", {"node-name": f"{disk_node(slot, i)}-file"})]
+    cmds += [("remove-fd", {"fdset-id": s}) for s in fdsets]
+    for cmd in cmds:  # one at a time: a node never added must not stop the rest
+        with contextlib.suppress(EngineError):
+            qmp.execute(sock, *cmd)
+
+
 class QemuEngine:
     """Runs each instance as one unprivileged, sandboxed, detached QEMU process."""
 
@@ -108,7 +133,7 @@ class QemuEngine:
     port_kind: ClassVar[str] = "tap"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
-        Capability.GRACEFUL_STOP, Capability.NETWORK_HOTPLUG,
+        Capability.GRACEFUL_STOP, Capability.NETWORK_HOTPLUG, Capability.DISK_HOTPLUG,
     })
 
     # -- start -------------------------------------------------------------
@@ -190,7 +215,14 @@ class QemuEngine:
             for fd in (*tap_fds, *(fd for fds in disk_fds for fd in fds)):
                 os.close(fd)
         nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
-        runtime = Runtime(pid, started, {"accel": accel, "nics": nics, "cgroup": cgroup})
+        disks: dict[str, dict[str, Any]] = {}
+        fdset = 0
+        for d, ((ref, files), bus) in enumerate(zip(spec.disks, disk_buses(spec), strict=True)):
+            disks[ref] = {"slot": d, "bus": bus, "fdsets": list(range(fdset + 1,
+                                                                    fdset + 1 + len(files)))}
+            fdset += len(files)
+        runtime = Runtime(pid, started, {"accel": accel, "nics": nics, "disks": disks,
+                                         "cgroup": cgroup})
         try:
             self._wait_ready(p, runtime, ready_timeout)
         except BaseException:
@@ -261,9 +293,10 @@ class QemuEngine:
     def attach_port(self, spec: LaunchSpec, runtime: Runtime, port: Port) -> None:
         """Hot-plug a virtio-net NIC on the port's tap into a free PCIe root port."""
         nics: dict[str, str] = runtime.details.setdefault("nics", {})
-        free = [root_port(i) for i in range(ROOT_PORTS) if root_port(i) not in nics.values()]
+        free = _free_ports(runtime)
         if not free:
-            raise EngineError(f"{spec.name} has no free PCIe slot left ({ROOT_PORTS} NICs at most)")
+            raise EngineError(f"{spec.name} has no free PCIe slot left ({ROOT_PORTS} NICs and "
+                              "disks at most)")
         sock = Paths(spec.workdir).qmp
         fd = open_tap(port.host_ifname)
         try:
@@ -297,6 +330,77 @@ class QemuEngine:
                               f"{port.network} within {timeout:.0f}s")
         qmp.execute(sock, "netdev_del", {"id": netdev_id(port)})
         runtime.details.get("nics", {}).pop(port.host_ifname, None)
+
+    # -- disks plugged in and out while running ------------------------------------------
+    def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
+                    path: str = "") -> None:
+        """Hot-plug volume ``ref`` (``POOL/NAME``, its ``files``: its own first, then its
+        backing files) as a virtio-blk disk into a free PCIe root port of the running VM.
+
+        QEMU gets descriptors (``add-fd``), never paths, and the chain node by node, as at
+        start; a refusal half way removes what was added."""
+        disks: dict[str, dict[str, Any]] = runtime.details.setdefault("disks", {})
+        if ref in disks:
+            raise EngineError(f"volume {ref} is already a disk of {spec.name}")
+        free = _free_ports(runtime)
+        if not free:
+            raise EngineError(f"{spec.name} has no free PCIe slot left ({ROOT_PORTS} NICs and "
+                              "disks at most): detach one first")
+        used = {int(d["slot"]) for d in disks.values()}
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        sock = Paths(spec.workdir).qmp
+        fds = open_disks([(ref, files)])[0]
+        sets: list[int] = []
+
+        def build(fdsets: list[int]) -> list[tuple[str, Mapping[str, object]]]:
+            sets.extend(fdsets)
+            return [*(("blockdev-add", node) for node in disk_blockdevs(slot, fdsets)),
+                    ("device_add", disk_device(slot, ref, free[0]))]
+
+        try:
+            qmp.execute_with_fdsets(sock, fds, build)
+        except EngineError:
+            _remove_nodes(sock, slot, len(files), sets)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        disks[ref] = {"slot": slot, "bus": free[0], "fdsets": sets}
+
+    def detach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str,
+                    timeout: float = 30.0) -> None:
+        """Ask the guest to release the disk of ``ref`` (PCIe hot-unplug), then close its
+        nodes and descriptors: QEMU holds none of the volume's files afterwards."""
+        disks: dict[str, dict[str, Any]] = runtime.details.get("disks", {})
+        disk = disks.get(ref)
+        if disk is None:
+            raise EngineError(f"volume {ref} is not a disk of {spec.name}")
+        slot = int(disk["slot"])
+        sock = Paths(spec.workdir).qmp
+        if disk.get("bus", "pcie.0") == "pcie.0":
+            raise EngineError(f"the disk of {ref} sits where it cannot be unplugged (it was "
+                              f"attached before popek plugged disks into root ports): stop "
+                              f"{spec.name} first")
+        qmp.execute(sock, "device_del", {"id": disk_id(slot)})
+
+        def gone() -> bool:
+            peripherals = qmp.execute(sock, "qom-list", {"path": "/machine/peripheral"})
+            return disk_id(slot) not in {p["name"] for p in peripherals}
+
+        if not proc.wait_until(gone, timeout, 0.2):
+            raise EngineError(f"the guest of {spec.name} did not release the disk of {ref} "
+                              f"within {timeout:.0f}s")
+        _remove_nodes(sock, slot, len(disk.get("fdsets", [])), list(disk.get("fdsets", [])))
+        disks.pop(ref, None)
+
+    def grow_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, size: int) -> None:
+        """Grow the disk of ``ref`` to ``size`` bytes under the running guest (QMP
+        ``block_resize``: QEMU grows the file and tells the guest the new capacity)."""
+        disk = runtime.details.get("disks", {}).get(ref)
+        if disk is None:
+            raise EngineError(f"volume {ref} is not a disk of {spec.name}")
+        qmp.execute(Paths(spec.workdir).qmp, "block_resize",
+                    {"node-name": disk_node(int(disk["slot"]), 0), "size": size}, timeout=60.0)
 
     def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
         """Run ``argv`` in the guest with its output streamed to the caller's stdout/stderr.

@@ -7,7 +7,8 @@ session: popek keeps no connection (and no process) per instance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,60 @@ def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | No
     try:
         with flocked(sock.with_suffix(".lock")):
             return asyncio.run(_session(sock, commands, timeout, fd))
+    except ExecuteError as exc:
+        raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
+    except (ConnectError, OSError, TimeoutError, EOFError) as exc:
+        raise EngineError(f"cannot reach QEMU's control socket {sock}: {exc}") from exc
+    except QMPError as exc:
+        raise EngineError(f"QMP error on {sock}: {exc}") from exc
+
+
+async def _fdset_session(sock: Path, fds: Sequence[int],
+                         build: Callable[[list[int]], list[tuple[str, Mapping[str, object]]]],
+                         timeout: float) -> list[object]:
+    import asyncio
+    import logging
+
+    from qemu.qmp import QMPClient
+
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    qmp = QMPClient("popek")
+    try:
+        await asyncio.wait_for(qmp.connect(str(sock)), timeout)
+        sets: list[int] = []
+        try:
+            for fd in fds:  # each descriptor into an fd set of its own (SCM_RIGHTS + add-fd)
+                qmp.send_fd_scm(fd)
+                added = await asyncio.wait_for(qmp.execute("add-fd"), timeout)
+                sets.append(int(added["fdset-id"]))  # type: ignore[index]
+            results = []
+            for cmd, args in build(sets):
+                results.append(await asyncio.wait_for(qmp.execute(cmd, args), timeout))
+            return results
+        except BaseException:
+            for fdset in sets:  # nothing uses them: give them back
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(qmp.execute("remove-fd", {"fdset-id": fdset}),
+                                           timeout)
+            raise
+    finally:
+        await qmp.disconnect()
+
+
+def execute_with_fdsets(sock: Path, fds: Sequence[int],
+                        build: Callable[[list[int]], list[tuple[str, Mapping[str, object]]]],
+                        timeout: float = 10.0) -> list[Any]:
+    """Hand QEMU each of ``fds`` in an fd set of its own (``add-fd``), then run the
+    commands ``build`` makes from those sets' ids, all in one session (an fd set no
+    device uses is closed when its session ends).  When a command is refused, the fd
+    sets are removed again and :class:`EngineError` raised."""
+    import asyncio
+
+    from qemu.qmp import ConnectError, ExecuteError, QMPError
+
+    try:
+        with flocked(sock.with_suffix(".lock")):
+            return asyncio.run(_fdset_session(sock, fds, build, timeout))
     except ExecuteError as exc:
         raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
     except (ConnectError, OSError, TimeoutError, EOFError) as exc:
