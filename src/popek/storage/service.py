@@ -359,8 +359,13 @@ class Storage:
                 return
 
     def files_of(self, pool: str, project: str, name: str) -> list[Path]:
-        """The files an instance of block volume ``name`` opens, its own first."""
-        return self._driver(self.pool(pool)).chain(project, name)
+        """The files an instance of volume ``name`` opens: a block volume's chain, its own
+        first; a filesystem volume's one file."""
+        driver = self._driver(self.pool(pool))
+        vol = self.volume(pool, project, name)
+        if vol.type != "block":
+            return [driver.file(project, name, vol.type)]
+        return driver.chain(project, name)
 
     # -- import and export ------------------------------------------------------------
     def import_volume(self, pool: str, project: str, name: str, source: Path,

@@ -308,7 +308,7 @@ class ContainerEngine:
     def grow_disk(self, spec: LaunchSpec, rtime: Runtime, ref: str, size: int) -> None:
         """Grow volume ``ref``'s file system to ``size`` bytes while the container runs."""
         file, path = self._volume(spec, rtime, ref)
-        volumes.grow_live(rtime.pid, file, path, size)
+        volumes.grow_live(rtime.pid, file, path, size, spec.workdir / "bundle")
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the container and capture its output."""
