@@ -54,6 +54,7 @@ class FakeEngine:
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {Capability.PAUSE, Capability.EXEC, Capability.RESIZE, Capability.NETWORK_HOTPLUG})
     port_kind = "tap"
+    volume_kind = ""
     id_range = 1
 
     def __init__(self) -> None:

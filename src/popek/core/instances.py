@@ -161,12 +161,21 @@ class Instances:
 
     def _disks(self, inst: Instance) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Each attached block volume and its files (a VM's disks)."""
-        return self.volumes.files(inst) if inst.spec.engine == "qemu" else ()
+        return self.volumes.files(inst) if self._kind(inst) == "block" else ()
+
+    def _kind(self, inst: Instance) -> str:
+        """The kind of volume ``inst``'s engine takes (none: no engine, or no volumes)."""
+        if not inst.spec.volumes:
+            return ""
+        try:
+            return self._engine(inst).volume_kind
+        except PopekError:
+            return ""
 
     def _fs_volumes(self, inst: Instance) -> tuple[tuple[str, str, str], ...]:
         """Each attached filesystem volume, its file and where it is mounted (a
         container's)."""
-        if inst.spec.engine == "qemu":
+        if self._kind(inst) != "filesystem":
             return ()
         return tuple((ref, files[0], inst.spec.volume_paths.get(ref, ""))
                      for ref, files in self.volumes.files(inst))
@@ -332,9 +341,9 @@ class Instances:
                                "a VM's root is its image")
         if mounts:
             require(eng, Capability.HOST_MOUNTS)
-        volumes, volume_paths = self.volumes.parse(volumes or [], engine)
+        volumes, volume_paths = self.volumes.parse(volumes or [], eng.volume_kind)
         if volumes:
-            self.volumes.check(volumes, engine)
+            self.volumes.check(volumes, eng.volume_kind)
         if self.records.exists(name):
             raise AlreadyExists(f"instance {name!r} already exists; pick another name "
                                 "or delete it first")

@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from popek.core.model import Instance
     from popek.storage.service import Storage
 
-#: the kind of volume each engine takes
-KIND = {"qemu": "block", "container": "filesystem"}
 LIVE = (State.RUNNING, State.PAUSED)
 
 
@@ -65,7 +63,7 @@ class Attachments:
                                                                     name))))
         return tuple(out)
 
-    def parse(self, values: list[str], engine: str) -> tuple[list[str], dict[str, str]]:
+    def parse(self, values: list[str], kind: str) -> tuple[list[str], dict[str, str]]:
         """Launch's volumes, ``POOL/VOLUME`` (a container's also ``POOL/VOLUME:PATH``,
         mounted at ``/mnt/VOLUME`` without one): the refs, and where a container mounts
         each."""
@@ -79,7 +77,7 @@ class Attachments:
             if ref in refs:
                 continue
             refs.append(ref)
-            if engine == "qemu":
+            if kind != "filesystem":
                 if colon:
                     raise InvalidInput(f"invalid volume {value!r}: a VM sees a volume as a "
                                        "disk, give POOL/VOLUME without a path")
@@ -90,27 +88,46 @@ class Attachments:
                                "(POOL/VOLUME:PATH)")
         return refs, where
 
-    def check(self, refs: list[str], engine: str) -> None:
-        """Refuse, before anything is made, volumes a launch on ``engine`` cannot attach."""
+    def holds(self, holder: str, ref: str) -> bool:
+        """Whether the record of instance ``holder`` (``PROJECT/NAME``) lists volume ``ref``
+        (how :meth:`popek.storage.service.Storage.reconcile` decides an interrupted attach
+        or detach)."""
+        from popek.core.records import Records
+
+        project, _, name = holder.partition("/")
+        try:
+            inst, _rev = Records(self.owner.store, project).load(name)
+        except NotFound:
+            return False
+        return ref in inst.spec.volumes
+
+    def reconciled(self) -> Storage:
+        """The storage, with the intents of dead processes settled first."""
         storage = _storage(self.owner)
+        storage.reconcile(self.holds)
+        return storage
+
+    def check(self, refs: list[str], kind: str) -> None:
+        """Refuse, before anything is made, volumes a launch on an engine taking ``kind``
+        volumes cannot attach."""
+        storage = self.reconciled()
         for ref in refs:
             pool, name = storage.parse_ref(ref)
             vol = storage.volume(pool, self.owner.project, name)  # NotFound
-            self._check_kind(ref, vol.type, engine)
+            self._check_kind(ref, vol.type, kind)
             if vol.attached:
                 raise StateError(f"volume {ref}", "attach", f"attached to {vol.attached}",
                                  ("detached",), "a volume is attached to one instance at a "
                                  "time")
 
     @staticmethod
-    def _check_kind(ref: str, kind: str, engine: str) -> None:
-        want = KIND.get(engine)
-        if want is None:
-            raise InvalidInput(f"the {engine} engine takes no volumes: a VM takes block "
-                               "volumes, a container filesystem volumes")
+    def _check_kind(ref: str, kind: str, want: str) -> None:
+        if not want:
+            raise InvalidInput("this engine takes no volumes: a VM takes block volumes, a "
+                               "container filesystem volumes")
         if kind != want:
             raise InvalidInput(f"volume {ref} is a {kind} volume: a "
-                               f"{'VM' if engine == 'qemu' else 'container'} takes {want} "
+                               f"{'VM' if want == 'block' else 'container'} takes {want} "
                                "volumes")
 
     def mark(self, inst: Instance) -> None:
@@ -146,12 +163,13 @@ class Attachments:
         start."""
         owner = self.owner
         inst, rev = owner.records.load(name)
-        storage = _storage(owner)
+        storage = self.reconciled()
         pool, vol_name = storage.parse_ref(ref)
         ref = f"{pool}/{vol_name}"
         vol = storage.volume(pool, inst.project, vol_name)
-        self._check_kind(ref, vol.type, inst.spec.engine)
-        if inst.spec.engine == "qemu":
+        eng = owner._engine(inst)
+        self._check_kind(ref, vol.type, eng.volume_kind)
+        if eng.volume_kind == "block":
             if path:
                 raise InvalidInput("--path is for containers: a VM sees the volume as a disk "
                                    f"(/dev/disk/by-id/virtio-{vol_name[:20]})")
@@ -162,14 +180,13 @@ class Attachments:
         if ref in inst.spec.volumes:
             raise AlreadyExists(f"volume {ref} is already attached to {name}")
         live = inst.state in LIVE
-        eng = owner._engine(inst)
         if live:
             require(eng, Capability.DISK_HOTPLUG)
         elif inst.state != State.STOPPED:
             raise StateError(name, "attach a volume to", inst.state.value,
                              (State.RUNNING.value, State.PAUSED.value, State.STOPPED.value))
         holder = f"{inst.project}/{inst.name}"
-        storage.attach(pool, inst.project, vol_name, holder)
+        storage.attach(pool, inst.project, vol_name, holder, intent=True)
         recorded = plugged = False
         try:  # mark, record, plug: a failure undoes the steps before it
             inst.spec.volumes = [*inst.spec.volumes, ref]
@@ -183,6 +200,7 @@ class Attachments:
                 eng.attach_disk(owner._spec_for_running(inst), inst.runtime, ref, files, path)
                 plugged = True
                 owner.records.save(inst, rev, f"volume {ref} plugged in")
+            storage.settle_attachment(pool, inst.project, vol_name)
         except BaseException:
             if plugged:
                 assert inst.runtime is not None
@@ -206,7 +224,7 @@ class Attachments:
         """Detach volume ``ref`` from instance ``name`` (unplugged first when it runs)."""
         owner = self.owner
         inst, rev = owner.records.load(name)
-        storage = _storage(owner)
+        storage = self.reconciled()
         pool, vol_name = storage.parse_ref(ref)
         ref = f"{pool}/{vol_name}"
         holder = f"{inst.project}/{inst.name}"
@@ -217,17 +235,25 @@ class Attachments:
                     return inst
             raise NotFound(f"volume {ref} is not attached to {name}; attached: "
                            f"{', '.join(inst.spec.volumes) or 'none'}")
-        if inst.state in LIVE:
-            eng = owner._engine(inst)
+        live = inst.state in LIVE
+        eng = owner._engine(inst)
+        if live:
             require(eng, Capability.DISK_HOTPLUG)
-            assert inst.runtime is not None
-            if ref in inst.runtime.details.get("disks", {}):  # else: never plugged in
-                eng.detach_disk(owner._spec_for_running(inst), inst.runtime, ref)
         elif inst.state != State.STOPPED:
             raise StateError(name, "detach a volume from", inst.state.value,
                              (State.RUNNING.value, State.PAUSED.value, State.STOPPED.value))
-        self._forget(inst, ref)
-        owner.records.save(inst, rev, f"volume {ref} detached")
+        storage.begin_detach(pool, inst.project, vol_name, holder)
+        try:  # intent, unplug, record, free: a failure before the record keeps it attached
+            if live:
+                assert inst.runtime is not None
+                if ref in inst.runtime.details.get("disks", {}):  # else: never plugged in
+                    eng.detach_disk(owner._spec_for_running(inst), inst.runtime, ref)
+            self._forget(inst, ref)
+            owner.records.save(inst, rev, f"volume {ref} detached")
+        except BaseException:
+            # still listed: attached (unplugged or not: the next detach finishes it)
+            storage.settle_attachment(pool, inst.project, vol_name)
+            raise
         storage.detach(pool, inst.project, vol_name, holder)
         return inst
 

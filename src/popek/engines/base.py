@@ -119,6 +119,8 @@ class Engine(Protocol):
     id_range: ClassVar[int]
     #: the host device a network port of this engine is: "tap" or "veth"
     port_kind: ClassVar[str]
+    #: the volumes it takes: "block" (a VM's disks) or "filesystem" (mounted in it)
+    volume_kind: ClassVar[str]
 
     def preflight(self, spec: LaunchSpec) -> None:
         """Check the engine can run ``spec`` here (binary, accelerator, image contents)."""

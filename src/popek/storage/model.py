@@ -24,7 +24,9 @@ DEFAULT_POOL = "local"
 READY = "ready"
 #: the states of a record whose operation is under way
 INTENTS = ("creating", "resizing", "deleting", "snapshotting", "restoring",
-           "deleting-snapshot")
+           "deleting-snapshot", "attaching", "detaching")
+#: the intents of plugging a volume in and out (their holder's record decides them)
+ATTACHMENT_INTENTS = ("attaching", "detaching")
 
 POOLS_PREFIX = "/popek/storage/pools/"
 VOLUMES_PREFIX = "/popek/storage/volumes/"

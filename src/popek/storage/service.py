@@ -30,6 +30,7 @@ from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
 from popek.storage.dirpool import FORMATS, DirPool, probe
 from popek.storage.model import (
+    ATTACHMENT_INTENTS,
     DEFAULT_POOL,
     DRIVERS,
     INTENTS,
@@ -326,25 +327,52 @@ class Storage:
                                "local/data)")
         return pool, name
 
-    def attach(self, pool: str, project: str, name: str, holder: str) -> Volume:
+    def attach(self, pool: str, project: str, name: str, holder: str,
+               intent: bool = False) -> Volume:
         """Mark volume ``name`` as attached to ``holder`` (``PROJECT/INSTANCE``), in one
         compare-and-swap: refused while it is attached elsewhere or busy (whether the
-        instance takes this kind of volume is the caller's to check)."""
+        instance takes this kind of volume is the caller's to check).  With ``intent`` the
+        record says ``attaching`` until :meth:`settle_attachment`: when this process dies
+        first, :meth:`reconcile` asks the holder's record whether it holds the volume."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "attach")
         if vol.attached and vol.attached != holder:
             raise StateError(f"volume {pool}/{name}", "attach", f"attached to {vol.attached}",
                              ("detached",), "a volume is attached to one instance at a time")
         key = volume_key(pool, project, name)
-        held = Volume(**{**vol.__dict__, "attached": holder})
+        held = Volume(**{**vol.__dict__, "attached": holder,
+                         **({"state": "attaching", "owner": _owner()} if intent else {})})
         if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
                               [Put(key, held.to_json())]).succeeded:
             raise StateError(f"volume {pool}/{name}", "attach", "changed meanwhile", (READY,),
                              "try again")
         return held
 
+    def begin_detach(self, pool: str, project: str, name: str, holder: str) -> None:
+        """Record the intent to unplug volume ``name`` from ``holder`` (``detaching``):
+        when this process dies before :meth:`detach`, :meth:`reconcile` asks the holder's
+        record whether it still holds the volume."""
+        vol = self.volume(pool, project, name)
+        self._require_ready(vol, "detach")
+        if vol.attached != holder:
+            return
+        self._intent(volume_key(pool, project, name), vol, "detaching")
+
+    def settle_attachment(self, pool: str, project: str, name: str) -> None:
+        """End an ``attaching``/``detaching`` intent: the volume stays attached."""
+        key = volume_key(pool, project, name)
+        kv = self.store.get(key)
+        if kv is None:
+            return
+        vol = Volume.from_json(kv.value)
+        if vol.state in ATTACHMENT_INTENTS:
+            self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
+                           [Put(key, Volume(**{**vol.__dict__, "state": READY, "owner": ""})
+                                .to_json())])
+
     def detach(self, pool: str, project: str, name: str, holder: str) -> None:
-        """Clear ``holder``'s attachment of volume ``name`` (gone, or another's: nothing)."""
+        """Clear ``holder``'s attachment of volume ``name`` (gone, or another's: nothing),
+        and an attach or detach intent with it."""
         key = volume_key(pool, project, name)
         for _ in range(5):  # a concurrent change of the record: read it again
             kv = self.store.get(key)
@@ -353,7 +381,9 @@ class Storage:
             vol = Volume.from_json(kv.value)
             if vol.attached != holder:
                 return
-            free = Volume(**{**vol.__dict__, "attached": ""})
+            free = Volume(**{**vol.__dict__, "attached": "",
+                             **({"state": READY, "owner": ""}
+                                if vol.state in ATTACHMENT_INTENTS else {})})
             if self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
                               [Put(key, free.to_json())]).succeeded:
                 return
@@ -512,14 +542,22 @@ class Storage:
         return done
 
     # -- reconcile -------------------------------------------------------------
-    def reconcile(self) -> list[str]:
+    def reconcile(self, holds: Callable[[str, str], bool] | None = None) -> list[str]:
         """Settle the intents of dead processes and remove files no record explains; return
-        what was done, one line each."""
+        what was done, one line each.
+
+        ``holds(holder, "POOL/NAME")`` says whether an instance's record holds a volume:
+        an interrupted attach or detach is decided by it (kept attached, or freed); without
+        it those intents wait for a caller that knows."""
         done: list[str] = []
         for pool in self.pools():
             driver = self._driver(pool)
             for vol in self.volumes(pool.name):
                 if vol.state in INTENTS and not _owner_alive(vol.owner):
+                    if vol.state in ATTACHMENT_INTENTS:
+                        if holds is not None:
+                            done.append(self._settle_attachment(vol, holds))
+                        continue
                     done.append(self._settle_dead(driver, vol))
             known = {(v.project, n, v.type) for v in self.volumes(pool.name)
                      for n in (v.name, *(f"{v.name}@{s}" for s in v.snapshot_names()),
@@ -535,6 +573,15 @@ class Storage:
                     done.append(f"{pool.name}: removed the {kind} volume file "
                                 f"{project}/{name}, which no record explains")
         return done
+
+    def _settle_attachment(self, vol: Volume, holds: Callable[[str, str], bool]) -> str:
+        where = f"{vol.pool}: volume {vol.project}/{vol.name}"
+        what = vol.state.removesuffix("ing")
+        if vol.attached and holds(vol.attached, f"{vol.pool}/{vol.name}"):
+            self.settle_attachment(vol.pool, vol.project, vol.name)
+            return f"{where}: interrupted {what} settled: attached to {vol.attached}"
+        self.detach(vol.pool, vol.project, vol.name, vol.attached)
+        return f"{where}: interrupted {what} settled: detached"
 
     def _in_progress(self, pool: str, project: str, name: str) -> bool:
         kv = self.store.get(volume_key(pool, project, name))

@@ -23,12 +23,9 @@ R = TypeVar("R")
 
 def _storage(core: Core) -> Any:
     """The storage of ``core``'s store, the intents of dead processes settled first (a
-    change never starts from a half-made volume)."""
-    from popek.storage.service import Storage
-
-    storage = Storage(core.store)
-    storage.reconcile()
-    return storage
+    change never starts from a half-made volume, an attach or detach killed half way is
+    decided by its instance's record)."""
+    return core.instances.volumes.reconciled()
 
 
 @contextlib.contextmanager

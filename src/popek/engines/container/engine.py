@@ -79,6 +79,7 @@ class ContainerEngine:
     })
     id_range: ClassVar[int] = ID_RANGE
     port_kind: ClassVar[str] = "veth"
+    volume_kind: ClassVar[str] = "filesystem"
 
     def _rt(self, spec: LaunchSpec) -> runtime.OciRuntime:
         return runtime.OciRuntime(runtime.choose(spec.runtime), paths.home() / "oci")

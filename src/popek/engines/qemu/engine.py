@@ -131,6 +131,7 @@ class QemuEngine:
     name: ClassVar[str] = "qemu"
     id_range: ClassVar[int] = 1
     port_kind: ClassVar[str] = "tap"
+    volume_kind: ClassVar[str] = "block"
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.NETWORK_HOTPLUG, Capability.DISK_HOTPLUG,
@@ -381,12 +382,13 @@ class QemuEngine:
             raise EngineError(f"the disk of {ref} sits where it cannot be unplugged (it was "
                               f"attached before popek plugged disks into root ports): stop "
                               f"{spec.name} first")
-        qmp.execute(sock, "device_del", {"id": disk_id(slot)})
 
         def gone() -> bool:
             peripherals = qmp.execute(sock, "qom-list", {"path": "/machine/peripheral"})
             return disk_id(slot) not in {p["name"] for p in peripherals}
 
+        if not gone():  # else: unplugged by a detach that was killed before its record
+            qmp.execute(sock, "device_del", {"id": disk_id(slot)})
         if not proc.wait_until(gone, timeout, 0.2):
             raise EngineError(f"the guest of {spec.name} did not release the disk of {ref} "
                               f"within {timeout:.0f}s")
