@@ -163,3 +163,20 @@ def test_a_live_attach_and_detach_plug_through_the_engine(vm: Env) -> None:
     insts.detach_volume("web", "local/v")
     assert "detach_disk web local/v" in vm.engine.calls
     assert settled(vm) == ("ready", "", [])
+
+
+def test_a_paused_vm_is_not_asked_to_release_a_disk(vm: Env) -> None:
+    """A paused guest cannot release a disk: refused at once (not a 30 s wait), nothing
+    changed; resumed, the detach works."""
+    from popek.errors import StateError
+
+    insts = vm.instances()
+    insts.attach_volume("web", "local/v")
+    insts.pause("web")
+    with pytest.raises(StateError, match="popek resume web first: the guest must release"):
+        insts.detach_volume("web", "local/v")
+    assert "detach_disk web local/v" not in vm.engine.calls
+    assert settled(vm) == ("ready", "default/web", ["local/v"])
+    insts.resume("web")
+    insts.detach_volume("web", "local/v")
+    assert settled(vm) == ("ready", "", [])

@@ -239,6 +239,11 @@ class Attachments:
         eng = owner._engine(inst)
         if live:
             require(eng, Capability.DISK_HOTPLUG)
+            if inst.state == State.PAUSED and eng.volume_kind == "block" and \
+                    ref in (inst.runtime.details.get("disks", {}) if inst.runtime else {}):
+                raise StateError(name, "unplug a disk from", inst.state.value,
+                                 (State.RUNNING.value, State.STOPPED.value),
+                                 f"popek resume {name} first: the guest must release the disk")
         elif inst.state != State.STOPPED:
             raise StateError(name, "detach a volume from", inst.state.value,
                              (State.RUNNING.value, State.PAUSED.value, State.STOPPED.value))
