@@ -43,6 +43,11 @@ class DiskEngine(FakeEngine):
         if self.kill == f"{what}-{when}":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def start(self, spec: LaunchSpec, ready_timeout: float) -> Runtime:
+        runtime = super().start(spec, ready_timeout)
+        runtime.details["disks"] = {}  # as the real engines record their disks
+        return runtime
+
     def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
                     path: str = "") -> None:
         self._step("attach", "before")
@@ -122,6 +127,22 @@ def test_an_attach_killed_midway_is_settled_by_the_record(vm: Env, kill: str, sa
         insts.attach_volume("web", "local/v")
         insts.detach_volume("web", "local/v")
     assert settled(vm) == ("ready", "", [])
+
+
+def test_a_vm_started_by_an_earlier_popek_keeps_its_disks_until_stopped(vm: Env) -> None:
+    """Its runtime record says nothing of disks: popek cannot know what QEMU holds, so an
+    unplug is refused rather than the volume freed under the running VM."""
+    from popek.errors import StateError
+
+    insts = vm.instances()
+    insts.attach_volume("web", "local/v")
+    inst, rev = insts.records.load("web")
+    assert inst.runtime is not None
+    del inst.runtime.details["disks"]
+    insts.records.save(inst, rev, "test: as an earlier popek recorded it")
+    with pytest.raises(StateError, match="started by an earlier popek"):
+        insts.detach_volume("web", "local/v")
+    assert settled(vm) == ("ready", "default/web", ["local/v"])
 
 
 @pytest.mark.parametrize(("kill", "save_event", "held"), [

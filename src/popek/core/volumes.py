@@ -239,6 +239,11 @@ class Attachments:
         eng = owner._engine(inst)
         if live:
             require(eng, Capability.DISK_HOTPLUG)
+            if inst.runtime is not None and "disks" not in inst.runtime.details:
+                raise StateError(name, "unplug a disk from", inst.state.value,
+                                 (State.STOPPED.value,), f"{name} was started by an earlier "
+                                 f"popek, which kept no record of its disks: popek stop {name} "
+                                 "first")
             if inst.state == State.PAUSED and eng.volume_kind == "block" and \
                     ref in (inst.runtime.details.get("disks", {}) if inst.runtime else {}):
                 raise StateError(name, "unplug a disk from", inst.state.value,
