@@ -179,8 +179,8 @@ osd heartbeat interval = 1
         data = self.root / "osd" / f"ceph-{osd_id}"
         data.mkdir()
         kr = self.root / f"osd.{osd_id}.keyring"
-        self._tool("ceph-osd", "-c", str(self.conf), "-i", str(osd_id), "--mkfs", "--mkkey", "--no-mon-config",
-                   "--osd-uuid", osd_uuid)
+        self._tool("ceph-osd", "-c", str(self.conf), "-i", str(osd_id), "--mkfs", "--mkkey",
+                   "--no-mon-config", "--osd-uuid", osd_uuid)
         self.ceph("auth", "add", f"osd.{osd_id}", "osd", "allow *", "mon", "allow profile osd",
                   "mgr", "allow profile osd", "-i", str(kr))
         self.start_osd(osd_id)
