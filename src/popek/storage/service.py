@@ -154,7 +154,7 @@ class Storage:
             if other.driver == "ceph" and all(other.config.get(k) == settings[k]
                                               for k in ("conf", "pool", "client")):
                 raise InvalidInput(f"Ceph pool {settings['pool']} of {settings['conf']} is "
-                                   f"pool {other.name!r}'s already")
+                                   f"already popek pool {other.name!r}")
         settings["prefix"] = cephpool.new_prefix()
         driver = CephPool(name, settings)
         try:
