@@ -22,9 +22,11 @@ is a clear :class:`EngineError` within seconds, never a hang.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +97,60 @@ def parse_key(text: str, client: str, where: str = "the keyring") -> str:
             if name.strip() == "key" and value.strip():
                 return value.strip()
     raise EngineError(f"{where} holds no key for client.{client}")
+
+
+def mon_servers(mon_host: str) -> list[tuple[str, str]]:
+    """The monitors of a ``mon_host`` setting as (host, port) for QEMU's ``server`` list.
+
+    ``[v2:IP:3300,v1:IP:6789]`` address vectors give their v2 address (else their v1);
+    a plain ``HOST`` or ``HOST:PORT`` gives itself (6789, v1's port, when none is
+    given); entries are separated by commas, semicolons or spaces outside brackets.
+    """
+    entries: list[str] = []
+    depth, word = 0, ""
+    for ch in mon_host:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth == 0 and ch in ",; \t":
+            entries.append(word)
+            word = ""
+        else:
+            word += ch
+    entries.append(word)
+    out: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in entries if e.strip()):
+        if entry.startswith("[") and entry.endswith("]") and ("v1:" in entry
+                                                              or "v2:" in entry):
+            addrs = dict(a.split(":", 1) for a in entry[1:-1].split(",") if ":" in a)
+            entry = addrs.get("v2") or addrs.get("v1") or ""
+            entry = entry.split("/", 1)[0]  # a nonce after the port
+        else:
+            entry = entry.removeprefix("v2:").removeprefix("v1:")
+        host, sep, port = entry.rpartition(":")
+        if not sep or not port.isdigit() or (":" in host and not host.startswith("[")):
+            host, port = entry, "6789"  # no port (an IPv6 address alone has colons too)
+        host = host.strip("[]")
+        if host:
+            out.append((host, port))
+    if not out:
+        raise EngineError(f"no monitor address in mon_host {mon_host!r}")
+    return out
+
+
+def resolved(servers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``servers`` with host names resolved to addresses here (a jailed QEMU has no
+    ``/etc`` to resolve them with)."""
+    out = []
+    for host, port in servers:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+        except ValueError:
+            try:
+                out.append((str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]),
+                            port))
+            except OSError as exc:
+                raise EngineError(f"cannot resolve Ceph monitor {host}: {exc}") from exc
+    return out
 
 
 def image_name(prefix: str, project: str, name: str) -> str:

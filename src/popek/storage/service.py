@@ -443,10 +443,10 @@ class Storage:
         """Whether ``pool`` is a ``ceph`` pool (its volumes are RBD images, not files)."""
         return self.pool(pool).driver == "ceph"
 
-    def rbd_disk(self, pool: str, project: str, name: str) -> dict[str, str]:
+    def rbd_disk(self, pool: str, project: str, name: str) -> dict[str, Any]:
         """What QEMU's rbd driver needs to open volume ``name`` of ceph pool ``pool``:
-        ``pool``, ``image``, ``user``, ``mon_host`` and ``key`` (the client's secret, read
-        from its keyring now: never stored by popek)."""
+        ``pool``, ``image``, ``user``, ``servers`` (the monitors, host and port) and ``key``
+        (the client's secret, read from its keyring now: never stored by popek)."""
         p = self.pool(pool)
         driver = self._driver(p)
         if not isinstance(driver, CephPool):
@@ -457,7 +457,7 @@ class Storage:
             driver.close()
         client = p.config.get("client", cephpool.DEFAULT_CLIENT)
         return {"pool": p.config["pool"], "image": driver.image(project, name),
-                "user": client, "mon_host": mon_host,
+                "user": client, "servers": cephpool.resolved(cephpool.mon_servers(mon_host)),
                 "key": cephpool.read_key(Path(p.config["keyring"]), client)}
 
     # -- import and export ------------------------------------------------------------
