@@ -51,6 +51,15 @@ def missing() -> str:
     return ""
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (a test
+    run killed outright leaves no daemon either)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,7 +99,7 @@ class CephCluster:
         log = open(self.root / "log" / f"{name}.out", "ab")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
             [*argv, "-f", "-c", str(self.conf)], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=log, start_new_session=True)
+            stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
 
     # -- life ------------------------------------------------------------------------

@@ -401,3 +401,74 @@ def test_the_key_is_read_from_the_keyring_for_qemu(pool: str, ceph_cluster: Ceph
                             "pool": RBD_POOL, "client": CLIENT}).mon_host(), "key": key}
     finally:
         popek("storage", "volume", "delete", pool, "qk")
+
+
+# -- a VM on a ceph volume (issue 15.3 for ceph; the cluster heals under it) ------------
+
+VM = "hceph-vm"
+
+
+def guest(name: str, script: str, timeout: float = 180) -> str:
+    return popek("exec", name, "--", "sh", "-c", script, timeout=timeout).stdout
+
+
+@pytest.fixture
+def vm_volume(pool: str, minimal_image: str, rbd: Rbd) -> Iterator[str]:
+    popek("storage", "volume", "create", pool, "vmdata", "--size", "64MiB")
+    with rbd.image(f"{prefix_of(pool)}.default.vmdata") as im:
+        im.write(b"a" * 512, 0)  # the host's data, read by the guest
+    yield f"{pool}/vmdata"
+    popek("delete", "--force", VM, check=False)
+    popek("storage", "volume", "delete", pool, "vmdata", check=False)
+
+
+def test_the_key_reaches_qemu_on_no_command_line_and_in_no_file(
+        vm_volume: str, minimal_image: str, ceph_cluster: CephCluster) -> None:
+    """The attack: read the Ceph key where a local user could, from QEMU's command line
+    (/proc/PID/cmdline is world-readable) or a file in the instance directory."""
+    key = ceph_cluster.keyring.read_text().split("key = ")[1].split()[0]
+    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"  # the key did reach QEMU
+    workdir = Path(popek_json("info", VM)["workdir"])
+    pid = int((workdir / "qemu.pid").read_text())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b'"driver": "rbd"' in cmdline and b"key-secret" in cmdline
+    assert key.encode() not in cmdline and b"keyring" not in cmdline
+    for f in workdir.rglob("*"):  # the FIFO the key went through is gone
+        assert not f.name.startswith("rbd"), f
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+
+
+def test_a_vm_keeps_its_ceph_volume_through_an_osd_failure(
+        vm_volume: str, minimal_image: str, ceph_cluster: CephCluster, rbd: Rbd,
+        pool: str) -> None:
+    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
+    write = ("dd if=/dev/urandom of=/tmp/blob bs=1M count=8 2>/dev/null && "
+             "dd if=/tmp/blob of=/dev/vda bs=1M seek={at} conv=fsync 2>/dev/null && "
+             "echo 3 > /proc/sys/vm/drop_caches && "
+             "md5sum < /tmp/blob && dd if=/dev/vda bs=1M skip={at} count=8 2>/dev/null | md5sum")
+    a, b = guest(VM, write.format(at=1)).split("\n")[:2]
+    assert a == b  # healthy: written and read back
+    ceph_cluster.kill_osd(0)
+    from framework import wait_for
+
+    wait_for(lambda: ceph_cluster.osds_up() == 2, 60, "the killed OSD marked down")
+    assert ceph_cluster.health() != "HEALTH_OK"
+    assert popek_json("storage", "info", pool)["health"].startswith("HEALTH_WARN")
+    a, b = guest(VM, write.format(at=16)).split("\n")[:2]  # degraded: 2 of 3 replicas
+    assert a == b
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
+    ceph_cluster.start_osd(0)
+    took = ceph_cluster.wait_healthy()  # recovered: HEALTH_OK, every PG active+clean
+    assert popek_json("storage", "info", pool)["health"] == "HEALTH_OK"
+    print(f"healed in {took:.1f} s after the OSD returned")
+    marker = guest(VM, "dd if=/dev/vda bs=1M skip=16 count=8 2>/dev/null | md5sum")
+    popek("stop", VM)  # the image as the cluster has it, read by the host
+    with rbd.image(f"{prefix_of(pool)}.default.vmdata") as im:
+        import hashlib
+
+        assert hashlib.md5(im.read(16 << 20, 8 << 20)).hexdigest() == marker.split()[0]
+    popek("start", VM)
+    assert guest(VM, "dd if=/dev/vda bs=1M skip=16 count=8 2>/dev/null | md5sum") == marker
