@@ -29,7 +29,7 @@ from framework import popek, popek_json, require_root_and_tools
 from framework.ceph import CLIENT, RBD_POOL, CephCluster
 from popek.errors import BAD_INPUT, WRONG_STATE, StateError
 from popek.state.store import SQLiteStore
-from popek.storage.cephpool import CephPool
+from popek.storage.cephpool import CephPool, mon_servers
 from popek.storage.service import Storage
 
 require_root_and_tools("qemu-img")
@@ -396,9 +396,11 @@ def test_the_key_is_read_from_the_keyring_for_qemu(pool: str, ceph_cluster: Ceph
         key = json.loads(ceph_cluster.ceph("auth", "get-key", f"client.{CLIENT}",
                                            "--format", "json"))["key"]
         assert disk == {"pool": RBD_POOL, "image": f"{prefix_of(pool)}.default.qk",
-                        "user": CLIENT, "mon_host": CephPool(pool, {
+                        "user": CLIENT, "servers": mon_servers(CephPool(pool, {
                             "conf": str(ceph_cluster.conf), "keyring": str(ceph_cluster.keyring),
-                            "pool": RBD_POOL, "client": CLIENT}).mon_host(), "key": key}
+                            "pool": RBD_POOL, "client": CLIENT}).mon_host()), "key": key}
+        assert disk["servers"] == [("127.0.0.1", ceph_cluster.conf.read_text().split(
+            "v2:127.0.0.1:")[1].split(",")[0])]  # the v2 address of the one monitor
     finally:
         popek("storage", "volume", "delete", pool, "qk")
 
@@ -472,3 +474,29 @@ def test_a_vm_keeps_its_ceph_volume_through_an_osd_failure(
         assert hashlib.md5(im.read(16 << 20, 8 << 20)).hexdigest() == marker.split()[0]
     popek("start", VM)
     assert guest(VM, "dd if=/dev/vda bs=1M skip=16 count=8 2>/dev/null | md5sum") == marker
+
+
+def test_the_api_makes_and_shows_a_ceph_pool(popek_home: Path, ceph_cluster: CephCluster,
+                                             pool: str) -> None:
+    from starlette.testclient import TestClient
+
+    from popek.api.app import create_app
+
+    auth: dict[str, str] = {}  # the local socket's application: root, the host admin
+    config = dict(s.split("=", 1) for s in settings(  # cephp has client.popek's: admin here
+        ceph_cluster, client="admin", keyring=str(ceph_cluster.admin_keyring)))
+    with TestClient(create_app(local=True)) as client:
+        r = client.post("/1.0/storage-pools", headers=auth,
+                        json={"name": "hceph-api", "driver": "ceph", "config": config})
+        assert r.status_code == 201 and r.json()["health"] == "HEALTH_OK", r.text
+        r = client.post("/1.0/storage-pools", headers=auth, json={
+            "name": "hceph-bad", "driver": "ceph", "config": {**config, "pool": "nope"}})
+        assert r.status_code == 400 and "Ceph pool 'nope' does not exist" in r.text, r.text
+        r = client.get("/1.0/storage-pools/hceph-api", headers=auth)
+        moving = ("size", "free", "used")  # the cluster's df moves by bytes meanwhile
+        assert {k: v for k, v in r.json().items() if k not in moving} == {
+            k: v for k, v in popek_json("storage", "info", "hceph-api").items()
+            if k not in moving}
+        assert client.delete("/1.0/storage-pools/hceph-api", headers=auth).status_code == 200
+    assert {p["name"] for p in popek_json("storage", "list")} & {"hceph-api", "hceph-bad"} == \
+        set()
