@@ -442,6 +442,22 @@ def test_the_key_reaches_qemu_on_no_command_line_and_in_no_file(
             assert key.encode() not in f.read_bytes(), f
 
 
+
+def test_a_ceph_volume_unplugs_live_and_plugs_in_at_start(vm_volume: str,
+                                                          minimal_image: str) -> None:
+    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
+    popek("storage", "volume", "detach", vm_volume, VM)  # live: device_del, node removed
+    assert guest(VM, "ls /sys/block | grep -c vd || true") == "0\n"
+    r = popek("storage", "volume", "attach", vm_volume, VM, check=False)
+    assert r.returncode == WRONG_STATE and f"popek stop {VM} first: a ceph volume" in r.stderr
+    assert popek_json("info", VM)["volumes"] == []  # nothing changed
+    popek("stop", VM)
+    popek("storage", "volume", "attach", vm_volume, VM)
+    popek("start", VM)
+    assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
+
+
 def test_a_vm_keeps_its_ceph_volume_through_an_osd_failure(
         vm_volume: str, minimal_image: str, ceph_cluster: CephCluster, rbd: Rbd,
         pool: str) -> None:

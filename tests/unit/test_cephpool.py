@@ -96,10 +96,10 @@ def test_images_are_named_by_the_pools_prefix() -> None:
 
 
 def test_an_rbd_disk_is_opened_by_qemu_with_a_secret_from_a_pipe(tmp_path: Path) -> None:
-    disk = RbdDisk("data", "rbd", "popek-1.default.data", "popek",
+    disk = RbdDisk("cp/data", "rbd", "popek-1.default.data", "popek",
                    (("127.0.0.1", "3300"), ("10.0.0.2", "6789")), KEY)
     assert KEY not in repr(disk)
-    argv = disk_args([("local", [7])], [(disk, rbd_key_path(tmp_path, 0))])
+    argv = disk_args([("local/v", [7])], ["rp1"], [(disk, rbd_key_path(tmp_path, 0), "rp2")])
     assert KEY not in " ".join(argv)
     i = argv.index("-object")
     assert argv[i + 1] == f"secret,id=vol1-0-key,format=base64,file={tmp_path}/rbd0.key"
@@ -109,8 +109,11 @@ def test_an_rbd_disk_is_opened_by_qemu_with_a_secret_from_a_pipe(tmp_path: Path)
                     "key-secret": "vol1-0-key", "auth-client-required": ["cephx"],
                     "server": [{"host": "127.0.0.1", "port": "3300"},
                                {"host": "10.0.0.2", "port": "6789"}]}
-    assert argv[i + 4:] == ["-device", "virtio-blk-pci,drive=vol1-0,id=disk1,serial=data"]
-    assert disk_args([("local", [7])]) == argv[:i]  # a dir disk as before
+    assert argv[i + 4] == "-device" and json.loads(argv[i + 5]) == {
+        "driver": "virtio-blk-pci", "drive": "vol1-0", "id": "disk1", "serial": "data",
+        "bus": "rp2"}
+    assert len(argv) == i + 6
+    assert disk_args([("local/v", [7])], ["rp1"]) == argv[:i]  # a dir disk as before
 
 
 def test_the_key_goes_through_a_fifo_read_once(tmp_path: Path) -> None:
