@@ -22,6 +22,7 @@ is a clear :class:`EngineError` within seconds, never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -217,6 +218,11 @@ class CephPool:
         if self._cluster is not None:
             self._cluster.shutdown()
             self._cluster = None
+
+    def __del__(self) -> None:
+        # a driver dropped without close(): librados's threads go with it, not later
+        with contextlib.suppress(Exception):
+            self.close()
 
     @contextmanager
     def _io(self) -> Iterator[Any]:
