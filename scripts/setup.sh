@@ -14,6 +14,9 @@ DEB_PACKAGES=(
   gcc libc6-dev   # the guest verifier and the security tests' attack tool are built static
   zsh fish        # popek's completion scripts are tested in each shell (bash is there)
   prometheus      # tests/integration/test_metrics.py scrapes popek's /metrics with it
+  # The ceph storage driver: librados/librbd's Python bindings (management),
+  # QEMU's rbd block driver (data), and the daemons of the tests' own cluster.
+  python3-rados python3-rbd qemu-block-extra ceph-mon ceph-osd ceph-mgr
 )
 
 . scripts/lib/debs.sh
@@ -74,6 +77,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q -c requirements.lock -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+# The ceph driver's bindings come from Debian (python3-rados, python3-rbd: built
+# against the librados/librbd the host runs, not on PyPI): a link to each of
+# the two modules in the venv, nothing else of Debian's dist-packages on its path.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+for mod in rados rbd; do
+  so=/usr/lib/python3/dist-packages/$mod$suffix
+  if [ -f "$so" ]; then ln -sfn "$so" "$site/$mod$suffix"
+  else echo "setup: $so missing (Debian's python3-$mod is for another Python): the ceph driver is unavailable"; fi
+done
 # Byte-compile popek's sources: the editable install leaves them as .py, and
 # where PYTHONDONTWRITEBYTECODE is set every command would compile them again
 # (about 50 ms of each launch here). compileall only redoes changed files.

@@ -89,7 +89,7 @@ def test_a_filesystem_volume_holds_ext4(pool: str, popek_home: Path) -> None:
     (["storage", "volume", "create", "nosuch", "v", "--size", "8MiB"], NOT_FOUND,
      "storage pool 'nosuch' not found; pools: "),
     (["storage", "create", "hstor-x", "zfs"], BAD_INPUT,
-     "unknown storage driver 'zfs'; available: dir"),
+     "unknown storage driver 'zfs'; available: dir, ceph"),
     (["storage", "create", "hstor-x", "dir", "path=/nonexistent/hstor"], BAD_INPUT,
      "does not exist"),
     (["storage", "create", "hstor-x", "dir", "oops"], BAD_INPUT, "write KEY=VALUE"),

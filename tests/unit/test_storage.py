@@ -79,7 +79,7 @@ def test_pools_are_made_and_deleted(storage: Storage, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("driver", "config", "message"), [
-    ("zfs", {}, "unknown storage driver 'zfs'; available: dir"),
+    ("zfs", {}, "unknown storage driver 'zfs'; available: dir, ceph"),
     ("dir", {"size": "1GiB"}, "unknown setting 'size' for a dir pool; allowed: path"),
     ("dir", {"path": "relative/dir"}, "give an absolute path"),
     ("dir", {"path": "/nonexistent/popek-pool"}, "does not exist"),

@@ -77,10 +77,13 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 def create(
     name: str = typer.Argument(..., metavar=POOL_ARG,
                                help="Pool name: a-z, 0-9 and '-' (lab:NAME: on remote lab)."),
-    driver: str = typer.Argument(..., help="The driver: dir (volumes as files)."),
+    driver: str = typer.Argument(..., help="The driver: dir (volumes as files) or ceph "
+                                           "(volumes as RBD images of a Ceph cluster)."),
     settings: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                          help="Driver settings; dir: path=/an/empty/dir "
-                                              "(default: one under POPEK_HOME/storage)."),
+                                              "(default: one under POPEK_HOME/storage); ceph: "
+                                              "conf=/etc/ceph/ceph.conf keyring=PATH "
+                                              "pool=RBD_POOL [client=admin]."),
 ) -> None:
     """Create a storage pool (host admin)."""
     config = _settings(settings or [])
@@ -92,14 +95,21 @@ def create(
         from popek.core.requests import PoolCreate
 
         rec = _core().handle(PoolCreate(name, driver, config))
-    print(f"Storage pool {rec['name']} created ({rec['driver']}, {rec['config']['path']}, "
-          f"{human(rec['free'])} free).")
+    print(f"Storage pool {rec['name']} created ({rec['driver']}, {_where(rec)}, "
+          f"{human(rec['free'])} free" + (f", {rec['health']}" if rec["driver"] == "ceph"
+                                          else "") + ").")
+
+
+def _where(rec: dict[str, Any]) -> str:
+    """Where a pool's volumes are: its directory, or ``ceph:POOL``."""
+    config = rec["config"]
+    return str(config["path"]) if "path" in config else f"ceph:{config.get('pool', '?')}"
 
 
 POOL_COLUMNS = (
     Column("NAME", lambda r: r["name"], "n"),
     Column("DRIVER", lambda r: r["driver"], "d"),
-    Column("PATH", lambda r: r["config"].get("path", "-"), "p"),
+    Column("PATH", _where, "p"),
     Column("SIZE", lambda r: human(r["size"]), "s"),
     Column("USED", lambda r: human(r["used"]), "u"),
     Column("FREE", lambda r: human(r["free"]), "f"),

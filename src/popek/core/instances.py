@@ -48,7 +48,15 @@ from popek.core.projects import Projects
 from popek.core.reconcile import Reconciler
 from popek.core.records import MINE, Records
 from popek.core.volumes import Attachments
-from popek.engines import Capability, Engine, ExecResult, LaunchSpec, get_engine, require
+from popek.engines import (
+    Capability,
+    Engine,
+    ExecResult,
+    LaunchSpec,
+    RbdDisk,
+    get_engine,
+    require,
+)
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
 from popek.network.model import Port, host_name
@@ -157,6 +165,7 @@ class Instances:
             ports=tuple(ports), networks=self.nets.networks_of(ports),
             disks=self._disks(inst) if lookup else (),
             fs_volumes=self._fs_volumes(inst) if lookup else (),
+            rbd_disks=self._rbd_disks(inst) if lookup else (),
         )
 
     def _disks(self, inst: Instance) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -179,6 +188,23 @@ class Instances:
             return ()
         return tuple((ref, files[0], inst.spec.volume_paths.get(ref, ""))
                      for ref, files in self.volumes.files(inst))
+
+    def _rbd_disks(self, inst: Instance) -> tuple[RbdDisk, ...]:
+        """Each attached volume of a ceph pool (``POOL/NAME``): its image, its client and
+        that client's key (read from the pool's keyring at each start, never stored)."""
+        if not inst.spec.volumes or inst.spec.engine != "qemu":
+            return ()
+        from popek.storage.service import Storage
+
+        storage = Storage(self.store)
+        out = []
+        for ref in inst.spec.volumes:
+            pool, name = storage.parse_ref(ref)
+            if storage.is_ceph(pool):
+                d = storage.rbd_disk(pool, inst.project, name)
+                out.append(RbdDisk(ref, d["pool"], d["image"], d["user"],
+                                   tuple((str(h), str(p)) for h, p in d["servers"]), d["key"]))
+        return tuple(out)
 
     def _spec(self, inst: Instance, full: bool) -> LaunchSpec:
         """A spec of a recorded instance; ``full=False`` reads neither images nor ports."""

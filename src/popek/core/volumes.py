@@ -59,6 +59,8 @@ class Attachments:
         out = []
         for ref in inst.spec.volumes:
             pool, name = storage.parse_ref(ref)
+            if storage.is_ceph(pool):
+                continue  # an RBD image, which QEMU opens itself: Instances._rbd_disks
             out.append((ref, tuple(str(f) for f in storage.files_of(pool, inst.project,
                                                                     name))))
         return tuple(out)
@@ -185,6 +187,10 @@ class Attachments:
         elif inst.state != State.STOPPED:
             raise StateError(name, "attach a volume to", inst.state.value,
                              (State.RUNNING.value, State.PAUSED.value, State.STOPPED.value))
+        if live and storage.is_ceph(pool):
+            raise StateError(name, "hot-plug a ceph volume into", inst.state.value,
+                             (State.STOPPED.value,), f"popek stop {name} first: a ceph volume "
+                             "is plugged in at start (live RBD hot-plug is to come)")
         holder = f"{inst.project}/{inst.name}"
         storage.attach(pool, inst.project, vol_name, holder, intent=True)
         recorded = plugged = False

@@ -8,6 +8,7 @@ from popek.engines.base import (
     ExecResult,
     LaunchSpec,
     Liveness,
+    RbdDisk,
     Runtime,
     require,
 )
@@ -29,5 +30,5 @@ def get_engine(name: str) -> Engine:
     raise InvalidInput(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Capability", "Engine", "ExecResult", "LaunchSpec", "Liveness", "Runtime",
-           "get_engine", "require"]
+__all__ = ["ENGINES", "Capability", "Engine", "ExecResult", "LaunchSpec", "Liveness", "RbdDisk",
+           "Runtime", "get_engine", "require"]

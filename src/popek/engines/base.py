@@ -82,6 +82,25 @@ class LaunchSpec:
     #: filesystem volumes mounted at start (containers): (``POOL/NAME``, its file, the
     #: path it is mounted at in the instance)
     fs_volumes: tuple[tuple[str, str, str], ...] = ()
+    #: Ceph RBD volumes attached at start, after ``disks``: QEMU's rbd driver opens them
+    rbd_disks: tuple[RbdDisk, ...] = ()
+
+
+@dataclass(frozen=True)
+class RbdDisk:
+    """A volume that is an RBD image of a Ceph cluster, which QEMU opens itself.
+
+    ``servers`` are the monitors (host, port); ``key`` is the client's secret, which
+    the engine hands QEMU through a pipe read once (never on a command line, never
+    in a file): it is left out of the repr.
+    """
+
+    name: str
+    pool: str
+    image: str
+    user: str
+    servers: tuple[tuple[str, str], ...]
+    key: str = field(repr=False)
 
 
 @dataclass

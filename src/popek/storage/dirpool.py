@@ -78,28 +78,33 @@ def convert(source: Path, source_fmt: str, target: Path, target_fmt: str,
             progress: Callable[[int], None]) -> None:
     """``qemu-img convert`` ``source`` into the new file ``target`` (made under a temporary
     name), calling ``progress`` with each whole percent done."""
+    with made(target) as tmp:
+        run_convert(["-f", source_fmt, "-O", target_fmt,
+                     *(["-o", "preallocation=off"] if target_fmt == "qcow2" else []),
+                     str(source), str(tmp)], f"converting {source.name}", progress)
+
+
+def run_convert(args: list[str], what: str, progress: Callable[[int], None]) -> None:
+    """Run ``qemu-img convert -p ARGS``, calling ``progress`` with each whole percent done;
+    :class:`EngineError` naming ``what`` with qemu-img's last line when it fails."""
     path = proc.tool("qemu-img")
     if path is None:
         raise EngineError("qemu-img is not installed: make setup installs it")
     shown = -1
-    with made(target) as tmp:
-        argv = [path, "convert", "-p", "-f", source_fmt, "-O", target_fmt,
-                *(["-o", "preallocation=off"] if target_fmt == "qcow2" else []), str(source),
-                str(tmp)]
-        with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=proc.tool_env()) as p:
-            assert p.stdout is not None
-            while chunk := p.stdout.read1(4096):  # type: ignore[attr-defined]
-                for m in _PERCENT.finditer(chunk):
-                    pct = int(float(m.group(1)))
-                    if pct > shown:
-                        shown = pct
-                        progress(pct)
-            err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-        if p.returncode != 0:
-            said = err.strip().splitlines()
-            raise EngineError(f"converting {source.name}: qemu-img failed: "
-                              f"{said[-1] if said else p.returncode}")
+    with subprocess.Popen([path, "convert", "-p", *args], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=proc.tool_env()) as p:
+        assert p.stdout is not None
+        while chunk := p.stdout.read1(4096):  # type: ignore[attr-defined]
+            for m in _PERCENT.finditer(chunk):
+                pct = int(float(m.group(1)))
+                if pct > shown:
+                    shown = pct
+                    progress(pct)
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if p.returncode != 0:
+        said = err.strip().splitlines()
+        raise EngineError(f"{what}: qemu-img failed: {said[-1] if said else p.returncode}")
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -279,6 +284,10 @@ class DirPool:
         out = _run(["qemu-img", "info", "-U", "-f", "qcow2", "--output", "json", str(f)],
                    f"reading volume {name}")
         return int(json.loads(out)["virtual-size"])
+
+    def has_snapshot(self, project: str, name: str, snap: str) -> bool:
+        """Whether snapshot ``snap`` of ``name`` was frozen (its file is there)."""
+        return self.snapshot_file(project, name, snap).exists()
 
     def exists(self, project: str, name: str, kind: str) -> bool:
         """Whether the volume's file is there."""

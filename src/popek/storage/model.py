@@ -15,8 +15,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: the drivers popek has (``ceph``: RBD images in a Ceph pool, to come)
-DRIVERS = ("dir",)
+#: the drivers popek has (``dir``: files in a directory; ``ceph``: RBD images in a Ceph pool)
+DRIVERS = ("dir", "ceph")
 #: what a volume looks like to an instance
 VOLUME_TYPES = ("block", "filesystem")
 #: the pool every host has from the first use, under ``POPEK_HOME``

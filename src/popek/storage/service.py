@@ -28,6 +28,8 @@ from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, Stat
 from popek.names import validate_name
 from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
+from popek.storage import cephpool
+from popek.storage.cephpool import CephPool
 from popek.storage.dirpool import FORMATS, DirPool, probe
 from popek.storage.model import (
     ATTACHMENT_INTENTS,
@@ -47,7 +49,9 @@ from popek.storage.model import (
 from popek.units import format_size
 
 #: the settings each driver takes at create
-POOL_KEYS = {"dir": ("path",)}
+POOL_KEYS = {"dir": ("path",), "ceph": cephpool.KEYS}
+#: what a pool's driver is
+Driver = DirPool | CephPool
 #: the smallest volume of each type (a filesystem needs room for its own records)
 MIN_SIZE = {"block": 1 << 20, "filesystem": 16 << 20}
 #: the largest: qcow2's metadata of 64 TiB is small; an ext4 of 16 TiB takes mkfs seconds
@@ -113,7 +117,8 @@ class Storage:
 
     def create_pool(self, name: str, driver: str, config: dict[str, str]) -> Pool:
         """Make pool ``name`` of ``driver`` with ``config`` (``path=`` for ``dir``, default
-        ``POPEK_HOME/storage/NAME``, made then)."""
+        ``POPEK_HOME/storage/NAME``, made then; ``conf= keyring= pool= [client=]`` for
+        ``ceph``, whose cluster must answer and hold that pool)."""
         validate_name(name, "storage pool name")
         if driver not in DRIVERS:
             raise InvalidInput(f"unknown storage driver {driver!r}; available: "
@@ -124,6 +129,8 @@ class Storage:
                                f"{', '.join(POOL_KEYS[driver])}")
         if self.store.get(pool_key(name)) is not None:
             raise AlreadyExists(f"storage pool {name!r} already exists")
+        if driver == "ceph":
+            return self._create_ceph_pool(name, config)
         made = "path" not in config
         path = Path(config["path"]) if not made else storage_dir() / name
         if not made:
@@ -135,6 +142,26 @@ class Storage:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         DirPool(path).check()
         pool = Pool(name, driver, {"path": str(path)}, _now())
+        if not _create(self.store, pool_key(name), pool.to_json()):
+            raise AlreadyExists(f"storage pool {name!r} already exists")
+        return pool
+
+    def _create_ceph_pool(self, name: str, config: dict[str, str]) -> Pool:
+        """Record ceph pool ``name`` once its cluster answered and holds the RBD pool (the
+        Ceph pool itself is the operator's: popek never makes or removes it)."""
+        settings = cephpool.check_config(config)
+        for other in self.pools():
+            if other.driver == "ceph" and all(other.config.get(k) == settings[k]
+                                              for k in ("conf", "pool", "client")):
+                raise InvalidInput(f"Ceph pool {settings['pool']} of {settings['conf']} is "
+                                   f"already popek pool {other.name!r}")
+        settings["prefix"] = cephpool.new_prefix()
+        driver = CephPool(name, settings)
+        try:
+            driver.check()
+        finally:
+            driver.close()
+        pool = Pool(name, "ceph", settings, _now())
         if not _create(self.store, pool_key(name), pool.to_json()):
             raise AlreadyExists(f"storage pool {name!r} already exists")
         return pool
@@ -154,26 +181,31 @@ class Storage:
             raise StateError(f"storage pool {name}", "delete", f"holding {len(held)} volume(s) "
                              f"({', '.join(held[:10])})", ("empty",),
                              "delete its volumes first (popek storage volume delete)")
-        path = Path(pool.config["path"])
+        path = Path(pool.config.get("path", "/nonexistent"))
         key = pool_key(name)
         if not self.store.txn([Compare(key, "mod_revision", "==", self._revision(key))],
                               [Delete(key)]).succeeded:
             raise StateError(f"storage pool {name}", "delete", "changed meanwhile", (READY,),
                              "try again")
-        if path.parent == storage_dir() and path.name == name:  # popek made it
+        if pool.driver == "dir" and path.parent == storage_dir() and path.name == name:
             shutil.rmtree(path, ignore_errors=True)
 
     def pool_info(self, name: str) -> dict[str, Any]:
         """Pool ``name`` with its size, used and free bytes, its volumes and its health."""
         pool = self.pool(name)
-        driver = DirPool(Path(pool.config["path"]))
+        driver = self._driver(pool)
         vols = self.volumes(name)
-        used = sum(driver.used(v.project, v.name, v.type) for v in vols)
         try:
+            used = sum(driver.used(v.project, v.name, v.type) for v in vols)
             size, free = driver.capacity()
-            health = "ok"
+            health = driver.health() if isinstance(driver, CephPool) else "ok"
         except OSError as exc:
-            size, free, health = 0, 0, f"unavailable: {exc.strerror or exc}"
+            used, size, free, health = 0, 0, 0, f"unavailable: {exc.strerror or exc}"
+        except PopekError as exc:
+            used, size, free, health = 0, 0, 0, f"unavailable: {exc}"
+        finally:
+            if isinstance(driver, CephPool):
+                driver.close()
         return {"name": pool.name, "driver": pool.driver, "config": pool.config,
                 "created": pool.created, "size": size, "used": used, "free": free,
                 "provisioned": sum(v.size for v in vols), "volumes": len(vols),
@@ -188,19 +220,23 @@ class Storage:
         kv = self.store.get(key)
         return kv.mod_revision if kv is not None else 0
 
-    def _driver(self, pool: Pool) -> DirPool:
+    def _driver(self, pool: Pool) -> Driver:
+        if pool.driver == "ceph":
+            return CephPool(pool.name, pool.config)
         return DirPool(Path(pool.config["path"]))
 
-    def _usable(self, pool: Pool, operation: str) -> DirPool:
-        """The driver of ``pool``; StateError when its directory is gone or unwritable
-        (nothing is recorded then)."""
+    def _usable(self, pool: Pool, operation: str) -> Driver:
+        """The driver of ``pool``; StateError when its directory is gone or unwritable, or
+        its Ceph cluster does not answer (nothing is recorded then)."""
         driver = self._driver(pool)
         try:
             driver.check()
         except InvalidInput as exc:
+            hint = ("make its directory again, or delete the pool (popek storage delete)"
+                    if pool.driver == "dir" else "check the cluster (ceph -s) and the pool's "
+                    "conf, keyring and client (popek storage info)")
             raise StateError(f"storage pool {pool.name}", operation, f"unavailable ({exc})",
-                             ("available",), "make its directory again, or delete the pool "
-                             "(popek storage delete)") from exc
+                             ("available",), hint) from exc
         return driver
 
     # -- volumes ---------------------------------------------------------------
@@ -238,11 +274,14 @@ class Storage:
         validate_name(name, "volume name")
         self.check_size(size, kind)
         p = self.pool(pool)
+        if p.driver == "ceph" and kind != "block":
+            raise InvalidInput(f"pool {pool} is a ceph pool: it holds block volumes (RBD "
+                               "images); make filesystem volumes in a dir pool")
         self._ensure_default(pool)
         vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner())
         return self._make(p, vol, lambda driver: driver.create(project, name, kind, size))
 
-    def _make(self, pool: Pool, vol: Volume, act: Callable[[DirPool], None]) -> Volume:
+    def _make(self, pool: Pool, vol: Volume, act: Callable[[Driver], None]) -> Volume:
         """Write ``vol``'s record (``creating``: AlreadyExists when the name is taken), make
         its file with ``act``, then say ``ready``; file and record go again when ``act``
         fails."""
@@ -390,12 +429,36 @@ class Storage:
 
     def files_of(self, pool: str, project: str, name: str) -> list[Path]:
         """The files an instance of volume ``name`` opens: a block volume's chain, its own
-        first; a filesystem volume's one file."""
+        first; a filesystem volume's one file (a ceph volume has none: rbd_disk)."""
         driver = self._driver(self.pool(pool))
+        if isinstance(driver, CephPool):
+            raise InvalidInput(f"volume {pool}/{name} is an RBD image, not files: "
+                               "use rbd_disk")
         vol = self.volume(pool, project, name)
         if vol.type != "block":
             return [driver.file(project, name, vol.type)]
         return driver.chain(project, name)
+
+    def is_ceph(self, pool: str) -> bool:
+        """Whether ``pool`` is a ``ceph`` pool (its volumes are RBD images, not files)."""
+        return self.pool(pool).driver == "ceph"
+
+    def rbd_disk(self, pool: str, project: str, name: str) -> dict[str, Any]:
+        """What QEMU's rbd driver needs to open volume ``name`` of ceph pool ``pool``:
+        ``pool``, ``image``, ``user``, ``servers`` (the monitors, host and port) and ``key``
+        (the client's secret, read from its keyring now: never stored by popek)."""
+        p = self.pool(pool)
+        driver = self._driver(p)
+        if not isinstance(driver, CephPool):
+            raise InvalidInput(f"pool {pool} is not a ceph pool")
+        try:
+            mon_host = driver.mon_host()
+        finally:
+            driver.close()
+        client = p.config.get("client", cephpool.DEFAULT_CLIENT)
+        return {"pool": p.config["pool"], "image": driver.image(project, name),
+                "user": client, "servers": cephpool.resolved(cephpool.mon_servers(mon_host)),
+                "key": cephpool.read_key(Path(p.config["keyring"]), client)}
 
     # -- import and export ------------------------------------------------------------
     def import_volume(self, pool: str, project: str, name: str, source: Path,
@@ -551,6 +614,9 @@ class Storage:
         it those intents wait for a caller that knows."""
         done: list[str] = []
         for pool in self.pools():
+            if pool.driver == "ceph":
+                done += self._reconcile_ceph(pool, holds)
+                continue
             driver = self._driver(pool)
             for vol in self.volumes(pool.name):
                 if vol.state in INTENTS and not _owner_alive(vol.owner):
@@ -583,6 +649,41 @@ class Storage:
         self.detach(vol.pool, vol.project, vol.name, vol.attached)
         return f"{where}: interrupted {what} settled: detached"
 
+    def _reconcile_ceph(self, pool: Pool, holds: Callable[[str, str], bool] | None
+                        ) -> list[str]:
+        """Settle the dead intents of a ceph pool, then remove its images (of its prefix)
+        that no record explains.  The cluster is asked only when an intent is to settle
+        (every image is made after its record and removed before it, so only an
+        interrupted operation can leave one); an unreachable cluster leaves the intents
+        for a later reconcile, and says so.  An interrupted attach or detach needs no
+        cluster: the instance's record decides it (``holds``, as for a dir pool)."""
+        done: list[str] = []
+        dead = []
+        for vol in self.volumes(pool.name):
+            if vol.state in INTENTS and not _owner_alive(vol.owner):
+                if vol.state not in ATTACHMENT_INTENTS:
+                    dead.append(vol)
+                elif holds is not None:
+                    done.append(self._settle_attachment(vol, holds))
+        if not dead:
+            return done
+        driver = self._driver(pool)
+        assert isinstance(driver, CephPool)
+        try:
+            for vol in dead:
+                done.append(self._settle_dead(driver, vol))
+            known = {(v.project, v.name) for v in self.volumes(pool.name)}
+            for project, name, kind in driver.files():
+                if (project, name) not in known:
+                    driver.delete(project, name, kind)
+                    done.append(f"{pool.name}: removed RBD image {driver.image(project, name)}"
+                                ", which no record explains")
+        except PopekError as exc:
+            done.append(f"{pool.name}: not reconciled now: {exc}")
+        finally:
+            driver.close()
+        return done
+
     def _in_progress(self, pool: str, project: str, name: str) -> bool:
         kv = self.store.get(volume_key(pool, project, name))
         if kv is None:
@@ -590,7 +691,7 @@ class Storage:
         vol = Volume.from_json(kv.value)
         return vol.state in INTENTS and _owner_alive(vol.owner)
 
-    def _settle_dead(self, driver: DirPool, vol: Volume) -> str:
+    def _settle_dead(self, driver: Driver, vol: Volume) -> str:
         key = volume_key(vol.pool, vol.project, vol.name)
         where = f"{vol.pool}: volume {vol.project}/{vol.name}"
         if vol.state == "creating":
@@ -602,8 +703,8 @@ class Storage:
             self.store.delete(key)
             return f"{where}: interrupted delete finished"
         if vol.state == "snapshotting":
-            frozen = driver.snapshot_file(vol.project, vol.name, vol.pending)
-            if frozen.exists():  # the file was frozen: finish (an overlay on it)
+            if driver.has_snapshot(vol.project, vol.name, vol.pending):
+                # the file was frozen (dir: finish, an overlay on it; ceph: taken)
                 driver.snapshot(vol.project, vol.name, vol.pending)
                 self._settle(key, vol, size=vol.size, snapshots=[
                     *vol.snapshots, {"name": vol.pending, "created": _now()}])
@@ -616,6 +717,8 @@ class Storage:
             self._settle(key, vol, size=vol.size,
                          snapshots=[x for x in vol.snapshots if x["name"] != vol.pending])
             return f"{where}: interrupted delete of snapshot {vol.pending} finished"
+        if vol.state == "restoring" and isinstance(driver, CephPool):
+            driver.restore(vol.project, vol.name, vol.pending)  # a rollback half done: redo
         size = driver.virtual_size(vol.project, vol.name, vol.type)  # resizing, restoring
         self._settle(key, vol, size=size)
         what = "resize" if vol.state == "resizing" else f"restore to {vol.pending}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from popek import proc
-from popek.engines.base import LaunchSpec
+from popek.engines.base import LaunchSpec, RbdDisk
 from popek.engines.qemu import vtpm
 from popek.errors import EngineError
 
@@ -159,7 +159,8 @@ def disk_device(slot: int, ref: str, bus: str) -> dict[str, object]:
 
 
 def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
-              buses: Sequence[str] = ()) -> list[str]:
+              buses: Sequence[str] = (),
+              rbd: Sequence[tuple[RbdDisk, Path, str]] = ()) -> list[str]:
     """The argv of block volumes, each given as (``POOL/NAME``, descriptors of its files:
     its own, read-write, then each backing file, read-only), disk ``d`` on root port
     ``buses[d]`` (so that it can be unplugged while the VM runs).
@@ -167,6 +168,12 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
     Every descriptor goes into an fd set of its own (``-add-fd``) and is opened by QEMU
     as ``/dev/fdset/N``: the jail holds no volume path.  A disk is a virtio-blk device
     whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).
+
+    ``rbd`` are Ceph volumes, each with the pipe its key comes through and its root port:
+    QEMU's ``rbd`` driver opens the image itself (monitors given as ``server``, no
+    configuration file), authenticated with ``key-secret``, a ``secret`` object read
+    from that pipe (:func:`rbd_key_path`), so the key is on no command line and in no
+    file.  They follow the other disks (slots ``len(disks)`` on).
     """
     argv: list[str] = []
     fdset = 0
@@ -180,7 +187,21 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
             argv += ["-blockdev", json.dumps(node)]
         dev = disk_device(d, ref, buses[d] if d < len(buses) else "pcie.0")
         argv += ["-device", json.dumps(dev)]
+    for d, (disk, key_pipe, bus) in enumerate(rbd, start=len(disks)):
+        top = disk_node(d, 0)
+        argv += ["-object", f"secret,id={top}-key,format=base64,file={key_pipe}"]
+        argv += ["-blockdev", json.dumps({
+            "driver": "rbd", "node-name": top, "pool": disk.pool, "image": disk.image,
+            "user": disk.user, "key-secret": f"{top}-key", "auth-client-required": ["cephx"],
+            "server": [{"host": h, "port": p} for h, p in disk.servers]})]
+        argv += ["-device", json.dumps(disk_device(d, disk.name, bus))]
     return argv
+
+
+def rbd_key_path(workdir: Path, index: int) -> Path:
+    """The pipe (a FIFO in the instance directory) the key of the ``index``-th RBD disk
+    comes through: empty, written once by popek while QEMU reads it at start."""
+    return workdir / f"rbd{index}.key"
 
 
 def disk_buses(spec: LaunchSpec) -> list[str]:
@@ -235,5 +256,8 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
     for i, (port, fd) in enumerate(zip(spec.ports, tap_fds, strict=True)):
         argv += ["-netdev", netdev_arg(port, fd), "-device", nic_arg(port, root_port(i))]
     argv += disk_args([(ref, fds) for (ref, _), fds in zip(spec.disks, disk_fds, strict=True)],
-                      disk_buses(spec))
+                      disk_buses(spec),
+                      [(disk, rbd_key_path(spec.workdir, i),
+                        root_port(len(spec.ports) + len(spec.disks) + i))
+                       for i, disk in enumerate(spec.rbd_disks)])
     return argv

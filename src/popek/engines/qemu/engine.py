@@ -14,7 +14,7 @@ from popek import proc
 from popek.engines import cgroupfs
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
-from popek.engines.qemu import consolelog, jail, process, qmp, vtpm
+from popek.engines.qemu import consolelog, jail, keypipe, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
     Paths,
@@ -27,6 +27,7 @@ from popek.engines.qemu.cmdline import (
     find_qemu,
     netdev_id,
     nic_id,
+    rbd_key_path,
     root_port,
 )
 from popek.engines.qemu.tap import open_tap
@@ -183,6 +184,7 @@ class QemuEngine:
         pidfile = spec.workdir / "qemu.pid"
         tap_fds: list[int] = []
         disk_fds: list[list[int]] = []
+        key_pipes: list[tuple[Path, str]] = []
         try:
             for port in spec.ports:
                 tap_fds.append(open_tap(port.host_ifname))
@@ -191,6 +193,9 @@ class QemuEngine:
             p.argv.write_text(json.dumps(argv))
             value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
             vtpm.write_measurement(spec.workdir, value)
+            key_pipes += [(rbd_key_path(spec.workdir, i), disk.key)
+                          for i, disk in enumerate(spec.rbd_disks)]
+            keypipe.make([path for path, _ in key_pipes], spec.uid, spec.gid)
             vtpm.start(spec.workdir, spec.uid, spec.gid)
             consolelog.start(p.console_log, spec.uid, spec.gid)
             kvm_gid = KVM_GROUP_DEV.stat().st_gid if accel == "kvm" else 0
@@ -201,6 +206,7 @@ class QemuEngine:
                                  jail.limits(spec, accel),
                                  (*tap_fds, *(fd for fds in disk_fds for fd in fds)),
                                  cpus=spec.cpus)
+            keypipe.feed(key_pipes)  # QEMU waits for them before it goes on
             if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
                                    10.0):
                 raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
@@ -215,6 +221,8 @@ class QemuEngine:
         finally:
             for fd in (*tap_fds, *(fd for fds in disk_fds for fd in fds)):
                 os.close(fd)
+            for path, _ in key_pipes:  # fed and gone, unless the start failed before
+                path.unlink(missing_ok=True)
         nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
         disks: dict[str, dict[str, Any]] = {}
         fdset = 0
@@ -222,6 +230,10 @@ class QemuEngine:
             disks[ref] = {"slot": d, "bus": bus, "fdsets": list(range(fdset + 1,
                                                                     fdset + 1 + len(files)))}
             fdset += len(files)
+        for i, disk in enumerate(spec.rbd_disks):  # opened by QEMU itself: no fd sets
+            slot = len(spec.disks) + i
+            disks[disk.name] = {"slot": slot, "bus": root_port(len(spec.ports) + slot),
+                                "fdsets": []}
         runtime = Runtime(pid, started, {"accel": accel, "nics": nics, "disks": disks,
                                          "cgroup": cgroup})
         try:
@@ -392,7 +404,8 @@ class QemuEngine:
         if not proc.wait_until(gone, timeout, 0.2):
             raise EngineError(f"the guest of {spec.name} did not release the disk of {ref} "
                               f"within {timeout:.0f}s")
-        _remove_nodes(sock, slot, len(disk.get("fdsets", [])), list(disk.get("fdsets", [])))
+        _remove_nodes(sock, slot, len(disk.get("fdsets", [])) or 1,  # an rbd disk: 1 node
+                      list(disk.get("fdsets", [])))
         disks.pop(ref, None)
 
     def grow_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, size: int) -> None:
