@@ -166,3 +166,24 @@ def test_a_missing_key_refuses_the_start_clearly(volumes: Path, minimal_image: s
     popek("start", VM)
     assert read_mark("/dev/vda") == MARK
     popek("delete", "--force", VM)
+
+
+def test_hot_plug_of_an_encrypted_volume(volumes: Path, minimal_image: str) -> None:
+    """Plugged into the running VM, QEMU gets the key over its monitor (``object-add``),
+    never its command line; the guest reads what it wrote before; it grows live; unplugged
+    and plugged again into the same slot (its secret went with the disk)."""
+    key = Secrets(volumes).volume_key("default")
+    popek("launch", minimal_image, VM, "--memory", "256MiB")
+    try:
+        popek("storage", "volume", "attach", f"local/{SEC}", VM)
+        assert read_mark("/dev/vda") == MARK
+        pid = int(popek_json("info", VM)["pid"])
+        assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        popek("storage", "volume", "resize", "local", SEC, "96MiB")
+        assert guest("cat /sys/block/vda/size") == f"{96 * MiB // 512}\n"
+        popek("storage", "volume", "detach", f"local/{SEC}", VM)
+        assert guest("ls /sys/block | grep -c vd || true") == "0\n"
+        popek("storage", "volume", "attach", f"local/{SEC}", VM)
+        assert read_mark("/dev/vda") == MARK
+    finally:
+        popek("delete", "--force", VM, check=False)
