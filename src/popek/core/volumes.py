@@ -214,7 +214,7 @@ class Attachments:
                 assert inst.runtime is not None
                 files = [str(f) for f in storage.files_of(pool, inst.project, vol_name)]
                 eng.attach_disk(owner._spec_for_running(inst), inst.runtime, ref, files, path,
-                                secret)
+                                key=secret)
                 plugged = True
                 owner.records.save(inst, rev, f"volume {ref} plugged in")
             storage.settle_attachment(pool, inst.project, vol_name)
