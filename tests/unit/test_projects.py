@@ -161,3 +161,21 @@ def test_projects_are_created_once_and_deleted_only_when_empty(env: Env) -> None
     assert Projects(env.store).names() == ["default", "hauth-a"]
     with pytest.raises(NotFound):
         root.handle(ProjectDelete("hauth-b"))
+
+
+def test_a_project_holding_volumes_is_kept_and_its_key_goes_with_it(env: Env) -> None:
+    """An encrypted volume's key is its project's: the project is not deleted while it
+    holds a volume (the key would go and the volume be unreadable), and the key goes
+    once the project does."""
+    from popek.core.requests import VolumeCreate, VolumeDelete
+    from popek.trust.secrets import Secrets
+
+    root = core(env, "default")
+    rec = core(env, "hauth-b").handle(VolumeCreate("local", "sec", 16 * MIB, encrypt=True))
+    assert rec["encrypted"] is True and Secrets().has_key("hauth-b")
+    with pytest.raises(ProjectNotEmpty, match="it holds volumes local/sec"):
+        root.handle(ProjectDelete("hauth-b"))
+    assert Secrets().has_key("hauth-b")
+    core(env, "hauth-b").handle(VolumeDelete("local", "sec"))
+    root.handle(ProjectDelete("hauth-b"))
+    assert not Secrets().has_key("hauth-b") and not Projects(env.store).exists("hauth-b")

@@ -49,7 +49,7 @@ class DiskEngine(FakeEngine):
         return runtime
 
     def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
-                    path: str = "") -> None:
+                    path: str = "", key: str = "") -> None:
         self._step("attach", "before")
         runtime.details.setdefault("disks", {})[ref] = {"slot": 0}
         self.calls.append(f"attach_disk {spec.name} {ref}")

@@ -118,6 +118,8 @@ class VolumeBody(BaseModel):
     name: str = Field(min_length=1, max_length=63)
     size: Size
     type: Literal["block", "filesystem"] = "block"
+    #: encrypted at rest (a block volume: qcow2 with LUKS, under the project's key)
+    encrypt: bool = False
 
 
 @router.post("/1.0/storage-pools/{pool}/volumes", status_code=201)
@@ -127,7 +129,7 @@ def create_volume(request: Request, pool: PoolName, body: VolumeBody,
     from popek.core.requests import VolumeCreate
 
     with session(identity(request), project) as core:
-        return core.handle(VolumeCreate(pool, body.name, body.size, body.type))
+        return core.handle(VolumeCreate(pool, body.name, body.size, body.type, body.encrypt))
 
 
 class ResizeBody(BaseModel):
@@ -215,13 +217,13 @@ MAX_UPLOAD = MAX_SIZE
 
 @router.post(f"{VOLUME}/import", status_code=202)
 async def import_volume(request: Request, pool: PoolName, name: VolumeName,
-                        project: Project = None) -> JSONResponse:
+                        project: Project = None, encrypt: bool = False) -> JSONResponse:
     """Import the body (a qcow2 or raw image, self-contained) as block volume ``name`` of
-    the project: an operation, with progress."""
+    the project (``encrypt``: encrypted at rest): an operation, with progress."""
     from popek.core.requests import VolumeImport
 
     who = identity(request)
-    probe = VolumeImport(pool, name, "upload")
+    probe = VolumeImport(pool, name, "upload", encrypt=encrypt)
 
     def authorize() -> None:
         with session(who, project) as core:

@@ -175,6 +175,7 @@ VOLUME_COLUMNS = (
     Column("SIZE", lambda r: human(r["size"]), "s"),
     Column("STATE", lambda r: r["state"], "S"),
     Column("ATTACHED", lambda r: r["attached"] or "-", "a"),
+    Column("ENCRYPTED", lambda r: "yes" if r.get("encrypted") else "no", "e", default=False),
 )
 
 
@@ -194,7 +195,8 @@ def _show_volume(rec: dict[str, Any], fmt: str) -> None:
     details(rec, [("pool", rec["pool"]), ("name", rec["name"]), ("project", rec["project"]),
                   ("type", rec["type"]), ("size", human(rec["size"])),
                   ("used", human(rec.get("used"))), ("state", rec["state"]),
-                  ("attached", rec["attached"] or "-"), ("created", rec["created"])], fmt)
+                  ("attached", rec["attached"] or "-"), ("created", rec["created"]),
+                  ("encrypted", "yes" if rec.get("encrypted") else "no")], fmt)
 
 
 @volume_app.command("create")
@@ -205,6 +207,8 @@ def volume_create(
                                                  "as data is written)."),
     kind: str = typer.Option("block", "--type", help="block (a disk for a VM) or filesystem "
                                                      "(ext4, for a container)."),
+    encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt it at rest (a block "
+                                 "volume: qcow2 with LUKS, under the project's key)."),
     project: str | None = project_option(),
 ) -> None:
     """Create a volume in a pool, in the project."""
@@ -212,13 +216,16 @@ def volume_create(
     where = remotes.locate(pool, "pool")
     if where is not None:
         rec = _api(where[0]).call("POST", _volumes_path(where[1]), params={"project": project},
-                                  json={"name": name, "size": bytes_, "type": kind})
+                                  json={"name": name, "size": bytes_, "type": kind,
+                                        "encrypt": encrypt})
     else:
         scope.use(project)
         from popek.core.requests import VolumeCreate
 
-        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind))
-    print(f"Volume {rec['pool']}/{rec['name']} created ({rec['type']}, {human(rec['size'])}).")
+        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind, encrypt))
+    how = ", encrypted" if rec.get("encrypted") else ""
+    print(f"Volume {rec['pool']}/{rec['name']} created ({rec['type']}, {human(rec['size'])}"
+          f"{how}).")
 
 
 @volume_app.command("list")
@@ -415,6 +422,8 @@ def volume_import(
     name: str = typer.Argument(..., help="The new block volume."),
     file: str = typer.Argument(..., help="A qcow2 or raw disk image (self-contained: no "
                                          "backing file)."),
+    encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt the new volume at rest "
+                                 "(qcow2 with LUKS, under the project's key)."),
     project: str | None = project_option(),
 ) -> None:
     """Make a block volume from a disk image file, with progress."""
@@ -431,7 +440,8 @@ def volume_import(
             raise InvalidInput(f"cannot read {file!r}: {exc.strerror}") from exc
         with upload, ops.progress(f"sending {file} to remote {where[0]}") as step:
             op = api.call("POST", f"{_volumes_path(where[1], name)}/import", content=upload,
-                          params={"project": project}, timeout=3600)
+                          params={"project": project, "encrypt": encrypt or None},
+                          timeout=3600)
             rec = api.wait(op, step)
     else:
         scope.use(project)
@@ -441,7 +451,7 @@ def volume_import(
 
         with ops.progress(f"importing {file}") as step:
             rec = _core().handle(VolumeImport(pool, name, str(Path(file).absolute()),
-                                              progress=step))
+                                              progress=step, encrypt=encrypt))
     print(f"Volume {rec['pool']}/{rec['name']} imported from {file} ({human(rec['size'])}).")
 
 

@@ -206,6 +206,12 @@ class Instances:
                                    tuple((str(h), str(p)) for h, p in d["servers"]), d["key"]))
         return tuple(out)
 
+    def _disk_keys(self, inst: Instance) -> tuple[str, ...]:
+        """The key of each attached volume (empty: a plain one), in ``_disks``' order; none
+        at all when no volume is encrypted; read only to start it.  NotFound when the
+        project's key is missing."""
+        return self.volumes.keys(inst) if self._kind(inst) == "block" else ()
+
     def _spec(self, inst: Instance, full: bool) -> LaunchSpec:
         """A spec of a recorded instance; ``full=False`` reads neither images nor ports."""
         if full:
@@ -396,7 +402,7 @@ class Instances:
             self.nets.create_ports(inst, eng, list(networks or []))
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst))
+                           cpus=self._place(inst), disk_keys=self._disk_keys(inst))
             progress(f"creating {name}")
             eng.create(spec)
             progress(f"booting {name}")
@@ -430,7 +436,7 @@ class Instances:
             self.nets.ensure_devices(inst)
             measure, measured = self.guard.measurer(self.workdir(inst), verdict)
             spec = replace(self._launch_spec(inst, image), measure=measure,
-                           cpus=self._place(inst))
+                           cpus=self._place(inst), disk_keys=self._disk_keys(inst))
             inst.runtime = self._engine(inst).start(spec, ready_timeout)
             inst.runtime.details["cpus"] = list(spec.cpus)
             inst.runtime.details["image_trust"] = verdict.to_doc()

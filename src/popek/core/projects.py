@@ -120,9 +120,9 @@ class Projects:
             raise AlreadyExists(f"project {project!r} already exists")
 
     def delete(self, project: str, instances: list[str], networks: Sequence[str] = (),
-               images: Sequence[str] = ()) -> None:
-        """Delete ``project``; refused while it holds ``instances``, profiles, ``networks``
-        or ``images`` (named)."""
+               images: Sequence[str] = (), volumes: Sequence[str] = ()) -> None:
+        """Delete ``project``; refused while it holds ``instances``, profiles, ``networks``,
+        ``images`` or ``volumes`` (named)."""
         if project == DEFAULT_PROJECT:
             raise InvalidInput("the project 'default' cannot be deleted")
         self.require(project)
@@ -137,6 +137,8 @@ class Projects:
             held.append(f"networks {', '.join(networks)}")
         if images:
             held.append(f"images {', '.join(images)}")
+        if volumes:
+            held.append(f"volumes {', '.join(volumes)}")
         if held:
             raise ProjectNotEmpty(f"project {project!r} is not empty: it holds "
                              f"{'; '.join(held)}; delete them first")

@@ -29,9 +29,10 @@ LIVE = (State.RUNNING, State.PAUSED)
 
 
 def _storage(owner: Instances) -> Storage:
+    from popek.core.volkeys import volume_key
     from popek.storage.service import Storage
 
-    return Storage(owner.store)
+    return Storage(owner.store, volume_key)
 
 
 def check_path(path: str) -> str:
@@ -64,6 +65,21 @@ class Attachments:
             out.append((ref, tuple(str(f) for f in storage.files_of(pool, inst.project,
                                                                     name))))
         return tuple(out)
+
+    def keys(self, inst: Instance) -> tuple[str, ...]:
+        """The key of each attached volume (empty: a plain one), in :meth:`files`' order;
+        none at all when no volume is encrypted.  NotFound when the project's key is
+        missing."""
+        if not inst.spec.volumes:
+            return ()
+        storage = _storage(self.owner)
+        keys = []
+        for ref in inst.spec.volumes:
+            pool, name = storage.parse_ref(ref)
+            if storage.is_ceph(pool):
+                continue  # not among files(): QEMU's rbd driver opens it
+            keys.append(storage.key(storage.volume(pool, inst.project, name)) or "")
+        return tuple(keys) if any(keys) else ()
 
     def parse(self, values: list[str], kind: str) -> tuple[list[str], dict[str, str]]:
         """Launch's volumes, ``POOL/VOLUME`` (a container's also ``POOL/VOLUME:PATH``,
@@ -117,6 +133,7 @@ class Attachments:
             pool, name = storage.parse_ref(ref)
             vol = storage.volume(pool, self.owner.project, name)  # NotFound
             self._check_kind(ref, vol.type, kind)
+            storage.key(vol)  # an encrypted volume whose key is missing: NotFound now
             if vol.attached:
                 raise StateError(f"volume {ref}", "attach", f"attached to {vol.attached}",
                                  ("detached",), "a volume is attached to one instance at a "
@@ -171,6 +188,7 @@ class Attachments:
         vol = storage.volume(pool, inst.project, vol_name)
         eng = owner._engine(inst)
         self._check_kind(ref, vol.type, eng.volume_kind)
+        secret = storage.key(vol) or ""  # an encrypted volume's missing key: NotFound now
         if eng.volume_kind == "block":
             if path:
                 raise InvalidInput("--path is for containers: a VM sees the volume as a disk "
@@ -203,7 +221,8 @@ class Attachments:
             if live:
                 assert inst.runtime is not None
                 files = [str(f) for f in storage.files_of(pool, inst.project, vol_name)]
-                eng.attach_disk(owner._spec_for_running(inst), inst.runtime, ref, files, path)
+                eng.attach_disk(owner._spec_for_running(inst), inst.runtime, ref, files, path,
+                                key=secret)
                 plugged = True
                 owner.records.save(inst, rev, f"volume {ref} plugged in")
             storage.settle_attachment(pool, inst.project, vol_name)

@@ -84,6 +84,9 @@ class LaunchSpec:
     fs_volumes: tuple[tuple[str, str, str], ...] = ()
     #: Ceph RBD volumes attached at start, after ``disks``: QEMU's rbd driver opens them
     rbd_disks: tuple[RbdDisk, ...] = ()
+    #: the key of each of ``disks`` (same order; empty: a plain volume, and no entry at
+    #: all: none is encrypted), handed to the VMM through a FIFO, never on its command line
+    disk_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -212,9 +215,10 @@ class Engine(Protocol):
         ...
 
     def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
-                    path: str = "") -> None:
+                    path: str = "", key: str = "") -> None:
         """Plug volume ``ref`` (its ``files``: its own first) into the running instance
-        (a VM's disk; a container's filesystem mounted at ``path``) (``DISK_HOTPLUG``)."""
+        (a VM's disk; a container's filesystem mounted at ``path``) (``DISK_HOTPLUG``);
+        ``key``: the volume is encrypted with it."""
         ...
 
     def detach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str) -> None:

@@ -309,7 +309,8 @@ class CephPool:
         return str(self._connect().conf_get("mon_host"))
 
     # -- volumes ---------------------------------------------------------------------
-    def create(self, project: str, name: str, kind: str, size: int) -> None:
+    def create(self, project: str, name: str, kind: str, size: int,
+               key: str | None = None) -> None:
         """Make the image (thin) of block volume ``name``."""
         _, rbd = _bindings()
         if kind != "block":
@@ -322,7 +323,8 @@ class CephPool:
                 raise EngineError(f"RBD image {self.image(project, name)} exists already in "
                                   f"Ceph pool {self.config['pool']}") from exc
 
-    def resize(self, project: str, name: str, kind: str, size: int, old: int) -> None:
+    def resize(self, project: str, name: str, kind: str, size: int, old: int,
+               key: str | None = None) -> None:
         """Set the image's size to ``size``."""
         with self._image(project, name) as image:
             image.resize(size)
@@ -360,18 +362,19 @@ class CephPool:
         with self._image(project, name, read_only=True) as image:
             return any(s["name"] == snap for s in image.list_snaps())
 
-    def snapshot(self, project: str, name: str, snap: str) -> None:
+    def snapshot(self, project: str, name: str, snap: str, key: str | None = None) -> None:
         """Take RBD snapshot ``snap`` (there already: nothing to do)."""
         if not self.has_snapshot(project, name, snap):
             with self._image(project, name) as image:
                 image.create_snap(snap)
 
-    def restore(self, project: str, name: str, snap: str) -> None:
+    def restore(self, project: str, name: str, snap: str, key: str | None = None) -> None:
         """Roll the image back to ``snap`` (the same again is harmless: roll forward)."""
         with self._image(project, name) as image:
             image.rollback_to_snap(snap)
 
-    def clone(self, project: str, name: str, snap: str, new: str) -> None:
+    def clone(self, project: str, name: str, snap: str, new: str,
+              key: str | None = None) -> None:
         """Make ``new`` a copy-on-write clone of snapshot ``snap`` of ``name`` (the snapshot
         is protected first, as RBD needs)."""
         _, rbd = _bindings()
@@ -382,7 +385,8 @@ class CephPool:
             rbd.RBD().clone(ioctx, self.image(project, name), snap, ioctx,
                             self.image(project, new), features=FEATURES)
 
-    def delete_snapshot(self, project: str, name: str, snap: str, others: list[str]) -> None:
+    def delete_snapshot(self, project: str, name: str, snap: str, others: list[str],
+                        key: str | None = None) -> None:
         """Remove snapshot ``snap`` (gone: nothing to do); refused while clones depend on
         it, naming them."""
         with self._image(project, name) as image:
@@ -437,7 +441,7 @@ class CephPool:
                         c["conf"], c["keyring"])
 
     def import_file(self, project: str, name: str, source: Path, fmt: str,
-                    progress: Callable[[int], None]) -> None:
+                    progress: Callable[[int], None], key: str | None = None) -> None:
         """Make the image of ``name`` and ``qemu-img convert`` ``source`` into it."""
         from popek.storage.dirpool import probe
 
@@ -447,7 +451,7 @@ class CephPool:
                      self._spec(project, name)], f"importing {source.name}", progress)
 
     def export_file(self, project: str, name: str, target: Path, fmt: str,
-                    progress: Callable[[int], None]) -> None:
+                    progress: Callable[[int], None], key: str | None = None) -> None:
         """Write the image of ``name`` to the new file ``target`` as ``fmt``."""
         with made(target) as tmp:
             run_convert(["-f", "raw", self._spec(project, name), "-O", fmt,

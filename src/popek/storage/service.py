@@ -12,6 +12,12 @@ record was rolled back) are removed.
 
 The pool ``local`` (driver ``dir`` under ``POPEK_HOME/storage/local``) is
 made on first use.
+
+An encrypted volume (``config["encrypt"] == "luks"``) is opened with its
+project's key, which the caller gives as ``keys`` (``popek.core`` passes the
+secret store's: storage does not reach into ``trust``); every operation that
+reads or writes its data asks for the key, and a clone stays in its origin's
+project, under the same key.
 """
 
 from __future__ import annotations
@@ -24,13 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from popek import paths
-from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
+from popek.errors import (
+    AlreadyExists,
+    EngineError,
+    InvalidInput,
+    NotFound,
+    PopekError,
+    StateError,
+)
 from popek.names import validate_name
 from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
 from popek.storage import cephpool
 from popek.storage.cephpool import CephPool
-from popek.storage.dirpool import FORMATS, DirPool, probe
+from popek.storage.dirpool import ENCRYPTION, FORMATS, DirPool, probe
 from popek.storage.model import (
     ATTACHMENT_INTENTS,
     DEFAULT_POOL,
@@ -57,6 +70,17 @@ MIN_SIZE = {"block": 1 << 20, "filesystem": 16 << 20}
 #: the largest: qcow2's metadata of 64 TiB is small; an ext4 of 16 TiB takes mkfs seconds
 MAX_SIZES = {"block": 64 << 40, "filesystem": 16 << 40}
 MAX_SIZE = max(MAX_SIZES.values())
+
+
+#: ``keys(project, create)``: the volume key of ``project`` (made now when ``create``)
+Keys = Callable[[str, bool], str]
+#: the ``config`` entry of an encrypted volume, and its value
+ENCRYPT = "encrypt"
+
+
+def encrypted(vol: Volume) -> bool:
+    """Whether ``vol``'s files are encrypted (with its project's key)."""
+    return vol.config.get(ENCRYPT) == ENCRYPTION
 
 
 def _now() -> str:
@@ -93,8 +117,19 @@ def _default() -> Pool:
 class Storage:
     """The storage pools and volumes of this host's store."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, keys: Keys | None = None) -> None:
         self.store = store
+        self.keys = keys
+
+    def key(self, vol: Volume, create: bool = False) -> str | None:
+        """The key of encrypted ``vol`` (None for a plain one); EngineError when this
+        storage was given no way to get it."""
+        if not encrypted(vol):
+            return None
+        if self.keys is None:
+            raise EngineError(f"volume {vol.name} is encrypted and this operation was not "
+                              "given its project's key")
+        return self.keys(vol.project, create)
 
     # -- pools -----------------------------------------------------------------
     def pools(self) -> list[Pool]:
@@ -268,18 +303,34 @@ class Storage:
                                f"{format_size(MIN_SIZE[kind])} to {format_size(MAX_SIZES[kind])}")
 
     def create_volume(self, pool: str, project: str, name: str, size: int,
-                      kind: str = "block") -> Volume:
+                      kind: str = "block", encrypt: bool = False) -> Volume:
         """Make volume ``name`` of ``size`` bytes: the record (``creating``), the file, then
-        ``ready``; the file and record are taken back when making the file fails."""
+        ``ready``; the file and record are taken back when making the file fails.  With
+        ``encrypt``: a LUKS qcow2 under the project's key (made now when it has none)."""
         validate_name(name, "volume name")
         self.check_size(size, kind)
         p = self.pool(pool)
+        self._check_encrypt(encrypt, kind, p)
         if p.driver == "ceph" and kind != "block":
             raise InvalidInput(f"pool {pool} is a ceph pool: it holds block volumes (RBD "
                                "images); make filesystem volumes in a dir pool")
         self._ensure_default(pool)
-        vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner())
-        return self._make(p, vol, lambda driver: driver.create(project, name, kind, size))
+        vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner(),
+                     config={ENCRYPT: ENCRYPTION} if encrypt else {})
+        key = self.key(vol, create=True)
+        return self._make(p, vol, lambda driver: driver.create(project, name, kind, size, key))
+
+    def _check_encrypt(self, encrypt: bool, kind: str, pool: Pool | None = None) -> None:
+        if encrypt and pool is not None and pool.driver == "ceph":
+            raise InvalidInput(f"--encrypt applies to dir pools for now; pool {pool.name} is "
+                               "a ceph pool (RBD encryption is to come)")
+        if encrypt and kind != "block":
+            raise InvalidInput("--encrypt applies to block volumes (qcow2 with LUKS); a "
+                               "filesystem volume cannot be encrypted yet (it would need "
+                               "dm-crypt, which this host lacks)")
+        if encrypt and self.keys is None:
+            raise EngineError("an encrypted volume needs the secret store, which this "
+                              "caller did not give")
 
     def _make(self, pool: Pool, vol: Volume, act: Callable[[Driver], None]) -> Volume:
         """Write ``vol``'s record (``creating``: AlreadyExists when the name is taken), make
@@ -320,12 +371,13 @@ class Storage:
                              ("detached",), "detach it first; an attached volume only grows")
         driver = self._usable(self.pool(pool), "resize a volume in")
         key = volume_key(pool, project, name)
+        secret = self.key(vol)  # a missing key: refused before the intent
         busy = self._intent(key, vol, "resizing")
         try:
             if live is not None:
-                live(size)
+                live(size)  # its QEMU has the key already
             else:
-                driver.resize(project, name, vol.type, size, vol.size)
+                driver.resize(project, name, vol.type, size, vol.size, secret)
         except BaseException:
             with contextlib.suppress(PopekError, OSError):
                 self._settle(key, busy, size=driver.virtual_size(project, name, vol.type))
@@ -462,18 +514,22 @@ class Storage:
 
     # -- import and export ------------------------------------------------------------
     def import_volume(self, pool: str, project: str, name: str, source: Path,
-                      progress: Callable[[int], None] = lambda _pct: None) -> Volume:
-        """Make block volume ``name`` from the file ``source`` (qcow2 or raw, self-contained);
-        the record says ``creating`` until the copy is in place."""
+                      progress: Callable[[int], None] = lambda _pct: None,
+                      encrypt: bool = False) -> Volume:
+        """Make block volume ``name`` from the file ``source`` (qcow2 or raw, self-contained;
+        encrypted with the project's key when ``encrypt``); the record says ``creating``
+        until the copy is in place."""
         validate_name(name, "volume name")
         p = self.pool(pool)
+        self._check_encrypt(encrypt, "block", p)
         fmt, size = probe(source)
         self.check_size(size, "block")
         self._ensure_default(pool)
         vol = Volume(pool, project, name, size, "block", _now(), "creating", _owner(),
-                     config={"imported": fmt})
+                     config={"imported": fmt, **({ENCRYPT: ENCRYPTION} if encrypt else {})})
+        key = self.key(vol, create=True)
         return self._make(p, vol, lambda driver: driver.import_file(project, name, source, fmt,
-                                                                    progress))
+                                                                    progress, key))
 
     def export_volume(self, pool: str, project: str, name: str, target: Path, fmt: str,
                       progress: Callable[[int], None] = lambda _pct: None) -> int:
@@ -489,7 +545,8 @@ class Storage:
                                 "new one")
         if not target.parent.is_dir():
             raise InvalidInput(f"directory {target.parent} does not exist")
-        self._driver(self.pool(pool)).export_file(project, name, target, fmt, progress)
+        self._driver(self.pool(pool)).export_file(project, name, target, fmt, progress,
+                                                  self.key(vol))
         return target.stat().st_blocks * 512
 
     # -- snapshots and clones --------------------------------------------------------
@@ -515,8 +572,9 @@ class Storage:
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
         self._usable(self.pool(pool), "snapshot a volume in")
+        secret = self.key(vol)  # a missing key: refused before anything changes
         busy = self._intent(key, vol, "snapshotting", snap)
-        self._driver(self.pool(pool)).snapshot(project, name, snap)
+        self._driver(self.pool(pool)).snapshot(project, name, snap, secret)
         return self._settle(key, busy, size=vol.size,
                             snapshots=[*vol.snapshots, {"name": snap, "created": _now()}])
 
@@ -530,9 +588,10 @@ class Storage:
         self._detached(vol, "restore")
         key = volume_key(pool, project, name)
         self._usable(self.pool(pool), "restore a volume in")
+        secret = self.key(vol)
         busy = self._intent(key, vol, "restoring", snap)
         driver = self._driver(self.pool(pool))
-        driver.restore(project, name, snap)
+        driver.restore(project, name, snap, secret)
         return self._settle(key, busy, size=driver.virtual_size(project, name, "block"))
 
     def clone_volume(self, pool: str, project: str, name: str, snap: str, new: str) -> Volume:
@@ -545,8 +604,11 @@ class Storage:
         p = self.pool(pool)
         size = self._driver(p).virtual_size(project, f"{name}@{snap}", "block")
         clone = Volume(pool, project, new, size, "block", _now(), "creating", _owner(),
-                       origin=f"{project}/{name}@{snap}")
-        return self._make(p, clone, lambda driver: driver.clone(project, name, snap, new))
+                       origin=f"{project}/{name}@{snap}",
+                       config={ENCRYPT: ENCRYPTION} if encrypted(vol) else {})
+        secret = self.key(vol)
+        return self._make(p, clone, lambda driver: driver.clone(project, name, snap, new,
+                                                                secret))
 
     def delete_snapshot(self, pool: str, project: str, name: str, snap: str) -> Volume:
         """Delete snapshot ``snap`` of ``name``: what it holds is merged into the file it
@@ -561,9 +623,10 @@ class Storage:
                              f"{', '.join(clones)}", ("without clones",),
                              "delete the clones first")
         key = volume_key(pool, project, name)
+        secret = self.key(vol)
         busy = self._intent(key, vol, "deleting-snapshot", snap)
         others = [n for n in vol.snapshot_names() if n != snap]
-        self._driver(self.pool(pool)).delete_snapshot(project, name, snap, others)
+        self._driver(self.pool(pool)).delete_snapshot(project, name, snap, others, secret)
         return self._settle(key, busy, size=vol.size,
                             snapshots=[x for x in vol.snapshots if x["name"] != snap])
 
@@ -624,7 +687,11 @@ class Storage:
                         if holds is not None:
                             done.append(self._settle_attachment(vol, holds))
                         continue
-                    done.append(self._settle_dead(driver, vol))
+                    try:
+                        done.append(self._settle_dead(driver, vol))
+                    except PopekError as exc:  # e.g. an encrypted volume's missing key:
+                        done.append(f"{pool.name}: volume {vol.project}/{vol.name} left "
+                                    f"{vol.state}: {exc}")  # the others are settled
             known = {(v.project, n, v.type) for v in self.volumes(pool.name)
                      for n in (v.name, *(f"{v.name}@{s}" for s in v.snapshot_names()),
                                *([f"{v.name}@{v.pending}"] if v.pending else []))}
@@ -705,7 +772,7 @@ class Storage:
         if vol.state == "snapshotting":
             if driver.has_snapshot(vol.project, vol.name, vol.pending):
                 # the file was frozen (dir: finish, an overlay on it; ceph: taken)
-                driver.snapshot(vol.project, vol.name, vol.pending)
+                driver.snapshot(vol.project, vol.name, vol.pending, self.key(vol))
                 self._settle(key, vol, size=vol.size, snapshots=[
                     *vol.snapshots, {"name": vol.pending, "created": _now()}])
                 return f"{where}: interrupted snapshot {vol.pending} finished"
@@ -713,7 +780,7 @@ class Storage:
             return f"{where}: interrupted snapshot {vol.pending} rolled back"
         if vol.state == "deleting-snapshot":
             others = [n for n in vol.snapshot_names() if n != vol.pending]
-            driver.delete_snapshot(vol.project, vol.name, vol.pending, others)
+            driver.delete_snapshot(vol.project, vol.name, vol.pending, others, self.key(vol))
             self._settle(key, vol, size=vol.size,
                          snapshots=[x for x in vol.snapshots if x["name"] != vol.pending])
             return f"{where}: interrupted delete of snapshot {vol.pending} finished"
@@ -730,4 +797,5 @@ def public(vol: Volume) -> dict[str, Any]:
     """The fields of a volume a listing shows (not its owner process)."""
     return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
             "size": vol.size, "state": vol.state, "attached": vol.attached,
-            "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin}
+            "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin,
+            "encrypted": encrypted(vol)}

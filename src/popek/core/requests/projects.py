@@ -28,8 +28,8 @@ class ProjectCreate(Request[None]):
 
 @dataclass(frozen=True)
 class ProjectDelete(Request[None]):
-    """Delete project ``name``; refused while it holds instances, profiles, networks or
-    images."""
+    """Delete project ``name``; refused while it holds instances, profiles, networks,
+    images or volumes.  Its volume key goes with it."""
 
     op = "project.delete"
     name: str
@@ -48,7 +48,12 @@ class ProjectDelete(Request[None]):
                     if n.project == self.name]
             images = core.images.in_project(self.name).names() if self.name != "default" \
                 else []
-            Projects(core.store).delete(self.name, held, nets, images)
+            from popek.storage.service import Storage
+            from popek.trust.secrets import Secrets
+
+            vols = [f"{v.pool}/{v.name}" for v in Storage(core.store).volumes(None, self.name)]
+            Projects(core.store).delete(self.name, held, nets, images, vols)
+        Secrets().remove(self.name)  # no volume is left that it opens
 
 
 @dataclass(frozen=True)

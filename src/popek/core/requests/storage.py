@@ -87,18 +87,21 @@ class PoolDelete(Request[None]):
 
 @dataclass(frozen=True)
 class VolumeCreate(_OnVolume[dict[str, Any]]):
-    """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project."""
+    """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project
+    (``encrypt``: a LUKS qcow2 under the project's key)."""
 
     op = "volume.create"
-    shown = ("pool", "size", "type")
+    shown = ("pool", "size", "type", "encrypt")
     size: int
     type: str = "block"
+    encrypt: bool = False
 
     def run(self, core: Core) -> dict[str, Any]:
         """Create it; its ``storage volume info``."""
         storage = _storage(core)
         with _within_quota(core, self.size, "the new volume"):
-            storage.create_volume(self.pool, core.project, self.name, self.size, self.type)
+            storage.create_volume(self.pool, core.project, self.name, self.size, self.type,
+                                  self.encrypt)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -215,12 +218,14 @@ def _percent(progress: Progress, what: str) -> Any:
 
 @dataclass(frozen=True)
 class VolumeImport(_OnVolume[dict[str, Any]]):
-    """Make block volume ``name`` of ``pool`` from ``file`` (qcow2 or raw, self-contained)."""
+    """Make block volume ``name`` of ``pool`` from ``file`` (qcow2 or raw, self-contained;
+    ``encrypt``: into a LUKS qcow2 under the project's key)."""
 
     op = "volume.import"
-    shown = ("file",)
+    shown = ("file", "encrypt")
     file: str
     progress: Progress = field(default=_noop, metadata=NOT_AUDITED, compare=False)
+    encrypt: bool = False
 
     def run(self, core: Core) -> dict[str, Any]:
         """Import it; the new volume's ``info``."""
@@ -232,7 +237,7 @@ class VolumeImport(_OnVolume[dict[str, Any]]):
         with _within_quota(core, probe(Path(self.file))[1], "the imported volume",
                            hold=False):
             storage.import_volume(self.pool, core.project, self.name, Path(self.file),
-                                  _percent(self.progress, "importing"))
+                                  _percent(self.progress, "importing"), self.encrypt)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 

@@ -286,9 +286,10 @@ class ContainerEngine:
         netplumb.unplumb(port.mac, rtime.pid)
 
     def attach_disk(self, spec: LaunchSpec, rtime: Runtime, ref: str, files: list[str],
-                    path: str = "") -> None:
+                    path: str = "", key: str = "") -> None:
         """Mount filesystem volume ``ref`` (its file ``files[0]``) at ``path`` in the running
-        container, owned by its id range."""
+        container, owned by its id range (a filesystem volume is never encrypted: no
+        ``key``)."""
         disks: dict[str, dict[str, Any]] = rtime.details.setdefault("disks", {})
         volumes.attach_live(rtime.pid, files[0], path, spec.uid, spec.gid,
                             spec.workdir / "bundle")

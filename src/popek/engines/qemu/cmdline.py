@@ -75,6 +75,10 @@ class Paths:
         """The exact command line of the last start, as JSON (for audits and measurements)."""
         return self.workdir / "qemu.argv.json"
 
+    def disk_key(self, index: int) -> Path:
+        """The FIFO QEMU reads the key of encrypted disk ``index`` from (``keyfifo.py``)."""
+        return self.workdir / f"disk{index}.key"
+
     def sockets(self) -> list[Path]:
         """Return every socket path QEMU serves."""
         return [self.qmp, self.console, self.agent]
@@ -132,12 +136,19 @@ def disk_serial(ref: str) -> str:
     return ref.rpartition("/")[2][:20]
 
 
-def disk_blockdevs(slot: int, fdsets: Sequence[int]) -> list[dict[str, object]]:
+def disk_secret(slot: int) -> str:
+    """QEMU id of the secret object holding the key of the encrypted disk in ``slot``."""
+    return f"vol{slot}-key"
+
+
+def disk_blockdevs(slot: int, fdsets: Sequence[int],
+                   encrypted: bool = False) -> list[dict[str, object]]:
     """The block nodes of the disk in ``slot`` whose files QEMU holds in ``fdsets`` (its own,
     read-write, then each backing file, read-only), a backing node before the node it backs.
 
     The chain is built here, node by node (``backing`` named explicitly, ``null`` at its
-    end), so QEMU never follows a backing file name from an image header.
+    end), so QEMU never follows a backing file name from an image header.  An
+    ``encrypted`` disk's qcow2 nodes (LUKS) open with the secret :func:`disk_secret`.
     """
     out: list[dict[str, object]] = []
     for i in reversed(range(len(fdsets))):
@@ -148,6 +159,8 @@ def disk_blockdevs(slot: int, fdsets: Sequence[int]) -> list[dict[str, object]]:
         out.append({"driver": "qcow2", "node-name": node, "file": f"{node}-file",
                     "read-only": ro,
                     "backing": disk_node(slot, i + 1) if i + 1 < len(fdsets) else None})
+        if encrypted:
+            out[-1]["encrypt"] = {"format": "luks", "key-secret": disk_secret(slot)}
     return out
 
 
@@ -160,14 +173,16 @@ def disk_device(slot: int, ref: str, bus: str) -> dict[str, object]:
 
 def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
               buses: Sequence[str] = (),
-              rbd: Sequence[tuple[RbdDisk, Path, str]] = ()) -> list[str]:
+              rbd: Sequence[tuple[RbdDisk, Path, str]] = (),
+              keyed: Sequence[bool] = ()) -> list[str]:
     """The argv of block volumes, each given as (``POOL/NAME``, descriptors of its files:
     its own, read-write, then each backing file, read-only), disk ``d`` on root port
     ``buses[d]`` (so that it can be unplugged while the VM runs).
 
     Every descriptor goes into an fd set of its own (``-add-fd``) and is opened by QEMU
     as ``/dev/fdset/N``: the jail holds no volume path.  A disk is a virtio-blk device
-    whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).
+    whose serial is the volume's name (``/dev/disk/by-id/virtio-NAME``).  A disk marked
+    in ``keyed`` is encrypted (its secret made by :func:`secret_args`).
 
     ``rbd`` are Ceph volumes, each with the pipe its key comes through and its root port:
     QEMU's ``rbd`` driver opens the image itself (monitors given as ``server``, no
@@ -183,7 +198,7 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
             fdset += 1
             argv += ["-add-fd", f"fd={fd},set={fdset}"]
             sets.append(fdset)
-        for node in disk_blockdevs(d, sets):
+        for node in disk_blockdevs(d, sets, d < len(keyed) and keyed[d]):
             argv += ["-blockdev", json.dumps(node)]
         dev = disk_device(d, ref, buses[d] if d < len(buses) else "pcie.0")
         argv += ["-device", json.dumps(dev)]
@@ -207,6 +222,17 @@ def rbd_key_path(workdir: Path, index: int) -> Path:
 def disk_buses(spec: LaunchSpec) -> list[str]:
     """The root ports of ``spec``'s disks at start: those after its NICs'."""
     return [root_port(len(spec.ports) + d) for d in range(len(spec.disks))]
+
+
+def secret_args(workdir: Path, keyed: Sequence[bool]) -> list[str]:
+    """The ``-object secret`` of each encrypted disk: QEMU reads its key from the FIFO
+    :meth:`Paths.disk_key` (never from its command line)."""
+    argv: list[str] = []
+    for d, key in enumerate(keyed):
+        if key:
+            argv += ["-object", f"secret,id={disk_secret(d)},"
+                                f"file={str(Paths(workdir).disk_key(d)).replace(',', ',,')}"]
+    return argv
 
 
 def build_argv(spec: LaunchSpec, accel: str, qemu: str,
@@ -255,9 +281,11 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
                             f"bus=pcie.0"]
     for i, (port, fd) in enumerate(zip(spec.ports, tap_fds, strict=True)):
         argv += ["-netdev", netdev_arg(port, fd), "-device", nic_arg(port, root_port(i))]
+    keyed = [bool(k) for k in spec.disk_keys]
+    argv += secret_args(spec.workdir, keyed)
     argv += disk_args([(ref, fds) for (ref, _), fds in zip(spec.disks, disk_fds, strict=True)],
                       disk_buses(spec),
                       [(disk, rbd_key_path(spec.workdir, i),
                         root_port(len(spec.ports) + len(spec.disks) + i))
-                       for i, disk in enumerate(spec.rbd_disks)])
+                       for i, disk in enumerate(spec.rbd_disks)], keyed)
     return argv

@@ -24,12 +24,14 @@ from popek.engines.qemu.cmdline import (
     disk_device,
     disk_id,
     disk_node,
+    disk_secret,
     find_qemu,
     netdev_id,
     nic_id,
     rbd_key_path,
     root_port,
 )
+from popek.engines.qemu.keyfifo import KeyFifo
 from popek.engines.qemu.tap import open_tap
 from popek.errors import CapabilityError, EngineError
 from popek.watch import wait_for_line
@@ -121,6 +123,7 @@ def _remove_nodes(sock: Path, slot: int, depth: int, fdsets: Sequence[int]) -> N
         cmds += [("blockdev-del", {"node-name": disk_node(slot, i)}),
                  ("blockdev-del", {"node-name": f"{disk_node(slot, i)}-file"})]
     cmds += [("remove-fd", {"fdset-id": s}) for s in fdsets]
+    cmds += [("object-del", {"id": disk_secret(slot)})]  # an encrypted disk's key
     for cmd in cmds:  # one at a time: a node never added must not stop the rest
         with contextlib.suppress(EngineError):
             qmp.execute(sock, *cmd)
@@ -185,10 +188,13 @@ class QemuEngine:
         tap_fds: list[int] = []
         disk_fds: list[list[int]] = []
         key_pipes: list[tuple[Path, str]] = []
+        fifos: list[KeyFifo] = []
         try:
             for port in spec.ports:
                 tap_fds.append(open_tap(port.host_ifname))
             disk_fds = open_disks(spec.disks)
+            fifos = [KeyFifo(p.disk_key(d), key, spec.uid, spec.gid)
+                     for d, key in enumerate(spec.disk_keys) if key]
             argv = [*build_argv(spec, accel, qemu, tap_fds, disk_fds), "-pidfile", str(pidfile)]
             p.argv.write_text(json.dumps(argv))
             value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
@@ -215,6 +221,8 @@ class QemuEngine:
             if started is None:
                 raise EngineError(f"QEMU exited at once: {_tail(p.stderr) or 'no message'}")
         except BaseException:
+            for fifo in fifos:
+                fifo.close()
             with contextlib.suppress(EngineError):
                 self.cleanup(spec)  # a launcher or QEMU half way, and the cgroup
             raise
@@ -243,8 +251,11 @@ class QemuEngine:
             self.cleanup(spec)
             raise
         finally:
-            # QEMU read both at machine creation and keeps them for resets.
+            # QEMU read both at machine creation and keeps them for resets; the disks'
+            # keys when it made its secret objects, before the machine.
             _remove_boot_files(p)
+            for fifo in fifos:
+                fifo.close()
         return runtime
 
     def _wait_ready(self, p: Paths, runtime: Runtime, timeout: float) -> None:
@@ -346,12 +357,14 @@ class QemuEngine:
 
     # -- disks plugged in and out while running ------------------------------------------
     def attach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, files: list[str],
-                    path: str = "") -> None:
+                    path: str = "", key: str = "") -> None:
         """Hot-plug volume ``ref`` (``POOL/NAME``, its ``files``: its own first, then its
         backing files) as a virtio-blk disk into a free PCIe root port of the running VM.
 
         QEMU gets descriptors (``add-fd``), never paths, and the chain node by node, as at
-        start; a refusal half way removes what was added."""
+        start; a refusal half way removes what was added.  An encrypted volume's ``key``
+        goes over the monitor socket (``object-add`` of a ``secret``; the socket is the
+        instance's alone), never a command line or a file."""
         disks: dict[str, dict[str, Any]] = runtime.details.setdefault("disks", {})
         if ref in disks:
             raise EngineError(f"volume {ref} is already a disk of {spec.name}")
@@ -367,7 +380,10 @@ class QemuEngine:
 
         def build(fdsets: list[int]) -> list[tuple[str, Mapping[str, object]]]:
             sets.extend(fdsets)
-            return [*(("blockdev-add", node) for node in disk_blockdevs(slot, fdsets)),
+            secret: list[tuple[str, Mapping[str, object]]] = [("object-add", {
+                "qom-type": "secret", "id": disk_secret(slot), "data": key})] if key else []
+            return [*secret, *(("blockdev-add", node)
+                               for node in disk_blockdevs(slot, fdsets, bool(key))),
                     ("device_add", disk_device(slot, ref, free[0]))]
 
         try:
