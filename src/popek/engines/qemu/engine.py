@@ -14,7 +14,7 @@ from popek import proc
 from popek.engines import cgroupfs
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
 from popek.engines.qemu import accel as accel_mod
-from popek.engines.qemu import consolelog, jail, keypipe, process, qmp, vtpm
+from popek.engines.qemu import consolelog, jail, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
     Paths,
@@ -187,7 +187,6 @@ class QemuEngine:
         pidfile = spec.workdir / "qemu.pid"
         tap_fds: list[int] = []
         disk_fds: list[list[int]] = []
-        key_pipes: list[tuple[Path, str]] = []
         fifos: list[KeyFifo] = []
         try:
             for port in spec.ports:
@@ -199,9 +198,8 @@ class QemuEngine:
             p.argv.write_text(json.dumps(argv))
             value = spec.measure(qemu, p.argv.read_bytes()) if spec.measure else "00" * 32
             vtpm.write_measurement(spec.workdir, value)
-            key_pipes += [(rbd_key_path(spec.workdir, i), disk.key)
-                          for i, disk in enumerate(spec.rbd_disks)]
-            keypipe.make([path for path, _ in key_pipes], spec.uid, spec.gid)
+            fifos += [KeyFifo(rbd_key_path(spec.workdir, i), disk.key, spec.uid, spec.gid)
+                      for i, disk in enumerate(spec.rbd_disks)]
             vtpm.start(spec.workdir, spec.uid, spec.gid)
             consolelog.start(p.console_log, spec.uid, spec.gid)
             kvm_gid = KVM_GROUP_DEV.stat().st_gid if accel == "kvm" else 0
@@ -212,7 +210,6 @@ class QemuEngine:
                                  jail.limits(spec, accel),
                                  (*tap_fds, *(fd for fds in disk_fds for fd in fds)),
                                  cpus=spec.cpus)
-            keypipe.feed(key_pipes)  # QEMU waits for them before it goes on
             if not proc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "",
                                    10.0):
                 raise EngineError(f"QEMU did not start: {_tail(p.stderr) or 'no message'}")
@@ -229,8 +226,6 @@ class QemuEngine:
         finally:
             for fd in (*tap_fds, *(fd for fds in disk_fds for fd in fds)):
                 os.close(fd)
-            for path, _ in key_pipes:  # fed and gone, unless the start failed before
-                path.unlink(missing_ok=True)
         nics = {port.host_ifname: root_port(i) for i, port in enumerate(spec.ports)}
         disks: dict[str, dict[str, Any]] = {}
         fdset = 0
