@@ -185,6 +185,8 @@ class Instances:
         out = []
         for ref in inst.spec.volumes:
             pool, name = storage.parse_ref(ref)
+            if storage.is_ceph(pool):
+                continue  # not in _disks (its limits are not applied yet)
             out.append(storage.io_limits_of(storage.volume(pool, inst.project, name)))
         return tuple(out)
 
