@@ -108,7 +108,7 @@ def test_every_disk_is_under_its_volume_group_and_the_instance_group() -> None:
     from popek.iolimits import IoLimits
 
     argv = disk_args([("local/a", [10]), ("local/b", [11])], ["rp1", "rp2"],
-                     [IoLimits(write_bps=10 << 20)], IoLimits(read_iops=300))
+                     limits=[IoLimits(write_bps=10 << 20)], shared=IoLimits(read_iops=300))
     groups = {o["id"]: o["limits"] for o in
               (json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-object")}
     assert groups == {"tg-all": {"iops-read": 300}, "tg-vol0": {"bps-write": 10 << 20},
