@@ -55,6 +55,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "storage volume list": ("GET /1.0/storage-pools/{pool}/volumes", "GET /1.0/storage-volumes"),
     "storage volume info": ("GET /1.0/storage-pools/{pool}/volumes/{name}",),
     "storage volume resize": ("PATCH /1.0/storage-pools/{pool}/volumes/{name}",),
+    "storage volume set": ("POST /1.0/storage-pools/{pool}/volumes/{name}/config",),
     "storage volume delete": ("DELETE /1.0/storage-pools/{pool}/volumes/{name}",),
     "storage volume snapshot": ("POST /1.0/storage-pools/{pool}/volumes/{name}/snapshots",),
     "storage volume snapshot-delete": (

@@ -100,19 +100,24 @@ def test_an_rbd_disk_is_opened_by_qemu_with_a_secret_from_a_pipe(tmp_path: Path)
     assert KEY not in repr(disk)
     argv = disk_args([("local/v", [7])], ["rp1"], [(disk, rbd_key_path(tmp_path, 0), "rp2")])
     assert KEY not in " ".join(argv)
-    i = argv.index("-object")
-    assert argv[i + 1] == f"secret,id=vol1-0-key,format=base64,file={tmp_path}/rbd0.key"
-    node = json.loads(argv[i + 3])
+    i = next(n for n, a in enumerate(argv) if a.startswith("secret,"))
+    assert argv[i - 1] == "-object"
+    assert argv[i] == f"secret,id=vol1-0-key,format=base64,file={tmp_path}/rbd0.key"
+    node = json.loads(argv[i + 2])
     assert node == {"driver": "rbd", "node-name": "vol1-0", "pool": "rbd",
                     "image": "popek-1.default.data", "user": "popek",
                     "key-secret": "vol1-0-key", "auth-client-required": ["cephx"],
                     "server": [{"host": "127.0.0.1", "port": "3300"},
                                {"host": "10.0.0.2", "port": "6789"}]}
-    assert argv[i + 4] == "-device" and json.loads(argv[i + 5]) == {
-        "driver": "virtio-blk-pci", "drive": "vol1-0", "id": "disk1", "serial": "data",
+    # under the I/O limits' throttle filters (engines/qemu/cmdline.disk_throttles)
+    throttles = [json.loads(argv[n + 1]) for n in range(i + 3, len(argv) - 1)
+                 if argv[n] == "-blockdev"]
+    assert [(t["node-name"], t["file"]) for t in throttles] == [
+        ("vol1-limit", "vol1-0"), ("vol1-shared", "vol1-limit")]
+    assert argv[-2] == "-device" and json.loads(argv[-1]) == {
+        "driver": "virtio-blk-pci", "drive": "vol1-shared", "id": "disk1", "serial": "data",
         "bus": "rp2"}
-    assert len(argv) == i + 6
-    assert disk_args([("local/v", [7])], ["rp1"]) == argv[:i]  # a dir disk as before
+    assert disk_args([("local/v", [7])], ["rp1"]) == argv[:i - 1]  # a dir disk as before
 
 
 def test_the_key_goes_through_a_fifo_read_once(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ METHODS = {
     Capability.EXEC_STREAM: ("exec_stream",),
     Capability.RESIZE: ("resize",),
     Capability.DISK_LIMIT: ("resize_disk",),
+    Capability.IO_LIMIT: ("set_io_limits",),
     Capability.NETWORK_HOTPLUG: ("attach_port", "detach_port"),
     Capability.DISK_HOTPLUG: ("attach_disk", "detach_disk", "grow_disk"),
     Capability.GRACEFUL_STOP: ("stop",),

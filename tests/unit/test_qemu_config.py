@@ -94,5 +94,37 @@ def test_a_volume_is_descriptors_and_its_backing_chain_is_built_by_popek() -> No
     assert not files["vol0-0-file"]["read-only"] and files["vol0-2-file"]["read-only"]
     # on a root port of its own, so that it can be unplugged while the VM runs
     assert argv[-2] == "-device" and json.loads(argv[-1]) == {
-        "driver": "virtio-blk-pci", "drive": "vol0-0", "id": "disk0", "serial": "data",
+        "driver": "virtio-blk-pci", "drive": "vol0-shared", "id": "disk0", "serial": "data",
         "bus": "rp1"}
+
+
+def test_every_disk_is_under_its_volume_group_and_the_instance_group() -> None:
+    """Above each volume's top node: a throttle filter of the volume's own group, then one
+    of the group all the instance's disks share; the groups carry the limits set (QEMU's
+    names), and exist unlimited too, so a later limit is one qom-set."""
+    import json
+
+    from popek.engines.qemu.cmdline import disk_args, throttle_limits
+    from popek.iolimits import IoLimits
+
+    argv = disk_args([("local/a", [10]), ("local/b", [11])], ["rp1", "rp2"],
+                     limits=[IoLimits(write_bps=10 << 20)], shared=IoLimits(read_iops=300))
+    groups = {o["id"]: o["limits"] for o in
+              (json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-object")}
+    assert groups == {"tg-all": {"iops-read": 300}, "tg-vol0": {"bps-write": 10 << 20},
+                      "tg-vol1": {}}
+    throttles = {n["node-name"]: (n["throttle-group"], n["file"]) for n in
+                 (json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev")
+                 if n["driver"] == "throttle"}
+    assert throttles == {"vol0-limit": ("tg-vol0", "vol0-0"),
+                         "vol0-shared": ("tg-all", "vol0-limit"),
+                         "vol1-limit": ("tg-vol1", "vol1-0"),
+                         "vol1-shared": ("tg-all", "vol1-limit")}
+    devices = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-device"]
+    assert [d["drive"] for d in devices] == ["vol0-shared", "vol1-shared"]
+    # a live change names every kind: QEMU keeps the old value of a kind left out
+    assert throttle_limits(IoLimits(write_bps=1 << 20), every=True) == {
+        "bps-read": 0, "bps-write": 1 << 20, "iops-read": 0, "iops-write": 0}
+    # the instance's group exists without disks too: a disk plugged in later joins it
+    assert disk_args([]) == ["-object", json.dumps(
+        {"qom-type": "throttle-group", "id": "tg-all", "limits": {}})]

@@ -96,6 +96,8 @@ COMMANDS: dict[str, list[str]] = {
     "storage volume list": ["storage", "volume", "list", "{R}"],
     "storage volume info": ["storage", "volume", "info", "{R}local", "v"],
     "storage volume resize": ["storage", "volume", "resize", "{R}local", "v", "2GiB"],
+    "storage volume set": ["storage", "volume", "set", "{R}local", "v",
+                           "limits.disk.write_bps=10MB"],
     "storage volume delete": ["storage", "volume", "delete", "{R}local", "v"],
     "storage volume snapshot": ["storage", "volume", "snapshot", "{R}local", "v", "s"],
     "storage volume snapshot-delete": ["storage", "volume", "snapshot-delete", "{R}local", "v",

@@ -567,3 +567,24 @@ def test_a_change_made_since_the_read_is_never_overwritten(storage: Storage,
     assert (vol.state, vol.attached) == ("ready", "default/vm")
     assert active("v").exists()
     assert "revision" not in json.loads(vol.to_json())  # read-side only, never stored
+
+
+def test_a_volumes_io_limits_are_its_config(storage: Storage) -> None:
+    """``popek storage volume set``: I/O limits in the volume's config, all keys or none."""
+    from popek.iolimits import IoLimits
+
+    storage.create_volume("local", "default", "lim", 16 << 20, "block")
+    vol = storage.set_config("local", "default", "lim", {"limits.disk.write_bps": "10MiB",
+                                                         "limits.disk.read_iops": "100"})
+    assert storage.io_limits_of(vol) == IoLimits(write_bps=10 << 20, read_iops=100)
+    assert storage.volume_info("local", "default", "lim")["config"] == {
+        "limits.disk.write_bps": "10MiB", "limits.disk.read_iops": "100"}
+    with pytest.raises(InvalidInput, match="invalid limits.disk.read_bps 'x'"):
+        storage.set_config("local", "default", "lim", {"limits.disk.write_bps": "0",
+                                                       "limits.disk.read_bps": "x"})
+    with pytest.raises(InvalidInput, match="unknown key 'size'"):
+        storage.set_config("local", "default", "lim", {"size": "1GiB"})
+    assert storage.io_limits_of(storage.volume("local", "default", "lim")) == IoLimits(
+        write_bps=10 << 20, read_iops=100)  # nothing changed
+    storage.set_config("local", "default", "lim", {"limits.disk.write_bps": "0"})
+    assert storage.volume("local", "default", "lim").config == {"limits.disk.read_iops": "100"}

@@ -149,6 +149,26 @@ def resize_volume(request: Request, pool: PoolName, name: VolumeName, body: Resi
         return core.handle(VolumeResize(pool, name, body.size))
 
 
+class ConfigBody(BaseModel):
+    """``popek storage volume set``'s settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Annotated[str, Field(max_length=64)]] = Field(
+        min_length=1, max_length=8,
+        description="limits.disk.read_bps|write_bps (bytes per second, e.g. 10MB) and "
+                    "limits.disk.read_iops|write_iops (operations per second); 0: no limit")
+
+
+@router.post("/1.0/storage-pools/{pool}/volumes/{name}/config")
+def set_volume_config(request: Request, pool: PoolName, name: VolumeName, body: ConfigBody,
+                      project: Project = None) -> dict[str, Any]:
+    """Set a volume's I/O limits (live on the running VM it is attached to): the volume."""
+    from popek.core.requests import VolumeSet
+
+    with session(identity(request), project) as core:
+        return core.handle(VolumeSet(pool, name, dict(body.config)))
+
+
 @router.delete("/1.0/storage-pools/{pool}/volumes/{name}")
 def delete_volume(request: Request, pool: PoolName, name: VolumeName,
                   project: Project = None) -> dict[str, Any]:

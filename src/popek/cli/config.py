@@ -26,7 +26,9 @@ def config_set(
     pairs: list[str] = typer.Argument(
         ..., metavar="KEY=VALUE...",
         help="limits.memory (e.g. 1GiB), limits.cpu, limits.pids, limits.net (e.g. 100Mbit, "
-             "or none), limits.disk (containers: grows live, shrinks while stopped), label "
+             "or none), limits.disk (containers: grows live, shrinks while stopped), "
+             "limits.disk.read_bps|write_bps (e.g. 10MB: per second) and "
+             "limits.disk.read_iops|write_iops (0: no limit; live), label "
              "(only while stopped); all applied or none.  KEY VALUE also works for one key."),
     project: str | None = project_option(),
 ) -> None:

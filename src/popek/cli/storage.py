@@ -196,7 +196,8 @@ def _show_volume(rec: dict[str, Any], fmt: str) -> None:
                   ("type", rec["type"]), ("size", human(rec["size"])),
                   ("used", human(rec.get("used"))), ("state", rec["state"]),
                   ("attached", rec["attached"] or "-"), ("created", rec["created"]),
-                  ("encrypted", "yes" if rec.get("encrypted") else "no")], fmt)
+                  ("encrypted", "yes" if rec.get("encrypted") else "no"),
+                  *sorted((rec.get("config") or {}).items())], fmt)
 
 
 @volume_app.command("create")
@@ -302,6 +303,40 @@ def volume_resize(
 
         rec = _core().handle(VolumeResize(pool, name, bytes_))
     print(f"Volume {rec['pool']}/{rec['name']} resized to {human(rec['size'])}.")
+
+
+@volume_app.command("set")
+def volume_set(
+    pool: str = typer.Argument(..., metavar=POOL_ARG, help="The pool (lab:POOL: on remote lab)."),
+    name: str = typer.Argument(..., help="The volume."),
+    pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...",
+                                      help="limits.disk.read_bps or write_bps (e.g. 10MB: "
+                                           "bytes per second), limits.disk.read_iops or "
+                                           "write_iops (operations per second); 0: no limit."),
+    project: str | None = project_option(),
+) -> None:
+    """Set a volume's I/O limits (at once on the running VM it is attached to)."""
+    from popek.errors import InvalidInput
+    from popek.iolimits import KEYS
+
+    config: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in KEYS:
+            raise InvalidInput(f"invalid setting {pair!r}: write KEY=VALUE with KEY one of "
+                               f"{', '.join(KEYS)}")
+        config[key] = value
+    where = remotes.locate(pool, "pool")
+    if where is not None:
+        rec = _api(where[0]).call("POST", _volumes_path(where[1], name) + "/config",
+                                  params={"project": project}, json={"config": config})
+    else:
+        scope.use(project)
+        from popek.core.requests import VolumeSet
+
+        rec = _core().handle(VolumeSet(pool, name, config))
+    shown = ", ".join(f"{k}={v}" for k, v in sorted((rec.get("config") or {}).items()))
+    print(f"Volume {rec['pool']}/{rec['name']}: {shown or 'no I/O limits'}.")
 
 
 @volume_app.command("delete")

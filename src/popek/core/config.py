@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from popek import iolimits
 from popek.core.host import check_resources
 from popek.core.lifecycle import State
 from popek.core.model import Instance, InstanceSpec, check_label
@@ -19,7 +20,7 @@ from popek.errors import InvalidInput, StateError
 from popek.units import parse_size
 
 CONFIG_KEYS = ("limits.memory", "limits.cpu", "limits.pids", "limits.net", "limits.disk",
-               "label", "boot.autostart")
+               *iolimits.KEYS, "label", "boot.autostart")
 #: the words ``boot.autostart`` takes (``popek admin boot`` starts the instances set true)
 BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
             "false": False, "0": False, "no": False, "off": False}
@@ -34,6 +35,7 @@ class Live(Enum):
     RESIZE = "resize"   # the engine applies the new limits (refused without the capability)
     SHAPE = "shape"     # the host side of the ports is shaped again
     DISK = "disk"       # the engine resizes the writable layer, running or stopped
+    IO = "io"           # the engine applies the new disk I/O limits (throttle, I/O controller)
     NONE = "none"       # nothing (only allowed while stopped)
 
 
@@ -74,6 +76,7 @@ def show(inst: Instance) -> dict[str, str]:
         out["limits.net"] = format_rate(int(spec.limits["net"]))
     if "disk" in spec.limits:
         out["limits.disk"] = format_size(int(spec.limits["disk"]))
+    out.update(iolimits.show(iolimits.IoLimits.of(spec.limits)))
     out["label"] = spec.label
     out["boot.autostart"] = "true" if spec.autostart else "false"
     return out
@@ -101,6 +104,8 @@ def unset(inst: Instance, key: str, fallback: dict[str, str], disk: int) -> Live
         return apply(inst, key, defaults.label)
     if key == "boot.autostart":
         return apply(inst, key, "false")
+    if iolimits.is_key(key):
+        return apply(inst, key, "0")
     if key == "limits.disk":
         if "disk" not in inst.spec.limits:
             return Live.NONE
@@ -120,7 +125,8 @@ def _int(value: str, what: str) -> int:
 
 def check_limits(limits: dict[str, int]) -> dict[str, int]:
     """Validate extra limits (``pids``: 16 to 4194304; ``net``: bit/s; ``disk``:
-    bytes, containers); return them."""
+    bytes, containers; ``disk.read_bps`` and the other I/O limits: see
+    :mod:`popek.iolimits`); return them."""
     from popek.engines.container.disk import check_size
     from popek.network.shaping import check_rate
 
@@ -129,8 +135,11 @@ def check_limits(limits: dict[str, int]) -> dict[str, int]:
             check_rate(value)
         elif key == "disk":
             check_size(value)
+        elif iolimits.is_key(f"limits.{key}"):
+            iolimits.check(f"limits.{key}", int(value))
         elif key != "pids":
-            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net, disk")
+            raise InvalidInput(f"unknown limit {key!r}; allowed: pids, net, disk, "
+                               f"{', '.join(k.removeprefix('limits.') for k in iolimits.KEYS)}")
         elif not 16 <= value <= MAX_PIDS:
             raise InvalidInput(f"invalid limits.pids {value}: must be from 16 to {MAX_PIDS}")
     return limits
@@ -169,6 +178,11 @@ def apply(inst: Instance, key: str, value: str) -> Live:
         return Live.SHAPE
     if key == "limits.disk":
         return _disk(inst, value)
+    if iolimits.is_key(key):
+        io = iolimits.replace(iolimits.IoLimits.of(spec.limits), key, value)
+        spec.limits = {**{k: v for k, v in spec.limits.items() if not k.startswith("disk.")},
+                       **io.stored()}
+        return Live.IO
     if key == "label":
         if inst.state != State.STOPPED:
             raise StateError(inst.name, "change the label of", inst.state.value,

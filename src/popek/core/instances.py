@@ -59,6 +59,7 @@ from popek.engines import (
 )
 from popek.errors import AlreadyExists, InvalidInput, NotFound, PopekError, StateError
 from popek.images import Image, ImageStore
+from popek.iolimits import IoLimits
 from popek.network.model import Port, host_name
 from popek.state import open_store
 from popek.state.hostwide import HostCpus
@@ -166,11 +167,38 @@ class Instances:
             disks=self._disks(inst) if lookup else (),
             fs_volumes=self._fs_volumes(inst) if lookup else (),
             rbd_disks=self._rbd_disks(inst) if lookup else (),
+            disk_limits=self._disk_limits(inst) if lookup else (),
         )
 
     def _disks(self, inst: Instance) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """Each attached block volume and its files (a VM's disks)."""
         return self.volumes.files(inst) if self._kind(inst) == "block" else ()
+
+    def _disk_limits(self, inst: Instance) -> tuple[IoLimits, ...]:
+        """The I/O limits of each attached volume, in the order of :meth:`_disks` (a VM)
+        or :meth:`_fs_volumes` (a container)."""
+        if not self._kind(inst):
+            return ()
+        from popek.storage.service import Storage
+
+        storage = Storage(self.store)
+        out = []
+        for ref in inst.spec.volumes:
+            pool, name = storage.parse_ref(ref)
+            if storage.is_ceph(pool):
+                continue  # not in _disks (its limits are not applied yet)
+            out.append(storage.io_limits_of(storage.volume(pool, inst.project, name)))
+        return tuple(out)
+
+    def apply_io_limits(self, name: str) -> Instance:
+        """Give running instance ``name`` the I/O limits its record and its volumes hold now
+        (nothing while it is stopped: its next start takes them)."""
+        inst = self.get(name)
+        if inst.state in (State.RUNNING, State.PAUSED) and inst.runtime is not None:
+            eng = self._engine(inst)
+            require(eng, Capability.IO_LIMIT)
+            eng.set_io_limits(self._spec_for_running(inst), inst.runtime)
+        return inst
 
     def _kind(self, inst: Instance) -> str:
         """The kind of volume ``inst``'s engine takes (none: no engine, or no volumes)."""
@@ -612,6 +640,8 @@ class Instances:
                 raise StateError(name, "change the configuration of", inst.state.value,
                                  (State.PAUSED.value, State.RUNNING.value,
                                   State.STOPPED.value))
+        if running and cfg.Live.IO in lives:
+            require(eng, Capability.IO_LIMIT)
         done: list[cfg.Live] = []
         try:
             if running and cfg.Live.RESIZE in lives:
@@ -623,6 +653,10 @@ class Instances:
             if running and cfg.Live.SHAPE in lives:
                 done.append(cfg.Live.SHAPE)
                 self.nets.shape(inst)
+            if running and cfg.Live.IO in lives:
+                assert inst.runtime is not None
+                done.append(cfg.Live.IO)
+                eng.set_io_limits(self._spec_for_running(inst), inst.runtime)
             if cfg.Live.DISK in lives:
                 eng.resize_disk(self._spec_for_running(inst), inst.runtime if running else None)
             self.records.save(inst, rev, event)
@@ -642,6 +676,9 @@ class Instances:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 if live is cfg.Live.SHAPE:
                     self.nets.shape(inst)
+                elif live is cfg.Live.IO and inst.runtime is not None:
+                    self._engine(inst).set_io_limits(self._spec_for_running(inst),
+                                                     inst.runtime)
                 elif inst.runtime is not None:
                     self._engine(inst).resize(self._spec_for_running(inst), inst.runtime)
 

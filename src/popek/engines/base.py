@@ -18,6 +18,7 @@ from popek.errors import CapabilityError
 if TYPE_CHECKING:
     from popek.engines.session import Channel
     from popek.images import Image
+    from popek.iolimits import IoLimits
     from popek.network.model import Network, Port
 
 
@@ -40,6 +41,7 @@ class Capability(StrEnum):
     STATS = "stats"
     DISK_LIMIT = "a bounded writable layer (limits.disk)"
     DISK_HOTPLUG = "attach, detach or grow volumes while running"
+    IO_LIMIT = "disk I/O limits (limits.disk.read_bps and the others)"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class LaunchSpec:
     #: filesystem volumes mounted at start (containers): (``POOL/NAME``, its file, the
     #: path it is mounted at in the instance)
     fs_volumes: tuple[tuple[str, str, str], ...] = ()
+    #: the I/O limits of each of ``disks`` (a VM) or ``fs_volumes`` (a container), in the
+    #: same order (empty: none on any); the instance's own are in ``limits``
+    #: (``disk.write_bps``...): all of a VM's disks share them, a container has them on
+    #: its writable layer and on each volume without limits of its own
+    disk_limits: tuple[IoLimits, ...] = ()
     #: Ceph RBD volumes attached at start, after ``disks``: QEMU's rbd driver opens them
     rbd_disks: tuple[RbdDisk, ...] = ()
     #: the key of each of ``disks`` (same order; empty: a plain volume, and no entry at
@@ -203,6 +210,14 @@ class Engine(Protocol):
         stopped (``None``); refuse what the layer cannot do in that state.
 
         Only engines with :attr:`Capability.DISK_LIMIT`.
+        """
+        ...
+
+    def set_io_limits(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Apply ``spec``'s disk I/O limits (the instance's, and each volume's in
+        ``disk_limits``) to the running instance at once.
+
+        Only engines with :attr:`Capability.IO_LIMIT`.
         """
         ...
 

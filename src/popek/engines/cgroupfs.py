@@ -34,12 +34,13 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from popek import proc
 from popek.errors import EngineError
+from popek.iolimits import IoLimits
 
 ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -139,6 +140,77 @@ def v2_settings(limits: Limits) -> list[Setting]:
         Setting("", "io.weight", f"default {limits.io_weight}", required=False),
         Setting("", "io.bfq.weight", str(max(1, min(1000, limits.io_weight))), required=False),
     ]
+
+
+#: v1's throttle files, each with the :class:`IoLimits` field it takes
+V1_THROTTLE = (("blkio.throttle.read_bps_device", "read_bps"),
+               ("blkio.throttle.write_bps_device", "write_bps"),
+               ("blkio.throttle.read_iops_device", "read_iops"),
+               ("blkio.throttle.write_iops_device", "write_iops"))
+#: v2's ``io.max`` keys, each with the :class:`IoLimits` field it takes
+V2_IO_MAX = (("rbps", "read_bps"), ("wbps", "write_bps"), ("riops", "read_iops"),
+             ("wiops", "write_iops"))
+
+
+def whole_disk(dev: int) -> tuple[int, int]:
+    """(major, minor) of the disk that holds block device ``dev`` (``st_rdev`` or
+    ``st_dev``): a partition's disk, since the kernel throttles whole disks only."""
+    major, minor = os.major(dev), os.minor(dev)
+    sysfs = Path(f"/sys/dev/block/{major}:{minor}")
+    with contextlib.suppress(OSError, ValueError):
+        if (sysfs / "partition").exists():
+            text = (sysfs.resolve().parent / "dev").read_text().strip()
+            m, _, n = text.partition(":")
+            return int(m), int(n)
+    return major, minor
+
+
+def io_limit_settings(device: tuple[int, int], limits: IoLimits, v2: bool) -> list[Setting]:
+    """The control files that give a cgroup ``limits`` on block device ``device``
+    (major, minor): v1's ``blkio.throttle.*_device`` (0 removes a rule), or v2's
+    ``io.max`` (``max``: no limit)."""
+    dev = f"{device[0]}:{device[1]}"
+    if v2:
+        pairs = " ".join(f"{key}={getattr(limits, field) or 'max'}" for key, field in V2_IO_MAX)
+        return [Setting("", "io.max", f"{dev} {pairs}")]
+    return [Setting("blkio", name, f"{dev} {getattr(limits, field)}")
+            for name, field in V1_THROTTLE]
+
+
+def set_io_limits(path: str, devices: Sequence[tuple[int, int]], limits: IoLimits,
+                  root: Path = ROOT) -> None:
+    """Give the existing cgroup ``path`` ``limits`` on each block device of ``devices``
+    ((major, minor) of whole disks: a container's writable layer's loop device, a
+    filesystem volume's), at once for the processes in it.
+
+    Only I/O that reaches the device from the cgroup's processes is limited: direct
+    I/O everywhere, buffered writes too on v2 (its writeback is charged to the cgroup).
+    Raises :class:`EngineError` when the host has no I/O controller for a limit or the
+    kernel refuses one (nothing is left half-set for a device the kernel refused first).
+    """
+    rel = path.strip("/")
+    v2 = is_v2(root)
+    if v2:
+        d = root / rel
+    else:
+        blkio = root / "blkio"
+        if not blkio.is_dir():
+            if limits:
+                raise EngineError(f"the blkio cgroup controller is not mounted under {root}: "
+                                  "popek cannot limit disk I/O")
+            return
+        d = blkio.resolve() / rel
+    if not d.is_dir():
+        raise EngineError(f"cgroup {rel} does not exist under {root}: is the instance running?")
+    for device in devices:
+        settings = io_limit_settings(device, limits, v2)
+        missing = [s.file for s in settings if not (d / s.file).exists()]
+        if missing:
+            if not limits:
+                continue
+            raise EngineError(f"the kernel offers no {missing[0]} in {d}: popek cannot limit "
+                              "disk I/O on this host")
+        _apply([(d, s) for s in settings])
 
 
 def v1_hierarchies(root: Path = ROOT) -> dict[str, Path]:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from popek import paths
+from popek import iolimits, paths
 from popek.errors import (
     AlreadyExists,
     EngineError,
@@ -479,6 +479,35 @@ class Storage:
                               [Put(key, free.to_json())]).succeeded:
                 return
 
+    def set_config(self, pool: str, project: str, name: str, values: dict[str, str]) -> Volume:
+        """Set keys of volume ``name``'s config (:data:`popek.iolimits.KEYS`: its I/O limits,
+        0 for none), all or none, in one compare-and-swap; the volume as it is now.
+
+        Raises :class:`InvalidInput` for an unknown key or a bad value, nothing changed.
+        """
+        if not values:
+            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(iolimits.KEYS)}")
+        vol = self.volume(pool, project, name)
+        self._require_ready(vol, "configure")
+        limits = self.io_limits_of(vol)
+        for key, value in values.items():
+            limits = iolimits.replace(limits, key, value)
+        config = {k: v for k, v in vol.config.items() if not iolimits.is_key(k)}
+        config.update({f"limits.{k}": str(v) for k, v in limits.stored().items()})
+        key = volume_key(pool, project, name)
+        changed = Volume(**{**vol.__dict__, "config": config})
+        if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
+                              [Put(key, changed.to_json())]).succeeded:
+            raise StateError(f"volume {pool}/{name}", "configure", "changed meanwhile",
+                             (READY,), "try again")
+        return changed
+
+    @staticmethod
+    def io_limits_of(vol: Volume) -> iolimits.IoLimits:
+        """The I/O limits set on ``vol`` (none: all 0)."""
+        return iolimits.IoLimits.of({k: v for k, v in vol.config.items()
+                                     if iolimits.is_key(k)})
+
     def files_of(self, pool: str, project: str, name: str) -> list[Path]:
         """The files an instance of volume ``name`` opens: a block volume's chain, its own
         first; a filesystem volume's one file (a ceph volume has none: rbd_disk)."""
@@ -798,4 +827,6 @@ def public(vol: Volume) -> dict[str, Any]:
     return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
             "size": vol.size, "state": vol.state, "attached": vol.attached,
             "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin,
-            "encrypted": encrypted(vol)}
+            "encrypted": encrypted(vol),
+
+            "config": iolimits.show(Storage.io_limits_of(vol))}

@@ -35,6 +35,7 @@ from popek.core.requests.storage import (
     VolumeImport,
     VolumeResize,
     VolumeRestore,
+    VolumeSet,
     VolumeSnapshot,
     VolumeSnapshotDelete,
 )
@@ -59,4 +60,4 @@ __all__ = ["AllowUnsigned", "Attach", "Attest", "AuditCheckpoint", "Built", "Cer
            "TokenRevoke", "VolumeAttach", "VolumeClone", "VolumeCreate", "VolumeDelete",
            "VolumeDetach", "VolumeExport",
            "VolumeImport", "VolumeResize",
-           "VolumeRestore", "VolumeSnapshot", "VolumeSnapshotDelete"]
+           "VolumeRestore", "VolumeSet", "VolumeSnapshot", "VolumeSnapshotDelete"]

@@ -126,6 +126,40 @@ class VolumeResize(_OnVolume[dict[str, Any]]):
 
 
 @dataclass(frozen=True)
+class VolumeSet(_OnVolume[dict[str, Any]]):
+    """Set keys of volume ``name``'s config: its I/O limits (``limits.disk.write_bps``...),
+    live on the running instance it is attached to."""
+
+    op = "volume.set"
+    shown = ("config",)
+    config: dict[str, str] = field(default_factory=dict)
+
+    def run(self, core: Core) -> dict[str, Any]:
+        """Set them (all or none); apply them to the instance holding it; its info.
+
+        When the running instance refuses the new limits, the old ones are put back
+        in the record and on the instance, and the error is raised.
+        """
+        storage = _storage(core)
+        before = storage.volume(self.pool, core.project, self.name)
+        vol = storage.set_config(self.pool, core.project, self.name, dict(self.config))
+        holder = vol.attached.partition("/")[2]
+        if holder and vol.attached.startswith(f"{core.project}/"):
+            try:
+                core.instances.apply_io_limits(holder)
+            except BaseException:
+                from popek.iolimits import show
+
+                old = show(storage.io_limits_of(before))
+                undo = {k: old.get(k, "0") for k in self.config}
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    storage.set_config(self.pool, core.project, self.name, undo)
+                    core.instances.apply_io_limits(holder)
+                raise
+        return dict(storage.volume_info(self.pool, core.project, self.name))
+
+
+@dataclass(frozen=True)
 class VolumeDelete(_OnVolume[None]):
     """Delete volume ``name`` of ``pool`` (refused while attached)."""
 

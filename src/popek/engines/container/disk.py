@@ -176,6 +176,18 @@ def _recorded(bundle: Path) -> tuple[str, int] | None:
     return None
 
 
+def device(bundle: Path) -> int | None:
+    """``st_rdev`` of the loop device bound to the container's file system now (the one
+    its I/O limits apply to); None when there is none (no bounded layer, or released)."""
+    found = _recorded(bundle)
+    if found is None:
+        return None
+    try:
+        return os.fstat(found[1]).st_rdev
+    finally:
+        os.close(found[1])
+
+
 def hold(bundle: Path) -> tuple[str, int]:
     """A loop device bound to the container's file system, and an open descriptor of it
     that keeps it bound until the caller closes it: the one recorded, if it is still

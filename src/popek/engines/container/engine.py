@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import paths, proc
 from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
-from popek.engines.cgroupfs import IO_WEIGHT, io_weight_offered
-from popek.engines.container import cgroups, netplumb, rootfs, runtime, volumes
+from popek.engines.cgroupfs import IO_WEIGHT, io_weight_offered, set_io_limits, whole_disk
+from popek.engines.container import cgroups, disk, netplumb, rootfs, runtime, volumes
 from popek.engines.container.spec import ID_RANGE, Limits, build_spec
 from popek.errors import EngineError
+from popek.iolimits import IoLimits
 
 if TYPE_CHECKING:
     from popek.engines.session import Channel
@@ -60,12 +61,28 @@ def cgroups_path(spec: LaunchSpec) -> str:
 
 
 def limits_of(spec: LaunchSpec) -> Limits:
-    """The cgroup limits of ``spec``: its memory, CPUs and pids, and the default I/O
-    weight where the host can weigh I/O."""
+    """The cgroup limits of ``spec``: its memory, CPUs and pids, the default I/O
+    weight where the host can weigh I/O, and its disk I/O limits on its writable layer."""
+    io = IoLimits.of(spec.limits)
     return Limits(memory=spec.memory, cpus=float(spec.vcpus),
                   pids=int(spec.limits.get("pids", DEFAULT_PIDS)),
                   io_weight=IO_WEIGHT if io_weight_offered() else 0,
-                  cpuset=",".join(str(c) for c in spec.cpus))
+                  cpuset=",".join(str(c) for c in spec.cpus),
+                  io=io, io_devices=io_devices(spec) if io else ())
+
+
+def io_devices(spec: LaunchSpec) -> tuple[tuple[int, int], ...]:
+    """The block devices the container of ``spec`` writes its own files to: its writable
+    layer's loop device (while its file system is mounted), else the disk holding its
+    bundle (a container made before ``limits.disk``)."""
+    bundle = spec.workdir / "bundle"
+    dev = disk.device(bundle)
+    if dev is not None:
+        return ((os.major(dev), os.minor(dev)),)
+    try:
+        return (whole_disk(os.stat(bundle).st_dev),)
+    except OSError:
+        return ()
 
 
 class ContainerEngine:
@@ -76,6 +93,7 @@ class ContainerEngine:
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.RESIZE, Capability.STATS, Capability.HOST_MOUNTS,
         Capability.NETWORK_HOTPLUG, Capability.DISK_LIMIT, Capability.DISK_HOTPLUG,
+        Capability.IO_LIMIT,
     })
     id_range: ClassVar[int] = ID_RANGE
     port_kind: ClassVar[str] = "veth"
@@ -170,6 +188,13 @@ class ContainerEngine:
                 raise EngineError(f"the container did not report ready within "
                                   f"{ready_timeout:.0f}s (see popek console --log)")
             time.sleep(0.005)
+        if spec.fs_volumes and (any(spec.disk_limits) or IoLimits.of(spec.limits)):
+            # the volumes' loop devices (the writable layer's limits are in config.json)
+            try:
+                self.set_io_limits(spec, result)
+            except BaseException:
+                self._kill(spec, pid, started)
+                raise
         return result
 
     def _kill(self, spec: LaunchSpec, pid: int, started: int) -> None:
@@ -270,6 +295,23 @@ class ContainerEngine:
             "update", "--memory", str(lim.memory), "--memory-swap", str(lim.memory),
             "--pids-limit", str(lim.pids), "--cpu-quota", str(int(lim.cpus * 100_000)),
             "--cpu-period", "100000", "--cpuset-cpus", cpuset, container_id(spec))
+        # runc's update writes the throttles of config.json again, from the start
+        self.set_io_limits(spec, rtime)
+
+    def set_io_limits(self, spec: LaunchSpec, rtime: Runtime) -> None:
+        """Write ``spec``'s disk I/O limits into the running container's cgroup (v1
+        ``blkio.throttle.*``, v2 ``io.max``): the instance's on its writable layer's
+        device, and on each mounted filesystem volume's loop device the volume's own
+        (without one: the instance's; the kernel limits each device on its own)."""
+        own = IoLimits.of(spec.limits)
+        path = cgroups_path(spec)
+        set_io_limits(path, io_devices(spec), own)
+        mounted = rtime.details.get("disks", {})
+        for i, (ref, file, where) in enumerate(spec.fs_volumes):
+            if ref not in mounted:
+                continue
+            limits = spec.disk_limits[i] if i < len(spec.disk_limits) else IoLimits()
+            set_io_limits(path, [volumes.device(rtime.pid, file, where)], limits or own)
 
     def resize_disk(self, spec: LaunchSpec, runtime: Runtime | None) -> None:
         """Grow the writable layer (live too, where the host lets ext4 grow online);
@@ -294,6 +336,8 @@ class ContainerEngine:
         volumes.attach_live(rtime.pid, files[0], path, spec.uid, spec.gid,
                             spec.workdir / "bundle")
         disks[ref] = {"path": path}
+        if any(spec.disk_limits) or IoLimits.of(spec.limits):
+            self.set_io_limits(spec, rtime)
 
     def _volume(self, spec: LaunchSpec, rtime: Runtime, ref: str) -> tuple[str, str]:
         found = next(((f, p) for r, f, p in spec.fs_volumes if r == ref), None)

@@ -10,10 +10,11 @@ and cgroup limits for CPU, memory, pids and I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from popek.engines.seccomp import oci_profile
+from popek.iolimits import IoLimits
 
 #: the capabilities a system container keeps (all others are dropped).  They
 #: act only inside the container's user namespace; see docs/CONTAINERS.md.
@@ -58,15 +59,31 @@ class Limits:
     #: proportional I/O scheduler: :func:`popek.engines.cgroupfs.io_weight_offered`)
     io_weight: int = 100
     cpuset: str = ""  # host CPUs to run on, "0,2"; empty: all
+    #: disk I/O limits on each of ``io_devices`` ((major, minor): its writable layer's)
+    io: IoLimits = field(default_factory=IoLimits)
+    io_devices: tuple[tuple[int, int], ...] = ()
+
+    def block_io(self) -> dict[str, Any]:
+        """The OCI ``blockIO`` object: the weight and the throttles (empty: none)."""
+        out: dict[str, Any] = {"weight": self.io_weight} if self.io_weight else {}
+        for key, rate in (("throttleReadBpsDevice", self.io.read_bps),
+                          ("throttleWriteBpsDevice", self.io.write_bps),
+                          ("throttleReadIOPSDevice", self.io.read_iops),
+                          ("throttleWriteIOPSDevice", self.io.write_iops)):
+            if rate and self.io_devices:
+                out[key] = [{"major": major, "minor": minor, "rate": rate}
+                            for major, minor in self.io_devices]
+        return out
 
     def resources(self) -> dict[str, Any]:
         """Return the OCI ``linux.resources`` object for these limits."""
+        block_io = self.block_io()
         return {
             "memory": {"limit": self.memory, "swap": self.memory},
             "cpu": {"quota": int(self.cpus * CPU_PERIOD), "period": CPU_PERIOD,
                     **({"cpus": self.cpuset} if self.cpuset else {})},
             "pids": {"limit": self.pids},
-            **({"blockIO": {"weight": self.io_weight}} if self.io_weight else {}),
+            **({"blockIO": block_io} if block_io else {}),
             "devices": [{"allow": False, "access": "rwm"}] + [
                 {"allow": True, "type": "c", "major": major, "access": "rwm"}
                 | ({} if minor is None else {"minor": minor})

@@ -236,6 +236,32 @@ def _open_in_ns(pid: int, path: str) -> int:
         there.close()
 
 
+def device(pid: int, file: str, path: str) -> tuple[int, int]:
+    """(major, minor) of the loop device of the volume in ``file`` mounted at ``path`` in
+    the running container whose init is ``pid`` (what its I/O limits apply to), after
+    checking that device is bound to this very file."""
+    st = os.stat(file)
+    dfd = _open_in_ns(pid, path)
+    try:
+        dev = os.fstat(dfd).st_dev
+    finally:
+        os.close(dfd)
+    try:
+        name = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+        if not name.startswith("loop"):
+            raise FileNotFoundError(name)
+        loop = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise EngineError(f"volume: {path} in the container is not this volume's mount") \
+            from exc
+    try:
+        if disk.backing(loop) != (st.st_dev, st.st_ino):
+            raise EngineError(f"volume: {path} in the container is not this volume's mount")
+    finally:
+        os.close(loop)
+    return os.major(dev), os.minor(dev)
+
+
 def _resize_on_host(dev: str, blocks: int, bundle: Path) -> None:
     """Grow the mounted ext4 on ``dev`` to ``blocks`` online: through a second, private
     mount of it on the host for the moment of the call (ext4 refuses the call through

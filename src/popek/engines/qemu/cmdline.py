@@ -21,6 +21,7 @@ from popek import proc
 from popek.engines.base import LaunchSpec, RbdDisk
 from popek.engines.qemu import vtpm
 from popek.errors import EngineError
+from popek.iolimits import IoLimits
 
 if TYPE_CHECKING:
     from popek.network.model import Port
@@ -164,17 +165,61 @@ def disk_blockdevs(slot: int, fdsets: Sequence[int],
     return out
 
 
+#: the throttle group every disk of an instance shares (the instance's own limits)
+SHARED_GROUP = "tg-all"
+
+
+def throttle_group(slot: int) -> str:
+    """QOM id of the throttle group of the disk in ``slot`` (its volume's limits)."""
+    return f"tg-vol{slot}"
+
+
+def throttle_limits(limits: IoLimits, every: bool = False) -> dict[str, int]:
+    """QEMU's ``ThrottleLimits`` for ``limits``: the ones set, or ``every`` one (0: none).
+
+    A ``qom-set`` needs ``every``: QEMU keeps the value of a key left out.
+    """
+    qemu = {"bps-read": limits.read_bps, "bps-write": limits.write_bps,
+            "iops-read": limits.read_iops, "iops-write": limits.write_iops}
+    return {k: v for k, v in qemu.items() if v or every}
+
+
+def throttle_object(group: str, limits: IoLimits) -> dict[str, object]:
+    """The throttle group ``group`` (``-object``, QMP ``object-add``); its limits change
+    live with ``qom-set``."""
+    return {"qom-type": "throttle-group", "id": group, "limits": throttle_limits(limits)}
+
+
+def disk_top(slot: int) -> str:
+    """The node the device of the disk in ``slot`` reads and writes: the filter of the
+    instance's group, above the filter of the volume's, above the volume's own node."""
+    return f"vol{slot}-shared"
+
+
+def disk_throttles(slot: int) -> list[dict[str, object]]:
+    """The two throttle filter nodes of the disk in ``slot``, lower first: its volume's
+    group (``tg-volN``) above its top node, the instance's (``tg-all``) above that.
+
+    They are there unlimited too, so a limit set later is one ``qom-set`` on the
+    running VM."""
+    return [{"driver": "throttle", "node-name": f"vol{slot}-limit",
+             "throttle-group": throttle_group(slot), "file": disk_node(slot, 0)},
+            {"driver": "throttle", "node-name": disk_top(slot),
+             "throttle-group": SHARED_GROUP, "file": f"vol{slot}-limit"}]
+
+
 def disk_device(slot: int, ref: str, bus: str) -> dict[str, object]:
     """The virtio-blk device of the disk in ``slot`` (volume ``ref``) on root port ``bus``:
     its serial is the volume's name."""
-    return {"driver": "virtio-blk-pci", "drive": disk_node(slot, 0), "id": disk_id(slot),
+    return {"driver": "virtio-blk-pci", "drive": disk_top(slot), "id": disk_id(slot),
             "serial": disk_serial(ref), "bus": bus}
 
 
 def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
               buses: Sequence[str] = (),
               rbd: Sequence[tuple[RbdDisk, Path, str]] = (),
-              keyed: Sequence[bool] = ()) -> list[str]:
+              keyed: Sequence[bool] = (), limits: Sequence[IoLimits] = (),
+              shared: IoLimits | None = None) -> list[str]:
     """The argv of block volumes, each given as (``POOL/NAME``, descriptors of its files:
     its own, read-write, then each backing file, read-only), disk ``d`` on root port
     ``buses[d]`` (so that it can be unplugged while the VM runs).
@@ -189,8 +234,13 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
     configuration file), authenticated with ``key-secret``, a ``secret`` object read
     from that pipe (:func:`rbd_key_path`), so the key is on no command line and in no
     file.  They follow the other disks (slots ``len(disks)`` on).
+
+    I/O limits: disk ``d`` sits under a filter of its own throttle group
+    (``limits[d]``, the volume's) and one of the group every disk of the instance
+    shares (``shared``, the instance's; made even without disks, for a later hot-plug).
     """
-    argv: list[str] = []
+    argv: list[str] = ["-object", json.dumps(throttle_object(SHARED_GROUP,
+                                                             shared or IoLimits()))]
     fdset = 0
     for d, (ref, fds) in enumerate(disks):
         sets = []
@@ -199,6 +249,10 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
             argv += ["-add-fd", f"fd={fd},set={fdset}"]
             sets.append(fdset)
         for node in disk_blockdevs(d, sets, d < len(keyed) and keyed[d]):
+            argv += ["-blockdev", json.dumps(node)]
+        argv += ["-object", json.dumps(throttle_object(
+            throttle_group(d), limits[d] if d < len(limits) else IoLimits()))]
+        for node in disk_throttles(d):
             argv += ["-blockdev", json.dumps(node)]
         dev = disk_device(d, ref, buses[d] if d < len(buses) else "pcie.0")
         argv += ["-device", json.dumps(dev)]
@@ -209,6 +263,10 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
             "driver": "rbd", "node-name": top, "pool": disk.pool, "image": disk.image,
             "user": disk.user, "key-secret": f"{top}-key", "auth-client-required": ["cephx"],
             "server": [{"host": h, "port": p} for h, p in disk.servers]})]
+        # a Ceph volume's own limits are not applied yet: its group is unlimited
+        argv += ["-object", json.dumps(throttle_object(throttle_group(d), IoLimits()))]
+        for node in disk_throttles(d):
+            argv += ["-blockdev", json.dumps(node)]
         argv += ["-device", json.dumps(disk_device(d, disk.name, bus))]
     return argv
 
@@ -287,5 +345,6 @@ def build_argv(spec: LaunchSpec, accel: str, qemu: str,
                       disk_buses(spec),
                       [(disk, rbd_key_path(spec.workdir, i),
                         root_port(len(spec.ports) + len(spec.disks) + i))
-                       for i, disk in enumerate(spec.rbd_disks)], keyed)
+                       for i, disk in enumerate(spec.rbd_disks)], keyed,
+                      spec.disk_limits, IoLimits.of(spec.limits))
     return argv

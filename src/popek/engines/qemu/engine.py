@@ -17,6 +17,7 @@ from popek.engines.qemu import accel as accel_mod
 from popek.engines.qemu import consolelog, jail, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
     ROOT_PORTS,
+    SHARED_GROUP,
     Paths,
     build_argv,
     disk_blockdevs,
@@ -25,15 +26,21 @@ from popek.engines.qemu.cmdline import (
     disk_id,
     disk_node,
     disk_secret,
+    disk_throttles,
+    disk_top,
     find_qemu,
     netdev_id,
     nic_id,
     rbd_key_path,
     root_port,
+    throttle_group,
+    throttle_limits,
+    throttle_object,
 )
 from popek.engines.qemu.keyfifo import KeyFifo
 from popek.engines.qemu.tap import open_tap
 from popek.errors import CapabilityError, EngineError
+from popek.iolimits import IoLimits
 from popek.watch import wait_for_line
 
 if TYPE_CHECKING:
@@ -118,10 +125,13 @@ def _free_ports(runtime: Runtime) -> list[str]:
 def _remove_nodes(sock: Path, slot: int, depth: int, fdsets: Sequence[int]) -> None:
     """Delete the block nodes of the disk in ``slot`` (``depth`` files), top first, and
     its fd sets: best effort (what was never added is not there to delete)."""
-    cmds: list[tuple[str, Mapping[str, object] | None]] = []
+    cmds: list[tuple[str, Mapping[str, object] | None]] = [
+        ("blockdev-del", {"node-name": str(node["node-name"])})
+        for node in reversed(disk_throttles(slot))]
     for i in range(depth):
         cmds += [("blockdev-del", {"node-name": disk_node(slot, i)}),
                  ("blockdev-del", {"node-name": f"{disk_node(slot, i)}-file"})]
+    cmds += [("object-del", {"id": throttle_group(slot)})]
     cmds += [("remove-fd", {"fdset-id": s}) for s in fdsets]
     cmds += [("object-del", {"id": disk_secret(slot)})]  # an encrypted disk's key
     for cmd in cmds:  # one at a time: a node never added must not stop the rest
@@ -139,6 +149,7 @@ class QemuEngine:
     capabilities: ClassVar[frozenset[Capability]] = frozenset({
         Capability.PAUSE, Capability.CONSOLE, Capability.EXEC, Capability.EXEC_STREAM,
         Capability.GRACEFUL_STOP, Capability.NETWORK_HOTPLUG, Capability.DISK_HOTPLUG,
+        Capability.IO_LIMIT,
     })
 
     # -- start -------------------------------------------------------------
@@ -373,12 +384,21 @@ class QemuEngine:
         fds = open_disks([(ref, files)])[0]
         sets: list[int] = []
 
+        refs = [r for r, _ in spec.disks]
+        limits = spec.disk_limits[refs.index(ref)] if ref in refs and \
+            refs.index(ref) < len(spec.disk_limits) else IoLimits()
+        objects = {o["name"] for o in qmp.execute(sock, "qom-list", {"path": "/objects"})}
+        shared = [] if SHARED_GROUP in objects else [  # a VM started by an earlier popek
+            ("object-add", throttle_object(SHARED_GROUP, IoLimits.of(spec.limits)))]
+
         def build(fdsets: list[int]) -> list[tuple[str, Mapping[str, object]]]:
             sets.extend(fdsets)
             secret: list[tuple[str, Mapping[str, object]]] = [("object-add", {
                 "qom-type": "secret", "id": disk_secret(slot), "data": key})] if key else []
             return [*secret, *(("blockdev-add", node)
                                for node in disk_blockdevs(slot, fdsets, bool(key))),
+                    *shared, ("object-add", throttle_object(throttle_group(slot), limits)),
+                    *(("blockdev-add", node) for node in disk_throttles(slot)),
                     ("device_add", disk_device(slot, ref, free[0]))]
 
         try:
@@ -425,8 +445,16 @@ class QemuEngine:
         disk = runtime.details.get("disks", {}).get(ref)
         if disk is None:
             raise EngineError(f"volume {ref} is not a disk of {spec.name}")
-        qmp.execute(Paths(spec.workdir).qmp, "block_resize",
-                    {"node-name": disk_node(int(disk["slot"]), 0), "size": size}, timeout=60.0)
+        # the top node (its throttle filter passes the resize down): only the node the
+        # device sits on tells the guest; a VM started without filters has its own on top
+        slot = int(disk["slot"])
+        sock = Paths(spec.workdir).qmp
+        try:
+            qmp.execute(sock, "block_resize", {"node-name": disk_top(slot), "size": size},
+                        timeout=60.0)
+        except EngineError:
+            qmp.execute(sock, "block_resize", {"node-name": disk_node(slot, 0), "size": size},
+                        timeout=60.0)
 
     def exec_stream(self, spec: LaunchSpec, argv: list[str], tty: bool) -> int:
         """Run ``argv`` in the guest with its output streamed to the caller's stdout/stderr.
@@ -465,6 +493,24 @@ class QemuEngine:
         """Not for VMs: their root is their image (volumes come with storage pools)."""
         raise CapabilityError("limits.disk applies to containers (their writable layer); "
                               "a VM's root is its image")
+
+    def set_io_limits(self, spec: LaunchSpec, runtime: Runtime) -> None:
+        """Give the throttle groups of the running VM ``spec``'s limits (``qom-set``, all in
+        one QMP session): each volume's group and the one its disks share."""
+        def qom(group: str, limits: IoLimits) -> tuple[str, Mapping[str, object] | None]:
+            return ("qom-set", {"path": f"/objects/{group}", "property": "limits",
+                                "value": throttle_limits(limits, every=True)})
+
+        slots = {ref: int(d["slot"]) for ref, d in runtime.details.get("disks", {}).items()}
+        commands = [qom(SHARED_GROUP, IoLimits.of(spec.limits))]
+        commands += [qom(throttle_group(slots[ref]), spec.disk_limits[d]
+                         if d < len(spec.disk_limits) else IoLimits())
+                     for d, (ref, _) in enumerate(spec.disks) if ref in slots]
+        try:
+            qmp.execute_many(Paths(spec.workdir).qmp, commands)
+        except EngineError as exc:
+            raise EngineError(f"{exc} (a VM started before popek had I/O limits has no "
+                              f"throttle groups: restart {spec.name} to give it them)") from exc
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the guest through the agent channel; return its whole output.
