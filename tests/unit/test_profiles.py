@@ -59,7 +59,9 @@ def test_pairs_are_parsed_and_the_last_of_a_key_wins() -> None:
                         "limits.memory, limits.cpu"),
     (["=1"], "invalid -c '=1': use KEY=VALUE"),
     (["limits.gpu=1"], "unknown key 'limits.gpu'; allowed: limits.memory, limits.cpu, "
-                       "limits.pids, limits.net, limits.disk, label"),
+                       "limits.pids, limits.net, limits.disk, limits.disk.read_bps, "
+                       "limits.disk.write_bps, limits.disk.read_iops, limits.disk.write_iops, "
+                       "label"),
 ])
 def test_bad_pairs_are_one_line_naming_the_keys(items: list[str], message: str) -> None:
     with pytest.raises(InvalidInput) as exc:
