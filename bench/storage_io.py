@@ -17,8 +17,14 @@ Each round runs, one VM at a time (the order reversed every other round):
   root, with the image's own kernel and initrd, no vTPM, and popek's volume
   replaced by a raw file of the same size (``-blockdev`` file + raw, the same
   default cache mode as popek's nodes, a virtio-blk device with the same
-  serial on the same root port); the same guest script typed on its serial
-  console (the image's root shell).
+  serial on the same root port), pinned with ``taskset`` to the CPUs popek
+  pinned its QEMU to (popek pins a VM to as many CPUs as vCPUs and caps its
+  cgroup at that; under TCG the guest's CPU speed is in every figure, so the
+  plain side gets the same CPU envelope), in a cgroup with the same
+  ``memory.max`` and ``cpu.max`` as popek's (the host page cache of a disk's
+  file counts against its QEMU's cgroup); ``--unpinned`` runs it on every
+  CPU and outside any cgroup; the same guest script typed on its serial console (the image's root
+  shell).
 
 The guest script (busybox only: ``dd`` with ``iflag=direct``/``oflag=direct``,
 ``awk``; the clock: the "now at N nsecs" line of ``/proc/timer_list``, as
@@ -83,6 +89,7 @@ TPM_OPTIONS = {"-chardev": "socket,id=chrtpm,", "-tpmdev": "", "-fw_cfg": ""}
 TPM_DEVICE = "tpm-crb,"
 #: not anchored at a line's start: the console's prompt precedes the first line of output
 RESULT = re.compile(r"IOB (\w+) (\d+)\r?$", re.M)
+PLAIN_CGROUP = "popek-bench-io-plain"
 END = "IOB-2END"  # the script prints IOB-$((1+1))END: its echo on the console never matches
 
 
@@ -113,17 +120,37 @@ def _needs_encrypt(b: Bench) -> str | None:
     return None
 
 
+def _ceph_framework() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from framework import ceph
+
+    return ceph
+
+
 def _needs_ceph(_b: Bench) -> str | None:
-    # Hook: once the ceph driver is merged, give this case a ``prepare`` that
-    # creates the pool ``ceph`` (popek storage create ceph --driver ceph ...)
-    # against a test cluster, and return None here when one is reachable.
-    return "the ceph pool driver is not merged yet (hook: CASES 'ceph', _needs_ceph)"
+    try:
+        why = str(_ceph_framework().missing())
+    except ImportError as exc:
+        return f"no tests/framework/ceph.py on this checkout (no ceph driver): {exc}"
+    return f"no Ceph cluster can be made here: {why}" if why else None
+
+
+def _prepare_ceph(b: Bench) -> None:
+    """A real single-host Ceph cluster (tests/framework/ceph.py: 1 mon, 1 mgr, 3 OSDs on
+    sparse files) and the pool ``ceph`` of the private home on its RBD pool."""
+    if b.ceph is None:
+        ceph = _ceph_framework()
+        b.ceph = ceph.CephCluster()
+        b.ceph.start()
+        b.popek("storage", "create", "ceph", "ceph", f"conf={b.ceph.conf}",
+                f"keyring={b.ceph.keyring}", f"pool={ceph.RBD_POOL}", f"client={ceph.CLIENT}")
+        b.pools.append("ceph")
 
 
 CASES = [
     Case("dir", "local"),
     Case("dir-encrypted", "local", ["--encrypt"], needs=_needs_encrypt),
-    Case("ceph", "ceph", needs=_needs_ceph),
+    Case("ceph", "ceph", needs=_needs_ceph, prepare=_prepare_ceph),
 ]
 
 
@@ -166,6 +193,24 @@ def parse(out: str, want: frozenset[str] = frozenset()) -> dict[str, int]:
     if want - got.keys():
         raise BenchError(f"no {sorted(want - got.keys())} in the guest's output: {out[-400:]!r}")
     return got
+
+
+def cpus_allowed(pid: int) -> str:
+    """The CPUs ``pid`` may run on (``Cpus_allowed_list``), as taskset takes them."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split()[1]
+    raise BenchError(f"no Cpus_allowed_list for pid {pid}")
+
+
+def cgroup_limits(pid: int) -> dict[str, str]:
+    """memory.max and cpu.max of ``pid``'s cgroup (v2; empty on v1)."""
+    line = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0]
+    if not line.startswith("0::"):
+        return {}
+    d = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    return {f: (d / f).read_text().strip() for f in ("memory.max", "cpu.max")
+            if (d / f).exists()}
 
 
 class SerialShell:
@@ -220,7 +265,7 @@ class SerialShell:
 class Bench:
     """The private home, its VM and volumes, and the plain QEMU; cleaned up at the end."""
 
-    def __init__(self, size_mib: int) -> None:
+    def __init__(self, size_mib: int, pin: bool = True) -> None:
         self.home = _mkdir_public("popek-bench-io-")
         self.env = {**os.environ, "POPEK_HOME": str(self.home), "POPEK_CACHE": str(CACHE)}
         self.size_mib = size_mib
@@ -230,6 +275,12 @@ class Bench:
         self.proc: subprocess.Popen[bytes] | None = None
         self.volumes: list[str] = []
         self.vm_up = False
+        self.pin = pin
+        self.popek_cpus = ""
+        self.popek_limits: dict[str, str] = {}
+        self.ceph: Any = None
+        self.pools: list[str] = []
+        self.cgroup_made = False
 
     def popek(self, *args: str, timeout: float = 600) -> str:
         """Run a popek command in the private home; raise with its output when it fails."""
@@ -254,6 +305,11 @@ class Bench:
             if not self.plain_argv:
                 self.plain_argv = self.to_plain(
                     json.loads((self.workdir() / "qemu.argv.json").read_text()))
+                pid = int((self.workdir() / "qemu.pid").read_text().strip())
+                self.popek_cpus = cpus_allowed(pid)
+                self.popek_limits = cgroup_limits(pid)
+                if self.pin:
+                    self.plain_argv = ["taskset", "-c", self.popek_cpus, *self.plain_argv]
             return [self.popek("exec", VM, "--no-stdin", "--timeout", str(timeout), "--",
                                "sh", "-c", line, timeout=timeout + 30) for line in lines]
         finally:
@@ -310,8 +366,15 @@ class Bench:
             shutil.rmtree(self.plain_dir)
         self.plain_dir.mkdir()
         log = open(self.plain_dir / "qemu.log", "wb")  # noqa: SIM115 - closed below
+        join = self.plain_cgroup()
+
+        def enter() -> None:  # in the child, before QEMU: the same cgroup limits as popek's
+            for f in join:
+                f.write_text("0")
+
         self.proc = subprocess.Popen(self.plain_argv, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=log, start_new_session=True, cwd=self.plain_dir)
+                                     stderr=log, start_new_session=True, cwd=self.plain_dir,
+                                     preexec_fn=enter)
         try:
             shell = SerialShell(self.plain_dir / "console.sock", self.proc, 300)
             try:
@@ -325,6 +388,23 @@ class Bench:
             self.stop_plain()
             log.close()
 
+    def plain_cgroup(self) -> list[Path]:
+        """A cgroup with popek's QEMU's memory and CPU limits (pinned runs only): popek's
+        cgroup holds the page cache of the volume's file too, so the plain side gets the
+        same budget.  Returns the files to join it by."""
+        from popek.engines import cgroupfs
+
+        if not self.pin or "memory.max" not in self.popek_limits:
+            return []
+        quota, period = self.popek_limits["cpu.max"].split()
+        cpus = int(quota) / int(period) if quota != "max" else float(os.cpu_count() or 1)
+        mem = self.popek_limits["memory.max"]
+        limits = cgroupfs.Limits(cpus=cpus, memory=int(mem) if mem != "max" else 1 << 40,
+                                 pids=512)
+        join = cgroupfs.create(PLAIN_CGROUP, limits)
+        self.cgroup_made = True
+        return join
+
     def stop_plain(self) -> None:
         """Kill the plain QEMU, if it runs."""
         if self.proc is not None:
@@ -335,6 +415,11 @@ class Bench:
     def cleanup(self) -> None:
         """Stop and remove everything this benchmark made."""
         self.stop_plain()
+        if self.cgroup_made:
+            from popek.engines import cgroupfs
+
+            with contextlib.suppress(Exception):
+                cgroupfs.remove(PLAIN_CGROUP)
         left = []
         if self.vm_up:
             try:
@@ -347,6 +432,13 @@ class Bench:
                 self.popek("storage", "volume", "delete", pool, name)
             except (BenchError, subprocess.SubprocessError) as exc:
                 left.append(f"{ref}: {exc}")
+        for pool in self.pools:
+            try:
+                self.popek("storage", "delete", pool)
+            except (BenchError, subprocess.SubprocessError) as exc:
+                left.append(f"pool {pool}: {exc}")
+        if self.ceph is not None:
+            self.ceph.stop()
         if left:
             print(f"storage_io.py: removal failed, {self.home} kept: {left[:3]}",
                   file=sys.stderr)
@@ -446,6 +538,13 @@ def run(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
                    "plain": "popek's argv (qemu.argv.json) without vTPM, a raw file by "
                             "-blockdev file+raw, same serial and root port, serial console"},
         "plain_argv": b.plain_argv,
+        "envelope": {"popek_qemu_cpus": b.popek_cpus, "popek_cgroup": b.popek_limits,
+                     "plain_alike": b.pin and bool(b.popek_limits),
+                     "note": "popek pins its QEMU to as many CPUs as vCPUs (taskset) and "
+                             "limits its cgroup (cpu.max, memory.max: guest RAM + overhead, "
+                             "which the page cache of the volume's file counts against); "
+                             "the plain QEMU gets the same pinning and a cgroup with the "
+                             "same two limits unless --unpinned"},
         "host": {"nproc": os.cpu_count(), "kernel": platform.release(),
                  "qemu": subprocess.run(["qemu-system-x86_64", "--version"],
                                         capture_output=True, text=True,
@@ -507,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="disk size in MiB (the sequential region); default 256")
     ap.add_argument("--ops", type=int, default=200, help="random 4 KiB ops per test; "
                     "default 200")
+    ap.add_argument("--unpinned", action="store_true",
+                    help="run the plain QEMU on every CPU, in no cgroup (by default it is "
+                         "pinned to popek's CPUs, in a cgroup with popek's limits)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = ap.parse_args(argv)
     if args.runs < 1 or args.size_mib < 16 or args.ops < 1:
@@ -516,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, _on_term)
-    b = Bench(args.size_mib)
+    b = Bench(args.size_mib, pin=not args.unpinned)
     started = dt.datetime.now(dt.UTC)
     try:
         report = run(args, b)
