@@ -208,9 +208,17 @@ def cgroup_limits(pid: int) -> dict[str, str]:
     line = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0]
     if not line.startswith("0::"):
         return {}
-    d = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-    return {f: (d / f).read_text().strip() for f in ("memory.max", "cpu.max")
-            if (d / f).exists()}
+    # QEMU runs in a cgroup namespace of its own (it sees "/"): find the directory by pid
+    root = Path("/sys/fs/cgroup")
+    for procs in [root / line[3:].lstrip("/") / "cgroup.procs",
+                  *root.glob("popek*/cgroup.procs"), *root.glob("popek*/*/cgroup.procs"),
+                  *root.glob("popek*/*/*/cgroup.procs")]:
+        with contextlib.suppress(OSError):
+            if str(pid) in procs.read_text().split() and (procs.parent / "memory.max").exists():
+                d = procs.parent
+                return {"path": str(d), **{f: (d / f).read_text().strip()
+                                           for f in ("memory.max", "cpu.max")}}
+    return {}
 
 
 class SerialShell:
