@@ -21,7 +21,7 @@ Each round runs, one VM at a time (the order reversed every other round):
   pinned its QEMU to (popek pins a VM to as many CPUs as vCPUs and caps its
   cgroup at that; under TCG the guest's CPU speed is in every figure, so the
   plain side gets the same CPU envelope), in a cgroup with the same
-  ``memory.max`` and ``cpu.max`` as popek's (the host page cache of a disk's
+  memory and CPU limits as popek's (v2 or v1) (the host page cache of a disk's
   file counts against its QEMU's cgroup); ``--unpinned`` runs it on every
   CPU and outside any cgroup; the same guest script typed on its serial console (the image's root
   shell).
@@ -203,21 +203,40 @@ def cpus_allowed(pid: int) -> str:
     raise BenchError(f"no Cpus_allowed_list for pid {pid}")
 
 
-def cgroup_limits(pid: int) -> dict[str, str]:
-    """memory.max and cpu.max of ``pid``'s cgroup (v2; empty on v1)."""
-    line = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[0]
-    if not line.startswith("0::"):
-        return {}
-    # QEMU runs in a cgroup namespace of its own (it sees "/"): find the directory by pid
-    root = Path("/sys/fs/cgroup")
-    for procs in [root / line[3:].lstrip("/") / "cgroup.procs",
-                  *root.glob("popek*/cgroup.procs"), *root.glob("popek*/*/cgroup.procs"),
-                  *root.glob("popek*/*/*/cgroup.procs")]:
+def _cgroup_dir(pid: int, root: Path, rel: str) -> Path | None:
+    """The directory under ``root`` whose cgroup.procs lists ``pid``: ``rel`` first, then
+    popek's cgroups (QEMU runs in a cgroup namespace of its own and may see "/")."""
+    for procs in [root / rel.lstrip("/") / "cgroup.procs", *root.glob("popek*/cgroup.procs"),
+                  *root.glob("popek*/*/cgroup.procs"), *root.glob("popek*/*/*/cgroup.procs")]:
         with contextlib.suppress(OSError):
-            if str(pid) in procs.read_text().split() and (procs.parent / "memory.max").exists():
-                d = procs.parent
+            if str(pid) in procs.read_text().split():
+                return procs.parent
+    return None
+
+
+def cgroup_limits(pid: int) -> dict[str, str]:
+    """The memory and CPU limits of ``pid``'s cgroup, as v2 names them (read on v1 or v2);
+    empty when they cannot be found."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    base = Path("/sys/fs/cgroup")
+    v2 = [ln[3:] for ln in lines if ln.startswith("0::")]
+    with contextlib.suppress(OSError, ValueError):
+        if v2 and (base / "cgroup.controllers").exists():
+            d = _cgroup_dir(pid, base, v2[0])
+            if d is not None:
                 return {"path": str(d), **{f: (d / f).read_text().strip()
                                            for f in ("memory.max", "cpu.max")}}
+            return {}
+        rels = {c: ln.split(":", 2)[2] for ln in lines for c in ln.split(":", 2)[1].split(",")}
+        mem = _cgroup_dir(pid, base / "memory", rels.get("memory", "/"))
+        cpu = _cgroup_dir(pid, base / "cpu", rels.get("cpu", "/"))
+        if mem is None or cpu is None:
+            return {}
+        quota = int((cpu / "cpu.cfs_quota_us").read_text())
+        period = (cpu / "cpu.cfs_period_us").read_text().strip()
+        return {"path": f"{mem} {cpu}",
+                "memory.max": (mem / "memory.limit_in_bytes").read_text().strip(),
+                "cpu.max": f"{quota if quota > 0 else 'max'} {period}"}
     return {}
 
 
@@ -407,7 +426,8 @@ class Bench:
         quota, period = self.popek_limits["cpu.max"].split()
         cpus = int(quota) / int(period) if quota != "max" else float(os.cpu_count() or 1)
         mem = self.popek_limits["memory.max"]
-        limits = cgroupfs.Limits(cpus=cpus, memory=int(mem) if mem != "max" else 1 << 40,
+        limits = cgroupfs.Limits(cpus=cpus, memory=min(int(mem), 1 << 40) if mem != "max"
+                                 else 1 << 40,
                                  pids=512)
         join = cgroupfs.create(PLAIN_CGROUP, limits)
         self.cgroup_made = True
