@@ -34,7 +34,7 @@ and ``--ops`` 4 KiB random reads and writes, each one ``dd`` with ``count=1``
 at an offset from busybox ``awk``'s ``rand()`` with a fixed seed (the same
 offsets on both sides).  Each random op spawns a ``dd`` process: that cost is
 on both sides of the ratio, and it is measured apart (the same loop with
-``count=0``: open and close, no I/O) and reported as ``spawn_overhead``.
+``count=0``: open and close, no I/O) and reported as ``spawn_ms_per_op``.
 Before the first round each disk is written whole once (not timed), so that
 no side pays first allocation in the timed rounds.
 
