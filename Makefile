@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/scaling.py
 	$(PY) bench/api.py
 	$(PY) bench/storage_snap.py
+	$(PY) bench/storage_io.py
 
 # Mutation testing of the security-critical modules against tests/unit:
 # bench/results/mutants-latest.{json,png}. MODULES=ipam,audit restricts it.
