@@ -8,7 +8,7 @@ session: popek keeps no connection (and no process) per instance.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,19 @@ def execute_with_fd(sock: Path, fd: int, fdname: str,
 def execute_many(sock: Path, commands: list[tuple[str, Mapping[str, object] | None]],
                  timeout: float = 10.0, fd: tuple[int, str] | None = None) -> list[Any]:
     """Run several QMP commands in one session; return their results in order."""
+    return _locked(sock, lambda: _session(sock, commands, timeout, fd))
+
+
+def _locked(sock: Path, session: Callable[[], Coroutine[Any, Any, list[object]]]) -> list[Any]:
+    """Run the conversation ``session`` makes with the QEMU at ``sock`` under its lock;
+    a refusal or an unreachable QEMU is an :class:`EngineError`."""
     import asyncio
 
     from qemu.qmp import ConnectError, ExecuteError, QMPError
 
     try:
         with flocked(sock.with_suffix(".lock")):
-            return asyncio.run(_session(sock, commands, timeout, fd))
+            return asyncio.run(session())
     except ExecuteError as exc:
         raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
     except (ConnectError, OSError, TimeoutError, EOFError) as exc:
@@ -116,19 +122,7 @@ def execute_with_fdsets(sock: Path, fds: Sequence[int],
     commands ``build`` makes from those sets' ids, all in one session (an fd set no
     device uses is closed when its session ends).  When a command is refused, the fd
     sets are removed again and :class:`EngineError` raised."""
-    import asyncio
-
-    from qemu.qmp import ConnectError, ExecuteError, QMPError
-
-    try:
-        with flocked(sock.with_suffix(".lock")):
-            return asyncio.run(_fdset_session(sock, fds, build, timeout))
-    except ExecuteError as exc:
-        raise EngineError(f"QEMU refused {exc.sent.get('execute')}: {exc}") from exc
-    except (ConnectError, OSError, TimeoutError, EOFError) as exc:
-        raise EngineError(f"cannot reach QEMU's control socket {sock}: {exc}") from exc
-    except QMPError as exc:
-        raise EngineError(f"QMP error on {sock}: {exc}") from exc
+    return _locked(sock, lambda: _fdset_session(sock, fds, build, timeout))
 
 
 def blockstats(socks: Sequence[Path], timeout: float = 1.0) -> dict[Path, tuple[int, int]]:
