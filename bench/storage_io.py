@@ -38,6 +38,13 @@ on both sides of the ratio, and it is measured apart (the same loop with
 Before the first round each disk is written whole once (not timed), so that
 no side pays first allocation in the timed rounds.
 
+Beside the raw file, the plain QEMU also runs on the same kind of storage as an
+encrypted or Ceph case (``plain-luks``: a qcow2 with LUKS made with the options
+popek gives its encrypted volumes; ``plain-rbd``: a raw RBD image of the same
+cluster, opened through the same ``rbd`` node popek gave QEMU), so each case
+has two ratios: against the raw file (the issue's claim) and against the same
+storage by hand (what popek itself costs, apart from encryption or Ceph).
+
 Reported per case: medians over ``--runs`` rounds of MB/s (sequential) and
 IOPS (random), ratios popek/plain of the medians, and the verdict for the
 sequential ratios against 0.9.  Results: ``bench/results/storage-io-<UTC>.json``
@@ -52,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -84,6 +92,12 @@ FIND_DISK = ("d=; for b in /sys/block/vd*; do case \"$(cat $b/serial 2>/dev/null
              "[ -b \"$d\" ] || echo IOB nodisk $((0)); ")
 TARGET_SEQ_RATIO = 0.9
 SEED = 15
+#: each case's plain side on the same kind of storage (popek's own cost, apart from the
+#: storage's): the case's ratio to it is reported beside the ratio to the raw file
+ENGINE_BASELINE = {"dir": "plain", "dir-encrypted": "plain-luks", "ceph": "plain-rbd"}
+PLAIN_RBD_IMAGE = "popek-bench-plain"
+#: the passphrase of the plain LUKS qcow2 (a throwaway, in 0600 files of the bench's home)
+LUKS_KEY = "popek-bench-plain-luks"
 #: the vTPM's QEMU options (the plain guest has no swtpm): option -> value prefix
 TPM_OPTIONS = {"-chardev": "socket,id=chrtpm,", "-tpmdev": "", "-fw_cfg": ""}
 TPM_DEVICE = "tpm-crb,"
@@ -308,6 +322,11 @@ class Bench:
         self.ceph: Any = None
         self.pools: list[str] = []
         self.cgroup_made = False
+        self.plain_bus = "pcie.0"
+        self.luks_file = self.home / "plain-luks.qcow2"
+        self.rbd_node: dict[str, Any] = {}
+        self.rbd_key = ""
+        self.rbd_made = False
 
     def popek(self, *args: str, timeout: float = 600) -> str:
         """Run a popek command in the private home; raise with its output when it fails."""
@@ -337,6 +356,8 @@ class Bench:
                 self.popek_limits = cgroup_limits(pid)
                 if self.pin:
                     self.plain_argv = ["taskset", "-c", self.popek_cpus, *self.plain_argv]
+            if case.name == "ceph" and not self.rbd_node:
+                self.note_rbd(json.loads((self.workdir() / "qemu.argv.json").read_text()))
             return [self.popek("exec", VM, "--no-stdin", "--timeout", str(timeout), "--",
                                "sh", "-c", line, timeout=timeout + 30) for line in lines]
         finally:
@@ -379,16 +400,88 @@ class Bench:
                 val = f"socket,id=console,path={self.plain_dir / 'console.sock'}," \
                       "server=on,wait=off"
             out += [opt, boot.get(val) or val.replace(work, str(self.plain_dir))]
-        out += ["-blockdev", json.dumps({"driver": "file", "node-name": "raw0-file",
-                                         "filename": str(self.raw_file)}),
-                "-blockdev", json.dumps({"driver": "raw", "node-name": "raw0",
-                                         "file": "raw0-file"}),
-                "-device", json.dumps({"driver": "virtio-blk-pci", "drive": "raw0",
-                                       "id": "disk0", "serial": f"{SERIAL}-plain", "bus": bus})]
+        self.plain_bus = bus
         return out
 
-    def plain_session(self, lines: list[str], timeout: float) -> list[str]:
-        """Start the plain QEMU, type ``lines`` on its console, stop it."""
+    def plain_disk(self, side: str) -> list[str]:
+        """The disk of plain side ``side``, on popek's disk's root port, serial
+        ``iobench-plain``: a raw file (``plain``), a qcow2 with LUKS made with the options
+        popek's encrypted volumes get (``plain-luks``), or a raw RBD image of the same
+        cluster opened by QEMU's ``rbd`` driver as popek opens its own (``plain-rbd``);
+        the keys of the last two from 0600 files in the plain directory."""
+        top: dict[str, object]
+        argv: list[str] = []
+        if side == "plain":
+            argv += ["-blockdev", json.dumps({"driver": "file", "node-name": "raw0-file",
+                                             "filename": str(self.raw_file)})]
+            top = {"driver": "raw", "node-name": "raw0", "file": "raw0-file"}
+        elif side == "plain-luks":
+            key = self.plain_dir / "luks.key"
+            _write_private(key, LUKS_KEY)
+            argv += ["-object", f"secret,id=plainluks-key,file={key}",
+                     "-blockdev", json.dumps({"driver": "file", "node-name": "raw0-file",
+                                             "filename": str(self.luks_file)})]
+            top = {"driver": "qcow2", "node-name": "raw0", "file": "raw0-file",
+                   "encrypt": {"format": "luks", "key-secret": "plainluks-key"}}
+        elif side == "plain-rbd":
+            key = self.plain_dir / "rbd.key"
+            _write_private(key, self.rbd_key)
+            argv += ["-object", f"secret,id=plainrbd-key,format=base64,file={key}"]
+            top = {**self.rbd_node, "node-name": "raw0", "image": PLAIN_RBD_IMAGE,
+                   "key-secret": "plainrbd-key"}
+        else:
+            raise BenchError(f"no plain side {side!r}")
+        return [*argv, "-blockdev", json.dumps(top),
+                "-device", json.dumps({"driver": "virtio-blk-pci", "drive": "raw0",
+                                       "id": "disk0", "serial": f"{SERIAL}-plain",
+                                       "bus": self.plain_bus})]
+
+    def make_plain_disks(self, sides: list[str]) -> None:
+        """The raw file, and the LUKS qcow2 and the RBD image the plain sides in ``sides``
+        need, all of the volumes' size (each made once; the RBD image after popek's first
+        ceph launch, whose ``rbd`` node it copies)."""
+        size = self.size_mib << 20
+        if not self.raw_file.exists():
+            with open(self.raw_file, "wb") as f:
+                f.truncate(size)
+        if "plain-luks" in sides and not self.luks_file.exists():
+            from popek.storage.dirpool import ENCRYPT_OPTS, SECRET_ID
+
+            key = self.home / "luks-create.key"
+            _write_private(key, LUKS_KEY)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object",
+                            f"secret,id={SECRET_ID},file={key}", "-o", ENCRYPT_OPTS,
+                            str(self.luks_file), str(size)], check=True)
+        if "plain-rbd" in sides and not self.rbd_made:
+            if not self.rbd_node:
+                raise BenchError("the plain RBD side needs popek's ceph launch first")
+            self.rbd_cli("create", "--size", f"{self.size_mib}M",
+                         f"{self.rbd_node['pool']}/{PLAIN_RBD_IMAGE}")
+            self.rbd_made = True
+
+    def rbd_cli(self, *args: str) -> None:
+        """Run Ceph's ``rbd`` tool on the bench cluster as its admin."""
+        res = subprocess.run(["rbd", "-c", str(self.ceph.conf), "--keyring",
+                              str(self.ceph.admin_keyring), *args],
+                             capture_output=True, text=True, timeout=120, check=False)
+        if res.returncode != 0:
+            raise BenchError(f"rbd {' '.join(args)}: {res.stderr.strip()[-300:]}")
+
+    def note_rbd(self, argv: list[str]) -> None:
+        """Keep the ``rbd`` node popek gave its Ceph volume (monitors, user, pool, cache
+        options) and the client's key, for the plain RBD side."""
+        for opt, val in itertools.pairwise(argv):
+            if opt == "-blockdev" and val.startswith("{") and \
+                    json.loads(val).get("driver") == "rbd":
+                self.rbd_node = json.loads(val)
+        keyring = Path(self.ceph.keyring).read_text()
+        m = re.search(r"^\s*key\s*=\s*(\S+)", keyring, re.M)
+        if not self.rbd_node or m is None:
+            raise BenchError("no rbd node in popek's QEMU argv, or no key in the keyring")
+        self.rbd_key = m.group(1)
+
+    def plain_session(self, side: str, lines: list[str], timeout: float) -> list[str]:
+        """Start the plain QEMU of ``side``, type ``lines`` on its console, stop it."""
         if self.plain_dir.exists():
             shutil.rmtree(self.plain_dir)
         self.plain_dir.mkdir()
@@ -399,8 +492,9 @@ class Bench:
             for f in join:
                 f.write_text("0")
 
-        self.proc = subprocess.Popen(self.plain_argv, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=log, start_new_session=True, cwd=self.plain_dir,
+        self.proc = subprocess.Popen([*self.plain_argv, *self.plain_disk(side)],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True, cwd=self.plain_dir,
                                      preexec_fn=enter)
         try:
             shell = SerialShell(self.plain_dir / "console.sock", self.proc, 300)
@@ -465,6 +559,11 @@ class Bench:
                 self.popek("storage", "delete", pool)
             except (BenchError, subprocess.SubprocessError) as exc:
                 left.append(f"pool {pool}: {exc}")
+        if self.rbd_made:
+            try:
+                self.rbd_cli("rm", f"{self.rbd_node['pool']}/{PLAIN_RBD_IMAGE}")
+            except (BenchError, subprocess.SubprocessError) as exc:
+                left.append(f"rbd image {PLAIN_RBD_IMAGE}: {exc}")
         if self.ceph is not None:
             self.ceph.stop()
         if left:
@@ -472,6 +571,13 @@ class Bench:
                   file=sys.stderr)
         else:
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file only root can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def figures(ns: dict[str, int], size_mib: int, ops: int) -> dict[str, float]:
@@ -509,22 +615,23 @@ def run(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
                 f"{args.size_mib}MiB", *c.create_opts)
         b.volumes.append(f"{c.pool}/{VOLUME}-{c.name}")
         cases.append(c)
-    with open(b.raw_file, "wb") as f:
-        f.truncate(args.size_mib << 20)
+    plains = ["plain", *(ENGINE_BASELINE[c.name] for c in cases
+                         if ENGINE_BASELINE[c.name] != "plain")]
     script = guest_script(args.size_mib, args.ops)
     fill = fill_script(args.size_mib)
     timeout = 900.0
     samples: dict[str, list[dict[str, Any]]] = {c.name: [] for c in cases}
-    samples["plain"] = []
-    sides: list[str] = [c.name for c in cases] + ["plain"]
+    samples.update({p: [] for p in plains})
+    sides: list[str] = [c.name for c in cases] + plains
     by_name = {c.name: c for c in cases}
     for r in range(args.runs + 1):  # round 0: fill every disk, untimed
         order = sides if r % 2 or r == 0 else list(reversed(sides))  # popek first: its argv
         for side in order:
             lines = [fill] if r == 0 else [script]
             t0 = time.monotonic()
-            if side == "plain":
-                outs = b.plain_session(lines, timeout)
+            if side in plains:
+                b.make_plain_disks([side])
+                outs = b.plain_session(side, lines, timeout)
             else:
                 outs = b.popek_session(by_name[side], lines, timeout)
             if r == 0:
@@ -536,11 +643,17 @@ def run(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
             print(f"  round {r} {side}: {fig}", flush=True)
     med = {side: {m: round(statistics.median(s[m] for s in samples[side]), 2)
                   for m in METRICS} for side in sides}
-    ratios = {c: {m: round(med[c][m] / med["plain"][m], 3) for m in METRICS[:4]}
-              for c in samples if c != "plain"}
+    ratios = {c.name: {m: round(med[c.name][m] / med["plain"][m], 3) for m in METRICS[:4]}
+              for c in cases}
+    engine = {c.name: {"baseline": ENGINE_BASELINE[c.name],
+                       **{m: round(med[c.name][m] / med[ENGINE_BASELINE[c.name]][m], 3)
+                          for m in METRICS[:4]}} for c in cases}
     verdict = {c: {"seq_write": ratios[c]["seq_write_mib_s"] >= TARGET_SEQ_RATIO,
                    "seq_read": ratios[c]["seq_read_mib_s"] >= TARGET_SEQ_RATIO}
                for c in ratios}
+    engine_verdict = {c: {"seq_write": engine[c]["seq_write_mib_s"] >= TARGET_SEQ_RATIO,
+                          "seq_read": engine[c]["seq_read_mib_s"] >= TARGET_SEQ_RATIO}
+                      for c in engine}
     return {
         "claim": "in a guest, sequential read and write on a popek volume at least 0.9x the "
                  "same QEMU with a plain raw file as its virtio-blk disk (TCG)",
@@ -548,6 +661,14 @@ def run(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
         "ratios_popek_to_plain": ratios,
         "verdict": verdict,
         "target_met": all(all(v.values()) for v in verdict.values()) if verdict else None,
+        "ratios_popek_to_same_storage": engine,
+        "verdict_same_storage": engine_verdict,
+        "same_storage_note": "the issue's ratio compares every case with a plain raw file; "
+                             "beside it, each case against the same QEMU opening the same "
+                             "kind of storage by hand (a LUKS qcow2 made with popek's "
+                             "options; a raw RBD image of the same cluster through the "
+                             "same rbd node): what popek itself costs, apart from what "
+                             "encryption or Ceph costs",
         "medians": med,
         "summaries": {side: {m: _summary([s[m] for s in samples[side]]) for m in METRICS}
                       for side in sides},
@@ -609,14 +730,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_title("random 4 KiB (process spawn included)")
     ax2.legend(fontsize=8)
     ratios = report["ratios_popek_to_plain"]
+    engine = report.get("ratios_popek_to_same_storage", {})
     metrics = ["seq_write_mib_s", "seq_read_mib_s", "rand_read_iops", "rand_write_iops"]
-    cw = 0.8 / max(len(ratios), 1)
-    for k, case in enumerate(ratios):
-        ax3.bar([i + k * cw for i in range(4)], [ratios[case][m] for m in metrics], cw,
-                label=case)
+    color = {case: f"C{k}" for k, case in enumerate(sides)}  # as in the other two panels
+    bars = [(f"{case} / raw file", ratios[case], "", color[case]) for case in ratios] + \
+        [(f"{case} / {engine[case]['baseline']}", engine[case], "//", color[case])
+         for case in engine if engine[case]["baseline"] != "plain"]
+    cw = 0.8 / max(len(bars), 1)
+    for k, (label, vals, hatch, c) in enumerate(bars):
+        ax3.bar([i + k * cw for i in range(4)], [vals[m] for m in metrics], cw,
+                label=label, hatch=hatch, color=c, edgecolor="black" if hatch else c)
     ax3.axhline(TARGET_SEQ_RATIO, color="red", linestyle="--",
                 label=f"target {TARGET_SEQ_RATIO} (sequential)")
-    ax3.set_xticks([i + cw * (len(ratios) - 1) / 2 for i in range(4)],
+    ax3.set_xticks([i + cw * (len(bars) - 1) / 2 for i in range(4)],
                    ["seq w", "seq r", "rand r", "rand w"])
     ax3.set_ylabel("popek / plain (medians)")
     ax3.set_title(f"ratios, {report['config']['runs']} rounds, TCG")
