@@ -214,7 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=9, help="probe sample pairs")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    every = sorted({a for attacks in ENGINE_ATTACKS.values() for a in attacks})
+    ap.add_argument("--attacks", default="", help="run only these attacks, comma-separated "
+                    f"(of {', '.join(every)}); the results then go to "
+                    "neighbours-ATTACKS-<UTC>.json and neighbours-ATTACKS-latest.*")
     args = ap.parse_args(argv)
+    only = [a for a in args.attacks.split(",") if a]
+    if set(only) - set(every):
+        ap.error(f"unknown attack(s) {sorted(set(only) - set(every))}; "
+                 f"allowed: {', '.join(every)}")
+    plan = {e: tuple(a for a in attacks if not only or a in only)
+            for e, attacks in ENGINE_ATTACKS.items()}
+    plan = {e: attacks for e, attacks in plan.items() if attacks}
     home = _mkdir_public("popek-bench-nb-")
     env = {**os.environ, "POPEK_HOME": str(home), "POPEK_CACHE": str(CACHE)}
 
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         popek("image", "build", "minimal")
-        for engine, attacks in ENGINE_ATTACKS.items():
+        for engine, attacks in plan.items():
             extra = ["--container", "--memory", "128MiB"] if engine == "container" else \
                 ["--memory", "256MiB"]
             nb, at = f"nb-{engine}", f"at-{engine}"
@@ -283,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
            "target_met": all(r["met"] for e in results.values() for r in e.values())}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(rep, indent=2) + "\n"
-    (args.out / f"neighbours-{stamp}.json").write_text(text)
-    (args.out / "neighbours-latest.json").write_text(text)
-    _plot(rep, args.out / "neighbours-latest.png")
+    text = json.dumps({**rep, "attacks": only or every}, indent=2) + "\n"
+    name = "neighbours" + "".join(f"-{a}" for a in only)
+    (args.out / f"{name}-{stamp}.json").write_text(text)
+    (args.out / f"{name}-latest.json").write_text(text)
+    _plot(rep, args.out / f"{name}-latest.png")
     print(f"target (>= {THRESHOLD:.0%} of baseline): "
           f"{'MET' if rep['target_met'] else 'NOT MET'}; results in {args.out}")
     return 0
