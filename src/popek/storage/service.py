@@ -41,7 +41,7 @@ from popek.errors import (
 from popek.names import validate_name
 from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
-from popek.storage import cephpool
+from popek.storage import cephpool, sharing
 from popek.storage.cephpool import CephPool
 from popek.storage.dirpool import ENCRYPTION, FORMATS, DirPool, probe
 from popek.storage.model import (
@@ -51,6 +51,7 @@ from popek.storage.model import (
     INTENTS,
     POOLS_PREFIX,
     READY,
+    SHARED,
     VOLUME_TYPES,
     VOLUMES_PREFIX,
     Pool,
@@ -71,6 +72,9 @@ MIN_SIZE = {"block": 1 << 20, "filesystem": 16 << 20}
 MAX_SIZES = {"block": 64 << 40, "filesystem": 16 << 40}
 MAX_SIZE = max(MAX_SIZES.values())
 
+
+#: the keys of a volume's config ``popek storage volume set`` takes
+CONFIG_KEYS = (*iolimits.KEYS, SHARED)
 
 #: ``keys(project, create)``: the volume key of ``project`` (made now when ``create``)
 Keys = Callable[[str, bool], str]
@@ -427,12 +431,11 @@ class Storage:
         first, :meth:`reconcile` asks the holder's record whether it holds the volume."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "attach")
-        if vol.attached and vol.attached != holder:
-            raise StateError(f"volume {pool}/{name}", "attach", f"attached to {vol.attached}",
-                             ("detached",), "a volume is attached to one instance at a time")
         key = volume_key(pool, project, name)
-        held = Volume(**{**vol.__dict__, "attached": holder,
-                         **({"state": "attaching", "owner": _owner()} if intent else {})})
+        held = sharing.with_holder(vol, holder)  # StateError: another's and not shared
+        if intent:
+            held = Volume(**{**held.__dict__, "state": "attaching", "owner": _owner(),
+                             "pending": holder})
         if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
                               [Put(key, held.to_json())]).succeeded:
             raise StateError(f"volume {pool}/{name}", "attach", "changed meanwhile", (READY,),
@@ -445,9 +448,9 @@ class Storage:
         record whether it still holds the volume."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "detach")
-        if vol.attached != holder:
+        if holder not in vol.holders():
             return
-        self._intent(volume_key(pool, project, name), vol, "detaching")
+        self._intent(volume_key(pool, project, name), vol, "detaching", holder)
 
     def settle_attachment(self, pool: str, project: str, name: str) -> None:
         """End an ``attaching``/``detaching`` intent: the volume stays attached."""
@@ -458,23 +461,24 @@ class Storage:
         vol = Volume.from_json(kv.value)
         if vol.state in ATTACHMENT_INTENTS:
             self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
-                           [Put(key, Volume(**{**vol.__dict__, "state": READY, "owner": ""})
-                                .to_json())])
+                           [Put(key, Volume(**{**vol.__dict__, "state": READY, "owner": "",
+                                               "pending": ""}).to_json())])
 
     def detach(self, pool: str, project: str, name: str, holder: str) -> None:
-        """Clear ``holder``'s attachment of volume ``name`` (gone, or another's: nothing),
-        and an attach or detach intent with it."""
+        """Clear ``holder``'s attachment of volume ``name`` (gone, or not held by it:
+        nothing), and an attach or detach intent about it with it (a shared volume's other
+        holders keep it)."""
         key = volume_key(pool, project, name)
         for _ in range(5):  # a concurrent change of the record: read it again
             kv = self.store.get(key)
             if kv is None:
                 return
             vol = Volume.from_json(kv.value)
-            if vol.attached != holder:
+            if holder not in vol.holders():
                 return
-            free = Volume(**{**vol.__dict__, "attached": "",
-                             **({"state": READY, "owner": ""}
-                                if vol.state in ATTACHMENT_INTENTS else {})})
+            free = sharing.without_holder(vol, holder)
+            if vol.state in ATTACHMENT_INTENTS and sharing.subject(vol) == holder:
+                free = Volume(**{**free.__dict__, "state": READY, "owner": "", "pending": ""})
             if self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
                               [Put(key, free.to_json())]).succeeded:
                 return
@@ -486,14 +490,24 @@ class Storage:
         Raises :class:`InvalidInput` for an unknown key or a bad value, nothing changed.
         """
         if not values:
-            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(iolimits.KEYS)}")
+            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(CONFIG_KEYS)}")
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "configure")
+        values = dict(values)
+        shared = values.pop(SHARED, None)
         limits = self.io_limits_of(vol)
         for key, value in values.items():
+            if not iolimits.is_key(key):
+                raise InvalidInput(f"unknown key {key!r}; keys: {', '.join(CONFIG_KEYS)}")
             limits = iolimits.replace(limits, key, value)
         config = {k: v for k, v in vol.config.items() if not iolimits.is_key(k)}
         config.update({f"limits.{k}": str(v) for k, v in limits.stored().items()})
+        if shared is not None:
+            on = sharing.parse(shared)
+            sharing.check_mark(vol, on, self.pool(pool).driver)
+            config.pop(SHARED, None)
+            if on:
+                config[SHARED] = "true"
         key = volume_key(pool, project, name)
         changed = Volume(**{**vol.__dict__, "config": config})
         if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
@@ -667,11 +681,14 @@ class Storage:
 
     @staticmethod
     def _detached(vol: Volume, operation: str) -> None:
-        """StateError while ``vol`` is attached: its instance has its files open."""
+        """StateError while ``vol`` is attached (naming every holder): its instances have
+        its files open."""
         if vol.attached:
-            raise StateError(f"volume {vol.name}", operation, f"attached to {vol.attached}",
-                             ("detached",), "detach it first: popek storage volume detach "
-                             f"{vol.pool}/{vol.name} {vol.attached.partition('/')[2]}")
+            detach = "; ".join(f"popek storage volume detach {vol.pool}/{vol.name} "
+                               f"{h.partition('/')[2]}" for h in vol.holders())
+            raise StateError(f"volume {vol.name}", operation,
+                             f"attached to {sharing.holder_text(vol)}", ("detached",),
+                             f"detach it first: {detach}")
 
     def _require_ready(self, vol: Volume, operation: str) -> None:
         if vol.state != READY:
@@ -739,11 +756,16 @@ class Storage:
     def _settle_attachment(self, vol: Volume, holds: Callable[[str, str], bool]) -> str:
         where = f"{vol.pool}: volume {vol.project}/{vol.name}"
         what = vol.state.removesuffix("ing")
-        if vol.attached and holds(vol.attached, f"{vol.pool}/{vol.name}"):
+        who = sharing.subject(vol)  # the holder the intent is about (a shared volume has more)
+        if who and who in vol.holders() and holds(who, f"{vol.pool}/{vol.name}"):
             self.settle_attachment(vol.pool, vol.project, vol.name)
-            return f"{where}: interrupted {what} settled: attached to {vol.attached}"
-        self.detach(vol.pool, vol.project, vol.name, vol.attached)
-        return f"{where}: interrupted {what} settled: detached"
+            return f"{where}: interrupted {what} settled: attached to {who}"
+        if who in vol.holders():
+            self.detach(vol.pool, vol.project, vol.name, who)
+        else:  # the holder is not on the record: only the intent is left to end
+            self.settle_attachment(vol.pool, vol.project, vol.name)
+        return f"{where}: interrupted {what} settled: detached" + (
+            f" from {who}" if len(vol.holders()) > 1 else "")
 
     def _reconcile_ceph(self, pool: Pool, holds: Callable[[str, str], bool] | None
                         ) -> list[str]:
@@ -827,6 +849,6 @@ def public(vol: Volume) -> dict[str, Any]:
     return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
             "size": vol.size, "state": vol.state, "attached": vol.attached,
             "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin,
-            "encrypted": encrypted(vol),
-
-            "config": iolimits.show(Storage.io_limits_of(vol))}
+            "encrypted": encrypted(vol), "shared": vol.shared(), "holders": vol.holders(),
+            "config": {**iolimits.show(Storage.io_limits_of(vol)),
+                       **({SHARED: "true"} if vol.shared() else {})}}
