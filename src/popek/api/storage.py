@@ -156,13 +156,16 @@ class ConfigBody(BaseModel):
     config: dict[str, Annotated[str, Field(max_length=64)]] = Field(
         min_length=1, max_length=8,
         description="limits.disk.read_bps|write_bps (bytes per second, e.g. 10MB) and "
-                    "limits.disk.read_iops|write_iops (operations per second); 0: no limit")
+                    "limits.disk.read_iops|write_iops (operations per second); 0: no limit; "
+                    "security.shared=true|false: several containers may hold the (filesystem) "
+                    "volume at once")
 
 
 @router.post("/1.0/storage-pools/{pool}/volumes/{name}/config")
 def set_volume_config(request: Request, pool: PoolName, name: VolumeName, body: ConfigBody,
                       project: Project = None) -> dict[str, Any]:
-    """Set a volume's I/O limits (live on the running VM it is attached to): the volume."""
+    """Set a volume's I/O limits (live on the running instances it is attached to) or its
+    ``security.shared`` mark: the volume."""
     from popek.core.requests import VolumeSet
 
     with session(identity(request), project) as core:

@@ -174,7 +174,7 @@ VOLUME_COLUMNS = (
     Column("TYPE", lambda r: r["type"], "t"),
     Column("SIZE", lambda r: human(r["size"]), "s"),
     Column("STATE", lambda r: r["state"], "S"),
-    Column("ATTACHED", lambda r: r["attached"] or "-", "a"),
+    Column("ATTACHED", lambda r: ",".join(r.get("holders") or [r["attached"]]) or "-", "a"),
     Column("ENCRYPTED", lambda r: "yes" if r.get("encrypted") else "no", "e", default=False),
 )
 
@@ -195,7 +195,8 @@ def _show_volume(rec: dict[str, Any], fmt: str) -> None:
     details(rec, [("pool", rec["pool"]), ("name", rec["name"]), ("project", rec["project"]),
                   ("type", rec["type"]), ("size", human(rec["size"])),
                   ("used", human(rec.get("used"))), ("state", rec["state"]),
-                  ("attached", rec["attached"] or "-"), ("created", rec["created"]),
+                  ("attached", ", ".join(rec.get("holders") or [rec["attached"]]) or "-"),
+                  ("shared", "yes" if rec.get("shared") else "no"), ("created", rec["created"]),
                   ("encrypted", "yes" if rec.get("encrypted") else "no"),
                   *sorted((rec.get("config") or {}).items())], fmt)
 
@@ -312,12 +313,15 @@ def volume_set(
     pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...",
                                       help="limits.disk.read_bps or write_bps (e.g. 10MB: "
                                            "bytes per second), limits.disk.read_iops or "
-                                           "write_iops (operations per second); 0: no limit."),
+                                           "write_iops (operations per second); 0: no limit; "
+                                           "security.shared=true|false (a filesystem volume "
+                                           "several containers hold at once)."),
     project: str | None = project_option(),
 ) -> None:
-    """Set a volume's I/O limits (at once on the running VM it is attached to)."""
+    """Set a volume's I/O limits (at once on the running instances it is attached to) or
+    mark it shared (security.shared=true: filesystem volumes only)."""
     from popek.errors import InvalidInput
-    from popek.iolimits import KEYS
+    from popek.storage.service import CONFIG_KEYS as KEYS
 
     config: dict[str, str] = {}
     for pair in pairs:
@@ -336,7 +340,7 @@ def volume_set(
 
         rec = _core().handle(VolumeSet(pool, name, config))
     shown = ", ".join(f"{k}={v}" for k, v in sorted((rec.get("config") or {}).items()))
-    print(f"Volume {rec['pool']}/{rec['name']}: {shown or 'no I/O limits'}.")
+    print(f"Volume {rec['pool']}/{rec['name']}: {shown or 'no I/O limits, not shared'}.")
 
 
 @volume_app.command("delete")
