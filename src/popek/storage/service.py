@@ -595,8 +595,9 @@ class Storage:
     # -- snapshots and clones --------------------------------------------------------
     def _block(self, vol: Volume, operation: str) -> None:
         if vol.type != "block":
-            raise InvalidInput(f"cannot {operation} filesystem volume {vol.name}: snapshots "
-                               "and clones are made of block volumes (qcow2) for now")
+            raise InvalidInput(f"cannot {operation} filesystem volume {vol.name}: export "
+                               "takes block volumes (qcow2); snapshot or clone a filesystem "
+                               "volume instead")
 
     def _snapshot_of(self, vol: Volume, snap: str) -> None:
         if snap not in vol.snapshot_names():
@@ -608,9 +609,10 @@ class Storage:
         it is and an empty overlay takes its place)."""
         validate_name(snap, "snapshot name")
         vol = self.volume(pool, project, name)
-        self._block(vol, "snapshot")
         self._require_ready(vol, "snapshot")
-        self._detached(vol, "snapshot")  # its VM writes on into the file a snapshot freezes
+        # its VM writes on into the file a snapshot freezes; a container into the ext4 a
+        # copy reads (popek does not freeze a file system containers write into)
+        self._detached(vol, "snapshot")
         if snap in vol.snapshot_names():
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
@@ -625,7 +627,6 @@ class Storage:
         """Put volume ``name`` back as it was at ``snap`` (what was written since is lost;
         the snapshots stay); refused while attached."""
         vol = self.volume(pool, project, name)
-        self._block(vol, "restore")
         self._snapshot_of(vol, snap)
         self._require_ready(vol, "restore")
         self._detached(vol, "restore")
@@ -635,18 +636,17 @@ class Storage:
         busy = self._intent(key, vol, "restoring", snap)
         driver = self._driver(self.pool(pool))
         driver.restore(project, name, snap, secret)
-        return self._settle(key, busy, size=driver.virtual_size(project, name, "block"))
+        return self._settle(key, busy, size=driver.virtual_size(project, name, vol.type))
 
     def clone_volume(self, pool: str, project: str, name: str, snap: str, new: str) -> Volume:
         """Make volume ``new`` from snapshot ``snap`` of ``name``: copy on write, constant
         time whatever the size; ``name`` then cannot be deleted before ``new``."""
         validate_name(new, "volume name")
         vol = self.volume(pool, project, name)
-        self._block(vol, "clone")
         self._snapshot_of(vol, snap)
         p = self.pool(pool)
-        size = self._driver(p).virtual_size(project, f"{name}@{snap}", "block")
-        clone = Volume(pool, project, new, size, "block", _now(), "creating", _owner(),
+        size = self._driver(p).virtual_size(project, f"{name}@{snap}", vol.type)
+        clone = Volume(pool, project, new, size, vol.type, _now(), "creating", _owner(),
                        origin=f"{project}/{name}@{snap}",
                        config={ENCRYPT: ENCRYPTION} if encrypted(vol) else {})
         secret = self.key(vol)
@@ -742,8 +742,9 @@ class Storage:
                      for n in (v.name, *(f"{v.name}@{s}" for s in v.snapshot_names()),
                                *([f"{v.name}@{v.pending}"] if v.pending else []))}
             for project, name, kind in driver.files():
-                if name.startswith("."):
-                    if not self._in_progress(pool.name, project, name[1:]):
+                if name.startswith("."):  # a snapshot's copy (.NAME@SNAP): NAME's
+                    if not self._in_progress(pool.name, project,
+                                             name[1:].partition("@")[0]):
                         driver.remove_temporary(project, name, kind)
                         done.append(f"{pool.name}: removed the unfinished file of "
                                     f"{project}/{name[1:]}")
