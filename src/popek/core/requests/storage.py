@@ -182,7 +182,7 @@ class VolumeDelete(_OnVolume[None]):
 
 @dataclass(frozen=True)
 class VolumeSnapshot(_OnVolume[dict[str, Any]]):
-    """Take snapshot ``snapshot`` of block volume ``name`` of ``pool``."""
+    """Take snapshot ``snapshot`` of volume ``name`` of ``pool``."""
 
     op = "volume.snapshot"
     shown = ("snapshot",)
@@ -197,7 +197,7 @@ class VolumeSnapshot(_OnVolume[dict[str, Any]]):
 
 @dataclass(frozen=True)
 class VolumeRestore(_OnVolume[dict[str, Any]]):
-    """Put block volume ``name`` of ``pool`` back as it was at ``snapshot``."""
+    """Put volume ``name`` of ``pool`` back as it was at ``snapshot``."""
 
     op = "volume.restore"
     shown = ("snapshot",)
