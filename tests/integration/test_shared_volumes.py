@@ -48,12 +48,14 @@ def two(popek_home: Path, minimal_image: str) -> Iterator[Path]:
     popek("storage", "volume", "create", "local", VOL, "--size", "64MiB", "--type",
           "filesystem")
     popek("storage", "volume", "create", "local", "shv-blk", "--size", "16MiB")
+    popek("storage", "volume", "create", "local", "shv-made", "--size", "16MiB", "--type",
+          "filesystem", "--shared")
     popek("launch", minimal_image, A, "--container", "--disk", f"local/{VOL}:/shared")
     popek("launch", minimal_image, B, "--container")
     yield popek_home / "storage" / "local" / "default" / f"{VOL}.ext4"
     for name in (A, B):
         popek("delete", "--force", name, check=False)
-    for vol in (VOL, "shv-blk"):
+    for vol in (VOL, "shv-blk", "shv-made"):
         popek("storage", "volume", "delete", "local", vol, check=False)
 
 
@@ -72,6 +74,13 @@ def test_a_block_volume_is_not_marked_shared(two: Path) -> None:
         proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
     assert popek_json("storage", "volume", "info", "local", "shv-blk")["shared"] is False
+    proc = popek("storage", "volume", "create", "local", "shv-blk2", "--size", "16MiB",
+                 "--shared", check=False)
+    assert proc.returncode != 0 and "cannot mark block volume shv-blk2 shared" in proc.stderr
+    names = [v["name"] for v in popek_json("storage", "volume", "list", "local")]
+    assert "shv-blk2" not in names  # nothing made
+    assert popek_json("storage", "volume", "info", "local", "shv-made")["config"] == {
+        "security.shared": "true"}  # made shared (--shared at create)
 
 
 def test_two_containers_share_one_file_system_live(two: Path) -> None:

@@ -158,6 +158,15 @@ def test_marking_is_refused_for_a_block_volume_and_changes_nothing(storage: Stor
         storage.set_config("local", "default", "b", {SHARED: "on"})
 
 
+def test_a_volume_is_made_shared_at_create_or_refused_and_not_made(storage: Storage
+                                                                  ) -> None:
+    v = storage.create_volume("local", "default", "fs", 16 * MiB, "filesystem", shared=True)
+    assert v.shared() and storage.volume("local", "default", "fs").config == {SHARED: "true"}
+    with pytest.raises(InvalidInput, match="cannot mark block volume b shared"):
+        storage.create_volume("local", "default", "b", 16 * MiB, "block", shared=True)
+    assert [x.name for x in storage.volumes()] == ["fs"]
+
+
 def test_a_limit_set_beside_the_mark_keeps_it(storage: Storage) -> None:
     storage.create_volume("local", "default", "fs", 16 * MiB, "filesystem")
     storage.set_config("local", "default", "fs", {SHARED: "true"})

@@ -120,6 +120,8 @@ class VolumeBody(BaseModel):
     type: Literal["block", "filesystem"] = "block"
     #: encrypted at rest (a block volume: qcow2 with LUKS, under the project's key)
     encrypt: bool = False
+    #: several containers may hold it at once (``security.shared=true``; filesystem only)
+    shared: bool = False
 
 
 @router.post("/1.0/storage-pools/{pool}/volumes", status_code=201)
@@ -129,7 +131,8 @@ def create_volume(request: Request, pool: PoolName, body: VolumeBody,
     from popek.core.requests import VolumeCreate
 
     with session(identity(request), project) as core:
-        return core.handle(VolumeCreate(pool, body.name, body.size, body.type, body.encrypt))
+        return core.handle(VolumeCreate(pool, body.name, body.size, body.type, body.encrypt,
+                                        body.shared))
 
 
 class ResizeBody(BaseModel):

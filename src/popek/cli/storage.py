@@ -211,6 +211,8 @@ def volume_create(
                                                      "(ext4, for a container)."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt it at rest (a block "
                                  "volume: qcow2 with LUKS, under the project's key)."),
+    shared: bool = typer.Option(False, "--shared", help="Let several containers hold it at "
+                                "once (security.shared=true; filesystem volumes only)."),
     project: str | None = project_option(),
 ) -> None:
     """Create a volume in a pool, in the project."""
@@ -219,13 +221,14 @@ def volume_create(
     if where is not None:
         rec = _api(where[0]).call("POST", _volumes_path(where[1]), params={"project": project},
                                   json={"name": name, "size": bytes_, "type": kind,
-                                        "encrypt": encrypt})
+                                        "encrypt": encrypt, "shared": shared})
     else:
         scope.use(project)
         from popek.core.requests import VolumeCreate
 
-        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind, encrypt))
-    how = ", encrypted" if rec.get("encrypted") else ""
+        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind, encrypt, shared))
+    how = (", encrypted" if rec.get("encrypted") else "") + (
+        ", shared" if rec.get("shared") else "")
     print(f"Volume {rec['pool']}/{rec['name']} created ({rec['type']}, {human(rec['size'])}"
           f"{how}).")
 

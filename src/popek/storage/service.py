@@ -307,10 +307,12 @@ class Storage:
                                f"{format_size(MIN_SIZE[kind])} to {format_size(MAX_SIZES[kind])}")
 
     def create_volume(self, pool: str, project: str, name: str, size: int,
-                      kind: str = "block", encrypt: bool = False) -> Volume:
+                      kind: str = "block", encrypt: bool = False,
+                      shared: bool = False) -> Volume:
         """Make volume ``name`` of ``size`` bytes: the record (``creating``), the file, then
         ``ready``; the file and record are taken back when making the file fails.  With
-        ``encrypt``: a LUKS qcow2 under the project's key (made now when it has none)."""
+        ``encrypt``: a LUKS qcow2 under the project's key (made now when it has none); with
+        ``shared``: marked ``security.shared=true`` (a filesystem volume only)."""
         validate_name(name, "volume name")
         self.check_size(size, kind)
         p = self.pool(pool)
@@ -320,7 +322,10 @@ class Storage:
                                "images); make filesystem volumes in a dir pool")
         self._ensure_default(pool)
         vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner(),
-                     config={ENCRYPT: ENCRYPTION} if encrypt else {})
+                     config={**({ENCRYPT: ENCRYPTION} if encrypt else {}),
+                             **({SHARED: "true"} if shared else {})})
+        if shared:
+            sharing.check_mark(vol, True, p.driver)  # before anything is made
         key = self.key(vol, create=True)
         return self._make(p, vol, lambda driver: driver.create(project, name, kind, size, key))
 

@@ -88,20 +88,22 @@ class PoolDelete(Request[None]):
 @dataclass(frozen=True)
 class VolumeCreate(_OnVolume[dict[str, Any]]):
     """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project
-    (``encrypt``: a LUKS qcow2 under the project's key)."""
+    (``encrypt``: a LUKS qcow2 under the project's key; ``shared``: several containers
+    may hold it, filesystem volumes only)."""
 
     op = "volume.create"
-    shown = ("pool", "size", "type", "encrypt")
+    shown = ("pool", "size", "type", "encrypt", "shared")
     size: int
     type: str = "block"
     encrypt: bool = False
+    shared: bool = False
 
     def run(self, core: Core) -> dict[str, Any]:
         """Create it; its ``storage volume info``."""
         storage = _storage(core)
         with _within_quota(core, self.size, "the new volume"):
             storage.create_volume(self.pool, core.project, self.name, self.size, self.type,
-                                  self.encrypt)
+                                  self.encrypt, self.shared)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
