@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
-  qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils
+  qemu-system-x86 qemu-utils busybox-static kmod cpio zstd xz-utils xfsprogs
   swtpm           # the virtual TPM of each VM (launch measurement in PCR 15)
   python3-venv util-linux procps iproute2 socat
   runc crun bubblewrap debootstrap

@@ -359,8 +359,9 @@ def test_snapshot_mistakes_are_named(storage: Storage) -> None:
         storage.snapshot_volume("local", "default", "v", "s")
     with pytest.raises(NotFound, match="snapshot 'nope' of volume 'v' not found; snapshots: s"):
         storage.restore_volume("local", "default", "v", "nope")
-    with pytest.raises(InvalidInput, match="cannot snapshot filesystem volume fs"):
-        storage.snapshot_volume("local", "default", "fs", "s")
+    with pytest.raises(InvalidInput, match="cannot export filesystem volume fs: export takes "
+                                           "block volumes"):
+        storage.export_volume("local", "default", "fs", storage_dir() / "out.raw", "raw")
     with pytest.raises(InvalidInput, match="invalid snapshot name"):
         storage.snapshot_volume("local", "default", "v", "Bad@Name")
     with pytest.raises(AlreadyExists):

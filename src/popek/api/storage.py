@@ -120,6 +120,8 @@ class VolumeBody(BaseModel):
     type: Literal["block", "filesystem"] = "block"
     #: encrypted at rest (a block volume: qcow2 with LUKS, under the project's key)
     encrypt: bool = False
+    #: several containers may hold it at once (``security.shared=true``; filesystem only)
+    shared: bool = False
 
 
 @router.post("/1.0/storage-pools/{pool}/volumes", status_code=201)
@@ -129,7 +131,8 @@ def create_volume(request: Request, pool: PoolName, body: VolumeBody,
     from popek.core.requests import VolumeCreate
 
     with session(identity(request), project) as core:
-        return core.handle(VolumeCreate(pool, body.name, body.size, body.type, body.encrypt))
+        return core.handle(VolumeCreate(pool, body.name, body.size, body.type, body.encrypt,
+                                        body.shared))
 
 
 class ResizeBody(BaseModel):
@@ -156,13 +159,16 @@ class ConfigBody(BaseModel):
     config: dict[str, Annotated[str, Field(max_length=64)]] = Field(
         min_length=1, max_length=8,
         description="limits.disk.read_bps|write_bps (bytes per second, e.g. 10MB) and "
-                    "limits.disk.read_iops|write_iops (operations per second); 0: no limit")
+                    "limits.disk.read_iops|write_iops (operations per second); 0: no limit; "
+                    "security.shared=true|false: several containers may hold the (filesystem) "
+                    "volume at once")
 
 
 @router.post("/1.0/storage-pools/{pool}/volumes/{name}/config")
 def set_volume_config(request: Request, pool: PoolName, name: VolumeName, body: ConfigBody,
                       project: Project = None) -> dict[str, Any]:
-    """Set a volume's I/O limits (live on the running VM it is attached to): the volume."""
+    """Set a volume's I/O limits (live on the running instances it is attached to) or its
+    ``security.shared`` mark: the volume."""
     from popek.core.requests import VolumeSet
 
     with session(identity(request), project) as core:
@@ -194,7 +200,8 @@ class NameBody(BaseModel):
 @router.post(f"{VOLUME}/snapshots", status_code=201)
 def snapshot_volume(request: Request, pool: PoolName, name: VolumeName, body: NameBody,
                     project: Project = None) -> dict[str, Any]:
-    """Take a snapshot of a block volume: the volume, its snapshots listed."""
+    """Take a snapshot of a detached volume (block: an overlay; filesystem: a reflinked or
+    sparse copy): the volume, its snapshots listed."""
     from popek.core.requests import VolumeSnapshot
 
     with session(identity(request), project) as core:

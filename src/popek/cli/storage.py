@@ -174,7 +174,7 @@ VOLUME_COLUMNS = (
     Column("TYPE", lambda r: r["type"], "t"),
     Column("SIZE", lambda r: human(r["size"]), "s"),
     Column("STATE", lambda r: r["state"], "S"),
-    Column("ATTACHED", lambda r: r["attached"] or "-", "a"),
+    Column("ATTACHED", lambda r: ",".join(r.get("holders") or [r["attached"]]) or "-", "a"),
     Column("ENCRYPTED", lambda r: "yes" if r.get("encrypted") else "no", "e", default=False),
 )
 
@@ -195,7 +195,8 @@ def _show_volume(rec: dict[str, Any], fmt: str) -> None:
     details(rec, [("pool", rec["pool"]), ("name", rec["name"]), ("project", rec["project"]),
                   ("type", rec["type"]), ("size", human(rec["size"])),
                   ("used", human(rec.get("used"))), ("state", rec["state"]),
-                  ("attached", rec["attached"] or "-"), ("created", rec["created"]),
+                  ("attached", ", ".join(rec.get("holders") or [rec["attached"]]) or "-"),
+                  ("shared", "yes" if rec.get("shared") else "no"), ("created", rec["created"]),
                   ("encrypted", "yes" if rec.get("encrypted") else "no"),
                   *sorted((rec.get("config") or {}).items())], fmt)
 
@@ -210,6 +211,8 @@ def volume_create(
                                                      "(ext4, for a container)."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt it at rest (a block "
                                  "volume: qcow2 with LUKS, under the project's key)."),
+    shared: bool = typer.Option(False, "--shared", help="Let several containers hold it at "
+                                "once (security.shared=true; filesystem volumes only)."),
     project: str | None = project_option(),
 ) -> None:
     """Create a volume in a pool, in the project."""
@@ -218,13 +221,14 @@ def volume_create(
     if where is not None:
         rec = _api(where[0]).call("POST", _volumes_path(where[1]), params={"project": project},
                                   json={"name": name, "size": bytes_, "type": kind,
-                                        "encrypt": encrypt})
+                                        "encrypt": encrypt, "shared": shared})
     else:
         scope.use(project)
         from popek.core.requests import VolumeCreate
 
-        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind, encrypt))
-    how = ", encrypted" if rec.get("encrypted") else ""
+        rec = _core().handle(VolumeCreate(pool, name, bytes_, kind, encrypt, shared))
+    how = (", encrypted" if rec.get("encrypted") else "") + (
+        ", shared" if rec.get("shared") else "")
     print(f"Volume {rec['pool']}/{rec['name']} created ({rec['type']}, {human(rec['size'])}"
           f"{how}).")
 
@@ -312,12 +316,15 @@ def volume_set(
     pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...",
                                       help="limits.disk.read_bps or write_bps (e.g. 10MB: "
                                            "bytes per second), limits.disk.read_iops or "
-                                           "write_iops (operations per second); 0: no limit."),
+                                           "write_iops (operations per second); 0: no limit; "
+                                           "security.shared=true|false (a filesystem volume "
+                                           "several containers hold at once)."),
     project: str | None = project_option(),
 ) -> None:
-    """Set a volume's I/O limits (at once on the running VM it is attached to)."""
+    """Set a volume's I/O limits (at once on the running instances it is attached to) or
+    mark it shared (security.shared=true: filesystem volumes only)."""
     from popek.errors import InvalidInput
-    from popek.iolimits import KEYS
+    from popek.storage.service import CONFIG_KEYS as KEYS
 
     config: dict[str, str] = {}
     for pair in pairs:
@@ -336,7 +343,7 @@ def volume_set(
 
         rec = _core().handle(VolumeSet(pool, name, config))
     shown = ", ".join(f"{k}={v}" for k, v in sorted((rec.get("config") or {}).items()))
-    print(f"Volume {rec['pool']}/{rec['name']}: {shown or 'no I/O limits'}.")
+    print(f"Volume {rec['pool']}/{rec['name']}: {shown or 'no I/O limits, not shared'}.")
 
 
 @volume_app.command("delete")
@@ -376,7 +383,8 @@ def volume_snapshot(
     snapshot: str = typer.Argument(..., help="The snapshot's name: a-z, 0-9 and '-'."),
     project: str | None = project_option(),
 ) -> None:
-    """Take a snapshot of a block volume (constant time: copy on write from then on)."""
+    """Take a snapshot of a detached volume (a block volume: constant time, copy on write
+    from then on; a filesystem volume: a copy, reflinked where the pool's file system can)."""
     where = _on(pool)
     if where is not None:
         _api(where[0]).call("POST", _snapshot_path(where[1], name), params={"project": project},

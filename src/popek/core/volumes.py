@@ -134,10 +134,10 @@ class Attachments:
             vol = storage.volume(pool, self.owner.project, name)  # NotFound
             self._check_kind(ref, vol.type, kind)
             storage.key(vol)  # an encrypted volume whose key is missing: NotFound now
-            if vol.attached:
-                raise StateError(f"volume {ref}", "attach", f"attached to {vol.attached}",
-                                 ("detached",), "a volume is attached to one instance at a "
-                                 "time")
+            if vol.attached and not vol.shared():
+                from popek.storage.sharing import with_holder
+
+                with_holder(vol, "")  # the StateError naming its holder and how to share
 
     @staticmethod
     def _check_kind(ref: str, kind: str, want: str) -> None:

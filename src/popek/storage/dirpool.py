@@ -260,7 +260,7 @@ class DirPool:
         f.unlink(missing_ok=True)
         f.with_name(f".{f.name}.new").unlink(missing_ok=True)
         for snap in snapshots:
-            self.snapshot_file(project, name, snap).unlink(missing_ok=True)
+            self.snapshot_file(project, name, snap, kind).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             f.parent.rmdir()  # the project's directory, when it was the last
 
@@ -271,9 +271,37 @@ class DirPool:
     # and a restore are overlays on a snapshot's file; deleting a snapshot first copies
     # what it holds into the file it backs (qemu-img rebase), then removes it.
 
-    def snapshot_file(self, project: str, name: str, snap: str) -> Path:
-        """The frozen file of snapshot ``snap`` of block volume ``name``."""
-        return self.path / project / f"{name}@{snap}.qcow2"
+    def snapshot_file(self, project: str, name: str, snap: str, kind: str = "block") -> Path:
+        """The frozen file of snapshot ``snap`` of volume ``name`` (of type ``kind``)."""
+        return self.path / project / f"{name}@{snap}{SUFFIX[kind]}"
+
+    # -- snapshots and clones of filesystem volumes: copies ---------------------------
+    #
+    # A filesystem volume is one raw ext4 file, with no chain to put an overlay on: a
+    # snapshot, a restore and a clone are each a copy (``cp --reflink=auto
+    # --sparse=always``): on a pool directory whose file system has reflinks (XFS,
+    # btrfs) the copy shares the blocks and takes the same time whatever the size; on
+    # ext4 it is a sparse copy, as long as the data.  Each copy is made under a
+    # temporary name and renamed into place, so a killed copy leaves only a temporary
+    # file (removed by reconcile) and the volume as it was.  The volume is detached while
+    # copied (the service refuses otherwise): nothing writes into it meanwhile.
+
+    def is_filesystem(self, project: str, name: str) -> bool:
+        """Whether volume ``name``'s file is a filesystem volume's (raw ext4)."""
+        return self.file(project, name, "filesystem").exists()
+
+    def copy(self, source: Path, target: Path) -> None:
+        """Copy ``source`` to the new file ``target`` (reflinked where the file system
+        can, sparse always), under a temporary name renamed into place."""
+        with made(target) as tmp:
+            _run(["cp", "--reflink=auto", "--sparse=always", "--", str(source), str(tmp)],
+                 f"copying {source.name}")
+
+    def _fs_snapshot(self, project: str, name: str, snap: str) -> None:
+        frozen = self.snapshot_file(project, name, snap, "filesystem")
+        if not frozen.exists():  # a killed run that renamed it into place: done
+            self.copy(self.file(project, name, "filesystem"), frozen)
+        os.chmod(frozen, 0o400)
 
     def _overlay(self, target: Path, backing: Path, key: str | None = None) -> None:
         """Make ``target`` an empty qcow2 overlay on ``backing`` (named relative to it),
@@ -285,8 +313,12 @@ class DirPool:
                  f"making an overlay on {backing.name}", key)
 
     def snapshot(self, project: str, name: str, snap: str, key: str | None = None) -> None:
-        """Freeze the volume as ``snap`` and put an empty overlay on it in its place;
-        a step a killed process did not take is taken (roll forward)."""
+        """Freeze the volume as ``snap`` and put an empty overlay on it in its place (a
+        filesystem volume: a copy of its file); a step a killed process did not take is
+        taken (roll forward)."""
+        if self.is_filesystem(project, name):
+            self._fs_snapshot(project, name, snap)
+            return
         active, frozen = self.file(project, name, "block"), self.snapshot_file(project, name,
                                                                                 snap)
         if active.exists() and not frozen.exists():
@@ -297,13 +329,24 @@ class DirPool:
 
     def restore(self, project: str, name: str, snap: str, key: str | None = None) -> None:
         """Put an empty overlay on ``snap`` in the volume's place (what was written since is
-        dropped; later snapshots stay, each its own chain)."""
+        dropped; later snapshots stay, each its own chain); a filesystem volume's file
+        is replaced by a copy of the snapshot's."""
+        if self.is_filesystem(project, name):
+            self.copy(self.snapshot_file(project, name, snap, "filesystem"),
+                      self.file(project, name, "filesystem"))  # rename: atomic replace
+            return
         self._overlay(self.file(project, name, "block"), self.snapshot_file(project, name, snap),
                       key)
 
     def clone(self, project: str, name: str, snap: str, new: str,
               key: str | None = None) -> None:
-        """Make block volume ``new`` (same project) an overlay on ``snap`` of ``name``."""
+        """Make block volume ``new`` (same project) an overlay on ``snap`` of ``name``;
+        a filesystem volume's clone is a copy of the snapshot's file."""
+        if self.is_filesystem(project, name):
+            target = self.file(project, new, "filesystem")
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            self.copy(self.snapshot_file(project, name, snap, "filesystem"), target)
+            return
         self.file(project, new, "block").parent.mkdir(mode=0o700, exist_ok=True)
         self._overlay(self.file(project, new, "block"), self.snapshot_file(project, name, snap),
                       key)
@@ -341,6 +384,10 @@ class DirPool:
         new backing file without a key: the merge onto a ``json:`` name of the base that
         carries the key's secret id (no key), then the header is set to the base's plain
         name (``rebase -u``); a run killed between them is finished by the next."""
+        fs = self.snapshot_file(project, name, snap, "filesystem")
+        if fs.exists() or self.is_filesystem(project, name):  # a copy: nothing to merge
+            fs.unlink(missing_ok=True)
+            return
         frozen = self.snapshot_file(project, name, snap)
         if not frozen.exists():
             return
@@ -411,7 +458,7 @@ class DirPool:
 
     def has_snapshot(self, project: str, name: str, snap: str) -> bool:
         """Whether snapshot ``snap`` of ``name`` was frozen (its file is there)."""
-        return self.snapshot_file(project, name, snap).exists()
+        return any(self.snapshot_file(project, name, snap, kind).exists() for kind in SUFFIX)
 
     def exists(self, project: str, name: str, kind: str) -> bool:
         """Whether the volume's file is there."""

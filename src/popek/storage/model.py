@@ -28,6 +28,9 @@ INTENTS = ("creating", "resizing", "deleting", "snapshotting", "restoring",
 #: the intents of plugging a volume in and out (their holder's record decides them)
 ATTACHMENT_INTENTS = ("attaching", "detaching")
 
+#: the config key that lets several instances hold a volume at once (``true``/``false``)
+SHARED = "security.shared"
+
 POOLS_PREFIX = "/popek/storage/pools/"
 VOLUMES_PREFIX = "/popek/storage/volumes/"
 
@@ -83,7 +86,8 @@ class Volume:
     created: str
     state: str = READY
     owner: str = ""
-    #: the instance it is attached to (``PROJECT/NAME``); empty: none
+    #: the instance it is attached to (``PROJECT/NAME``); empty: none.  A shared volume
+    #: held by several instances names the first here, the others in ``shared_with``
     attached: str = ""
     config: dict[str, str] = field(default_factory=dict)
     #: its snapshots, oldest first: ``{"name": ..., "created": ...}``
@@ -92,6 +96,9 @@ class Volume:
     origin: str = ""
     #: the snapshot an operation under way is about (``snapshotting``, ``restoring``...)
     pending: str = ""
+    #: the instances beside ``attached`` that hold it (a shared volume only), in the order
+    #: they attached it
+    shared_with: list[str] = field(default_factory=list)
     #: the store revision this copy was read at (not stored): a change of the record
     #: compares against it, so nothing written since the read is overwritten
     revision: int = field(default=0, compare=False, repr=False)
@@ -101,6 +108,15 @@ class Volume:
         d = asdict(self)
         d.pop("revision")
         return json.dumps(d, sort_keys=True).encode()
+
+    def holders(self) -> list[str]:
+        """Every instance that holds it (``PROJECT/NAME``), the first first."""
+        return [self.attached, *self.shared_with] if self.attached else list(self.shared_with)
+
+    def shared(self) -> bool:
+        """Whether it is marked shared (``security.shared=true``): several instances may
+        hold it at once."""
+        return self.config.get(SHARED) == "true"
 
     def snapshot_names(self) -> list[str]:
         """The names of its snapshots, oldest first."""
@@ -115,4 +131,4 @@ class Volume:
                    str(d.get("state", READY)), str(d.get("owner", "")),
                    str(d.get("attached", "")), dict(d.get("config") or {}),
                    [dict(x) for x in d.get("snapshots") or []], str(d.get("origin", "")),
-                   str(d.get("pending", "")))
+                   str(d.get("pending", "")), [str(x) for x in d.get("shared_with") or []])

@@ -41,7 +41,7 @@ from popek.errors import (
 from popek.names import validate_name
 from popek.state.owners import Owner
 from popek.state.store import Compare, Delete, Put, StateStore
-from popek.storage import cephpool
+from popek.storage import cephpool, sharing
 from popek.storage.cephpool import CephPool
 from popek.storage.dirpool import ENCRYPTION, FORMATS, DirPool, probe
 from popek.storage.model import (
@@ -51,6 +51,7 @@ from popek.storage.model import (
     INTENTS,
     POOLS_PREFIX,
     READY,
+    SHARED,
     VOLUME_TYPES,
     VOLUMES_PREFIX,
     Pool,
@@ -71,6 +72,9 @@ MIN_SIZE = {"block": 1 << 20, "filesystem": 16 << 20}
 MAX_SIZES = {"block": 64 << 40, "filesystem": 16 << 40}
 MAX_SIZE = max(MAX_SIZES.values())
 
+
+#: the keys of a volume's config ``popek storage volume set`` takes
+CONFIG_KEYS = (*iolimits.KEYS, SHARED)
 
 #: ``keys(project, create)``: the volume key of ``project`` (made now when ``create``)
 Keys = Callable[[str, bool], str]
@@ -303,10 +307,12 @@ class Storage:
                                f"{format_size(MIN_SIZE[kind])} to {format_size(MAX_SIZES[kind])}")
 
     def create_volume(self, pool: str, project: str, name: str, size: int,
-                      kind: str = "block", encrypt: bool = False) -> Volume:
+                      kind: str = "block", encrypt: bool = False,
+                      shared: bool = False) -> Volume:
         """Make volume ``name`` of ``size`` bytes: the record (``creating``), the file, then
         ``ready``; the file and record are taken back when making the file fails.  With
-        ``encrypt``: a LUKS qcow2 under the project's key (made now when it has none)."""
+        ``encrypt``: a LUKS qcow2 under the project's key (made now when it has none); with
+        ``shared``: marked ``security.shared=true`` (a filesystem volume only)."""
         validate_name(name, "volume name")
         self.check_size(size, kind)
         p = self.pool(pool)
@@ -316,7 +322,10 @@ class Storage:
                                "images); make filesystem volumes in a dir pool")
         self._ensure_default(pool)
         vol = Volume(pool, project, name, size, kind, _now(), "creating", _owner(),
-                     config={ENCRYPT: ENCRYPTION} if encrypt else {})
+                     config={**({ENCRYPT: ENCRYPTION} if encrypt else {}),
+                             **({SHARED: "true"} if shared else {})})
+        if shared:
+            sharing.check_mark(vol, True, p.driver)  # before anything is made
         key = self.key(vol, create=True)
         return self._make(p, vol, lambda driver: driver.create(project, name, kind, size, key))
 
@@ -427,12 +436,11 @@ class Storage:
         first, :meth:`reconcile` asks the holder's record whether it holds the volume."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "attach")
-        if vol.attached and vol.attached != holder:
-            raise StateError(f"volume {pool}/{name}", "attach", f"attached to {vol.attached}",
-                             ("detached",), "a volume is attached to one instance at a time")
         key = volume_key(pool, project, name)
-        held = Volume(**{**vol.__dict__, "attached": holder,
-                         **({"state": "attaching", "owner": _owner()} if intent else {})})
+        held = sharing.with_holder(vol, holder)  # StateError: another's and not shared
+        if intent:
+            held = Volume(**{**held.__dict__, "state": "attaching", "owner": _owner(),
+                             "pending": holder})
         if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
                               [Put(key, held.to_json())]).succeeded:
             raise StateError(f"volume {pool}/{name}", "attach", "changed meanwhile", (READY,),
@@ -445,9 +453,9 @@ class Storage:
         record whether it still holds the volume."""
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "detach")
-        if vol.attached != holder:
+        if holder not in vol.holders():
             return
-        self._intent(volume_key(pool, project, name), vol, "detaching")
+        self._intent(volume_key(pool, project, name), vol, "detaching", holder)
 
     def settle_attachment(self, pool: str, project: str, name: str) -> None:
         """End an ``attaching``/``detaching`` intent: the volume stays attached."""
@@ -458,23 +466,24 @@ class Storage:
         vol = Volume.from_json(kv.value)
         if vol.state in ATTACHMENT_INTENTS:
             self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
-                           [Put(key, Volume(**{**vol.__dict__, "state": READY, "owner": ""})
-                                .to_json())])
+                           [Put(key, Volume(**{**vol.__dict__, "state": READY, "owner": "",
+                                               "pending": ""}).to_json())])
 
     def detach(self, pool: str, project: str, name: str, holder: str) -> None:
-        """Clear ``holder``'s attachment of volume ``name`` (gone, or another's: nothing),
-        and an attach or detach intent with it."""
+        """Clear ``holder``'s attachment of volume ``name`` (gone, or not held by it:
+        nothing), and an attach or detach intent about it with it (a shared volume's other
+        holders keep it)."""
         key = volume_key(pool, project, name)
         for _ in range(5):  # a concurrent change of the record: read it again
             kv = self.store.get(key)
             if kv is None:
                 return
             vol = Volume.from_json(kv.value)
-            if vol.attached != holder:
+            if holder not in vol.holders():
                 return
-            free = Volume(**{**vol.__dict__, "attached": "",
-                             **({"state": READY, "owner": ""}
-                                if vol.state in ATTACHMENT_INTENTS else {})})
+            free = sharing.without_holder(vol, holder)
+            if vol.state in ATTACHMENT_INTENTS and sharing.subject(vol) == holder:
+                free = Volume(**{**free.__dict__, "state": READY, "owner": "", "pending": ""})
             if self.store.txn([Compare(key, "mod_revision", "==", kv.mod_revision)],
                               [Put(key, free.to_json())]).succeeded:
                 return
@@ -486,14 +495,24 @@ class Storage:
         Raises :class:`InvalidInput` for an unknown key or a bad value, nothing changed.
         """
         if not values:
-            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(iolimits.KEYS)}")
+            raise InvalidInput(f"no KEY=VALUE given; keys: {', '.join(CONFIG_KEYS)}")
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "configure")
+        values = dict(values)
+        shared = values.pop(SHARED, None)
         limits = self.io_limits_of(vol)
         for key, value in values.items():
+            if not iolimits.is_key(key):
+                raise InvalidInput(f"unknown key {key!r}; keys: {', '.join(CONFIG_KEYS)}")
             limits = iolimits.replace(limits, key, value)
         config = {k: v for k, v in vol.config.items() if not iolimits.is_key(k)}
         config.update({f"limits.{k}": str(v) for k, v in limits.stored().items()})
+        if shared is not None:
+            on = sharing.parse(shared)
+            sharing.check_mark(vol, on, self.pool(pool).driver)
+            config.pop(SHARED, None)
+            if on:
+                config[SHARED] = "true"
         key = volume_key(pool, project, name)
         changed = Volume(**{**vol.__dict__, "config": config})
         if not self.store.txn([Compare(key, "mod_revision", "==", vol.revision)],
@@ -581,8 +600,9 @@ class Storage:
     # -- snapshots and clones --------------------------------------------------------
     def _block(self, vol: Volume, operation: str) -> None:
         if vol.type != "block":
-            raise InvalidInput(f"cannot {operation} filesystem volume {vol.name}: snapshots "
-                               "and clones are made of block volumes (qcow2) for now")
+            raise InvalidInput(f"cannot {operation} filesystem volume {vol.name}: export "
+                               "takes block volumes (qcow2); snapshot or clone a filesystem "
+                               "volume instead")
 
     def _snapshot_of(self, vol: Volume, snap: str) -> None:
         if snap not in vol.snapshot_names():
@@ -594,9 +614,10 @@ class Storage:
         it is and an empty overlay takes its place)."""
         validate_name(snap, "snapshot name")
         vol = self.volume(pool, project, name)
-        self._block(vol, "snapshot")
         self._require_ready(vol, "snapshot")
-        self._detached(vol, "snapshot")  # its VM writes on into the file a snapshot freezes
+        # its VM writes on into the file a snapshot freezes; a container into the ext4 a
+        # copy reads (popek does not freeze a file system containers write into)
+        self._detached(vol, "snapshot")
         if snap in vol.snapshot_names():
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
@@ -611,7 +632,6 @@ class Storage:
         """Put volume ``name`` back as it was at ``snap`` (what was written since is lost;
         the snapshots stay); refused while attached."""
         vol = self.volume(pool, project, name)
-        self._block(vol, "restore")
         self._snapshot_of(vol, snap)
         self._require_ready(vol, "restore")
         self._detached(vol, "restore")
@@ -621,18 +641,17 @@ class Storage:
         busy = self._intent(key, vol, "restoring", snap)
         driver = self._driver(self.pool(pool))
         driver.restore(project, name, snap, secret)
-        return self._settle(key, busy, size=driver.virtual_size(project, name, "block"))
+        return self._settle(key, busy, size=driver.virtual_size(project, name, vol.type))
 
     def clone_volume(self, pool: str, project: str, name: str, snap: str, new: str) -> Volume:
         """Make volume ``new`` from snapshot ``snap`` of ``name``: copy on write, constant
         time whatever the size; ``name`` then cannot be deleted before ``new``."""
         validate_name(new, "volume name")
         vol = self.volume(pool, project, name)
-        self._block(vol, "clone")
         self._snapshot_of(vol, snap)
         p = self.pool(pool)
-        size = self._driver(p).virtual_size(project, f"{name}@{snap}", "block")
-        clone = Volume(pool, project, new, size, "block", _now(), "creating", _owner(),
+        size = self._driver(p).virtual_size(project, f"{name}@{snap}", vol.type)
+        clone = Volume(pool, project, new, size, vol.type, _now(), "creating", _owner(),
                        origin=f"{project}/{name}@{snap}",
                        config={ENCRYPT: ENCRYPTION} if encrypted(vol) else {})
         secret = self.key(vol)
@@ -667,11 +686,14 @@ class Storage:
 
     @staticmethod
     def _detached(vol: Volume, operation: str) -> None:
-        """StateError while ``vol`` is attached: its instance has its files open."""
+        """StateError while ``vol`` is attached (naming every holder): its instances have
+        its files open."""
         if vol.attached:
-            raise StateError(f"volume {vol.name}", operation, f"attached to {vol.attached}",
-                             ("detached",), "detach it first: popek storage volume detach "
-                             f"{vol.pool}/{vol.name} {vol.attached.partition('/')[2]}")
+            detach = "; ".join(f"popek storage volume detach {vol.pool}/{vol.name} "
+                               f"{h.partition('/')[2]}" for h in vol.holders())
+            raise StateError(f"volume {vol.name}", operation,
+                             f"attached to {sharing.holder_text(vol)}", ("detached",),
+                             f"detach it first: {detach}")
 
     def _require_ready(self, vol: Volume, operation: str) -> None:
         if vol.state != READY:
@@ -725,8 +747,9 @@ class Storage:
                      for n in (v.name, *(f"{v.name}@{s}" for s in v.snapshot_names()),
                                *([f"{v.name}@{v.pending}"] if v.pending else []))}
             for project, name, kind in driver.files():
-                if name.startswith("."):
-                    if not self._in_progress(pool.name, project, name[1:]):
+                if name.startswith("."):  # a snapshot's copy (.NAME@SNAP): NAME's
+                    if not self._in_progress(pool.name, project,
+                                             name[1:].partition("@")[0]):
                         driver.remove_temporary(project, name, kind)
                         done.append(f"{pool.name}: removed the unfinished file of "
                                     f"{project}/{name[1:]}")
@@ -739,11 +762,16 @@ class Storage:
     def _settle_attachment(self, vol: Volume, holds: Callable[[str, str], bool]) -> str:
         where = f"{vol.pool}: volume {vol.project}/{vol.name}"
         what = vol.state.removesuffix("ing")
-        if vol.attached and holds(vol.attached, f"{vol.pool}/{vol.name}"):
+        who = sharing.subject(vol)  # the holder the intent is about (a shared volume has more)
+        if who and who in vol.holders() and holds(who, f"{vol.pool}/{vol.name}"):
             self.settle_attachment(vol.pool, vol.project, vol.name)
-            return f"{where}: interrupted {what} settled: attached to {vol.attached}"
-        self.detach(vol.pool, vol.project, vol.name, vol.attached)
-        return f"{where}: interrupted {what} settled: detached"
+            return f"{where}: interrupted {what} settled: attached to {who}"
+        if who in vol.holders():
+            self.detach(vol.pool, vol.project, vol.name, who)
+        else:  # the holder is not on the record: only the intent is left to end
+            self.settle_attachment(vol.pool, vol.project, vol.name)
+        return f"{where}: interrupted {what} settled: detached" + (
+            f" from {who}" if len(vol.holders()) > 1 else "")
 
     def _reconcile_ceph(self, pool: Pool, holds: Callable[[str, str], bool] | None
                         ) -> list[str]:
@@ -827,6 +855,6 @@ def public(vol: Volume) -> dict[str, Any]:
     return {"pool": vol.pool, "project": vol.project, "name": vol.name, "type": vol.type,
             "size": vol.size, "state": vol.state, "attached": vol.attached,
             "created": vol.created, "snapshots": vol.snapshots, "origin": vol.origin,
-            "encrypted": encrypted(vol),
-
-            "config": iolimits.show(Storage.io_limits_of(vol))}
+            "encrypted": encrypted(vol), "shared": vol.shared(), "holders": vol.holders(),
+            "config": {**iolimits.show(Storage.io_limits_of(vol)),
+                       **({SHARED: "true"} if vol.shared() else {})}}

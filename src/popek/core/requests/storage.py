@@ -88,20 +88,22 @@ class PoolDelete(Request[None]):
 @dataclass(frozen=True)
 class VolumeCreate(_OnVolume[dict[str, Any]]):
     """Make volume ``name`` of ``size`` bytes in ``pool``, in the request's project
-    (``encrypt``: a LUKS qcow2 under the project's key)."""
+    (``encrypt``: a LUKS qcow2 under the project's key; ``shared``: several containers
+    may hold it, filesystem volumes only)."""
 
     op = "volume.create"
-    shown = ("pool", "size", "type", "encrypt")
+    shown = ("pool", "size", "type", "encrypt", "shared")
     size: int
     type: str = "block"
     encrypt: bool = False
+    shared: bool = False
 
     def run(self, core: Core) -> dict[str, Any]:
         """Create it; its ``storage volume info``."""
         storage = _storage(core)
         with _within_quota(core, self.size, "the new volume"):
             storage.create_volume(self.pool, core.project, self.name, self.size, self.type,
-                                  self.encrypt)
+                                  self.encrypt, self.shared)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -118,8 +120,11 @@ class VolumeResize(_OnVolume[dict[str, Any]]):
         storage = _storage(core)
         vol = storage.volume(self.pool, core.project, self.name)
         live = None
-        if vol.attached and self.size > vol.size:  # grown under its running instance
-            live = core.instances.volumes.grower(vol.attached, f"{self.pool}/{self.name}")
+        if vol.attached and self.size > vol.size:  # grown under a running instance
+            for holder in vol.holders():  # a shared volume: through any one that runs
+                live = core.instances.volumes.grower(holder, f"{self.pool}/{self.name}")
+                if live is not None:
+                    break
         with _within_quota(core, self.size - vol.size, "the resize"):
             storage.resize_volume(self.pool, core.project, self.name, self.size, live)
         return dict(storage.volume_info(self.pool, core.project, self.name))
@@ -143,19 +148,26 @@ class VolumeSet(_OnVolume[dict[str, Any]]):
         storage = _storage(core)
         before = storage.volume(self.pool, core.project, self.name)
         vol = storage.set_config(self.pool, core.project, self.name, dict(self.config))
-        holder = vol.attached.partition("/")[2]
-        if holder and vol.attached.startswith(f"{core.project}/"):
-            try:
+        holders = [h.partition("/")[2] for h in vol.holders()
+                   if h.startswith(f"{core.project}/")]
+        applied: list[str] = []
+        try:
+            for holder in holders:  # a shared volume: every instance holding it
+                applied.append(holder)
                 core.instances.apply_io_limits(holder)
-            except BaseException:
-                from popek.iolimits import show
+        except BaseException:
+            from popek.iolimits import show
+            from popek.storage.model import SHARED
 
-                old = show(storage.io_limits_of(before))
-                undo = {k: old.get(k, "0") for k in self.config}
-                with contextlib.suppress(Exception):  # the first error is the one to report
-                    storage.set_config(self.pool, core.project, self.name, undo)
+            old = show(storage.io_limits_of(before))
+            undo = {k: old.get(k, "0") for k in self.config if k != SHARED}
+            if SHARED in self.config:
+                undo[SHARED] = "true" if before.shared() else "false"
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                storage.set_config(self.pool, core.project, self.name, undo)
+                for holder in applied:
                     core.instances.apply_io_limits(holder)
-                raise
+            raise
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 
@@ -172,7 +184,7 @@ class VolumeDelete(_OnVolume[None]):
 
 @dataclass(frozen=True)
 class VolumeSnapshot(_OnVolume[dict[str, Any]]):
-    """Take snapshot ``snapshot`` of block volume ``name`` of ``pool``."""
+    """Take snapshot ``snapshot`` of volume ``name`` of ``pool``."""
 
     op = "volume.snapshot"
     shown = ("snapshot",)
@@ -187,7 +199,7 @@ class VolumeSnapshot(_OnVolume[dict[str, Any]]):
 
 @dataclass(frozen=True)
 class VolumeRestore(_OnVolume[dict[str, Any]]):
-    """Put block volume ``name`` of ``pool`` back as it was at ``snapshot``."""
+    """Put volume ``name`` of ``pool`` back as it was at ``snapshot``."""
 
     op = "volume.restore"
     shown = ("snapshot",)

@@ -30,7 +30,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from popek.engines.container import disk, idmap
@@ -52,11 +52,73 @@ def staging(bundle: Path, slot: int) -> Path:
     return bundle / "vols" / str(slot)
 
 
+def bound_loops(file: str) -> list[str]:
+    """The loop devices (``/dev/loopN``) bound to this very ``file`` now: named by sysfs'
+    ``backing_file``, then checked by the device's own record of the file's device and
+    inode (a path can name another file by now)."""
+    st = os.stat(file)
+    real = os.path.realpath(file)
+    found = []
+    for entry in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            named = (entry / "loop" / "backing_file").read_text().rstrip("\n")
+        except OSError:
+            continue  # unbound
+        if named != real:
+            continue
+        try:
+            fd = os.open(f"/dev/{entry.name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if disk.backing(fd) == (st.st_dev, st.st_ino):
+                found.append(f"/dev/{entry.name}")
+        finally:
+            os.close(fd)
+    return found
+
+
+def _loop_of(file: str) -> tuple[str, int]:
+    """The loop device of ``file`` and a descriptor that keeps it bound: the one bound to
+    it already (a shared volume another container mounted: one device, so one ext4
+    superblock, never two over the same blocks), else a new one.  The caller holds the
+    file's lock (:func:`_file_lock`)."""
+    st = os.stat(file)
+    for dev in bound_loops(file):
+        try:
+            fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # released meanwhile
+        if disk.backing(fd) == (st.st_dev, st.st_ino):  # still: the descriptor holds it
+            return dev, fd
+        os.close(fd)
+    return disk.bind_loop(Path(file))
+
+
+@contextlib.contextmanager
+def _file_lock(file: str) -> Iterator[None]:
+    """An exclusive lock on volume ``file`` (flock on the file itself) while its loop
+    device is found or bound and mounted: two containers mounting it at once would each
+    bind a device of their own."""
+    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _mount_fd(file: str, userns_fd: int, scratch: Path) -> int:
     """A detached, id-mapped mount of the ext4 file system in ``file`` (its owners mapped
     by ``userns_fd``), as a descriptor; ``scratch`` is an empty directory used for the
-    moment it takes."""
-    dev, loop_fd = disk.bind_loop(Path(file))
+    moment it takes.  The loop device is the one already bound to ``file`` when there is
+    one (the same device mounted again is the same superblock)."""
+    with _file_lock(file):
+        return _mount_fd_locked(file, userns_fd, scratch)
+
+
+def _mount_fd_locked(file: str, userns_fd: int, scratch: Path) -> int:
+    dev, loop_fd = _loop_of(file)
     try:
         scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
         if _libc.mount(os.fsencode(dev), os.fsencode(str(scratch)), b"ext4",
