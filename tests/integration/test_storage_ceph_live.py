@@ -172,7 +172,7 @@ def test_an_encrypted_ceph_volume_keeps_no_plain_data_on_the_osds(vm: str, pool:
     assert stored.startswith(b"LUKS\xba\xbe")  # librbd's LUKS2 header, then ciphertext
 
 
-def test_a_clone_of_an_encrypted_ceph_volume_opens(vm: str, pool: str) -> None:
+def test_a_clone_of_an_encrypted_ceph_volume_opens_and_grows_live(vm: str, pool: str) -> None:
     if not any(v["name"] == "encv" for v in popek_json("storage", "volume", "list", pool)):
         pytest.fail("needs the volume of test_an_encrypted_ceph_volume_keeps_no_plain_data")
     popek("storage", "volume", "snapshot", pool, "encv", "s1")
@@ -180,7 +180,12 @@ def test_a_clone_of_an_encrypted_ceph_volume_opens(vm: str, pool: str) -> None:
     assert popek_json("storage", "volume", "info", pool, "encc")["size"] == 64 << 20
     popek("storage", "volume", "attach", f"{pool}/encc", vm)
     assert read_mark("encc") == MARK  # the parent's data, through the same key
+    # grown live: QEMU's luks node adds its header, the guest sees exactly the new size
+    popek("storage", "volume", "resize", pool, "encc", "96MiB")
+    assert guest(f"blockdev --getsize64 {dev('encc')}").strip() == str(96 << 20)
+    assert read_mark("encc") == MARK
     popek("storage", "volume", "detach", f"{pool}/encc", vm)
+    assert popek_json("storage", "volume", "info", pool, "encc")["size"] == 96 << 20
 
 
 def test_an_encrypted_ceph_volume_cannot_be_exported_in_clear(pool: str,

@@ -410,9 +410,13 @@ class CephPool:
         with self._image(project, name) as image:
             if not image.is_protected_snap(snap):
                 image.protect_snap(snap)
+            offset = self._offset(image)
         with self._io() as ioctx:
             rbd.RBD().clone(ioctx, self.image(project, name), snap, ioctx,
                             self.image(project, new), features=FEATURES)
+        if offset:  # an encrypted parent: the clone shares its LUKS header (and key)
+            with self._image(project, new) as image:
+                image.metadata_set(LUKS_OFFSET, str(offset))
 
     def delete_snapshot(self, project: str, name: str, snap: str, others: list[str],
                         key: str | None = None) -> None:
