@@ -209,7 +209,8 @@ def volume_create(
     kind: str = typer.Option("block", "--type", help="block (a disk for a VM) or filesystem "
                                                      "(ext4, for a container)."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt it at rest (a block "
-                                 "volume: qcow2 with LUKS, under the project's key)."),
+                                 "volume under the project's key: dir, qcow2 with LUKS; "
+                                 "ceph, LUKS over the RBD image)."),
     project: str | None = project_option(),
 ) -> None:
     """Create a volume in a pool, in the project."""
