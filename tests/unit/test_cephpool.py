@@ -120,6 +120,33 @@ def test_an_rbd_disk_is_opened_by_qemu_with_a_secret_from_a_pipe(tmp_path: Path)
     assert disk_args([("local/v", [7])], ["rp1"]) == argv[:i - 1]  # a dir disk as before
 
 
+
+def test_an_encrypted_rbd_disk_is_luks_over_the_image_under_its_own_limits(
+        tmp_path: Path) -> None:
+    """QEMU's LUKS node over the rbd node, its key from a pipe of its own; the volume's
+    I/O limits on its own throttle group (the disks with files come first)."""
+    from popek.iolimits import IoLimits
+
+    luks = "volume-key-0123456789"
+    disk = RbdDisk("cp/sec", "rbd", "popek-1.default.sec", "popek",
+                   (("127.0.0.1", "3300"),), KEY, luks)
+    assert luks not in repr(disk)
+    argv = disk_args([("local/v", [7])], ["rp1"], [(disk, rbd_key_path(tmp_path, 0), "rp2")],
+                     limits=[IoLimits(), IoLimits(write_bps=1 << 20)])
+    assert KEY not in " ".join(argv) and luks not in " ".join(argv)
+    objects = [a for n, a in enumerate(argv) if n and argv[n - 1] == "-object"]
+    assert f"secret,id=vol1-0-key,format=base64,file={tmp_path}/rbd0.key" in objects
+    assert f"secret,id=vol1-key,file={tmp_path}/disk1.key" in objects
+    nodes = {n["node-name"]: n for n in (json.loads(a) for i, a in enumerate(argv)
+                                         if i and argv[i - 1] == "-blockdev")}
+    assert nodes["vol1-0-file"]["driver"] == "rbd"
+    assert nodes["vol1-0"] == {"driver": "luks", "node-name": "vol1-0",
+                               "file": "vol1-0-file", "key-secret": "vol1-key"}
+    assert nodes["vol1-limit"]["file"] == "vol1-0"
+    groups = {o["id"]: o for o in (json.loads(a) for a in objects if a.startswith("{"))}
+    assert groups["tg-vol1"]["limits"] == {"bps-write": 1 << 20}
+    assert groups["tg-vol0"]["limits"] == {}
+
 def test_the_key_goes_through_a_fifo_read_once(tmp_path: Path) -> None:
     """The Ceph key takes the way of the volume keys (engines/qemu/keyfifo.py)."""
     pipe = rbd_key_path(tmp_path, 0)

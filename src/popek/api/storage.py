@@ -118,7 +118,8 @@ class VolumeBody(BaseModel):
     name: str = Field(min_length=1, max_length=63)
     size: Size
     type: Literal["block", "filesystem"] = "block"
-    #: encrypted at rest (a block volume: qcow2 with LUKS, under the project's key)
+    #: encrypted at rest (a block volume under the project's key: dir, qcow2 with LUKS;
+    #: ceph, LUKS over the RBD image)
     encrypt: bool = False
     #: several containers may hold it at once (``security.shared=true``; filesystem only)
     shared: bool = False

@@ -210,7 +210,8 @@ def volume_create(
     kind: str = typer.Option("block", "--type", help="block (a disk for a VM) or filesystem "
                                                      "(ext4, for a container)."),
     encrypt: bool = typer.Option(False, "--encrypt", help="Encrypt it at rest (a block "
-                                 "volume: qcow2 with LUKS, under the project's key)."),
+                                 "volume under the project's key: dir, qcow2 with LUKS; "
+                                 "ceph, LUKS over the RBD image)."),
     shared: bool = typer.Option(False, "--shared", help="Let several containers hold it at "
                                 "once (security.shared=true; filesystem volumes only)."),
     project: str | None = project_option(),

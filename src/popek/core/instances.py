@@ -175,20 +175,20 @@ class Instances:
         return self.volumes.files(inst) if self._kind(inst) == "block" else ()
 
     def _disk_limits(self, inst: Instance) -> tuple[IoLimits, ...]:
-        """The I/O limits of each attached volume, in the order of :meth:`_disks` (a VM)
-        or :meth:`_fs_volumes` (a container)."""
+        """The I/O limits of each attached volume, in the order of :meth:`_disks` then
+        :meth:`_rbd_disks` (a VM) or :meth:`_fs_volumes` (a container)."""
         if not self._kind(inst):
             return ()
         from popek.storage.service import Storage
 
         storage = Storage(self.store)
-        out = []
+        files: list[IoLimits] = []
+        rbd: list[IoLimits] = []
         for ref in inst.spec.volumes:
             pool, name = storage.parse_ref(ref)
-            if storage.is_ceph(pool):
-                continue  # not in _disks (its limits are not applied yet)
-            out.append(storage.io_limits_of(storage.volume(pool, inst.project, name)))
-        return tuple(out)
+            limits = storage.io_limits_of(storage.volume(pool, inst.project, name))
+            (rbd if storage.is_ceph(pool) else files).append(limits)
+        return (*files, *rbd)
 
     def apply_io_limits(self, name: str) -> Instance:
         """Give running instance ``name`` the I/O limits its record and its volumes hold now
@@ -219,19 +219,23 @@ class Instances:
 
     def _rbd_disks(self, inst: Instance) -> tuple[RbdDisk, ...]:
         """Each attached volume of a ceph pool (``POOL/NAME``): its image, its client and
-        that client's key (read from the pool's keyring at each start, never stored)."""
+        that client's key (read from the pool's keyring at each start, never stored), and
+        an encrypted one's own key (the project's, from the secret store)."""
         if not inst.spec.volumes or inst.spec.engine != "qemu":
             return ()
+        from popek.core.volkeys import volume_key
         from popek.storage.service import Storage
 
-        storage = Storage(self.store)
+        storage = Storage(self.store, volume_key)  # an encrypted one's key: secret store
         out = []
         for ref in inst.spec.volumes:
             pool, name = storage.parse_ref(ref)
             if storage.is_ceph(pool):
                 d = storage.rbd_disk(pool, inst.project, name)
+                luks = storage.key(storage.volume(pool, inst.project, name)) or ""
                 out.append(RbdDisk(ref, d["pool"], d["image"], d["user"],
-                                   tuple((str(h), str(p)) for h, p in d["servers"]), d["key"]))
+                                   tuple((str(h), str(p)) for h, p in d["servers"]), d["key"],
+                                   luks))
         return tuple(out)
 
     def _disk_keys(self, inst: Instance) -> tuple[str, ...]:

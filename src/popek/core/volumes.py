@@ -205,10 +205,6 @@ class Attachments:
         elif inst.state != State.STOPPED:
             raise StateError(name, "attach a volume to", inst.state.value,
                              (State.RUNNING.value, State.PAUSED.value, State.STOPPED.value))
-        if live and storage.is_ceph(pool):
-            raise StateError(name, "hot-plug a ceph volume into", inst.state.value,
-                             (State.STOPPED.value,), f"popek stop {name} first: a ceph volume "
-                             "is plugged in at start (live RBD hot-plug is to come)")
         holder = f"{inst.project}/{inst.name}"
         storage.attach(pool, inst.project, vol_name, holder, intent=True)
         recorded = plugged = False
@@ -220,7 +216,9 @@ class Attachments:
             recorded = True
             if live:
                 assert inst.runtime is not None
-                files = [str(f) for f in storage.files_of(pool, inst.project, vol_name)]
+                # a ceph volume has no files: its RBD image comes in the spec (rbd_disks)
+                files = [] if storage.is_ceph(pool) else \
+                    [str(f) for f in storage.files_of(pool, inst.project, vol_name)]
                 eng.attach_disk(owner._spec_for_running(inst), inst.runtime, ref, files, path,
                                 key=secret)
                 plugged = True

@@ -102,7 +102,8 @@ class RbdDisk:
 
     ``servers`` are the monitors (host, port); ``key`` is the client's secret, which
     the engine hands QEMU through a pipe read once (never on a command line, never
-    in a file): it is left out of the repr.
+    in a file): it is left out of the repr.  ``luks``: the volume's own key when it is
+    encrypted (QEMU's LUKS over the image), handed over the same way; empty: a plain volume.
     """
 
     name: str
@@ -111,6 +112,7 @@ class RbdDisk:
     user: str
     servers: tuple[tuple[str, str], ...]
     key: str = field(repr=False)
+    luks: str = field(default="", repr=False)
 
 
 @dataclass

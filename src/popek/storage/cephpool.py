@@ -46,6 +46,9 @@ TIMEOUT_S = 5
 #: the features of a new image: layering (clones), exclusive-lock, object-map and
 #: fast-diff (``used`` without reading every object), deep-flatten
 FEATURES = 1 | 4 | 8 | 16 | 32
+#: the image metadata key holding the bytes an encrypted image's LUKS header takes
+#: before its data (the image is that much larger than the volume the guest sees)
+LUKS_OFFSET = "popek.luks-offset"
 
 
 def new_prefix() -> str:
@@ -311,10 +314,15 @@ class CephPool:
     # -- volumes ---------------------------------------------------------------------
     def create(self, project: str, name: str, kind: str, size: int,
                key: str | None = None) -> None:
-        """Make the image (thin) of block volume ``name``."""
+        """Make the image (thin) of block volume ``name``; with ``key``, a LUKS container
+        (QEMU's LUKS over the raw image, AES-256-XTS, passphrase ``key``), the image larger
+        than ``size`` by the header (see docs/ARCHITECTURE.md for why not librbd's)."""
         _, rbd = _bindings()
         if kind != "block":
             raise InvalidInput(f"a ceph pool holds block volumes, not {kind} volumes")
+        if key:
+            self._encrypt(project, name, size, key)
+            return
         with self._io() as ioctx:
             try:
                 rbd.RBD().create(ioctx, self.image(project, name), size, old_format=False,
@@ -323,11 +331,32 @@ class CephPool:
                 raise EngineError(f"RBD image {self.image(project, name)} exists already in "
                                   f"Ceph pool {self.config['pool']}") from exc
 
+    def _encrypt(self, project: str, name: str, size: int, key: str) -> None:
+        """Make the image as a LUKS container of ``size`` bytes (QEMU's own LUKS, written
+        by ``qemu-img create -f luks``, the key through a pipe); the header's size kept as
+        :data:`LUKS_OFFSET` metadata."""
+        from popek.storage.dirpool import ITER_TIME_MS, SECRET_ID, run_tool
+
+        run_tool(["qemu-img", "create", "-f", "luks", "-o",
+              f"key-secret={SECRET_ID},iter-time={ITER_TIME_MS}", self._spec(project, name),
+              str(size)], f"creating encrypted volume {name}", key)
+        with self._image(project, name) as image:
+            offset = int(image.size()) - size
+            image.metadata_set(LUKS_OFFSET, str(offset))
+
+    @staticmethod
+    def _offset(image: Any) -> int:
+        """The bytes of the LUKS header before an encrypted image's data (0: plain)."""
+        try:
+            return int(image.metadata_get(LUKS_OFFSET))
+        except KeyError:  # no such metadata: a plain image
+            return 0
+
     def resize(self, project: str, name: str, kind: str, size: int, old: int,
                key: str | None = None) -> None:
-        """Set the image's size to ``size``."""
+        """Set the size the guest sees to ``size`` (an encrypted image's header added)."""
         with self._image(project, name) as image:
-            image.resize(size)
+            image.resize(size + self._offset(image))
 
     def delete(self, project: str, name: str, kind: str, snapshots: tuple[str, ...] = ()) -> None:
         """Remove the image and every snapshot of it (gone already: nothing to do)."""
@@ -381,9 +410,13 @@ class CephPool:
         with self._image(project, name) as image:
             if not image.is_protected_snap(snap):
                 image.protect_snap(snap)
+            offset = self._offset(image)
         with self._io() as ioctx:
             rbd.RBD().clone(ioctx, self.image(project, name), snap, ioctx,
                             self.image(project, new), features=FEATURES)
+        if offset:  # an encrypted parent: the clone shares its LUKS header (and key)
+            with self._image(project, new) as image:
+                image.metadata_set(LUKS_OFFSET, str(offset))
 
     def delete_snapshot(self, project: str, name: str, snap: str, others: list[str],
                         key: str | None = None) -> None:
@@ -413,7 +446,7 @@ class CephPool:
         """The image's size (``NAME@SNAP``: the snapshot's)."""
         base, _, snap = name.partition("@")
         with self._image(project, base, snap or None, read_only=True) as image:
-            return int(image.size())
+            return int(image.size()) - self._offset(image)
 
     def exists(self, project: str, name: str, kind: str) -> bool:
         """Whether the image is there."""
@@ -452,7 +485,12 @@ class CephPool:
 
     def export_file(self, project: str, name: str, target: Path, fmt: str,
                     progress: Callable[[int], None], key: str | None = None) -> None:
-        """Write the image of ``name`` to the new file ``target`` as ``fmt``."""
+        """Write the image of ``name`` to the new file ``target`` as ``fmt`` (an encrypted
+        one is refused: its data would leave the cluster in clear)."""
+        if key:
+            raise InvalidInput(f"volume {name} is encrypted: exporting it is not "
+                               "offered (its data would leave in clear); attach it to a VM "
+                               "and copy the data there")
         with made(target) as tmp:
             run_convert(["-f", "raw", self._spec(project, name), "-O", fmt,
                          *(["-o", "preallocation=off"] if fmt == "qcow2" else []), str(tmp)],

@@ -192,6 +192,11 @@ def _run(argv: list[str], what: str, key: str | None = None) -> str:
     return str(done.stdout)
 
 
+
+#: running ``qemu-img`` (or another tool) with a volume key through a pipe, for the other
+#: drivers (the ceph driver's encrypted images)
+run_tool = _run
+
 class DirPool:
     """The files of one ``dir`` pool under ``path``."""
 

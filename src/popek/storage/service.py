@@ -329,10 +329,12 @@ class Storage:
         key = self.key(vol, create=True)
         return self._make(p, vol, lambda driver: driver.create(project, name, kind, size, key))
 
-    def _check_encrypt(self, encrypt: bool, kind: str, pool: Pool | None = None) -> None:
-        if encrypt and pool is not None and pool.driver == "ceph":
-            raise InvalidInput(f"--encrypt applies to dir pools for now; pool {pool.name} is "
-                               "a ceph pool (RBD encryption is to come)")
+    def _check_encrypt(self, encrypt: bool, kind: str, pool: Pool | None = None,
+                       importing: bool = False) -> None:
+        if encrypt and importing and pool is not None and pool.driver == "ceph":
+            raise InvalidInput(f"import --encrypt applies to dir pools; pool {pool.name} is a "
+                               "ceph pool: import into a plain volume, or make an encrypted "
+                               "one and copy the data in a VM")
         if encrypt and kind != "block":
             raise InvalidInput("--encrypt applies to block volumes (qcow2 with LUKS); a "
                                "filesystem volume cannot be encrypted yet (it would need "
@@ -569,7 +571,7 @@ class Storage:
         until the copy is in place."""
         validate_name(name, "volume name")
         p = self.pool(pool)
-        self._check_encrypt(encrypt, "block", p)
+        self._check_encrypt(encrypt, "block", p, importing=True)
         fmt, size = probe(source)
         self.check_size(size, "block")
         self._ensure_default(pool)

@@ -230,10 +230,11 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
     in ``keyed`` is encrypted (its secret made by :func:`secret_args`).
 
     ``rbd`` are Ceph volumes, each with the pipe its key comes through and its root port:
-    QEMU's ``rbd`` driver opens the image itself (monitors given as ``server``, no
-    configuration file), authenticated with ``key-secret``, a ``secret`` object read
-    from that pipe (:func:`rbd_key_path`), so the key is on no command line and in no
-    file.  They follow the other disks (slots ``len(disks)`` on).
+    QEMU's ``rbd`` driver opens the image itself (:func:`rbd_blockdev`), authenticated
+    with ``key-secret``, a ``secret`` object read from that pipe (:func:`rbd_key_path`),
+    so the key is on no command line and in no file; an encrypted one's own key comes
+    through the pipe :meth:`Paths.disk_key` of its slot.  They follow the other disks
+    (slots ``len(disks)`` on); ``limits`` covers them too, after the others.
 
     I/O limits: disk ``d`` sits under a filter of its own throttle group
     (``limits[d]``, the volume's) and one of the group every disk of the instance
@@ -257,18 +258,44 @@ def disk_args(disks: Sequence[tuple[str, Sequence[int]]],
         dev = disk_device(d, ref, buses[d] if d < len(buses) else "pcie.0")
         argv += ["-device", json.dumps(dev)]
     for d, (disk, key_pipe, bus) in enumerate(rbd, start=len(disks)):
-        top = disk_node(d, 0)
-        argv += ["-object", f"secret,id={top}-key,format=base64,file={key_pipe}"]
-        argv += ["-blockdev", json.dumps({
-            "driver": "rbd", "node-name": top, "pool": disk.pool, "image": disk.image,
-            "user": disk.user, "key-secret": f"{top}-key", "auth-client-required": ["cephx"],
-            "server": [{"host": h, "port": p} for h, p in disk.servers]})]
-        # a Ceph volume's own limits are not applied yet: its group is unlimited
-        argv += ["-object", json.dumps(throttle_object(throttle_group(d), IoLimits()))]
+        argv += ["-object", f"secret,id={rbd_secret(d)},format=base64,"
+                            f"file={str(key_pipe).replace(',', ',,')}"]
+        if disk.luks:  # the volume's own key, through a pipe of its own (keyfifo.py)
+            luks_pipe = Paths(key_pipe.parent).disk_key(d)
+            argv += ["-object", f"secret,id={disk_secret(d)},"
+                                f"file={str(luks_pipe).replace(',', ',,')}"]
+        for node in rbd_blockdevs(d, disk):
+            argv += ["-blockdev", json.dumps(node)]
+        argv += ["-object", json.dumps(throttle_object(
+            throttle_group(d), limits[d] if d < len(limits) else IoLimits()))]
         for node in disk_throttles(d):
             argv += ["-blockdev", json.dumps(node)]
         argv += ["-device", json.dumps(disk_device(d, disk.name, bus))]
     return argv
+
+
+def rbd_secret(slot: int) -> str:
+    """QEMU id of the secret object holding the Ceph client key of the RBD disk in
+    ``slot`` (its volume's own key, when encrypted, is :func:`disk_secret`)."""
+    return f"{disk_node(slot, 0)}-key"
+
+
+def rbd_blockdevs(slot: int, disk: RbdDisk) -> list[dict[str, object]]:
+    """The block nodes of the Ceph volume in ``slot``, lower first: QEMU's rbd driver opens
+    the image itself, monitors given as ``server`` (no configuration file or keyring in
+    the jail), authenticated with the secret :func:`rbd_secret`.  An encrypted volume is
+    QEMU's own LUKS (node ``volN-0``) over the image (node ``volN-0-file``), opened with
+    the secret :func:`disk_secret`; a plain one is the image alone (``volN-0``)."""
+    top = disk_node(slot, 0)
+    node: dict[str, object] = {
+        "driver": "rbd", "node-name": f"{top}-file" if disk.luks else top,
+        "pool": disk.pool, "image": disk.image, "user": disk.user,
+        "key-secret": rbd_secret(slot), "auth-client-required": ["cephx"],
+        "server": [{"host": h, "port": p} for h, p in disk.servers]}
+    if not disk.luks:
+        return [node]
+    return [node, {"driver": "luks", "node-name": top, "file": f"{top}-file",
+                   "key-secret": disk_secret(slot)}]
 
 
 def rbd_key_path(workdir: Path, index: int) -> Path:

@@ -7,12 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from popek import proc
 from popek.engines import cgroupfs
-from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, Runtime
+from popek.engines.base import Capability, ExecResult, LaunchSpec, Liveness, RbdDisk, Runtime
 from popek.engines.qemu import accel as accel_mod
 from popek.engines.qemu import consolelog, jail, process, qmp, vtpm
 from popek.engines.qemu.cmdline import (
@@ -31,7 +32,9 @@ from popek.engines.qemu.cmdline import (
     find_qemu,
     netdev_id,
     nic_id,
+    rbd_blockdevs,
     rbd_key_path,
+    rbd_secret,
     root_port,
     throttle_group,
     throttle_limits,
@@ -115,6 +118,19 @@ def open_disks(disks: Sequence[tuple[str, Sequence[str]]]) -> list[list[int]]:
     return opened
 
 
+def _refs(spec: LaunchSpec) -> list[str]:
+    """The volumes of ``spec`` a VM has as disks, in the order of ``spec.disk_limits``:
+    those with files, then the RBD images."""
+    return [r for r, _ in spec.disks] + [d.name for d in spec.rbd_disks]
+
+
+def _limits_of(spec: LaunchSpec, ref: str) -> IoLimits:
+    """The I/O limits of volume ``ref`` of ``spec`` (none when it has none)."""
+    refs = _refs(spec)
+    i = refs.index(ref) if ref in refs else len(spec.disk_limits)
+    return spec.disk_limits[i] if i < len(spec.disk_limits) else IoLimits()
+
+
 def _free_ports(runtime: Runtime) -> list[str]:
     """The PCIe root ports of the VM that no NIC and no disk holds."""
     used = set(runtime.details.get("nics", {}).values())
@@ -134,6 +150,7 @@ def _remove_nodes(sock: Path, slot: int, depth: int, fdsets: Sequence[int]) -> N
     cmds += [("object-del", {"id": throttle_group(slot)})]
     cmds += [("remove-fd", {"fdset-id": s}) for s in fdsets]
     cmds += [("object-del", {"id": disk_secret(slot)})]  # an encrypted disk's key
+    cmds += [("object-del", {"id": rbd_secret(slot)})]  # an RBD disk's Ceph client key
     for cmd in cmds:  # one at a time: a node never added must not stop the rest
         with contextlib.suppress(EngineError):
             qmp.execute(sock, *cmd)
@@ -211,6 +228,8 @@ class QemuEngine:
             vtpm.write_measurement(spec.workdir, value)
             fifos += [KeyFifo(rbd_key_path(spec.workdir, i), disk.key, spec.uid, spec.gid)
                       for i, disk in enumerate(spec.rbd_disks)]
+            fifos += [KeyFifo(p.disk_key(len(spec.disks) + i), disk.luks, spec.uid, spec.gid)
+                      for i, disk in enumerate(spec.rbd_disks) if disk.luks]
             vtpm.start(spec.workdir, spec.uid, spec.gid)
             consolelog.start(p.console_log, spec.uid, spec.gid)
             kvm_gid = KVM_GROUP_DEV.stat().st_gid if accel == "kvm" else 0
@@ -381,15 +400,19 @@ class QemuEngine:
         used = {int(d["slot"]) for d in disks.values()}
         slot = next(i for i in range(len(used) + 1) if i not in used)
         sock = Paths(spec.workdir).qmp
+        limits = _limits_of(spec, ref)
+        objects = {o["name"] for o in qmp.execute(sock, "qom-list", {"path": "/objects"})}
+        shared: list[tuple[str, Mapping[str, object]]] = [] if SHARED_GROUP in objects else [
+            ("object-add", throttle_object(SHARED_GROUP, IoLimits.of(spec.limits)))]
+        rbd = next((d for d in spec.rbd_disks if d.name == ref), None)
+        if rbd is not None:
+            self._attach_rbd(sock, slot, rbd, key or rbd.luks, limits, shared, free[0])
+            disks[ref] = {"slot": slot, "bus": free[0], "fdsets": []}
+            return
+        if not files:
+            raise EngineError(f"volume {ref} has no files and is no RBD image of {spec.name}")
         fds = open_disks([(ref, files)])[0]
         sets: list[int] = []
-
-        refs = [r for r, _ in spec.disks]
-        limits = spec.disk_limits[refs.index(ref)] if ref in refs and \
-            refs.index(ref) < len(spec.disk_limits) else IoLimits()
-        objects = {o["name"] for o in qmp.execute(sock, "qom-list", {"path": "/objects"})}
-        shared = [] if SHARED_GROUP in objects else [  # a VM started by an earlier popek
-            ("object-add", throttle_object(SHARED_GROUP, IoLimits.of(spec.limits)))]
 
         def build(fdsets: list[int]) -> list[tuple[str, Mapping[str, object]]]:
             sets.extend(fdsets)
@@ -410,6 +433,33 @@ class QemuEngine:
             for fd in fds:
                 os.close(fd)
         disks[ref] = {"slot": slot, "bus": free[0], "fdsets": sets}
+
+    @staticmethod
+    def _attach_rbd(sock: Path, slot: int, disk: RbdDisk, luks: str, limits: IoLimits,
+                    shared: list[tuple[str, Mapping[str, object]]], bus: str) -> None:
+        """Hot-plug the Ceph volume ``disk`` into ``slot`` on root port ``bus``, in one QMP
+        session: its client key (and, encrypted, its own key ``luks``) as ``secret``
+        objects whose data passes over the monitor socket (the instance's alone), never
+        a command line or a file; then its rbd node, its throttle filters and the device.
+        Like the disks plugged in at start, QEMU's rbd driver needs no configuration file
+        or keyring in its jail: the monitors are given as ``server``.  A refusal half way
+        removes what was added."""
+        nodes = rbd_blockdevs(slot, disk if disk.luks == luks else replace(disk, luks=luks))
+        cmds: list[tuple[str, Mapping[str, object] | None]] = [
+            ("object-add", {"qom-type": "secret", "id": rbd_secret(slot), "data": disk.key,
+                            "format": "base64"})]
+        if luks:
+            cmds.append(("object-add", {"qom-type": "secret", "id": disk_secret(slot),
+                                        "data": luks}))
+        cmds += [*(("blockdev-add", n) for n in nodes), *shared,
+                 ("object-add", throttle_object(throttle_group(slot), limits)),
+                 *(("blockdev-add", n) for n in disk_throttles(slot)),
+                 ("device_add", disk_device(slot, disk.name, bus))]
+        try:
+            qmp.execute_many(sock, cmds, timeout=30.0)
+        except EngineError:
+            _remove_nodes(sock, slot, 1, [])
+            raise
 
     def detach_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str,
                     timeout: float = 30.0) -> None:
@@ -503,9 +553,8 @@ class QemuEngine:
 
         slots = {ref: int(d["slot"]) for ref, d in runtime.details.get("disks", {}).items()}
         commands = [qom(SHARED_GROUP, IoLimits.of(spec.limits))]
-        commands += [qom(throttle_group(slots[ref]), spec.disk_limits[d]
-                         if d < len(spec.disk_limits) else IoLimits())
-                     for d, (ref, _) in enumerate(spec.disks) if ref in slots]
+        commands += [qom(throttle_group(slots[ref]), _limits_of(spec, ref))
+                     for ref in _refs(spec) if ref in slots]
         try:
             qmp.execute_many(Paths(spec.workdir).qmp, commands)
         except EngineError as exc:
