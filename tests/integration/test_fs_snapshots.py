@@ -10,8 +10,12 @@ as long as the data.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +50,10 @@ def test_a_restore_brings_back_what_the_container_wrote_and_a_clone_has_it(ct: s
                                                                           minimal_image: str
                                                                           ) -> None:
     sh(CT, "echo before > /data/f && sync")
-    proc = popek("storage", "volume", "snapshot", "local", "fss-v", "s1", check=False)
-    assert proc.returncode != 0 and "detach it first" in proc.stderr  # attached: refused
-    popek("storage", "volume", "detach", "local/fss-v", CT)
-    popek("storage", "volume", "snapshot", "local", "fss-v", "s1")
-    popek("storage", "volume", "attach", "local/fss-v", CT, "--path", "/data")
+    popek("storage", "volume", "snapshot", "local", "fss-v", "s1")  # attached: frozen
     sh(CT, "echo after > /data/f && echo new > /data/g && sync")
+    proc = popek("storage", "volume", "restore", "local", "fss-v", "s1", check=False)
+    assert proc.returncode != 0 and "detach it first" in proc.stderr  # attached: refused
     popek("storage", "volume", "detach", "local/fss-v", CT)
     popek("storage", "volume", "restore", "local", "fss-v", "s1")
     popek("storage", "volume", "attach", "local/fss-v", CT, "--path", "/data")
@@ -63,6 +65,69 @@ def test_a_restore_brings_back_what_the_container_wrote_and_a_clone_has_it(ct: s
     assert sh(CT2, "cat /copy/f") == "before\n"
     sh(CT2, "echo mine > /copy/f && sync")
     assert sh(CT, "cat /data/f") == "before\n"  # the clone is a volume of its own
+
+
+def _frozen_now(pid: int, path: str) -> bool:
+    """Whether the file system at ``path`` in the container whose init is ``pid`` is
+    frozen: a second FIFREEZE fails with EBUSY; one that succeeds is thawed at once."""
+    from popek.engines.container import volumes
+
+    dfd = volumes._open_in_ns(pid, path)
+    try:
+        try:
+            fcntl.ioctl(dfd, volumes.FIFREEZE, 0)
+        except OSError as exc:
+            assert exc.errno == errno.EBUSY, exc
+            return True
+        fcntl.ioctl(dfd, volumes.FITHAW, 0)
+        return False
+    finally:
+        os.close(dfd)
+
+
+def test_a_snapshot_of_a_mounted_volume_is_consistent_and_leaves_it_thawed(
+        ct: str, popek_home: Path) -> None:
+    """The container's file system is frozen for the copy (its last write, never synced
+    by it, is in the snapshot, which e2fsck finds clean) and thawed after (it writes on)."""
+    sh(CT, "echo unsynced > /data/live")  # in the container's page cache only
+    popek("storage", "volume", "snapshot", "local", "fss-v", "live")
+    snap = popek_home / "storage" / "local" / "default" / "fss-v@live.ext4"
+    check = subprocess.run(["e2fsck", "-fn", str(snap)], capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr  # clean: no journal replay
+    got = subprocess.run(["debugfs", "-R", "cat /live", str(snap)], capture_output=True,
+                         text=True, check=True).stdout
+    assert got == "unsynced\n"
+    sh(CT, "echo on > /data/after && sync")  # thawed: this would hang on a frozen one
+    pid = popek_json("info", CT)["pid"]
+    assert not _frozen_now(pid, "/data")
+    popek("storage", "volume", "snapshot-delete", "local", "fss-v", "live")  # attached: ok
+    assert not snap.exists()
+
+
+def test_a_killed_snapshot_does_not_leave_the_container_frozen(ct: str,
+                                                               popek_home: Path) -> None:
+    """A freeze outlives the process that asked for it: the guard popek starts with it
+    thaws the file system when that process is killed while it holds it frozen."""
+    pid = popek_json("info", CT)["pid"]
+    file = popek_home / "storage" / "local" / "default" / "fss-v.ext4"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from popek.engines.container import volumes\n"
+         f"with volumes.frozen({pid}, {str(file)!r}, '/data'):\n"
+         "    print('frozen', flush=True)\n    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "frozen\n"
+        assert _frozen_now(pid, "/data")  # the freeze is real
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while _frozen_now(pid, "/data"):
+        assert time.monotonic() < deadline, "still frozen 10 s after its holder died"
+        time.sleep(0.05)
+    sh(CT, "echo alive > /data/k && sync && cat /data/k")
 
 
 @pytest.fixture

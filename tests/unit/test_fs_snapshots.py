@@ -7,6 +7,7 @@ no mount, so no root); a real process is SIGKILLed before and after each copy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,14 +88,30 @@ def test_snapshot_restore_and_clone_keep_the_data_they_were_taken_with(
     assert DirPool(storage_dir() / "local").files() == []
 
 
-def test_an_attached_filesystem_volume_is_not_copied(storage: Storage) -> None:
-    """Chosen: refused while attached (a container writing into the ext4 during the copy
-    would leave a torn copy; popek does not freeze a file system containers write into)."""
+def test_an_attached_volume_is_copied_only_while_held_still(storage: Storage) -> None:
+    """Without a way to hold it still (``quiesce``: core gives one when its holders are
+    stopped or containers whose file system it freezes) an attached volume is refused (a
+    container writing during the copy would leave a torn copy); with one, the copy is
+    made inside it.  Its snapshot is a copy: deleting it is fine while attached."""
     storage.create_volume("local", "default", "fs", 16 * MiB, "filesystem")
     storage.attach("local", "default", "fs", "default/ct")
     with pytest.raises(StateError, match="attached to default/ct.*detach it first"):
         storage.snapshot_volume("local", "default", "fs", "s")
     assert storage.volume("local", "default", "fs").snapshot_names() == []
+    assert not ext4("fs@s").exists()
+    held = []
+
+    @contextlib.contextmanager
+    def still() -> Iterator[None]:
+        held.append("in")
+        yield
+        assert ext4("fs@s").exists()  # the copy was made while held
+        held.append("out")
+
+    storage.snapshot_volume("local", "default", "fs", "s", still())
+    assert held == ["in", "out"]
+    assert storage.volume("local", "default", "fs").snapshot_names() == ["s"]
+    storage.delete_snapshot("local", "default", "fs", "s")
     assert not ext4("fs@s").exists()
 
 

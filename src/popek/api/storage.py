@@ -201,8 +201,9 @@ class NameBody(BaseModel):
 @router.post(f"{VOLUME}/snapshots", status_code=201)
 def snapshot_volume(request: Request, pool: PoolName, name: VolumeName, body: NameBody,
                     project: Project = None) -> dict[str, Any]:
-    """Take a snapshot of a detached volume (block: an overlay; filesystem: a reflinked or
-    sparse copy): the volume, its snapshots listed."""
+    """Take a snapshot of a volume (block, detached or its VM stopped: an overlay;
+    filesystem, also while containers run on it, frozen meanwhile: a reflinked or sparse
+    copy): the volume, its snapshots listed."""
     from popek.core.requests import VolumeSnapshot
 
     with session(identity(request), project) as core:

@@ -384,8 +384,9 @@ def volume_snapshot(
     snapshot: str = typer.Argument(..., help="The snapshot's name: a-z, 0-9 and '-'."),
     project: str | None = project_option(),
 ) -> None:
-    """Take a snapshot of a detached volume (a block volume: constant time, copy on write
-    from then on; a filesystem volume: a copy, reflinked where the pool's file system can)."""
+    """Take a snapshot of a volume (a block volume, detached or its VM stopped: constant
+    time, copy on write from then on; a filesystem volume, also while mounted in running
+    containers, frozen for the time: a copy, reflinked where the pool's file system can)."""
     where = _on(pool)
     if where is not None:
         _api(where[0]).call("POST", _snapshot_path(where[1], name), params={"project": project},

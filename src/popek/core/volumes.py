@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from popek.core.lifecycle import State
@@ -314,3 +315,33 @@ class Attachments:
             eng.grow_disk(spec, runtime, ref, size)
 
         return grow
+
+    def quiescer(self, holders: list[str], ref: str) -> AbstractContextManager[None] | None:
+        """What holds volume ``ref`` still while its file is copied (a snapshot), given its
+        ``holders`` (``PROJECT/NAME``): nothing to do when none of them runs; the file
+        system frozen through the first running container that holds it (a shared volume
+        is one superblock, frozen once for all); ``None`` when it cannot be held still (a
+        running VM, an instance of another project or in transition): the caller refuses.
+        """
+        running = []
+        for holder in holders:
+            project, _, name = holder.partition("/")
+            if project != self.owner.project:
+                return None
+            try:
+                inst, _rev = self.owner.records.load(name)
+            except NotFound:
+                continue  # a record gone: reconcile frees the volume
+            if inst.state in LIVE and inst.runtime is not None:
+                running.append(inst)
+            elif inst.state != State.STOPPED:
+                return None
+        if not running:
+            return contextlib.nullcontext()
+        inst = running[0]
+        eng = self.owner._engine(inst)
+        if eng.volume_kind != "filesystem" or Capability.DISK_HOTPLUG not in eng.capabilities:
+            return None
+        spec, runtime = self.owner._spec_for_running(inst), inst.runtime
+        assert runtime is not None
+        return eng.quiesce_disk(spec, runtime, ref)

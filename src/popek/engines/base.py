@@ -8,6 +8,7 @@ Callers never branch on the engine type.  They call the protocol, and ask
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -245,6 +246,13 @@ class Engine(Protocol):
     def grow_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, size: int) -> None:
         """Grow volume ``ref`` to ``size`` bytes under the running instance
         (``DISK_HOTPLUG``)."""
+        ...
+
+    def quiesce_disk(self, spec: LaunchSpec, runtime: Runtime,
+                     ref: str) -> AbstractContextManager[None]:
+        """Volume ``ref`` of the running instance held still (flushed, no new writes) for
+        the time of a ``with`` block, so that its file can be copied consistently; an
+        EngineError where the engine cannot (a VM's disk)."""
         ...
 
     def console(self, spec: LaunchSpec, escape: bytes) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -611,22 +612,27 @@ class Storage:
             raise NotFound(f"snapshot {snap!r} of volume {vol.name!r} not found; snapshots: "
                            f"{', '.join(vol.snapshot_names()) or 'none'}")
 
-    def snapshot_volume(self, pool: str, project: str, name: str, snap: str) -> Volume:
+    def snapshot_volume(self, pool: str, project: str, name: str, snap: str,
+                        quiesce: AbstractContextManager[None] | None = None) -> Volume:
         """Freeze volume ``name`` as snapshot ``snap`` (constant time: the file is kept as
-        it is and an empty overlay takes its place)."""
+        it is and an empty overlay takes its place; a filesystem volume: a copy).
+
+        An attached volume is refused unless ``quiesce`` holds it still for the copy (its
+        holders stopped, or the containers' file system frozen): a running VM writes on
+        into the file a snapshot freezes."""
         validate_name(snap, "snapshot name")
         vol = self.volume(pool, project, name)
         self._require_ready(vol, "snapshot")
-        # its VM writes on into the file a snapshot freezes; a container into the ext4 a
-        # copy reads (popek does not freeze a file system containers write into)
-        self._detached(vol, "snapshot")
+        if quiesce is None:
+            self._detached(vol, "snapshot")
         if snap in vol.snapshot_names():
             raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} already exists")
         key = volume_key(pool, project, name)
         self._usable(self.pool(pool), "snapshot a volume in")
         secret = self.key(vol)  # a missing key: refused before anything changes
         busy = self._intent(key, vol, "snapshotting", snap)
-        self._driver(self.pool(pool)).snapshot(project, name, snap, secret)
+        with quiesce or contextlib.nullcontext():
+            self._driver(self.pool(pool)).snapshot(project, name, snap, secret)
         return self._settle(key, busy, size=vol.size,
                             snapshots=[*vol.snapshots, {"name": snap, "created": _now()}])
 
@@ -666,7 +672,8 @@ class Storage:
         vol = self.volume(pool, project, name)
         self._snapshot_of(vol, snap)
         self._require_ready(vol, "delete a snapshot of")
-        self._detached(vol, "delete a snapshot of")  # the merge rewrites open files
+        if vol.type == "block":  # the merge rewrites open files (a filesystem
+            self._detached(vol, "delete a snapshot of")  # volume's snapshot is a copy)
         clones = self.clones_of(pool, project, name, snap)
         if clones:
             raise StateError(f"snapshot {name}@{snap}", "delete", f"the origin of clone(s) "

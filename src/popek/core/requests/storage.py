@@ -191,9 +191,13 @@ class VolumeSnapshot(_OnVolume[dict[str, Any]]):
     snapshot: str
 
     def run(self, core: Core) -> dict[str, Any]:
-        """Take it; the volume's ``info``."""
+        """Take it (an attached volume held still meanwhile: see ``quiescer``); the
+        volume's ``info``."""
         storage = _storage(core)
-        storage.snapshot_volume(self.pool, core.project, self.name, self.snapshot)
+        vol = storage.volume(self.pool, core.project, self.name)
+        quiesce = core.instances.volumes.quiescer(vol.holders(), f"{self.pool}/{self.name}") \
+            if vol.attached else None
+        storage.snapshot_volume(self.pool, core.project, self.name, self.snapshot, quiesce)
         return dict(storage.volume_info(self.pool, core.project, self.name))
 
 

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -355,6 +356,13 @@ class ContainerEngine:
         """Grow volume ``ref``'s file system to ``size`` bytes while the container runs."""
         file, path = self._volume(spec, rtime, ref)
         volumes.grow_live(rtime.pid, file, path, size, spec.workdir / "bundle")
+
+    def quiesce_disk(self, spec: LaunchSpec, rtime: Runtime,
+                     ref: str) -> AbstractContextManager[None]:
+        """Volume ``ref``'s file system frozen in the running container (FIFREEZE) for the
+        time of a ``with`` block."""
+        file, path = self._volume(spec, rtime, ref)
+        return volumes.frozen(rtime.pid, file, path)
 
     def exec(self, spec: LaunchSpec, argv: list[str], stdin: bytes, timeout: float) -> ExecResult:
         """Run ``argv`` in the container and capture its output."""

@@ -298,16 +298,73 @@ def _open_in_ns(pid: int, path: str) -> int:
         there.close()
 
 
-def device(pid: int, file: str, path: str) -> tuple[int, int]:
-    """(major, minor) of the loop device of the volume in ``file`` mounted at ``path`` in
-    the running container whose init is ``pid`` (what its I/O limits apply to), after
-    checking that device is bound to this very file."""
-    st = os.stat(file)
+#: ``FIFREEZE`` / ``FITHAW`` (linux/fs.h): hold a mounted file system's writes, flushed
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+
+@contextlib.contextmanager
+def frozen(pid: int, file: str, path: str) -> Iterator[None]:
+    """The ext4 of the volume in ``file``, mounted at ``path`` in the running container
+    whose init is ``pid``, frozen (its dirty data and journal on the file, new writes held)
+    for the time of the block, then thawed.  The mount is checked to be this very file's
+    loop device before anything is frozen: a container that put another file system at
+    ``path`` gets an error, never its root (or the host's) frozen."""
     dfd = _open_in_ns(pid, path)
     try:
-        dev = os.fstat(dfd).st_dev
+        _check_mount(dfd, file, path)
+        guard = _thaw_guard(dfd)
+        try:
+            try:
+                fcntl.ioctl(dfd, FIFREEZE, 0)
+            except OSError as exc:
+                raise EngineError(f"volume: cannot freeze the file system at {path}: "
+                                  f"{exc.strerror}") from exc
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):  # EINVAL: the guard thawed it already
+                    fcntl.ioctl(dfd, FITHAW, 0)
+        finally:
+            os.write(guard, b"k")
+            os.close(guard)
     finally:
         os.close(dfd)
+
+
+def _thaw_guard(dfd: int) -> int:
+    """A child process, in a session of its own, that thaws the file system of ``dfd`` if
+    this process dies while it is frozen (a freeze outlives the process that asked for
+    it: a killed popek would leave the container's writes hung).  Returns the pipe to
+    write one byte to, then close, once thawed; the child then exits."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        try:
+            os.setsid()
+            os.close(w)
+            if os.read(r, 1) != b"k":  # end of file: the parent died before thawing
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(dfd, FITHAW, 0)
+        finally:
+            os._exit(0)
+    os.close(r)
+    _reap_later(child)
+    return w
+
+
+def _reap_later(child: int) -> None:
+    """Reap ``child`` when it exits, without blocking (a thread waits on it)."""
+    import threading
+
+    threading.Thread(target=os.waitpid, args=(child, 0), daemon=True).start()
+
+
+def _check_mount(dfd: int, file: str, path: str) -> tuple[int, int]:
+    """(major, minor) of the device of directory ``dfd`` (``path`` in a container), which
+    must be a loop device bound to this very ``file``; EngineError otherwise."""
+    st = os.stat(file)
+    dev = os.fstat(dfd).st_dev
     try:
         name = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
         if not name.startswith("loop"):
@@ -322,6 +379,17 @@ def device(pid: int, file: str, path: str) -> tuple[int, int]:
     finally:
         os.close(loop)
     return os.major(dev), os.minor(dev)
+
+
+def device(pid: int, file: str, path: str) -> tuple[int, int]:
+    """(major, minor) of the loop device of the volume in ``file`` mounted at ``path`` in
+    the running container whose init is ``pid`` (what its I/O limits apply to), after
+    checking that device is bound to this very file."""
+    dfd = _open_in_ns(pid, path)
+    try:
+        return _check_mount(dfd, file, path)
+    finally:
+        os.close(dfd)
 
 
 def _resize_on_host(dev: str, blocks: int, bundle: Path) -> None:

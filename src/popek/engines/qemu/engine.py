@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -488,6 +489,13 @@ class QemuEngine:
         _remove_nodes(sock, slot, len(disk.get("fdsets", [])) or 1,  # an rbd disk: 1 node
                       list(disk.get("fdsets", [])))
         disks.pop(ref, None)
+
+    def quiesce_disk(self, spec: LaunchSpec, runtime: Runtime,
+                     ref: str) -> AbstractContextManager[None]:
+        """Refused: a running VM's disk is written by its guest's own file system, which
+        popek cannot freeze from outside (no guest agent); stop the VM or detach it."""
+        raise EngineError(f"volume {ref} is in use by running VM {spec.name}: popek cannot "
+                          "hold a VM's disk still; stop the VM or detach the volume first")
 
     def grow_disk(self, spec: LaunchSpec, runtime: Runtime, ref: str, size: int) -> None:
         """Grow the disk of ``ref`` to ``size`` bytes under the running guest (QMP
