@@ -16,11 +16,11 @@ test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest tests/unit -q -rs
-	$(PY) -m pytest tests/integration tests/security -q -rs
+	$(PY) -m pytest tests/unit -q -rs --durations=30
+	$(PY) -m pytest tests/integration tests/security -q -rs --durations=30
 
 test-unit: setup
-	$(PY) -m pytest tests/unit -q -rs
+	$(PY) -m pytest tests/unit -q -rs --durations=30
 
 bench: setup
 	@bash scripts/setup-bench.sh

@@ -11,7 +11,10 @@ refused in one line and change nothing.
 
 "Near the limit": from :data:`LOW` to :data:`HIGH` times it (QEMU lets a request through
 while its bucket holds less than a tenth of a second's worth, so the first request of
-each run is free: 256 KiB requests keep that small).  "Well above": at least
+each run is free: 256 KiB requests keep that small).  A limited run writes two to
+three seconds' worth (4 MiB at 2 MiB/s, 3 MiB at 1 MiB/s): the free start moves the
+figure by at most about 15 %, inside :data:`HIGH`, and a slow start of ``dd`` in a loaded
+guest by about as much the other way, inside :data:`LOW`.  "Well above": at least
 :data:`ABOVE` times it unlimited.
 """
 
@@ -63,7 +66,7 @@ def test_a_volume_limit_slows_a_running_vm_to_it(vm: str) -> None:
     assert free >= ABOVE * LIMIT, f"unlimited only {free / MiB:.1f} MiB/s: no proof"
     out = popek("storage", "volume", "set", "local", VOL, "limits.disk.write_bps=2MiB").stdout
     assert out == f"Volume local/{VOL}: limits.disk.write_bps=2MiB.\n"
-    limited = rate(vm, "/dev/vda", 8)
+    limited = rate(vm, "/dev/vda", 4)
     assert near(limited, LIMIT), f"{limited / MiB:.2f} MiB/s under a 2 MiB/s limit " \
                                  f"({free / MiB:.1f} unlimited)"
     info = popek_json("storage", "volume", "info", "local", VOL)
@@ -75,11 +78,11 @@ def test_a_volume_limit_slows_a_running_vm_to_it(vm: str) -> None:
 
 def test_the_instance_limit_is_live_and_survives_a_restart(vm: str) -> None:
     popek("config", "set", vm, "limits.disk.write_bps=1MiB")
-    assert near(rate(vm, "/dev/vda", 6), MiB)
+    assert near(rate(vm, "/dev/vda", 3), MiB)
     assert popek("config", "get", vm, "limits.disk.write_bps").stdout == "1MiB\n"
     popek("stop", vm)
     popek("start", vm)
-    assert near(rate(vm, "/dev/vda", 6), MiB)  # from the command line this time
+    assert near(rate(vm, "/dev/vda", 3), MiB)  # from the command line this time
     popek("config", "unset", vm, "limits.disk.write_bps")
     assert rate(vm, "/dev/vda", 32) >= ABOVE * LIMIT
 
@@ -119,7 +122,7 @@ def test_a_hot_plugged_volume_comes_with_its_limit(vm: str) -> None:
                         "readlink -f /dev/disk/by-id/virtio-iol-hot || "
                         "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = iol-hot ] && "
                         "echo /dev/${d##*/}; done").stdout.split()[-1]
-            assert near(rate(vm, dev, 8), LIMIT)
+            assert near(rate(vm, dev, 4), LIMIT)
             popek("storage", "volume", "detach", "local/iol-hot", vm)
     finally:
         popek("storage", "volume", "detach", "local/iol-hot", vm, check=False)
@@ -137,13 +140,13 @@ def test_a_container_is_limited_live_and_from_its_start(container: str) -> None:
     free = rate(container, "/probe", 32)
     assert free >= ABOVE * LIMIT, f"unlimited only {free / MiB:.1f} MiB/s: no proof"
     popek("config", "set", container, "limits.disk.write_bps=2MiB")
-    limited = rate(container, "/probe", 8)
+    limited = rate(container, "/probe", 4)
     assert near(limited, LIMIT), f"{limited / MiB:.2f} MiB/s under a 2 MiB/s limit " \
                                  f"({free / MiB:.1f} unlimited)"
     popek("restart", "--force", container)
-    assert near(rate(container, "/probe", 8), LIMIT)  # from the runtime's spec
+    assert near(rate(container, "/probe", 4), LIMIT)  # from the runtime's spec
     popek("config", "set", container, "limits.cpu=1")  # runc update keeps the limit
-    assert near(rate(container, "/probe", 8), LIMIT)
+    assert near(rate(container, "/probe", 4), LIMIT)
     popek("config", "set", container, "limits.disk.write_bps=0")
     assert rate(container, "/probe", 32) >= ABOVE * LIMIT
 
@@ -157,10 +160,10 @@ def test_a_containers_volume_is_limited_on_its_own_device(container: str) -> Non
         popek("storage", "volume", "attach", "local/iol-fs", container, "--path", "/data")
         assert rate(container, "/data/f", 32) >= ABOVE * LIMIT
         popek("storage", "volume", "set", "local", "iol-fs", "limits.disk.write_bps=2MiB")
-        assert near(rate(container, "/data/f", 8), LIMIT)
+        assert near(rate(container, "/data/f", 4), LIMIT)
         assert rate(container, "/probe", 32) >= ABOVE * LIMIT  # its own layer: no limit
         popek("restart", "--force", container)
-        assert near(rate(container, "/data/f", 8), LIMIT)
+        assert near(rate(container, "/data/f", 4), LIMIT)
     finally:
         popek("storage", "volume", "detach", "local/iol-fs", container, check=False)
         popek("storage", "volume", "delete", "local", "iol-fs", check=False)

@@ -414,11 +414,15 @@ def guest(name: str, script: str, timeout: float = 180) -> str:
     return popek("exec", name, "--", "sh", "-c", script, timeout=timeout).stdout
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def vm_volume(pool: str, minimal_image: str, rbd: Rbd) -> Iterator[str]:
+    """The volume, with the host's data at its start, on VM, launched once for the
+    module (one TCG boot, not one per test): each test below finds VM running with the
+    volume as /dev/vda and leaves it so."""
     popek("storage", "volume", "create", pool, "vmdata", "--size", "64MiB")
     with rbd.image(f"{prefix_of(pool)}.default.vmdata") as im:
         im.write(b"a" * 512, 0)  # the host's data, read by the guest
+    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", f"{pool}/vmdata")
     yield f"{pool}/vmdata"
     popek("delete", "--force", VM, check=False)
     popek("storage", "volume", "delete", pool, "vmdata", check=False)
@@ -429,7 +433,6 @@ def test_the_key_reaches_qemu_on_no_command_line_and_in_no_file(
     """The attack: read the Ceph key where a local user could, from QEMU's command line
     (/proc/PID/cmdline is world-readable) or a file in the instance directory."""
     key = ceph_cluster.keyring.read_text().split("key = ")[1].split()[0]
-    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
     assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"  # the key did reach QEMU
     workdir = Path(popek_json("info", VM)["workdir"])
     pid = int((workdir / "qemu.pid").read_text())
@@ -445,7 +448,6 @@ def test_the_key_reaches_qemu_on_no_command_line_and_in_no_file(
 
 def test_a_ceph_volume_unplugs_live_and_plugs_in_at_start(vm_volume: str,
                                                           minimal_image: str) -> None:
-    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
     assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
     popek("storage", "volume", "detach", vm_volume, VM)  # live: device_del, node removed
     assert guest(VM, "ls /sys/block | grep -c vd || true") == "0\n"
@@ -458,7 +460,6 @@ def test_a_ceph_volume_unplugs_live_and_plugs_in_at_start(vm_volume: str,
 def test_a_vm_keeps_its_ceph_volume_through_an_osd_failure(
         vm_volume: str, minimal_image: str, ceph_cluster: CephCluster, rbd: Rbd,
         pool: str) -> None:
-    popek("launch", minimal_image, VM, "--memory", "256MiB", "--disk", vm_volume)
     assert guest(VM, "head -c 8 /dev/vda") == "aaaaaaaa"
     write = ("dd if=/dev/urandom of=/tmp/blob bs=1M count=8 2>/dev/null && "
              "dd if=/tmp/blob of=/dev/vda bs=1M seek={at} conv=fsync 2>/dev/null && "

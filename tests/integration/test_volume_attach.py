@@ -89,12 +89,20 @@ def test_deleting_the_vm_frees_the_volume_and_a_clone_keeps_its_data(
     popek("delete", "--force", VM2)
 
 
-def test_attach_and_detach_on_a_stopped_vm(volume: Path, minimal_image: str) -> None:
+@pytest.fixture(scope="module")
+def bare_vm(volume: Path, minimal_image: str) -> str:
+    """VM launched with no disk, once for the tests below (one TCG boot, not one each):
+    each finds it running with no volume and leaves it so; ``volume`` deletes it."""
+    popek("delete", "--force", VM, check=False)  # the one the tests above had
+    popek("launch", minimal_image, VM, "--memory", "256MiB")
+    return VM
+
+
+def test_attach_and_detach_on_a_stopped_vm(volume: Path, bare_vm: str) -> None:
     """``popek storage volume attach|detach POOL/VOLUME VM`` on a stopped VM: the disk from
     the next start once attached, gone once detached."""
     popek("storage", "volume", "create", "local", "hatt-late", "--size", "16MiB")
     try:
-        popek("launch", minimal_image, VM, "--memory", "256MiB")
         popek("stop", VM)
         assert popek("storage", "volume", "attach", "local/hatt-late", VM).stdout == \
             f"Volume local/hatt-late attached to {VM}.\n"
@@ -109,7 +117,7 @@ def test_attach_and_detach_on_a_stopped_vm(volume: Path, minimal_image: str) -> 
         proc = popek("storage", "volume", "detach", "local/hatt-late", VM, check=False)
         assert proc.returncode == NOT_FOUND and "attached: none" in proc.stderr
     finally:
-        popek("delete", "--force", VM, check=False)
+        popek("storage", "volume", "detach", "local/hatt-late", VM, check=False)
         popek("storage", "volume", "delete", "local", "hatt-late", check=False)
 
 
@@ -118,7 +126,7 @@ def _disks(name: str) -> str:
                        "; done; true")
 
 
-def test_hot_plug_grow_and_unplug_on_a_running_vm(volume: Path, minimal_image: str) -> None:
+def test_hot_plug_grow_and_unplug_on_a_running_vm(volume: Path, bare_vm: str) -> None:
     """A volume plugged into the running VM appears as a disk (virtio-blk on a PCIe root
     port), takes writes, grows live (QMP block_resize: the guest sees the new capacity), is
     not shrunk while attached, and unplugs again: the guest loses the disk, the volume is
@@ -126,7 +134,6 @@ def test_hot_plug_grow_and_unplug_on_a_running_vm(volume: Path, minimal_image: s
     popek("storage", "volume", "create", "local", "hatt-hot", "--size", "16MiB")
     f = volume.parent / "hatt-hot.qcow2"
     try:
-        popek("launch", minimal_image, VM, "--memory", "256MiB")
         assert _disks(VM) == ""
         popek("storage", "volume", "attach", "local/hatt-hot", VM)
         assert popek_json("storage", "volume", "info", "local", "hatt-hot")["attached"] == \
@@ -154,5 +161,5 @@ def test_hot_plug_grow_and_unplug_on_a_running_vm(volume: Path, minimal_image: s
         assert guest(VM, "dd if=/dev/vda bs=512 skip=3 count=1 2>/dev/null | head -c 9") == \
             "popek-hot"
     finally:
-        popek("delete", "--force", VM, check=False)
+        popek("storage", "volume", "detach", "local/hatt-hot", VM, check=False)
         popek("storage", "volume", "delete", "local", "hatt-hot", check=False)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,11 +218,14 @@ def test_a_checkpoint_that_cannot_finish_fails_a_command_in_one_line(
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM kv").fetchone()  # a snapshot pins the WAL
     store.put("/a", b"2")
+    t0 = time.monotonic()
     try:
         assert checkpoint_at_exit(0) == 6
         assert checkpoint_at_exit(3) == 3  # a failed command keeps its own code
     finally:
         reader.execute("ROLLBACK")
+    # the store's own timeout (0.05 s) bounds the wait, not the default 30 s (2 x 30 s before)
+    assert time.monotonic() - t0 < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("Error: ") and str(db) in err[0]
     assert checkpoint_at_exit(0) == 0  # the reader is gone: it goes through now

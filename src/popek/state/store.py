@@ -501,6 +501,8 @@ class SQLiteStore:
         server hands it out); by default only the thread that opened it may.
         """
         self.path = path
+        #: how long a lock another process holds is waited for (busy timeout, checkpoint)
+        self.timeout = timeout
         self.is_open = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=HOME_MODE)
@@ -571,9 +573,10 @@ class SQLiteStore:
         """Copy the WAL into the database file, sync it and empty the WAL.
 
         Raises :class:`StoreUnavailable` when another process kept the store
-        busy for the whole timeout (the changes stay committed, in the WAL).
+        busy for the whole timeout (the store's, at most :data:`CHECKPOINT_WAIT_S`;
+        the changes stay committed, in the WAL).
         """
-        if not _checkpoint(self._db):
+        if not _checkpoint(self._db, min(self.timeout, CHECKPOINT_WAIT_S)):
             raise _not_checkpointed(self.path)
         _WRITTEN.discard(self.path)
 
