@@ -147,6 +147,10 @@ def test_hot_plug_grow_and_unplug_on_a_running_vm(volume: Path, bare_vm: str) ->
         proc = popek("storage", "volume", "resize", "local", "hatt-hot", "8MiB",
                      check=False)
         assert proc.returncode != 0 and "cannot shrink" in proc.stderr, proc.stderr
+        # a running VM's disk cannot be held still: no snapshot of it (torn otherwise)
+        proc = popek("storage", "volume", "snapshot", "local", "hatt-hot", "s", check=False)
+        assert proc.returncode != 0 and "detach it first" in proc.stderr, proc.stderr
+        assert popek_json("storage", "volume", "info", "local", "hatt-hot")["snapshots"] == []
         popek("storage", "volume", "detach", "local/hatt-hot", VM)
         assert _disks(VM) == ""
         assert popek_json("info", VM)["volumes"] == []
