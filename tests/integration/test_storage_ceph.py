@@ -360,6 +360,50 @@ def test_a_ceph_operation_killed_midway_leaves_a_consistent_pool(
     storage.delete_pool("kp")
 
 
+_KILLED_ENCRYPTED = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from popek.state.store import SQLiteStore
+    from popek.storage import dirpool
+    from popek.storage.service import Storage
+
+    real = dirpool.run_tool
+
+    def killed(*args, **kw):  # before qemu-img writes the LUKS image, or after (no metadata)
+        if sys.argv[2] == "after":
+            real(*args, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    dirpool.run_tool = killed
+    storage = Storage(SQLiteStore(Path(sys.argv[1])), lambda project, create: "k" * 32)
+    storage.create_volume("kp", "default", "n", 16 << 20, encrypt=True)
+""")
+
+
+@pytest.mark.parametrize("step", ["before", "after"])
+def test_an_encrypted_ceph_create_killed_midway_leaves_no_image(
+        ceph_cluster: CephCluster, rbd: Rbd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        step: str) -> None:
+    """Killed before ``qemu-img create -f luks`` ran, or after it made the image but before
+    the header's size was recorded on it: reconcile removes the record and any image."""
+    monkeypatch.setenv("POPEK_HOME", str(tmp_path))
+    storage = Storage(SQLiteStore(tmp_path / "state.db"))
+    pool = storage.create_pool("kp", "ceph", dict(s.split("=", 1)
+                                                  for s in settings(ceph_cluster)))
+    prefix = pool.config["prefix"]
+    proc = subprocess.run([sys.executable, "-c", _KILLED_ENCRYPTED, str(tmp_path / "state.db"),
+                           step], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "POPEK_HOME": str(tmp_path)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    made = rbd.images(prefix)
+    assert made == ([f"{prefix}.default.n"] if step == "after" else []), made  # it got there
+    done = storage.reconcile()
+    assert len(done) == 1 and "rolled back" in done[0], done
+    assert storage.volumes("kp") == [] and rbd.images(prefix) == []
+    assert storage.reconcile() == []
+    storage.delete_pool("kp")
+
+
 def test_reconcile_never_touches_images_of_others(ceph_cluster: CephCluster, rbd: Rbd,
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
